@@ -1,0 +1,163 @@
+//! Plain data shared by the kernel programs (`mirror-ebpf`) and userspace
+//! (`mirror-user`): names of programs, maps and globals, the ring record
+//! header, counter indices and limits.
+//!
+//! Everything that crosses the kernel boundary is `#[repr(C)]`, `Copy` and
+//! made of fixed-width integers, so that any bit pattern the kernel writes is
+//! a valid value on the user side.
+#![no_std]
+
+use core::mem::size_of;
+
+/// XDP entry point (function name in `mirror-ebpf`).
+pub const PROG_XDP: &str = "mirror_xdp";
+/// TC (clsact ingress / TCX ingress) entry point.
+pub const PROG_TC: &str = "mirror_tc";
+
+/// `Array<u8, 65536>`: a non-zero value at index P mirrors TCP packets whose
+/// destination port is P.
+pub const MAP_PORTS: &str = "MIRROR_PORTS";
+/// `ArrayOfMaps<RingBuf>`: one BPF ring buffer per CPU, indexed by CPU id.
+pub const MAP_RINGS: &str = "MIRROR_RINGS";
+/// `PerCpuArray<u64, COUNTER_COUNT>`: outcome counters, see [`Counter`].
+pub const MAP_COUNTERS: &str = "MIRROR_COUNTERS";
+/// Read-only global (`.rodata`): bytes of each packet copied into the ring.
+pub const GLOBAL_SNAPLEN: &str = "MIRROR_SNAPLEN";
+
+/// Entries of the port map: every TCP port.
+pub const PORT_MAP_LEN: u32 = 1 << 16;
+/// Upper bound of the CPU-indexed ring array in the object; the loader
+/// shrinks it to the number of CPUs of the machine.
+pub const MAX_CPUS: u32 = 4096;
+/// Largest number of packet bytes one record carries: any IP packet (at
+/// most 65535 bytes, so also a whole 64 KiB GSO/GRO super-packet) behind an
+/// Ethernet header and two VLAN tags, rounded up to 8 bytes. Longer packets
+/// (BIG TCP) are truncated and counted.
+pub const MAX_SNAPLEN: u32 = 65535 + 14 + 2 * 4 + 3;
+const _: () = assert!(MAX_SNAPLEN.is_multiple_of(8));
+
+/// Header of every record in a ring, followed by `cap_len` packet bytes
+/// starting at the link-layer (Ethernet) header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// `CLOCK_BOOTTIME` in nanoseconds when the program saw the packet.
+    pub ts_ns: u64,
+    /// Interface the packet arrived on.
+    pub ifindex: u32,
+    /// Length of the packet as the kernel held it (a GSO super-packet counts whole).
+    pub wire_len: u32,
+    /// Packet bytes that follow this header (`min(wire_len, snaplen)`).
+    pub cap_len: u32,
+    /// CPU whose ring holds the record.
+    pub cpu: u32,
+    /// [`record_flags`] bits.
+    pub flags: u32,
+    /// Offset of the IP header from the start of the packet.
+    pub l3_offset: u16,
+    /// Offset of the TCP header from the start of the packet.
+    pub l4_offset: u16,
+}
+
+/// Size of [`RecordHeader`] in the ring; packet bytes start right after it.
+pub const RECORD_HEADER_LEN: usize = size_of::<RecordHeader>();
+const _: () = assert!(RECORD_HEADER_LEN == 32);
+// The ring hands out 8-byte aligned records; the packet bytes then start
+// 8-byte aligned too.
+const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(8));
+
+/// Bits of [`RecordHeader::flags`].
+pub mod record_flags {
+    /// `cap_len < wire_len`: the packet was cut at the snap length.
+    pub const TRUNCATED: u32 = 1 << 0;
+    /// The network layer is IPv6 (else IPv4).
+    pub const IPV6: u32 = 1 << 1;
+    /// Seen by the XDP program (else by the TC program).
+    pub const XDP: u32 = 1 << 2;
+}
+
+/// Index of each per-CPU counter in [`MAP_COUNTERS`].
+///
+/// Every packet the program sees moves `Seen` and exactly one of the outcome
+/// counters `NotTcp`, `NotSubscribed`, `Unparseable`, `Unsupported`,
+/// `Mirrored`, `RingFull`. `Truncated` additionally counts mirrored packets
+/// cut at the snap length.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Seen = 0,
+    NotTcp = 1,
+    NotSubscribed = 2,
+    /// Shorter than its headers claim, or a malformed header.
+    Unparseable = 3,
+    /// Valid but not followed: IP fragments, IPv6 extension header chains
+    /// longer than the program walks.
+    Unsupported = 4,
+    Mirrored = 5,
+    /// The CPU's ring had no room (or no ring exists for the CPU).
+    RingFull = 6,
+    Truncated = 7,
+}
+
+/// Number of entries of [`MAP_COUNTERS`].
+pub const COUNTER_COUNT: u32 = 8;
+
+impl Counter {
+    /// All counters in index order.
+    pub const ALL: [Self; COUNTER_COUNT as usize] = [
+        Self::Seen,
+        Self::NotTcp,
+        Self::NotSubscribed,
+        Self::Unparseable,
+        Self::Unsupported,
+        Self::Mirrored,
+        Self::RingFull,
+        Self::Truncated,
+    ];
+
+    /// Stable snake_case name used in user-facing output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Seen => "seen",
+            Self::NotTcp => "not_tcp",
+            Self::NotSubscribed => "not_subscribed",
+            Self::Unparseable => "unparseable",
+            Self::Unsupported => "unsupported",
+            Self::Mirrored => "mirrored",
+            Self::RingFull => "ring_full",
+            Self::Truncated => "truncated",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `RecordHeader` is `repr(C)`, made only of integers, with no
+    // padding (checked by the size assertion above), so every bit pattern is
+    // a valid value.
+    unsafe impl aya::Pod for super::RecordHeader {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_are_dense_and_ordered() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{} out of place", c.name());
+        }
+    }
+
+    #[test]
+    fn header_field_offsets_match_the_kernel_layout() {
+        assert_eq!(core::mem::offset_of!(RecordHeader, ts_ns), 0);
+        assert_eq!(core::mem::offset_of!(RecordHeader, ifindex), 8);
+        assert_eq!(core::mem::offset_of!(RecordHeader, wire_len), 12);
+        assert_eq!(core::mem::offset_of!(RecordHeader, cap_len), 16);
+        assert_eq!(core::mem::offset_of!(RecordHeader, cpu), 20);
+        assert_eq!(core::mem::offset_of!(RecordHeader, flags), 24);
+        assert_eq!(core::mem::offset_of!(RecordHeader, l3_offset), 28);
+        assert_eq!(core::mem::offset_of!(RecordHeader, l4_offset), 30);
+    }
+}

@@ -1,0 +1,74 @@
+//! Writing one record (header + packet bytes) into this CPU's ring.
+//!
+//! `bpf_ringbuf_reserve` only takes a size the verifier knows as a constant,
+//! so a record is reserved in the smallest power-of-two size class that
+//! holds the packet, and the packet is copied straight from the skb / XDP
+//! buffer into the reserved space: one copy, no per-CPU scratch buffer.
+//! The unused tail of a class costs ring space, not copying.
+
+use aya_ebpf::btf_maps::RingBuf;
+use mirror_common::{Counter, MAX_SNAPLEN, RECORD_HEADER_LEN, RecordHeader};
+
+use crate::packet::Packet;
+
+/// Size of the ring template in the object. The rings the loader creates
+/// may have any size: the kernel does not compare ring sizes of inner maps.
+const RING_TEMPLATE_BYTES: usize = 1 << 16;
+
+/// One CPU's ring.
+pub type Ring = RingBuf<u8, RING_TEMPLATE_BYTES>;
+
+/// Writes `header` and its `cap_len` first packet bytes into `ring`.
+/// `header.cap_len` is in `1..=MAX_SNAPLEN`.
+#[inline(always)]
+pub fn emit<P: Packet>(ring: &Ring, pkt: &P, header: &RecordHeader) -> Result<(), Counter> {
+    match header.cap_len {
+        0..=64 => emit_in::<P, 64>(ring, pkt, header),
+        65..=128 => emit_in::<P, 128>(ring, pkt, header),
+        129..=256 => emit_in::<P, 256>(ring, pkt, header),
+        257..=512 => emit_in::<P, 512>(ring, pkt, header),
+        513..=1024 => emit_in::<P, 1024>(ring, pkt, header),
+        1025..=2048 => emit_in::<P, 2048>(ring, pkt, header),
+        2049..=4096 => emit_in::<P, 4096>(ring, pkt, header),
+        4097..=8192 => emit_in::<P, 8192>(ring, pkt, header),
+        8193..=16384 => emit_in::<P, 16384>(ring, pkt, header),
+        16385..=32768 => emit_in::<P, 32768>(ring, pkt, header),
+        32769..=65536 => emit_in::<P, 65536>(ring, pkt, header),
+        _ => emit_in::<P, { MAX_SNAPLEN as usize }>(ring, pkt, header),
+    }
+}
+
+/// Emits into a record with room for `N` packet bytes.
+#[inline(always)]
+fn emit_in<P: Packet, const N: usize>(
+    ring: &Ring,
+    pkt: &P,
+    header: &RecordHeader,
+) -> Result<(), Counter> {
+    let Some(mut record) = ring.reserve_bytes(RECORD_HEADER_LEN + N, 0) else {
+        return Err(Counter::RingFull);
+    };
+    let base = record.as_mut_ptr();
+    // SAFETY: the reservation is 8-byte aligned and larger than the header.
+    unsafe { base.cast::<RecordHeader>().write(*header) };
+    // Equal to cap_len (which the caller keeps in 1..=N), written so that the
+    // verifier can prove 1 <= len <= N for the copy below: the mask bounds
+    // it for power-of-two classes, the comparison for the last class.
+    let mask = (N as u32).next_power_of_two() - 1;
+    let len = (header.cap_len.wrapping_sub(1) & mask) + 1;
+    if len > N as u32 {
+        record.discard(0);
+        return Err(Counter::Unparseable);
+    }
+    // SAFETY: the reservation holds RECORD_HEADER_LEN + N >= header + len bytes.
+    let copied = unsafe { pkt.load_bytes(0, base.add(RECORD_HEADER_LEN).cast(), len) };
+    if copied {
+        // Flags 0: the kernel wakes the reader only when it had caught up,
+        // so a busy reader is not woken once per packet.
+        record.submit(0);
+        Ok(())
+    } else {
+        record.discard(0);
+        Err(Counter::Unparseable)
+    }
+}

@@ -1,0 +1,144 @@
+//! Kernel side of the mirror: an XDP and a TC program that share one
+//! parse-and-filter core, copy subscribed TCP packets into the ring of the
+//! CPU they run on, and always let every packet through untouched.
+#![no_std]
+#![no_main]
+
+mod emit;
+mod packet;
+mod parse;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, xdp_action},
+    btf_maps::{Array, ArrayOfMaps, PerCpuArray},
+    helpers::generated::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::warn;
+use mirror_common::{
+    COUNTER_COUNT, Counter, MAX_CPUS, MAX_SNAPLEN, PORT_MAP_LEN, RecordHeader, record_flags,
+};
+
+use crate::{
+    emit::{Ring, emit},
+    packet::Packet,
+    parse::parse,
+};
+
+/// Non-zero at index P: mirror TCP packets to destination port P.
+#[btf_map]
+static MIRROR_PORTS: Array<u8, { PORT_MAP_LEN as usize }> = Array::new();
+
+/// One ring per CPU, indexed by CPU id, created and inserted by the loader.
+#[btf_map]
+static MIRROR_RINGS: ArrayOfMaps<Ring, { MAX_CPUS as usize }> = ArrayOfMaps::new();
+
+/// Outcome counters, see [`Counter`].
+#[btf_map]
+static MIRROR_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// Packet bytes kept per record; set by the loader (`.rodata`, so the
+/// verifier sees a constant).
+#[unsafe(no_mangle)]
+static MIRROR_SNAPLEN: u32 = MAX_SNAPLEN;
+
+#[xdp(frags)]
+pub fn mirror_xdp(ctx: XdpContext) -> u32 {
+    observe(&ctx);
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn mirror_tc(ctx: TcContext) -> i32 {
+    observe(&ctx);
+    TC_ACT_OK
+}
+
+/// Counts the packet and mirrors it when subscribed. Never fails and never
+/// touches the packet: the caller passes it on whatever happens here.
+#[inline(always)]
+fn observe<P: Packet + EbpfContext>(pkt: &P) {
+    count(Counter::Seen);
+    let outcome = match mirror(pkt) {
+        Ok(truncated) => {
+            if truncated {
+                count(Counter::Truncated);
+            }
+            Counter::Mirrored
+        }
+        Err(reason) => reason,
+    };
+    count(outcome);
+}
+
+/// Mirrors `pkt` if it is TCP to a subscribed port; `Ok(true)` when it was
+/// cut at the snap length.
+#[inline(always)]
+fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
+    let parsed = parse(pkt)?;
+    match MIRROR_PORTS.get(u32::from(parsed.dst_port)) {
+        Some(subscribed) if *subscribed != 0 => {}
+        _ => return Err(Counter::NotSubscribed),
+    }
+
+    let wire_len = pkt.len();
+    // SAFETY: a plain read of a global the loader may have rewritten.
+    let snaplen = unsafe { core::ptr::read_volatile(&MIRROR_SNAPLEN) };
+    // The headers always fit (the parser checked them against wire_len),
+    // whatever the snap length, so userspace can always read seq/ack.
+    let cap_len = wire_len
+        .min(snaplen.max(parsed.l4_end as u32))
+        .min(MAX_SNAPLEN);
+
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(ring) = MIRROR_RINGS.get(cpu) else {
+        // The loader creates a ring for every online CPU; a CPU brought
+        // online later has none until the mirror restarts.
+        warn!(pkt, "no ring for cpu {}, packet not mirrored", cpu);
+        return Err(Counter::RingFull);
+    };
+
+    let mut flags = P::FLAGS;
+    if parsed.ipv6 {
+        flags |= record_flags::IPV6;
+    }
+    if cap_len < wire_len {
+        flags |= record_flags::TRUNCATED;
+    }
+    let header = RecordHeader {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ifindex: pkt.ifindex(),
+        wire_len,
+        cap_len,
+        cpu,
+        flags,
+        l3_offset: parsed.l3_offset as u16,
+        l4_offset: parsed.l4_offset as u16,
+    };
+    emit(ring, pkt, &header)?;
+    Ok(cap_len < wire_len)
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = MIRROR_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot of this CPU; programs do not migrate mid-run.
+        unsafe { *value += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // A reachable panic becomes an infinite loop, which the verifier
+    // rejects at load time instead of running undefined behaviour.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,331 @@
+//! Loading the kernel programs and owning their maps: the port map, the
+//! per-CPU rings and the counters.
+
+use std::io;
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, ArrayOfMaps, Map, MapData, MapError, MapType, PerCpuArray, RingBuf},
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
+use aya_log::EbpfLogger;
+use mirror_common::{
+    GLOBAL_SNAPLEN, MAP_COUNTERS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
+};
+
+use crate::counters::KernelCounters;
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded so that one
+/// file is deployed.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MIRROR_EBPF_OBJECT"));
+
+/// Name of the aya-log ring in the object (present when the programs log).
+const AYA_LOG_MAP: &str = "AYA_LOGS";
+
+/// Settings fixed when the programs are loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Packet bytes kept per record.
+    pub snaplen: u32,
+    /// Bytes of each CPU's ring (a power of two, at least a page).
+    pub ring_size: u32,
+    /// Most verbose kernel log level that reaches userspace
+    /// (0 off, 1 error ... 5 trace, as aya-log numbers them).
+    pub kernel_log_level: u8,
+}
+
+/// Which of the two entry points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramKind {
+    Xdp,
+    Tc,
+}
+
+impl ProgramKind {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Xdp => PROG_XDP,
+            Self::Tc => PROG_TC,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this kernel has no BPF {feature}: mirror needs Linux {version} or newer with BPF enabled"
+    )]
+    KernelFeature {
+        feature: &'static str,
+        version: &'static str,
+    },
+    #[error(
+        "the kernel refused to load BPF objects (permission denied): run mirror as root, or with the capabilities CAP_BPF and CAP_NET_ADMIN"
+    )]
+    PermissionDenied,
+    #[error("the kernel refused to load the mirror's BPF maps: {0}")]
+    Ebpf(#[source] Box<EbpfError>),
+    #[error("the kernel refused to load the {name} program: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot create the ring buffer for CPU {cpu}: {source}")]
+    Ring {
+        cpu: u32,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("the embedded BPF object lacks {0}: rebuild it with `cargo xtask build`")]
+    MissingObject(&'static str),
+    #[error("cannot list this machine's CPUs ({path}): {source}")]
+    Cpus {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One CPU's ring, ready to be drained.
+pub struct CpuRing {
+    pub cpu: u32,
+    pub ring: RingBuf<MapData>,
+}
+
+/// The loaded kernel side of the mirror.
+pub struct Mirror {
+    ebpf: Ebpf,
+    ports: Array<MapData, u8>,
+    counters: PerCpuArray<MapData, u64>,
+    rings: Vec<CpuRing>,
+    kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Mirror {
+    /// Loads the object, creates one ring per online CPU and inserts it in
+    /// the ring array. The programs themselves are loaded on first use.
+    pub fn load(options: &LoadOptions) -> Result<Self, LoadError> {
+        check_kernel_features()?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;
+        // The ring array is indexed by CPU id, so it spans the highest id.
+        let ring_slots = cpus.iter().max().map_or(1, |max| max + 1).min(MAX_CPUS);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_SNAPLEN, &options.snaplen, true)
+            .override_global(aya_log::LEVEL, &options.kernel_log_level, false)
+            .map_max_entries(MAP_RINGS, ring_slots)
+            .load(EBPF_OBJECT)
+            .map_err(classify_ebpf_error)?;
+
+        // Must outlive program loading: the programs refer to its map.
+        let kernel_log = ebpf
+            .map(AYA_LOG_MAP)
+            .is_some()
+            .then(|| EbpfLogger::init(&mut ebpf))
+            .transpose()
+            .unwrap_or_else(|error| {
+                tracing::warn!("kernel log records are unavailable: {error}");
+                None
+            });
+
+        let ports = take_map(&mut ebpf, MAP_PORTS)?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let rings = {
+            let mut ring_array: ArrayOfMaps<&mut MapData, MapData> = ebpf
+                .map_mut(MAP_RINGS)
+                .ok_or(LoadError::MissingObject(MAP_RINGS))?
+                .try_into()
+                .map_err(|_| LoadError::MissingObject(MAP_RINGS))?;
+            cpus.iter()
+                .filter(|cpu| **cpu < ring_slots)
+                .map(|&cpu| create_ring(&mut ring_array, cpu, options.ring_size))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+
+        Ok(Self {
+            ebpf,
+            ports,
+            counters,
+            rings,
+            kernel_log,
+        })
+    }
+
+    /// The XDP entry point, loaded into the kernel.
+    pub fn xdp(&mut self) -> Result<&mut Xdp, LoadError> {
+        let program: &mut Xdp = self.program(ProgramKind::Xdp)?;
+        Ok(program)
+    }
+
+    /// The TC entry point, loaded into the kernel.
+    pub fn tc(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        let program: &mut SchedClassifier = self.program(ProgramKind::Tc)?;
+        Ok(program)
+    }
+
+    fn program<'a, P>(&'a mut self, kind: ProgramKind) -> Result<&'a mut P, LoadError>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+        P: LoadableProgram + 'a,
+    {
+        let name = kind.name();
+        let program: &mut P = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingObject(name))?
+            .try_into()
+            .map_err(|_| LoadError::MissingObject(name))?;
+        if !program.is_loaded() {
+            program
+                .load_program()
+                .map_err(|error| classify_program_error(name, error))?;
+        }
+        Ok(program)
+    }
+
+    /// Starts or stops mirroring TCP packets to `port`.
+    pub fn set_port(&mut self, port: u16, mirrored: bool) -> Result<(), MapError> {
+        self.ports.set(u32::from(port), u8::from(mirrored), 0)
+    }
+
+    /// Ports currently mirrored, ascending.
+    pub fn ports(&self) -> Result<Vec<u16>, MapError> {
+        let mut ports = Vec::new();
+        for (port, value) in self.ports.iter().enumerate() {
+            if value? != 0 {
+                ports.push(port as u16);
+            }
+        }
+        Ok(ports)
+    }
+
+    /// Sum over CPUs of the kernel's counters.
+    pub fn counters(&self) -> Result<KernelCounters, MapError> {
+        KernelCounters::read(&self.counters)
+    }
+
+    /// Hands the rings to their drain tasks (once).
+    pub fn take_rings(&mut self) -> Vec<CpuRing> {
+        std::mem::take(&mut self.rings)
+    }
+
+    /// Hands the kernel log ring to its drain task (once).
+    pub fn take_kernel_log(&mut self) -> Option<EbpfLogger<&'static dyn log::Log>> {
+        self.kernel_log.take()
+    }
+}
+
+/// Loading common to both program types (aya has no trait for it).
+pub trait LoadableProgram {
+    fn is_loaded(&self) -> bool;
+    fn load_program(&mut self) -> Result<(), ProgramError>;
+}
+
+impl LoadableProgram for Xdp {
+    fn is_loaded(&self) -> bool {
+        self.fd().is_ok()
+    }
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadableProgram for SchedClassifier {
+    fn is_loaded(&self) -> bool {
+        self.fd().is_ok()
+    }
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<Map>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingObject(name))?;
+    T::try_from(map).map_err(|_| LoadError::MissingObject(name))
+}
+
+fn create_ring(
+    ring_array: &mut ArrayOfMaps<&mut MapData, MapData>,
+    cpu: u32,
+    size: u32,
+) -> Result<CpuRing, LoadError> {
+    let ring_error = |source: MapError| LoadError::Ring {
+        cpu,
+        source: Box::new(source),
+    };
+    let definition = aya_obj::Map::new_from_params(
+        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+        0,
+        0,
+        size,
+        0,
+    );
+    let data = MapData::create(definition, &format!("mirror_ring{cpu}"), None).map_err(
+        |error| match error {
+            MapError::CreateError { io_error, .. }
+                if io_error.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                LoadError::PermissionDenied
+            }
+            other => ring_error(other),
+        },
+    )?;
+    ring_array.set(cpu, &data, 0).map_err(ring_error)?;
+    let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(ring_error)?;
+    Ok(CpuRing { cpu, ring })
+}
+
+fn check_kernel_features() -> Result<(), LoadError> {
+    let supported = |map_type| aya::sys::is_map_supported(map_type).unwrap_or(false);
+    if !supported(MapType::RingBuf) {
+        return Err(LoadError::KernelFeature {
+            feature: "ring buffers",
+            version: "5.8",
+        });
+    }
+    if !supported(MapType::ArrayOfMaps) {
+        return Err(LoadError::KernelFeature {
+            feature: "map-in-map arrays",
+            version: "5.8",
+        });
+    }
+    Ok(())
+}
+
+fn is_permission_denied(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+}
+
+fn classify_ebpf_error(error: EbpfError) -> LoadError {
+    let denied = match &error {
+        EbpfError::MapError(MapError::CreateError { io_error, .. }) => {
+            is_permission_denied(io_error)
+        }
+        EbpfError::BtfError(aya::BtfError::LoadError { io_error, .. }) => {
+            is_permission_denied(io_error)
+        }
+        _ => false,
+    };
+    if denied {
+        LoadError::PermissionDenied
+    } else {
+        LoadError::Ebpf(Box::new(error))
+    }
+}
+
+fn classify_program_error(name: &'static str, error: ProgramError) -> LoadError {
+    if let ProgramError::LoadError { io_error, .. } = &error
+        && is_permission_denied(io_error)
+    {
+        return LoadError::PermissionDenied;
+    }
+    LoadError::Program {
+        name,
+        source: Box::new(error),
+    }
+}

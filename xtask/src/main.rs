@@ -1,0 +1,179 @@
+//! `cargo xtask`: setup, build, run, test and lint of the mirror.
+//!
+//! Every step that needs a tool first runs the part of `setup` that
+//! provides it, so a new user never has to know the order.
+
+mod setup;
+mod shell;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::shell::{cargo_nightly, cargo_stable, run};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test the mirror")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what this machine lacks: rust-src for nightly, bpf-linker
+    /// built against nightly's own LLVM, and the Debian packages the tests
+    /// use. Idempotent and quick when everything is there.
+    Setup,
+    /// Build the eBPF object (target/ebpf/bpfel-unknown-none/release/mirror-ebpf).
+    BuildEbpf,
+    /// Build the eBPF object and the `mirror` binary that embeds it
+    /// (target/release/mirror).
+    Build,
+    /// Build, then run `mirror ARGS` (default: watch port 8080 on lo and
+    /// print each packet).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, lint and every test, privileged ones included (run as root).
+    Test {
+        /// Extra arguments for `cargo test` after `--` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// cargo fmt --check and clippy -D warnings on every crate.
+    Lint,
+}
+
+/// What `cargo xtask run` runs without arguments.
+const DEFAULT_RUN_ARGS: [&str; 6] = ["run", "--iface", "lo", "--port", "8080", "--print"];
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = dispatch(cli.command) {
+        eprintln!("xtask: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(task: Task) -> Result<()> {
+    let root = workspace_root();
+    match task {
+        Task::Setup => setup::all(&root),
+        Task::BuildEbpf => build_ebpf(&root).map(drop),
+        Task::Build => build(&root).map(drop),
+        Task::Run { args } => {
+            let binary = build(&root)?;
+            let args = if args.is_empty() {
+                DEFAULT_RUN_ARGS
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .chain(["text".to_owned()])
+                    .collect()
+            } else {
+                args
+            };
+            eprintln!("xtask: running {} {}", binary.display(), args.join(" "));
+            let error = Command::new(&binary).args(&args).exec();
+            Err(error).with_context(|| format!("cannot run {}", binary.display()))
+        }
+        Task::Test { args } => test(&root, &args),
+        Task::Lint => {
+            setup::toolchain(&root)?;
+            build_ebpf(&root)?;
+            lint(&root)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn ebpf_target_dir(root: &Path) -> PathBuf {
+    root.join("target/ebpf")
+}
+
+/// Builds the eBPF object and returns its path.
+fn build_ebpf(root: &Path) -> Result<PathBuf> {
+    let linker = setup::toolchain(root)?;
+    run(cargo_nightly(&root.join("mirror-ebpf"))
+        .args(["build", "--release", "--target-dir"])
+        .arg(ebpf_target_dir(root))
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker))?;
+    let object = ebpf_target_dir(root).join("bpfel-unknown-none/release/mirror-ebpf");
+    if !object.is_file() {
+        bail!(
+            "the eBPF build finished but {} is missing",
+            object.display()
+        );
+    }
+    Ok(object)
+}
+
+/// Builds everything and returns the path of the `mirror` binary.
+fn build(root: &Path) -> Result<PathBuf> {
+    let object = build_ebpf(root)?;
+    run(cargo_stable(root)
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "mirror-user",
+            "--bin",
+            "mirror",
+        ])
+        .env("MIRROR_EBPF_OBJECT", &object))?;
+    Ok(root.join("target/release/mirror"))
+}
+
+fn lint(root: &Path) -> Result<()> {
+    let object = ebpf_target_dir(root).join("bpfel-unknown-none/release/mirror-ebpf");
+    run(cargo_stable(root).args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo_nightly(&root.join("mirror-ebpf")).args(["fmt", "--", "--check"]))?;
+    run(cargo_stable(root)
+        .args([
+            "clippy",
+            "--release",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("MIRROR_EBPF_OBJECT", &object))?;
+    // The eBPF crate is checked with its own toolchain and target, in a
+    // target directory of its own so that it does not evict the build.
+    run(cargo_nightly(&root.join("mirror-ebpf"))
+        .args(["clippy", "--release", "--target-dir"])
+        .arg(root.join("target/ebpf-clippy"))
+        .args(["--", "-D", "warnings"]))?;
+    Ok(())
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    setup::all(root)?;
+    let binary = build(root)?;
+    lint(root)?;
+    if !setup::is_root() {
+        bail!(
+            "the end-to-end tests create network namespaces and load BPF programs: run `cargo xtask test` as root (e.g. with sudo)"
+        );
+    }
+    let object = ebpf_target_dir(root).join("bpfel-unknown-none/release/mirror-ebpf");
+    run(cargo_stable(root)
+        .args(["test", "--release", "--workspace"])
+        .args(extra)
+        .env("MIRROR_EBPF_OBJECT", &object)
+        .env("MIRROR_BIN", &binary))?;
+    Ok(())
+}
