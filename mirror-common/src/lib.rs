@@ -23,6 +23,9 @@ pub const MAP_RINGS: &str = "MIRROR_RINGS";
 pub const MAP_COUNTERS: &str = "MIRROR_COUNTERS";
 /// Read-only global (`.rodata`): bytes of each packet copied into the ring.
 pub const GLOBAL_SNAPLEN: &str = "MIRROR_SNAPLEN";
+/// Read-only global: unread bytes in a ring at which the kernel wakes its
+/// reader (0: the kernel's default, wake whenever the reader caught up).
+pub const GLOBAL_WAKEUP_BYTES: &str = "MIRROR_WAKEUP_BYTES";
 
 /// Entries of the port map: every TCP port.
 pub const PORT_MAP_LEN: u32 = 1 << 16;

@@ -6,10 +6,41 @@
 //! buffer into the reserved space: one copy, no per-CPU scratch buffer.
 //! The unused tail of a class costs ring space, not copying.
 
-use aya_ebpf::btf_maps::RingBuf;
+use aya_ebpf::{btf_maps::RingBuf, helpers::generated::bpf_ringbuf_query};
 use mirror_common::{Counter, MAX_SNAPLEN, RECORD_HEADER_LEN, RecordHeader};
 
 use crate::packet::Packet;
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Bytes in a ring's record header (`BPF_RINGBUF_HDR_SZ`).
+const RINGBUF_HDR: u64 = 8;
+
+/// Wakes the reader only when this record makes the unread data cross
+/// `MIRROR_WAKEUP_BYTES`; below it, the reader's own timer picks records
+/// up. Without this the kernel wakes the reader for every record whenever
+/// the reader keeps up, one interrupt and one context switch per packet.
+/// 0 keeps the kernel's default (wake when the reader had caught up).
+#[inline(always)]
+fn wakeup_flags(ring: &Ring, reserved: usize) -> u64 {
+    // SAFETY: a plain read of a global the loader may have rewritten.
+    let watermark = unsafe { core::ptr::read_volatile(&crate::MIRROR_WAKEUP_BYTES) };
+    if watermark == 0 {
+        return 0;
+    }
+    // SAFETY: `ring` is the map pointer the ring array lookup returned (the
+    // BTF map type has no `query` wrapper in aya-ebpf 0.2).
+    let after = unsafe {
+        bpf_ringbuf_query(core::ptr::from_ref(ring).cast_mut().cast(), BPF_RB_AVAIL_DATA)
+    };
+    let before = after.saturating_sub(reserved as u64 + RINGBUF_HDR);
+    if before < watermark && after >= watermark {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
 
 /// Size of the ring template in the object. The rings the loader creates
 /// may have any size: the kernel does not compare ring sizes of inner maps.
@@ -63,9 +94,7 @@ fn emit_in<P: Packet, const N: usize>(
     // SAFETY: the reservation holds RECORD_HEADER_LEN + N >= header + len bytes.
     let copied = unsafe { pkt.load_bytes(0, base.add(RECORD_HEADER_LEN).cast(), len) };
     if copied {
-        // Flags 0: the kernel wakes the reader only when it had caught up,
-        // so a busy reader is not woken once per packet.
-        record.submit(0);
+        record.submit(wakeup_flags(ring, RECORD_HEADER_LEN + N));
         Ok(())
     } else {
         record.discard(0);

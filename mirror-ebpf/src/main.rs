@@ -44,6 +44,11 @@ static MIRROR_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArr
 #[unsafe(no_mangle)]
 static MIRROR_SNAPLEN: u32 = MAX_SNAPLEN;
 
+/// Unread bytes at which a ring wakes its reader (see `emit::wakeup_flags`);
+/// set by the loader.
+#[unsafe(no_mangle)]
+static MIRROR_WAKEUP_BYTES: u64 = 0;
+
 #[xdp(frags)]
 pub fn mirror_xdp(ctx: XdpContext) -> u32 {
     observe(&ctx);

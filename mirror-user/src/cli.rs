@@ -59,9 +59,10 @@ pub struct RunArgs {
     pub print: Option<PrintFormat>,
 
     /// Size of each CPU's ring buffer in bytes (a power of two, at least
-    /// one page). Suffixes K, M, G are accepted.
-    #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_ring_size)]
-    pub ring_size: u32,
+    /// one page; suffixes K, M, G). Default: 128 MiB shared by the online
+    /// CPUs, between 4 and 64 MiB each.
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
 
     /// Attach TC through a netlink clsact filter even where TCX links exist
     /// (for testing the cleanup of filters left behind by a killed mirror).
@@ -159,7 +160,7 @@ mod tests {
         assert_eq!(args.attach, AttachMode::Auto);
         assert_eq!(args.snaplen, MAX_SNAPLEN);
         assert_eq!(args.print, None);
-        assert_eq!(args.ring_size, 8 << 20);
+        assert_eq!(args.ring_size, None);
         assert!(!args.tc_netlink);
     }
 
@@ -188,7 +189,7 @@ mod tests {
         assert_eq!(args.attach, AttachMode::XdpDrv);
         assert_eq!(args.snaplen, 128);
         assert_eq!(args.print, Some(PrintFormat::Json));
-        assert_eq!(args.ring_size, 64 << 10);
+        assert_eq!(args.ring_size, Some(64 << 10));
     }
 
     #[test]
@@ -209,7 +210,8 @@ mod tests {
     #[test]
     fn bad_ports_are_refused_with_a_clear_message() {
         for bad in ["0", "65536", "-1", "http", ""] {
-            let err = run_args(&["--iface", "lo", "--port", bad]).unwrap_err();
+            let arg = format!("--port={bad}");
+            let err = run_args(&["--iface", "lo", &arg]).unwrap_err();
             assert!(
                 err.to_string().contains("use a number from 1 to 65535"),
                 "{bad}: {err}"
@@ -226,11 +228,13 @@ mod tests {
                 .snaplen,
             1
         );
-        for bad in ["0", "65537", "x"] {
-            assert!(
-                run_args(&["-i", "lo", "-p", "1", "--snaplen", bad]).is_err(),
-                "{bad}"
-            );
+        let max = MAX_SNAPLEN.to_string();
+        let args = run_args(&["-i", "lo", "-p", "1", "--snaplen", &max]).unwrap();
+        assert_eq!(args.snaplen, MAX_SNAPLEN);
+        let over = (MAX_SNAPLEN + 1).to_string();
+        for bad in ["0", over.as_str(), "x"] {
+            let result = run_args(&["-i", "lo", "-p", "1", "--snaplen", bad]);
+            assert!(result.is_err(), "{bad}");
         }
     }
 

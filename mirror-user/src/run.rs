@@ -10,7 +10,7 @@ use mirror_user::{
     clock::WallClock,
     counters::{DrainCounters, Summary},
     drain::{Discard, drain_ring, register_readable},
-    loader::{LoadOptions, Mirror},
+    loader::{self, LoadOptions, Mirror},
     print::PacketPrinter,
     privileges,
 };
@@ -28,7 +28,7 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
 
     let mut mirror = Mirror::load(&LoadOptions {
         snaplen: args.snaplen,
-        ring_size: args.ring_size,
+        ring_size: args.ring_size.unwrap_or_else(loader::default_ring_size),
         kernel_log_level: aya_log_level(log_level),
     })?;
     // Ports first: the program mirrors from the first packet it sees.
