@@ -1,6 +1,7 @@
 //! The real `mirror` binary as a child process inside a test namespace.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -61,30 +62,89 @@ pub struct MirrorProcess {
 #[derive(Debug)]
 pub struct MirrorOutput {
     pub status: ExitStatus,
-    /// `"kind": "packet"` lines.
+    /// `"kind": "packet"` lines (with `--print json`).
     pub packets: Vec<Value>,
-    /// The `"kind": "counters"` line.
-    pub counters: Value,
+    /// The exit counters, `"kernel.<name>"` and `"drain.<name>"`, from the
+    /// JSON counters line or from the text summary on stderr.
+    pub counters: BTreeMap<String, u64>,
     pub stderr: String,
 }
 
 impl MirrorOutput {
     /// A kernel counter by name.
     pub fn kernel(&self, name: &str) -> u64 {
-        self.counters["kernel"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no kernel counter {name} in {}", self.counters))
+        self.counter(&format!("kernel.{name}"))
     }
+
+    /// A counter by its full name.
+    pub fn counter(&self, name: &str) -> u64 {
+        *self.counters.get(name).unwrap_or_else(|| {
+            panic!(
+                "no counter {name} in {:?}; stderr:\n{}",
+                self.counters, self.stderr
+            )
+        })
+    }
+}
+
+/// `kernel: seen=1 ...` and `drain: records=1 ...` lines of the text summary.
+fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
+    let mut counters = BTreeMap::new();
+    for line in stderr {
+        let Some((stage, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        if stage != "kernel" && stage != "drain" {
+            continue;
+        }
+        for pair in rest.split_whitespace() {
+            if let Some((name, value)) = pair.split_once('=')
+                && let Ok(value) = value.parse()
+            {
+                counters.insert(format!("{stage}.{name}"), value);
+            }
+        }
+    }
+    counters
+}
+
+fn json_counters(line: &Value) -> BTreeMap<String, u64> {
+    let mut counters = BTreeMap::new();
+    for stage in ["kernel", "drain"] {
+        if let Some(values) = line[stage].as_object() {
+            for (name, value) in values {
+                if let Some(value) = value.as_u64() {
+                    counters.insert(format!("{stage}.{name}"), value);
+                }
+            }
+        }
+    }
+    counters
 }
 
 impl MirrorProcess {
     /// Starts `mirror run ARGS --print json` in `ns` and waits until it is
     /// attached; panics with its stderr if it exits or stalls first.
     pub fn start(ns: &str, args: &[&str]) -> Self {
+        Self::spawn(ns, args, true)
+    }
+
+    /// Like [`Self::start`], without printing packets.
+    pub fn start_quiet(ns: &str, args: &[&str]) -> Self {
+        Self::spawn(ns, args, false)
+    }
+
+    /// Process id (`ip netns exec` execs, so this is mirror itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(ns: &str, args: &[&str], print: bool) -> Self {
+        let print_args: &[&str] = if print { &["--print", "json"] } else { &[] };
         let mut child = command(Some(ns))
             .arg("run")
             .args(args)
-            .args(["--print", "json"])
+            .args(print_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -161,13 +221,13 @@ impl MirrorProcess {
             .join()
             .expect("stderr reader");
         let mut packets = Vec::new();
-        let mut counters = Value::Null;
+        let mut counters = text_counters(&stderr);
         for line in &stdout {
             let value: Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("mirror printed a line that is not JSON ({e}): {line}"));
             match value["kind"].as_str() {
                 Some("packet") => packets.push(value),
-                Some("counters") => counters = value,
+                Some("counters") => counters = json_counters(&value),
                 _ => panic!("unexpected line: {line}"),
             }
         }
@@ -200,5 +260,28 @@ impl Drop for MirrorProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_parse_from_text_and_json() {
+        let text = [
+            "INFO mirroring".to_owned(),
+            "kernel: seen=5 ring_full=2".to_owned(),
+            "drain: records=3 bytes=10".to_owned(),
+        ];
+        let parsed = text_counters(&text);
+        assert_eq!(parsed["kernel.seen"], 5);
+        assert_eq!(parsed["kernel.ring_full"], 2);
+        assert_eq!(parsed["drain.bytes"], 10);
+        let json: Value =
+            serde_json::json!({"kind": "counters", "kernel": {"seen": 7}, "drain": {"records": 1}});
+        let parsed = json_counters(&json);
+        assert_eq!(parsed["kernel.seen"], 7);
+        assert_eq!(parsed["drain.records"], 1);
     }
 }

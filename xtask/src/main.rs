@@ -49,6 +49,19 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings on every crate.
     Lint,
+    /// Side-by-side benchmark on a veth pair (run as root); writes
+    /// bench/attach-modes.md.
+    Bench {
+        /// A short smoke run (1 round of 2 s per case).
+        #[arg(long)]
+        quick: bool,
+        /// Rounds; every case runs once per round, in alternation.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Seconds of traffic per run.
+        #[arg(long, default_value_t = 8)]
+        seconds: u32,
+    },
 }
 
 /// What `cargo xtask run` runs without arguments.
@@ -84,6 +97,11 @@ fn dispatch(task: Task) -> Result<()> {
             Err(error).with_context(|| format!("cannot run {}", binary.display()))
         }
         Task::Test { args } => test(&root, &args),
+        Task::Bench {
+            quick,
+            rounds,
+            seconds,
+        } => bench(&root, quick, rounds, seconds),
         Task::Lint => {
             setup::toolchain(&root)?;
             build_ebpf(&root)?;
@@ -158,6 +176,44 @@ fn lint(root: &Path) -> Result<()> {
         .arg(root.join("target/ebpf-clippy"))
         .args(["--", "-D", "warnings"]))?;
     Ok(())
+}
+
+fn bench(root: &Path, quick: bool, rounds: u32, seconds: u32) -> Result<()> {
+    setup::all(root)?;
+    let binary = build(root)?;
+    if !setup::is_root() {
+        bail!("the benchmark creates network namespaces and loads BPF programs: run it as root");
+    }
+    let object = ebpf_target_dir(root).join("bpfel-unknown-none/release/mirror-ebpf");
+    let out = root.join("bench/attach-modes.md");
+    std::fs::create_dir_all(root.join("bench"))?;
+    let mut command = cargo_stable(root);
+    command
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "mirror-tests",
+            "--bin",
+            "mirror-bench",
+            "--",
+        ])
+        .env("MIRROR_EBPF_OBJECT", &object)
+        .env("MIRROR_BIN", &binary);
+    if quick {
+        command.arg("--quick");
+    } else {
+        command
+            .args([
+                "--rounds",
+                &rounds.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ])
+            .arg("--out")
+            .arg(&out);
+    }
+    run(&mut command)
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
