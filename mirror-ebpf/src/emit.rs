@@ -32,7 +32,10 @@ fn wakeup_flags(ring: &Ring, reserved: usize) -> u64 {
     // SAFETY: `ring` is the map pointer the ring array lookup returned (the
     // BTF map type has no `query` wrapper in aya-ebpf 0.2).
     let after = unsafe {
-        bpf_ringbuf_query(core::ptr::from_ref(ring).cast_mut().cast(), BPF_RB_AVAIL_DATA)
+        bpf_ringbuf_query(
+            core::ptr::from_ref(ring).cast_mut().cast(),
+            BPF_RB_AVAIL_DATA,
+        )
     };
     let before = after.saturating_sub(reserved as u64 + RINGBUF_HDR);
     if before < watermark && after >= watermark {
