@@ -21,6 +21,12 @@ pub const MAP_PORTS: &str = "MIRROR_PORTS";
 pub const MAP_RINGS: &str = "MIRROR_RINGS";
 /// `PerCpuArray<u64, COUNTER_COUNT>`: outcome counters, see [`Counter`].
 pub const MAP_COUNTERS: &str = "MIRROR_COUNTERS";
+/// `LruHashMap<LostFlow, u64>`: flows that lost a packet with payload (or
+/// SYN/FIN/RST) to a full ring, with the count. Userspace takes the entries
+/// out and closes those connections as `gap`.
+pub const MAP_LOST_FLOWS: &str = "MIRROR_LOST";
+/// Entries of [`MAP_LOST_FLOWS`]; the least recently updated go first.
+pub const LOST_FLOWS_CAPACITY: u32 = 16384;
 /// Read-only global (`.rodata`): bytes of each packet copied into the ring.
 pub const GLOBAL_SNAPLEN: &str = "MIRROR_SNAPLEN";
 /// Read-only global: unread bytes in a ring at which the kernel wakes its
@@ -32,11 +38,12 @@ pub const PORT_MAP_LEN: u32 = 1 << 16;
 /// Upper bound of the CPU-indexed ring array in the object; the loader
 /// shrinks it to the number of CPUs of the machine.
 pub const MAX_CPUS: u32 = 4096;
-/// Largest number of packet bytes one record carries: any IP packet (at
-/// most 65535 bytes, so also a whole 64 KiB GSO/GRO super-packet) behind an
-/// Ethernet header and two VLAN tags, rounded up to 8 bytes. Longer packets
-/// (BIG TCP) are truncated and counted.
-pub const MAX_SNAPLEN: u32 = 65535 + 14 + 2 * 4 + 3;
+/// Largest number of packet bytes one record carries: 64 KiB + 32, which
+/// holds any IP packet (at most 65535 bytes, so also a whole 64 KiB GSO/GRO
+/// super-packet) behind an Ethernet header and two VLAN tags. Longer
+/// packets (BIG TCP) are truncated and counted.
+pub const MAX_SNAPLEN: u32 = (1 << 16) + 32;
+const _: () = assert!(MAX_SNAPLEN >= 65535 + 14 + 2 * 4);
 const _: () = assert!(MAX_SNAPLEN.is_multiple_of(8));
 
 /// Header of every record in a ring, followed by `cap_len` packet bytes
@@ -69,6 +76,23 @@ const _: () = assert!(RECORD_HEADER_LEN == 32);
 // 8-byte aligned too.
 const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(8));
 
+/// Key of [`MAP_LOST_FLOWS`]: the client-to-server 4-tuple of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LostFlow {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6.
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// Host byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// 4 or 6.
+    pub ip_version: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<LostFlow>() == 40);
+
 /// Bits of [`RecordHeader::flags`].
 pub mod record_flags {
     /// `cap_len < wire_len`: the packet was cut at the snap length.
@@ -83,8 +107,8 @@ pub mod record_flags {
 ///
 /// Every packet the program sees moves `Seen` and exactly one of the outcome
 /// counters `NotTcp`, `NotSubscribed`, `Unparseable`, `Unsupported`,
-/// `Mirrored`, `RingFull`. `Truncated` additionally counts mirrored packets
-/// cut at the snap length.
+/// `Mirrored`, `RingFull`, `CopyFailed`. `Truncated` additionally counts
+/// mirrored packets cut at the snap length.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -100,10 +124,13 @@ pub enum Counter {
     /// The CPU's ring had no room (or no ring exists for the CPU).
     RingFull = 6,
     Truncated = 7,
+    /// The kernel refused to copy the packet into its reserved record (a
+    /// helper limit the program does not know of: a bug if not 0).
+    CopyFailed = 8,
 }
 
 /// Number of entries of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 9;
 
 impl Counter {
     /// All counters in index order.
@@ -116,6 +143,7 @@ impl Counter {
         Self::Mirrored,
         Self::RingFull,
         Self::Truncated,
+        Self::CopyFailed,
     ];
 
     /// Stable snake_case name used in user-facing output.
@@ -129,16 +157,19 @@ impl Counter {
             Self::Mirrored => "mirrored",
             Self::RingFull => "ring_full",
             Self::Truncated => "truncated",
+            Self::CopyFailed => "copy_failed",
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: `RecordHeader` is `repr(C)`, made only of integers, with no
-    // padding (checked by the size assertion above), so every bit pattern is
-    // a valid value.
+    // SAFETY: `RecordHeader` and `LostFlow` are `repr(C)`, made only of
+    // integers and byte arrays, with padding spelled out (checked by the size
+    // assertions above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::RecordHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LostFlow {}
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! buffer into the reserved space: one copy, no per-CPU scratch buffer.
 //! The unused tail of a class costs ring space, not copying.
 
-use aya_ebpf::{btf_maps::RingBuf, helpers::generated::bpf_ringbuf_query};
+use aya_ebpf::{
+    btf_maps::RingBuf, helpers::generated::bpf_ringbuf_query, maps::ring_buf::RingBufBytes,
+};
 use mirror_common::{Counter, MAX_SNAPLEN, RECORD_HEADER_LEN, RecordHeader};
 
 use crate::packet::Packet;
@@ -56,6 +58,7 @@ pub type Ring = RingBuf<u8, RING_TEMPLATE_BYTES>;
 /// `header.cap_len` is in `1..=MAX_SNAPLEN`.
 #[inline(always)]
 pub fn emit<P: Packet>(ring: &Ring, pkt: &P, header: &RecordHeader) -> Result<(), Counter> {
+    const _: () = assert!(MAX_SNAPLEN as usize == TOP_CLASS);
     match header.cap_len {
         0..=64 => emit_in::<P, 64>(ring, pkt, header),
         65..=128 => emit_in::<P, 128>(ring, pkt, header),
@@ -67,40 +70,85 @@ pub fn emit<P: Packet>(ring: &Ring, pkt: &P, header: &RecordHeader) -> Result<()
         4097..=8192 => emit_in::<P, 8192>(ring, pkt, header),
         8193..=16384 => emit_in::<P, 16384>(ring, pkt, header),
         16385..=32768 => emit_in::<P, 32768>(ring, pkt, header),
-        32769..=65536 => emit_in::<P, 65536>(ring, pkt, header),
-        _ => emit_in::<P, { MAX_SNAPLEN as usize }>(ring, pkt, header),
+        // cap_len - COPY_SPLIT is in 1..=32768.
+        32769..=65536 => emit_split::<P, 65536, { (1 << 15) - 1 }, 0>(ring, pkt, header),
+        // cap_len - COPY_SPLIT is in 32769..=32800.
+        _ => emit_split::<P, TOP_CLASS, { TOP_TAIL as u32 - 1 }, { 1 << 15 }>(ring, pkt, header),
     }
 }
 
-/// Emits into a record with room for `N` packet bytes.
+/// Most bytes one `bpf_xdp_load_bytes` call copies is 0xffff (kernel
+/// `bpf_xdp_pointer`); longer packets (lo's MTU is 64 KiB) are copied in
+/// two calls, the first of this size.
+const COPY_SPLIT: usize = 1 << 15;
+/// The largest class: any IP packet behind Ethernet and two VLAN tags.
+const TOP_TAIL: usize = 32;
+const TOP_CLASS: usize = (1 << 16) + TOP_TAIL;
+
+/// Emits into a record with room for `N` packet bytes, `N` a power of two
+/// of at most [`COPY_SPLIT`], copied in one call.
 #[inline(always)]
 fn emit_in<P: Packet, const N: usize>(
     ring: &Ring,
     pkt: &P,
     header: &RecordHeader,
 ) -> Result<(), Counter> {
+    const { assert!(N.is_power_of_two() && N <= COPY_SPLIT) };
     let Some(mut record) = ring.reserve_bytes(RECORD_HEADER_LEN + N, 0) else {
         return Err(Counter::RingFull);
     };
     let base = record.as_mut_ptr();
-    // SAFETY: the reservation is 8-byte aligned and larger than the header.
-    unsafe { base.cast::<RecordHeader>().write(*header) };
-    // Equal to cap_len (which the caller keeps in 1..=N), written so that the
-    // verifier can prove 1 <= len <= N for the copy below: the mask bounds
-    // it for power-of-two classes, the comparison for the last class.
-    let mask = (N as u32).next_power_of_two() - 1;
-    let len = (header.cap_len.wrapping_sub(1) & mask) + 1;
-    if len > N as u32 {
-        record.discard(0);
-        return Err(Counter::Unparseable);
-    }
-    // SAFETY: the reservation holds RECORD_HEADER_LEN + N >= header + len bytes.
-    let copied = unsafe { pkt.load_bytes(0, base.add(RECORD_HEADER_LEN).cast(), len) };
+    // Equal to cap_len (which the caller keeps in the class), written as a
+    // mask so that the verifier can prove 1 <= len <= N: LLVM moves a
+    // comparison away from the register the helper gets.
+    let len = (header.cap_len.wrapping_sub(1) & (N as u32 - 1)) + 1;
+    // SAFETY: the reservation holds the header and N >= len packet bytes.
+    let copied = unsafe {
+        base.cast::<RecordHeader>().write(*header);
+        pkt.load_bytes(0, base.add(RECORD_HEADER_LEN).cast(), len)
+    };
+    finish(ring, record, copied, RECORD_HEADER_LEN + N)
+}
+
+/// Emits a packet longer than [`COPY_SPLIT`] into a record with room for
+/// `N` bytes: [`COPY_SPLIT`] bytes, then `((cap_len - 1) & REST_MASK) + 1 +
+/// REST_BASE` more, which equals the rest for the cap_len of this class and
+/// is provably inside the reservation.
+#[inline(always)]
+fn emit_split<P: Packet, const N: usize, const REST_MASK: u32, const REST_BASE: u32>(
+    ring: &Ring,
+    pkt: &P,
+    header: &RecordHeader,
+) -> Result<(), Counter> {
+    const { assert!(REST_BASE as usize + REST_MASK as usize + 1 + COPY_SPLIT <= N) };
+    let Some(mut record) = ring.reserve_bytes(RECORD_HEADER_LEN + N, 0) else {
+        return Err(Counter::RingFull);
+    };
+    let base = record.as_mut_ptr();
+    let rest = (header.cap_len.wrapping_sub(1) & REST_MASK) + 1 + REST_BASE;
+    // SAFETY: header, COPY_SPLIT and rest bytes all lie inside the
+    // reservation (checked at compile time above).
+    let copied = unsafe {
+        base.cast::<RecordHeader>().write(*header);
+        let dst = base.add(RECORD_HEADER_LEN);
+        pkt.load_bytes(0, dst.cast(), COPY_SPLIT as u32)
+            && pkt.load_bytes(COPY_SPLIT as u32, dst.add(COPY_SPLIT).cast(), rest)
+    };
+    finish(ring, record, copied, RECORD_HEADER_LEN + N)
+}
+
+#[inline(always)]
+fn finish(
+    ring: &Ring,
+    record: RingBufBytes<'_>,
+    copied: bool,
+    reserved: usize,
+) -> Result<(), Counter> {
     if copied {
-        record.submit(wakeup_flags(ring, RECORD_HEADER_LEN + N));
+        record.submit(wakeup_flags(ring, reserved));
         Ok(())
     } else {
         record.discard(0);
-        Err(Counter::Unparseable)
+        Err(Counter::CopyFailed)
     }
 }

@@ -11,20 +11,21 @@ mod parse;
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, xdp_action},
-    btf_maps::{Array, ArrayOfMaps, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray},
     helpers::generated::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::warn;
 use mirror_common::{
-    COUNTER_COUNT, Counter, MAX_CPUS, MAX_SNAPLEN, PORT_MAP_LEN, RecordHeader, record_flags,
+    COUNTER_COUNT, Counter, LOST_FLOWS_CAPACITY, LostFlow, MAX_CPUS, MAX_SNAPLEN, PORT_MAP_LEN,
+    RecordHeader, record_flags,
 };
 
 use crate::{
     emit::{Ring, emit},
     packet::Packet,
-    parse::parse,
+    parse::{Parsed, parse},
 };
 
 /// Non-zero at index P: mirror TCP packets to destination port P.
@@ -34,6 +35,10 @@ static MIRROR_PORTS: Array<u8, { PORT_MAP_LEN as usize }> = Array::new();
 /// One ring per CPU, indexed by CPU id, created and inserted by the loader.
 #[btf_map]
 static MIRROR_RINGS: ArrayOfMaps<Ring, { MAX_CPUS as usize }> = ArrayOfMaps::new();
+
+/// Flows that lost a packet to a full ring; userspace closes them as `gap`.
+#[btf_map]
+static MIRROR_LOST: LruHashMap<LostFlow, u64, { LOST_FLOWS_CAPACITY as usize }> = LruHashMap::new();
 
 /// Outcome counters, see [`Counter`].
 #[btf_map]
@@ -124,8 +129,53 @@ fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
         l3_offset: parsed.l3_offset as u16,
         l4_offset: parsed.l4_offset as u16,
     };
-    emit(ring, pkt, &header)?;
+    if let Err(reason) = emit(ring, pkt, &header) {
+        if reason == Counter::RingFull && parsed.matters_to_the_stream() {
+            record_loss(pkt, &parsed);
+        }
+        return Err(reason);
+    }
     Ok(cap_len < wire_len)
+}
+
+/// Notes the flow of a packet the ring could not take, so that its stream
+/// ends as `gap` in userspace instead of silently missing bytes.
+#[inline(never)]
+fn record_loss<P: Packet>(pkt: &P, parsed: &Parsed) {
+    let mut key = LostFlow {
+        src_port: parsed.src_port,
+        dst_port: parsed.dst_port,
+        ..LostFlow::default()
+    };
+    let ok = if parsed.ipv6 {
+        key.ip_version = 6;
+        // Source at byte 8 of the IPv6 header, destination at 24.
+        pkt.load_into(parsed.l3_offset + 8, &mut key.src_addr)
+            && pkt.load_into(parsed.l3_offset + 24, &mut key.dst_addr)
+    } else {
+        key.ip_version = 4;
+        // Source at byte 12 of the IPv4 header, destination at 16.
+        let mut src = [0u8; 4];
+        let mut dst = [0u8; 4];
+        let ok = pkt.load_into(parsed.l3_offset + 12, &mut src)
+            && pkt.load_into(parsed.l3_offset + 16, &mut dst);
+        key.src_addr[..4].copy_from_slice(&src);
+        key.dst_addr[..4].copy_from_slice(&dst);
+        ok
+    };
+    if !ok {
+        return;
+    }
+    match MIRROR_LOST.get_ptr_mut(key) {
+        // Only the entry's presence matters; the count is for the logs and
+        // may miss an increment when two CPUs race.
+        // SAFETY: a map value of this program, valid for this run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            // Full map: the least recently used entry makes room (LRU).
+            let _ = MIRROR_LOST.insert(key, 1u64, 0);
+        }
+    }
 }
 
 #[inline(always)]

@@ -33,6 +33,25 @@ pub trait Packet {
     /// `dst` must be valid for `len` bytes of writes.
     unsafe fn load_bytes(&self, offset: u32, dst: *mut c_void, len: u32) -> bool;
 
+    /// Copies the `T` that starts `offset` bytes into the packet to `out`;
+    /// false (and `out` unspecified) when the packet is too short. Unlike
+    /// [`Self::load`] no `Option<T>` is built: LLVM may move the undefined
+    /// payload of a `None` through registers, which the verifier rejects as
+    /// a read of an uninitialized register.
+    #[inline(always)]
+    fn load_into<T: Copy>(&self, offset: usize, out: &mut T) -> bool {
+        let (start, end) = self.linear();
+        let size = size_of::<T>();
+        if start + offset + size <= end {
+            // SAFETY: the range was checked against the linear data just
+            // above (the verifier checks it again); T is plain old data.
+            *out = unsafe { ((start + offset) as *const T).read_unaligned() };
+            return true;
+        }
+        // SAFETY: `out` has room for exactly `size` bytes.
+        unsafe { self.load_bytes(offset as u32, core::ptr::from_mut(out).cast(), size as u32) }
+    }
+
     /// Reads the `T` that starts `offset` bytes into the packet.
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {

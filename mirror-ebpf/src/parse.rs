@@ -45,20 +45,35 @@ pub struct Parsed {
     pub l4_offset: usize,
     /// First byte after the TCP header (options included).
     pub l4_end: usize,
+    /// End of the IP packet as its header gives it (0: not given, BIG TCP).
+    pub ip_end: usize,
+    pub src_port: u16,
     pub dst_port: u16,
+    pub tcp_flags: u8,
     pub ipv6: bool,
+}
+
+impl Parsed {
+    /// Whether losing this packet loses part of the stream: it carries
+    /// payload, or opens or closes the connection. (Ethernet padding
+    /// behind a short frame is not payload, hence the IP length.)
+    #[inline(always)]
+    pub fn matters_to_the_stream(&self) -> bool {
+        const SYN_FIN_RST: u8 = 0x07;
+        self.tcp_flags & SYN_FIN_RST != 0 || self.ip_end == 0 || self.ip_end > self.l4_end
+    }
 }
 
 /// First 14 bytes of a TCP header: ports, sequence numbers, data offset.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct TcpStart {
-    _src_port: [u8; 2],
+    src_port: [u8; 2],
     dst_port: [u8; 2],
     _seq: [u8; 4],
     _ack: [u8; 4],
     data_offset: u8,
-    _flags: u8,
+    flags: u8,
 }
 
 /// First 10 bytes of an IPv4 header, up to the protocol field.
@@ -67,7 +82,7 @@ struct TcpStart {
 struct Ipv4Start {
     version_ihl: u8,
     _tos: u8,
-    _total_len: [u8; 2],
+    total_len: [u8; 2],
     _id: [u8; 2],
     frag: [u8; 2],
     _ttl: u8,
@@ -94,9 +109,15 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Parsed, Counter> {
     }
 
     let l3_offset = offset;
-    let (l4_offset, ipv6) = match proto {
-        ETH_P_IPV4 => (ipv4_payload(pkt, l3_offset, len)?, false),
-        ETH_P_IPV6 => (ipv6_payload(pkt, l3_offset, len)?, true),
+    let (l4_offset, ip_len, ipv6) = match proto {
+        ETH_P_IPV4 => {
+            let (l4, total) = ipv4_payload(pkt, l3_offset, len)?;
+            (l4, total, false)
+        }
+        ETH_P_IPV6 => {
+            let (l4, payload) = ipv6_payload(pkt, l3_offset, len)?;
+            (l4, if payload == 0 { 0 } else { payload + IPV6_HLEN }, true)
+        }
         _ => return Err(Counter::NotTcp),
     };
 
@@ -112,14 +133,18 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Parsed, Counter> {
         l3_offset,
         l4_offset,
         l4_end,
+        ip_end: if ip_len == 0 { 0 } else { l3_offset + ip_len },
+        src_port: be16(tcp.src_port),
         dst_port: be16(tcp.dst_port),
+        tcp_flags: tcp.flags,
         ipv6,
     })
 }
 
-/// Offset of the TCP header inside the IPv4 packet at `offset`.
+/// Offset of the TCP header inside the IPv4 packet at `offset`, and the
+/// packet's total length.
 #[inline(always)]
-fn ipv4_payload<P: Packet>(pkt: &P, offset: usize, len: usize) -> Result<usize, Counter> {
+fn ipv4_payload<P: Packet>(pkt: &P, offset: usize, len: usize) -> Result<(usize, usize), Counter> {
     let ip = pkt.load::<Ipv4Start>(offset).ok_or(Counter::Unparseable)?;
     let ihl = usize::from(ip.version_ihl & 0x0F) * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || offset + ihl > len {
@@ -133,16 +158,20 @@ fn ipv4_payload<P: Packet>(pkt: &P, offset: usize, len: usize) -> Result<usize, 
     if be16(ip.frag) & IPV4_FRAG_MASK != 0 {
         return Err(Counter::Unsupported);
     }
-    Ok(offset + ihl)
+    Ok((offset + ihl, usize::from(be16(ip.total_len))))
 }
 
 /// Offset of the TCP header inside the IPv6 packet at `offset`, after any
 /// hop-by-hop, routing, destination-options, authentication and (atomic)
-/// fragment extension headers.
+/// fragment extension headers, and the packet's payload length.
 #[inline(always)]
-fn ipv6_payload<P: Packet>(pkt: &P, offset: usize, len: usize) -> Result<usize, Counter> {
-    // Version nibble, then next header at byte 6.
+fn ipv6_payload<P: Packet>(pkt: &P, offset: usize, len: usize) -> Result<(usize, usize), Counter> {
+    // Version nibble, payload length at byte 4, next header at byte 6.
     let first = pkt.load::<u8>(offset).ok_or(Counter::Unparseable)?;
+    let payload_len = usize::from(be16(
+        pkt.load::<[u8; 2]>(offset + 4)
+            .ok_or(Counter::Unparseable)?,
+    ));
     let mut next = pkt.load::<u8>(offset + 6).ok_or(Counter::Unparseable)?;
     if first >> 4 != 6 || offset + IPV6_HLEN > len {
         return Err(Counter::Unparseable);
@@ -150,7 +179,7 @@ fn ipv6_payload<P: Packet>(pkt: &P, offset: usize, len: usize) -> Result<usize, 
     let mut offset = offset + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let ext_len = match next {
-            IPPROTO_TCP => return Ok(offset),
+            IPPROTO_TCP => return Ok((offset, payload_len)),
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let units = pkt.load::<u8>(offset + 1).ok_or(Counter::Unparseable)?;
                 (usize::from(units) + 1) * 8
@@ -175,7 +204,7 @@ fn ipv6_payload<P: Packet>(pkt: &P, offset: usize, len: usize) -> Result<usize, 
         offset += ext_len;
     }
     match next {
-        IPPROTO_TCP => Ok(offset),
+        IPPROTO_TCP => Ok((offset, payload_len)),
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AUTH | IPV6_FRAGMENT => {
             Err(Counter::Unsupported)
         }

@@ -1,6 +1,6 @@
 //! Command line of the `mirror` binary.
 
-use std::num::NonZeroU16;
+use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mirror_common::MAX_SNAPLEN;
@@ -23,12 +23,15 @@ pub enum Command {
 
 const RUN_EXAMPLES: &str = "\
 Examples:
-  # Print every packet sent to a local service on port 8080:
+  # Print the connections to a local service on port 8080, with their bytes:
   mirror run --iface lo --port 8080 --print text
   # (then, in another terminal: curl http://127.0.0.1:8080/)
 
-  # JSON lines for two ports on eth0, first 256 bytes of each packet:
-  mirror run --iface eth0 --port 80 --port 443 --snaplen 256 --print json
+  # Keep each connection's request bytes in a file, as tcpflow does:
+  mirror run --iface eth0 --port 80 --dump-dir /tmp/flows
+
+  # One JSON line per packet, first 256 bytes of each:
+  mirror run --iface eth0 --port 80 --port 443 --snaplen 256 --print-packets json
 
 Needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN.
 Stop with Ctrl-C: the program is detached and the counters are printed.";
@@ -54,9 +57,24 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = MAX_SNAPLEN, value_parser = parse_snaplen)]
     pub snaplen: u32,
 
-    /// Write one line per mirrored packet to standard output.
+    /// Print stream events to standard output: each connection opening,
+    /// its bytes in order, and its end with a reason (fin, rst, idle, gap,
+    /// lagged, evicted, shutdown).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub print: Option<PrintFormat>,
+
+    /// Print one line per mirrored packet (before reassembly) instead.
+    #[arg(long, value_enum, value_name = "FORMAT", conflicts_with = "print")]
+    pub print_packets: Option<PrintFormat>,
+
+    /// Write each connection's client-to-server bytes to a file of its own
+    /// in DIR, named as tcpflow names them; `NAME.meta` says how the
+    /// connection ended (anything but "fin" means the file is a prefix).
+    #[arg(long, value_name = "DIR")]
+    pub dump_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub streams: StreamArgs,
 
     /// Size of each CPU's ring buffer in bytes (a power of two, at least
     /// one page; suffixes K, M, G). Default: 128 MiB shared by the online
@@ -68,6 +86,54 @@ pub struct RunArgs {
     /// (for testing the cleanup of filters left behind by a killed mirror).
     #[arg(long, hide = true)]
     pub tc_netlink: bool,
+}
+
+/// Limits of connection tracking, reassembly and fan-out.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Streams")]
+pub struct StreamArgs {
+    /// Flow shards (tasks that track connections); default: online CPUs.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+
+    /// Batches of segments each shard's queue holds; a full queue drops
+    /// the batch and its connections end as "gap".
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub shard_queue: usize,
+
+    /// Connections tracked at once; at the limit the oldest idle one is
+    /// closed as "evicted".
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub max_connections: usize,
+
+    /// Bytes held in reorder buffers, all connections together; over it
+    /// the oldest idle connections are closed as "evicted".
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
+    pub max_buffered_bytes: u64,
+
+    /// A connection without packets for this long is closed as "idle".
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Bytes one connection may hold behind a hole before it is closed as
+    /// "gap".
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
+    pub reorder_bytes: u64,
+
+    /// How long a hole may stay open before its connection is closed as
+    /// "gap" (a TCP retransmission fills a real one within an RTO).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub reorder_timeout: Duration,
+
+    /// Batches of events each port's channel holds before a slow consumer
+    /// lags (its connections end as "lagged").
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub channel_capacity: usize,
+
+    /// Bytes each port's channel may hold (memory used only while a
+    /// consumer is behind); lowers the capacity if needed.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
+    pub channel_bytes: u64,
 }
 
 /// Where the program is attached.
@@ -118,27 +184,45 @@ const MIN_RING_SIZE: u64 = 4096;
 const MAX_RING_SIZE: u64 = 1 << 30;
 
 fn parse_ring_size(text: &str) -> Result<u32, String> {
-    let trimmed = text.trim();
-    let (digits, unit) = match trimmed.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => trimmed.split_at(i),
-        None => (trimmed, ""),
-    };
-    let multiplier: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        _ => 0,
-    };
-    let bytes = digits.parse::<u64>().ok().map(|n| n * multiplier);
-    match bytes {
-        Some(n) if n.is_power_of_two() && (MIN_RING_SIZE..=MAX_RING_SIZE).contains(&n) => {
+    match parse_size(text) {
+        Ok(n) if n.is_power_of_two() && (MIN_RING_SIZE..=MAX_RING_SIZE).contains(&n) => {
             Ok(n as u32)
         }
         _ => Err(format!(
             "'{text}' is not a ring size: use a power of two from 4K to 1G, such as 8M"
         )),
     }
+}
+
+/// Parses a byte count with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => trimmed.split_at(i),
+        None => (trimmed, ""),
+    };
+    let multiplier: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => 0,
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            format!("'{text}' is not a size: use a number of bytes, such as 512K or 64M")
+        })
+}
+
+/// Parses a duration such as `500ms`, `2s` or `5m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        format!("'{text}' is not a duration: use a number with a unit, such as 500ms, 2s or 5m")
+    })
 }
 
 #[cfg(test)]
@@ -160,7 +244,13 @@ mod tests {
         assert_eq!(args.attach, AttachMode::Auto);
         assert_eq!(args.snaplen, MAX_SNAPLEN);
         assert_eq!(args.print, None);
+        assert_eq!(args.print_packets, None);
+        assert_eq!(args.dump_dir, None);
         assert_eq!(args.ring_size, None);
+        assert_eq!(args.streams.shards, None);
+        assert_eq!(args.streams.idle_timeout, Duration::from_secs(120));
+        assert_eq!(args.streams.reorder_timeout, Duration::from_secs(1));
+        assert_eq!(args.streams.max_buffered_bytes, 256 << 20);
         assert!(!args.tc_netlink);
     }
 
@@ -236,6 +326,71 @@ mod tests {
             let result = run_args(&["-i", "lo", "-p", "1", "--snaplen", bad]);
             assert!(result.is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn stream_options() {
+        let args = run_args(&[
+            "-i",
+            "lo",
+            "-p",
+            "1",
+            "--dump-dir",
+            "/tmp/x",
+            "--shards",
+            "3",
+            "--shard-queue",
+            "1",
+            "--max-connections",
+            "10",
+            "--max-buffered-bytes",
+            "1M",
+            "--idle-timeout",
+            "500ms",
+            "--reorder-bytes",
+            "64K",
+            "--reorder-timeout",
+            "2s",
+            "--channel-capacity",
+            "8",
+            "--channel-bytes",
+            "1G",
+        ])
+        .unwrap();
+        assert_eq!(args.dump_dir, Some(PathBuf::from("/tmp/x")));
+        let s = &args.streams;
+        assert_eq!(s.shards, Some(3));
+        assert_eq!(s.shard_queue, 1);
+        assert_eq!(s.max_connections, 10);
+        assert_eq!(s.max_buffered_bytes, 1 << 20);
+        assert_eq!(s.idle_timeout, Duration::from_millis(500));
+        assert_eq!(s.reorder_bytes, 64 << 10);
+        assert_eq!(s.reorder_timeout, Duration::from_secs(2));
+        assert_eq!(s.channel_capacity, 8);
+        assert_eq!(s.channel_bytes, 1 << 30);
+        assert!(run_args(&["-i", "lo", "-p", "1", "--idle-timeout", "soon"]).is_err());
+        assert!(
+            run_args(&[
+                "-i",
+                "lo",
+                "-p",
+                "1",
+                "--print",
+                "text",
+                "--print-packets",
+                "json"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("99999999999G").is_err(), "overflow");
     }
 
     #[test]

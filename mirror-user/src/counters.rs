@@ -8,6 +8,12 @@ use std::{
 use aya::maps::{MapData, MapError, PerCpuArray};
 use mirror_common::{COUNTER_COUNT, Counter};
 
+use crate::{
+    conntrack::TableStats,
+    hub::{ConsumerStats, PortTotals},
+    stream::CloseReason,
+};
+
 /// The kernel programs' outcome counters, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCounters([u64; COUNTER_COUNT as usize]);
@@ -69,11 +75,49 @@ pub struct DrainSnapshot {
     pub undecodable: u64,
 }
 
+/// Counters of the stream stages (shards, connection tables, hub).
+#[derive(Debug, Clone, Default)]
+pub struct StreamSummary {
+    /// Segments handed to shards.
+    pub segments: u64,
+    /// Segments dropped at a full shard queue.
+    pub queue_drops: u64,
+    /// Records that did not decode as TCP segments.
+    pub undecodable: u64,
+    /// Flows the kernel reported as having lost packets to a full ring.
+    pub ring_lost_flows: u64,
+    pub table: TableStats,
+    pub ports: Vec<PortTotals>,
+    pub consumers: Vec<ConsumerSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSnapshot {
+    pub name: String,
+    pub events: u64,
+    pub bytes: u64,
+    pub lags: u64,
+    pub lagged_connections: u64,
+}
+
+impl ConsumerSnapshot {
+    pub fn of(stats: &ConsumerStats) -> Self {
+        Self {
+            name: stats.name.clone(),
+            events: stats.events.load(Ordering::Relaxed),
+            bytes: stats.bytes.load(Ordering::Relaxed),
+            lags: stats.lags.load(Ordering::Relaxed),
+            lagged_connections: stats.lagged_connections.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Everything printed at exit.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Summary {
     pub kernel: KernelCounters,
     pub drain: DrainSnapshot,
+    pub streams: StreamSummary,
 }
 
 impl Summary {
@@ -82,6 +126,27 @@ impl Summary {
         for (name, value) in self.kernel.iter() {
             kernel.insert(name.to_owned(), value.into());
         }
+        let s = &self.streams;
+        let mut closed = serde_json::Map::new();
+        for reason in CloseReason::ALL {
+            closed.insert(reason.as_str().to_owned(), s.table.closed(reason).into());
+        }
+        let ports: Vec<_> = s
+            .ports
+            .iter()
+            .map(|t| {
+                serde_json::json!({"port": t.port, "connections": t.connections,
+                                   "bytes": t.bytes, "batches": t.batches})
+            })
+            .collect();
+        let consumers: Vec<_> = s
+            .consumers
+            .iter()
+            .map(|c| {
+                serde_json::json!({"name": c.name, "events": c.events, "bytes": c.bytes,
+                                   "lags": c.lags, "lagged_connections": c.lagged_connections})
+            })
+            .collect();
         serde_json::json!({
             "kind": "counters",
             "kernel": kernel,
@@ -90,6 +155,22 @@ impl Summary {
                 "bytes": self.drain.bytes,
                 "undecodable": self.drain.undecodable,
             },
+            "shards": {
+                "segments": s.segments,
+                "queue_drops": s.queue_drops,
+                "undecodable": s.undecodable,
+                "ring_lost_flows": s.ring_lost_flows,
+            },
+            "connections": {
+                "opened": s.table.opened,
+                "midstream": s.table.opened_midstream,
+                "untracked_segments": s.table.untracked,
+                "delivered_bytes": s.table.delivered_bytes,
+                "missing_bytes": s.table.missing_bytes,
+                "closed": closed,
+            },
+            "ports": ports,
+            "consumers": consumers,
         })
     }
 }
@@ -100,11 +181,45 @@ impl fmt::Display for Summary {
         for (name, value) in self.kernel.iter() {
             write!(f, " {name}={value}")?;
         }
-        write!(
+        writeln!(
             f,
             "\ndrain: records={} bytes={} undecodable={}",
             self.drain.records, self.drain.bytes, self.drain.undecodable
-        )
+        )?;
+        let s = &self.streams;
+        writeln!(
+            f,
+            "shards: segments={} queue_drops={} undecodable={} ring_lost_flows={}",
+            s.segments, s.queue_drops, s.undecodable, s.ring_lost_flows
+        )?;
+        write!(
+            f,
+            "connections: opened={} midstream={} untracked_segments={} delivered_bytes={} missing_bytes={}",
+            s.table.opened,
+            s.table.opened_midstream,
+            s.table.untracked,
+            s.table.delivered_bytes,
+            s.table.missing_bytes
+        )?;
+        write!(f, "\nclosed:")?;
+        for reason in CloseReason::ALL {
+            write!(f, " {reason}={}", s.table.closed(reason))?;
+        }
+        for t in &s.ports {
+            write!(
+                f,
+                "\nport {}: connections={} bytes={} batches={}",
+                t.port, t.connections, t.bytes, t.batches
+            )?;
+        }
+        for c in &s.consumers {
+            write!(
+                f,
+                "\nconsumer {}: events={} bytes={} lags={} lagged_connections={}",
+                c.name, c.events, c.bytes, c.lags, c.lagged_connections
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -129,12 +244,32 @@ mod tests {
     fn summary_json_names_every_counter() {
         let mut kernel = KernelCounters::default();
         kernel.0[Counter::RingFull as usize] = 4;
+        let mut table = TableStats::default();
+        table.closed[CloseReason::Gap as usize] = 2;
         let summary = Summary {
             kernel,
             drain: DrainSnapshot {
                 records: 1,
                 bytes: 2,
                 undecodable: 0,
+            },
+            streams: StreamSummary {
+                queue_drops: 3,
+                table,
+                ports: vec![PortTotals {
+                    port: 80,
+                    connections: 5,
+                    bytes: 100,
+                    batches: 2,
+                }],
+                consumers: vec![ConsumerSnapshot {
+                    name: "dump".to_owned(),
+                    events: 1,
+                    bytes: 2,
+                    lags: 1,
+                    lagged_connections: 4,
+                }],
+                ..StreamSummary::default()
             },
         };
         let json = summary.to_json();
@@ -146,8 +281,27 @@ mod tests {
                 counter.name()
             );
         }
+        for reason in CloseReason::ALL {
+            assert!(
+                json["connections"]["closed"][reason.as_str()].is_u64(),
+                "{reason}"
+            );
+        }
         assert_eq!(json["kernel"]["ring_full"], 4);
         assert_eq!(json["drain"]["bytes"], 2);
-        assert!(summary.to_string().contains("ring_full=4"));
+        assert_eq!(json["shards"]["queue_drops"], 3);
+        assert_eq!(json["connections"]["closed"]["gap"], 2);
+        assert_eq!(json["ports"][0]["connections"], 5);
+        assert_eq!(json["consumers"][0]["lagged_connections"], 4);
+        let text = summary.to_string();
+        for expected in [
+            "ring_full=4",
+            "queue_drops=3",
+            "gap=2",
+            "port 80: connections=5",
+            "consumer dump:",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
     }
 }

@@ -1,12 +1,19 @@
 //! Library of the `mirror` binary: loading and attaching the kernel
-//! programs, draining their rings, decoding and printing records.
+//! programs, draining their rings, tracking and reassembling TCP
+//! connections, and fanning the streams out to consumers.
 
 pub mod attach;
 pub mod cli;
 pub mod clock;
+pub mod conntrack;
 pub mod counters;
 pub mod drain;
+pub mod hub;
 pub mod loader;
-pub mod print;
 pub mod privileges;
+pub mod reassembly;
 pub mod record;
+pub mod segment;
+pub mod shards;
+pub mod sinks;
+pub mod stream;

@@ -1,7 +1,10 @@
 //! Loading the kernel programs and owning their maps: the port map, the
 //! per-CPU rings and the counters.
 
-use std::io;
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -10,11 +13,11 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use mirror_common::{
-    GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, MAP_COUNTERS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC,
-    PROG_XDP,
+    GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow, MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS,
+    MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
 };
 
-use crate::counters::KernelCounters;
+use crate::{counters::KernelCounters, segment::FlowKey};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so that one
 /// file is deployed.
@@ -66,6 +69,13 @@ pub enum LoadError {
     PermissionDenied,
     #[error("the kernel refused to load the mirror's BPF maps: {0}")]
     Ebpf(#[source] Box<EbpfError>),
+    #[error(
+        "the kernel's verifier rejected the {name} program (a bug in this build of mirror, or a kernel it does not support); the end of its log:\n{log_tail}"
+    )]
+    Verifier {
+        name: &'static str,
+        log_tail: String,
+    },
     #[error("the kernel refused to load the {name} program: {source}")]
     Program {
         name: &'static str,
@@ -100,6 +110,7 @@ pub struct Mirror {
     ports: Array<MapData, u8>,
     counters: PerCpuArray<MapData, u64>,
     rings: Vec<CpuRing>,
+    lost_flows: Option<LostFlows>,
     kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -134,6 +145,9 @@ impl Mirror {
 
         let ports = take_map(&mut ebpf, MAP_PORTS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let lost_flows = Some(LostFlows {
+            map: take_map(&mut ebpf, MAP_LOST_FLOWS)?,
+        });
         let rings = {
             let mut ring_array: ArrayOfMaps<&mut MapData, MapData> = ebpf
                 .map_mut(MAP_RINGS)
@@ -151,6 +165,7 @@ impl Mirror {
             ports,
             counters,
             rings,
+            lost_flows,
             kernel_log,
         })
     }
@@ -213,6 +228,12 @@ impl Mirror {
         std::mem::take(&mut self.rings)
     }
 
+    /// Hands the map of flows that lost packets to a full ring to its
+    /// reader (once).
+    pub fn take_lost_flows(&mut self) -> Option<LostFlows> {
+        self.lost_flows.take()
+    }
+
     /// Hands the kernel log ring to its drain task (once).
     pub fn take_kernel_log(&mut self) -> Option<EbpfLogger<&'static dyn log::Log>> {
         self.kernel_log.take()
@@ -250,6 +271,39 @@ fn ring_size_for_cpus(cpus: u64) -> u32 {
 /// few milliseconds, which bounds the delay of a trickle below the mark.
 fn wakeup_bytes(ring_size: u32) -> u64 {
     (u64::from(ring_size) / 8).min(1 << 20)
+}
+
+/// Flows whose packets a full ring could not take.
+pub struct LostFlows {
+    map: aya::maps::HashMap<MapData, LostFlow, u64>,
+}
+
+impl LostFlows {
+    /// Takes every flow out of the map.
+    pub fn take(&mut self) -> Vec<FlowKey> {
+        let keys: Vec<LostFlow> = self.map.keys().filter_map(Result::ok).collect();
+        keys.iter()
+            .filter_map(|key| {
+                // Gone already (LRU) is as good as taken.
+                let _ = self.map.remove(key);
+                flow_key(key)
+            })
+            .collect()
+    }
+}
+
+fn flow_key(lost: &LostFlow) -> Option<FlowKey> {
+    let ip = |bytes: [u8; 16]| -> Option<IpAddr> {
+        match lost.ip_version {
+            4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
+            6 => Some(IpAddr::from(bytes)),
+            _ => None,
+        }
+    };
+    Some(FlowKey {
+        src: SocketAddr::new(ip(lost.src_addr)?, lost.src_port),
+        dst: SocketAddr::new(ip(lost.dst_addr)?, lost.dst_port),
+    })
 }
 
 /// Loading common to both program types (aya has no trait for it).
@@ -332,8 +386,10 @@ fn check_kernel_features() -> Result<(), LoadError> {
     Ok(())
 }
 
+/// EPERM is the kernel's "not privileged"; EACCES from a program load is
+/// the verifier rejecting the program, a different error altogether.
 fn is_permission_denied(error: &io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+    error.raw_os_error() == Some(libc::EPERM)
 }
 
 fn classify_ebpf_error(error: EbpfError) -> LoadError {
@@ -354,10 +410,23 @@ fn classify_ebpf_error(error: EbpfError) -> LoadError {
 }
 
 fn classify_program_error(name: &'static str, error: ProgramError) -> LoadError {
-    if let ProgramError::LoadError { io_error, .. } = &error
-        && is_permission_denied(io_error)
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = &error
     {
-        return LoadError::PermissionDenied;
+        if is_permission_denied(io_error) {
+            return LoadError::PermissionDenied;
+        }
+        if io_error.raw_os_error() == Some(libc::EACCES) {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            return LoadError::Verifier {
+                name,
+                log_tail: tail,
+            };
+        }
     }
     LoadError::Program {
         name,
@@ -379,6 +448,25 @@ mod tests {
         for cpus in 1..300 {
             assert!(ring_size_for_cpus(cpus).is_power_of_two(), "{cpus}");
         }
+    }
+
+    #[test]
+    fn lost_flow_keys_become_socket_addresses() {
+        let mut lost = LostFlow {
+            src_port: 40000,
+            dst_port: 80,
+            ip_version: 4,
+            ..LostFlow::default()
+        };
+        lost.src_addr[..4].copy_from_slice(&[198, 18, 0, 1]);
+        lost.dst_addr[..4].copy_from_slice(&[198, 18, 0, 2]);
+        let flow = flow_key(&lost).unwrap();
+        assert_eq!(flow.src, "198.18.0.1:40000".parse().unwrap());
+        assert_eq!(flow.dst, "198.18.0.2:80".parse().unwrap());
+        lost.ip_version = 6;
+        assert!(flow_key(&lost).unwrap().src.is_ipv6());
+        lost.ip_version = 5;
+        assert_eq!(flow_key(&lost), None);
     }
 
     #[test]

@@ -1,18 +1,31 @@
-//! `mirror run`: load, attach, drain, and on SIGINT/SIGTERM detach and
-//! print the counters.
+//! `mirror run`: load, attach, drain the rings into flow shards, fan the
+//! streams out to the consumers; on SIGINT/SIGTERM detach, finish every
+//! stage in order and print the counters.
 
-use std::{io, sync::Arc};
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use mirror_user::{
     attach::{self, AUTO_REASON},
-    cli::{AttachMode, PrintFormat, RunArgs},
+    cli::{AttachMode, PrintFormat, RunArgs, StreamArgs},
     clock::WallClock,
-    counters::{DrainCounters, Summary},
-    drain::{Discard, drain_ring, register_readable},
+    conntrack::TableLimits,
+    counters::{ConsumerSnapshot, DrainCounters, StreamSummary, Summary},
+    drain::{RecordSink, drain_ring, register_readable},
+    hub::{Hub, HubConfig},
     loader::{self, LoadOptions, Mirror},
-    print::PacketPrinter,
     privileges,
+    reassembly::ReorderLimits,
+    record::Record,
+    shards::{SegmentRouter, ShardConfig, Shards},
+    sinks::{dump::dump_events, events::print_events, packets::PacketPrinter},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -20,6 +33,11 @@ use tokio::{
     task::{JoinError, JoinSet},
 };
 use tracing_subscriber::filter::LevelFilter;
+
+/// Batch size of the hub: one channel slot per this many payload bytes.
+const BATCH_BYTES: usize = 256 << 10;
+/// How often the flows that lost packets to a full ring are collected.
+const LOST_FLOWS_POLL: Duration = Duration::from_millis(10);
 
 pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     privileges::check()?;
@@ -31,20 +49,36 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         ring_size: args.ring_size.unwrap_or_else(loader::default_ring_size),
         kernel_log_level: aya_log_level(log_level),
     })?;
-    // Ports first: the program mirrors from the first packet it sees.
-    for port in &args.ports {
+    let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
+
+    // Consumers subscribe before any packet flows, so they see every
+    // connection from its start.
+    let hub = Arc::new(Hub::new(&ports, hub_config(&args.streams)));
+    let mut consumers = JoinSet::new();
+    if let Some(format) = args.print {
+        let subscription = hub.subscribe(&ports, "print");
+        consumers.spawn(print_events(subscription, format));
+    }
+    if let Some(dir) = &args.dump_dir {
+        let subscription = hub.subscribe(&ports, "dump-dir");
+        consumers.spawn(dump_events(subscription, dir.clone()));
+    }
+    let shards = Shards::start(shard_config(&args.streams), &hub);
+
+    // Ports next: the program mirrors from the first packet it sees.
+    for port in &ports {
         mirror
-            .set_port(port.get(), true)
+            .set_port(*port, true)
             .with_context(|| format!("cannot subscribe port {port}"))?;
     }
     let attachment = attach::attach(&mut mirror, &args.iface, args.attach, args.tc_netlink)?;
-    let ports: Vec<String> = args.ports.iter().map(ToString::to_string).collect();
     if args.attach == AttachMode::Auto {
         tracing::info!("attach auto: {} ({AUTO_REASON})", attachment.point);
     }
+    let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
     tracing::info!(
         "mirroring TCP to port {} on {} at {}; stop with Ctrl-C",
-        ports.join(", "),
+        port_list.join(", "),
         args.iface,
         attachment.point
     );
@@ -54,18 +88,41 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     let clock = WallClock::new();
     let mut drains = JoinSet::new();
     for ring in mirror.take_rings() {
-        let counters = Arc::clone(&drain_counters);
-        let stop = stop_rx.clone();
-        match args.print {
-            Some(format) => {
-                let printer = PacketPrinter::new(format, &args.iface, clock);
-                drains.spawn(drain_ring(ring, printer, counters, stop));
-            }
-            None => {
-                drains.spawn(drain_ring(ring, Discard, counters, stop));
-            }
-        }
+        let sink = RunSink {
+            router: shards.router(),
+            packets: args
+                .print_packets
+                .map(|format| PacketPrinter::new(format, &args.iface, clock)),
+        };
+        drains.spawn(drain_ring(
+            ring,
+            sink,
+            Arc::clone(&drain_counters),
+            stop_rx.clone(),
+        ));
     }
+    let lost_flows = mirror.take_lost_flows();
+    let ring_lost_flows = Arc::new(AtomicU64::new(0));
+    let lost_task = lost_flows.map(|mut lost| {
+        let shards_lost = shards.lost_reporter();
+        let counter = Arc::clone(&ring_lost_flows);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut poll = tokio::time::interval(LOST_FLOWS_POLL);
+            loop {
+                let stopping = tokio::select! {
+                    _ = poll.tick() => false,
+                    _ = stop.changed() => true,
+                };
+                let flows = lost.take();
+                counter.fetch_add(flows.len() as u64, Ordering::Relaxed);
+                shards_lost.report(flows);
+                if stopping {
+                    break;
+                }
+            }
+        })
+    });
     if let Some(logger) = mirror.take_kernel_log() {
         tokio::spawn(async move {
             let Ok(mut fd) = register_readable(logger) else {
@@ -84,25 +141,54 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         _ = sigint.recv() => None,
         _ = sigterm.recv() => None,
         ended = drains.join_next() => ended,
+        // join_next on an empty set is ready at once.
+        ended = consumers.join_next(), if !consumers.is_empty() => ended,
     };
 
-    // Detach first, so that the final drain below reads every record the
-    // program wrote and the counters match what was printed.
+    // Detach first, so that the final drain reads every record the program
+    // wrote and the counters match what was delivered. Then each stage ends
+    // after the one that feeds it: rings, lost flows, shards (which close
+    // the remaining connections as "shutdown"), consumers.
     let detached = attach::detach(&mut mirror, attachment);
     let _ = stop_tx.send(true);
-    let mut failure = early_end.and_then(drain_failure);
+    let mut failure = early_end.and_then(task_failure);
     while let Some(ended) = drains.join_next().await {
-        failure = failure.or(drain_failure(ended));
+        failure = failure.or(task_failure(ended));
     }
-    detached?;
-
+    if let Some(task) = lost_task {
+        let _ = task.await;
+    }
+    let shard_counters = shards.counters();
+    let table = shards.finish().await;
+    let (segments, queue_drops, undecodable) = shard_counters.snapshot();
     let summary = Summary {
         kernel: mirror
             .counters()
             .context("cannot read the kernel counters")?,
         drain: drain_counters.snapshot(),
+        streams: StreamSummary {
+            segments,
+            queue_drops,
+            undecodable,
+            ring_lost_flows: ring_lost_flows.load(Ordering::Relaxed),
+            table,
+            ports: hub.port_totals(),
+            consumers: hub
+                .consumers()
+                .iter()
+                .map(|c| ConsumerSnapshot::of(c))
+                .collect(),
+        },
     };
-    if args.print == Some(PrintFormat::Json) {
+    // The shards are gone; without the hub's senders the consumers see
+    // their channels end once they have read everything.
+    drop(hub);
+    while let Some(ended) = consumers.join_next().await {
+        failure = failure.or(task_failure(ended));
+    }
+    detached?;
+
+    if args.print == Some(PrintFormat::Json) || args.print_packets == Some(PrintFormat::Json) {
         println!("{}", summary.to_json());
     } else {
         eprintln!("{summary}");
@@ -110,14 +196,66 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     failure.map_or(Ok(()), Err)
 }
 
-fn drain_failure(ended: Result<io::Result<()>, JoinError>) -> Option<anyhow::Error> {
+/// What each drain task feeds: the shards, and the packet printer.
+struct RunSink {
+    router: SegmentRouter,
+    packets: Option<PacketPrinter>,
+}
+
+impl RecordSink for RunSink {
+    fn record(&mut self, record: &Record<'_>) {
+        if let Some(packets) = &mut self.packets {
+            packets.record(record);
+        }
+        self.router.record(record);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.router.flush()?;
+        match &mut self.packets {
+            Some(packets) => packets.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn shard_config(args: &StreamArgs) -> ShardConfig {
+    let shards = args
+        .shards
+        .unwrap_or_else(|| aya::util::online_cpus().map_or(1, |cpus| cpus.len()))
+        .max(1);
+    ShardConfig {
+        shards,
+        queue_batches: args.shard_queue,
+        // The table limits are for the whole mirror: each shard gets its share.
+        table: TableLimits {
+            max_connections: args.max_connections.div_ceil(shards),
+            max_buffered_bytes: (args.max_buffered_bytes as usize).div_ceil(shards),
+            idle_timeout_ns: args.idle_timeout.as_nanos() as u64,
+            reorder: ReorderLimits {
+                max_bytes: args.reorder_bytes as usize,
+                max_wait_ns: args.reorder_timeout.as_nanos() as u64,
+            },
+        },
+    }
+}
+
+fn hub_config(args: &StreamArgs) -> HubConfig {
+    HubConfig {
+        capacity: args.channel_capacity,
+        max_bytes: args.channel_bytes as usize,
+        batch_bytes: BATCH_BYTES,
+    }
+}
+
+fn task_failure(ended: Result<io::Result<()>, JoinError>) -> Option<anyhow::Error> {
     match ended {
         Ok(Ok(())) => None,
         // Whoever read our standard output went away (`mirror ... | head`):
         // an ordinary way to stop, as for tcpdump.
         Ok(Err(error)) if error.kind() == io::ErrorKind::BrokenPipe => None,
-        Ok(Err(error)) => Some(anyhow::Error::new(error).context("a ring drain failed")),
-        Err(panic) => Some(anyhow::anyhow!("a ring drain task died: {panic}")),
+        Ok(Err(error)) => Some(anyhow::Error::new(error).context("a mirror task failed")),
+        Err(panic) => Some(anyhow::anyhow!("a mirror task died: {panic}")),
     }
 }
 

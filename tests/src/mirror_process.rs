@@ -4,7 +4,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio},
     sync::mpsc,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -51,10 +51,11 @@ fn command(ns: Option<&str>) -> Command {
 const READY: &str = "mirroring TCP to port";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A running `mirror run ... --print json`.
+/// A running `mirror run`.
 pub struct MirrorProcess {
     child: Child,
     stdout: Option<JoinHandle<Vec<String>>>,
+    stdout_pipe: Option<ChildStdout>,
     stderr: Option<JoinHandle<Vec<String>>>,
 }
 
@@ -62,8 +63,10 @@ pub struct MirrorProcess {
 #[derive(Debug)]
 pub struct MirrorOutput {
     pub status: ExitStatus,
-    /// `"kind": "packet"` lines (with `--print json`).
+    /// `"kind": "packet"` lines (with `--print-packets json`).
     pub packets: Vec<Value>,
+    /// Stream event lines (with `--print json`).
+    pub events: Vec<Value>,
     /// The exit counters, `"kernel.<name>"` and `"drain.<name>"`, from the
     /// JSON counters line or from the text summary on stderr.
     pub counters: BTreeMap<String, u64>,
@@ -87,16 +90,24 @@ impl MirrorOutput {
     }
 }
 
-/// `kernel: seen=1 ...` and `drain: records=1 ...` lines of the text summary.
+/// The `stage: name=value ...` lines of the text summary, with the same
+/// names as [`json_counters`] (`port 80:` becomes `ports.80`).
 fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
     let mut counters = BTreeMap::new();
     for line in stderr {
         let Some((stage, rest)) = line.split_once(": ") else {
             continue;
         };
-        if stage != "kernel" && stage != "drain" {
-            continue;
-        }
+        let stage = match stage.split_once(' ') {
+            Some(("port", port)) => format!("ports.{port}"),
+            Some(("consumer", name)) => format!("consumers.{name}"),
+            Some(_) => continue,
+            None if ["kernel", "drain", "shards", "connections"].contains(&stage) => {
+                stage.to_owned()
+            }
+            None if stage == "closed" => "connections.closed".to_owned(),
+            None => continue,
+        };
         for pair in rest.split_whitespace() {
             if let Some((name, value)) = pair.split_once('=')
                 && let Ok(value) = value.parse()
@@ -108,30 +119,71 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
     counters
 }
 
+/// Flattens the counters object: `kernel.ring_full`,
+/// `connections.closed.gap`, `consumers.print.lags`, `ports.5201.bytes`.
 fn json_counters(line: &Value) -> BTreeMap<String, u64> {
-    let mut counters = BTreeMap::new();
-    for stage in ["kernel", "drain"] {
-        if let Some(values) = line[stage].as_object() {
-            for (name, value) in values {
-                if let Some(value) = value.as_u64() {
-                    counters.insert(format!("{stage}.{name}"), value);
+    fn walk(prefix: &str, value: &Value, out: &mut BTreeMap<String, u64>) {
+        match value {
+            Value::Number(n) => {
+                if let Some(n) = n.as_u64() {
+                    out.insert(prefix.to_owned(), n);
                 }
             }
+            Value::Object(map) => {
+                for (key, value) in map {
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&name, value, out);
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    // Ports and consumers are keyed by their port or name.
+                    let key = item["port"]
+                        .as_u64()
+                        .map(|p| p.to_string())
+                        .or_else(|| item["name"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    walk(&format!("{prefix}.{key}"), item, out);
+                }
+            }
+            _ => {}
         }
     }
+    let mut counters = BTreeMap::new();
+    walk("", line, &mut counters);
     counters
 }
 
+/// How the test reads what the mirror prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdout {
+    /// Read as it comes.
+    Read,
+    /// Left unread (a stalled reader) until [`MirrorProcess::interrupt`].
+    Stalled,
+}
+
 impl MirrorProcess {
-    /// Starts `mirror run ARGS --print json` in `ns` and waits until it is
-    /// attached; panics with its stderr if it exits or stalls first.
+    /// Starts `mirror run ARGS --print-packets json` in `ns` and waits until
+    /// it is attached; panics with its stderr if it exits or stalls first.
     pub fn start(ns: &str, args: &[&str]) -> Self {
-        Self::spawn(ns, args, true)
+        let mut all = args.to_vec();
+        all.extend(["--print-packets", "json"]);
+        Self::spawn(ns, &all, Stdout::Read)
     }
 
-    /// Like [`Self::start`], without printing packets.
+    /// Starts `mirror run ARGS` as given.
+    pub fn start_with(ns: &str, args: &[&str], stdout: Stdout) -> Self {
+        Self::spawn(ns, args, stdout)
+    }
+
+    /// Like [`Self::start`], printing nothing per packet.
     pub fn start_quiet(ns: &str, args: &[&str]) -> Self {
-        Self::spawn(ns, args, false)
+        Self::spawn(ns, args, Stdout::Read)
     }
 
     /// Process id (`ip netns exec` execs, so this is mirror itself).
@@ -139,12 +191,10 @@ impl MirrorProcess {
         self.child.id()
     }
 
-    fn spawn(ns: &str, args: &[&str], print: bool) -> Self {
-        let print_args: &[&str] = if print { &["--print", "json"] } else { &[] };
+    fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {
         let mut child = command(Some(ns))
             .arg("run")
             .args(args)
-            .args(print_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -164,17 +214,15 @@ impl MirrorProcess {
             }
             lines
         });
-        let stdout = thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
-        });
         let mut process = Self {
             child,
-            stdout: Some(stdout),
+            stdout: None,
+            stdout_pipe: Some(stdout),
             stderr: Some(stderr),
         };
+        if stdout_mode == Stdout::Read {
+            process.read_stdout();
+        }
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if ready_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
@@ -194,8 +242,22 @@ impl MirrorProcess {
         }
     }
 
-    /// SIGINT, then the output once it exited.
+    /// Starts reading standard output (once).
+    fn read_stdout(&mut self) {
+        if let Some(pipe) = self.stdout_pipe.take() {
+            self.stdout = Some(thread::spawn(move || {
+                BufReader::new(pipe)
+                    .lines()
+                    .map_while(Result::ok)
+                    .collect::<Vec<_>>()
+            }));
+        }
+    }
+
+    /// SIGINT, then the output once it exited (a stalled standard output is
+    /// read from here on).
     pub fn interrupt(mut self) -> MirrorOutput {
+        self.read_stdout();
         self.signal(libc::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
@@ -221,19 +283,22 @@ impl MirrorProcess {
             .join()
             .expect("stderr reader");
         let mut packets = Vec::new();
+        let mut events = Vec::new();
         let mut counters = text_counters(&stderr);
         for line in &stdout {
             let value: Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("mirror printed a line that is not JSON ({e}): {line}"));
-            match value["kind"].as_str() {
-                Some("packet") => packets.push(value),
-                Some("counters") => counters = json_counters(&value),
+            match (value["kind"].as_str(), value["event"].as_str()) {
+                (Some("packet"), _) => packets.push(value),
+                (Some("counters"), _) => counters = json_counters(&value),
+                (None, Some(_)) => events.push(value),
                 _ => panic!("unexpected line: {line}"),
             }
         }
         MirrorOutput {
             status,
             packets,
+            events,
             counters,
             stderr: stderr.join("\n"),
         }

@@ -4,7 +4,7 @@
 use std::{
     fs,
     os::fd::AsRawFd as _,
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
 };
@@ -114,6 +114,62 @@ pub fn ip(args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A child process that is killed when dropped, so that a failing test
+/// leaves no server running in a deleted namespace.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Waits for the process to exit by itself, at most `timeout`; panics
+    /// if it fails or takes longer.
+    pub fn wait_success(mut self, what: &str, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                assert!(status.success(), "{what} failed: {status}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not finish within {timeout:?}"
+            );
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Spawns `command`, killed on drop.
+pub fn spawn(command: &mut Command) -> KillOnDrop {
+    KillOnDrop(
+        command
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", command.get_program())),
+    )
+}
+
+/// Waits until something in `ns` listens on TCP `port` (at most 10 s).
+pub fn wait_listening(ns: &str, port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let filter = format!("sport = :{port}");
+    while std::time::Instant::now() < deadline {
+        let out = run_in(ns, "ss", &["-Hltn", &filter]);
+        if !out.stdout.is_empty() {
+            return;
+        }
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("nothing listens on port {port} in {ns} after 10 s");
 }
 
 /// A command that runs inside namespace `ns`.

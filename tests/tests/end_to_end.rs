@@ -1,20 +1,17 @@
 //! End to end: real servers and clients in network namespaces, default
 //! offloads on, the real `mirror` binary attached to the server side.
 
-use std::{
-    fs,
-    io::Read as _,
-    path::Path,
-    process::{Child, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+use std::{fs, io::Read as _, path::Path, process::Stdio, time::Duration};
 
 use mirror_tests::{
     mirror_process::MirrorProcess,
-    netns::{TestNet, attached_programs, in_ns, run_in, shows_attachment},
+    netns::{
+        KillOnDrop, TestNet, attached_programs, in_ns, run_in, shows_attachment, spawn,
+        wait_listening,
+    },
     streams::unique_payload_by_source,
 };
+use mirror_user::sinks::dump::tcpflow_name;
 
 const PORT: u16 = 5201;
 const UNSUBSCRIBED_PORT: u16 = 5202;
@@ -77,46 +74,14 @@ fn hosts(topology: Topology) -> Hosts {
 
 /// A TCP server (socat) that writes what it receives to `out` and exits
 /// when its one client closes.
-fn start_sink(ns: &str, port: u16, out: &Path) -> Child {
-    let child = in_ns(ns, "socat")
-        .args([
-            "-u".to_owned(),
-            format!("TCP-LISTEN:{port},reuseaddr"),
-            format!("CREATE:{}", out.display()),
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start socat");
+fn start_sink(ns: &str, port: u16, out: &Path) -> KillOnDrop {
+    let sink = spawn(in_ns(ns, "socat").args([
+        "-u".to_owned(),
+        format!("TCP-LISTEN:{port},reuseaddr"),
+        format!("CREATE:{}", out.display()),
+    ]));
     wait_listening(ns, port);
-    child
-}
-
-fn wait_listening(ns: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let filter = format!("sport = :{port}");
-    while Instant::now() < deadline {
-        let out = run_in(ns, "ss", &["-Hltn", &filter]);
-        if !out.stdout.is_empty() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on port {port} in {ns} after 10 s");
-}
-
-fn wait_exit(mut child: Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(status.success(), "{what} failed: {status}");
-            return;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not finish within 60 s");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    sink
 }
 
 fn random_file(path: &Path, len: usize) -> Vec<u8> {
@@ -139,6 +104,8 @@ fn mirror_transfer(topology: Topology, attach: &str) {
     let sent = random_file(&input, TRANSFER_BYTES);
 
     let port = PORT.to_string();
+    let dump = dir.join("dump");
+    let dump_arg = dump.display().to_string();
     let mirror = MirrorProcess::start(
         &hosts.server_ns,
         &[
@@ -150,6 +117,8 @@ fn mirror_transfer(topology: Topology, attach: &str) {
             attach,
             "--ring-size",
             RING_SIZE,
+            "--dump-dir",
+            &dump_arg,
         ],
     );
 
@@ -165,7 +134,7 @@ fn mirror_transfer(topology: Topology, attach: &str) {
             &format!("TCP:{}:{UNSUBSCRIBED_PORT}", hosts.server_ip),
         ],
     );
-    wait_exit(other_sink, "the unsubscribed sink");
+    other_sink.wait_success("the unsubscribed sink", Duration::from_secs(60));
     run_in(
         &hosts.client_ns,
         "socat",
@@ -192,7 +161,7 @@ fn mirror_transfer(topology: Topology, attach: &str) {
             &format!("TCP:{}:{PORT}", hosts.server_ip),
         ],
     );
-    wait_exit(sink, "the sink");
+    sink.wait_success("the sink", Duration::from_secs(60));
     let got = fs::read(&received).expect("received file");
     assert!(
         got == sent,
@@ -224,6 +193,29 @@ fn mirror_transfer(topology: Topology, attach: &str) {
     assert_eq!(
         mirrored_bytes, TRANSFER_BYTES as u64,
         "mirrored payload adds up to what the client sent"
+    );
+    // The reassembled stream of the one connection is the file.
+    let client = by_source.keys().next().unwrap();
+    let stream_file = dump.join(tcpflow_name(
+        client.parse().unwrap(),
+        format!("{}:{PORT}", hosts.server_ip).parse().unwrap(),
+    ));
+    let stream = fs::read(&stream_file).expect("the dumped stream");
+    let meta = fs::read_to_string(format!("{}.meta", stream_file.display())).expect("sidecar");
+    assert!(
+        stream == sent,
+        "dumped stream differs ({} of {} bytes; {meta}); counters {:#?}\nstderr:\n{}",
+        stream.len(),
+        sent.len(),
+        output.counters,
+        output.stderr
+    );
+    assert!(meta.contains(r#""reason":"fin""#), "{meta}");
+    assert_eq!(
+        output.counter("connections.closed.gap"),
+        0,
+        "{:?}",
+        output.counters
     );
     assert!(output.kernel("not_subscribed") > 0, "{:?}", output.counters);
     // 3 echo requests and 1 datagram at least (plus ARP/ND on veth).
@@ -285,17 +277,17 @@ fn loopback_xdp_generic() {
 
 /// iperf3 (a real bulk client), rate-bounded so the run is short and
 /// lossless on any machine: the data connection's mirrored payload is the
-/// 37-byte iperf3 cookie plus every byte the client sent.
+/// 37-byte iperf3 cookie plus the bytes that crossed the wire.
 #[test]
 fn veth_tc_iperf3() {
     const COOKIE: u64 = 37;
     let hosts = hosts(Topology::Veth);
     let port = PORT.to_string();
-    let mut server = in_ns(&hosts.server_ns, "iperf3")
-        .args(["-s", "-1", "-p", &port])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3 -s");
+    let server = spawn(
+        in_ns(&hosts.server_ns, "iperf3")
+            .args(["-s", "-1", "-p", &port])
+            .stdout(Stdio::null()),
+    );
     wait_listening(&hosts.server_ns, PORT);
     let mirror = MirrorProcess::start(
         &hosts.server_ns,
@@ -330,8 +322,11 @@ fn veth_tc_iperf3() {
     let received = report["end"]["sum_received"]["bytes"]
         .as_u64()
         .expect("bytes received");
-    assert_eq!(sent, received, "iperf3 delivered everything");
-    let _ = server.wait();
+    // The receiver's count stops when its report is made, possibly before
+    // the last bytes are read; the bytes the client sent all crossed the
+    // wire.
+    assert!(received <= sent && received > 0, "{received} of {sent}");
+    server.wait_success("iperf3 -s", Duration::from_secs(30));
 
     let output = mirror.interrupt();
     assert!(output.status.success(), "{}", output.stderr);
@@ -340,7 +335,14 @@ fn veth_tc_iperf3() {
     // A control connection (parameters, results) and a data connection.
     assert_eq!(by_source.len(), 2, "{by_source:?}");
     let data = by_source.values().max().copied().unwrap();
-    assert_eq!(data, COOKIE + sent, "data connection: cookie + payload");
+    // iperf3's "sent" counts bytes written to the socket, and its server
+    // may reset the connection at the end with some of them unread: the
+    // wire carried at least what the server read and at most what the
+    // client wrote (socat tests check the exact count).
+    assert!(
+        (COOKIE + received..=COOKIE + sent).contains(&data),
+        "data connection: {data} bytes mirrored, server read {received}, client wrote {sent}"
+    );
 }
 
 /// A clsact filter (the TC fallback without TCX) survives SIGKILL; the next

@@ -1,0 +1,475 @@
+//! Fan-out of stream events to consumers: one bounded broadcast channel
+//! per mirrored port.
+//!
+//! Shards publish events in batches (one channel slot per batch), so the
+//! memory a channel can hold is bounded by its capacity times the batch
+//! size: that is the byte budget. A consumer that falls behind loses only
+//! its own connections of that port, each closed as `lagged`; the producer
+//! never waits and other consumers see nothing of it.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::broadcast;
+use tokio_stream::{
+    StreamExt as _, StreamMap,
+    wrappers::{BroadcastStream, errors::BroadcastStreamRecvError},
+};
+
+use crate::{
+    conntrack::EventSink,
+    stream::{CloseReason, ConnId, StreamEvent},
+};
+
+/// Events of one port, published together.
+pub type EventBatch = Arc<[StreamEvent]>;
+
+/// Sizes of the fan-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubConfig {
+    /// Batches a port's channel holds before slow consumers lag.
+    pub capacity: usize,
+    /// Payload bytes a port's channel may hold; lowers the capacity when
+    /// `capacity` full batches would exceed it.
+    pub max_bytes: usize,
+    /// A shard publishes a port's batch once it holds this many payload
+    /// bytes (or at the end of each round of work).
+    pub batch_bytes: usize,
+}
+
+impl HubConfig {
+    /// Most events in one batch, whatever their size.
+    pub const MAX_BATCH_EVENTS: usize = 1024;
+
+    /// Slots per channel, honouring both limits. A batch can exceed
+    /// `batch_bytes` by one event (at most one 64 KiB packet), which the
+    /// budget allows for.
+    pub fn effective_capacity(&self) -> usize {
+        let per_batch = self.batch_bytes + (64 << 10);
+        self.capacity.min(self.max_bytes / per_batch).max(2)
+    }
+}
+
+/// Totals of one port.
+#[derive(Debug, Default)]
+pub struct PortStats {
+    pub connections: AtomicU64,
+    pub bytes: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+/// Totals of one consumer.
+#[derive(Debug)]
+pub struct ConsumerStats {
+    pub name: String,
+    pub events: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Times the consumer fell behind a channel.
+    pub lags: AtomicU64,
+    /// Connections closed for it as `lagged`.
+    pub lagged_connections: AtomicU64,
+}
+
+/// What a port's channel carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortTotals {
+    pub port: u16,
+    pub connections: u64,
+    pub bytes: u64,
+    pub batches: u64,
+}
+
+struct PortChannel {
+    sender: broadcast::Sender<EventBatch>,
+    stats: PortStats,
+}
+
+pub struct Hub {
+    channels: HashMap<u16, PortChannel>,
+    config: HubConfig,
+    consumers: Mutex<Vec<Arc<ConsumerStats>>>,
+}
+
+impl Hub {
+    pub fn new(ports: &[u16], config: HubConfig) -> Self {
+        let capacity = config.effective_capacity();
+        let channels = ports
+            .iter()
+            .map(|port| {
+                let (sender, _) = broadcast::channel(capacity);
+                (
+                    *port,
+                    PortChannel {
+                        sender,
+                        stats: PortStats::default(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            channels,
+            config,
+            consumers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn config(&self) -> HubConfig {
+        self.config
+    }
+
+    /// Sends a batch to the consumers of `port`; never waits.
+    pub fn publish(&self, port: u16, events: Vec<StreamEvent>) {
+        let Some(channel) = self.channels.get(&port) else {
+            return;
+        };
+        let mut bytes = 0;
+        let mut opened = 0;
+        for event in &events {
+            bytes += event.data_len() as u64;
+            opened += u64::from(matches!(event, StreamEvent::Opened { .. }));
+        }
+        channel.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+        channel
+            .stats
+            .connections
+            .fetch_add(opened, Ordering::Relaxed);
+        channel.stats.batches.fetch_add(1, Ordering::Relaxed);
+        // No receiver is not an error: nobody consumes this port now.
+        let _ = channel.sender.send(events.into());
+    }
+
+    /// A consumer of the given ports; `name` identifies it in the counters.
+    pub fn subscribe(&self, ports: &[u16], name: &str) -> Subscription {
+        let mut streams = StreamMap::new();
+        for port in ports {
+            if let Some(channel) = self.channels.get(port) {
+                streams.insert(*port, BroadcastStream::new(channel.sender.subscribe()));
+            }
+        }
+        let stats = Arc::new(ConsumerStats {
+            name: name.to_owned(),
+            events: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            lags: AtomicU64::new(0),
+            lagged_connections: AtomicU64::new(0),
+        });
+        self.consumers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::clone(&stats));
+        Subscription {
+            streams,
+            open: HashMap::new(),
+            queue: VecDeque::new(),
+            stats,
+        }
+    }
+
+    /// Totals of every port, in port order.
+    pub fn port_totals(&self) -> Vec<PortTotals> {
+        let mut totals: Vec<_> = self
+            .channels
+            .iter()
+            .map(|(port, channel)| PortTotals {
+                port: *port,
+                connections: channel.stats.connections.load(Ordering::Relaxed),
+                bytes: channel.stats.bytes.load(Ordering::Relaxed),
+                batches: channel.stats.batches.load(Ordering::Relaxed),
+            })
+            .collect();
+        totals.sort_unstable_by_key(|t| t.port);
+        totals
+    }
+
+    pub fn consumers(&self) -> Vec<Arc<ConsumerStats>> {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// One consumer's view of the hub: the events of connections that opened
+/// after it subscribed, with drop-on-lag applied.
+pub struct Subscription {
+    streams: StreamMap<u16, BroadcastStream<EventBatch>>,
+    /// Connections this consumer has seen open and not yet close.
+    open: HashMap<ConnId, u16>,
+    queue: VecDeque<StreamEvent>,
+    stats: Arc<ConsumerStats>,
+}
+
+impl Subscription {
+    /// The next event; `None` once every channel closed (the mirror stops).
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(event);
+            }
+            let (port, item) = self.streams.next().await?;
+            match item {
+                Ok(batch) => self.accept(port, &batch),
+                Err(BroadcastStreamRecvError::Lagged(missed)) => self.lagged(port, missed),
+            }
+        }
+    }
+
+    /// Events already received and not yet returned by [`Self::next`]: a
+    /// consumer may flush its output when this is zero.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn stats(&self) -> &ConsumerStats {
+        &self.stats
+    }
+
+    fn accept(&mut self, port: u16, batch: &[StreamEvent]) {
+        for event in batch {
+            let keep = match event {
+                StreamEvent::Opened { conn, .. } => {
+                    self.open.insert(*conn, port);
+                    true
+                }
+                // Connections that opened before this consumer subscribed,
+                // or that it lost to lag, are not its own.
+                StreamEvent::Data { conn, .. } => self.open.contains_key(conn),
+                StreamEvent::Closed { conn, .. } => self.open.remove(conn).is_some(),
+            };
+            if keep {
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes
+                    .fetch_add(event.data_len() as u64, Ordering::Relaxed);
+                self.queue.push_back(event.clone());
+            }
+        }
+    }
+
+    /// Missed events of `port`: every connection of that port this consumer
+    /// had open may miss bytes now, so each ends here as `lagged`.
+    fn lagged(&mut self, port: u16, missed: u64) {
+        self.stats.lags.fetch_add(1, Ordering::Relaxed);
+        let mut lost: Vec<ConnId> = self
+            .open
+            .iter()
+            .filter(|(_, p)| **p == port)
+            .map(|(conn, _)| *conn)
+            .collect();
+        lost.sort_unstable();
+        tracing::warn!(
+            consumer = %self.stats.name,
+            port,
+            missed_batches = missed,
+            connections = lost.len(),
+            "consumer fell behind; closing its connections of this port as lagged"
+        );
+        self.stats
+            .lagged_connections
+            .fetch_add(lost.len() as u64, Ordering::Relaxed);
+        for conn in lost {
+            self.open.remove(&conn);
+            self.queue.push_back(StreamEvent::Closed {
+                conn,
+                reason: CloseReason::Lagged,
+            });
+        }
+    }
+}
+
+/// Collects a shard's events per port and publishes them in batches.
+pub struct Batcher {
+    hub: Arc<Hub>,
+    pending: HashMap<u16, (Vec<StreamEvent>, usize)>,
+}
+
+impl Batcher {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self {
+            hub,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Publishes every port's pending events.
+    pub fn flush(&mut self) {
+        for (port, (events, bytes)) in &mut self.pending {
+            if !events.is_empty() {
+                *bytes = 0;
+                self.hub.publish(*port, std::mem::take(events));
+            }
+        }
+    }
+}
+
+impl EventSink for Batcher {
+    fn event(&mut self, port: u16, event: StreamEvent) {
+        let limit = self.hub.config.batch_bytes;
+        let (events, bytes) = self.pending.entry(port).or_default();
+        *bytes += event.data_len();
+        events.push(event);
+        if *bytes >= limit || events.len() >= HubConfig::MAX_BATCH_EVENTS {
+            *bytes = 0;
+            self.hub.publish(port, std::mem::take(events));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    const CONFIG: HubConfig = HubConfig {
+        capacity: 4,
+        max_bytes: 64 << 20,
+        batch_bytes: 1 << 10,
+    };
+
+    fn opened(conn: ConnId) -> StreamEvent {
+        StreamEvent::Opened {
+            conn,
+            src: "198.18.0.1:1".parse().unwrap(),
+            dst: "198.18.0.2:80".parse().unwrap(),
+            midstream: false,
+        }
+    }
+
+    fn data(conn: ConnId, text: &'static str) -> StreamEvent {
+        StreamEvent::Data {
+            conn,
+            bytes: Bytes::from_static(text.as_bytes()),
+        }
+    }
+
+    fn closed(conn: ConnId, reason: CloseReason) -> StreamEvent {
+        StreamEvent::Closed { conn, reason }
+    }
+
+    #[test]
+    fn capacity_honours_the_byte_budget() {
+        let small = HubConfig {
+            capacity: 1000,
+            max_bytes: 10 * ((1 << 10) + (64 << 10)),
+            batch_bytes: 1 << 10,
+        };
+        assert_eq!(small.effective_capacity(), 10);
+        assert_eq!(CONFIG.effective_capacity(), 4);
+    }
+
+    #[tokio::test]
+    async fn consumers_see_connections_opened_after_they_subscribed() {
+        let hub = Hub::new(&[80], CONFIG);
+        hub.publish(80, vec![opened(1)]);
+        let mut sub = hub.subscribe(&[80], "late");
+        hub.publish(
+            80,
+            vec![
+                data(1, "old"),
+                opened(2),
+                data(2, "new"),
+                closed(1, CloseReason::Fin),
+            ],
+        );
+        hub.publish(80, vec![closed(2, CloseReason::Fin)]);
+        drop(hub);
+        let mut got = Vec::new();
+        while let Some(event) = sub.next().await {
+            got.push(event);
+        }
+        assert_eq!(
+            got,
+            [opened(2), data(2, "new"), closed(2, CloseReason::Fin)]
+        );
+    }
+
+    /// Reads exactly `n` events.
+    async fn read(sub: &mut Subscription, n: usize) -> Vec<StreamEvent> {
+        let mut events = Vec::new();
+        for _ in 0..n {
+            events.push(sub.next().await.expect("an event"));
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn a_lagging_consumer_loses_only_its_own_connections() {
+        let hub = Hub::new(&[80], CONFIG);
+        let mut slow = hub.subscribe(&[80], "slow");
+        let mut fast = hub.subscribe(&[80], "fast");
+        hub.publish(80, vec![opened(1), data(1, "a")]);
+        assert_eq!(read(&mut slow, 2).await, [opened(1), data(1, "a")]);
+        assert_eq!(read(&mut fast, 2).await, [opened(1), data(1, "a")]);
+        // The fast consumer keeps up; the slow one reads nothing for more
+        // batches than the channel holds.
+        for _ in 0..10 {
+            hub.publish(80, vec![data(1, "b")]);
+            assert_eq!(read(&mut fast, 1).await, [data(1, "b")]);
+        }
+        let later = vec![opened(2), data(2, "c"), closed(2, CloseReason::Fin)];
+        hub.publish(80, later.clone());
+        assert_eq!(read(&mut fast, 3).await, later);
+        assert_eq!(fast.stats().lags.load(Ordering::Relaxed), 0);
+
+        drop(hub);
+        let mut rest = Vec::new();
+        while let Some(event) = slow.next().await {
+            rest.push(event);
+        }
+        // Connection 1 ends as lagged, none of its later bytes arrive, and
+        // the connection opened afterwards arrives whole.
+        let mut expected = vec![closed(1, CloseReason::Lagged)];
+        expected.extend(later);
+        assert_eq!(rest, expected);
+        assert_eq!(slow.stats().lagged_connections.load(Ordering::Relaxed), 1);
+        assert_eq!(slow.stats().lags.load(Ordering::Relaxed), 1);
+        assert!(fast.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
+        let hub = Arc::new(Hub::new(&[80, 81], CONFIG));
+        let mut sub = hub.subscribe(&[80, 81], "all");
+        let mut batcher = Batcher::new(Arc::clone(&hub));
+        batcher.event(80, opened(1));
+        batcher.event(81, opened(2));
+        let totals = |hub: &Hub| -> Vec<(u16, u64, u64, u64)> {
+            hub.port_totals()
+                .iter()
+                .map(|t| (t.port, t.connections, t.bytes, t.batches))
+                .collect()
+        };
+        assert_eq!(
+            totals(&hub),
+            [(80, 0, 0, 0), (81, 0, 0, 0)],
+            "nothing sent yet"
+        );
+        batcher.event(
+            80,
+            StreamEvent::Data {
+                conn: 1,
+                bytes: Bytes::from(vec![0; 2048]),
+            },
+        );
+        assert_eq!(
+            totals(&hub)[0],
+            (80, 1, 2048, 1),
+            "over the threshold: sent"
+        );
+        batcher.flush();
+        assert_eq!(totals(&hub)[1], (81, 1, 0, 1));
+        drop(batcher);
+        drop(hub);
+        let mut count = 0;
+        while sub.next().await.is_some() {
+            count += 1;
+        }
+        assert_eq!(count, 3);
+    }
+}

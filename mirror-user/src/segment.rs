@@ -1,0 +1,130 @@
+//! From ring records to TCP segments: the payload is copied once out of
+//! the kernel ring into large shared buffers.
+
+use std::{
+    hash::{BuildHasher, Hash},
+    net::SocketAddr,
+};
+
+use bytes::{Bytes, BytesMut};
+use mirror_common::record_flags;
+
+use crate::record::{Record, RecordError, TcpFlags};
+
+/// The client-to-server direction of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl FlowKey {
+    /// Which of `shards` owns this flow.
+    pub fn shard(&self, shards: usize) -> usize {
+        // Fixed keys: the choice only needs to be stable within one run.
+        let hash =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(self);
+        (hash % shards.max(1) as u64) as usize
+    }
+}
+
+/// One mirrored TCP segment.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub flow: FlowKey,
+    pub seq: u32,
+    pub flags: TcpFlags,
+    pub payload: Bytes,
+    /// The record was cut at the snap length: `payload` lacks bytes the
+    /// connection carried.
+    pub truncated: bool,
+}
+
+impl Segment {
+    /// Decodes `record` and copies its payload into `pool`.
+    pub fn from_record(record: &Record<'_>, pool: &mut PayloadPool) -> Result<Self, RecordError> {
+        let tcp = record.tcp()?;
+        let truncated = record.header.flags & record_flags::TRUNCATED != 0
+            && tcp.payload.len() < tcp.payload_len as usize;
+        Ok(Self {
+            flow: FlowKey {
+                src: tcp.src,
+                dst: tcp.dst,
+            },
+            seq: tcp.seq,
+            flags: tcp.flags,
+            payload: pool.copy(tcp.payload),
+            truncated,
+        })
+    }
+}
+
+/// Copies payloads into large buffers and hands out slices of them, so that
+/// a packet costs a copy and no allocation of its own. A slice keeps its
+/// whole buffer alive, hence a buffer of moderate size.
+pub struct PayloadPool {
+    buffer: BytesMut,
+    buffer_size: usize,
+}
+
+impl PayloadPool {
+    pub const DEFAULT_BUFFER: usize = 1 << 20;
+
+    pub fn new(buffer_size: usize) -> Self {
+        Self {
+            buffer: BytesMut::new(),
+            buffer_size,
+        }
+    }
+
+    pub fn copy(&mut self, payload: &[u8]) -> Bytes {
+        if payload.is_empty() {
+            return Bytes::new();
+        }
+        if self.buffer.capacity() - self.buffer.len() < payload.len() {
+            self.buffer = BytesMut::with_capacity(self.buffer_size.max(payload.len()));
+        }
+        self.buffer.extend_from_slice(payload);
+        self.buffer.split().freeze()
+    }
+}
+
+impl Default for PayloadPool {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_BUFFER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_slices_share_a_buffer_and_keep_their_bytes() {
+        let mut pool = PayloadPool::new(16);
+        let a = pool.copy(b"hello");
+        let b = pool.copy(b"world!");
+        let c = pool.copy(b"this is longer than the buffer");
+        assert_eq!(&a[..], b"hello");
+        assert_eq!(&b[..], b"world!");
+        assert_eq!(&c[..], b"this is longer than the buffer");
+        // a and b are neighbours in one allocation.
+        assert_eq!(a.as_ptr().wrapping_add(5), b.as_ptr());
+        assert!(pool.copy(b"").is_empty());
+    }
+
+    #[test]
+    fn a_flow_always_maps_to_the_same_shard() {
+        let flow = FlowKey {
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "198.18.0.2:80".parse().unwrap(),
+        };
+        let shard = flow.shard(4);
+        assert!(shard < 4);
+        for _ in 0..10 {
+            assert_eq!(flow.shard(4), shard);
+        }
+        assert_eq!(flow.shard(1), 0);
+    }
+}

@@ -1,0 +1,318 @@
+//! Flow shards: each owns the connection table of the flows that hash to
+//! it and runs as its own task. Ring drain tasks hand segments over through
+//! bounded queues and never wait: a full queue drops the batch, counts it,
+//! and the affected connections close with `gap`.
+
+use std::{
+    collections::HashSet,
+    io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{
+    conntrack::{ConnectionTable, TableLimits, TableStats},
+    drain::RecordSink,
+    hub::{Batcher, Hub},
+    record::Record,
+    segment::{FlowKey, PayloadPool, Segment},
+    stream::CloseReason,
+};
+
+/// Sizes of the shard stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardConfig {
+    pub shards: usize,
+    /// Batches of segments a shard's queue holds.
+    pub queue_batches: usize,
+    pub table: TableLimits,
+}
+
+/// A drain task sends a shard's batch once it holds this many segments.
+const SEGMENTS_PER_BATCH: usize = 256;
+/// How often shards look for idle connections and expired holes.
+const TICK: Duration = Duration::from_millis(50);
+/// Flows remembered per shard as lost before the shard gives up on its
+/// whole table (closes every connection as `gap`).
+const MAX_LOST_FLOWS: usize = 65536;
+
+/// Counters of the shard stage, shared by drain tasks and shards.
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    pub segments: AtomicU64,
+    /// Segments dropped because a shard's queue was full.
+    pub queue_drops: AtomicU64,
+    /// Records that did not decode as TCP segments.
+    pub undecodable: AtomicU64,
+}
+
+impl ShardCounters {
+    /// `(segments, queue_drops, undecodable)`.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.segments.load(Ordering::Relaxed),
+            self.queue_drops.load(Ordering::Relaxed),
+            self.undecodable.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Flows a shard must close as `gap` because a segment of theirs was lost
+/// before reaching it. Written on the loss path only; the shard checks the
+/// flag once per round.
+#[derive(Default)]
+struct LostFlows {
+    flagged: AtomicBool,
+    flows: Mutex<LostSet>,
+}
+
+#[derive(Default)]
+struct LostSet {
+    flows: HashSet<FlowKey>,
+    overflow: bool,
+}
+
+impl LostFlows {
+    fn add(&self, flows: impl IntoIterator<Item = FlowKey>) {
+        let mut set = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        for flow in flows {
+            if set.flows.len() >= MAX_LOST_FLOWS {
+                set.overflow = true;
+                break;
+            }
+            set.flows.insert(flow);
+        }
+        self.flagged.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<LostSet> {
+        if !self.flagged.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        let mut set = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        Some(std::mem::take(&mut *set))
+    }
+}
+
+/// Reports flows that lost segments before reaching the shards (a full
+/// kernel ring): their connections close as `gap`.
+#[derive(Clone)]
+pub struct LostReporter {
+    lost: Vec<Arc<LostFlows>>,
+}
+
+impl LostReporter {
+    pub fn report(&self, flows: impl IntoIterator<Item = FlowKey>) {
+        for flow in flows {
+            self.lost[flow.shard(self.lost.len())].add([flow]);
+        }
+    }
+}
+
+/// The running shards.
+pub struct Shards {
+    senders: Vec<mpsc::Sender<Vec<Segment>>>,
+    lost: Vec<Arc<LostFlows>>,
+    counters: Arc<ShardCounters>,
+    stats: Vec<Arc<Mutex<TableStats>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Shards {
+    /// Starts `config.shards` shard tasks publishing to `hub`.
+    pub fn start(config: ShardConfig, hub: &Arc<Hub>) -> Self {
+        let count = config.shards.max(1);
+        let epoch = Instant::now();
+        let mut shards = Self {
+            senders: Vec::with_capacity(count),
+            lost: Vec::with_capacity(count),
+            counters: Arc::new(ShardCounters::default()),
+            stats: Vec::with_capacity(count),
+            tasks: Vec::with_capacity(count),
+        };
+        for index in 0..count {
+            let (sender, receiver) = mpsc::channel(config.queue_batches.max(1));
+            let lost = Arc::new(LostFlows::default());
+            let stats = Arc::new(Mutex::new(TableStats::default()));
+            let table = ConnectionTable::new(config.table, 1 + index as u64, count as u64);
+            let shard = Shard {
+                table,
+                receiver,
+                lost: Arc::clone(&lost),
+                stats: Arc::clone(&stats),
+                batcher: Batcher::new(Arc::clone(hub)),
+                epoch,
+            };
+            shards.tasks.push(tokio::spawn(shard.run()));
+            shards.senders.push(sender);
+            shards.lost.push(lost);
+            shards.stats.push(stats);
+        }
+        shards
+    }
+
+    /// A sink for one drain task.
+    pub fn router(&self) -> SegmentRouter {
+        SegmentRouter {
+            senders: self.senders.clone(),
+            lost: self.lost.clone(),
+            pending: vec![Vec::new(); self.senders.len()],
+            pool: PayloadPool::default(),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
+    /// A handle that reports losses that happened before the shards.
+    pub fn lost_reporter(&self) -> LostReporter {
+        LostReporter {
+            lost: self.lost.clone(),
+        }
+    }
+
+    pub fn counters(&self) -> Arc<ShardCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Table statistics summed over shards (refreshed every tick).
+    pub fn table_stats(&self) -> TableStats {
+        let mut total = TableStats::default();
+        for stats in &self.stats {
+            total.add(&stats.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        total
+    }
+
+    /// Stops the shards once every router is dropped: each closes its
+    /// remaining connections as `shutdown` and publishes the last events.
+    pub async fn finish(mut self) -> TableStats {
+        self.senders.clear();
+        for task in self.tasks.drain(..) {
+            if let Err(error) = task.await {
+                tracing::error!("a flow shard died, its connections were lost: {error}");
+            }
+        }
+        self.table_stats()
+    }
+}
+
+struct Shard {
+    table: ConnectionTable,
+    receiver: mpsc::Receiver<Vec<Segment>>,
+    lost: Arc<LostFlows>,
+    stats: Arc<Mutex<TableStats>>,
+    batcher: Batcher,
+    epoch: Instant,
+}
+
+impl Shard {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = self.receiver.recv() => {
+                    let Some(batch) = batch else { break };
+                    let now = self.now_ns();
+                    for segment in batch {
+                        self.table.segment(segment, now, &mut self.batcher);
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = self.now_ns();
+                    self.table.tick(now, &mut self.batcher);
+                    *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
+                }
+            }
+            self.apply_losses();
+            self.batcher.flush();
+        }
+        self.apply_losses();
+        self.table
+            .close_all(CloseReason::Shutdown, &mut self.batcher);
+        self.batcher.flush();
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
+    }
+
+    fn apply_losses(&mut self) {
+        let Some(lost) = self.lost.take() else {
+            return;
+        };
+        if lost.overflow {
+            tracing::warn!(
+                "too many flows lost at once; closing every connection of the shard as gap"
+            );
+            self.table.close_all(CloseReason::Gap, &mut self.batcher);
+            return;
+        }
+        for flow in &lost.flows {
+            self.table.lost(flow, &mut self.batcher);
+        }
+    }
+}
+
+/// The drain tasks' sink: decodes records into segments and routes them to
+/// their shard's queue in batches.
+pub struct SegmentRouter {
+    senders: Vec<mpsc::Sender<Vec<Segment>>>,
+    lost: Vec<Arc<LostFlows>>,
+    pending: Vec<Vec<Segment>>,
+    pool: PayloadPool,
+    counters: Arc<ShardCounters>,
+}
+
+impl SegmentRouter {
+    fn send(&mut self, shard: usize) {
+        let batch = std::mem::take(&mut self.pending[shard]);
+        if batch.is_empty() {
+            return;
+        }
+        let count = batch.len() as u64;
+        match self.senders[shard].try_send(batch) {
+            Ok(()) => {
+                self.counters.segments.fetch_add(count, Ordering::Relaxed);
+            }
+            Err(
+                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch),
+            ) => {
+                self.counters
+                    .queue_drops
+                    .fetch_add(count, Ordering::Relaxed);
+                self.lost[shard].add(batch.into_iter().map(|segment| segment.flow));
+            }
+        }
+    }
+}
+
+impl RecordSink for SegmentRouter {
+    fn record(&mut self, record: &Record<'_>) {
+        match Segment::from_record(record, &mut self.pool) {
+            Ok(segment) => {
+                let shard = segment.flow.shard(self.senders.len());
+                self.pending[shard].push(segment);
+                if self.pending[shard].len() >= SEGMENTS_PER_BATCH {
+                    self.send(shard);
+                }
+            }
+            Err(error) => {
+                self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("cannot decode a mirrored packet: {error}");
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        for shard in 0..self.senders.len() {
+            self.send(shard);
+        }
+        Ok(())
+    }
+}

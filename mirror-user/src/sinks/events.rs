@@ -1,0 +1,188 @@
+//! `--print`: one line per stream event, text or JSON.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use serde::Serialize;
+use tokio::io::{AsyncWriteExt as _, BufWriter};
+
+use crate::{cli::PrintFormat, hub::Subscription, stream::StreamEvent};
+
+/// Bytes of payload shown in a text line.
+const TEXT_PREVIEW: usize = 64;
+
+/// JSON form of an event (`--print json`).
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum EventLine<'a> {
+    Opened {
+        conn: u64,
+        src: String,
+        dst: String,
+        midstream: bool,
+    },
+    Data {
+        conn: u64,
+        len: usize,
+        /// Base64 (standard alphabet, padded).
+        data: String,
+    },
+    Closed {
+        conn: u64,
+        reason: &'a str,
+    },
+}
+
+impl<'a> EventLine<'a> {
+    pub fn new(event: &'a StreamEvent) -> Self {
+        match event {
+            StreamEvent::Opened {
+                conn,
+                src,
+                dst,
+                midstream,
+            } => Self::Opened {
+                conn: *conn,
+                src: src.to_string(),
+                dst: dst.to_string(),
+                midstream: *midstream,
+            },
+            StreamEvent::Data { conn, bytes } => Self::Data {
+                conn: *conn,
+                len: bytes.len(),
+                data: base64::engine::general_purpose::STANDARD.encode(bytes),
+            },
+            StreamEvent::Closed { conn, reason } => Self::Closed {
+                conn: *conn,
+                reason: reason.as_str(),
+            },
+        }
+    }
+}
+
+/// Appends the line for `event` (with its newline) to `out`.
+pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) {
+    match format {
+        PrintFormat::Json => {
+            // Serializing strings and numbers cannot fail.
+            if let Ok(json) = serde_json::to_string(&EventLine::new(event)) {
+                out.push_str(&json);
+            }
+        }
+        PrintFormat::Text => match event {
+            StreamEvent::Opened {
+                conn,
+                src,
+                dst,
+                midstream,
+            } => {
+                let _ = write!(out, "conn {conn} opened {src} > {dst}");
+                if *midstream {
+                    out.push_str(" (midstream)");
+                }
+            }
+            StreamEvent::Data { conn, bytes } => {
+                let shown = &bytes[..bytes.len().min(TEXT_PREVIEW)];
+                let _ = write!(
+                    out,
+                    "conn {conn} data {} bytes: \"{}\"{}",
+                    bytes.len(),
+                    shown.escape_ascii(),
+                    if shown.len() < bytes.len() { "..." } else { "" }
+                );
+            }
+            StreamEvent::Closed { conn, reason } => {
+                let _ = write!(out, "conn {conn} closed {reason}");
+            }
+        },
+    }
+    out.push('\n');
+}
+
+/// Writes every event of `subscription` to standard output until the mirror
+/// stops. Output that cannot keep up makes this consumer lag, never the
+/// mirror.
+pub async fn print_events(
+    mut subscription: Subscription,
+    format: PrintFormat,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(1 << 16, tokio::io::stdout());
+    let mut line = String::new();
+    while let Some(event) = subscription.next().await {
+        line.clear();
+        format_event(&event, format, &mut line);
+        out.write_all(line.as_bytes()).await?;
+        if subscription.queued() == 0 {
+            out.flush().await?;
+        }
+    }
+    out.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::stream::CloseReason;
+
+    fn line(event: &StreamEvent, format: PrintFormat) -> String {
+        let mut out = String::new();
+        format_event(event, format, &mut out);
+        out
+    }
+
+    #[test]
+    fn json_lines_have_the_documented_keys() {
+        let opened = StreamEvent::Opened {
+            conn: 7,
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "[2001:db8::2]:80".parse().unwrap(),
+            midstream: true,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&opened, PrintFormat::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"event": "opened", "conn": 7, "src": "198.18.0.1:40000",
+                               "dst": "[2001:db8::2]:80", "midstream": true})
+        );
+        let data = StreamEvent::Data {
+            conn: 7,
+            bytes: Bytes::from_static(b"hi\x00"),
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&data, PrintFormat::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"event": "data", "conn": 7, "len": 3, "data": "aGkA"})
+        );
+        let closed = StreamEvent::Closed {
+            conn: 7,
+            reason: CloseReason::Lagged,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&closed, PrintFormat::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"event": "closed", "conn": 7, "reason": "lagged"})
+        );
+    }
+
+    #[test]
+    fn text_lines_show_a_preview_of_the_data() {
+        let data = StreamEvent::Data {
+            conn: 1,
+            bytes: Bytes::from_static(b"GET / HTTP/1.1\r\n"),
+        };
+        assert_eq!(
+            line(&data, PrintFormat::Text),
+            "conn 1 data 16 bytes: \"GET / HTTP/1.1\\r\\n\"\n"
+        );
+        let long = StreamEvent::Data {
+            conn: 1,
+            bytes: Bytes::from(vec![b'a'; 100]),
+        };
+        assert!(line(&long, PrintFormat::Text).ends_with("...\n"));
+    }
+}

@@ -1,0 +1,5 @@
+//! Consumers of the mirror's output.
+
+pub mod dump;
+pub mod events;
+pub mod packets;

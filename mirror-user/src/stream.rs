@@ -1,0 +1,106 @@
+//! What consumers receive: connections opening, their in-order bytes, and
+//! their end with a reason.
+
+use std::{fmt, net::SocketAddr};
+
+use bytes::Bytes;
+
+/// A connection's number, unique for the life of the mirror.
+pub type ConnId = u64;
+
+/// Why a connection's stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The client's FIN, reached in order: the stream is complete.
+    Fin,
+    /// The client reset the connection.
+    Rst,
+    /// Nothing arrived for the idle timeout (or a new SYN took its 4-tuple).
+    Idle,
+    /// Bytes were lost (a hole that was not filled in time, or a loss the
+    /// mirror counted on the way): nothing after the hole is delivered.
+    Gap,
+    /// This consumer fell behind the others and missed events.
+    Lagged,
+    /// The connection table or its buffers were full; the oldest idle
+    /// connection made room.
+    Evicted,
+    /// The mirror stopped.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [Self; 7] = [
+        Self::Fin,
+        Self::Rst,
+        Self::Idle,
+        Self::Gap,
+        Self::Lagged,
+        Self::Evicted,
+        Self::Shutdown,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Fin => "fin",
+            Self::Rst => "rst",
+            Self::Idle => "idle",
+            Self::Gap => "gap",
+            Self::Lagged => "lagged",
+            Self::Evicted => "evicted",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether the stream the consumer got is the whole client stream.
+    pub const fn is_complete(self) -> bool {
+        matches!(self, Self::Fin)
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One event of a mirrored connection, client-to-server direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    Opened {
+        conn: ConnId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        /// Already running when mirroring started (no SYN seen): the
+        /// stream starts at the first byte the mirror saw.
+        midstream: bool,
+    },
+    /// The next bytes of the stream, shared by every consumer (cloning the
+    /// event clones a handle, not the bytes).
+    Data {
+        conn: ConnId,
+        bytes: Bytes,
+    },
+    Closed {
+        conn: ConnId,
+        reason: CloseReason,
+    },
+}
+
+impl StreamEvent {
+    pub const fn conn(&self) -> ConnId {
+        match self {
+            Self::Opened { conn, .. } | Self::Data { conn, .. } | Self::Closed { conn, .. } => {
+                *conn
+            }
+        }
+    }
+
+    /// Payload bytes the event carries.
+    pub fn data_len(&self) -> usize {
+        match self {
+            Self::Data { bytes, .. } => bytes.len(),
+            _ => 0,
+        }
+    }
+}
