@@ -49,12 +49,16 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings on every crate.
     Lint,
-    /// Side-by-side benchmark on a veth pair (run as root); writes
-    /// bench/attach-modes.md.
+    /// Side-by-side benchmarks (run as root): attach modes on a veth pair
+    /// (bench/attach-modes.md) and the userspace fan-out
+    /// (bench/fanout.md).
     Bench {
-        /// A short smoke run (1 round of 2 s per case).
+        /// A short smoke run (1 round, 2 s per case), results not written.
         #[arg(long)]
         quick: bool,
+        /// Only this scenario: attach or fanout (repeatable).
+        #[arg(long)]
+        scenario: Vec<String>,
         /// Rounds; every case runs once per round, in alternation.
         #[arg(long, default_value_t = 5)]
         rounds: u32,
@@ -99,9 +103,10 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Test { args } => test(&root, &args),
         Task::Bench {
             quick,
+            scenario,
             rounds,
             seconds,
-        } => bench(&root, quick, rounds, seconds),
+        } => bench(&root, quick, &scenario, rounds, seconds),
         Task::Lint => {
             setup::toolchain(&root)?;
             build_ebpf(&root)?;
@@ -178,15 +183,15 @@ fn lint(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path, quick: bool, rounds: u32, seconds: u32) -> Result<()> {
+fn bench(root: &Path, quick: bool, scenarios: &[String], rounds: u32, seconds: u32) -> Result<()> {
     setup::all(root)?;
     let binary = build(root)?;
     if !setup::is_root() {
         bail!("the benchmark creates network namespaces and loads BPF programs: run it as root");
     }
     let object = ebpf_target_dir(root).join("bpfel-unknown-none/release/mirror-ebpf");
-    let out = root.join("bench/attach-modes.md");
-    std::fs::create_dir_all(root.join("bench"))?;
+    let out = root.join("bench");
+    std::fs::create_dir_all(&out)?;
     let mut command = cargo_stable(root);
     command
         .args([
@@ -200,6 +205,9 @@ fn bench(root: &Path, quick: bool, rounds: u32, seconds: u32) -> Result<()> {
         ])
         .env("MIRROR_EBPF_OBJECT", &object)
         .env("MIRROR_BIN", &binary);
+    for scenario in scenarios {
+        command.args(["--scenario", scenario]);
+    }
     if quick {
         command.arg("--quick");
     } else {
@@ -210,7 +218,7 @@ fn bench(root: &Path, quick: bool, rounds: u32, seconds: u32) -> Result<()> {
                 "--seconds",
                 &seconds.to_string(),
             ])
-            .arg("--out")
+            .arg("--out-dir")
             .arg(&out);
     }
     run(&mut command)

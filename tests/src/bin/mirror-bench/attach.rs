@@ -1,24 +1,24 @@
-//! `cargo xtask bench`: the service's throughput beside each way of
-//! watching it, measured side by side in one run on a veth pair between two
-//! network namespaces, cases alternating round after round (the machine is
-//! noisy: medians and ranges, ratios to the baseline of the same run).
+//! The service's throughput beside each way of watching it, measured side
+//! by side in one run on a veth pair between two network namespaces, cases
+//! alternating round after round (the machine is noisy: medians and ranges,
+//! ratios to the baseline of the same run).
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Child, Stdio},
-    thread,
     time::{Duration, Instant},
 };
 
 use mirror_tests::{
     mirror_process::MirrorProcess,
-    netns::{TestNet, in_ns, run_in},
+    netns::{TestNet, in_ns, run_in, spawn, wait_listening},
 };
 use serde_json::Value;
+
+use crate::{Options, median};
 
 const PORT: u16 = 5201;
 const UNSUBSCRIBED_PORT: &str = "5999";
@@ -102,14 +102,8 @@ struct Sample {
     captured: u64,
 }
 
-struct Options {
-    rounds: usize,
-    seconds: u32,
-    out: Option<PathBuf>,
-}
-
-fn main() {
-    let options = parse_args();
+/// Runs every case `options.rounds` times in alternation; returns the table.
+pub fn run(options: &Options) -> String {
     let mut net = TestNet::new();
     let client = net.namespace("bcli");
     let server = net.namespace("bsrv");
@@ -117,12 +111,12 @@ fn main() {
         (&client, "cli0", "198.18.0.1/24"),
         (&server, "srv0", "198.18.0.2/24"),
     );
-    let mut iperf_server = in_ns(&server, "iperf3")
-        .args(["-s", "-p", &PORT.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start iperf3 -s");
-    thread::sleep(Duration::from_millis(300));
+    let _iperf_server = spawn(
+        in_ns(&server, "iperf3")
+            .args(["-s", "-p", &PORT.to_string()])
+            .stdout(Stdio::null()),
+    );
+    wait_listening(&server, PORT);
 
     let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
     for round in 1..=options.rounds {
@@ -135,40 +129,7 @@ fn main() {
             samples.entry(index).or_default().push(sample);
         }
     }
-    let _ = iperf_server.kill();
-    let _ = iperf_server.wait();
-
-    let table = render(&samples, &options);
-    println!("{table}");
-    if let Some(path) = &options.out {
-        fs::write(path, &table).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        eprintln!("bench: wrote {}", path.display());
-    }
-}
-
-fn parse_args() -> Options {
-    let mut options = Options {
-        rounds: 5,
-        seconds: 8,
-        out: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
-        match arg.as_str() {
-            "--quick" => {
-                options.rounds = 1;
-                options.seconds = 2;
-            }
-            "--rounds" => options.rounds = value().parse().expect("--rounds N"),
-            "--seconds" => options.seconds = value().parse().expect("--seconds N"),
-            "--out" => options.out = Some(PathBuf::from(value())),
-            other => {
-                panic!("unknown argument {other}: use --quick, --rounds N, --seconds N, --out FILE")
-            }
-        }
-    }
-    options
+    render(&samples, options)
 }
 
 fn measure(client: &str, server: &str, watcher: Watcher, seconds: u32) -> Sample {
@@ -306,16 +267,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks / hz
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
 }
 
 fn render(samples: &BTreeMap<usize, Vec<Sample>>, options: &Options) -> String {
