@@ -69,6 +69,41 @@ pub struct RecordHeader {
     pub l4_offset: u16,
 }
 
+impl RecordHeader {
+    /// The header as the kernel lays it out in the ring (native byte order).
+    pub fn to_bytes(&self) -> [u8; RECORD_HEADER_LEN] {
+        let mut out = [0u8; RECORD_HEADER_LEN];
+        out[0..8].copy_from_slice(&self.ts_ns.to_ne_bytes());
+        out[8..12].copy_from_slice(&self.ifindex.to_ne_bytes());
+        out[12..16].copy_from_slice(&self.wire_len.to_ne_bytes());
+        out[16..20].copy_from_slice(&self.cap_len.to_ne_bytes());
+        out[20..24].copy_from_slice(&self.cpu.to_ne_bytes());
+        out[24..28].copy_from_slice(&self.flags.to_ne_bytes());
+        out[28..30].copy_from_slice(&self.l3_offset.to_ne_bytes());
+        out[30..32].copy_from_slice(&self.l4_offset.to_ne_bytes());
+        out
+    }
+
+    /// Reads a header laid out as [`Self::to_bytes`] writes it.
+    pub fn from_bytes(bytes: &[u8; RECORD_HEADER_LEN]) -> Self {
+        let u16_at = |i: usize| u16::from_ne_bytes([bytes[i], bytes[i + 1]]);
+        let u32_at =
+            |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&bytes[0..8]);
+        Self {
+            ts_ns: u64::from_ne_bytes(ts),
+            ifindex: u32_at(8),
+            wire_len: u32_at(12),
+            cap_len: u32_at(16),
+            cpu: u32_at(20),
+            flags: u32_at(24),
+            l3_offset: u16_at(28),
+            l4_offset: u16_at(30),
+        }
+    }
+}
+
 /// Size of [`RecordHeader`] in the ring; packet bytes start right after it.
 pub const RECORD_HEADER_LEN: usize = size_of::<RecordHeader>();
 const _: () = assert!(RECORD_HEADER_LEN == 32);
@@ -181,6 +216,22 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{} out of place", c.name());
         }
+    }
+
+    #[test]
+    fn header_bytes_round_trip() {
+        let header = RecordHeader {
+            ts_ns: 0x0102_0304_0506_0708,
+            ifindex: 7,
+            wire_len: 1514,
+            cap_len: 128,
+            cpu: 3,
+            flags: record_flags::TRUNCATED | record_flags::IPV6,
+            l3_offset: 22,
+            l4_offset: 62,
+        };
+        assert_eq!(RecordHeader::from_bytes(&header.to_bytes()), header);
+        assert_eq!(&header.to_bytes()[28..30], &22u16.to_ne_bytes());
     }
 
     #[test]

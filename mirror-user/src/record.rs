@@ -29,16 +29,21 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
+    /// A raw ring record: `header` then `packet` (for tests and benchmarks;
+    /// the kernel writes the real ones).
+    pub fn encode(header: &RecordHeader, packet: &[u8]) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(RECORD_HEADER_LEN + packet.len());
+        raw.extend_from_slice(&header.to_bytes());
+        raw.extend_from_slice(packet);
+        raw
+    }
+
     /// Splits a raw ring record into header and packet bytes.
     pub fn decode(raw: &'a [u8]) -> Result<Self, RecordError> {
-        if raw.len() < RECORD_HEADER_LEN {
-            return Err(RecordError::Short(raw.len()));
-        }
-        // SAFETY: `raw` holds at least RECORD_HEADER_LEN bytes, and
-        // RecordHeader is plain integers (any bit pattern is valid); the
-        // ring gives no alignment guarantee we rely on, hence unaligned.
-        let header = unsafe { raw.as_ptr().cast::<RecordHeader>().read_unaligned() };
-        let body = &raw[RECORD_HEADER_LEN..];
+        let (head, body) = raw
+            .split_first_chunk::<RECORD_HEADER_LEN>()
+            .ok_or(RecordError::Short(raw.len()))?;
+        let header = RecordHeader::from_bytes(head);
         // The kernel reserves records in size classes: the tail past
         // cap_len is slack, not packet.
         let packet = body
@@ -206,16 +211,7 @@ mod tests {
     use super::*;
 
     fn raw_record(header: RecordHeader, packet: &[u8], slack: usize) -> Vec<u8> {
-        let mut raw = Vec::new();
-        // SAFETY: RecordHeader is plain integers without padding.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&header as *const RecordHeader).cast::<u8>(),
-                RECORD_HEADER_LEN,
-            )
-        };
-        raw.extend_from_slice(bytes);
-        raw.extend_from_slice(packet);
+        let mut raw = Record::encode(&header, packet);
         raw.extend(std::iter::repeat_n(0xEE, slack));
         raw
     }

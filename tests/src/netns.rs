@@ -63,6 +63,40 @@ impl TestNet {
     }
 }
 
+/// Two namespaces joined by a veth pair: a client (`cli0`, 198.18.0.1/24)
+/// and a server (`srv0`, 198.18.0.2/24), default offloads on.
+pub struct ClientServer {
+    pub net: TestNet,
+    pub client: String,
+    pub server: String,
+}
+
+impl ClientServer {
+    pub const CLIENT_IP: &'static str = "198.18.0.1";
+    pub const SERVER_IP: &'static str = "198.18.0.2";
+
+    pub fn new() -> Self {
+        let mut net = TestNet::new();
+        let client = net.namespace("cli");
+        let server = net.namespace("srv");
+        net.veth(
+            (&client, "cli0", "198.18.0.1/24"),
+            (&server, "srv0", "198.18.0.2/24"),
+        );
+        Self {
+            net,
+            client,
+            server,
+        }
+    }
+}
+
+impl Default for ClientServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Default for TestNet {
     fn default() -> Self {
         Self::new()

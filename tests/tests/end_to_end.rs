@@ -6,8 +6,8 @@ use std::{fs, io::Read as _, path::Path, process::Stdio, time::Duration};
 use mirror_tests::{
     mirror_process::MirrorProcess,
     netns::{
-        KillOnDrop, TestNet, attached_programs, in_ns, run_in, shows_attachment, spawn,
-        wait_listening,
+        ClientServer, KillOnDrop, TestNet, attached_programs, in_ns, run_in, shows_attachment,
+        spawn, wait_listening,
     },
     streams::unique_payload_by_source,
 };
@@ -39,26 +39,21 @@ struct Hosts {
 }
 
 fn hosts(topology: Topology) -> Hosts {
-    let mut net = TestNet::new();
     let dir = tempfile::tempdir().expect("temp dir");
     match topology {
         Topology::Veth => {
-            let client_ns = net.namespace("cli");
-            let server_ns = net.namespace("srv");
-            net.veth(
-                (&client_ns, "cli0", "198.18.0.1/24"),
-                (&server_ns, "srv0", "198.18.0.2/24"),
-            );
+            let pair = ClientServer::new();
             Hosts {
-                _net: net,
-                client_ns,
-                server_ns,
-                server_ip: "198.18.0.2",
+                _net: pair.net,
+                client_ns: pair.client,
+                server_ns: pair.server,
+                server_ip: ClientServer::SERVER_IP,
                 iface: "srv0",
                 dir,
             }
         }
         Topology::Loopback => {
+            let mut net = TestNet::new();
             let ns = net.namespace("host");
             Hosts {
                 _net: net,

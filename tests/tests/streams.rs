@@ -12,7 +12,7 @@ use std::{
 
 use mirror_tests::{
     mirror_process::{MirrorOutput, MirrorProcess, Stdout},
-    netns::{KillOnDrop, TestNet, in_ns, run_in, spawn, wait_listening},
+    netns::{ClientServer, KillOnDrop, TestNet, in_ns, run_in, spawn, wait_listening},
 };
 use mirror_user::sinks::dump::tcpflow_name;
 use serde_json::Value;
@@ -30,17 +30,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let mut net = TestNet::new();
-    let client = net.namespace("cli");
-    let server = net.namespace("srv");
-    net.veth(
-        (&client, "cli0", "198.18.0.1/24"),
-        (&server, "srv0", "198.18.0.2/24"),
-    );
+    let pair = ClientServer::new();
     Setup {
-        _net: net,
-        client,
-        server,
+        _net: pair.net,
+        client: pair.client,
+        server: pair.server,
         dir: tempfile::tempdir().expect("temp dir"),
     }
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use etherparse::PacketBuilder;
-use mirror_common::{RECORD_HEADER_LEN, RecordHeader};
+use mirror_common::RecordHeader;
 use mirror_user::{
     conntrack::TableLimits,
     drain::RecordSink,
@@ -134,13 +134,7 @@ fn record(frame: &[u8]) -> Vec<u8> {
         l3_offset: 14,
         l4_offset: 34,
     };
-    let mut raw = Vec::with_capacity(RECORD_HEADER_LEN + frame.len());
-    // SAFETY: RecordHeader is plain integers without padding.
-    raw.extend_from_slice(unsafe {
-        std::slice::from_raw_parts((&raw const header).cast::<u8>(), RECORD_HEADER_LEN)
-    });
-    raw.extend_from_slice(frame);
-    raw
+    Record::encode(&header, frame)
 }
 
 async fn pipeline(records: &[Vec<u8>], consumers: usize) -> Sample {
