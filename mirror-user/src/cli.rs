@@ -5,6 +5,8 @@ use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mirror_common::MAX_SNAPLEN;
 
+use crate::{ports::AllowList, server::Endpoint};
+
 /// Mirror the TCP traffic of chosen ports, kernel-assisted, without ever
 /// touching it.
 #[derive(Debug, Parser)]
@@ -19,6 +21,103 @@ pub enum Command {
     /// Attach to an interface and mirror the TCP traffic to the given ports.
     #[command(after_long_help = RUN_EXAMPLES)]
     Run(RunArgs),
+    /// Connect to a running mirror and print (or dump) the streams of ports.
+    #[command(after_long_help = TAIL_EXAMPLES)]
+    Tail(TailArgs),
+    /// List, add or remove the ports a running mirror mirrors.
+    Ports(PortsArgs),
+    /// Print every counter of a running mirror.
+    Stats(StatsArgs),
+}
+
+const TAIL_EXAMPLES: &str = "\
+Examples:
+  # Follow port 8080 of the mirror listening on the default socket:
+  mirror tail --port 8080
+
+  # Keep each connection in a file, from a mirror on another host:
+  mirror tail --connect 198.18.0.2:7000 --token-file token --port 80 --dump-dir flows";
+
+/// How to reach a running mirror.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The mirror's address: unix:PATH or IP:PORT.
+    #[arg(long, global = true, value_name = "ADDR", default_value_t = Endpoint::default())]
+    pub connect: Endpoint,
+
+    /// File holding the token (required by TCP listeners).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// Port to follow (repeatable); ports the mirror does not mirror yet
+    /// must be inside its --allow-ports.
+    #[arg(short, long = "port", value_name = "P", required = true, value_parser = parse_port)]
+    pub ports: Vec<NonZeroU16>,
+
+    /// How to print events.
+    #[arg(long, value_enum, default_value_t = TailFormat::Text)]
+    pub format: TailFormat,
+
+    /// Write each connection to a file in DIR instead (as `mirror run
+    /// --dump-dir` does).
+    #[arg(long, value_name = "DIR")]
+    pub dump_dir: Option<PathBuf>,
+}
+
+/// Format of `mirror tail` lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TailFormat {
+    /// One line per event, data shown as escaped text.
+    Text,
+    /// One JSON object per line, as `mirror run --print json`.
+    Json,
+    /// Events as text, data as a hex dump.
+    Hex,
+}
+
+#[derive(Debug, Args)]
+pub struct PortsArgs {
+    #[command(subcommand)]
+    pub action: PortsAction,
+
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortsAction {
+    /// The mirrored ports, with why each is mirrored.
+    List,
+    /// Mirror a port until `remove` (it must be inside --allow-ports).
+    Add {
+        #[arg(value_parser = parse_port)]
+        port: NonZeroU16,
+    },
+    /// Stop mirroring a port added with `add`.
+    Remove {
+        #[arg(value_parser = parse_port)]
+        port: NonZeroU16,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// Refresh every second, in place, until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Print the raw JSON document.
+    #[arg(long, conflicts_with = "watch")]
+    pub json: bool,
 }
 
 const RUN_EXAMPLES: &str = "\
@@ -76,6 +175,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub streams: StreamArgs,
 
+    #[command(flatten)]
+    pub server: ServerArgs,
+
     /// Size of each CPU's ring buffer in bytes (a power of two, at least
     /// one page; suffixes K, M, G). Default: 128 MiB shared by the online
     /// CPUs, between 4 and 64 MiB each.
@@ -86,6 +188,74 @@ pub struct RunArgs {
     /// (for testing the cleanup of filters left behind by a killed mirror).
     #[arg(long, hide = true)]
     pub tc_netlink: bool,
+}
+
+/// The subscriber server that `mirror tail`, `ports` and `stats` talk to.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Subscriber server")]
+pub struct ServerArgs {
+    /// Where to accept clients: unix:PATH (mode 0600) or IP:PORT (needs
+    /// --token-file); repeatable; `none` for no server.
+    #[arg(long, value_name = "ADDR", default_value = "unix:/run/mirror/mirror.sock", value_parser = parse_listen)]
+    pub listen: Vec<Listen>,
+
+    /// File holding the token TCP clients must present.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Ports clients may add or subscribe to beyond the mirrored ones
+    /// (ranges, e.g. 8000-8100,9000; repeatable). Default: none.
+    #[arg(long, value_name = "PORTS", value_parser = AllowList::parse)]
+    pub allow_ports: Vec<AllowList>,
+
+    /// Clients served at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_clients: usize,
+
+    /// Ports one client may subscribe to.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_client_ports: usize,
+
+    /// A client whose socket takes no data for this long is disconnected
+    /// (its connections already ended as "lagged" meanwhile).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub client_timeout: Duration,
+}
+
+impl ServerArgs {
+    /// The listening addresses (none with `--listen none`).
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.listen
+            .iter()
+            .filter_map(|l| match l {
+                Listen::At(endpoint) => Some(endpoint.clone()),
+                Listen::None => None,
+            })
+            .collect()
+    }
+
+    pub fn allow(&self) -> AllowList {
+        let mut all = AllowList::default();
+        for list in &self.allow_ports {
+            all.extend(list.clone());
+        }
+        all
+    }
+}
+
+/// A `--listen` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    At(Endpoint),
+    None,
+}
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    if text == "none" {
+        Ok(Listen::None)
+    } else {
+        text.parse().map(Listen::At)
+    }
 }
 
 /// Limits of connection tracking, reassembly and fan-out.
@@ -116,8 +286,11 @@ pub struct StreamArgs {
     pub idle_timeout: Duration,
 
     /// Bytes one connection may hold behind a hole before it is closed as
-    /// "gap".
-    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
+    /// "gap". A flow's packets move between CPU rings when its sender
+    /// migrates, and a busy CPU's ring can be read tens of milliseconds
+    /// after another's: 4 MiB closed healthy flows as "gap" on a saturated
+    /// 2-core machine, 16 MiB did not.
+    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
     pub reorder_bytes: u64,
 
     /// How long a hole may stay open before its connection is closed as
@@ -233,7 +406,93 @@ mod tests {
         let argv = ["mirror", "run"].iter().chain(args).copied();
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Run(run) => run,
+            other => panic!("not run: {other:?}"),
         })
+    }
+
+    fn command(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mirror").chain(args.iter().copied()))
+            .map(|c| c.command)
+    }
+
+    #[test]
+    fn server_options() {
+        let args = run_args(&["-i", "lo", "-p", "1"]).unwrap();
+        assert_eq!(args.server.endpoints(), [Endpoint::default()]);
+        assert_eq!(args.server.allow().to_string(), "none");
+        let args = run_args(&[
+            "-i",
+            "lo",
+            "-p",
+            "1",
+            "--listen",
+            "unix:/tmp/a.sock",
+            "--listen",
+            "127.0.0.1:7000",
+            "--allow-ports",
+            "8000-8002",
+            "--allow-ports",
+            "9000",
+            "--token-file",
+            "/t",
+            "--client-timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(args.server.endpoints().len(), 2);
+        assert_eq!(args.server.allow().to_string(), "8000-8002,9000");
+        assert_eq!(args.server.client_timeout, Duration::from_secs(5));
+        let args = run_args(&["-i", "lo", "-p", "1", "--listen", "none"]).unwrap();
+        assert!(args.server.endpoints().is_empty());
+        assert!(run_args(&["-i", "lo", "-p", "1", "--listen", "nowhere"]).is_err());
+        assert!(run_args(&["-i", "lo", "-p", "1", "--allow-ports", "80-70"]).is_err());
+    }
+
+    #[test]
+    fn client_commands() {
+        match command(&[
+            "tail",
+            "-p",
+            "80",
+            "--format",
+            "hex",
+            "--connect",
+            "127.0.0.1:7000",
+        ])
+        .unwrap()
+        {
+            Command::Tail(tail) => {
+                assert_eq!(tail.format, TailFormat::Hex);
+                assert_eq!(tail.connect.connect.to_string(), "127.0.0.1:7000");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(command(&["tail"]).is_err(), "a port is required");
+        match command(&["ports", "list", "--connect", "unix:/tmp/x.sock"]).unwrap() {
+            Command::Ports(PortsArgs {
+                action: PortsAction::List,
+                connect,
+            }) => {
+                assert_eq!(connect.connect.to_string(), "unix:/tmp/x.sock");
+            }
+            other => panic!("{other:?}"),
+        }
+        match command(&["ports", "add", "8080"]).unwrap() {
+            Command::Ports(PortsArgs {
+                action: PortsAction::Add { port },
+                connect,
+            }) => {
+                assert_eq!(port.get(), 8080);
+                assert_eq!(connect.connect, Endpoint::default());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(command(&["ports", "remove", "0"]).is_err());
+        assert!(matches!(
+            command(&["stats", "--watch"]).unwrap(),
+            Command::Stats(StatsArgs { watch: true, .. })
+        ));
+        assert!(command(&["stats", "--watch", "--json"]).is_err());
     }
 
     #[test]

@@ -14,6 +14,49 @@ use crate::{
     stream::CloseReason,
 };
 
+/// Flattens a counters document into `stage.name` keys: `kernel.ring_full`,
+/// `connections.closed.gap`, `ports.5201.bytes`, `consumers.print.lags`
+/// (arrays of ports and consumers are keyed by port or name).
+pub fn flatten(json: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
+    fn walk(
+        prefix: &str,
+        value: &serde_json::Value,
+        out: &mut std::collections::BTreeMap<String, u64>,
+    ) {
+        match value {
+            serde_json::Value::Number(n) => {
+                if let Some(n) = n.as_u64() {
+                    out.insert(prefix.to_owned(), n);
+                }
+            }
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&name, value, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    let key = item["port"]
+                        .as_u64()
+                        .map(|p| p.to_string())
+                        .or_else(|| item["name"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    walk(&format!("{prefix}.{key}"), item, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut counters = std::collections::BTreeMap::new();
+    walk("", json, &mut counters);
+    counters
+}
+
 /// The kernel programs' outcome counters, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCounters([u64; COUNTER_COUNT as usize]);
@@ -226,6 +269,18 @@ impl fmt::Display for Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flatten_keys_ports_and_consumers() {
+        let json = serde_json::json!({"kernel": {"seen": 7}, "connections": {"closed": {"gap": 2}},
+            "ports": [{"port": 80, "bytes": 5}], "consumers": [{"name": "print", "lags": 3}], "kind": "counters"});
+        let flat = flatten(&json);
+        assert_eq!(flat["kernel.seen"], 7);
+        assert_eq!(flat["connections.closed.gap"], 2);
+        assert_eq!(flat["ports.80.bytes"], 5);
+        assert_eq!(flat["consumers.print.lags"], 3);
+        assert!(!flat.contains_key("kind"));
+    }
 
     #[test]
     fn since_subtracts_per_counter() {

@@ -6,18 +6,23 @@
 //! size: that is the byte budget. A consumer that falls behind loses only
 //! its own connections of that port, each closed as `lagged`; the producer
 //! never waits and other consumers see nothing of it.
+//!
+//! Ports come and go while the mirror runs: the main task opens and closes
+//! channels; a consumer's subscription gains and loses ports, and the
+//! connections it had open on a port it leaves end as `shutdown`.
 
 use std::{
     collections::{HashMap, VecDeque},
+    pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::{
-    StreamExt as _, StreamMap,
+    Stream, StreamExt as _, StreamMap,
     wrappers::{BroadcastStream, errors::BroadcastStreamRecvError},
 };
 
@@ -90,41 +95,82 @@ struct PortChannel {
 }
 
 pub struct Hub {
-    channels: HashMap<u16, PortChannel>,
+    /// Read once per published batch (not per packet); written when a port
+    /// is added or removed.
+    channels: RwLock<HashMap<u16, PortChannel>>,
     config: HubConfig,
     consumers: Mutex<Vec<Arc<ConsumerStats>>>,
+    /// Totals of channels closed while the mirror ran.
+    closed_ports: Mutex<Vec<(u16, PortStats)>>,
 }
 
 impl Hub {
+    /// A hub with a channel for each of `ports`.
     pub fn new(ports: &[u16], config: HubConfig) -> Self {
-        let capacity = config.effective_capacity();
-        let channels = ports
-            .iter()
-            .map(|port| {
-                let (sender, _) = broadcast::channel(capacity);
-                (
-                    *port,
-                    PortChannel {
-                        sender,
-                        stats: PortStats::default(),
-                    },
-                )
-            })
-            .collect();
-        Self {
-            channels,
+        let hub = Self {
+            channels: RwLock::new(HashMap::new()),
             config,
             consumers: Mutex::new(Vec::new()),
+            closed_ports: Mutex::new(Vec::new()),
+        };
+        for port in ports {
+            hub.open_port(*port);
         }
+        hub
     }
 
     pub fn config(&self) -> HubConfig {
         self.config
     }
 
+    /// Opens `port`'s channel if it has none; returns a receiver of it.
+    pub fn open_port(&self, port: u16) -> broadcast::Receiver<EventBatch> {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        channels
+            .entry(port)
+            .or_insert_with(|| PortChannel {
+                sender: broadcast::channel(self.config.effective_capacity()).0,
+                stats: PortStats::default(),
+            })
+            .sender
+            .subscribe()
+    }
+
+    /// Closes `port`'s channel: its consumers see its end once they have
+    /// read what it holds.
+    pub fn close_port(&self, port: u16) {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.remove(&port) {
+            // Totals of a closed channel are kept for the counters.
+            drop(channel.sender);
+            let mut closed = self.closed_ports.lock().unwrap_or_else(|p| p.into_inner());
+            closed.push((port, channel.stats));
+        }
+    }
+
+    /// A receiver of `port`'s channel, if it is open.
+    pub fn receiver(&self, port: u16) -> Option<broadcast::Receiver<EventBatch>> {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        channels
+            .get(&port)
+            .map(|channel| channel.sender.subscribe())
+    }
+
+    /// Closes every channel (the mirror stops).
+    pub fn close_all(&self) {
+        let ports: Vec<u16> = {
+            let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+            channels.keys().copied().collect()
+        };
+        for port in ports {
+            self.close_port(port);
+        }
+    }
+
     /// Sends a batch to the consumers of `port`; never waits.
     pub fn publish(&self, port: u16, events: Vec<StreamEvent>) {
-        let Some(channel) = self.channels.get(&port) else {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let Some(channel) = channels.get(&port) else {
             return;
         };
         let mut bytes = 0;
@@ -143,14 +189,11 @@ impl Hub {
         let _ = channel.sender.send(events.into());
     }
 
-    /// A consumer of the given ports; `name` identifies it in the counters.
-    pub fn subscribe(&self, ports: &[u16], name: &str) -> Subscription {
-        let mut streams = StreamMap::new();
-        for port in ports {
-            if let Some(channel) = self.channels.get(port) {
-                streams.insert(*port, BroadcastStream::new(channel.sender.subscribe()));
-            }
-        }
+    /// A consumer of the given ports (those with an open channel); `name`
+    /// identifies it in the counters. The returned feed adds and removes
+    /// ports later; the subscription ends when its channels have closed
+    /// and the feed is dropped.
+    pub fn subscribe(&self, ports: &[u16], name: &str) -> (PortFeed, Subscription) {
         let stats = Arc::new(ConsumerStats {
             name: name.to_owned(),
             events: AtomicU64::new(0),
@@ -162,28 +205,59 @@ impl Hub {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(Arc::clone(&stats));
-        Subscription {
-            streams,
+        let (feed, changes) = mpsc::unbounded_channel();
+        let mut subscription = Subscription {
+            streams: StreamMap::new(),
+            changes: Some(changes),
             open: HashMap::new(),
             queue: VecDeque::new(),
             stats,
+        };
+        for port in ports {
+            if let Some(receiver) = self.receiver(*port) {
+                subscription.add_port(*port, receiver);
+            }
         }
+        (PortFeed(feed), subscription)
     }
 
-    /// Totals of every port, in port order.
+    /// Totals of every port, open or closed, in port order.
     pub fn port_totals(&self) -> Vec<PortTotals> {
-        let mut totals: Vec<_> = self
-            .channels
+        let totals = |port: u16, stats: &PortStats| PortTotals {
+            port,
+            connections: stats.connections.load(Ordering::Relaxed),
+            bytes: stats.bytes.load(Ordering::Relaxed),
+            batches: stats.batches.load(Ordering::Relaxed),
+        };
+        let mut by_port: HashMap<u16, PortTotals> = HashMap::new();
+        let mut add = |t: PortTotals| {
+            let entry = by_port.entry(t.port).or_insert(PortTotals {
+                port: t.port,
+                ..PortTotals::default()
+            });
+            entry.connections += t.connections;
+            entry.bytes += t.bytes;
+            entry.batches += t.batches;
+        };
+        for (port, stats) in self
+            .closed_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(port, channel)| PortTotals {
-                port: *port,
-                connections: channel.stats.connections.load(Ordering::Relaxed),
-                bytes: channel.stats.bytes.load(Ordering::Relaxed),
-                batches: channel.stats.batches.load(Ordering::Relaxed),
-            })
-            .collect();
-        totals.sort_unstable_by_key(|t| t.port);
-        totals
+        {
+            add(totals(*port, stats));
+        }
+        for (port, channel) in self
+            .channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            add(totals(*port, &channel.stats));
+        }
+        let mut all: Vec<PortTotals> = by_port.into_values().collect();
+        all.sort_unstable_by_key(|t| t.port);
+        all
     }
 
     pub fn consumers(&self) -> Vec<Arc<ConsumerStats>> {
@@ -194,10 +268,51 @@ impl Hub {
     }
 }
 
+/// Adds ports to, or removes them from, a subscription from another task.
+#[derive(Clone)]
+pub struct PortFeed(mpsc::UnboundedSender<PortChange>);
+
+enum PortChange {
+    Add(u16, broadcast::Receiver<EventBatch>),
+    Remove(u16),
+}
+
+impl PortFeed {
+    pub fn add(&self, port: u16, receiver: broadcast::Receiver<EventBatch>) {
+        let _ = self.0.send(PortChange::Add(port, receiver));
+    }
+
+    pub fn remove(&self, port: u16) {
+        let _ = self.0.send(PortChange::Remove(port));
+    }
+}
+
+/// What a port's stream yields: a batch, a lag, or its end.
+enum ChannelItem {
+    Batch(EventBatch),
+    Lagged(u64),
+    Ended,
+}
+
+type ChannelStream = Pin<Box<dyn Stream<Item = ChannelItem> + Send>>;
+
+fn channel_stream(receiver: broadcast::Receiver<EventBatch>) -> ChannelStream {
+    Box::pin(
+        BroadcastStream::new(receiver)
+            .map(|item| match item {
+                Ok(batch) => ChannelItem::Batch(batch),
+                Err(BroadcastStreamRecvError::Lagged(missed)) => ChannelItem::Lagged(missed),
+            })
+            .chain(tokio_stream::once(ChannelItem::Ended)),
+    )
+}
+
 /// One consumer's view of the hub: the events of connections that opened
 /// after it subscribed, with drop-on-lag applied.
 pub struct Subscription {
-    streams: StreamMap<u16, BroadcastStream<EventBatch>>,
+    streams: StreamMap<u16, ChannelStream>,
+    /// Port changes sent through its [`PortFeed`]; `None` once closed.
+    changes: Option<mpsc::UnboundedReceiver<PortChange>>,
     /// Connections this consumer has seen open and not yet close.
     open: HashMap<ConnId, u16>,
     queue: VecDeque<StreamEvent>,
@@ -205,18 +320,57 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next event; `None` once every channel closed (the mirror stops).
+    /// The next event; `None` once every channel closed and the feed is
+    /// gone (the mirror stops).
     pub async fn next(&mut self) -> Option<StreamEvent> {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return Some(event);
             }
-            let (port, item) = self.streams.next().await?;
-            match item {
-                Ok(batch) => self.accept(port, &batch),
-                Err(BroadcastStreamRecvError::Lagged(missed)) => self.lagged(port, missed),
+            if self.streams.is_empty() && self.changes.is_none() {
+                return None;
+            }
+            tokio::select! {
+                item = self.streams.next(), if !self.streams.is_empty() => {
+                    if let Some((port, item)) = item {
+                        match item {
+                            ChannelItem::Batch(batch) => self.accept(port, &batch),
+                            ChannelItem::Lagged(missed) => self.lagged(port, missed),
+                            ChannelItem::Ended => self.end_port(port),
+                        }
+                    }
+                }
+                change = recv_change(&mut self.changes) => match change {
+                    Some(PortChange::Add(port, receiver)) => self.add_port(port, receiver),
+                    Some(PortChange::Remove(port)) => self.remove_port(port),
+                    None => self.changes = None,
+                },
             }
         }
+    }
+
+    /// Starts receiving `port`'s events (connections that open from now on).
+    pub fn add_port(&mut self, port: u16, receiver: broadcast::Receiver<EventBatch>) {
+        self.streams.insert(port, channel_stream(receiver));
+    }
+
+    /// Stops receiving `port`; its connections open here end as `shutdown`.
+    pub fn remove_port(&mut self, port: u16) {
+        if self.streams.remove(&port).is_some() {
+            self.end_port(port);
+        }
+    }
+
+    /// Nothing to wait for: no port and no queued event.
+    pub fn is_idle(&self) -> bool {
+        self.streams.is_empty() && self.queue.is_empty()
+    }
+
+    /// Ports this subscription receives.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.streams.keys().copied().collect();
+        ports.sort_unstable();
+        ports
     }
 
     /// Events already received and not yet returned by [`Self::next`]: a
@@ -242,43 +396,68 @@ impl Subscription {
                 StreamEvent::Closed { conn, .. } => self.open.remove(conn).is_some(),
             };
             if keep {
-                self.stats.events.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .bytes
-                    .fetch_add(event.data_len() as u64, Ordering::Relaxed);
-                self.queue.push_back(event.clone());
+                self.push(event.clone());
             }
         }
+    }
+
+    fn push(&mut self, event: StreamEvent) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(event.data_len() as u64, Ordering::Relaxed);
+        self.queue.push_back(event);
+    }
+
+    /// Closes this consumer's open connections of `port` with `reason`;
+    /// returns how many.
+    fn close_port_connections(&mut self, port: u16, reason: CloseReason) -> usize {
+        let mut closing: Vec<ConnId> = self
+            .open
+            .iter()
+            .filter(|(_, p)| **p == port)
+            .map(|(conn, _)| *conn)
+            .collect();
+        closing.sort_unstable();
+        for conn in &closing {
+            self.open.remove(conn);
+            self.push(StreamEvent::Closed {
+                conn: *conn,
+                reason,
+            });
+        }
+        closing.len()
+    }
+
+    /// `port`'s channel ended or was left: its connections end here.
+    fn end_port(&mut self, port: u16) {
+        self.close_port_connections(port, CloseReason::Shutdown);
     }
 
     /// Missed events of `port`: every connection of that port this consumer
     /// had open may miss bytes now, so each ends here as `lagged`.
     fn lagged(&mut self, port: u16, missed: u64) {
         self.stats.lags.fetch_add(1, Ordering::Relaxed);
-        let mut lost: Vec<ConnId> = self
-            .open
-            .iter()
-            .filter(|(_, p)| **p == port)
-            .map(|(conn, _)| *conn)
-            .collect();
-        lost.sort_unstable();
+        let closed = self.close_port_connections(port, CloseReason::Lagged);
         tracing::warn!(
             consumer = %self.stats.name,
             port,
             missed_batches = missed,
-            connections = lost.len(),
+            connections = closed,
             "consumer fell behind; closing its connections of this port as lagged"
         );
         self.stats
             .lagged_connections
-            .fetch_add(lost.len() as u64, Ordering::Relaxed);
-        for conn in lost {
-            self.open.remove(&conn);
-            self.queue.push_back(StreamEvent::Closed {
-                conn,
-                reason: CloseReason::Lagged,
-            });
-        }
+            .fetch_add(closed as u64, Ordering::Relaxed);
+    }
+}
+
+async fn recv_change(
+    changes: &mut Option<mpsc::UnboundedReceiver<PortChange>>,
+) -> Option<PortChange> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -367,7 +546,7 @@ mod tests {
     async fn consumers_see_connections_opened_after_they_subscribed() {
         let hub = Hub::new(&[80], CONFIG);
         hub.publish(80, vec![opened(1)]);
-        let mut sub = hub.subscribe(&[80], "late");
+        let (_, mut sub) = hub.subscribe(&[80], "late");
         hub.publish(
             80,
             vec![
@@ -401,8 +580,8 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_consumer_loses_only_its_own_connections() {
         let hub = Hub::new(&[80], CONFIG);
-        let mut slow = hub.subscribe(&[80], "slow");
-        let mut fast = hub.subscribe(&[80], "fast");
+        let (_, mut slow) = hub.subscribe(&[80], "slow");
+        let (_, mut fast) = hub.subscribe(&[80], "fast");
         hub.publish(80, vec![opened(1), data(1, "a")]);
         assert_eq!(read(&mut slow, 2).await, [opened(1), data(1, "a")]);
         assert_eq!(read(&mut fast, 2).await, [opened(1), data(1, "a")]);
@@ -429,13 +608,16 @@ mod tests {
         assert_eq!(rest, expected);
         assert_eq!(slow.stats().lagged_connections.load(Ordering::Relaxed), 1);
         assert_eq!(slow.stats().lags.load(Ordering::Relaxed), 1);
+        // The fast consumer still had connection 1 open when the channel
+        // ended: it ends explicitly too.
+        assert_eq!(fast.next().await, Some(closed(1, CloseReason::Shutdown)));
         assert!(fast.next().await.is_none());
     }
 
     #[tokio::test]
     async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
         let hub = Arc::new(Hub::new(&[80, 81], CONFIG));
-        let mut sub = hub.subscribe(&[80, 81], "all");
+        let (_, mut sub) = hub.subscribe(&[80, 81], "all");
         let mut batcher = Batcher::new(Arc::clone(&hub));
         batcher.event(80, opened(1));
         batcher.event(81, opened(2));
@@ -470,6 +652,8 @@ mod tests {
         while sub.next().await.is_some() {
             count += 1;
         }
-        assert_eq!(count, 3);
+        // Two opens and the data, then the two connections still open
+        // when the channels ended close as shutdown.
+        assert_eq!(count, 5);
     }
 }

@@ -4,16 +4,21 @@
 
 pub mod attach;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod conntrack;
+pub mod control;
 pub mod counters;
 pub mod drain;
 pub mod hub;
 pub mod loader;
+pub mod ports;
 pub mod privileges;
+pub mod protocol;
 pub mod reassembly;
 pub mod record;
 pub mod segment;
+pub mod server;
 pub mod shards;
 pub mod sinks;
 pub mod stream;

@@ -1,6 +1,7 @@
 //! `mirror`: kernel-assisted TCP traffic mirror.
 
 mod run;
+mod tail;
 
 use std::process::ExitCode;
 
@@ -31,10 +32,16 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args, max_level).await,
+            Command::Tail(args) => tail::tail(args).await,
+            Command::Ports(args) => tail::ports(args).await,
+            Command::Stats(args) => tail::stats(args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever read our output went away (`mirror stats | head`): the
+        // ordinary end of a command-line tool, as for tcpdump.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             // One sentence per cause, never a backtrace (RUST_BACKTRACE
             // would make anyhow's Debug output print one).
@@ -42,4 +49,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -15,21 +15,25 @@ use anyhow::Context as _;
 use mirror_user::{
     attach::{self, AUTO_REASON},
     cli::{AttachMode, PrintFormat, RunArgs, StreamArgs},
+    client,
     clock::WallClock,
-    conntrack::TableLimits,
-    counters::{ConsumerSnapshot, DrainCounters, StreamSummary, Summary},
+    conntrack::{TableLimits, TableStats},
+    control::{Control, Request},
+    counters::{ConsumerSnapshot, DrainCounters, KernelCounters, StreamSummary, Summary},
     drain::{RecordSink, drain_ring, register_readable},
     hub::{Hub, HubConfig},
     loader::{self, LoadOptions, Mirror},
+    ports::PortRegistry,
     privileges,
     reassembly::ReorderLimits,
     record::Record,
-    shards::{SegmentRouter, ShardConfig, Shards},
+    server::{self, ServerConfig, ServerStats, SessionContext},
+    shards::{SegmentRouter, ShardConfig, ShardCounters, Shards},
     sinks::{dump::dump_events, events::print_events, packets::PacketPrinter},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc, watch},
     task::{JoinError, JoinSet},
 };
 use tracing_subscriber::filter::LevelFilter;
@@ -52,18 +56,52 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
 
     // Consumers subscribe before any packet flows, so they see every
-    // connection from its start.
+    // connection from its start; they follow the ports `ports add` adds.
     let hub = Arc::new(Hub::new(&ports, hub_config(&args.streams)));
+    let registry = PortRegistry::new(&ports, args.server.allow(), args.server.max_client_ports);
+    let mut control = Control::new(registry, Arc::clone(&hub));
     let mut consumers = JoinSet::new();
     if let Some(format) = args.print {
-        let subscription = hub.subscribe(&ports, "print");
+        let (feed, subscription) = hub.subscribe(&ports, "print");
+        control.follow_own_ports(feed);
         consumers.spawn(print_events(subscription, format));
     }
     if let Some(dir) = &args.dump_dir {
-        let subscription = hub.subscribe(&ports, "dump-dir");
+        let (feed, subscription) = hub.subscribe(&ports, "dump-dir");
+        control.follow_own_ports(feed);
         consumers.spawn(dump_events(subscription, dir.clone()));
     }
     let shards = Shards::start(shard_config(&args.streams), &hub);
+
+    // Bind before attaching: a taken address fails before anything else.
+    let token = match &args.server.token_file {
+        Some(path) => Some(
+            client::read_token(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let server_config = Arc::new(ServerConfig {
+        endpoints: args.server.endpoints(),
+        token,
+        max_clients: args.server.max_clients,
+        write_timeout: args.server.client_timeout,
+        name: format!("mirror {} on {}", env!("CARGO_PKG_VERSION"), args.iface),
+    });
+    let listeners = server::bind(&server_config).await?;
+    let (control_tx, mut control_rx) = mpsc::channel(64);
+    let (server_stop_tx, server_stop_rx) = watch::channel(false);
+    let server_stats = Arc::new(ServerStats::default());
+    let server_task = tokio::spawn(server::serve(
+        listeners,
+        SessionContext {
+            control: control_tx,
+            hub: Arc::clone(&hub),
+            stats: Arc::clone(&server_stats),
+            config: Arc::clone(&server_config),
+        },
+        server_stop_rx,
+    ));
 
     // Ports next: the program mirrors from the first packet it sees.
     for port in &ports {
@@ -82,6 +120,9 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         args.iface,
         attachment.point
     );
+    for endpoint in &server_config.endpoints {
+        tracing::info!("clients connect at {endpoint} (mirror tail --connect {endpoint} --port P)");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let drain_counters = Arc::new(DrainCounters::default());
@@ -135,15 +176,37 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         });
     }
 
+    let stages = Stages {
+        drain: Arc::clone(&drain_counters),
+        shards: shards.counters(),
+        ring_lost_flows: Arc::clone(&ring_lost_flows),
+        hub: Arc::clone(&hub),
+        server: Arc::clone(&server_stats),
+    };
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let early_end = tokio::select! {
-        _ = sigint.recv() => None,
-        _ = sigterm.recv() => None,
-        ended = drains.join_next() => ended,
-        // join_next on an empty set is ready at once.
-        ended = consumers.join_next(), if !consumers.is_empty() => ended,
+    // The main task: control requests until a signal or a task ends.
+    let early_end = loop {
+        tokio::select! {
+            _ = sigint.recv() => break None,
+            _ = sigterm.recv() => break None,
+            ended = drains.join_next() => break ended,
+            // join_next on an empty set is ready at once.
+            ended = consumers.join_next(), if !consumers.is_empty() => break ended,
+            Some(request) = control_rx.recv() => match request {
+                Request::Stats { reply } => {
+                    let json = mirror
+                        .counters()
+                        .map(|kernel| stages.json(kernel, shards.table_stats()))
+                        .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}));
+                    let _ = reply.send(json.to_string());
+                }
+                request => control.handle(request, &mut mirror),
+            },
+        }
     };
+    // Requests still in flight get "the mirror is stopping".
+    drop(control_rx);
 
     // Detach first, so that the final drain reads every record the program
     // wrote and the counters match what was delivered. Then each stage ends
@@ -158,30 +221,16 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     if let Some(task) = lost_task {
         let _ = task.await;
     }
-    let shard_counters = shards.counters();
     let table = shards.finish().await;
-    let (segments, queue_drops, undecodable) = shard_counters.snapshot();
-    let summary = Summary {
-        kernel: mirror
-            .counters()
-            .context("cannot read the kernel counters")?,
-        drain: drain_counters.snapshot(),
-        streams: StreamSummary {
-            segments,
-            queue_drops,
-            undecodable,
-            ring_lost_flows: ring_lost_flows.load(Ordering::Relaxed),
-            table,
-            ports: hub.port_totals(),
-            consumers: hub
-                .consumers()
-                .iter()
-                .map(|c| ConsumerSnapshot::of(c))
-                .collect(),
-        },
-    };
-    // The shards are gone; without the hub's senders the consumers see
-    // their channels end once they have read everything.
+    let kernel = mirror
+        .counters()
+        .context("cannot read the kernel counters")?;
+    // The shards are gone; with the channels closed, the consumers and the
+    // sessions see their ends once they have read everything.
+    hub.close_all();
+    let _ = server_stop_tx.send(true);
+    let _ = server_task.await;
+    drop(control);
     drop(hub);
     while let Some(ended) = consumers.join_next().await {
         failure = failure.or(task_failure(ended));
@@ -189,11 +238,52 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     detached?;
 
     if args.print == Some(PrintFormat::Json) || args.print_packets == Some(PrintFormat::Json) {
-        println!("{}", summary.to_json());
+        println!("{}", stages.json(kernel, table));
     } else {
-        eprintln!("{summary}");
+        eprintln!("{}", stages.summary(kernel, table));
+        eprintln!("server: {}", stages.server);
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// Handles on every stage's counters, to build the summary at any time.
+struct Stages {
+    drain: Arc<DrainCounters>,
+    shards: Arc<ShardCounters>,
+    ring_lost_flows: Arc<AtomicU64>,
+    hub: Arc<Hub>,
+    server: Arc<ServerStats>,
+}
+
+impl Stages {
+    fn summary(&self, kernel: KernelCounters, table: TableStats) -> Summary {
+        let (segments, queue_drops, undecodable) = self.shards.snapshot();
+        Summary {
+            kernel,
+            drain: self.drain.snapshot(),
+            streams: StreamSummary {
+                segments,
+                queue_drops,
+                undecodable,
+                ring_lost_flows: self.ring_lost_flows.load(Ordering::Relaxed),
+                table,
+                ports: self.hub.port_totals(),
+                consumers: self
+                    .hub
+                    .consumers()
+                    .iter()
+                    .map(|c| ConsumerSnapshot::of(c))
+                    .collect(),
+            },
+        }
+    }
+
+    /// The counters document, with the server's counters.
+    fn json(&self, kernel: KernelCounters, table: TableStats) -> serde_json::Value {
+        let mut json = self.summary(kernel, table).to_json();
+        json["server"] = self.server.to_json();
+        json
+    }
 }
 
 /// What each drain task feeds: the shards, and the packet printer.

@@ -6,6 +6,7 @@
 pub mod mirror_process;
 pub mod netns;
 pub mod streams;
+pub mod traffic;
 
 /// Panics unless the tests run as root: they create network namespaces and
 /// load BPF programs.

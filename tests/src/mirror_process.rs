@@ -28,6 +28,9 @@ pub fn mirror_bin() -> PathBuf {
 }
 
 /// Runs `mirror ARGS` in `ns` (or here) to completion.
+///
+/// Client commands (`ports`, `stats`, `tail`) reach a Unix socket from any
+/// network namespace; TCP endpoints need the mirror's namespace.
 pub fn run_mirror(ns: Option<&str>, args: &[&str]) -> Output {
     command(ns)
         .args(args)
@@ -54,6 +57,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// A running `mirror run`.
 pub struct MirrorProcess {
     child: Child,
+    /// Where its subscriber server listens.
+    socket: Option<PathBuf>,
     stdout: Option<JoinHandle<Vec<String>>>,
     stdout_pipe: Option<ChildStdout>,
     stderr: Option<JoinHandle<Vec<String>>>,
@@ -102,7 +107,7 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
             Some(("port", port)) => format!("ports.{port}"),
             Some(("consumer", name)) => format!("consumers.{name}"),
             Some(_) => continue,
-            None if ["kernel", "drain", "shards", "connections"].contains(&stage) => {
+            None if ["kernel", "drain", "shards", "connections", "server"].contains(&stage) => {
                 stage.to_owned()
             }
             None if stage == "closed" => "connections.closed".to_owned(),
@@ -119,43 +124,9 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
     counters
 }
 
-/// Flattens the counters object: `kernel.ring_full`,
-/// `connections.closed.gap`, `consumers.print.lags`, `ports.5201.bytes`.
+/// The counters line, flattened as `mirror stats` shows it.
 fn json_counters(line: &Value) -> BTreeMap<String, u64> {
-    fn walk(prefix: &str, value: &Value, out: &mut BTreeMap<String, u64>) {
-        match value {
-            Value::Number(n) => {
-                if let Some(n) = n.as_u64() {
-                    out.insert(prefix.to_owned(), n);
-                }
-            }
-            Value::Object(map) => {
-                for (key, value) in map {
-                    let name = if prefix.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{prefix}.{key}")
-                    };
-                    walk(&name, value, out);
-                }
-            }
-            Value::Array(items) => {
-                for item in items {
-                    // Ports and consumers are keyed by their port or name.
-                    let key = item["port"]
-                        .as_u64()
-                        .map(|p| p.to_string())
-                        .or_else(|| item["name"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    walk(&format!("{prefix}.{key}"), item, out);
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut counters = BTreeMap::new();
-    walk("", line, &mut counters);
-    counters
+    mirror_user::counters::flatten(line)
 }
 
 /// How the test reads what the mirror prints.
@@ -186,15 +157,34 @@ impl MirrorProcess {
         Self::spawn(ns, args, Stdout::Read)
     }
 
+    /// The address its subscriber server listens on (when the test did not
+    /// choose one).
+    pub fn endpoint(&self) -> String {
+        let socket = self.socket.as_ref().expect("the test gave --listen itself");
+        format!("unix:{}", socket.display())
+    }
+
     /// Process id (`ip netns exec` execs, so this is mirror itself).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {
+        // Tests run side by side and /run is shared by every network
+        // namespace: each mirror gets its own socket unless told otherwise.
+        let socket = (!args.contains(&"--listen")).then(|| {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::env::temp_dir().join(format!("mirror-test-{}-{n}.sock", std::process::id()))
+        });
+        let listen: Vec<String> = socket
+            .iter()
+            .flat_map(|path| ["--listen".to_owned(), format!("unix:{}", path.display())])
+            .collect();
         let mut child = command(Some(ns))
             .arg("run")
             .args(args)
+            .args(&listen)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -216,6 +206,7 @@ impl MirrorProcess {
         });
         let mut process = Self {
             child,
+            socket,
             stdout: None,
             stdout_pipe: Some(stdout),
             stderr: Some(stderr),
@@ -321,6 +312,91 @@ impl MirrorProcess {
 impl Drop for MirrorProcess {
     fn drop(&mut self) {
         // A test that panicked must not leave a mirror running.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `mirror tail` (or any other client command), from the test's
+/// own network namespace unless `ns` is given.
+pub struct ClientProcess {
+    child: Child,
+    stderr: Option<JoinHandle<Vec<String>>>,
+}
+
+impl ClientProcess {
+    /// Starts `mirror tail --connect ENDPOINT ARGS` and waits until it
+    /// follows its ports; panics with its stderr if it fails first.
+    pub fn tail(ns: Option<&str>, endpoint: &str, args: &[&str]) -> Self {
+        let mut child = command(ns)
+            .args(["tail", "--connect", endpoint])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start mirror tail");
+        let stderr = child.stderr.take().expect("piped");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("following port") {
+                    let _ = ready_tx.send(());
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        let mut process = Self {
+            child,
+            stderr: Some(stderr),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while ready_rx.recv_timeout(Duration::from_millis(50)).is_err() {
+            let exited = process.child.try_wait().expect("wait").is_some();
+            if exited || Instant::now() > deadline {
+                let _ = process.child.kill();
+                let (_, stderr) = process.wait(Duration::from_secs(5));
+                panic!("mirror tail did not start:\n{stderr}");
+            }
+        }
+        process
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child.
+        let result = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(result, 0, "cannot signal mirror tail");
+    }
+
+    /// Waits for the process to exit (kills it after `timeout`); returns
+    /// its status and stderr.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (status, stderr.join("\n"))
+    }
+}
+
+impl Drop for ClientProcess {
+    fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -6,136 +6,49 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
-    thread,
-    time::{Duration, Instant},
 };
 
 use mirror_tests::{
     mirror_process::{MirrorOutput, MirrorProcess, Stdout},
-    netns::{ClientServer, KillOnDrop, TestNet, in_ns, run_in, spawn, wait_listening},
+    netns::ClientServer,
+    traffic::{MIB, SentFile, dumped, random_files, send_all, shape, start_server},
 };
-use mirror_user::sinks::dump::tcpflow_name;
 use serde_json::Value;
 
 const PORT: u16 = 5201;
-const SERVER: &str = "198.18.0.2";
-const MIB: usize = 1 << 20;
+const SERVER: &str = ClientServer::SERVER_IP;
 
-/// A client and a server namespace on a veth pair, default offloads on.
+/// A client and a server namespace on a veth pair, and a scratch directory.
 struct Setup {
-    _net: TestNet,
-    client: String,
-    server: String,
+    net: ClientServer,
     dir: tempfile::TempDir,
 }
 
 fn setup() -> Setup {
-    let pair = ClientServer::new();
     Setup {
-        _net: pair.net,
-        client: pair.client,
-        server: pair.server,
+        net: ClientServer::new(),
         dir: tempfile::tempdir().expect("temp dir"),
     }
 }
 
 impl Setup {
-    /// Limits what the client sends to `rate` (tc tbf on its veth; the
-    /// bucket holds whole 64 KiB GSO packets): a fixed offered load, so a
-    /// busy 2-core test machine still has the CPU for the mirror and its
-    /// consumers, and results do not depend on how fast the machine is.
-    fn shape_client(&self, rate: &str) {
-        run_in(
-            &self.client,
-            "tc",
-            &[
-                "qdisc", "add", "dev", "cli0", "root", "tbf", "rate", rate, "burst", "512kb",
-                "latency", "100ms",
-            ],
-        );
-    }
-
     fn path(&self, name: &str) -> PathBuf {
         let path = self.dir.path().join(name);
         fs::create_dir_all(&path).expect("mkdir");
         path
     }
 
-    /// A socat server that writes each connection to `DIR/<client port>`.
-    fn start_server(&self, dir: &Path) -> KillOnDrop {
-        let server = spawn(in_ns(&self.server, "socat").args([
-            "-u".to_owned(),
-            format!("TCP-LISTEN:{PORT},reuseaddr,fork"),
-            format!("SYSTEM:cat > {}/$SOCAT_PEERPORT", dir.display()),
-        ]));
-        wait_listening(&self.server, PORT);
-        server
+    fn files(&self, count: usize, min: usize, max: usize) -> Vec<SentFile> {
+        random_files(&self.path("send"), 41000, count, min, max)
     }
 
-    /// Sends every file to the server at once, one connection each (bound
-    /// to a known client port), and waits until the server holds them all.
-    fn send_all(&self, files: &[(u16, PathBuf, usize)], received: &Path) {
-        let clients: Vec<KillOnDrop> = files
-            .iter()
-            .map(|(port, file, _)| {
-                spawn(in_ns(&self.client, "socat").args([
-                    "-u".to_owned(),
-                    format!("OPEN:{}", file.display()),
-                    format!("TCP:{SERVER}:{PORT},sourceport={port},reuseaddr"),
-                ]))
-            })
-            .collect();
-        for client in clients {
-            client.wait_success("a client", Duration::from_secs(120));
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for (port, _, len) in files {
-            let path = received.join(port.to_string());
-            while fs::metadata(&path).map(|m| m.len() as usize).unwrap_or(0) < *len {
-                assert!(
-                    Instant::now() < deadline,
-                    "the server did not receive {port}"
-                );
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
+    fn dumped(&self, dump: &Path, file: &SentFile) -> Vec<(Vec<u8>, Value)> {
+        dumped(
+            dump,
+            &format!("{}:{}", ClientServer::CLIENT_IP, file.client_port),
+            &format!("{SERVER}:{PORT}"),
+        )
     }
-}
-
-/// `count` files of random bytes, sizes from `min` to `max` bytes, with the
-/// client port each is sent from.
-fn random_files(dir: &Path, count: usize, min: usize, max: usize) -> Vec<(u16, PathBuf, usize)> {
-    let mut random = fs::File::open("/dev/urandom").expect("urandom");
-    (0..count)
-        .map(|i| {
-            let len = if count > 1 {
-                min + (max - min) * i / (count - 1)
-            } else {
-                min
-            };
-            let mut data = vec![0u8; len];
-            std::io::Read::read_exact(&mut random, &mut data).expect("random bytes");
-            let path = dir.join(format!("send-{i}"));
-            fs::write(&path, &data).expect("write");
-            (41000 + i as u16, path, len)
-        })
-        .collect()
-}
-
-/// The dumped stream and the reason its connection ended.
-fn dumped(dump: &Path, client_port: u16) -> Vec<(Vec<u8>, Value)> {
-    let src = format!("198.18.0.1:{client_port}").parse().unwrap();
-    let dst = format!("{SERVER}:{PORT}").parse().unwrap();
-    let base = tcpflow_name(src, dst);
-    // A connection cut by a loss continues as a new, midstream one: NAMEc1...
-    let mut parts = Vec::new();
-    for name in std::iter::once(base.clone()).chain((1..).map(|n| format!("{base}c{n}"))) {
-        let path = dump.join(&name);
-        let Ok(bytes) = fs::read(&path) else { break };
-        let meta = fs::read(dump.join(format!("{name}.meta"))).expect("every file has a sidecar");
-        parts.push((bytes, serde_json::from_slice(&meta).expect("sidecar JSON")));
-    }
-    parts
 }
 
 fn counters(output: &MirrorOutput) -> String {
@@ -147,28 +60,29 @@ fn twenty_concurrent_connections_are_dumped_byte_identical() {
     let s = setup();
     let received = s.path("received");
     let dump = s.path("dump");
-    let files = random_files(&s.path("send"), 20, MIB, 20 * MIB);
-    s.shape_client("2gbit");
-    let server = s.start_server(&received);
+    let files = s.files(20, MIB, 20 * MIB);
+    shape(&s.net.client, "cli0", "2gbit");
+    let server = start_server(&s.net.server, PORT, &received);
     let dump_arg = dump.display().to_string();
     let mirror = MirrorProcess::start_with(
-        &s.server,
+        &s.net.server,
         &["--iface", "srv0", "--port", "5201", "--dump-dir", &dump_arg],
         Stdout::Read,
     );
-    s.send_all(&files, &received);
+    send_all(&s.net.client, SERVER, PORT, &files, &received);
     let output = mirror.interrupt();
     drop(server);
     assert!(output.status.success(), "{}", output.stderr);
 
-    for (port, file, len) in &files {
-        let sent = fs::read(file).unwrap();
+    for file in &files {
+        let (port, len) = (file.client_port, &file.len);
+        let sent = file.bytes();
         let server_got = fs::read(received.join(port.to_string())).unwrap();
         assert!(
             server_got == sent,
             "the server received connection {port} intact"
         );
-        let parts = dumped(&dump, *port);
+        let parts = s.dumped(&dump, file);
         assert_eq!(
             parts.len(),
             1,
@@ -208,7 +122,7 @@ fn twenty_concurrent_connections_are_dumped_byte_identical() {
         "{}",
         counters(&output)
     );
-    let total: usize = files.iter().map(|(_, _, len)| len).sum();
+    let total: usize = files.iter().map(|file| file.len).sum();
     assert_eq!(
         output.counter("ports.5201.bytes"),
         total as u64,
@@ -228,15 +142,16 @@ fn a_stalled_consumer_is_closed_as_lagged_and_harms_nothing_else() {
     let s = setup();
     let received = s.path("received");
     let dump = s.path("dump");
-    let files = random_files(&s.path("send"), 6, 4 * MIB, 8 * MIB);
-    s.shape_client("1gbit");
-    let server = s.start_server(&received);
+    let files = s.files(6, 8 * MIB, 8 * MIB);
+    shape(&s.net.client, "cli0", "500mbit");
+    let server = start_server(&s.net.server, PORT, &received);
     let dump_arg = dump.display().to_string();
     // The print consumer writes to a pipe nobody reads during the transfer:
-    // it stops consuming after 64 KiB. A 16 MiB channel is less than the
-    // 36 MiB sent, so it lags; the dump consumer keeps up with the 1 Gbit/s.
+    // it stops consuming after 64 KiB. A 32 MiB channel is less than the
+    // 48 MiB sent, so it lags; the dump consumer, reading, has half a
+    // second of slack at 500 Mbit/s.
     let mirror = MirrorProcess::start_with(
-        &s.server,
+        &s.net.server,
         &[
             "--iface",
             "srv0",
@@ -247,23 +162,28 @@ fn a_stalled_consumer_is_closed_as_lagged_and_harms_nothing_else() {
             "--print",
             "json",
             "--channel-bytes",
-            "16M",
+            "32M",
         ],
         Stdout::Stalled,
     );
-    s.send_all(&files, &received);
+    send_all(&s.net.client, SERVER, PORT, &files, &received);
     let output = mirror.interrupt();
     drop(server);
     assert!(output.status.success(), "{}", output.stderr);
 
     // The reading consumer got every stream whole.
-    for (port, _, _) in &files {
-        let parts = dumped(&dump, *port);
+    for file in &files {
+        let port = file.client_port;
+        let parts = s.dumped(&dump, file);
         assert_eq!(parts.len(), 1, "{port}");
         let server_got = fs::read(received.join(port.to_string())).unwrap();
         assert!(
             parts[0].0 == server_got,
-            "connection {port}: the dump is complete"
+            "connection {port}: the dump is complete ({} of {} bytes, {})\n{}",
+            parts[0].0.len(),
+            server_got.len(),
+            parts[0].1,
+            counters(&output)
         );
         assert_eq!(parts[0].1["reason"], "fin");
     }
@@ -316,12 +236,12 @@ fn a_tiny_ring_loses_packets_and_every_loss_ends_a_stream_as_gap() {
     let s = setup();
     let received = s.path("received");
     let dump = s.path("dump");
-    let files = random_files(&s.path("send"), 6, 8 * MIB, 8 * MIB);
-    let server = s.start_server(&received);
+    let files = s.files(6, 8 * MIB, 8 * MIB);
+    let server = start_server(&s.net.server, PORT, &received);
     let dump_arg = dump.display().to_string();
     // 256 KiB holds four 64 KiB packets: a burst overflows it at once.
     let mirror = MirrorProcess::start_with(
-        &s.server,
+        &s.net.server,
         &[
             "--iface",
             "srv0",
@@ -334,7 +254,7 @@ fn a_tiny_ring_loses_packets_and_every_loss_ends_a_stream_as_gap() {
         ],
         Stdout::Read,
     );
-    s.send_all(&files, &received);
+    send_all(&s.net.client, SERVER, PORT, &files, &received);
     let output = mirror.interrupt();
     drop(server);
     assert!(output.status.success(), "{}", output.stderr);
@@ -350,9 +270,10 @@ fn a_tiny_ring_loses_packets_and_every_loss_ends_a_stream_as_gap() {
         counters(&output)
     );
     let mut gaps = 0;
-    for (port, file, _) in &files {
-        let sent = fs::read(file).unwrap();
-        for (i, (stream, meta)) in dumped(&dump, *port).iter().enumerate() {
+    for file in &files {
+        let port = file.client_port;
+        let sent = file.bytes();
+        for (i, (stream, meta)) in s.dumped(&dump, file).iter().enumerate() {
             let midstream = meta["midstream"] == true;
             if !midstream {
                 // From the connection's start: a prefix of what was sent.

@@ -94,8 +94,10 @@ fn busy_xdp_slot() {
     assert_clear_failure(&out, "b0 already has an XDP program attached");
     // TC still works beside it, and the first mirror is unharmed.
     let tc = MirrorProcess::start(&b, &["--iface", "b0", "--port", "81", "--attach", "tc"]);
-    assert!(tc.interrupt().status.success());
-    assert!(first.interrupt().status.success());
+    let tc = tc.interrupt();
+    assert!(tc.status.success(), "{}", tc.stderr);
+    let first = first.interrupt();
+    assert!(first.status.success(), "{}", first.stderr);
 }
 
 #[test]

@@ -60,16 +60,68 @@ impl<'a> EventLine<'a> {
     }
 }
 
+/// How events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFormat {
+    Text,
+    Json,
+    /// As text, with each data chunk as a hex dump.
+    Hex,
+}
+
+impl From<PrintFormat> for EventFormat {
+    fn from(format: PrintFormat) -> Self {
+        match format {
+            PrintFormat::Text => Self::Text,
+            PrintFormat::Json => Self::Json,
+        }
+    }
+}
+
+impl From<crate::cli::TailFormat> for EventFormat {
+    fn from(format: crate::cli::TailFormat) -> Self {
+        match format {
+            crate::cli::TailFormat::Text => Self::Text,
+            crate::cli::TailFormat::Json => Self::Json,
+            crate::cli::TailFormat::Hex => Self::Hex,
+        }
+    }
+}
+
+/// `xxd`-like lines: offset, 16 bytes in hex, the printable ones as text.
+fn hex_dump(bytes: &[u8], out: &mut String) {
+    for (row, chunk) in bytes.chunks(16).enumerate() {
+        let _ = write!(out, "\n  {:08x}:", row * 16);
+        for (i, byte) in chunk.iter().enumerate() {
+            if i % 2 == 0 {
+                out.push(' ');
+            }
+            let _ = write!(out, "{byte:02x}");
+        }
+        // A full row is 8 groups of " xxxx": pad a short one to that width.
+        let written = chunk.len() * 2 + chunk.len().div_ceil(2);
+        out.extend(std::iter::repeat_n(' ', 40 - written + 2));
+        out.extend(chunk.iter().map(|b| {
+            if b.is_ascii_graphic() || *b == b' ' {
+                *b as char
+            } else {
+                '.'
+            }
+        }));
+    }
+}
+
 /// Appends the line for `event` (with its newline) to `out`.
-pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) {
+pub fn format_event(event: &StreamEvent, format: impl Into<EventFormat>, out: &mut String) {
+    let format = format.into();
     match format {
-        PrintFormat::Json => {
+        EventFormat::Json => {
             // Serializing strings and numbers cannot fail.
             if let Ok(json) = serde_json::to_string(&EventLine::new(event)) {
                 out.push_str(&json);
             }
         }
-        PrintFormat::Text => match event {
+        EventFormat::Text | EventFormat::Hex => match event {
             StreamEvent::Opened {
                 conn,
                 src,
@@ -80,6 +132,10 @@ pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) 
                 if *midstream {
                     out.push_str(" (midstream)");
                 }
+            }
+            StreamEvent::Data { conn, bytes } if format == EventFormat::Hex => {
+                let _ = write!(out, "conn {conn} data {} bytes:", bytes.len());
+                hex_dump(bytes, out);
             }
             StreamEvent::Data { conn, bytes } => {
                 let shown = &bytes[..bytes.len().min(TEXT_PREVIEW)];
@@ -126,7 +182,7 @@ mod tests {
     use super::*;
     use crate::stream::CloseReason;
 
-    fn line(event: &StreamEvent, format: PrintFormat) -> String {
+    fn line(event: &StreamEvent, format: impl Into<EventFormat>) -> String {
         let mut out = String::new();
         format_event(event, format, &mut out);
         out
@@ -166,6 +222,23 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"event": "closed", "conn": 7, "reason": "lagged"})
+        );
+    }
+
+    #[test]
+    fn hex_lines_dump_every_byte() {
+        let data = StreamEvent::Data {
+            conn: 2,
+            bytes: Bytes::from_static(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+        };
+        let text = line(&data, EventFormat::Hex);
+        assert_eq!(
+            text,
+            concat!(
+                "conn 2 data 25 bytes:\n",
+                "  00000000: 4745 5420 2f20 4854 5450 2f31 2e31 0d0a  GET / HTTP/1.1..\n",
+                "  00000010: 486f 7374 3a20 780d 0a                   Host: x..\n",
+            )
         );
     }
 

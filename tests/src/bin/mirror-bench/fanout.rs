@@ -151,7 +151,7 @@ async fn pipeline(records: &[Vec<u8>], consumers: usize) -> Sample {
         .collect();
     let mut tasks = Vec::new();
     for (i, counts) in received.iter().enumerate() {
-        let mut subscription = hub.subscribe(&[PORT], &format!("bench{i}"));
+        let (_, mut subscription) = hub.subscribe(&[PORT], &format!("bench{i}"));
         let counts = Arc::clone(counts);
         tasks.push(tokio::spawn(async move {
             while let Some(event) = subscription.next().await {

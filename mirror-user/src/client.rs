@@ -1,0 +1,222 @@
+//! A client of the subscriber server, used by `mirror tail`, `mirror
+//! ports` and `mirror stats`, and by tests.
+//!
+//! Requests are answered in order, but stream events arrive between the
+//! answers: while waiting for an answer, events are queued for
+//! [`Client::next_event`].
+
+use std::{collections::VecDeque, io, path::PathBuf};
+
+use bytes::BytesMut;
+use futures_util::SinkExt as _;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_stream::StreamExt as _;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::{
+    protocol::{ClientFrame, ErrorCode, PortInfo, ProtocolError, ServerFrame, VERSION},
+    server::{Connection, Endpoint, frame},
+    stream::StreamEvent,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot connect to the mirror at {endpoint} ({source}): is `mirror run` running, with --listen {endpoint}?"
+    )]
+    Connect {
+        endpoint: Endpoint,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the mirror refused the token: pass the token file the mirror was started with (--token-file)"
+    )]
+    BadToken,
+    #[error("the mirror speaks another protocol version: {0}")]
+    Version(String),
+    #[error("{0}")]
+    PortNotAllowed(String),
+    #[error("{0}")]
+    TooMany(String),
+    #[error("the mirror reported an error: {0}")]
+    Server(String),
+    #[error("the mirror closed the connection")]
+    Closed,
+    #[error("the mirror sent an unexpected frame: {0}")]
+    Unexpected(String),
+    #[error("the mirror sent a malformed frame: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("connection to the mirror failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ClientError {
+    fn from_error_frame(code: ErrorCode, message: String) -> Self {
+        match code {
+            ErrorCode::BadToken => Self::BadToken,
+            ErrorCode::UnsupportedVersion => Self::Version(message),
+            ErrorCode::PortNotAllowed => Self::PortNotAllowed(message),
+            ErrorCode::TooManyPorts | ErrorCode::TooManyClients => Self::TooMany(message),
+            _ => Self::Server(message),
+        }
+    }
+}
+
+pub struct Client {
+    wire: Framed<Box<dyn Connection>, LengthDelimitedCodec>,
+    events: VecDeque<StreamEvent>,
+    server: String,
+}
+
+impl Client {
+    /// Connects and says hello; `token` is checked by TCP listeners.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        token: Option<&str>,
+        name: &str,
+    ) -> Result<Self, ClientError> {
+        let connect_error = |source| ClientError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let connection: Box<dyn Connection> = match endpoint {
+            Endpoint::Unix(path) => {
+                Box::new(UnixStream::connect(path).await.map_err(connect_error)?)
+            }
+            Endpoint::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
+                let _ = stream.set_nodelay(true);
+                Box::new(stream)
+            }
+        };
+        let mut client = Self {
+            wire: frame(connection),
+            events: VecDeque::new(),
+            server: String::new(),
+        };
+        client
+            .send(&ClientFrame::Hello {
+                version: VERSION,
+                token: token.unwrap_or_default().to_owned(),
+                name: name.to_owned(),
+            })
+            .await?;
+        match client.answer().await? {
+            ServerFrame::Welcome { server, .. } => {
+                client.server = server;
+                Ok(client)
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// How the server described itself.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub async fn subscribe(&mut self, ports: &[u16]) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::Subscribe {
+            ports: ports.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn unsubscribe(&mut self, ports: &[u16]) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::Unsubscribe {
+            ports: ports.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn add_port(&mut self, port: u16) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::AddPort { port }).await
+    }
+
+    pub async fn remove_port(&mut self, port: u16) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::RemovePort { port }).await
+    }
+
+    pub async fn list_ports(&mut self) -> Result<Vec<PortInfo>, ClientError> {
+        self.send(&ClientFrame::ListPorts).await?;
+        match self.answer().await? {
+            ServerFrame::Ports { ports } => Ok(ports),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Every counter of the mirror, as JSON.
+    pub async fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
+        self.send(&ClientFrame::Stats).await?;
+        match self.answer().await? {
+            ServerFrame::Stats { json } => serde_json::from_str(&json)
+                .map_err(|e| ClientError::Unexpected(format!("stats that are not JSON: {e}"))),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The next stream event; `None` when the mirror closed the connection.
+    pub async fn next_event(&mut self) -> Result<Option<StreamEvent>, ClientError> {
+        if let Some(event) = self.events.pop_front() {
+            return Ok(Some(event));
+        }
+        match self.read().await? {
+            None => Ok(None),
+            Some(frame) => match frame {
+                ServerFrame::Error { code, message, .. } => {
+                    Err(ClientError::from_error_frame(code, message))
+                }
+                other => match other.into_event() {
+                    Some(event) => Ok(Some(event)),
+                    None => Err(ClientError::Unexpected("an answer to no request".into())),
+                },
+            },
+        }
+    }
+
+    async fn request_ok(&mut self, request: &ClientFrame) -> Result<(), ClientError> {
+        self.send(request).await?;
+        match self.answer().await? {
+            ServerFrame::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        self.wire.send(buf.freeze()).await?;
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<Option<ServerFrame>, ClientError> {
+        match self.wire.next().await {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(ServerFrame::decode(&bytes?)?)),
+        }
+    }
+
+    /// The answer to the last request; events that come first are queued.
+    async fn answer(&mut self) -> Result<ServerFrame, ClientError> {
+        loop {
+            let frame = self.read().await?.ok_or(ClientError::Closed)?;
+            if let ServerFrame::Error { code, message, .. } = frame {
+                return Err(ClientError::from_error_frame(code, message));
+            }
+            match frame {
+                ServerFrame::Opened { .. }
+                | ServerFrame::Data { .. }
+                | ServerFrame::Closed { .. } => {
+                    self.events.extend(frame.into_event());
+                }
+                answer => return Ok(answer),
+            }
+        }
+    }
+}
+
+/// Reads a token file: its content without surrounding whitespace.
+pub fn read_token(path: &PathBuf) -> io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+}

@@ -1,0 +1,821 @@
+//! The subscriber protocol (version 1), specified in `docs/protocol.md`:
+//! length-prefixed frames (a 4-byte big-endian length, then the frame),
+//! each a type byte and a body of big-endian fields.
+//!
+//! Framing is tokio-util's `LengthDelimitedCodec`; this module encodes and
+//! decodes frame bodies. Decoding never panics: any byte string is either a
+//! frame or a [`ProtocolError`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::stream::{CloseReason, ConnId, StreamEvent};
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Largest frame (after the length prefix) either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Longest token and client or server name.
+pub const MAX_NAME: usize = 1024;
+
+/// A frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// First frame of every session.
+    Hello {
+        version: u16,
+        token: String,
+        name: String,
+    },
+    Subscribe {
+        ports: Vec<u16>,
+    },
+    Unsubscribe {
+        ports: Vec<u16>,
+    },
+    Stats,
+    ListPorts,
+    AddPort {
+        port: u16,
+    },
+    RemovePort {
+        port: u16,
+    },
+}
+
+/// A frame the server sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerFrame {
+    /// Reply to a good `Hello`.
+    Welcome {
+        version: u16,
+        server: String,
+    },
+    Opened {
+        conn: ConnId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        midstream: bool,
+    },
+    Data {
+        conn: ConnId,
+        bytes: Bytes,
+    },
+    Closed {
+        conn: ConnId,
+        reason: CloseReason,
+    },
+    /// Reply to a request that succeeded (subscribe, unsubscribe, add, remove).
+    Ok,
+    /// Reply to `Stats`: every counter, as a JSON document.
+    Stats {
+        json: String,
+    },
+    /// Reply to `ListPorts`.
+    Ports {
+        ports: Vec<PortInfo>,
+    },
+    /// Reply to a request that failed; `fatal` errors end the session.
+    Error {
+        code: ErrorCode,
+        fatal: bool,
+        message: String,
+    },
+}
+
+/// One mirrored port, as `ListPorts` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortInfo {
+    pub port: u16,
+    /// Given on the mirror's command line: always mirrored.
+    pub command_line: bool,
+    /// Added with `AddPort`.
+    pub added: bool,
+    /// Sessions subscribed to it.
+    pub subscribers: u32,
+}
+
+/// Why a request or session failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame could not be decoded, or came out of turn.
+    BadFrame,
+    UnsupportedVersion,
+    BadToken,
+    PortNotAllowed,
+    TooManyPorts,
+    TooManyClients,
+    /// The session stopped reading for longer than its budget.
+    TooSlow,
+    Internal,
+    /// A code this build does not know (from a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub const fn to_u16(self) -> u16 {
+        match self {
+            Self::BadFrame => 1,
+            Self::UnsupportedVersion => 2,
+            Self::BadToken => 3,
+            Self::PortNotAllowed => 4,
+            Self::TooManyPorts => 5,
+            Self::TooManyClients => 6,
+            Self::TooSlow => 7,
+            Self::Internal => 8,
+            Self::Other(code) => code,
+        }
+    }
+
+    pub const fn from_u16(code: u16) -> Self {
+        match code {
+            1 => Self::BadFrame,
+            2 => Self::UnsupportedVersion,
+            3 => Self::BadToken,
+            4 => Self::PortNotAllowed,
+            5 => Self::TooManyPorts,
+            6 => Self::TooManyClients,
+            7 => Self::TooSlow,
+            8 => Self::Internal,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// Why bytes are not a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    #[error("frame 0x{kind:02x} ends before its {field}")]
+    Truncated { kind: u8, field: &'static str },
+    #[error("frame 0x{kind:02x} has {extra} bytes after its last field")]
+    Trailing { kind: u8, extra: usize },
+    #[error("frame 0x{kind:02x}: {field} is not UTF-8")]
+    NotUtf8 { kind: u8, field: &'static str },
+    #[error("frame 0x{kind:02x}: {field} is {len} bytes long, at most {max} allowed")]
+    TooLong {
+        kind: u8,
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("frame 0x{kind:02x}: invalid {field} {value}")]
+    Invalid {
+        kind: u8,
+        field: &'static str,
+        value: u64,
+    },
+}
+
+mod kind {
+    pub const HELLO: u8 = 0x01;
+    pub const SUBSCRIBE: u8 = 0x02;
+    pub const UNSUBSCRIBE: u8 = 0x03;
+    pub const STATS: u8 = 0x04;
+    pub const LIST_PORTS: u8 = 0x05;
+    pub const ADD_PORT: u8 = 0x06;
+    pub const REMOVE_PORT: u8 = 0x07;
+
+    pub const WELCOME: u8 = 0x81;
+    pub const OPENED: u8 = 0x82;
+    pub const DATA: u8 = 0x83;
+    pub const CLOSED: u8 = 0x84;
+    pub const OK: u8 = 0x85;
+    pub const STATS_REPLY: u8 = 0x86;
+    pub const PORTS: u8 = 0x87;
+    pub const ERROR: u8 = 0x88;
+}
+
+const REASON_CODES: [(CloseReason, u8); 7] = [
+    (CloseReason::Fin, 0),
+    (CloseReason::Rst, 1),
+    (CloseReason::Idle, 2),
+    (CloseReason::Gap, 3),
+    (CloseReason::Lagged, 4),
+    (CloseReason::Evicted, 5),
+    (CloseReason::Shutdown, 6),
+];
+
+impl ClientFrame {
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Self::Hello {
+                version,
+                token,
+                name,
+            } => {
+                out.put_u8(kind::HELLO);
+                out.put_u16(*version);
+                put_str(out, token);
+                put_str(out, name);
+            }
+            Self::Subscribe { ports } | Self::Unsubscribe { ports } => {
+                let kind = if matches!(self, Self::Subscribe { .. }) {
+                    kind::SUBSCRIBE
+                } else {
+                    kind::UNSUBSCRIBE
+                };
+                out.put_u8(kind);
+                out.put_u16(ports.len() as u16);
+                for port in ports {
+                    out.put_u16(*port);
+                }
+            }
+            Self::Stats => out.put_u8(kind::STATS),
+            Self::ListPorts => out.put_u8(kind::LIST_PORTS),
+            Self::AddPort { port } => {
+                out.put_u8(kind::ADD_PORT);
+                out.put_u16(*port);
+            }
+            Self::RemovePort { port } => {
+                out.put_u8(kind::REMOVE_PORT);
+                out.put_u16(*port);
+            }
+        }
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(frame)?;
+        let decoded = match r.kind {
+            kind::HELLO => Self::Hello {
+                version: r.u16("version")?,
+                token: r.str("token")?,
+                name: r.str("name")?,
+            },
+            kind::SUBSCRIBE => Self::Subscribe { ports: r.ports()? },
+            kind::UNSUBSCRIBE => Self::Unsubscribe { ports: r.ports()? },
+            kind::STATS => Self::Stats,
+            kind::LIST_PORTS => Self::ListPorts,
+            kind::ADD_PORT => Self::AddPort {
+                port: r.u16("port")?,
+            },
+            kind::REMOVE_PORT => Self::RemovePort {
+                port: r.u16("port")?,
+            },
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(decoded)
+    }
+}
+
+impl ServerFrame {
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Self::Welcome { version, server } => {
+                out.put_u8(kind::WELCOME);
+                out.put_u16(*version);
+                put_str(out, server);
+            }
+            Self::Opened {
+                conn,
+                src,
+                dst,
+                midstream,
+            } => {
+                out.put_u8(kind::OPENED);
+                out.put_u64(*conn);
+                put_addr(out, src);
+                put_addr(out, dst);
+                out.put_u8(u8::from(*midstream));
+            }
+            Self::Data { conn, bytes } => {
+                out.put_u8(kind::DATA);
+                out.put_u64(*conn);
+                out.put_slice(bytes);
+            }
+            Self::Closed { conn, reason } => {
+                out.put_u8(kind::CLOSED);
+                out.put_u64(*conn);
+                out.put_u8(reason_code(*reason));
+            }
+            Self::Ok => out.put_u8(kind::OK),
+            Self::Stats { json } => {
+                out.put_u8(kind::STATS_REPLY);
+                out.put_slice(json.as_bytes());
+            }
+            Self::Ports { ports } => {
+                out.put_u8(kind::PORTS);
+                out.put_u16(ports.len() as u16);
+                for info in ports {
+                    out.put_u16(info.port);
+                    out.put_u8(u8::from(info.command_line) | (u8::from(info.added) << 1));
+                    out.put_u32(info.subscribers);
+                }
+            }
+            Self::Error {
+                code,
+                fatal,
+                message,
+            } => {
+                out.put_u8(kind::ERROR);
+                out.put_u16(code.to_u16());
+                out.put_u8(u8::from(*fatal));
+                out.put_slice(message.as_bytes());
+            }
+        }
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(frame)?;
+        let decoded = match r.kind {
+            kind::WELCOME => Self::Welcome {
+                version: r.u16("version")?,
+                server: r.str("server")?,
+            },
+            kind::OPENED => Self::Opened {
+                conn: r.u64("conn")?,
+                src: r.addr("src")?,
+                dst: r.addr("dst")?,
+                midstream: r.flag("midstream")?,
+            },
+            kind::DATA => Self::Data {
+                conn: r.u64("conn")?,
+                bytes: Bytes::copy_from_slice(r.rest()),
+            },
+            kind::CLOSED => Self::Closed {
+                conn: r.u64("conn")?,
+                reason: {
+                    let code = r.u8("reason")?;
+                    REASON_CODES
+                        .iter()
+                        .find(|(_, c)| *c == code)
+                        .map(|(reason, _)| *reason)
+                        .ok_or(ProtocolError::Invalid {
+                            kind: kind::CLOSED,
+                            field: "reason",
+                            value: code.into(),
+                        })?
+                },
+            },
+            kind::OK => Self::Ok,
+            kind::STATS_REPLY => Self::Stats {
+                json: r.rest_str("json")?,
+            },
+            kind::PORTS => {
+                let count = r.u16("count")?;
+                let mut ports = Vec::with_capacity(usize::from(count).min(r.remaining() / 7));
+                for _ in 0..count {
+                    let port = r.u16("port")?;
+                    let flags = r.u8("flags")?;
+                    ports.push(PortInfo {
+                        port,
+                        command_line: flags & 1 != 0,
+                        added: flags & 2 != 0,
+                        subscribers: r.u32("subscribers")?,
+                    });
+                }
+                Self::Ports { ports }
+            }
+            kind::ERROR => Self::Error {
+                code: ErrorCode::from_u16(r.u16("code")?),
+                fatal: r.flag("fatal")?,
+                message: r.rest_str("message")?,
+            },
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(decoded)
+    }
+
+    /// The frame that carries a stream event.
+    pub fn from_event(event: &StreamEvent) -> Self {
+        match event {
+            StreamEvent::Opened {
+                conn,
+                src,
+                dst,
+                midstream,
+            } => Self::Opened {
+                conn: *conn,
+                src: *src,
+                dst: *dst,
+                midstream: *midstream,
+            },
+            StreamEvent::Data { conn, bytes } => Self::Data {
+                conn: *conn,
+                bytes: bytes.clone(),
+            },
+            StreamEvent::Closed { conn, reason } => Self::Closed {
+                conn: *conn,
+                reason: *reason,
+            },
+        }
+    }
+
+    /// The stream event a frame carries, if it carries one.
+    pub fn into_event(self) -> Option<StreamEvent> {
+        match self {
+            Self::Opened {
+                conn,
+                src,
+                dst,
+                midstream,
+            } => Some(StreamEvent::Opened {
+                conn,
+                src,
+                dst,
+                midstream,
+            }),
+            Self::Data { conn, bytes } => Some(StreamEvent::Data { conn, bytes }),
+            Self::Closed { conn, reason } => Some(StreamEvent::Closed { conn, reason }),
+            _ => None,
+        }
+    }
+}
+
+fn reason_code(reason: CloseReason) -> u8 {
+    REASON_CODES
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(u8::MAX, |(_, code)| *code)
+}
+
+fn put_str(out: &mut BytesMut, text: &str) {
+    let bytes = &text.as_bytes()[..text.len().min(MAX_NAME)];
+    out.put_u16(bytes.len() as u16);
+    out.put_slice(bytes);
+}
+
+fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.put_u8(4);
+            out.put_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.put_u8(6);
+            out.put_slice(&ip.octets());
+        }
+    }
+    out.put_u16(addr.port());
+}
+
+/// Bounds-checked reading of a frame body.
+struct Reader<'a> {
+    kind: u8,
+    body: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(frame: &'a [u8]) -> Result<Self, ProtocolError> {
+        let (kind, body) = frame.split_first().ok_or(ProtocolError::Empty)?;
+        Ok(Self { kind: *kind, body })
+    }
+
+    fn remaining(&self) -> usize {
+        self.body.len()
+    }
+
+    fn take(&mut self, len: usize, field: &'static str) -> Result<&'a [u8], ProtocolError> {
+        if self.body.len() < len {
+            return Err(ProtocolError::Truncated {
+                kind: self.kind,
+                field,
+            });
+        }
+        let (head, rest) = self.body.split_at(len);
+        self.body = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, ProtocolError> {
+        Ok(self.take(1, field)?[0])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, ProtocolError> {
+        Ok(self.take(2, field)?.get_u16())
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, ProtocolError> {
+        Ok(self.take(4, field)?.get_u32())
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, ProtocolError> {
+        Ok(self.take(8, field)?.get_u64())
+    }
+
+    fn flag(&mut self, field: &'static str) -> Result<bool, ProtocolError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(ProtocolError::Invalid {
+                kind: self.kind,
+                field,
+                value: other.into(),
+            }),
+        }
+    }
+
+    fn str(&mut self, field: &'static str) -> Result<String, ProtocolError> {
+        let len = usize::from(self.u16(field)?);
+        if len > MAX_NAME {
+            return Err(ProtocolError::TooLong {
+                kind: self.kind,
+                field,
+                len,
+                max: MAX_NAME,
+            });
+        }
+        let bytes = self.take(len, field)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::NotUtf8 {
+            kind: self.kind,
+            field,
+        })
+    }
+
+    fn ports(&mut self) -> Result<Vec<u16>, ProtocolError> {
+        let count = usize::from(self.u16("count")?);
+        let bytes = self.take(count * 2, "ports")?;
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect())
+    }
+
+    fn addr(&mut self, field: &'static str) -> Result<SocketAddr, ProtocolError> {
+        let ip = match self.u8(field)? {
+            4 => {
+                let b = self.take(4, field)?;
+                IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+            }
+            6 => {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(self.take(16, field)?);
+                IpAddr::V6(Ipv6Addr::from(octets))
+            }
+            other => {
+                return Err(ProtocolError::Invalid {
+                    kind: self.kind,
+                    field,
+                    value: other.into(),
+                });
+            }
+        };
+        Ok(SocketAddr::new(ip, self.u16(field)?))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.body)
+    }
+
+    fn rest_str(&mut self, field: &'static str) -> Result<String, ProtocolError> {
+        let kind = self.kind;
+        String::from_utf8(self.rest().to_vec()).map_err(|_| ProtocolError::NotUtf8 { kind, field })
+    }
+
+    fn finish(self) -> Result<(), ProtocolError> {
+        if self.body.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::Trailing {
+                kind: self.kind,
+                extra: self.body.len(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn client_round_trip(frame: ClientFrame) {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        assert_eq!(ClientFrame::decode(&buf), Ok(frame));
+    }
+
+    fn server_round_trip(frame: ServerFrame) {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        assert_eq!(ServerFrame::decode(&buf), Ok(frame));
+    }
+
+    #[test]
+    fn every_client_frame_round_trips() {
+        client_round_trip(ClientFrame::Hello {
+            version: VERSION,
+            token: "s3cret".into(),
+            name: "tail é".into(),
+        });
+        client_round_trip(ClientFrame::Subscribe {
+            ports: vec![80, 443, 65535],
+        });
+        client_round_trip(ClientFrame::Unsubscribe { ports: vec![] });
+        client_round_trip(ClientFrame::Stats);
+        client_round_trip(ClientFrame::ListPorts);
+        client_round_trip(ClientFrame::AddPort { port: 8080 });
+        client_round_trip(ClientFrame::RemovePort { port: 1 });
+    }
+
+    #[test]
+    fn every_server_frame_round_trips() {
+        server_round_trip(ServerFrame::Welcome {
+            version: VERSION,
+            server: "mirror on eth0".into(),
+        });
+        server_round_trip(ServerFrame::Opened {
+            conn: u64::MAX,
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "[2001:db8::1]:443".parse().unwrap(),
+            midstream: true,
+        });
+        server_round_trip(ServerFrame::Data {
+            conn: 7,
+            bytes: Bytes::from_static(b"\x00GET / HTTP/1.1\r\n"),
+        });
+        server_round_trip(ServerFrame::Data {
+            conn: 7,
+            bytes: Bytes::new(),
+        });
+        for reason in CloseReason::ALL {
+            server_round_trip(ServerFrame::Closed { conn: 3, reason });
+        }
+        server_round_trip(ServerFrame::Ok);
+        server_round_trip(ServerFrame::Stats {
+            json: r#"{"kind":"counters"}"#.into(),
+        });
+        server_round_trip(ServerFrame::Ports {
+            ports: vec![
+                PortInfo {
+                    port: 80,
+                    command_line: true,
+                    added: false,
+                    subscribers: 2,
+                },
+                PortInfo {
+                    port: 81,
+                    command_line: false,
+                    added: true,
+                    subscribers: 0,
+                },
+            ],
+        });
+        for code in [
+            ErrorCode::BadFrame,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::BadToken,
+            ErrorCode::PortNotAllowed,
+            ErrorCode::TooManyPorts,
+            ErrorCode::TooManyClients,
+            ErrorCode::TooSlow,
+            ErrorCode::Internal,
+            ErrorCode::Other(999),
+        ] {
+            server_round_trip(ServerFrame::Error {
+                code,
+                fatal: true,
+                message: "port 22 is not in --allow-ports".into(),
+            });
+        }
+    }
+
+    #[test]
+    fn events_map_to_frames_and_back() {
+        let event = StreamEvent::Opened {
+            conn: 1,
+            src: "198.18.0.1:1".parse().unwrap(),
+            dst: "198.18.0.2:2".parse().unwrap(),
+            midstream: false,
+        };
+        assert_eq!(ServerFrame::from_event(&event).into_event(), Some(event));
+        assert_eq!(ServerFrame::Ok.into_event(), None);
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        assert_eq!(ClientFrame::decode(&[]), Err(ProtocolError::Empty));
+        assert_eq!(
+            ClientFrame::decode(&[0x7f]),
+            Err(ProtocolError::UnknownType(0x7f))
+        );
+        assert!(matches!(
+            ClientFrame::decode(&[kind::ADD_PORT, 0]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+        assert!(matches!(
+            ClientFrame::decode(&[kind::STATS, 0]),
+            Err(ProtocolError::Trailing { extra: 1, .. })
+        ));
+        assert!(matches!(
+            ClientFrame::decode(&[kind::HELLO, 0, 1, 0, 1, 0xff, 0, 0]),
+            Err(ProtocolError::NotUtf8 { .. })
+        ));
+        assert!(matches!(
+            ServerFrame::decode(&[kind::CLOSED, 0, 0, 0, 0, 0, 0, 0, 1, 9]),
+            Err(ProtocolError::Invalid {
+                field: "reason",
+                ..
+            })
+        ));
+        // A count that claims more ports than the frame holds.
+        assert!(matches!(
+            ClientFrame::decode(&[kind::SUBSCRIBE, 0xff, 0xff, 0, 80]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
+    /// The example in docs/protocol.md, frame by frame, length included.
+    #[test]
+    fn the_documented_example_is_exact() {
+        fn framed(body: &BytesMut) -> String {
+            let mut out = format!("{:08x}", body.len());
+            for byte in body.iter() {
+                out.push_str(&format!("{byte:02x}"));
+            }
+            out
+        }
+        fn client(frame: ClientFrame) -> String {
+            let mut buf = BytesMut::new();
+            frame.encode(&mut buf);
+            framed(&buf)
+        }
+        fn server(frame: ServerFrame) -> String {
+            let mut buf = BytesMut::new();
+            frame.encode(&mut buf);
+            framed(&buf)
+        }
+        let doc = include_str!("../../docs/protocol.md");
+        let example = &doc[doc.find("## Example").expect("an example section")..];
+        let documented: Vec<String> = example
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("client: ")
+                    .or_else(|| line.strip_prefix("server: "))
+            })
+            .map(|line| {
+                // Hex columns up to the description.
+                line.split("  ").next().unwrap_or_default().replace(' ', "")
+            })
+            .collect();
+        let conn = 1;
+        let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let expected = [
+            client(ClientFrame::Hello {
+                version: 1,
+                token: "token".into(),
+                name: "test".into(),
+            }),
+            server(ServerFrame::Welcome {
+                version: 1,
+                server: "mirror 0.1.0 on lo".into(),
+            }),
+            client(ClientFrame::Subscribe { ports: vec![80] }),
+            server(ServerFrame::Ok),
+            server(ServerFrame::Opened {
+                conn,
+                src,
+                dst,
+                midstream: false,
+            }),
+            server(ServerFrame::Data {
+                conn,
+                bytes: Bytes::from_static(b"GET /"),
+            }),
+            server(ServerFrame::Closed {
+                conn,
+                reason: CloseReason::Fin,
+            }),
+        ];
+        assert_eq!(documented.len(), expected.len(), "{documented:?}");
+        for (doc_hex, code_hex) in documented.iter().zip(&expected) {
+            assert!(
+                code_hex.starts_with(doc_hex.as_str()) && !doc_hex.is_empty(),
+                "{doc_hex} vs {code_hex}"
+            );
+            assert_eq!(doc_hex, code_hex);
+        }
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoders.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ClientFrame::decode(&bytes);
+            let _ = ServerFrame::decode(&bytes);
+        }
+
+        /// Valid frames with bytes flipped either decode or fail cleanly,
+        /// and whatever decodes encodes back to the same bytes.
+        #[test]
+        fn mutated_frames_decode_or_fail(port in any::<u16>(), at in any::<usize>(), bit in 0u8..8) {
+            let mut buf = BytesMut::new();
+            ClientFrame::Hello { version: VERSION, token: "t".into(), name: format!("n{port}") }.encode(&mut buf);
+            let i = at % buf.len();
+            buf[i] ^= 1 << bit;
+            if let Ok(frame) = ClientFrame::decode(&buf) {
+                let mut again = BytesMut::new();
+                frame.encode(&mut again);
+                prop_assert_eq!(&again[..], &buf[..]);
+            }
+        }
+    }
+}

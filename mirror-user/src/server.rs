@@ -1,0 +1,650 @@
+//! The subscriber server: Unix-socket and TCP listeners and one task per
+//! client session. A session is one more hub consumer (drop-on-lag applies
+//! to it alone); its socket writes have a time budget, after which a
+//! client that stopped reading is disconnected. Port changes go to the main
+//! task as [`control::Request`]s.
+//!
+//! The protocol is in `docs/protocol.md` and [`crate::protocol`].
+
+use std::{
+    fmt, fs, io,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use futures_util::SinkExt as _;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    sync::{mpsc, oneshot, watch},
+    task::JoinSet,
+};
+use tokio_stream::StreamExt as _;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::{
+    control::Request,
+    hub::{Hub, Subscription},
+    ports::{PolicyError, SessionId},
+    protocol::{ClientFrame, ErrorCode, MAX_FRAME, ServerFrame, VERSION},
+};
+
+/// Where `mirror run` listens by default, and `mirror tail` connects.
+pub const DEFAULT_SOCKET: &str = "/run/mirror/mirror.sock";
+/// A client must say hello within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listening address: `unix:PATH` or `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("'unix:' needs a path, such as unix:/run/mirror/mirror.sock".to_owned());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        text.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!("'{text}' is not an address: use unix:PATH, or IP:PORT such as 127.0.0.1:7000")
+        })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Tcp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Self::Unix(PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "another mirror already listens on {0}: stop it, or give this one another address with --listen"
+    )]
+    InUse(Endpoint),
+    #[error(
+        "listening on TCP ({0}) needs a token: give one with --token-file (clients pass the same file)"
+    )]
+    TokenRequired(Endpoint),
+    #[error("cannot listen on {endpoint}: {source}")]
+    Bind {
+        endpoint: Endpoint,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Settings of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub endpoints: Vec<Endpoint>,
+    /// Required from TCP clients (Unix-socket clients are trusted by the
+    /// socket's file permissions).
+    pub token: Option<String>,
+    pub max_clients: usize,
+    /// How long a write to a client may wait before the client is dropped.
+    pub write_timeout: Duration,
+    /// What the server calls itself in its welcome.
+    pub name: String,
+}
+
+/// Counters of the server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    /// Refused at hello: wrong token, version, or too many clients.
+    pub refused: AtomicU64,
+    /// Closed because they stopped reading for longer than the budget.
+    pub too_slow: AtomicU64,
+    /// Closed for a malformed frame.
+    pub bad_frames: AtomicU64,
+}
+
+impl ServerStats {
+    /// `(name, value)` of every counter.
+    pub fn fields(&self) -> [(&'static str, u64); 5] {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        [
+            ("accepted", get(&self.accepted)),
+            ("active", get(&self.active)),
+            ("refused", get(&self.refused)),
+            ("too_slow", get(&self.too_slow)),
+            ("bad_frames", get(&self.bad_frames)),
+        ]
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        self.fields()
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), serde_json::Value::from(*value)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
+
+impl fmt::Display for ServerStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields: Vec<String> = self
+            .fields()
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        f.write_str(&fields.join(" "))
+    }
+}
+
+/// A bound listener; a Unix socket's file is removed when it is dropped.
+pub enum Listener {
+    Unix(UnixListener, SocketFile),
+    Tcp(TcpListener),
+}
+
+/// Removes the socket file when the server stops.
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Binds every endpoint (before anything is attached, so that a bad
+/// address fails early).
+pub async fn bind(config: &ServerConfig) -> Result<Vec<Listener>, ServerError> {
+    let mut listeners = Vec::new();
+    for endpoint in &config.endpoints {
+        let bind_error = |source| ServerError::Bind {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        match endpoint {
+            Endpoint::Unix(path) => {
+                prepare_socket_path(path, endpoint).await?;
+                let listener = UnixListener::bind(path).map_err(bind_error)?;
+                // Mirrored traffic is sensitive: owner only.
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+                listeners.push(Listener::Unix(listener, SocketFile(path.clone())));
+            }
+            Endpoint::Tcp(addr) => {
+                if config.token.is_none() {
+                    return Err(ServerError::TokenRequired(endpoint.clone()));
+                }
+                let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        "listening on {addr}, which is not a loopback address: mirrored traffic is sensitive, keep the token secret and the port firewalled"
+                    );
+                }
+                listeners.push(Listener::Tcp(listener));
+            }
+        }
+    }
+    Ok(listeners)
+}
+
+/// Creates the socket's directory, and removes a socket file left by a
+/// mirror that did not exit cleanly (nothing accepts on it).
+async fn prepare_socket_path(path: &Path, endpoint: &Endpoint) -> Result<(), ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        endpoint: endpoint.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(bind_error)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServerError::InUse(endpoint.clone()));
+        }
+        tracing::info!("removing the stale socket {}", path.display());
+        fs::remove_file(path).map_err(bind_error)?;
+    }
+    Ok(())
+}
+
+/// What every session needs.
+#[derive(Clone)]
+pub struct SessionContext {
+    pub control: mpsc::Sender<Request>,
+    pub hub: Arc<Hub>,
+    pub stats: Arc<ServerStats>,
+    pub config: Arc<ServerConfig>,
+}
+
+/// Accepts clients until `shutdown` turns true; then lets every session
+/// deliver its last events and returns.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    context: SessionContext,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut sessions = JoinSet::new();
+    let mut next_id: SessionId = 0;
+    let (accepted_tx, mut accepted) = mpsc::channel::<(Box<dyn Connection>, bool)>(64);
+    let mut acceptors = JoinSet::new();
+    for listener in listeners {
+        let accepted_tx = accepted_tx.clone();
+        acceptors.spawn(accept_loop(listener, accepted_tx));
+    }
+    drop(accepted_tx);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            connection = accepted.recv() => {
+                let Some((connection, needs_token)) = connection else { break };
+                next_id += 1;
+                let context = context.clone();
+                let shutdown = shutdown.clone();
+                sessions.spawn(session(connection, next_id, needs_token, context, shutdown));
+            }
+            // Reap finished sessions as they end.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    acceptors.abort_all();
+    while sessions.join_next().await.is_some() {}
+}
+
+/// A client's byte stream, over either kind of socket.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
+async fn accept_loop(listener: Listener, accepted: mpsc::Sender<(Box<dyn Connection>, bool)>) {
+    loop {
+        let result: io::Result<(Box<dyn Connection>, bool)> = match &listener {
+            Listener::Unix(listener, _) => listener
+                .accept()
+                .await
+                .map(|(stream, _)| (Box::new(stream) as Box<dyn Connection>, false)),
+            Listener::Tcp(listener) => listener.accept().await.map(|(stream, _)| {
+                let _ = stream.set_nodelay(true);
+                (Box::new(stream) as Box<dyn Connection>, true)
+            }),
+        };
+        match result {
+            Ok(connection) => {
+                if accepted.send(connection).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: wait, then retry.
+                tracing::warn!("cannot accept a client: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+type Wire = Framed<Box<dyn Connection>, LengthDelimitedCodec>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Frames a client connection (the client library uses the same codec).
+pub fn frame<C: AsyncRead + AsyncWrite>(connection: C) -> Framed<C, LengthDelimitedCodec> {
+    Framed::new(connection, codec())
+}
+
+fn encode(frame: &ServerFrame) -> bytes::Bytes {
+    let mut buf = BytesMut::new();
+    frame.encode(&mut buf);
+    buf.freeze()
+}
+
+fn error(code: ErrorCode, fatal: bool, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::Error {
+        code,
+        fatal,
+        message: message.into(),
+    }
+}
+
+/// Why a session ended early.
+enum End {
+    Client,
+    Refused,
+    TooSlow,
+    BadFrame,
+}
+
+async fn session(
+    connection: Box<dyn Connection>,
+    id: SessionId,
+    needs_token: bool,
+    context: SessionContext,
+    shutdown: watch::Receiver<bool>,
+) {
+    let stats = Arc::clone(&context.stats);
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let active = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut wire = frame(connection);
+    let end = if active as usize > context.config.max_clients {
+        let message = format!(
+            "the mirror serves at most {} clients at once",
+            context.config.max_clients
+        );
+        let _ = send(
+            &mut wire,
+            &context,
+            &error(ErrorCode::TooManyClients, true, message),
+        )
+        .await;
+        End::Refused
+    } else {
+        match hello(&mut wire, needs_token, &context).await {
+            Ok(name) => {
+                tracing::info!(session = id, client = %name, "client connected");
+                let end = serve_session(&mut wire, id, &name, &context, shutdown).await;
+                let _ = context
+                    .control
+                    .send(Request::EndSession { session: id })
+                    .await;
+                end
+            }
+            Err(end) => end,
+        }
+    };
+    match end {
+        End::Refused => stats.refused.fetch_add(1, Ordering::Relaxed),
+        End::TooSlow => stats.too_slow.fetch_add(1, Ordering::Relaxed),
+        End::BadFrame => stats.bad_frames.fetch_add(1, Ordering::Relaxed),
+        End::Client => 0,
+    };
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Writes one frame within the write budget.
+async fn send(wire: &mut Wire, context: &SessionContext, frame: &ServerFrame) -> Result<(), End> {
+    match tokio::time::timeout(context.config.write_timeout, wire.send(encode(frame))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Client),
+        Err(_) => Err(End::TooSlow),
+    }
+}
+
+/// Reads and checks the hello; returns the client's name.
+async fn hello(
+    wire: &mut Wire,
+    needs_token: bool,
+    context: &SessionContext,
+) -> Result<String, End> {
+    let frame = match tokio::time::timeout(HELLO_TIMEOUT, wire.next()).await {
+        Ok(Some(Ok(bytes))) => ClientFrame::decode(&bytes),
+        Ok(Some(Err(error))) => {
+            let _ = send(wire, context, &error_frame_for(&error)).await;
+            return Err(End::BadFrame);
+        }
+        Ok(None) | Err(_) => return Err(End::Client),
+    };
+    let (version, token, name) = match frame {
+        Ok(ClientFrame::Hello {
+            version,
+            token,
+            name,
+        }) => (version, token, name),
+        Ok(_) => {
+            let message = "the first frame must be a hello";
+            let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
+            return Err(End::BadFrame);
+        }
+        Err(decode_error) => {
+            let message = format!("bad frame: {decode_error}");
+            let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
+            return Err(End::BadFrame);
+        }
+    };
+    if version != VERSION {
+        let message =
+            format!("this mirror speaks protocol version {VERSION}, the client {version}");
+        let _ = send(
+            wire,
+            context,
+            &error(ErrorCode::UnsupportedVersion, true, message),
+        )
+        .await;
+        return Err(End::Refused);
+    }
+    if needs_token && context.config.token.as_deref() != Some(token.as_str()) {
+        let message = "wrong token: pass the mirror's token file with --token-file";
+        let _ = send(wire, context, &error(ErrorCode::BadToken, true, message)).await;
+        return Err(End::Refused);
+    }
+    let welcome = ServerFrame::Welcome {
+        version: VERSION,
+        server: context.config.name.clone(),
+    };
+    send(wire, context, &welcome).await?;
+    Ok(name)
+}
+
+fn error_frame_for(cause: &io::Error) -> ServerFrame {
+    error(ErrorCode::BadFrame, true, format!("bad frame: {cause}"))
+}
+
+/// Asks the main task and waits for its answer.
+async fn ask<T>(
+    context: &SessionContext,
+    request: impl FnOnce(oneshot::Sender<T>) -> Request,
+) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    context.control.send(request(reply)).await.ok()?;
+    answer.await.ok()
+}
+
+fn policy_error(error: &PolicyError) -> ServerFrame {
+    let code = match error {
+        PolicyError::NotAllowed { .. } | PolicyError::CommandLine(_) | PolicyError::NotAdded(_) => {
+            ErrorCode::PortNotAllowed
+        }
+        PolicyError::TooManyPorts { .. } => ErrorCode::TooManyPorts,
+    };
+    error_frame(code, error.to_string())
+}
+
+fn error_frame(code: ErrorCode, message: String) -> ServerFrame {
+    error(code, false, message)
+}
+
+async fn serve_session(
+    wire: &mut Wire,
+    id: SessionId,
+    name: &str,
+    context: &SessionContext,
+    mut shutdown: watch::Receiver<bool>,
+) -> End {
+    let (_, mut subscription) = context.hub.subscribe(&[], &format!("client {id} {name}"));
+    loop {
+        tokio::select! {
+            frame = wire.next() => {
+                let bytes = match frame {
+                    None => return End::Client,
+                    Some(Err(error)) => {
+                        let _ = send(wire, context, &error_frame_for(&error)).await;
+                        return End::BadFrame;
+                    }
+                    Some(Ok(bytes)) => bytes,
+                };
+                let request = match ClientFrame::decode(&bytes) {
+                    Ok(request) => request,
+                    Err(decode_error) => {
+                        let message = format!("bad frame: {decode_error}");
+                        let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
+                        return End::BadFrame;
+                    }
+                };
+                let reply = handle(request, id, &mut subscription, context).await;
+                if let Err(end) = send(wire, context, &reply).await {
+                    return end;
+                }
+            }
+            event = subscription.next(), if !subscription.is_idle() => {
+                let Some(event) = event else { return End::Client };
+                let flush = subscription.queued() == 0;
+                if let Err(end) = write_event(wire, context, flush, &event).await {
+                    tracing::warn!(session = id, "client stopped reading; disconnecting it");
+                    return end;
+                }
+            }
+            _ = shutdown.changed() => {
+                // The mirror stops: deliver what is left (the hub has
+                // closed every channel, so this ends), then close.
+                while let Some(event) = subscription.next().await {
+                    let flush = subscription.queued() == 0;
+                    if write_event(wire, context, flush, &event).await.is_err() {
+                        break;
+                    }
+                }
+                return End::Client;
+            }
+        }
+    }
+}
+
+/// Writes an event; flushes only when `flush` (no other event is waiting),
+/// so a burst goes out in few writes.
+async fn write_event(
+    wire: &mut Wire,
+    context: &SessionContext,
+    flush: bool,
+    event: &crate::stream::StreamEvent,
+) -> Result<(), End> {
+    let frame = encode(&ServerFrame::from_event(event));
+    let budget = context.config.write_timeout;
+    let result = if flush {
+        tokio::time::timeout(budget, wire.send(frame)).await
+    } else {
+        tokio::time::timeout(budget, wire.feed(frame)).await
+    };
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Client),
+        Err(_) => Err(End::TooSlow),
+    }
+}
+
+async fn handle(
+    request: ClientFrame,
+    id: SessionId,
+    subscription: &mut Subscription,
+    context: &SessionContext,
+) -> ServerFrame {
+    let unavailable = || error(ErrorCode::Internal, false, "the mirror is stopping");
+    match request {
+        ClientFrame::Hello { .. } => error(ErrorCode::BadFrame, false, "hello was already sent"),
+        ClientFrame::Subscribe { ports } => {
+            let answer = ask(context, |reply| Request::Subscribe {
+                session: id,
+                ports,
+                reply,
+            })
+            .await;
+            match answer {
+                Some(Ok(receivers)) => {
+                    for (port, receiver) in receivers {
+                        if !subscription.ports().contains(&port) {
+                            subscription.add_port(port, receiver);
+                        }
+                    }
+                    ServerFrame::Ok
+                }
+                Some(Err(policy)) => policy_error(&policy),
+                None => unavailable(),
+            }
+        }
+        ClientFrame::Unsubscribe { ports } => {
+            for port in &ports {
+                subscription.remove_port(*port);
+            }
+            match ask(context, |reply| Request::Unsubscribe {
+                session: id,
+                ports,
+                reply,
+            })
+            .await
+            {
+                Some(()) => ServerFrame::Ok,
+                None => unavailable(),
+            }
+        }
+        ClientFrame::Stats => match ask(context, |reply| Request::Stats { reply }).await {
+            Some(json) => ServerFrame::Stats { json },
+            None => unavailable(),
+        },
+        ClientFrame::ListPorts => match ask(context, |reply| Request::ListPorts { reply }).await {
+            Some(ports) => ServerFrame::Ports { ports },
+            None => unavailable(),
+        },
+        ClientFrame::AddPort { port } => {
+            match ask(context, |reply| Request::AddPort { port, reply }).await {
+                Some(Ok(())) => ServerFrame::Ok,
+                Some(Err(policy)) => policy_error(&policy),
+                None => unavailable(),
+            }
+        }
+        ClientFrame::RemovePort { port } => {
+            match ask(context, |reply| Request::RemovePort { port, reply }).await {
+                Some(Ok(())) => ServerFrame::Ok,
+                Some(Err(policy)) => policy_error(&policy),
+                None => unavailable(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "unix:/tmp/m.sock".parse::<Endpoint>(),
+            Ok(Endpoint::Unix(PathBuf::from("/tmp/m.sock")))
+        );
+        assert_eq!(
+            "127.0.0.1:7000".parse::<Endpoint>(),
+            Ok(Endpoint::Tcp("127.0.0.1:7000".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::1]:7000".parse::<Endpoint>().unwrap().to_string(),
+            "[::1]:7000"
+        );
+        assert!("unix:".parse::<Endpoint>().is_err());
+        assert!("localhost".parse::<Endpoint>().is_err());
+        assert_eq!(
+            Endpoint::default().to_string(),
+            format!("unix:{DEFAULT_SOCKET}")
+        );
+    }
+}

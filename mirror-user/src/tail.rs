@@ -1,0 +1,126 @@
+//! `mirror tail`, `mirror ports`, `mirror stats`: clients of a running
+//! mirror.
+
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use mirror_user::{
+    cli::{ConnectArgs, PortsAction, PortsArgs, StatsArgs, TailArgs},
+    client::{self, Client},
+    counters,
+    sinks::{dump::DumpWriter, events::format_event},
+};
+use tokio::io::{AsyncWriteExt as _, BufWriter};
+
+async fn connect(args: &ConnectArgs, name: &str) -> anyhow::Result<Client> {
+    let token = match &args.token_file {
+        Some(path) => Some(
+            client::read_token(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Client::connect(&args.connect, token.as_deref(), name).await?)
+}
+
+pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.connect, "mirror tail").await?;
+    let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
+    client.subscribe(&ports).await?;
+    let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "mirror tail: following port {} of {} ({}); stop with Ctrl-C",
+        port_list.join(", "),
+        args.connect.connect,
+        client.server()
+    );
+    let mut dump = match &args.dump_dir {
+        Some(dir) => Some(
+            DumpWriter::new(dir).with_context(|| format!("cannot write into {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut out = BufWriter::new(tokio::io::stdout());
+    let mut line = String::new();
+    loop {
+        let event = tokio::select! {
+            event = client.next_event() => event?,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(event) = event else { break };
+        if let Some(dump) = &mut dump {
+            dump.handle(&event)?;
+            continue;
+        }
+        line.clear();
+        format_event(&event, args.format, &mut line);
+        let written = out.write_all(line.as_bytes()).await;
+        let flushed = match written {
+            Ok(()) => out.flush().await,
+            Err(error) => Err(error),
+        };
+        match flushed {
+            Ok(()) => {}
+            // Whoever read our output went away (`mirror tail | head`).
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+pub async fn ports(args: PortsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.connect, "mirror ports").await?;
+    match args.action {
+        PortsAction::List => {
+            let ports = client.list_ports().await?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{:>5}  {:<14} subscribers", "port", "mirrored by")?;
+            for info in ports {
+                let why = match (info.command_line, info.added) {
+                    (true, _) => "command line",
+                    (false, true) => "ports add",
+                    (false, false) => "subscribers",
+                };
+                writeln!(out, "{:>5}  {why:<14} {}", info.port, info.subscribers)?;
+            }
+        }
+        PortsAction::Add { port } => {
+            client.add_port(port.get()).await?;
+            eprintln!("mirror ports: port {port} is mirrored");
+        }
+        PortsAction::Remove { port } => {
+            client.remove_port(port.get()).await?;
+            eprintln!("mirror ports: port {port} was removed");
+        }
+    }
+    Ok(())
+}
+
+pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.connect, "mirror stats").await?;
+    loop {
+        let json = client.stats().await?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{json}")?;
+            return Ok(());
+        }
+        if args.watch {
+            // Home and clear: the table is redrawn in place.
+            write!(out, "\x1b[H\x1b[2J")?;
+        }
+        for (name, value) in counters::flatten(&json) {
+            writeln!(out, "{name:<48} {value}")?;
+        }
+        out.flush()?;
+        if !args.watch {
+            return Ok(());
+        }
+        drop(out);
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
