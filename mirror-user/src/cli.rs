@@ -5,7 +5,11 @@ use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mirror_common::MAX_SNAPLEN;
 
-use crate::{ports::AllowList, server::Endpoint};
+use crate::{
+    ports::AllowList,
+    server::Endpoint,
+    sinks::{forward::ForwardTarget, pcap::PcapFormat},
+};
 
 /// Mirror the TCP traffic of chosen ports, kernel-assisted, without ever
 /// touching it.
@@ -20,7 +24,7 @@ pub struct Cli {
 pub enum Command {
     /// Attach to an interface and mirror the TCP traffic to the given ports.
     #[command(after_long_help = RUN_EXAMPLES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Connect to a running mirror and print (or dump) the streams of ports.
     #[command(after_long_help = TAIL_EXAMPLES)]
     Tail(TailArgs),
@@ -178,6 +182,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub server: ServerArgs,
 
+    #[command(flatten)]
+    pub sinks: SinkArgs,
+
     /// Size of each CPU's ring buffer in bytes (a power of two, at least
     /// one page; suffixes K, M, G). Default: 128 MiB shared by the online
     /// CPUs, between 4 and 64 MiB each.
@@ -188,6 +195,43 @@ pub struct RunArgs {
     /// (for testing the cleanup of filters left behind by a killed mirror).
     #[arg(long, hide = true)]
     pub tc_netlink: bool,
+}
+
+/// Shadow forwarding and capture files.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Forwarding and capture")]
+pub struct SinkArgs {
+    /// Replay each mirrored connection's client bytes to a copy of the
+    /// service at IP:PORT (answers are discarded); PORT=IP:PORT for the
+    /// connections of one mirrored port only. Repeatable.
+    #[arg(long, value_name = "[PORT=]IP:PORT")]
+    pub forward: Vec<ForwardTarget>,
+
+    /// Shadow connections open at once, per target; more are skipped.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub forward_max_conns: usize,
+
+    /// Percentage of connections to forward, whole connections chosen by
+    /// a hash of their addresses.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub forward_sample: u8,
+
+    /// Write the mirrored packets (before reassembly) to a capture file;
+    /// `-` writes to standard output (`mirror run ... --pcap - | tshark -r -`).
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+
+    /// Capture file format.
+    #[arg(long, value_enum, default_value_t = PcapFormat::Pcapng)]
+    pub pcap_format: PcapFormat,
+
+    /// Start a new capture file (FILE1, FILE2, ...) after this many bytes.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, requires = "pcap")]
+    pub pcap_rotate_size: Option<u64>,
+
+    /// Keep only the newest N capture files.
+    #[arg(long, value_name = "N", requires = "pcap_rotate_size")]
+    pub pcap_keep: Option<usize>,
 }
 
 /// The subscriber server that `mirror tail`, `ports` and `stats` talk to.
@@ -405,7 +449,7 @@ mod tests {
     fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let argv = ["mirror", "run"].iter().chain(args).copied();
         Cli::try_parse_from(argv).map(|cli| match cli.command {
-            Command::Run(run) => run,
+            Command::Run(run) => *run,
             other => panic!("not run: {other:?}"),
         })
     }
@@ -413,6 +457,43 @@ mod tests {
     fn command(args: &[&str]) -> Result<Command, clap::Error> {
         Cli::try_parse_from(std::iter::once("mirror").chain(args.iter().copied()))
             .map(|c| c.command)
+    }
+
+    #[test]
+    fn sink_options() {
+        let args = run_args(&["-i", "lo", "-p", "80"]).unwrap();
+        assert!(args.sinks.forward.is_empty());
+        assert_eq!(args.sinks.forward_sample, 100);
+        assert_eq!(args.sinks.pcap_format, PcapFormat::Pcapng);
+        let args = run_args(&[
+            "-i",
+            "lo",
+            "-p",
+            "80",
+            "--forward",
+            "198.18.1.2:80",
+            "--forward",
+            "80=198.18.1.3:8080",
+            "--forward-sample",
+            "50",
+            "--pcap",
+            "/tmp/c.pcapng",
+            "--pcap-format",
+            "pcap",
+            "--pcap-rotate-size",
+            "10M",
+            "--pcap-keep",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(args.sinks.forward.len(), 2);
+        assert_eq!(args.sinks.forward[1].port, Some(80));
+        assert_eq!(args.sinks.forward_sample, 50);
+        assert_eq!(args.sinks.pcap_rotate_size, Some(10 << 20));
+        assert_eq!(args.sinks.pcap_keep, Some(3));
+        assert!(run_args(&["-i", "lo", "-p", "80", "--forward-sample", "101"]).is_err());
+        assert!(run_args(&["-i", "lo", "-p", "80", "--pcap-keep", "3"]).is_err());
+        assert!(run_args(&["-i", "lo", "-p", "80", "--forward", "nowhere"]).is_err());
     }
 
     #[test]

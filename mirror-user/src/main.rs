@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args, max_level).await,
+            Command::Run(args) => run::run(*args, max_level).await,
             Command::Tail(args) => tail::tail(args).await,
             Command::Ports(args) => tail::ports(args).await,
             Command::Stats(args) => tail::stats(args).await,

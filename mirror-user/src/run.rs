@@ -19,7 +19,7 @@ use mirror_user::{
     clock::WallClock,
     conntrack::{TableLimits, TableStats},
     control::{Control, Request},
-    counters::{ConsumerSnapshot, DrainCounters, KernelCounters, StreamSummary, Summary},
+    counters::{self, ConsumerSnapshot, DrainCounters, KernelCounters, StreamSummary, Summary},
     drain::{RecordSink, drain_ring, register_readable},
     hub::{Hub, HubConfig},
     loader::{self, LoadOptions, Mirror},
@@ -29,7 +29,13 @@ use mirror_user::{
     record::Record,
     server::{self, ServerConfig, ServerStats, SessionContext},
     shards::{SegmentRouter, ShardConfig, ShardCounters, Shards},
-    sinks::{dump::dump_events, events::print_events, packets::PacketPrinter},
+    sinks::{
+        dump::dump_events,
+        events::print_events,
+        forward::{ForwardConfig, ForwardStats, ForwardTarget, forward},
+        packets::PacketPrinter,
+        pcap::{self, PcapConfig, PcapCounters, PcapSink},
+    },
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -44,6 +50,12 @@ const BATCH_BYTES: usize = 256 << 10;
 const LOST_FLOWS_POLL: Duration = Duration::from_millis(10);
 
 pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
+    let pcap_to_stdout = args.sinks.pcap.as_deref() == Some(std::path::Path::new("-"));
+    if pcap_to_stdout && (args.print.is_some() || args.print_packets.is_some()) {
+        anyhow::bail!(
+            "--pcap - writes the capture to standard output, so --print and --print-packets cannot be used with it"
+        );
+    }
     privileges::check()?;
     // Fail on a wrong interface name before loading anything.
     attach::interface_index(&args.iface)?;
@@ -71,6 +83,37 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         control.follow_own_ports(feed);
         consumers.spawn(dump_events(subscription, dir.clone()));
     }
+    let forward_config = ForwardConfig {
+        max_connections: args.sinks.forward_max_conns,
+        sample_percent: args.sinks.forward_sample,
+    };
+    let mut forwards = Vec::new();
+    for target in &args.sinks.forward {
+        let (feed, subscription) = hub.subscribe(&ports, &format!("forward {target}"));
+        control.follow_own_ports(feed);
+        let stats = Arc::new(ForwardStats::default());
+        consumers.spawn(forward(
+            subscription,
+            *target,
+            forward_config,
+            Arc::clone(&stats),
+        ));
+        forwards.push((*target, stats));
+    }
+    let clock = WallClock::new();
+    let pcap = args.sinks.pcap.as_ref().map(|path| {
+        pcap::start(
+            PcapConfig {
+                path: path.clone(),
+                format: args.sinks.pcap_format,
+                rotate_size: args.sinks.pcap_rotate_size,
+                keep: args.sinks.pcap_keep,
+                iface: args.iface.clone(),
+                snaplen: args.snaplen,
+            },
+            clock,
+        )
+    });
     let shards = Shards::start(shard_config(&args.streams), &hub);
 
     // Bind before attaching: a taken address fails before anything else.
@@ -126,14 +169,18 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let drain_counters = Arc::new(DrainCounters::default());
-    let clock = WallClock::new();
     let mut drains = JoinSet::new();
+    let (pcap_sink, pcap_counters, pcap_writer) = match pcap {
+        Some((sink, counters, writer)) => (Some(sink), Some(counters), Some(writer)),
+        None => (None, None, None),
+    };
     for ring in mirror.take_rings() {
         let sink = RunSink {
             router: shards.router(),
             packets: args
                 .print_packets
                 .map(|format| PacketPrinter::new(format, &args.iface, clock)),
+            pcap: pcap_sink.clone(),
         };
         drains.spawn(drain_ring(
             ring,
@@ -176,12 +223,16 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         });
     }
 
+    // The drain tasks hold the capture's only handles now: it ends with them.
+    drop(pcap_sink);
     let stages = Stages {
         drain: Arc::clone(&drain_counters),
         shards: shards.counters(),
         ring_lost_flows: Arc::clone(&ring_lost_flows),
         hub: Arc::clone(&hub),
         server: Arc::clone(&server_stats),
+        forwards,
+        pcap: pcap_counters,
     };
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
@@ -221,6 +272,10 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     if let Some(task) = lost_task {
         let _ = task.await;
     }
+    if let Some(writer) = pcap_writer {
+        // The drains are done: the writer finishes what it was given.
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
     let table = shards.finish().await;
     let kernel = mirror
         .counters()
@@ -242,8 +297,28 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     } else {
         eprintln!("{}", stages.summary(kernel, table));
         eprintln!("server: {}", stages.server);
+        for (target, stats) in &stages.forwards {
+            eprintln!("forward {target}: {}", flat_fields(&stats.to_json(target)));
+        }
+        if let Some(pcap) = &stages.pcap {
+            let fields: Vec<String> = pcap
+                .fields()
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
+            eprintln!("pcap: {}", fields.join(" "));
+        }
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// `name=value` pairs of a counters object, nested names joined by dots.
+fn flat_fields(json: &serde_json::Value) -> String {
+    let fields: Vec<String> = counters::flatten(json)
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    fields.join(" ")
 }
 
 /// Handles on every stage's counters, to build the summary at any time.
@@ -253,6 +328,8 @@ struct Stages {
     ring_lost_flows: Arc<AtomicU64>,
     hub: Arc<Hub>,
     server: Arc<ServerStats>,
+    forwards: Vec<(ForwardTarget, Arc<ForwardStats>)>,
+    pcap: Option<Arc<PcapCounters>>,
 }
 
 impl Stages {
@@ -278,24 +355,42 @@ impl Stages {
         }
     }
 
-    /// The counters document, with the server's counters.
+    /// The counters document, with the server's, forwarders' and
+    /// capture's counters.
     fn json(&self, kernel: KernelCounters, table: TableStats) -> serde_json::Value {
         let mut json = self.summary(kernel, table).to_json();
         json["server"] = self.server.to_json();
+        json["forward"] = self
+            .forwards
+            .iter()
+            .map(|(target, stats)| stats.to_json(target))
+            .collect();
+        if let Some(pcap) = &self.pcap {
+            json["pcap"] = pcap
+                .fields()
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), serde_json::Value::from(*value)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         json
     }
 }
 
-/// What each drain task feeds: the shards, and the packet printer.
+/// What each drain task feeds: the shards, the packet printer, the capture.
 struct RunSink {
     router: SegmentRouter,
     packets: Option<PacketPrinter>,
+    pcap: Option<PcapSink>,
 }
 
 impl RecordSink for RunSink {
     fn record(&mut self, record: &Record<'_>) {
         if let Some(packets) = &mut self.packets {
             packets.record(record);
+        }
+        if let Some(pcap) = &mut self.pcap {
+            pcap.offer(record);
         }
         self.router.record(record);
     }

@@ -7,6 +7,7 @@ pub mod mirror_process;
 pub mod netns;
 pub mod streams;
 pub mod traffic;
+pub mod web;
 
 /// Panics unless the tests run as root: they create network namespaces and
 /// load BPF programs.

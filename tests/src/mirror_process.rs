@@ -106,8 +106,11 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
         let stage = match stage.split_once(' ') {
             Some(("port", port)) => format!("ports.{port}"),
             Some(("consumer", name)) => format!("consumers.{name}"),
+            Some(("forward", target)) => format!("forward.{target}"),
             Some(_) => continue,
-            None if ["kernel", "drain", "shards", "connections", "server"].contains(&stage) => {
+            None if ["kernel", "drain", "shards", "connections", "server", "pcap"]
+                .contains(&stage) =>
+            {
                 stage.to_owned()
             }
             None if stage == "closed" => "connections.closed".to_owned(),

@@ -14,7 +14,7 @@ use crate::shell::{output, run};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Commands the tests and benchmarks use, with the Debian package of each.
-const PACKAGES: [(&str, &str); 11] = [
+const PACKAGES: [(&str, &str); 14] = [
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("curl", "curl"),
@@ -26,6 +26,9 @@ const PACKAGES: [(&str, &str); 11] = [
     ("ping", "iputils-ping"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
+    ("tshark", "tshark"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
 ];
 
 pub fn all(root: &Path) -> Result<()> {

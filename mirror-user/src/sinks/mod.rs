@@ -2,4 +2,6 @@
 
 pub mod dump;
 pub mod events;
+pub mod forward;
 pub mod packets;
+pub mod pcap;

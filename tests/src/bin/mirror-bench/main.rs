@@ -4,9 +4,12 @@
 //!   watching it (needs root: network namespaces, BPF).
 //! - `fanout`: the userspace stream pipeline alone (payload copy, shards,
 //!   reassembly, hub) delivering to 1, 8 and 64 consumers.
+//! - `http`: an nginx's requests per second beside the mirror and its
+//!   shadow forwarder (needs root).
 
 mod attach;
 mod fanout;
+mod http;
 
 use std::path::PathBuf;
 
@@ -39,18 +42,19 @@ fn main() {
             "--out-dir" => options.out_dir = Some(PathBuf::from(value())),
             "--scenario" => scenarios.push(value()),
             other => panic!(
-                "unknown argument {other}: use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario attach|fanout"
+                "unknown argument {other}: use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario attach|fanout|http"
             ),
         }
     }
     if scenarios.is_empty() {
-        scenarios = vec!["attach".to_owned(), "fanout".to_owned()];
+        scenarios = vec!["attach".to_owned(), "fanout".to_owned(), "http".to_owned()];
     }
     for scenario in scenarios {
         let (file, table) = match scenario.as_str() {
             "attach" => ("attach-modes.md", attach::run(&options)),
             "fanout" => ("fanout.md", fanout::run(&options)),
-            other => panic!("unknown scenario {other}: attach or fanout"),
+            "http" => ("http.md", http::run(&options)),
+            other => panic!("unknown scenario {other}: attach, fanout or http"),
         };
         println!("{table}");
         if let Some(dir) = &options.out_dir {

@@ -1,0 +1,503 @@
+//! `--forward [PORT=]HOST:PORT`: replays each mirrored connection's
+//! client-to-server bytes to another address (a staging copy of the
+//! service), as GoReplay and tcpcopy do, for any TCP protocol.
+//!
+//! Per target, one hub consumer: every sampled connection gets its own
+//! connection to the target and task; its bytes are written in order, the
+//! target's answers are read and discarded, `fin` half-closes, every other
+//! end aborts (RST). Each connection's queue is bounded: a target that
+//! cannot keep up costs its shadow connections (aborted, counted), never
+//! the mirror, the service or other consumers. Connection attempts retry
+//! with backoff; a target that keeps failing is left alone for a growing
+//! while (up to [`MAX_BACKOFF`]), then tried again.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
+    net::SocketAddr,
+    str::FromStr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+};
+
+use crate::{
+    hub::Subscription,
+    stream::{CloseReason, ConnId, StreamEvent},
+};
+
+/// Events queued per shadow connection before it is aborted as too slow.
+const CONNECTION_QUEUE: usize = 256;
+/// Attempts to connect one shadow connection.
+const CONNECT_ATTEMPTS: u32 = 3;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest pause of a target that keeps failing.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a write to the target may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a half-close, how long to wait for the target to finish.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// A `--forward` value: `[PORT=]HOST:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardTarget {
+    /// Only connections to this mirrored port; `None`: every port.
+    pub port: Option<u16>,
+    pub addr: SocketAddr,
+}
+
+impl FromStr for ForwardTarget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "'{text}' is not a forward target: use IP:PORT, or PORT=IP:PORT to forward one mirrored port"
+            )
+        };
+        let (port, addr) = match text.split_once('=') {
+            Some((port, addr)) => {
+                let port: u16 = port.trim().parse().map_err(|_| bad())?;
+                if port == 0 {
+                    return Err(bad());
+                }
+                (Some(port), addr)
+            }
+            None => (None, text),
+        };
+        let addr = addr.trim().parse().map_err(|_| bad())?;
+        Ok(Self { port, addr })
+    }
+}
+
+impl fmt::Display for ForwardTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{port}={}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// Settings shared by every target.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardConfig {
+    /// Shadow connections open at once, per target; more are skipped.
+    pub max_connections: usize,
+    /// Percentage of connections forwarded, chosen by hash of the 4-tuple.
+    pub sample_percent: u8,
+}
+
+/// Counters of one target.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    /// Shadow connections established.
+    pub opened: AtomicU64,
+    /// Ended with the client's FIN, every byte written.
+    pub completed: AtomicU64,
+    /// Could not connect (after retries, or while the target was paused).
+    pub failed: AtomicU64,
+    /// Aborted, by the mirrored connection's close reason.
+    pub aborted: [AtomicU64; CloseReason::ALL.len()],
+    /// Aborted because the target did not take the bytes fast enough, or
+    /// failed while writing.
+    pub aborted_target: AtomicU64,
+    pub skipped_sample: AtomicU64,
+    pub skipped_limit: AtomicU64,
+    /// Connections picked up midstream are not replayed: their first bytes
+    /// are not the start of the client's stream.
+    pub skipped_midstream: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+impl ForwardStats {
+    pub fn to_json(&self, target: &ForwardTarget) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut aborted = serde_json::Map::new();
+        for reason in CloseReason::ALL {
+            aborted.insert(
+                reason.as_str().to_owned(),
+                get(&self.aborted[reason as usize]).into(),
+            );
+        }
+        aborted.insert("target".to_owned(), get(&self.aborted_target).into());
+        serde_json::json!({
+            "name": target.to_string(),
+            "opened": get(&self.opened),
+            "completed": get(&self.completed),
+            "failed": get(&self.failed),
+            "aborted": aborted,
+            "skipped": {
+                "sample": get(&self.skipped_sample),
+                "limit": get(&self.skipped_limit),
+                "midstream": get(&self.skipped_midstream),
+            },
+            "bytes_written": get(&self.bytes_written),
+        })
+    }
+}
+
+/// Whether a connection is forwarded: a stable choice per 4-tuple, so a
+/// sampled connection is forwarded whole.
+pub fn sampled(src: SocketAddr, dst: SocketAddr, percent: u8) -> bool {
+    if percent >= 100 {
+        return true;
+    }
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one((src, dst));
+    hash % 100 < u64::from(percent)
+}
+
+/// When the target may be tried again, after failures.
+#[derive(Default)]
+struct Health {
+    paused_until: Option<Instant>,
+    backoff: Duration,
+}
+
+enum Command {
+    Data(Bytes),
+    Finish,
+    Abort(CloseReason),
+}
+
+/// Replays the connections of `subscription` to `target` until the mirror
+/// stops.
+pub async fn forward(
+    mut subscription: Subscription,
+    target: ForwardTarget,
+    config: ForwardConfig,
+    stats: Arc<ForwardStats>,
+) -> std::io::Result<()> {
+    let health = Arc::new(Mutex::new(Health::default()));
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut connections: HashMap<ConnId, mpsc::Sender<Command>> = HashMap::new();
+    while let Some(event) = subscription.next().await {
+        match event {
+            StreamEvent::Opened {
+                conn,
+                src,
+                dst,
+                midstream,
+            } => {
+                if target.port.is_some_and(|port| port != dst.port()) {
+                    // PORT=: another mirrored port's connection.
+                } else if midstream {
+                    stats.skipped_midstream.fetch_add(1, Ordering::Relaxed);
+                } else if !sampled(src, dst, config.sample_percent) {
+                    stats.skipped_sample.fetch_add(1, Ordering::Relaxed);
+                } else if active.load(Ordering::Relaxed) >= config.max_connections {
+                    stats.skipped_limit.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let (commands, queue) = mpsc::channel(CONNECTION_QUEUE);
+                    active.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(shadow(
+                        target.addr,
+                        queue,
+                        Arc::clone(&stats),
+                        Arc::clone(&health),
+                        Arc::clone(&active),
+                    ));
+                    connections.insert(conn, commands);
+                }
+            }
+            StreamEvent::Data { conn, bytes } => {
+                let Some(commands) = connections.get(&conn) else {
+                    continue;
+                };
+                if commands.try_send(Command::Data(bytes)).is_err() {
+                    // Too slow (or gone): dropping the sender aborts it.
+                    connections.remove(&conn);
+                    stats.aborted_target.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            StreamEvent::Closed { conn, reason } => {
+                if let Some(commands) = connections.remove(&conn) {
+                    let command = if reason == CloseReason::Fin {
+                        Command::Finish
+                    } else {
+                        Command::Abort(reason)
+                    };
+                    if commands.try_send(command).is_err() {
+                        stats.aborted_target.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One shadow connection: connect, write in order, discard the answers.
+async fn shadow(
+    addr: SocketAddr,
+    mut queue: mpsc::Receiver<Command>,
+    stats: Arc<ForwardStats>,
+    health: Arc<Mutex<Health>>,
+    active: Arc<AtomicUsize>,
+) {
+    let _active = ActiveGuard(active);
+    let Some(stream) = connect(addr, &health).await else {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    stats.opened.fetch_add(1, Ordering::Relaxed);
+    let (mut reader, mut writer) = stream.into_split();
+    let mut discard = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    loop {
+        match queue.recv().await {
+            Some(Command::Data(bytes)) => {
+                match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&bytes)).await {
+                    Ok(Ok(())) => {
+                        stats
+                            .bytes_written
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }
+                    _ => {
+                        stats.aborted_target.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            Some(Command::Finish) => {
+                // Half-close like the client did, and let the target
+                // answer (the answers are discarded) before closing.
+                let _ = writer.shutdown().await;
+                let _ = tokio::time::timeout(LINGER, &mut discard).await;
+                stats.completed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(Command::Abort(reason)) => {
+                stats.aborted[reason as usize].fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            // The consumer dropped it: too slow, or the mirror stopped.
+            None => break,
+        }
+    }
+    // An incomplete stream must not look complete to the target: reset
+    // the connection instead of closing it in order.
+    let _ = socket2::SockRef::from(writer.as_ref()).set_linger(Some(Duration::ZERO));
+    // Dropping the write half would send a FIN first; the socket closes
+    // (with the reset) when the reader, in the cancelled task, is dropped.
+    writer.forget();
+    discard.abort();
+}
+
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connects with retries; `None` when the target is paused or keeps
+/// failing (which pauses it for longer).
+async fn connect(addr: SocketAddr, health: &Mutex<Health>) -> Option<TcpStream> {
+    let paused = health
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .paused_until
+        .is_some_and(|until| Instant::now() < until);
+    if paused {
+        return None;
+    }
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 1..=CONNECT_ATTEMPTS {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                let mut health = health.lock().unwrap_or_else(|p| p.into_inner());
+                health.paused_until = None;
+                health.backoff = Duration::ZERO;
+                return Some(stream);
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(
+                    "cannot connect to the forward target {addr} (attempt {attempt}): {error}"
+                );
+            }
+            Err(_) => tracing::debug!("connecting to the forward target {addr} timed out"),
+        }
+        if attempt < CONNECT_ATTEMPTS {
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+    let mut health = health.lock().unwrap_or_else(|p| p.into_inner());
+    health.backoff = (health.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+    health.paused_until = Some(Instant::now() + health.backoff);
+    tracing::warn!(
+        "the forward target {addr} refuses connections; pausing it for {:?}",
+        health.backoff
+    );
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::hub::{Hub, HubConfig};
+
+    #[test]
+    fn targets_parse() {
+        let t: ForwardTarget = "198.18.1.2:80".parse().unwrap();
+        assert_eq!(
+            (t.port, t.addr.to_string()),
+            (None, "198.18.1.2:80".to_owned())
+        );
+        let t: ForwardTarget = "8080=[2001:db8::2]:80".parse().unwrap();
+        assert_eq!(t.port, Some(8080));
+        assert_eq!(t.to_string(), "8080=[2001:db8::2]:80");
+        for bad in ["", "host", "0=1.2.3.4:80", "x=1.2.3.4:80", "1.2.3.4"] {
+            assert!(bad.parse::<ForwardTarget>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sampling_is_stable_and_near_the_percentage() {
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let picked = (0..10_000)
+            .filter(|i| {
+                let src = SocketAddr::from(([198, 18, 0, 1], 10_000 + *i as u16));
+                let first = sampled(src, dst, 50);
+                assert_eq!(first, sampled(src, dst, 50), "stable");
+                first
+            })
+            .count();
+        assert!((4500..5500).contains(&picked), "{picked}");
+        let src = SocketAddr::from(([198, 18, 0, 1], 1));
+        assert!(sampled(src, dst, 100));
+        assert!(!sampled(src, dst, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn streams_are_replayed_and_ends_honoured() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = ForwardTarget {
+            port: None,
+            addr: listener.local_addr().unwrap(),
+        };
+        // The target keeps what each connection sends, and how it ended.
+        let server = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut bytes = Vec::new();
+                let ended = socket.read_to_end(&mut bytes).await;
+                got.push((bytes, ended.is_ok()));
+            }
+            got.sort();
+            got
+        });
+        let hub = Hub::new(
+            &[80],
+            HubConfig {
+                capacity: 64,
+                max_bytes: 1 << 30,
+                batch_bytes: 1 << 16,
+            },
+        );
+        let (_, subscription) = hub.subscribe(&[80], "forward");
+        let stats = Arc::new(ForwardStats::default());
+        let config = ForwardConfig {
+            max_connections: 8,
+            sample_percent: 100,
+        };
+        let task = tokio::spawn(forward(subscription, target, config, Arc::clone(&stats)));
+        let src = |port| SocketAddr::from(([198, 18, 0, 1], port));
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let opened = |conn, port| StreamEvent::Opened {
+            conn,
+            src: src(port),
+            dst,
+            midstream: false,
+        };
+        let data = |conn, text: &'static str| StreamEvent::Data {
+            conn,
+            bytes: Bytes::from_static(text.as_bytes()),
+        };
+        hub.publish(
+            80,
+            vec![
+                opened(1, 1000),
+                opened(2, 1001),
+                StreamEvent::Opened {
+                    conn: 3,
+                    src: src(1002),
+                    dst,
+                    midstream: true,
+                },
+                data(1, "GET /a HTTP/1.1\r\n"),
+                data(2, "GET /b"),
+                data(1, "\r\n"),
+                StreamEvent::Closed {
+                    conn: 1,
+                    reason: CloseReason::Fin,
+                },
+                StreamEvent::Closed {
+                    conn: 2,
+                    reason: CloseReason::Gap,
+                },
+            ],
+        );
+        let got = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        // The completed one arrives whole and closed in order; the aborted
+        // one is reset (read_to_end fails) or cut short.
+        assert!(
+            got.contains(&(b"GET /a HTTP/1.1\r\n\r\n".to_vec(), true)),
+            "{got:?}"
+        );
+        assert!(
+            !got.iter().any(|(bytes, ok)| bytes == b"GET /b" && *ok),
+            "{got:?}"
+        );
+        hub.close_all();
+        drop(hub);
+        task.await.unwrap().unwrap();
+        assert_eq!(stats.completed.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.aborted[CloseReason::Gap as usize].load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(stats.skipped_midstream.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.opened.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_target_that_is_down_fails_fast_and_is_tried_again() {
+        // A port nothing listens on.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let health = Mutex::new(Health::default());
+        assert!(connect(addr, &health).await.is_none());
+        let paused_until = health.lock().unwrap().paused_until.expect("paused");
+        assert!(connect(addr, &health).await.is_none(), "paused: no attempt");
+        // Once it listens again and the pause is over, it connects.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::time::sleep(paused_until.saturating_duration_since(Instant::now())).await;
+        assert!(connect(addr, &health).await.is_some());
+        assert!(health.lock().unwrap().paused_until.is_none());
+        drop(listener);
+    }
+}

@@ -1,0 +1,598 @@
+//! `--pcap FILE`: the mirrored packets (before reassembly) in a capture
+//! file for Wireshark, tshark and tcpdump: pcapng by default (interface
+//! name, nanosecond timestamps), or classic pcap with nanosecond
+//! timestamps; written with the `pcap-file` crate.
+//!
+//! The writer is a bounded consumer on a thread of its own (file writes
+//! block): drain tasks offer packets with `try_send`, so a disk that cannot
+//! keep up drops packets and counts them, never slows the drains. A write
+//! error (a full disk, an unwritable file) stops this sink with one clear
+//! message; mirroring and the other consumers go on.
+//!
+//! Packets come from one ring per CPU, read at different moments, so they
+//! arrive out of order across CPUs; a capture is written in time order (as
+//! tcpdump's is, and as Wireshark's stream analysis needs): packets wait in
+//! a bounded window ([`ORDER_WINDOW`], [`ORDER_HELD`]) and leave it oldest
+//! first.
+
+use std::{
+    borrow::Cow,
+    cmp::Reverse,
+    collections::BinaryHeap,
+    fs::{self, File},
+    io::{self, BufWriter, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, SyncSender, TrySendError},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use pcap_file::{
+    DataLink, TsResolution,
+    pcap::{PcapHeader, PcapPacket, PcapWriter},
+    pcapng::{
+        PcapNgWriter,
+        blocks::{
+            enhanced_packet::EnhancedPacketBlock,
+            interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
+        },
+    },
+};
+
+use crate::{clock::WallClock, record::Record, segment::PayloadPool};
+
+/// Packets queued for the writer before new ones are dropped.
+const QUEUE: usize = 8192;
+/// How long a packet waits for older ones from other CPUs' rings.
+const ORDER_WINDOW: Duration = Duration::from_millis(100);
+/// Most packets waiting; beyond, the oldest is written at once.
+const ORDER_HELD: usize = 16384;
+
+/// Capture file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PcapFormat {
+    /// Classic pcap, nanosecond timestamps.
+    Pcap,
+    /// pcapng with the interface's name and nanosecond timestamps.
+    Pcapng,
+}
+
+/// Settings of the capture.
+#[derive(Debug, Clone)]
+pub struct PcapConfig {
+    /// File to write, `-` for standard output.
+    pub path: PathBuf,
+    pub format: PcapFormat,
+    /// Start a new file once this many bytes were written (not on stdout).
+    pub rotate_size: Option<u64>,
+    /// Keep at most this many files, deleting the oldest.
+    pub keep: Option<usize>,
+    /// Interface name recorded in pcapng.
+    pub iface: String,
+    pub snaplen: u32,
+}
+
+/// Counters of the capture.
+#[derive(Debug, Default)]
+pub struct PcapCounters {
+    pub written: AtomicU64,
+    /// Dropped because the writer's queue was full (a slow disk).
+    pub dropped: AtomicU64,
+    /// Not written because the sink had stopped on an error.
+    pub failed: AtomicU64,
+    pub files: AtomicU64,
+}
+
+impl PcapCounters {
+    pub fn fields(&self) -> [(&'static str, u64); 4] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("written", get(&self.written)),
+            ("dropped", get(&self.dropped)),
+            ("failed", get(&self.failed)),
+            ("files", get(&self.files)),
+        ]
+    }
+}
+
+struct Packet {
+    unix_ns: u64,
+    wire_len: u32,
+    data: Bytes,
+}
+
+/// Time order across rings: packets are released oldest first once they
+/// are [`ORDER_WINDOW`] older than the newest seen (or the wall clock).
+struct Reorder {
+    held: BinaryHeap<Reverse<Held>>,
+    newest_ns: u64,
+    arrival: u64,
+}
+
+struct Held(u64, u64, Packet);
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        (self.0, self.1) == (other.0, other.1)
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    /// By timestamp, then by arrival (packets of one ring keep their order).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.0, self.1).cmp(&(other.0, other.1))
+    }
+}
+
+impl Reorder {
+    fn new() -> Self {
+        Self {
+            held: BinaryHeap::new(),
+            newest_ns: 0,
+            arrival: 0,
+        }
+    }
+
+    fn push(&mut self, packet: Packet) {
+        self.newest_ns = self.newest_ns.max(packet.unix_ns);
+        self.arrival += 1;
+        self.held
+            .push(Reverse(Held(packet.unix_ns, self.arrival, packet)));
+    }
+
+    /// The next packet that may be written now (`now_ns`: wall clock).
+    fn pop_ready(&mut self, now_ns: u64) -> Option<Packet> {
+        let horizon = self
+            .newest_ns
+            .max(now_ns)
+            .saturating_sub(ORDER_WINDOW.as_nanos() as u64);
+        let Reverse(oldest) = self.held.peek()?;
+        if oldest.0 <= horizon || self.held.len() > ORDER_HELD {
+            self.held.pop().map(|Reverse(Held(_, _, packet))| packet)
+        } else {
+            None
+        }
+    }
+
+    /// Every packet left, oldest first.
+    fn pop_any(&mut self) -> Option<Packet> {
+        self.held.pop().map(|Reverse(Held(_, _, packet))| packet)
+    }
+}
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A drain task's handle on the writer: copies each record's packet out of
+/// the ring and offers it, never waiting.
+pub struct PcapSink {
+    queue: SyncSender<Packet>,
+    counters: Arc<PcapCounters>,
+    clock: WallClock,
+    pool: PayloadPool,
+}
+
+impl Clone for PcapSink {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+            counters: Arc::clone(&self.counters),
+            clock: self.clock,
+            pool: PayloadPool::default(),
+        }
+    }
+}
+
+impl PcapSink {
+    pub fn offer(&mut self, record: &Record<'_>) {
+        let packet = Packet {
+            unix_ns: self.clock.unix_ns(record.header.ts_ns),
+            wire_len: record.header.wire_len,
+            data: self.pool.copy(record.packet),
+        };
+        match self.queue.try_send(packet) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Starts the writer thread; the thread ends when every [`PcapSink`] is
+/// dropped, after writing what it was given.
+pub fn start(
+    config: PcapConfig,
+    clock: WallClock,
+) -> (PcapSink, Arc<PcapCounters>, JoinHandle<()>) {
+    let counters = Arc::new(PcapCounters::default());
+    let (queue, packets) = mpsc::sync_channel(QUEUE);
+    let thread_counters = Arc::clone(&counters);
+    let handle = std::thread::Builder::new()
+        .name("pcap writer".into())
+        .spawn(move || write_all(&config, &packets, &thread_counters))
+        .expect("spawn the pcap writer thread");
+    let sink = PcapSink {
+        queue,
+        counters: Arc::clone(&counters),
+        clock,
+        pool: PayloadPool::default(),
+    };
+    (sink, counters, handle)
+}
+
+fn write_all(config: &PcapConfig, packets: &mpsc::Receiver<Packet>, counters: &PcapCounters) {
+    let mut files = Rotation::new(config);
+    let mut writer = match files.next_writer(config, counters) {
+        Ok(writer) => writer,
+        Err(error) => {
+            report(config, &error);
+            fail_rest(packets, counters);
+            return;
+        }
+    };
+    let mut order = Reorder::new();
+    let mut in_file = 0u64;
+    let mut open = true;
+    while open {
+        // Wake up now and then even without packets, to release the ones
+        // that aged out of the window.
+        match packets.recv_timeout(ORDER_WINDOW / 4) {
+            Ok(packet) => order.push(packet),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+        }
+        let now = now_unix_ns();
+        loop {
+            let next = if open {
+                order.pop_ready(now)
+            } else {
+                order.pop_any()
+            };
+            let Some(packet) = next else { break };
+            if let Err(error) = write_one(
+                &mut writer,
+                &mut files,
+                &mut in_file,
+                &packet,
+                config,
+                counters,
+            ) {
+                report(config, &error);
+                counters
+                    .failed
+                    .fetch_add(1 + order.held.len() as u64, Ordering::Relaxed);
+                fail_rest(packets, counters);
+                return;
+            }
+        }
+    }
+    if let Err(error) = writer.finish() {
+        report(config, &error);
+    }
+}
+
+/// Writes one packet, starting the next file first when the current one
+/// is full.
+fn write_one(
+    writer: &mut Writer,
+    files: &mut Rotation,
+    in_file: &mut u64,
+    packet: &Packet,
+    config: &PcapConfig,
+    counters: &PcapCounters,
+) -> io::Result<()> {
+    if config.rotate_size.is_some_and(|limit| *in_file >= limit) {
+        let next = files.next_writer(config, counters)?;
+        std::mem::replace(writer, next).finish()?;
+        *in_file = 0;
+    }
+    *in_file += writer.write(packet)? as u64;
+    counters.written.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+fn report(config: &PcapConfig, error: &io::Error) {
+    tracing::error!(
+        "the capture to {} stopped: {error}; mirroring and the other consumers go on",
+        config.path.display()
+    );
+}
+
+/// Counts what arrives after the sink stopped.
+fn fail_rest(packets: &mpsc::Receiver<Packet>, counters: &PcapCounters) {
+    while packets.recv().is_ok() {
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// tcpdump's naming with `-C`: `FILE`, then `FILE1`, `FILE2`, ...; with a
+/// limit, the oldest files are deleted.
+struct Rotation {
+    index: u64,
+    made: Vec<PathBuf>,
+}
+
+impl Rotation {
+    fn new(_config: &PcapConfig) -> Self {
+        Self {
+            index: 0,
+            made: Vec::new(),
+        }
+    }
+
+    fn path(config: &PcapConfig, index: u64) -> PathBuf {
+        if index == 0 {
+            config.path.clone()
+        } else {
+            let mut name = config.path.clone().into_os_string();
+            name.push(index.to_string());
+            PathBuf::from(name)
+        }
+    }
+
+    fn next_writer(&mut self, config: &PcapConfig, counters: &PcapCounters) -> io::Result<Writer> {
+        let out: Box<dyn Write + Send> = if config.path == Path::new("-") {
+            Box::new(io::stdout())
+        } else {
+            let path = Self::path(config, self.index);
+            self.index += 1;
+            let file = File::create(&path)?;
+            self.made.push(path);
+            if let Some(keep) = config.keep {
+                while self.made.len() > keep.max(1) {
+                    let oldest = self.made.remove(0);
+                    fs::remove_file(&oldest)?;
+                }
+            }
+            Box::new(file)
+        };
+        counters.files.fetch_add(1, Ordering::Relaxed);
+        Writer::new(BufWriter::with_capacity(1 << 20, out), config)
+    }
+}
+
+enum Writer {
+    Pcap(PcapWriter<BufWriter<Box<dyn Write + Send>>>),
+    PcapNg(PcapNgWriter<BufWriter<Box<dyn Write + Send>>>),
+}
+
+fn pcap_error(error: pcap_file::PcapError) -> io::Error {
+    match error {
+        pcap_file::PcapError::IoError(io) => io,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl Writer {
+    fn new(out: BufWriter<Box<dyn Write + Send>>, config: &PcapConfig) -> io::Result<Self> {
+        match config.format {
+            PcapFormat::Pcap => {
+                let header = PcapHeader {
+                    snaplen: config.snaplen,
+                    datalink: DataLink::ETHERNET,
+                    ts_resolution: TsResolution::NanoSecond,
+                    ..PcapHeader::default()
+                };
+                PcapWriter::with_header(out, header)
+                    .map(Self::Pcap)
+                    .map_err(pcap_error)
+            }
+            PcapFormat::Pcapng => {
+                let mut writer = PcapNgWriter::new(out).map_err(pcap_error)?;
+                let interface = InterfaceDescriptionBlock {
+                    linktype: DataLink::ETHERNET,
+                    snaplen: config.snaplen,
+                    options: vec![
+                        InterfaceDescriptionOption::IfName(Cow::Owned(config.iface.clone())),
+                        // Enhanced packet blocks carry nanoseconds (10^-9 s).
+                        InterfaceDescriptionOption::IfTsResol(9),
+                    ],
+                };
+                writer.write_pcapng_block(interface).map_err(pcap_error)?;
+                Ok(Self::PcapNg(writer))
+            }
+        }
+    }
+
+    fn write(&mut self, packet: &Packet) -> io::Result<usize> {
+        let timestamp = Duration::from_nanos(packet.unix_ns);
+        match self {
+            Self::Pcap(writer) => writer
+                .write_packet(&PcapPacket::new(timestamp, packet.wire_len, &packet.data))
+                .map_err(pcap_error),
+            Self::PcapNg(writer) => writer
+                .write_pcapng_block(EnhancedPacketBlock {
+                    interface_id: 0,
+                    timestamp,
+                    original_len: packet.wire_len,
+                    data: Cow::Borrowed(&packet.data),
+                    options: Vec::new(),
+                })
+                .map_err(pcap_error),
+        }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        match self {
+            Self::Pcap(writer) => writer.into_writer().flush(),
+            Self::PcapNg(writer) => writer.into_inner().flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mirror_common::RecordHeader;
+    use pcap_file::{pcap::PcapReader, pcapng::PcapNgReader};
+
+    use super::*;
+
+    fn config(dir: &Path, format: PcapFormat) -> PcapConfig {
+        PcapConfig {
+            path: dir.join("capture"),
+            format,
+            rotate_size: None,
+            keep: None,
+            iface: "veth7".into(),
+            snaplen: 65568,
+        }
+    }
+
+    fn record(frame: &[u8], ts_ns: u64) -> Vec<u8> {
+        Record::encode(
+            &RecordHeader {
+                ts_ns,
+                ifindex: 2,
+                wire_len: frame.len() as u32 + 100,
+                cap_len: frame.len() as u32,
+                cpu: 0,
+                flags: 0,
+                l3_offset: 14,
+                l4_offset: 34,
+            },
+            frame,
+        )
+    }
+
+    fn capture(config: &PcapConfig, frames: &[&[u8]]) -> Arc<PcapCounters> {
+        let (mut sink, counters, writer) = start(config.clone(), WallClock::new());
+        for (i, frame) in frames.iter().enumerate() {
+            let raw = record(frame, 1_000 + i as u64);
+            sink.offer(&Record::decode(&raw).unwrap());
+        }
+        drop(sink);
+        writer.join().unwrap();
+        counters
+    }
+
+    #[test]
+    fn pcapng_keeps_names_timestamps_and_lengths() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), PcapFormat::Pcapng);
+        let counters = capture(&config, &[b"first frame", b"second"]);
+        assert_eq!(counters.written.load(Ordering::Relaxed), 2);
+        let mut reader = PcapNgReader::new(File::open(&config.path).unwrap()).unwrap();
+        let interface = &reader.interfaces().first().cloned();
+        let mut packets = Vec::new();
+        while let Some(block) = reader.next_block() {
+            if let pcap_file::pcapng::Block::EnhancedPacket(epb) = block.unwrap() {
+                packets.push((epb.data.to_vec(), epb.original_len, epb.timestamp));
+            }
+        }
+        assert_eq!(packets.len(), 2);
+        assert_eq!(packets[0].0, b"first frame");
+        assert_eq!(packets[0].1, 11 + 100, "the length on the wire");
+        assert!(
+            packets[1].2 > packets[0].2,
+            "nanosecond timestamps kept apart"
+        );
+        let interface = interface
+            .clone()
+            .or_else(|| reader.interfaces().first().cloned())
+            .unwrap();
+        assert!(
+            interface
+                .options
+                .iter()
+                .any(|o| matches!(o, InterfaceDescriptionOption::IfName(name) if name == "veth7"))
+        );
+        assert!(
+            interface
+                .options
+                .contains(&InterfaceDescriptionOption::IfTsResol(9))
+        );
+    }
+
+    #[test]
+    fn packets_of_different_rings_are_written_in_time_order() {
+        let packet = |unix_ns: u64| Packet {
+            unix_ns,
+            wire_len: 1,
+            data: Bytes::new(),
+        };
+        let mut order = Reorder::new();
+        // Ring A's packets 10, 30; ring B's packet 20 arrives last.
+        order.push(packet(10));
+        order.push(packet(30));
+        assert!(order.pop_ready(0).is_none(), "inside the window: wait");
+        order.push(packet(20));
+        let window = ORDER_WINDOW.as_nanos() as u64;
+        let mut out = Vec::new();
+        while let Some(p) = order.pop_ready(40 + window) {
+            out.push(p.unix_ns);
+        }
+        assert_eq!(out, [10, 20, 30]);
+        order.push(packet(5));
+        assert_eq!(
+            order.pop_any().map(|p| p.unix_ns),
+            Some(5),
+            "late ones still go out"
+        );
+    }
+
+    #[test]
+    fn pcap_has_nanosecond_timestamps() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), PcapFormat::Pcap);
+        capture(&config, &[b"abc"]);
+        let mut reader = PcapReader::new(File::open(&config.path).unwrap()).unwrap();
+        assert_eq!(reader.header().ts_resolution, TsResolution::NanoSecond);
+        assert_eq!(reader.header().datalink, DataLink::ETHERNET);
+        let packet = reader.next_packet().unwrap().unwrap();
+        assert_eq!(packet.data.as_ref(), b"abc");
+        assert!(reader.next_packet().is_none());
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), PcapFormat::Pcap);
+        config.rotate_size = Some(1000);
+        config.keep = Some(2);
+        let frame = [7u8; 600];
+        let counters = capture(&config, &[&frame[..]; 7]);
+        assert_eq!(counters.written.load(Ordering::Relaxed), 7);
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        // Two packets per file: capture, capture1 .. capture3; the newest two stay.
+        assert_eq!(names, ["capture2", "capture3"]);
+    }
+
+    #[test]
+    fn a_full_disk_stops_the_sink_with_counts() {
+        let config = PcapConfig {
+            path: PathBuf::from("/dev/full"),
+            ..config(Path::new("/tmp"), PcapFormat::Pcapng)
+        };
+        let frame = [1u8; 60_000];
+        let counters = capture(&config, &[&frame[..]; 40]);
+        assert_eq!(
+            counters.written.load(Ordering::Relaxed) + counters.failed.load(Ordering::Relaxed),
+            40
+        );
+        assert!(
+            counters.failed.load(Ordering::Relaxed) > 0,
+            "writes to /dev/full fail"
+        );
+    }
+}

@@ -1,0 +1,457 @@
+//! Shadow forwarding to a staging copy of a service, and capture files
+//! read back by tcpdump and tshark.
+//!
+//! Forwarding tests: three hosts. The client (curl) reaches the primary
+//! nginx over one veth pair; the primary reaches its shadow nginx over
+//! another; the mirror runs beside the primary and forwards to the shadow.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use mirror_tests::{
+    mirror_process::{MirrorOutput, MirrorProcess, Stdout},
+    netns::{ClientServer, KillOnDrop, TestNet, in_ns, spawn, tcx_programs},
+    traffic::{MIB, random_files, send_all, start_server},
+    web::Nginx,
+};
+
+const PRIMARY: &str = "198.18.0.2";
+const SHADOW: &str = "198.18.1.2";
+
+struct Hosts {
+    _net: TestNet,
+    client: String,
+    primary: String,
+    shadow: String,
+    dir: tempfile::TempDir,
+}
+
+fn hosts() -> Hosts {
+    let mut net = TestNet::new();
+    let client = net.namespace("cli");
+    let primary = net.namespace("pri");
+    let shadow = net.namespace("sha");
+    net.veth(
+        (&client, "cli0", "198.18.0.1/24"),
+        (&primary, "pri0", "198.18.0.2/24"),
+    );
+    net.veth(
+        (&primary, "pri1", "198.18.1.1/24"),
+        (&shadow, "sha0", "198.18.1.2/24"),
+    );
+    Hosts {
+        _net: net,
+        client,
+        primary,
+        shadow,
+        dir: tempfile::tempdir().expect("temp dir"),
+    }
+}
+
+impl Hosts {
+    fn path(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::create_dir_all(&path).expect("mkdir");
+        path
+    }
+
+    fn mirror(&self, extra: &[&str]) -> MirrorProcess {
+        let mut args = vec!["--iface", "pri0", "--port", "80"];
+        args.extend(extra);
+        MirrorProcess::start_quiet(&self.primary, &args)
+    }
+
+    /// `connections` curl processes at once, each sending `requests`
+    /// requests on one keep-alive connection to `/TAG/<connection>/<n>`;
+    /// returns the request lines sent.
+    fn load(&self, tag: &str, connections: usize, requests: usize) -> Vec<String> {
+        let mut sent = Vec::new();
+        let clients: Vec<KillOnDrop> = (0..connections)
+            .map(|c| {
+                let urls: Vec<String> = (0..requests)
+                    .map(|n| {
+                        sent.push(format!("GET /{tag}/{c}/{n} HTTP/1.1"));
+                        format!("http://{PRIMARY}/{tag}/{c}/{n}")
+                    })
+                    .collect();
+                let mut command = in_ns(&self.client, "curl");
+                command
+                    .args(["-s", "-f", "--http1.1", "--max-time", "30"])
+                    .args(urls.iter().flat_map(|u| [u.as_str(), "-o", "/dev/null"]));
+                spawn(&mut command)
+            })
+            .collect();
+        for client in clients {
+            client.wait_success("curl", Duration::from_secs(60));
+        }
+        sent.sort();
+        sent
+    }
+}
+
+fn sorted(mut lines: Vec<String>) -> Vec<String> {
+    lines.sort();
+    lines
+}
+
+fn counters(output: &MirrorOutput) -> String {
+    format!("{:#?}\nstderr:\n{}", output.counters, output.stderr)
+}
+
+fn forward(output: &MirrorOutput, name: &str) -> u64 {
+    output.counter(&format!("forward.{SHADOW}:80.{name}"))
+}
+
+#[test]
+fn the_shadow_gets_the_requests_of_the_primary() {
+    let h = hosts();
+    let primary = Nginx::start(&h.primary, PRIMARY, &h.path("primary"));
+    let shadow = Nginx::start(&h.shadow, SHADOW, &h.path("shadow"));
+    let target = format!("{SHADOW}:80");
+    let mirror = h.mirror(&["--forward", &target]);
+    let sent = h.load("load", 20, 10);
+    assert_eq!(
+        sorted(primary.requests()),
+        sent,
+        "the primary served everything"
+    );
+    let copied = shadow.wait_for(sent.len());
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert_eq!(
+        sorted(copied),
+        sent,
+        "the shadow got the same requests\n{}",
+        counters(&output)
+    );
+    assert_eq!(forward(&output, "completed"), 20, "{}", counters(&output));
+    assert_eq!(forward(&output, "failed"), 0, "{}", counters(&output));
+    assert_eq!(
+        forward(&output, "aborted.target"),
+        0,
+        "{}",
+        counters(&output)
+    );
+}
+
+#[test]
+fn a_shadow_that_goes_down_costs_only_shadow_connections() {
+    let h = hosts();
+    let primary = Nginx::start(&h.primary, PRIMARY, &h.path("primary"));
+    let mut shadow = Nginx::start(&h.shadow, SHADOW, &h.path("shadow"));
+    let target = format!("{SHADOW}:80");
+    let mirror = h.mirror(&["--forward", &target]);
+
+    let before = h.load("before", 5, 4);
+    shadow.wait_for(before.len());
+    shadow.stop();
+    let during = h.load("during", 5, 4);
+    // Longer than a shadow connection's retries (50 + 100 ms): these fail.
+    thread::sleep(Duration::from_secs(1));
+    shadow.restart();
+    // Past the longest pause of a failing target, new connections try it.
+    thread::sleep(mirror_user::sinks::forward::MAX_BACKOFF + Duration::from_millis(500));
+    let after = h.load("after", 5, 4);
+    let copied = shadow.wait_for(before.len() + after.len());
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+
+    let mut everything = [before.clone(), during, after.clone()].concat();
+    everything.sort();
+    assert_eq!(
+        sorted(primary.requests()),
+        everything,
+        "the primary lost nothing"
+    );
+    let mut expected = [before, after].concat();
+    expected.sort();
+    assert_eq!(
+        sorted(copied),
+        expected,
+        "forwarding resumed\n{}",
+        counters(&output)
+    );
+    assert_eq!(forward(&output, "failed"), 5, "{}", counters(&output));
+    assert_eq!(forward(&output, "completed"), 10, "{}", counters(&output));
+}
+
+#[test]
+fn sampling_forwards_about_half_the_connections_whole() {
+    let h = hosts();
+    let primary = Nginx::start(&h.primary, PRIMARY, &h.path("primary"));
+    let shadow = Nginx::start(&h.shadow, SHADOW, &h.path("shadow"));
+    let target = format!("{SHADOW}:80");
+    let mirror = h.mirror(&["--forward", &target, "--forward-sample", "50"]);
+    let mut sent = Vec::new();
+    for round in 0..4 {
+        sent.extend(h.load(&format!("s{round}"), 10, 3));
+    }
+    assert_eq!(primary.requests().len(), 120);
+    thread::sleep(Duration::from_secs(1));
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    let copied = shadow.requests();
+    let forwarded = forward(&output, "completed");
+    let skipped = forward(&output, "skipped.sample");
+    assert_eq!(forwarded + skipped, 40, "{}", counters(&output));
+    // Binomial(40, 1/2): outside 8..=32 once in 60000 runs.
+    assert!((8..=32).contains(&forwarded), "{forwarded} of 40 forwarded");
+    // Whole connections: each forwarded one brought its three requests.
+    assert_eq!(copied.len() as u64, 3 * forwarded, "{copied:?}");
+    let sent: BTreeSet<String> = sent.into_iter().collect();
+    let mut by_connection: BTreeSet<String> = BTreeSet::new();
+    for line in &copied {
+        assert!(sent.contains(line), "{line} was sent");
+        // "GET /s0/<connection>/<n> HTTP/1.1": the path without its last part.
+        let path = line.split_whitespace().nth(1).unwrap_or_default();
+        let connection = path.rsplit_once('/').map(|(conn, _)| conn.to_owned());
+        by_connection.insert(connection.unwrap_or_default());
+    }
+    assert_eq!(
+        by_connection.len() as u64,
+        forwarded,
+        "three requests per forwarded connection"
+    );
+}
+
+/// A transfer captured to a file that tcpdump and tshark read back.
+struct Capture {
+    net: ClientServer,
+    dir: tempfile::TempDir,
+}
+
+fn capture() -> Capture {
+    Capture {
+        net: ClientServer::new(),
+        dir: tempfile::tempdir().expect("temp dir"),
+    }
+}
+
+impl Capture {
+    fn path(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::create_dir_all(&path).expect("mkdir");
+        path
+    }
+
+    /// Sends `len` random bytes on one connection with the mirror running
+    /// with `args`; returns what was sent and the mirror's output.
+    fn transfer(&self, len: usize, args: &[&str]) -> (Vec<u8>, MirrorOutput) {
+        let received = self.path("received");
+        let files = random_files(&self.path("send"), 46000, 1, len, len);
+        let _server = start_server(&self.net.server, 5201, &received);
+        let mut all = vec!["--iface", "srv0", "--port", "5201"];
+        all.extend(args);
+        let mirror = MirrorProcess::start_with(&self.net.server, &all, Stdout::Read);
+        send_all(
+            &self.net.client,
+            ClientServer::SERVER_IP,
+            5201,
+            &files,
+            &received,
+        );
+        let output = mirror.interrupt();
+        assert!(output.status.success(), "{}", output.stderr);
+        (files[0].bytes(), output)
+    }
+}
+
+fn packets_read_by_tcpdump(file: &Path) -> u64 {
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(file)
+        .output()
+        .expect("tcpdump");
+    assert!(
+        out.status.success(),
+        "tcpdump -r: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).lines().count() as u64
+}
+
+/// The client's bytes of TCP stream 0, as tshark's follow-stream
+/// reassembles them.
+fn follow_stream(file: &Path) -> Vec<u8> {
+    let out = Command::new("tshark")
+        .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
+        .arg(file)
+        .output()
+        .expect("tshark");
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut bytes = Vec::new();
+    for line in text.lines() {
+        let is_hex = !line.is_empty() && line.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_hex {
+            for pair in line.as_bytes().chunks(2) {
+                let pair = std::str::from_utf8(pair).unwrap();
+                bytes.push(u8::from_str_radix(pair, 16).unwrap());
+            }
+        }
+    }
+    bytes
+}
+
+#[test]
+fn pcapng_captures_read_back_whole_in_tshark() {
+    let c = capture();
+    let file = c.path("out").join("capture.pcapng");
+    let file_arg = file.display().to_string();
+    let (sent, output) = c.transfer(4 * MIB, &["--pcap", &file_arg]);
+    assert_eq!(
+        packets_read_by_tcpdump(&file),
+        output.kernel("mirrored"),
+        "every mirrored packet is in the file\n{}",
+        counters(&output)
+    );
+    assert_eq!(output.counter("pcap.written"), output.kernel("mirrored"));
+    let stream = follow_stream(&file);
+    assert!(
+        stream == sent,
+        "tshark reassembles the transfer ({} of {} bytes)",
+        stream.len(),
+        sent.len()
+    );
+}
+
+#[test]
+fn classic_pcap_reads_back_too() {
+    let c = capture();
+    let file = c.path("out").join("capture.pcap");
+    let file_arg = file.display().to_string();
+    let (sent, output) = c.transfer(MIB, &["--pcap", &file_arg, "--pcap-format", "pcap"]);
+    assert_eq!(packets_read_by_tcpdump(&file), output.kernel("mirrored"));
+    assert!(follow_stream(&file) == sent);
+}
+
+#[test]
+fn rotation_keeps_the_configured_number_of_files() {
+    let c = capture();
+    let dir = c.path("out");
+    let file_arg = dir.join("rot").display().to_string();
+    let (_, output) = c.transfer(
+        8 * MIB,
+        &[
+            "--pcap",
+            &file_arg,
+            "--pcap-rotate-size",
+            "1M",
+            "--pcap-keep",
+            "3",
+        ],
+    );
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(output.counter("pcap.files") >= 8, "{}", counters(&output));
+    // The newest files, each a readable capture.
+    for name in &names {
+        assert!(packets_read_by_tcpdump(&dir.join(name)) > 0, "{name}");
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_capture_and_nothing_else() {
+    let c = capture();
+    let dump = c.path("dump");
+    let dump_arg = dump.display().to_string();
+    let (sent, output) = c.transfer(4 * MIB, &["--pcap", "/dev/full", "--dump-dir", &dump_arg]);
+    assert!(output.counter("pcap.failed") > 0, "{}", counters(&output));
+    assert!(
+        output.stderr.contains("the capture to /dev/full stopped"),
+        "{}",
+        output.stderr
+    );
+    let dumped: Vec<_> = fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.to_string_lossy().ends_with(".meta"))
+        .collect();
+    assert_eq!(dumped.len(), 1, "{dumped:?}");
+    assert!(
+        fs::read(&dumped[0]).unwrap() == sent,
+        "the other consumers went on"
+    );
+}
+
+#[test]
+fn pcap_to_stdout_pipes_into_tcpdump() {
+    let c = capture();
+    let received = c.path("received");
+    let files = random_files(&c.path("send"), 47000, 1, MIB, MIB);
+    let _server = start_server(&c.net.server, 5201, &received);
+    let capture_file = c.path("out").join("stdout.pcapng");
+    // mirror run ... --pcap - > file: what a pipe into tshark -r - reads.
+    let shell = format!(
+        "exec {} run --iface srv0 --port 5201 --listen none --pcap - > {}",
+        mirror_tests::mirror_process::mirror_bin().display(),
+        capture_file.display()
+    );
+    let mirror = spawn(in_ns(&c.net.server, "sh").args(["-c", &shell]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tcx_programs(&c.net.server, "srv0")
+        .iter()
+        .any(|p| p == "mirror_tc")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror did not attach"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    send_all(
+        &c.net.client,
+        ClientServer::SERVER_IP,
+        5201,
+        &files,
+        &received,
+    );
+    thread::sleep(Duration::from_millis(500));
+    let pid = mirror.0.id() as libc::pid_t;
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    mirror.wait_success("mirror --pcap -", Duration::from_secs(30));
+    assert!(packets_read_by_tcpdump(&capture_file) > 0);
+    let stream = follow_stream(&capture_file);
+    let sent = files[0].bytes();
+    if stream != sent {
+        let tshark = Command::new("tshark")
+            .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
+            .arg(&capture_file)
+            .output()
+            .unwrap();
+        let tcpdump = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&capture_file)
+            .output()
+            .unwrap();
+        panic!(
+            "{} of {} bytes\ntshark:\n{}\ntcpdump:\n{}",
+            stream.len(),
+            sent.len(),
+            String::from_utf8_lossy(&tshark.stdout)
+                .chars()
+                .take(1500)
+                .collect::<String>(),
+            String::from_utf8_lossy(&tcpdump.stdout)
+                .lines()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
