@@ -193,7 +193,7 @@ impl Client {
     async fn read(&mut self) -> Result<Option<ServerFrame>, ClientError> {
         match self.wire.next().await {
             None => Ok(None),
-            Some(bytes) => Ok(Some(ServerFrame::decode(&bytes?)?)),
+            Some(bytes) => Ok(Some(ServerFrame::decode_shared(bytes?.freeze())?)),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod reassembly;
 pub mod record;
 pub mod segment;
 pub mod server;
+pub mod session_wire;
 pub mod shards;
 pub mod sinks;
 pub mod stream;

@@ -264,6 +264,37 @@ impl ClientFrame {
 }
 
 impl ServerFrame {
+    /// The frame as it goes on the wire, length prefix included, in two
+    /// parts: everything up to the payload is appended to `head`; a
+    /// `Data` frame's payload is returned, to be written right after it as
+    /// it is (shared with every other consumer, never copied here).
+    pub fn encode_wire(&self, head: &mut BytesMut) -> Option<Bytes> {
+        if let Self::Data { conn, bytes } = self {
+            head.put_u32((1 + 8 + bytes.len()) as u32);
+            head.put_u8(kind::DATA);
+            head.put_u64(*conn);
+            return Some(bytes.clone());
+        }
+        let start = head.len();
+        head.put_u32(0);
+        self.encode(head);
+        let len = (head.len() - start - 4) as u32;
+        head[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        None
+    }
+
+    /// Like [`Self::decode`], but a `Data` frame's payload is a slice of
+    /// `frame`, not a copy.
+    pub fn decode_shared(frame: Bytes) -> Result<Self, ProtocolError> {
+        match frame.first() {
+            Some(&kind::DATA) if frame.len() >= 9 => Ok(Self::Data {
+                conn: u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes")),
+                bytes: frame.slice(9..),
+            }),
+            _ => Self::decode(&frame),
+        }
+    }
+
     pub fn encode(&self, out: &mut BytesMut) {
         match self {
             Self::Welcome { version, server } => {
@@ -595,7 +626,19 @@ mod tests {
     fn server_round_trip(frame: ServerFrame) {
         let mut buf = BytesMut::new();
         frame.encode(&mut buf);
-        assert_eq!(ServerFrame::decode(&buf), Ok(frame));
+        assert_eq!(ServerFrame::decode(&buf), Ok(frame.clone()));
+        assert_eq!(
+            ServerFrame::decode_shared(buf.clone().freeze()),
+            Ok(frame.clone())
+        );
+        // On the wire: the 4-byte big-endian length, then the same bytes,
+        // whether or not the payload travels apart.
+        let mut wire = BytesMut::from(&b"before"[..]);
+        let payload = frame.encode_wire(&mut wire);
+        wire.extend_from_slice(&payload.unwrap_or_default());
+        assert_eq!(&wire[..6], b"before");
+        assert_eq!(wire[6..10], (buf.len() as u32).to_be_bytes());
+        assert_eq!(&wire[10..], &buf[..]);
     }
 
     #[test]

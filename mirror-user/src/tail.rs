@@ -4,13 +4,20 @@
 use std::io::Write as _;
 
 use anyhow::Context as _;
+use futures_util::FutureExt as _;
 use mirror_user::{
     cli::{ConnectArgs, PortsAction, PortsArgs, StatsArgs, TailArgs},
     client::{self, Client},
     counters,
-    sinks::{dump::DumpWriter, events::format_event},
+    sinks::{
+        dump::DumpWriter,
+        events::{EventTotals, format_event},
+    },
 };
-use tokio::io::{AsyncWriteExt as _, BufWriter};
+use tokio::{
+    io::{AsyncWriteExt as _, BufWriter},
+    signal::unix::{SignalKind, signal},
+};
 
 async fn connect(args: &ConnectArgs, name: &str) -> anyhow::Result<Client> {
     let token = match &args.token_file {
@@ -24,9 +31,21 @@ async fn connect(args: &ConnectArgs, name: &str) -> anyhow::Result<Client> {
 }
 
 pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.connect, "mirror tail").await?;
+    // Listening before saying "following": a SIGINT or SIGTERM from then
+    // on ends the loop below and still prints the totals.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
-    client.subscribe(&ports).await?;
+    let start = async {
+        let mut client = connect(&args.connect, "mirror tail").await?;
+        client.subscribe(&ports).await?;
+        anyhow::Ok(client)
+    };
+    let mut client = tokio::select! {
+        client = start => client?,
+        _ = interrupt.recv() => return Ok(()),
+        _ = terminate.recv() => return Ok(()),
+    };
     let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
     eprintln!(
         "mirror tail: following port {} of {} ({}); stop with Ctrl-C",
@@ -40,33 +59,60 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut out = BufWriter::new(tokio::io::stdout());
+    let mut out = BufWriter::with_capacity(1 << 16, tokio::io::stdout());
     let mut line = String::new();
-    loop {
-        let event = tokio::select! {
-            event = client.next_event() => event?,
-            _ = tokio::signal::ctrl_c() => None,
+    let mut totals = EventTotals::default();
+    let result = loop {
+        if interrupt.recv().now_or_never().is_some() || terminate.recv().now_or_never().is_some() {
+            break Ok(());
+        }
+        // Flush only when no further event is already here: one write per
+        // burst, not per event, yet nothing waits in the buffer.
+        let event = match client.next_event().now_or_never() {
+            Some(event) => event,
+            None => {
+                if let Err(error) = out.flush().await {
+                    break output_ended(error);
+                }
+                tokio::select! {
+                    event = client.next_event() => event,
+                    _ = interrupt.recv() => Ok(None),
+                    _ = terminate.recv() => Ok(None),
+                }
+            }
         };
-        let Some(event) = event else { break };
+        let event = match event {
+            Ok(Some(event)) => event,
+            Ok(None) => break Ok(()),
+            Err(error) => break Err(error.into()),
+        };
+        totals.count(&event);
         if let Some(dump) = &mut dump {
-            dump.handle(&event)?;
+            if let Err(error) = dump.handle(&event) {
+                break Err(error.into());
+            }
             continue;
         }
         line.clear();
         format_event(&event, args.format, &mut line);
-        let written = out.write_all(line.as_bytes()).await;
-        let flushed = match written {
-            Ok(()) => out.flush().await,
-            Err(error) => Err(error),
-        };
-        match flushed {
-            Ok(()) => {}
-            // Whoever read our output went away (`mirror tail | head`).
-            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => break,
-            Err(error) => return Err(error.into()),
+        if let Err(error) = out.write_all(line.as_bytes()).await {
+            break output_ended(error);
         }
+    };
+    let flushed = out.flush().await;
+    eprintln!("mirror tail: {totals}");
+    result?;
+    flushed.or_else(output_ended)
+}
+
+/// A closed pipe means whoever read our output went away (`mirror tail |
+/// head`): a normal end, not an error.
+fn output_ended(error: std::io::Error) -> anyhow::Result<()> {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(error.into())
     }
-    Ok(())
 }
 
 pub async fn ports(args: PortsArgs) -> anyhow::Result<()> {

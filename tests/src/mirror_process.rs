@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mirror_user::sinks::events::EventTotals;
 use serde_json::Value;
 
 /// The binary under test: `$MIRROR_BIN` (set by `cargo xtask test`), else
@@ -369,6 +370,10 @@ impl ClientProcess {
         process
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: plain kill(2) on our own child.
         let result = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
@@ -405,6 +410,14 @@ impl Drop for ClientProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// What `mirror tail` said it received, from the line it prints at exit.
+pub fn tail_totals(stderr: &str) -> EventTotals {
+    stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("mirror tail: ")?.parse().ok())
+        .unwrap_or_else(|| panic!("mirror tail printed no totals:\n{stderr}"))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! nginx as a test web server: every request answered `200 ok`, its
-//! request line logged, all files in a directory of the test's own.
+//! length and request line logged, all files in a directory of the test's
+//! own.
 
 use std::{
     fs,
@@ -35,7 +36,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log;
 events {{ worker_connections 1024; }}
 http {{
-    log_format request '$request';
+    log_format request '$request_length $request';
     access_log {d}/access.log request;
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;
@@ -79,8 +80,20 @@ http {{
         fs::read_to_string(&self.access_log)
             .unwrap_or_default()
             .lines()
+            .map(|line| line.split_once(' ').map_or(line, |(_, request)| request))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Bytes of the requests logged since the last call (request line,
+    /// headers and body: what the server received), forgetting them.
+    pub fn take_request_bytes(&self) -> u64 {
+        let log = fs::read_to_string(&self.access_log).unwrap_or_default();
+        // nginx appends (O_APPEND): its next line goes to the new end.
+        fs::write(&self.access_log, "").expect("truncate the access log");
+        log.lines()
+            .filter_map(|line| line.split_once(' ')?.0.parse::<u64>().ok())
+            .sum()
     }
 
     /// Waits until at least `count` requests are logged (10 s at most).

@@ -13,14 +13,17 @@ use std::{
 
 use bytes::BytesMut;
 use mirror_tests::{
-    mirror_process::{ClientProcess, MirrorOutput, MirrorProcess, run_mirror},
+    mirror_process::{ClientProcess, MirrorOutput, MirrorProcess, run_mirror, tail_totals},
     netns::ClientServer,
     traffic::{
         MIB, SentFile, dumped, finish_sending, random_files, send_all, shape, start_sending,
         start_server,
     },
 };
-use mirror_user::protocol::{ClientFrame, ErrorCode, ServerFrame};
+use mirror_user::{
+    protocol::{ClientFrame, ErrorCode, ServerFrame},
+    stream::CloseReason,
+};
 use serde_json::Value;
 
 const PORT: u16 = 5201;
@@ -122,6 +125,15 @@ fn two_clients_get_whole_streams_and_a_killed_one_harms_nothing() {
     assert!(output.status.success(), "{}", output.stderr);
     assert!(status.success(), "tail a: {stderr}");
     assert_complete(Path::new(&a_dump), &files, PORT, "client a");
+    // What it says it received, at exit, is what the server received.
+    let totals = tail_totals(&stderr);
+    let sent: usize = files.iter().map(|f| f.len).sum();
+    assert_eq!(
+        (totals.connections, totals.data_bytes),
+        (4, sent as u64),
+        "{stderr}"
+    );
+    assert_eq!(totals.closed(CloseReason::Fin), 4, "{stderr}");
     // b got whole connections up to its death and nothing wrong after.
     for file in &files {
         for (stream, meta) in parts(Path::new(&b_dump), file, PORT) {
@@ -417,6 +429,11 @@ fn a_client_that_stops_reading_gets_lagged_closes_when_it_resumes() {
         lagged > 0,
         "the stopped client's connections ended as lagged\n{}",
         counters(&output)
+    );
+    assert_eq!(
+        tail_totals(&b_stderr).closed(CloseReason::Lagged),
+        lagged,
+        "the stopped client counts its lagged closes: {b_stderr}"
     );
     assert_eq!(output.kernel("ring_full"), 0, "{}", counters(&output));
     assert_eq!(

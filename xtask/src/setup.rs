@@ -14,7 +14,7 @@ use crate::shell::{output, run};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Commands the tests and benchmarks use, with the Debian package of each.
-const PACKAGES: [(&str, &str); 14] = [
+const PACKAGES: [(&str, &str); 17] = [
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("curl", "curl"),
@@ -29,6 +29,9 @@ const PACKAGES: [(&str, &str); 14] = [
     ("tshark", "tshark"),
     ("nginx", "nginx-light"),
     ("wrk", "wrk"),
+    ("xdpdump", "xdp-tools"),
+    ("netsniff-ng", "netsniff-ng"),
+    ("stdbuf", "coreutils"),
 ];
 
 pub fn all(root: &Path) -> Result<()> {

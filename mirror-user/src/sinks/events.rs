@@ -6,7 +6,11 @@ use base64::Engine as _;
 use serde::Serialize;
 use tokio::io::{AsyncWriteExt as _, BufWriter};
 
-use crate::{cli::PrintFormat, hub::Subscription, stream::StreamEvent};
+use crate::{
+    cli::PrintFormat,
+    hub::Subscription,
+    stream::{CloseReason, StreamEvent},
+};
 
 /// Bytes of payload shown in a text line.
 const TEXT_PREVIEW: usize = 64;
@@ -155,6 +159,89 @@ pub fn format_event(event: &StreamEvent, format: impl Into<EventFormat>, out: &m
     out.push('\n');
 }
 
+/// What a consumer received, for the line `mirror tail` prints at exit
+/// (as tcpdump prints what it captured): connections, data, and closes by
+/// reason, so that lost streams (`gap`, `lagged`) are never silent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventTotals {
+    pub connections: u64,
+    pub data_events: u64,
+    pub data_bytes: u64,
+    pub closed: [u64; CloseReason::ALL.len()],
+}
+
+impl EventTotals {
+    pub fn count(&mut self, event: &StreamEvent) {
+        match event {
+            StreamEvent::Opened { .. } => self.connections += 1,
+            StreamEvent::Data { bytes, .. } => {
+                self.data_events += 1;
+                self.data_bytes += bytes.len() as u64;
+            }
+            StreamEvent::Closed { reason, .. } => {
+                if let Some(i) = CloseReason::ALL.iter().position(|r| r == reason) {
+                    self.closed[i] += 1;
+                }
+            }
+        }
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.closed[i])
+    }
+}
+
+impl std::fmt::Display for EventTotals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connections, {} data events, {} bytes; closed:",
+            self.connections, self.data_events, self.data_bytes
+        )?;
+        for (reason, count) in CloseReason::ALL.iter().zip(self.closed) {
+            write!(f, " {reason}={count}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for EventTotals {
+    type Err = String;
+
+    /// Reads back what `Display` wrote (scripts and benchmarks read the
+    /// line `mirror tail` prints at exit).
+    fn from_str(line: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("not a totals line: {line:?}");
+        let (counts, closes) = line.split_once("; closed:").ok_or_else(bad)?;
+        let numbers: Vec<u64> = counts
+            .split(", ")
+            .map(|part| part.split(' ').next().and_then(|n| n.parse().ok()))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
+        let [connections, data_events, data_bytes] = numbers[..] else {
+            return Err(bad());
+        };
+        let mut totals = Self {
+            connections,
+            data_events,
+            data_bytes,
+            ..Self::default()
+        };
+        for pair in closes.split_whitespace() {
+            let (name, count) = pair.split_once('=').ok_or_else(bad)?;
+            let i = CloseReason::ALL
+                .iter()
+                .position(|r| r.as_str() == name)
+                .ok_or_else(bad)?;
+            totals.closed[i] = count.parse().map_err(|_| bad())?;
+        }
+        Ok(totals)
+    }
+}
+
 /// Writes every event of `subscription` to standard output until the mirror
 /// stops. Output that cannot keep up makes this consumer lag, never the
 /// mirror.
@@ -180,12 +267,51 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::stream::CloseReason;
 
     fn line(event: &StreamEvent, format: impl Into<EventFormat>) -> String {
         let mut out = String::new();
         format_event(event, format, &mut out);
         out
+    }
+
+    #[test]
+    fn totals_count_connections_bytes_and_each_close_reason() {
+        let mut totals = EventTotals::default();
+        let events = [
+            StreamEvent::Opened {
+                conn: 1,
+                src: "198.18.0.1:40000".parse().unwrap(),
+                dst: "198.18.0.2:80".parse().unwrap(),
+                midstream: false,
+            },
+            StreamEvent::Data {
+                conn: 1,
+                bytes: Bytes::from_static(b"hello"),
+            },
+            StreamEvent::Data {
+                conn: 1,
+                bytes: Bytes::from_static(b"!"),
+            },
+            StreamEvent::Closed {
+                conn: 1,
+                reason: CloseReason::Lagged,
+            },
+        ];
+        for event in &events {
+            totals.count(event);
+        }
+        assert_eq!(
+            (totals.connections, totals.data_events, totals.data_bytes),
+            (1, 2, 6)
+        );
+        assert_eq!(totals.closed(CloseReason::Lagged), 1);
+        assert_eq!(totals.closed(CloseReason::Fin), 0);
+        assert_eq!(
+            totals.to_string(),
+            "1 connections, 2 data events, 6 bytes; closed: fin=0 rst=0 idle=0 gap=0 lagged=1 evicted=0 shutdown=0"
+        );
+        assert_eq!(totals.to_string().parse(), Ok(totals));
+        assert!("3 connections".parse::<EventTotals>().is_err());
     }
 
     #[test]

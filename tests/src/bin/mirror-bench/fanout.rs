@@ -1,6 +1,6 @@
 //! The userspace stream pipeline alone, without the kernel: pre-built ring
 //! records go through the real payload copy, shard routing, connection
-//! tracking, reassembly and hub to 1, 8 and 64 consumer tasks.
+//! tracking, reassembly and hub to 1, 8 and 32 consumer tasks of one port.
 //!
 //! Each run pushes the same records as fast as the pipeline takes them and
 //! stops the clock when the last consumer has read the last event; the
@@ -28,11 +28,15 @@ use mirror_user::{
     shards::{ShardConfig, Shards},
 };
 
-use crate::{Options, median};
+use crate::{
+    Options, plot,
+    report::Section,
+    stats::{Spread, cell},
+};
 
 const PORT: u16 = 80;
 const CONNECTIONS: usize = 64;
-const CONSUMERS: [usize; 3] = [1, 8, 64];
+const CONSUMERS: [usize; 3] = [1, 8, 32];
 /// A wire-sized segment and a GSO super-packet's worth.
 const SEGMENT_SIZES: [usize; 2] = [1448, 64 * 1024 - 54];
 
@@ -44,7 +48,7 @@ struct Sample {
     lagged: u64,
 }
 
-pub fn run(options: &Options) -> String {
+pub fn run(options: &Options) -> Section {
     let total_bytes: usize = if options.quick { 8 << 20 } else { 256 << 20 };
     let workloads: Vec<(usize, Vec<Vec<u8>>)> = SEGMENT_SIZES
         .iter()
@@ -220,36 +224,63 @@ async fn pipeline(records: &[Vec<u8>], consumers: usize) -> Sample {
     }
 }
 
-fn render(results: &[Vec<Sample>], total_bytes: usize, options: &Options) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "Userspace pipeline alone (payload copy, 2 shards, reassembly, hub), {CONNECTIONS} connections, {} MiB of payload per run, {} rounds, medians.\n",
+fn render(results: &[Vec<Sample>], total_bytes: usize, options: &Options) -> Section {
+    let mut md = format!(
+        "## Fan-out: one port to 1, 8 and 32 consumers\n\n\
+         The userspace pipeline alone, without the kernel (payload copy out of ring records, \
+         2 shards, reassembly, hub), {CONNECTIONS} connections, {} MiB of payload per run, every \
+         eighth pair of segments swapped; consumers are tasks in the same process counting \
+         what they receive. {} rounds, medians. A payload is copied once, out of the ring; \
+         consumers share it.\n\n\
+         | segment bytes | consumers | events/s per consumer | MB/s per consumer (min-max) | MB/s all consumers | lagged closes |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
         total_bytes >> 20,
         options.rounds
     );
-    let _ = writeln!(
-        out,
-        "| segment bytes | consumers | events/s per consumer | MB/s per consumer | MB/s all consumers | lagged closes |"
-    );
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+    let mut missing = Vec::new();
+    let mut series = Vec::new();
     for (w, size) in SEGMENT_SIZES.iter().enumerate() {
+        let mut points = Vec::new();
         for (c, consumers) in CONSUMERS.iter().enumerate() {
             let runs = &results[w * CONSUMERS.len() + c];
-            let mut events: Vec<f64> = runs.iter().map(|s| s.events as f64 / s.seconds).collect();
-            let mut bytes: Vec<f64> = runs
-                .iter()
-                .map(|s| s.bytes as f64 / s.seconds / 1e6)
-                .collect();
+            if runs.len() != options.rounds || runs.iter().any(|s| s.bytes == 0) {
+                missing.push(format!(
+                    "fanout {size} B to {consumers}: no bytes delivered"
+                ));
+            }
+            let events = Spread::of(runs.iter().map(|s| s.events as f64 / s.seconds));
+            let bytes = Spread::of(runs.iter().map(|s| s.bytes as f64 / s.seconds / 1e6));
             let lagged: u64 = runs.iter().map(|s| s.lagged).sum();
-            let per_consumer = median(&mut bytes);
+            let per_consumer = bytes.map(|b| b.median);
             let _ = writeln!(
-                out,
-                "| {size} | {consumers} | {:.0} | {per_consumer:.0} | {:.0} | {lagged} |",
-                median(&mut events),
-                per_consumer * *consumers as f64
+                md,
+                "| {size} | {consumers} | {} | {} | {} | {lagged} |",
+                cell(events.map(|e| e.median), 0),
+                bytes.map_or_else(
+                    || "-".to_owned(),
+                    |b| format!("{:.0} ({:.0}-{:.0})", b.median, b.min, b.max)
+                ),
+                cell(per_consumer.map(|b| b * *consumers as f64), 0),
             );
+            if let Some(b) = per_consumer {
+                points.push((*consumers as f64, b));
+            }
         }
+        series.push((format!("{size}-byte segments"), points));
     }
-    out
+    md.push_str("\n![fan-out](fanout.svg)\n");
+    Section {
+        name: "fanout",
+        markdown: md,
+        plots: vec![(
+            "fanout.svg".to_owned(),
+            plot::lines(
+                "Bytes delivered per consumer, one port, in-process consumers",
+                "consumers",
+                "MB/s per consumer (median)",
+                &series,
+            ),
+        )],
+        missing,
+    }
 }

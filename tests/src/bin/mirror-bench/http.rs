@@ -11,7 +11,12 @@ use mirror_tests::{
     web::Nginx,
 };
 
-use crate::{Options, median};
+use crate::{
+    Options,
+    load::parse_wrk,
+    report::Section,
+    stats::{Spread, cell, spread_cell},
+};
 
 const PRIMARY: &str = "198.18.0.2";
 const SHADOW: &str = "198.18.1.2";
@@ -52,7 +57,7 @@ struct Sample {
     p99_ms: f64,
 }
 
-pub fn run(options: &Options) -> String {
+pub fn run(options: &Options) -> Section {
     let mut net = TestNet::new();
     let client = net.namespace("hcli");
     let primary = net.namespace("hpri");
@@ -109,78 +114,45 @@ fn wrk(client: &str, seconds: u32) -> Sample {
         .stdin(Stdio::null())
         .output()
         .expect("wrk");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let requests_per_second = text
-        .lines()
-        .find_map(|line| line.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    let p99_ms = text
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("99%"))
-        .map_or(0.0, |v| duration_ms(v.trim()));
+    let (requests_per_second, p99_ms) = parse_wrk(&String::from_utf8_lossy(&out.stdout));
     Sample {
         requests_per_second,
-        p99_ms,
+        p99_ms: p99_ms.unwrap_or(0.0),
     }
 }
 
-/// wrk's durations: `812.00us`, `1.23ms`, `2.01s`.
-fn duration_ms(text: &str) -> f64 {
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().unwrap_or(0.0);
-    match unit {
-        "us" => value / 1000.0,
-        "ms" => value,
-        "s" => value * 1000.0,
-        "m" => value * 60_000.0,
-        _ => value,
-    }
-}
-
-fn render(samples: &BTreeMap<usize, Vec<Sample>>, options: &Options) -> String {
-    let mut base: Vec<f64> = samples[&0].iter().map(|s| s.requests_per_second).collect();
-    let base = median(&mut base);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "HTTP (nginx, wrk: 2 threads, 16 keep-alive connections) over a veth pair, {} rounds x {} s, cases alternating.\n",
+fn render(samples: &BTreeMap<usize, Vec<Sample>>, options: &Options) -> Section {
+    let base = Spread::of(samples[&0].iter().map(|s| s.requests_per_second)).map(|s| s.median);
+    let mut md = format!(
+        "## Shadow forwarding: nginx beside the mirror replaying its requests\n\n\
+         HTTP (nginx answering `ok`; wrk: 2 threads, 16 keep-alive connections) over a veth \
+         pair; the forwarder replays every mirrored connection to a second namespace, where a \
+         discarding sink or a shadow nginx answers. {} rounds of {} s, cases alternating.\n\n\
+         | case | requests/s (min-max) | ratio to baseline | p99 latency ms |\n|---|---:|---:|---:|\n",
         options.rounds, options.seconds
     );
-    let _ = writeln!(
-        out,
-        "| case | requests/s (median) | min-max | ratio to baseline | p99 latency ms (median) |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let mut missing = Vec::new();
     for (index, (name, _)) in CASES.iter().enumerate() {
         let runs = &samples[&index];
-        let mut rps: Vec<f64> = runs.iter().map(|s| s.requests_per_second).collect();
-        let (min, max) = rps
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-        let med = median(&mut rps);
-        let mut p99: Vec<f64> = runs.iter().map(|s| s.p99_ms).collect();
+        let rps = Spread::of(runs.iter().map(|s| s.requests_per_second));
+        if runs.iter().any(|s| s.requests_per_second <= 0.0) || rps.is_none() {
+            missing.push(format!("forward {name}: no requests/s"));
+        }
         let _ = writeln!(
-            out,
-            "| {name} | {med:.0} | {min:.0}-{max:.0} | {:.2} | {:.2} |",
-            med / base,
-            median(&mut p99)
+            md,
+            "| {name} | {} | {} | {} |",
+            spread_cell(rps, 0),
+            cell(rps.zip(base).map(|(r, b)| r.median / b), 2),
+            cell(
+                Spread::of(runs.iter().map(|s| s.p99_ms)).map(|s| s.median),
+                2
+            ),
         );
     }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wrk_durations() {
-        assert_eq!(duration_ms("812.00us"), 0.812);
-        assert_eq!(duration_ms("1.23ms"), 1.23);
-        assert_eq!(duration_ms("2.00s"), 2000.0);
+    Section {
+        name: "forward",
+        markdown: md,
+        plots: Vec::new(),
+        missing,
     }
 }

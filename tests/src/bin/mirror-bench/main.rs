@@ -1,15 +1,32 @@
-//! `cargo xtask bench`: benchmarks measured side by side in one run.
+//! `cargo xtask bench`: the mirror measured side by side with tcpdump,
+//! netsniff-ng and xdpdump on the same traffic, in one run (needs root:
+//! network namespaces, BPF). Writes `bench/results.md` and SVG plots.
 //!
-//! - `attach`: the service's throughput on a veth pair beside each way of
-//!   watching it (needs root: network namespaces, BPF).
-//! - `fanout`: the userspace stream pipeline alone (payload copy, shards,
-//!   reassembly, hub) delivering to 1, 8 and 64 consumers.
-//! - `http`: an nginx's requests per second beside the mirror and its
-//!   shadow forwarder (needs root).
+//! Scenarios:
+//! - `capture`: bulk, small-request and short-connection traffic beside
+//!   every watcher: throughput ratio, p99, completeness, CPU, memory, loss;
+//! - `kernel`: the kernel program's cost per packet (bpf_stats on live
+//!   traffic, BPF_PROG_TEST_RUN on crafted frames);
+//! - `isolation`: a stalled consumer beside a reading one;
+//! - `fanout`: the userspace pipeline to 1, 8 and 32 consumers;
+//! - `forward`: nginx beside the shadow forwarder.
+//!
+//! `--quick` runs everything once, briefly, into a temporary directory and
+//! fails if any figure is missing (how fast does not matter there).
 
-mod attach;
+mod bed;
+mod capture;
 mod fanout;
 mod http;
+mod isolation;
+mod kernel;
+mod load;
+mod plot;
+mod procstat;
+mod report;
+mod stats;
+mod tools;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -17,64 +34,83 @@ pub struct Options {
     pub rounds: usize,
     pub seconds: u32,
     pub quick: bool,
-    pub out_dir: Option<PathBuf>,
 }
+
+const USAGE: &str = "use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario capture|kernel|isolation|fanout|forward";
 
 fn main() {
     let mut options = Options {
-        rounds: 5,
+        rounds: 3,
         seconds: 8,
         quick: false,
-        out_dir: None,
     };
+    let mut out_dir = None;
     let mut scenarios = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| fail(&format!("{arg} needs a value")))
+        };
         match arg.as_str() {
-            "--quick" => {
-                options.quick = true;
-                options.rounds = 1;
-                options.seconds = 2;
-            }
-            "--rounds" => options.rounds = value().parse().expect("--rounds N"),
-            "--seconds" => options.seconds = value().parse().expect("--seconds N"),
-            "--out-dir" => options.out_dir = Some(PathBuf::from(value())),
+            "--quick" => options.quick = true,
+            "--rounds" => options.rounds = value().parse().unwrap_or_else(|_| fail(USAGE)),
+            "--seconds" => options.seconds = value().parse().unwrap_or_else(|_| fail(USAGE)),
+            "--out-dir" => out_dir = Some(PathBuf::from(value())),
             "--scenario" => scenarios.push(value()),
-            other => panic!(
-                "unknown argument {other}: use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario attach|fanout|http"
-            ),
+            other => fail(&format!("unknown argument {other}: {USAGE}")),
         }
+    }
+    if options.quick {
+        options.rounds = 1;
+        options.seconds = 1;
     }
     if scenarios.is_empty() {
-        scenarios = vec!["attach".to_owned(), "fanout".to_owned(), "http".to_owned()];
+        scenarios = report::ORDER.iter().map(|s| (*s).to_owned()).collect();
     }
-    for scenario in scenarios {
-        let (file, table) = match scenario.as_str() {
-            "attach" => ("attach-modes.md", attach::run(&options)),
-            "fanout" => ("fanout.md", fanout::run(&options)),
-            "http" => ("http.md", http::run(&options)),
-            other => panic!("unknown scenario {other}: attach, fanout or http"),
+    let out_dir = out_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("mirror-bench-quick-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&out_dir).expect("create the output directory");
+    let stamp = report::stamp();
+    let mut missing = Vec::new();
+    for scenario in &scenarios {
+        eprintln!("bench: scenario {scenario}");
+        let section = match scenario.as_str() {
+            "capture" => capture::run(&options),
+            "kernel" => kernel::run(&options),
+            "isolation" => isolation::run(&options),
+            "fanout" => fanout::run(&options),
+            "forward" | "http" => http::run(&options),
+            other => fail(&format!("unknown scenario {other}: {USAGE}")),
         };
-        println!("{table}");
-        if let Some(dir) = &options.out_dir {
-            let path = dir.join(file);
-            std::fs::write(&path, &table)
-                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-            eprintln!("bench: wrote {}", path.display());
+        println!("{}", section.markdown);
+        for (file, svg) in &section.plots {
+            if !svg.starts_with("<svg") || !svg.contains("<rect") {
+                missing.push(format!("{file}: not a drawn SVG"));
+            }
         }
+        if section.markdown.contains("NaN") || section.markdown.contains("inf ") {
+            missing.push(format!("{}: a figure is not a number", section.name));
+        }
+        missing.extend(section.missing.iter().cloned());
+        report::write_section(&out_dir, &section, &stamp);
+    }
+    report::assemble(&out_dir, &report::machine());
+    eprintln!("bench: wrote {}", out_dir.join("results.md").display());
+    if !missing.is_empty() {
+        eprintln!("bench: figures missing:");
+        for what in &missing {
+            eprintln!("  - {what}");
+        }
+        std::process::exit(1);
+    }
+    if options.quick {
+        eprintln!("bench: every figure was produced");
     }
 }
 
-/// Median of `values` (sorted in place).
-pub fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.is_empty() {
-        0.0
-    } else if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
+fn fail(message: &str) -> ! {
+    eprintln!("mirror-bench: {message}");
+    std::process::exit(2);
 }

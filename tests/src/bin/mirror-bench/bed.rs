@@ -1,0 +1,93 @@
+//! The test bed every live scenario runs on: a client and a server
+//! namespace joined by a veth pair (default offloads on), with an iperf3
+//! server and an nginx on the server side. Removed on drop.
+
+use std::{path::PathBuf, process::Stdio};
+
+use mirror_tests::{
+    netns::{KillOnDrop, TestNet, in_ns, run_in, spawn, wait_listening},
+    web::Nginx,
+};
+use serde_json::Value;
+
+use crate::load::{BULK_PORT, SERVER_IP};
+
+/// The server's interface, where every watcher attaches.
+pub const IFACE: &str = "srv0";
+
+pub struct Bed {
+    pub client: String,
+    pub server: String,
+    pub web: Nginx,
+    _iperf: KillOnDrop,
+    dir: PathBuf,
+    // Last: the namespaces go after the processes in them.
+    _net: TestNet,
+}
+
+impl Bed {
+    pub fn new() -> Self {
+        let mut net = TestNet::new();
+        let client = net.namespace("bcli");
+        let server = net.namespace("bsrv");
+        net.veth(
+            (&client, "cli0", "198.18.0.1/24"),
+            (&server, IFACE, &format!("{SERVER_IP}/24")),
+        );
+        let iperf = spawn(
+            in_ns(&server, "iperf3")
+                .args(["-s", "-p", &BULK_PORT.to_string()])
+                .stdout(Stdio::null()),
+        );
+        wait_listening(&server, BULK_PORT);
+        let dir = std::env::temp_dir().join(format!("mirror-bench-{}", std::process::id()));
+        let web = Nginx::start(&server, SERVER_IP, &dir.join("nginx"));
+        Self {
+            client,
+            server,
+            web,
+            _iperf: iperf,
+            dir,
+            _net: net,
+        }
+    }
+
+    /// The server interface's packet and byte counters so far.
+    pub fn counters(&self) -> IfaceCounters {
+        let out = run_in(&self.server, "ip", &["-s", "-j", "link", "show", IFACE]);
+        let json: Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+        let stats = &json[0]["stats64"];
+        let get = |dir: &str, what: &str| stats[dir][what].as_u64().expect("interface counter");
+        IfaceCounters {
+            rx_packets: get("rx", "packets"),
+            rx_bytes: get("rx", "bytes"),
+            tx_packets: get("tx", "packets"),
+        }
+    }
+}
+
+/// Counters of the server's interface (a GRO/GSO super-packet counts once).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IfaceCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+}
+
+impl IfaceCounters {
+    /// What happened between `before` and `self`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            rx_packets: self.rx_packets - before.rx_packets,
+            rx_bytes: self.rx_bytes - before.rx_bytes,
+            tx_packets: self.tx_packets - before.tx_packets,
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.web.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
