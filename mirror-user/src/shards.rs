@@ -218,6 +218,7 @@ impl Shard {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let publish_by = self.batcher.deadline();
             tokio::select! {
                 batch = self.receiver.recv() => {
                     let Some(batch) = batch else { break };
@@ -231,9 +232,10 @@ impl Shard {
                     self.table.tick(now, &mut self.batcher);
                     *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
                 }
+                _ = tokio::time::sleep_until(publish_by.unwrap_or_else(tokio::time::Instant::now)), if publish_by.is_some() => {}
             }
             self.apply_losses();
-            self.batcher.flush();
+            self.batcher.flush_due(tokio::time::Instant::now());
         }
         self.apply_losses();
         self.table
