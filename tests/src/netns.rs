@@ -116,6 +116,21 @@ impl Drop for TestNet {
 /// Namespaces of earlier runs whose process is gone (a killed test run
 /// cannot clean up after itself).
 fn remove_stale_namespaces() {
+    remove_namespaces_where(|pid| {
+        pid != std::process::id() && !fs::exists(format!("/proc/{pid}")).unwrap_or(true)
+    });
+}
+
+/// Kills every process in this process's namespaces and deletes them: for
+/// a run interrupted before its owners could drop.
+pub fn remove_own_namespaces() {
+    remove_namespaces_where(|pid| pid == std::process::id());
+}
+
+/// Deletes the test namespaces whose creator's pid satisfies `owner`,
+/// killing what still runs in them first (a namespace outlives its name
+/// while a process holds it).
+fn remove_namespaces_where(owner: impl Fn(u32) -> bool) {
     let Ok(entries) = fs::read_dir("/run/netns") else {
         return;
     };
@@ -128,9 +143,18 @@ fn remove_stale_namespaces() {
         else {
             continue;
         };
-        if pid != std::process::id() && !fs::exists(format!("/proc/{pid}")).unwrap_or(true) {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        if !owner(pid) {
+            continue;
         }
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) with a pid read from the kernel.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
     }
 }
 

@@ -387,7 +387,7 @@ fn verdict(
         let completeness = figures.completeness.map_or_else(String::new, |c| {
             format!(", {:.2} % complete", c.median * 100.0)
         });
-        Some(format!("{ratio:.2}{completeness}"))
+        Some(format!("{ratio:.2} of the baseline{completeness}"))
     };
     let mirror = Watcher::Mirror {
         attach: "tc",
@@ -422,10 +422,10 @@ fn verdict(
         }
     }
     let standing = match (ahead.is_empty(), behind.is_empty()) {
-        (false, true) => "more than every peer".to_owned(),
-        (true, false) => "less than every peer".to_owned(),
+        (false, true) => "more than beside any peer".to_owned(),
+        (true, false) => "less than beside any peer".to_owned(),
         _ => format!(
-            "more than {} and less than {}",
+            "more than beside {}, less than beside {}",
             ahead.join(", "),
             behind.join(", ")
         ),
@@ -437,7 +437,7 @@ fn verdict(
             "; xdpdump's fentry mode was refused by this kernel".to_owned()
         });
     format!(
-        "**{}**: the mirror (tc, as `--attach auto` picks on veth, one consumer) leaves the service {} of its throughput, {standing}; the peers: {}{fentry}.",
+        "**{}**: beside the mirror (tc, as `--attach auto` picks on veth, with one consumer reading every stream) the service keeps {} ({standing}); beside the peers: {}{fentry}.",
         traffic.name(),
         describe(mirror).unwrap_or_else(|| "-".to_owned()),
         figures.join("; "),

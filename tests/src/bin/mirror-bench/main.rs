@@ -39,6 +39,7 @@ pub struct Options {
 const USAGE: &str = "use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario capture|kernel|isolation|fanout|forward";
 
 fn main() {
+    clean_up_on_signal();
     let mut options = Options {
         rounds: 3,
         seconds: 8,
@@ -107,6 +108,30 @@ fn main() {
     }
     if options.quick {
         eprintln!("bench: every figure was produced");
+    }
+}
+
+/// Ctrl-C, SIGTERM or SIGHUP: the test bed is removed (namespaces, and
+/// every tool and server running in them) before the process ends, since
+/// the signal gives no destructor a chance to run.
+fn clean_up_on_signal() {
+    // SAFETY: plain libc calls on a local signal set; the mask is set
+    // before any other thread exists, so every thread inherits it (spawned
+    // programs do not: std resets the mask in the child).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut signal = 0;
+            libc::sigwait(&set, &mut signal);
+            eprintln!("bench: interrupted; removing the test bed");
+            mirror_tests::netns::remove_own_namespaces();
+            std::process::exit(130);
+        });
     }
 }
 
