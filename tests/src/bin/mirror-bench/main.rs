@@ -28,7 +28,10 @@ mod stats;
 mod tools;
 mod watch;
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicI32, Ordering},
+};
 
 pub struct Options {
     pub rounds: usize,
@@ -113,26 +116,38 @@ fn main() {
 
 /// Ctrl-C, SIGTERM or SIGHUP: the test bed is removed (namespaces, and
 /// every tool and server running in them) before the process ends, since
-/// the signal gives no destructor a chance to run.
+/// the signal gives no destructor a chance to run. A handler (not a
+/// blocked mask: spawned programs inherit the mask, and the tools are
+/// stopped with SIGINT) wakes a thread through a pipe.
 fn clean_up_on_signal() {
-    // SAFETY: plain libc calls on a local signal set; the mask is set
-    // before any other thread exists, so every thread inherits it (spawned
-    // programs do not: std resets the mask in the child).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, signal);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        std::thread::spawn(move || {
-            let mut signal = 0;
-            libc::sigwait(&set, &mut signal);
-            eprintln!("bench: interrupted; removing the test bed");
-            mirror_tests::netns::remove_own_namespaces();
-            std::process::exit(130);
-        });
+    static WAKE: AtomicI32 = AtomicI32::new(-1);
+    extern "C" fn on_signal(_: libc::c_int) {
+        let byte = 1u8;
+        // SAFETY: write(2) is async-signal-safe; the fd stays open for the
+        // life of the process.
+        unsafe { libc::write(WAKE.load(Ordering::Relaxed), (&raw const byte).cast(), 1) };
     }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2(2) into a local array; signal(2) with a handler that
+    // only writes to that pipe.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return;
+        }
+        WAKE.store(fds[1], Ordering::Relaxed);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    let read_end = fds[0];
+    std::thread::spawn(move || {
+        let mut byte = 0u8;
+        // SAFETY: a blocking read of one byte into a local.
+        while unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) } < 0 {}
+        eprintln!("bench: interrupted; removing the test bed");
+        mirror_tests::netns::remove_own_namespaces();
+        std::process::exit(130);
+    });
 }
 
 fn fail(message: &str) -> ! {
