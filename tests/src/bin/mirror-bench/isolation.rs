@@ -31,6 +31,9 @@ struct Sample {
     ring_full: u64,
 }
 
+/// How long the stalled consumer reads after it is woken, before it stops.
+const STALLED_WAKE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn run(options: &Options) -> Section {
     let bed = Bed::new();
     let traffic = Traffic::Bulk { streams: 1 };
@@ -57,7 +60,10 @@ pub fn run(options: &Options) -> Section {
             let (_, reading_err) = reading.wait(std::time::Duration::from_secs(20));
             let reading_totals = tail_totals(&reading_err);
             let stalled_lagged = stalled.map_or(0, |stalled| {
+                // Awake again, it reads what waited in its socket, then
+                // learns that it lagged: its connections end as `lagged`.
                 stalled.signal(libc::SIGCONT);
+                std::thread::sleep(STALLED_WAKE);
                 stalled.signal(libc::SIGINT);
                 let (_, err) = stalled.wait(std::time::Duration::from_secs(20));
                 tail_totals(&err).closed(CloseReason::Lagged)
