@@ -173,6 +173,30 @@ impl MirrorProcess {
         self.child.id()
     }
 
+    /// Waits (up to `timeout`) until the running mirror's counters, as
+    /// `mirror stats --json` flattens them, satisfy `done`: events travel
+    /// through the mirror a little after the packets that carry them.
+    pub fn wait_for_counters(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = run_mirror(None, &["stats", "--connect", &self.endpoint(), "--json"]);
+            let counters = serde_json::from_slice::<Value>(&out.stdout)
+                .map(|json| mirror_user::counters::flatten(&json))
+                .unwrap_or_default();
+            if done(&counters) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {
         // Tests run side by side and /run is shared by every network
         // namespace: each mirror gets its own socket unless told otherwise.

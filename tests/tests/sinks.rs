@@ -108,6 +108,22 @@ fn forward(output: &MirrorOutput, name: &str) -> u64 {
     output.counter(&format!("forward.{SHADOW}:80.{name}"))
 }
 
+/// Waits until the forwarder has ended `connections` shadow connections
+/// (completed or failed): the shadow can hold a request before the
+/// client's FIN has travelled through the mirror.
+fn forwards_ended(mirror: &MirrorProcess, connections: u64) {
+    let ended = |counters: &std::collections::BTreeMap<String, u64>| {
+        let get = |name: &str| {
+            counters
+                .get(&format!("forward.{SHADOW}:80.{name}"))
+                .copied()
+        };
+        get("completed").unwrap_or(0) + get("failed").unwrap_or(0) >= connections
+    };
+    // No assertion here: the test's own assertions say what was missing.
+    mirror.wait_for_counters(Duration::from_secs(10), ended);
+}
+
 #[test]
 fn the_shadow_gets_the_requests_of_the_primary() {
     let h = hosts();
@@ -122,6 +138,7 @@ fn the_shadow_gets_the_requests_of_the_primary() {
         "the primary served everything"
     );
     let copied = shadow.wait_for(sent.len());
+    forwards_ended(&mirror, 20);
     let output = mirror.interrupt();
     assert!(output.status.success(), "{}", output.stderr);
     assert_eq!(
@@ -159,6 +176,7 @@ fn a_shadow_that_goes_down_costs_only_shadow_connections() {
     thread::sleep(mirror_user::sinks::forward::MAX_BACKOFF + Duration::from_millis(500));
     let after = h.load("after", 5, 4);
     let copied = shadow.wait_for(before.len() + after.len());
+    forwards_ended(&mirror, 15);
     let output = mirror.interrupt();
     assert!(output.status.success(), "{}", output.stderr);
 
