@@ -217,8 +217,17 @@ impl Shard {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer for the batch deadline, moved only when the deadline
+        // changes (once per published batch, not per received one).
+        let publish = tokio::time::sleep(TICK);
+        tokio::pin!(publish);
+        let mut armed = None;
         loop {
             let publish_by = self.batcher.deadline();
+            if let Some(deadline) = publish_by.filter(|d| armed != Some(*d)) {
+                publish.as_mut().reset(deadline);
+                armed = Some(deadline);
+            }
             tokio::select! {
                 batch = self.receiver.recv() => {
                     let Some(batch) = batch else { break };
@@ -232,7 +241,7 @@ impl Shard {
                     self.table.tick(now, &mut self.batcher);
                     *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
                 }
-                _ = tokio::time::sleep_until(publish_by.unwrap_or_else(tokio::time::Instant::now)), if publish_by.is_some() => {}
+                _ = &mut publish, if publish_by.is_some() => {}
             }
             self.apply_losses();
             self.batcher.flush_due(tokio::time::Instant::now());

@@ -183,11 +183,7 @@ impl MirrorProcess {
     ) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            let out = run_mirror(None, &["stats", "--connect", &self.endpoint(), "--json"]);
-            let counters = serde_json::from_slice::<Value>(&out.stdout)
-                .map(|json| mirror_user::counters::flatten(&json))
-                .unwrap_or_default();
-            if done(&counters) {
+            if done(&running_counters(&self.endpoint())) {
                 return true;
             }
             if Instant::now() > deadline {
@@ -434,6 +430,15 @@ impl Drop for ClientProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A running mirror's counters, as `mirror stats --json` flattens them
+/// (empty while it does not answer).
+pub fn running_counters(endpoint: &str) -> BTreeMap<String, u64> {
+    let out = run_mirror(None, &["stats", "--connect", endpoint, "--json"]);
+    serde_json::from_slice::<Value>(&out.stdout)
+        .map(|json| mirror_user::counters::flatten(&json))
+        .unwrap_or_default()
 }
 
 /// What `mirror tail` said it received, from the line it prints at exit.

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mirror_tests::mirror_process::{ClientProcess, MirrorProcess, run_mirror, tail_totals};
+use mirror_tests::mirror_process::{ClientProcess, MirrorProcess, running_counters, tail_totals};
 use mirror_user::stream::CloseReason;
 
 use crate::tools::{Tool, count_before, error_line};
@@ -373,11 +373,7 @@ pub fn settle_consumers(endpoint: &str) {
 
 /// Stream bytes the mirror has handed to its consumers so far.
 fn delivered_to_consumers(endpoint: &str) -> u64 {
-    let out = run_mirror(None, &["stats", "--connect", endpoint, "--json"]);
-    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return 0;
-    };
-    mirror_user::counters::flatten(&json)
+    running_counters(endpoint)
         .iter()
         .filter(|(name, _)| name.starts_with("consumers.") && name.ends_with(".bytes"))
         .map(|(_, bytes)| bytes)
