@@ -10,8 +10,10 @@ use std::{ffi::CString, fmt, fs, io};
 
 use aya::{
     programs::{
-        LinkOrder, ProgramError, TcAttachType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        Link as _, LinkOrder, ProgramError, TcAttachType,
+        tc::{
+            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
+        },
         xdp::{XdpLinkId, XdpMode},
     },
     util::KernelVersion,
@@ -21,6 +23,7 @@ use mirror_common::PROG_TC;
 use crate::{
     cli::AttachMode,
     loader::{LoadError, Mirror},
+    privileged_helper::ClsactFilter,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +99,21 @@ pub struct Attachment {
 #[derive(Debug)]
 enum Link {
     Tc(SchedClassifierLinkId),
+    /// A clsact filter: aya does not own it (it would try to remove it when
+    /// the program is dropped, after the mirror gave up the privilege to);
+    /// the privileged helper removes it.
+    Clsact(ClsactFilter),
     Xdp(XdpLinkId),
+}
+
+impl Attachment {
+    /// The clsact filter, when the program is attached through one.
+    pub fn clsact_filter(&self) -> Option<ClsactFilter> {
+        match self.link {
+            Link::Clsact(filter) => Some(filter),
+            Link::Tc(_) | Link::Xdp(_) => None,
+        }
+    }
 }
 
 /// Why `--attach auto` picks TC (measured on a veth pair, see README):
@@ -177,6 +194,16 @@ pub fn detach(mirror: &mut Mirror, attachment: Attachment) -> Result<(), AttachE
     };
     match attachment.link {
         Link::Tc(id) => mirror.tc()?.detach(id).map_err(failed),
+        Link::Clsact(filter) => SchedClassifierLink::attached(
+            &attachment.iface,
+            TcAttachType::Ingress,
+            filter.priority,
+            TcHandle::from(filter.handle),
+            None,
+        )
+        .map_err(|e| failed(ProgramError::IOError(e)))?
+        .detach()
+        .map_err(failed),
         Link::Xdp(id) => mirror.xdp()?.detach(id).map_err(failed),
     }
 }
@@ -210,15 +237,27 @@ fn attach_tc(
             TcAttachOptions::Netlink(NlOptions::default()),
         )
     };
-    let id = mirror
-        .tc()?
+    let failed = |source| AttachError::Attach {
+        iface: iface.to_owned(),
+        point,
+        source: Box::new(source),
+    };
+    let program = mirror.tc()?;
+    let id = program
         .attach_with_options(iface, TcAttachType::Ingress, options)
-        .map_err(|source| AttachError::Attach {
-            iface: iface.to_owned(),
-            point,
-            source: Box::new(source),
-        })?;
-    Ok((point, Link::Tc(id)))
+        .map_err(failed)?;
+    if point == AttachPoint::TcxIngress {
+        return Ok((point, Link::Tc(id)));
+    }
+    let link = program.take_link(id).map_err(failed)?;
+    let filter = ClsactFilter {
+        ifindex: interface_index(iface)?,
+        priority: link.priority().map_err(failed)?,
+        handle: link.handle().map_err(failed)?.into(),
+    };
+    // Dropping the link would remove the filter.
+    std::mem::forget(link);
+    Ok((point, Link::Clsact(filter)))
 }
 
 /// Removes clsact ingress filters running a program named like ours: they

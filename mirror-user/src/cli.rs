@@ -32,6 +32,9 @@ pub enum Command {
     Ports(PortsArgs),
     /// Print every counter of a running mirror.
     Stats(StatsArgs),
+    /// The privileged helper `mirror run` starts for itself (internal).
+    #[command(name = "privileged-helper", hide = true)]
+    PrivilegedHelper,
 }
 
 const TAIL_EXAMPLES: &str = "\
@@ -72,6 +75,12 @@ pub struct TailArgs {
     /// --dump-dir` does).
     #[arg(long, value_name = "DIR")]
     pub dump_dir: Option<PathBuf>,
+
+    /// Started as root: once connected (and DIR opened), run as USER, as
+    /// tcpdump -Z does (DIR, if created, belongs to USER). `--user root`
+    /// keeps root. Default: nobody.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
 }
 
 /// Format of `mirror tail` lines.
@@ -136,7 +145,8 @@ Examples:
   # One JSON line per packet, first 256 bytes of each:
   mirror run --iface eth0 --port 80 --port 443 --snaplen 256 --print-packets json
 
-Needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN.
+Needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN. Once attached it
+runs as --user (default nobody) with no capability left, as tcpdump -Z does.
 Stop with Ctrl-C: the program is detached and the counters are printed.";
 
 #[derive(Debug, Args)]
@@ -173,8 +183,17 @@ pub struct RunArgs {
     /// Write each connection's client-to-server bytes to a file of its own
     /// in DIR, named as tcpflow names them; `NAME.meta` says how the
     /// connection ended (anything but "fin" means the file is a prefix).
+    /// DIR is created (mode 0700, owned by --user) if missing; an existing
+    /// DIR must be writable by --user.
     #[arg(long, value_name = "DIR")]
     pub dump_dir: Option<PathBuf>,
+
+    /// Started as root: once the program is attached and the sockets and
+    /// files are open, run as USER with no capability left, as tcpdump -Z
+    /// does. Files the mirror creates later (dump files, rotated captures)
+    /// belong to USER. `--user root` keeps root (not recommended).
+    #[arg(long, value_name = "USER", default_value = None)]
+    pub user: Option<String>,
 
     #[command(flatten)]
     pub streams: StreamArgs,

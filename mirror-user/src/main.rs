@@ -6,7 +6,10 @@ mod tail;
 use std::process::ExitCode;
 
 use clap::Parser;
-use mirror_user::cli::{Cli, Command};
+use mirror_user::{
+    cli::{Cli, Command},
+    privileged_helper,
+};
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
 fn main() -> ExitCode {
@@ -19,24 +22,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("mirror: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+    let result = match cli.command {
+        // The helper is synchronous and never starts a runtime.
+        Command::PrivilegedHelper => privileged_helper::serve().map_err(anyhow::Error::from),
+        // The privileged part of `run` happens before the runtime starts
+        // any thread, so that giving up root covers them all.
+        Command::Run(args) => {
+            run::prepare(*args, max_level).and_then(|prepared| block_on(run::run(prepared)))
         }
+        Command::Tail(args) => block_on(tail::tail(args)),
+        Command::Ports(args) => block_on(tail::ports(args)),
+        Command::Stats(args) => block_on(tail::stats(args)),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => run::run(*args, max_level).await,
-            Command::Tail(args) => tail::tail(args).await,
-            Command::Ports(args) => tail::ports(args).await,
-            Command::Stats(args) => tail::stats(args).await,
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Whoever read our output went away (`mirror stats | head`): the
@@ -49,6 +46,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| anyhow::anyhow!("cannot start the async runtime: {error}"))?
+        .block_on(work)
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

@@ -4,6 +4,7 @@
 
 use std::{
     io,
+    os::fd::BorrowedFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -13,7 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use mirror_user::{
-    attach::{self, AUTO_REASON},
+    attach::{self, AUTO_REASON, Attachment},
     cli::{AttachMode, PrintFormat, RunArgs, StreamArgs},
     client,
     clock::WallClock,
@@ -23,18 +24,20 @@ use mirror_user::{
     drain::{RecordSink, drain_ring, register_readable},
     hub::{Hub, HubConfig},
     loader::{self, LoadOptions, Mirror},
+    output_dir::OutputDir,
     ports::PortRegistry,
-    privileges,
+    privileged_helper::{Helper, Plan as HelperPlan},
+    privileges::{self, Identity},
     reassembly::ReorderLimits,
     record::Record,
-    server::{self, ServerConfig, ServerStats, SessionContext},
+    server::{self, BoundListener, SendBufferForcer, ServerConfig, ServerStats, SessionContext},
     shards::{SegmentRouter, ShardConfig, ShardCounters, Shards},
     sinks::{
         dump::dump_events,
         events::print_events,
         forward::{ForwardConfig, ForwardStats, ForwardTarget, forward},
         packets::PacketPrinter,
-        pcap::{self, PcapConfig, PcapCounters, PcapSink},
+        pcap::{self, PcapConfig, PcapCounters, PcapOutput, PcapSink},
     },
 };
 use tokio::{
@@ -49,7 +52,26 @@ const BATCH_BYTES: usize = 256 << 10;
 /// How often the flows that lost packets to a full ring are collected.
 const LOST_FLOWS_POLL: Duration = Duration::from_millis(10);
 
-pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
+/// What the privileged start leaves for the rest of the run: the kernel
+/// side attached, the sockets bound, the output files open, and the
+/// privileged helper that outlives the drop.
+pub struct Prepared {
+    args: RunArgs,
+    mirror: Mirror,
+    attachment: Attachment,
+    listeners: Vec<BoundListener>,
+    server_config: Arc<ServerConfig>,
+    dump_dir: Option<OutputDir>,
+    pcap: Option<(PcapConfig, PcapOutput)>,
+    helper: Arc<Helper>,
+}
+
+/// The part of `mirror run` that needs root: load, open the files, bind,
+/// attach, start the privileged helper; then give up root (`--user`).
+///
+/// Runs before the async runtime starts, on the only thread, so that the
+/// drop covers every thread the mirror will ever have.
+pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared> {
     let pcap_to_stdout = args.sinks.pcap.as_deref() == Some(std::path::Path::new("-"));
     if pcap_to_stdout && (args.print.is_some() || args.print_packets.is_some()) {
         anyhow::bail!(
@@ -57,6 +79,7 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         );
     }
     privileges::check()?;
+    let identity = Identity::resolve(args.user.as_deref())?;
     // Fail on a wrong interface name before loading anything.
     attach::interface_index(&args.iface)?;
 
@@ -65,10 +88,123 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         ring_size: args.ring_size.unwrap_or_else(loader::default_ring_size),
         kernel_log_level: aya_log_level(log_level),
     })?;
+
+    // Files before sockets before the kernel: a bad path fails before
+    // anything is attached.
+    let dump_dir = args
+        .dump_dir
+        .as_deref()
+        .map(|dir| {
+            let dir = OutputDir::open_or_create(dir, identity.owner())?;
+            identity.check_may_write(&dir).map(|()| dir)
+        })
+        .transpose()?;
+    let pcap = args
+        .sinks
+        .pcap
+        .as_ref()
+        .map(|path| {
+            let config = PcapConfig {
+                path: path.clone(),
+                format: args.sinks.pcap_format,
+                rotate_size: args.sinks.pcap_rotate_size,
+                keep: args.sinks.pcap_keep,
+                iface: args.iface.clone(),
+                snaplen: args.snaplen,
+            };
+            if config.rotate_size.is_some() && path.as_os_str() != "-" {
+                // Rotated files are created as the user the mirror becomes.
+                identity.check_may_write(&OutputDir::of_file(path)?.0)?;
+            }
+            anyhow::Ok((
+                config.clone(),
+                pcap::open_output(&config, identity.owner())?,
+            ))
+        })
+        .transpose()?;
+
+    let token = match &args.server.token_file {
+        Some(path) => Some(
+            client::read_token(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let server_config = Arc::new(ServerConfig {
+        endpoints: args.server.endpoints(),
+        token,
+        max_clients: args.server.max_clients,
+        write_timeout: args.server.client_timeout,
+        name: format!("mirror {} on {}", env!("CARGO_PKG_VERSION"), args.iface),
+    });
+    let listeners = server::bind(&server_config)?;
+
+    // Ports next: the program mirrors from the first packet it sees.
+    for port in &args.ports {
+        mirror
+            .set_port(port.get(), true)
+            .with_context(|| format!("cannot subscribe port {port}"))?;
+    }
+    let attachment = attach::attach(&mut mirror, &args.iface, args.attach, args.tc_netlink)?;
+    let helper = Helper::spawn(&HelperPlan {
+        clsact: attachment.clsact_filter(),
+        sockets: listeners
+            .iter()
+            .filter_map(BoundListener::socket_file)
+            .cloned()
+            .collect(),
+    })
+    .context("cannot start the mirror's privileged helper")?;
+
+    identity.assume()?;
+    if let Some(dir) = &dump_dir {
+        dir.check_writable(&identity.name)?;
+    }
+    if let Some((config, output)) = &pcap {
+        output.check_rotation(config, &identity.name)?;
+    }
+    tracing::debug!("running as {} from now on", identity.name);
+    Ok(Prepared {
+        args,
+        mirror,
+        attachment,
+        listeners,
+        server_config,
+        dump_dir,
+        pcap,
+        helper: Arc::new(helper),
+    })
+}
+
+/// The privileged helper as the server's way to enlarge send buffers.
+struct HelperSendBuffer(Arc<Helper>);
+
+impl SendBufferForcer for HelperSendBuffer {
+    fn force_send_buffer(&self, socket: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+        self.0.force_send_buffer(socket, bytes)
+    }
+}
+
+pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        args,
+        mut mirror,
+        attachment,
+        listeners,
+        server_config,
+        dump_dir,
+        pcap,
+        helper,
+    } = prepared;
+    // Watching the signals before saying "mirroring": from then on a
+    // SIGINT or SIGTERM detaches in order and prints the counters.
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
 
-    // Consumers subscribe before any packet flows, so they see every
-    // connection from its start; they follow the ports `ports add` adds.
+    // Consumers subscribe before any segment reaches the shards, so they
+    // see every connection from its start; they follow the ports `ports
+    // add` adds.
     let hub = Arc::new(Hub::new(&ports, hub_config(&args.streams)));
     let registry = PortRegistry::new(&ports, args.server.allow(), args.server.max_client_ports);
     let mut control = Control::new(registry, Arc::clone(&hub));
@@ -78,10 +214,10 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         control.follow_own_ports(feed);
         consumers.spawn(print_events(subscription, format));
     }
-    if let Some(dir) = &args.dump_dir {
+    if let Some(dir) = dump_dir {
         let (feed, subscription) = hub.subscribe(&ports, "dump-dir");
         control.follow_own_ports(feed);
-        consumers.spawn(dump_events(subscription, dir.clone()));
+        consumers.spawn(dump_events(subscription, dir));
     }
     let forward_config = ForwardConfig {
         max_connections: args.sinks.forward_max_conns,
@@ -101,37 +237,9 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         forwards.push((*target, stats));
     }
     let clock = WallClock::new();
-    let pcap = args.sinks.pcap.as_ref().map(|path| {
-        pcap::start(
-            PcapConfig {
-                path: path.clone(),
-                format: args.sinks.pcap_format,
-                rotate_size: args.sinks.pcap_rotate_size,
-                keep: args.sinks.pcap_keep,
-                iface: args.iface.clone(),
-                snaplen: args.snaplen,
-            },
-            clock,
-        )
-    });
+    let pcap = pcap.map(|(config, output)| pcap::start(config, output, clock));
     let shards = Shards::start(shard_config(&args.streams), &hub);
 
-    // Bind before attaching: a taken address fails before anything else.
-    let token = match &args.server.token_file {
-        Some(path) => Some(
-            client::read_token(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let server_config = Arc::new(ServerConfig {
-        endpoints: args.server.endpoints(),
-        token,
-        max_clients: args.server.max_clients,
-        write_timeout: args.server.client_timeout,
-        name: format!("mirror {} on {}", env!("CARGO_PKG_VERSION"), args.iface),
-    });
-    let listeners = server::bind(&server_config).await?;
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let (server_stop_tx, server_stop_rx) = watch::channel(false);
     let server_stats = Arc::new(ServerStats::default());
@@ -143,16 +251,10 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
             stats: Arc::clone(&server_stats),
             config: Arc::clone(&server_config),
         },
+        Some(Arc::new(HelperSendBuffer(Arc::clone(&helper)))),
         server_stop_rx,
     ));
 
-    // Ports next: the program mirrors from the first packet it sees.
-    for port in &ports {
-        mirror
-            .set_port(*port, true)
-            .with_context(|| format!("cannot subscribe port {port}"))?;
-    }
-    let attachment = attach::attach(&mut mirror, &args.iface, args.attach, args.tc_netlink)?;
     if args.attach == AttachMode::Auto {
         tracing::info!("attach auto: {} ({AUTO_REASON})", attachment.point);
     }
@@ -234,8 +336,6 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
         forwards,
         pcap: pcap_counters,
     };
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     // The main task: control requests until a signal or a task ends.
     let early_end = loop {
         tokio::select! {
@@ -263,7 +363,13 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     // wrote and the counters match what was delivered. Then each stage ends
     // after the one that feeds it: rings, lost flows, shards (which close
     // the remaining connections as "shutdown"), consumers.
-    let detached = attach::detach(&mut mirror, attachment);
+    let detached = match attachment.clsact_filter() {
+        // A filter needs CAP_NET_ADMIN to go: the helper removes it.
+        Some(_) => helper
+            .detach_clsact()
+            .context("cannot remove the mirror's TC filter"),
+        None => attach::detach(&mut mirror, attachment).map_err(anyhow::Error::from),
+    };
     let _ = stop_tx.send(true);
     let mut failure = early_end.and_then(task_failure);
     while let Some(ended) = drains.join_next().await {

@@ -7,9 +7,9 @@
 //! The protocol is in `docs/protocol.md` and [`crate::protocol`].
 
 use std::{
-    fmt, fs, io,
+    fmt, io,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
@@ -30,7 +30,9 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::{
     control::Request,
     hub::{Hub, Subscription},
+    output_dir::OutputDir,
     ports::{PolicyError, SessionId},
+    privileged_helper::SocketFile,
     protocol::{ClientFrame, ErrorCode, MAX_FRAME, ServerFrame, VERSION},
     session_wire::SessionWire,
 };
@@ -88,6 +90,16 @@ pub enum ServerError {
         "listening on TCP ({0}) needs a token: give one with --token-file (clients pass the same file)"
     )]
     TokenRequired(Endpoint),
+    #[error(
+        "{0} exists and is not a socket: remove it yourself, or give the mirror another --listen path"
+    )]
+    NotASocket(Endpoint),
+    #[error("cannot listen on {endpoint}: {source}")]
+    Dir {
+        endpoint: Endpoint,
+        #[source]
+        source: crate::output_dir::OutputDirError,
+    },
     #[error("cannot listen on {endpoint}: {source}")]
     Bind {
         endpoint: Endpoint,
@@ -156,24 +168,45 @@ impl fmt::Display for ServerStats {
     }
 }
 
-/// A bound listener; a Unix socket's file is removed when it is dropped.
-pub enum Listener {
-    Unix(UnixListener, SocketFile),
+/// A listener bound before the mirror gives up root (a blocking socket,
+/// made asynchronous when the server starts).
+pub enum BoundListener {
+    Unix(std::os::unix::net::UnixListener, SocketFileGuard),
+    Tcp(std::net::TcpListener),
+}
+
+impl BoundListener {
+    /// The socket file, for the privileged helper's plan.
+    pub fn socket_file(&self) -> Option<&SocketFile> {
+        match self {
+            Self::Unix(_, guard) => Some(&guard.0),
+            Self::Tcp(_) => None,
+        }
+    }
+}
+
+/// A listener of the running server (with the guard of its socket file).
+enum Listener {
+    Unix(
+        UnixListener,
+        #[expect(dead_code, reason = "held for its Drop")] SocketFileGuard,
+    ),
     Tcp(TcpListener),
 }
 
-/// Removes the socket file when the server stops.
-pub struct SocketFile(PathBuf);
+/// Removes the socket file when the server stops, if it is still ours and
+/// the mirror may (after the drop the privileged helper does it).
+pub struct SocketFileGuard(SocketFile);
 
-impl Drop for SocketFile {
+impl Drop for SocketFileGuard {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        let _ = self.0.remove();
     }
 }
 
 /// Binds every endpoint (before anything is attached, so that a bad
-/// address fails early).
-pub async fn bind(config: &ServerConfig) -> Result<Vec<Listener>, ServerError> {
+/// address fails early, and before the mirror gives up root).
+pub fn bind(config: &ServerConfig) -> Result<Vec<BoundListener>, ServerError> {
     let mut listeners = Vec::new();
     for endpoint in &config.endpoints {
         let bind_error = |source| ServerError::Bind {
@@ -182,47 +215,131 @@ pub async fn bind(config: &ServerConfig) -> Result<Vec<Listener>, ServerError> {
         };
         match endpoint {
             Endpoint::Unix(path) => {
-                prepare_socket_path(path, endpoint).await?;
-                let listener = UnixListener::bind(path).map_err(bind_error)?;
-                // Mirrored traffic is sensitive: owner only.
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-                listeners.push(Listener::Unix(listener, SocketFile(path.clone())));
+                let (listener, file) = bind_unix(path, endpoint)?;
+                listeners.push(BoundListener::Unix(listener, SocketFileGuard(file)));
             }
             Endpoint::Tcp(addr) => {
                 if config.token.is_none() {
                     return Err(ServerError::TokenRequired(endpoint.clone()));
                 }
-                let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+                let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
                 if !addr.ip().is_loopback() {
                     tracing::warn!(
                         "listening on {addr}, which is not a loopback address: mirrored traffic is sensitive, keep the token secret and the port firewalled"
                     );
                 }
-                listeners.push(Listener::Tcp(listener));
+                listeners.push(BoundListener::Tcp(listener));
             }
         }
     }
     Ok(listeners)
 }
 
-/// Creates the socket's directory, and removes a socket file left by a
-/// mirror that did not exit cleanly (nothing accepts on it).
-async fn prepare_socket_path(path: &Path, endpoint: &Endpoint) -> Result<(), ServerError> {
-    let bind_error = |source| ServerError::Bind {
+/// Binds a Unix socket at `path` with mode 0600 from its first moment.
+///
+/// The socket is bound in a fresh 0700 directory beside `path`, given mode
+/// 0600 there (no other user can reach it yet), then renamed into place
+/// without replacing anything (renameat2 RENAME_NOREPLACE). The directory
+/// of `path` is created (0700) when missing, and refused when other users
+/// may write it without the sticky bit. A socket left by a mirror that did
+/// not exit cleanly (nothing accepts on it) is removed; anything else at
+/// `path` — a file, a symlink, a directory — is an error, left as it is.
+fn bind_unix(
+    path: &Path,
+    endpoint: &Endpoint,
+) -> Result<(std::os::unix::net::UnixListener, SocketFile), ServerError> {
+    use nix::{
+        fcntl::{RenameFlags, renameat2},
+        sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, mkdirat},
+        unistd::{UnlinkatFlags, unlinkat},
+    };
+    let bind_error = |source: io::Error| ServerError::Bind {
         endpoint: endpoint.clone(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(bind_error)?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(ServerError::InUse(endpoint.clone()));
+    let errno = |error: nix::errno::Errno| bind_error(error.into());
+    let dir = socket_directory(path).map_err(|error| ServerError::Dir {
+        endpoint: endpoint.clone(),
+        source: error,
+    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| bind_error(io::Error::other("the path has no file name")))?;
+    match dir.kind_of(name).map_err(bind_error)? {
+        None => {}
+        Some((kind, _)) if kind == SFlag::S_IFSOCK => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(endpoint.clone()));
+            }
+            tracing::info!("removing the stale socket {}", path.display());
+            unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir).map_err(errno)?;
         }
-        tracing::info!("removing the stale socket {}", path.display());
-        fs::remove_file(path).map_err(bind_error)?;
+        Some(_) => return Err(ServerError::NotASocket(endpoint.clone())),
     }
-    Ok(())
+    let private = format!(".mirror-bind-{}", std::process::id());
+    mkdirat(
+        dir.as_fd(),
+        private.as_str(),
+        Mode::from_bits_truncate(0o700),
+    )
+    .map_err(errno)?;
+    let private_path = dir.path().join(&private);
+    let bound = (|| {
+        let listener =
+            std::os::unix::net::UnixListener::bind(private_path.join("s")).map_err(bind_error)?;
+        let private_fd = nix::fcntl::open(
+            &private_path,
+            nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        fchmodat(
+            &private_fd,
+            "s",
+            Mode::from_bits_truncate(0o600),
+            FchmodatFlags::FollowSymlink,
+        )
+        .map_err(errno)?;
+        renameat2(
+            &private_fd,
+            "s",
+            dir.as_fd(),
+            name,
+            RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|error| match error {
+            nix::errno::Errno::EEXIST => ServerError::NotASocket(endpoint.clone()),
+            other => errno(other),
+        })?;
+        Ok(listener)
+    })();
+    let _ = unlinkat(dir.as_fd(), private.as_str(), UnlinkatFlags::RemoveDir);
+    let listener = bound?;
+    let Some((_, id)) = dir.kind_of(name).map_err(bind_error)? else {
+        return Err(bind_error(io::Error::other(
+            "the socket vanished after bind",
+        )));
+    };
+    let (dev, ino) = id.dev_ino();
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+            dev,
+            ino,
+        },
+    ))
+}
+
+/// Opens (creating it 0700 when missing) the directory of a socket path.
+fn socket_directory(path: &Path) -> Result<OutputDir, crate::output_dir::OutputDirError> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    OutputDir::open_or_create(parent, None)
 }
 
 /// What every session needs.
@@ -237,8 +354,9 @@ pub struct SessionContext {
 /// Accepts clients until `shutdown` turns true; then lets every session
 /// deliver its last events and returns.
 pub async fn serve(
-    listeners: Vec<Listener>,
+    listeners: Vec<BoundListener>,
     context: SessionContext,
+    send_buffer: Option<Arc<dyn SendBufferForcer>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
@@ -246,8 +364,15 @@ pub async fn serve(
     let (accepted_tx, mut accepted) = mpsc::channel::<(Box<dyn Connection>, bool)>(64);
     let mut acceptors = JoinSet::new();
     for listener in listeners {
+        let listener = match start_listener(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!("cannot serve clients on a listener: {error}");
+                continue;
+            }
+        };
         let accepted_tx = accepted_tx.clone();
-        acceptors.spawn(accept_loop(listener, accepted_tx));
+        acceptors.spawn(accept_loop(listener, accepted_tx, send_buffer.clone()));
     }
     drop(accepted_tx);
     loop {
@@ -272,11 +397,29 @@ pub async fn serve(
 pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
 
-async fn accept_loop(listener: Listener, accepted: mpsc::Sender<(Box<dyn Connection>, bool)>) {
+/// Makes a listener bound before the runtime started asynchronous.
+fn start_listener(listener: BoundListener) -> io::Result<Listener> {
+    Ok(match listener {
+        BoundListener::Unix(listener, file) => {
+            listener.set_nonblocking(true)?;
+            Listener::Unix(UnixListener::from_std(listener)?, file)
+        }
+        BoundListener::Tcp(listener) => {
+            listener.set_nonblocking(true)?;
+            Listener::Tcp(TcpListener::from_std(listener)?)
+        }
+    })
+}
+
+async fn accept_loop(
+    listener: Listener,
+    accepted: mpsc::Sender<(Box<dyn Connection>, bool)>,
+    send_buffer: Option<Arc<dyn SendBufferForcer>>,
+) {
     loop {
         let result: io::Result<(Box<dyn Connection>, bool)> = match &listener {
             Listener::Unix(listener, _) => listener.accept().await.map(|(stream, _)| {
-                enlarge_send_buffer(&stream);
+                enlarge_send_buffer(&stream, send_buffer.as_deref());
                 (Box::new(stream) as Box<dyn Connection>, false)
             }),
             Listener::Tcp(listener) => listener.accept().await.map(|(stream, _)| {
@@ -337,23 +480,26 @@ fn error(code: ErrorCode, fatal: bool, message: impl Into<String>) -> ServerFram
 /// buffer must cover those waits.
 const UNIX_SEND_BUFFER: usize = 8 << 20;
 
+/// Sets a socket's send buffer past `net.core.wmem_max`, which needs
+/// CAP_NET_ADMIN: once the mirror has given up root, its privileged helper
+/// does it.
+pub trait SendBufferForcer: Send + Sync {
+    fn force_send_buffer(&self, socket: BorrowedFd<'_>, bytes: usize) -> io::Result<()>;
+}
+
 /// Sets the session's send buffer to [`UNIX_SEND_BUFFER`]: past
-/// `net.core.wmem_max` with SO_SNDBUFFORCE (the mirror holds
-/// CAP_NET_ADMIN), else as far as that limit allows.
-fn enlarge_send_buffer(stream: &tokio::net::UnixStream) {
-    use std::os::fd::AsRawFd as _;
-    let size = libc::c_int::try_from(UNIX_SEND_BUFFER).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket fd for the duration of the call, and a
-    // pointer to a c_int with its size.
-    let forced = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            (&raw const size).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+/// `net.core.wmem_max` with SO_SNDBUFFORCE (through `forcer`, or here
+/// while the mirror is still privileged), else as far as that limit allows.
+fn enlarge_send_buffer(stream: &tokio::net::UnixStream, forcer: Option<&dyn SendBufferForcer>) {
+    let fd = stream.as_fd();
+    let forced = forcer
+        .is_some_and(|forcer| forcer.force_send_buffer(fd, UNIX_SEND_BUFFER).is_ok())
+        || nix::sys::socket::setsockopt(
+            &fd,
+            nix::sys::socket::sockopt::SndBufForce,
+            &UNIX_SEND_BUFFER,
         )
-    } == 0;
+        .is_ok();
     if !forced {
         let _ = socket2::SockRef::from(stream).set_send_buffer_size(UNIX_SEND_BUFFER);
     }

@@ -9,6 +9,8 @@ use mirror_user::{
     cli::{ConnectArgs, PortsAction, PortsArgs, StatsArgs, TailArgs},
     client::{self, Client},
     counters,
+    output_dir::OutputDir,
+    privileges::Identity,
     sinks::{
         dump::DumpWriter,
         events::{EventTotals, format_event},
@@ -36,6 +38,12 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
+    // Started as root: become --user once connected, as `mirror run` does.
+    let identity = if nix::unistd::Uid::effective().is_root() || args.user.is_some() {
+        Some(Identity::resolve(args.user.as_deref())?)
+    } else {
+        None
+    };
     let start = async {
         let mut client = connect(&args.connect, "mirror tail").await?;
         client.subscribe(&ports).await?;
@@ -46,6 +54,32 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         _ = interrupt.recv() => return Ok(()),
         _ = terminate.recv() => return Ok(()),
     };
+    // Connected and the directory open: nothing needs root any more.
+    let dump = match &args.dump_dir {
+        Some(dir) => Some((
+            dir,
+            OutputDir::open_or_create(dir, identity.as_ref().and_then(Identity::owner)).and_then(
+                |opened| match &identity {
+                    Some(identity) => identity.check_may_write(&opened).map(|()| opened),
+                    None => Ok(opened),
+                },
+            )?,
+        )),
+        None => None,
+    };
+    if let Some(identity) = &identity {
+        identity.assume()?;
+    }
+    let mut dump = match dump {
+        Some((path, dir)) => {
+            if let Some(identity) = &identity {
+                dir.check_writable(&identity.name)
+                    .with_context(|| format!("cannot write into {}", path.display()))?;
+            }
+            Some(DumpWriter::new(dir))
+        }
+        None => None,
+    };
     let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
     eprintln!(
         "mirror tail: following port {} of {} ({}); stop with Ctrl-C",
@@ -53,12 +87,6 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         args.connect.connect,
         client.server()
     );
-    let mut dump = match &args.dump_dir {
-        Some(dir) => Some(
-            DumpWriter::new(dir).with_context(|| format!("cannot write into {}", dir.display()))?,
-        ),
-        None => None,
-    };
     let mut out = BufWriter::with_capacity(1 << 16, tokio::io::stdout());
     let mut line = String::new();
     let mut totals = EventTotals::default();

@@ -319,10 +319,34 @@ impl MirrorProcess {
         }
     }
 
-    /// SIGKILL: the process gets no chance to detach.
+    /// SIGKILL: the process gets no chance to detach (its privileged
+    /// helper, which outlives it, cleans up after it).
     pub fn kill(mut self) {
         self.signal(libc::SIGKILL);
         let _ = self.child.wait();
+    }
+
+    /// SIGKILL to the mirror and to its privileged helper at once (as an
+    /// OOM kill of both would): nothing runs to clean up.
+    pub fn kill_with_helper(mut self) {
+        let helper = self.helper_pid();
+        // SAFETY: plain kill(2) on the helper, a child of our child.
+        unsafe { libc::kill(helper as libc::pid_t, libc::SIGKILL) };
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{helper}")).exists() {
+            assert!(Instant::now() < deadline, "the helper did not die");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The privileged helper the mirror started (its only child).
+    pub fn helper_pid(&self) -> u32 {
+        children(self.pid())
+            .first()
+            .copied()
+            .unwrap_or_else(|| panic!("mirror {} has no privileged helper", self.pid()))
     }
 
     fn signal(&self, signal: libc::c_int) {
@@ -430,6 +454,41 @@ impl Drop for ClientProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Child processes of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            children.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    children
+}
+
+/// A field of `/proc/PID/status` (`Uid`, `CapEff`, ...), for every thread
+/// of the process: `(thread id, value)`.
+pub fn thread_status(pid: u32, field: &str) -> Vec<(String, String)> {
+    let prefix = format!("{field}:");
+    let mut values = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process runs") {
+        let task = task.expect("task");
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        if let Some(value) = status.lines().find_map(|line| line.strip_prefix(&prefix)) {
+            values.push((
+                task.file_name().to_string_lossy().into_owned(),
+                value.trim().to_owned(),
+            ));
+        }
+    }
+    values
 }
 
 /// A running mirror's counters, as `mirror stats --json` flattens them

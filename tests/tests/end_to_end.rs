@@ -340,8 +340,9 @@ fn veth_tc_iperf3() {
     );
 }
 
-/// A clsact filter (the TC fallback without TCX) survives SIGKILL; the next
-/// mirror on the interface finds and removes it.
+/// A clsact filter (the TC fallback without TCX) outlives its process; the
+/// privileged helper removes it when the mirror dies, and when both die at
+/// once the next mirror on the interface finds and removes it.
 #[test]
 fn leftover_clsact_filter_is_removed_at_the_next_start() {
     let hosts = hosts(Topology::Veth);
@@ -355,7 +356,7 @@ fn leftover_clsact_filter_is_removed_at_the_next_start() {
         "tc",
         "--tc-netlink",
     ];
-    MirrorProcess::start(&hosts.server_ns, &args).kill();
+    MirrorProcess::start(&hosts.server_ns, &args).kill_with_helper();
     let filters = run_in(
         &hosts.server_ns,
         "tc",
@@ -364,7 +365,7 @@ fn leftover_clsact_filter_is_removed_at_the_next_start() {
     let filters = String::from_utf8_lossy(&filters.stdout).into_owned();
     assert!(
         filters.contains("mirror_tc"),
-        "SIGKILL leaves the filter:\n{filters}"
+        "SIGKILL of the mirror and its helper leaves the filter:\n{filters}"
     );
 
     let mirror = MirrorProcess::start(&hosts.server_ns, &args);

@@ -358,6 +358,28 @@ fn rotation_keeps_the_configured_number_of_files() {
     let c = capture();
     let dir = c.path("out");
     let file_arg = dir.join("rot").display().to_string();
+    // Rotated files are created after the mirror gave up root: the
+    // directory must be writable by the user it runs as.
+    let args = [
+        "run",
+        "--iface",
+        "srv0",
+        "--port",
+        "5201",
+        "--pcap",
+        &file_arg,
+        "--pcap-rotate-size",
+        "1M",
+    ];
+    let refused = mirror_tests::mirror_process::run_mirror(Some(&c.net.server), &args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("is not writable by the user the mirror runs as (nobody)"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing created");
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).expect("chown");
     let (_, output) = c.transfer(
         8 * MIB,
         &[
@@ -385,7 +407,8 @@ fn rotation_keeps_the_configured_number_of_files() {
 #[test]
 fn a_full_disk_stops_the_capture_and_nothing_else() {
     let c = capture();
-    let dump = c.path("dump");
+    // The mirror creates the directory, for the user it runs as.
+    let dump = c.dir.path().join("dump");
     let dump_arg = dump.display().to_string();
     let (sent, output) = c.transfer(4 * MIB, &["--pcap", "/dev/full", "--dump-dir", &dump_arg]);
     assert!(output.counter("pcap.failed") > 0, "{}", counters(&output));

@@ -59,7 +59,7 @@ fn counters(output: &MirrorOutput) -> String {
 fn twenty_concurrent_connections_are_dumped_byte_identical() {
     let s = setup();
     let received = s.path("received");
-    let dump = s.path("dump");
+    let dump = s.dir.path().join("dump");
     let files = s.files(20, MIB, 20 * MIB);
     shape(&s.net.client, "cli0", "2gbit");
     let server = start_server(&s.net.server, PORT, &received);
@@ -141,7 +141,7 @@ fn twenty_concurrent_connections_are_dumped_byte_identical() {
 fn a_stalled_consumer_is_closed_as_lagged_and_harms_nothing_else() {
     let s = setup();
     let received = s.path("received");
-    let dump = s.path("dump");
+    let dump = s.dir.path().join("dump");
     let files = s.files(6, 8 * MIB, 8 * MIB);
     shape(&s.net.client, "cli0", "500mbit");
     let server = start_server(&s.net.server, PORT, &received);
@@ -235,7 +235,7 @@ fn a_stalled_consumer_is_closed_as_lagged_and_harms_nothing_else() {
 fn a_tiny_ring_loses_packets_and_every_loss_ends_a_stream_as_gap() {
     let s = setup();
     let received = s.path("received");
-    let dump = s.path("dump");
+    let dump = s.dir.path().join("dump");
     let files = s.files(6, 8 * MIB, 8 * MIB);
     let server = start_server(&s.net.server, PORT, &received);
     let dump_arg = dump.display().to_string();

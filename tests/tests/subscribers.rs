@@ -48,8 +48,10 @@ impl Setup {
         path
     }
 
+    /// A path for the mirror to create (a dump directory: created by the
+    /// mirror for the user it runs as).
     fn arg(&self, name: &str) -> String {
-        self.path(name).display().to_string()
+        self.dir.path().join(name).display().to_string()
     }
 }
 
@@ -156,7 +158,7 @@ fn two_clients_get_whole_streams_and_a_killed_one_harms_nothing() {
 #[test]
 fn ports_added_and_removed_live_change_what_is_mirrored() {
     let s = setup();
-    let dump = s.path("dump");
+    let dump = s.dir.path().join("dump");
     let dump_arg = dump.display().to_string();
     let received = s.path("received");
     let other = s.path("received-5301");

@@ -3,16 +3,20 @@
 //! connection ended.
 //!
 //! A file only ever holds bytes that were delivered in order. Its sidecar
-//! `NAME.meta` (JSON) gives the reason: anything but `fin` means the stream
-//! in the file is a prefix of what the client sent (`gap`, `lagged`, ...).
+//! `NAME.meta` (JSON) is created with it (`"reason": null` while the
+//! connection is open) and gives the reason once it ends: anything but
+//! `fin` means the stream in the file is a prefix of what the client sent
+//! (`gap`, `lagged`, ...). Files are created as [`OutputDir`] creates them:
+//! a name that is taken, even by a dangling symlink, is skipped for the
+//! next tcpflow suffix.
 
 use std::{
     collections::HashMap,
-    fs::{self, File, OpenOptions},
+    ffi::{OsStr, OsString},
+    fs::File,
     io::{self, Write as _},
     net::{IpAddr, SocketAddr},
     num::NonZeroUsize,
-    path::{Path, PathBuf},
 };
 
 use lru::LruCache;
@@ -20,11 +24,16 @@ use serde::Serialize;
 
 use crate::{
     hub::Subscription,
+    output_dir::{FileId, OutputDir},
     stream::{CloseReason, ConnId, StreamEvent},
 };
 
 /// Files kept open at once; others are reopened to append when data comes.
 const OPEN_FILES: usize = 256;
+/// tcpflow suffixes tried for one 4-tuple before the connection is not
+/// dumped (a directory full of planted names, or a 4-tuple reused
+/// thousands of times).
+const MAX_SUFFIX: u32 = 10_000;
 
 /// tcpflow's name for a flow: `198.018.000.001.40000-198.018.000.002.00080`
 /// (IPv4 octets and ports zero-padded; IPv6 as eight 4-digit groups).
@@ -49,6 +58,18 @@ pub fn tcpflow_name(src: SocketAddr, dst: SocketAddr) -> String {
     format!("{}-{}", end(src), end(dst))
 }
 
+/// tcpflow's names for one 4-tuple, in the order they are taken: `NAME`,
+/// then `NAMEc1`, `NAMEc2`, ...
+fn tcpflow_names(name: &str) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(name.to_owned()).chain((1..MAX_SUFFIX).map(move |n| format!("{name}c{n}")))
+}
+
+fn meta_name(name: &OsStr) -> OsString {
+    let mut meta = name.to_os_string();
+    meta.push(".meta");
+    meta
+}
+
 /// What the sidecar of a connection says.
 #[derive(Debug, Serialize)]
 struct Meta<'a> {
@@ -57,37 +78,45 @@ struct Meta<'a> {
     dst: String,
     midstream: bool,
     bytes: u64,
-    reason: &'a str,
+    /// How the connection ended; `null` while it is open.
+    reason: Option<&'a str>,
     /// Whether the file holds the whole client stream.
     complete: bool,
 }
 
 struct Flow {
-    path: PathBuf,
+    name: OsString,
+    id: FileId,
+    meta_id: FileId,
     src: SocketAddr,
     dst: SocketAddr,
     midstream: bool,
     bytes: u64,
+    /// The file was replaced behind the mirror's back: nothing more is
+    /// written for this connection.
+    abandoned: bool,
 }
 
 /// Writes the events of one subscription into a directory.
 pub struct DumpWriter {
-    dir: PathBuf,
+    dir: OutputDir,
     flows: HashMap<ConnId, Flow>,
     open: LruCache<ConnId, File>,
 }
 
 impl DumpWriter {
-    /// Creates `dir` if needed.
-    pub fn new(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
+    /// Writes into `dir` (see [`OutputDir`] for how files are created).
+    pub fn new(dir: OutputDir) -> Self {
+        Self {
+            dir,
             flows: HashMap::new(),
             open: LruCache::new(NonZeroUsize::new(OPEN_FILES).expect("non-zero")),
-        })
+        }
     }
 
+    /// Writes one event. An error is one the whole dump cannot go on after
+    /// (a full disk, a directory gone); a file replaced behind the mirror's
+    /// back only ends that connection's file, with a warning.
     pub fn handle(&mut self, event: &StreamEvent) -> io::Result<()> {
         match event {
             StreamEvent::Opened {
@@ -95,79 +124,126 @@ impl DumpWriter {
                 src,
                 dst,
                 midstream,
-            } => {
-                let path = self.unused_path(&tcpflow_name(*src, *dst));
-                let file = File::create(&path)?;
-                self.open.put(*conn, file);
-                self.flows.insert(
-                    *conn,
-                    Flow {
-                        path,
-                        src: *src,
-                        dst: *dst,
-                        midstream: *midstream,
-                        bytes: 0,
-                    },
-                );
-            }
+            } => self.open_flow(*conn, *src, *dst, *midstream),
             StreamEvent::Data { conn, bytes } => {
                 let Some(flow) = self.flows.get_mut(conn) else {
                     return Ok(());
                 };
+                if flow.abandoned {
+                    return Ok(());
+                }
                 if self.open.get(conn).is_none() {
-                    let file = OpenOptions::new().append(true).open(&flow.path)?;
-                    self.open.put(*conn, file);
+                    match self.dir.reopen(&flow.name, flow.id, false) {
+                        Ok(file) => {
+                            self.open.put(*conn, file);
+                        }
+                        Err(error) => {
+                            abandon(&self.dir, flow, &error);
+                            return Ok(());
+                        }
+                    }
                 }
                 if let Some(file) = self.open.get_mut(conn) {
                     file.write_all(bytes)?;
                 }
                 flow.bytes += bytes.len() as u64;
+                Ok(())
             }
             StreamEvent::Closed { conn, reason } => {
                 self.open.pop(conn);
-                if let Some(flow) = self.flows.remove(conn) {
-                    write_meta(*conn, &flow, *reason)?;
+                match self.flows.remove(conn) {
+                    Some(flow) if !flow.abandoned => self.write_meta(*conn, &flow, Some(*reason)),
+                    _ => Ok(()),
                 }
             }
         }
-        Ok(())
     }
 
-    /// tcpflow's convention when a 4-tuple is reused: `NAMEc1`, `NAMEc2`, ...
-    fn unused_path(&self, name: &str) -> PathBuf {
-        let first = self.dir.join(name);
-        if !first.exists() {
-            return first;
+    /// Creates the connection's file and its sidecar under the first
+    /// tcpflow name whose file and sidecar are both free.
+    fn open_flow(
+        &mut self,
+        conn: ConnId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        midstream: bool,
+    ) -> io::Result<()> {
+        let base = tcpflow_name(src, dst);
+        let mut names = tcpflow_names(&base).map(OsString::from);
+        loop {
+            let Some((name, file, id)) = self.dir.create_first_free(names.by_ref())? else {
+                tracing::warn!(
+                    "connection {conn} is not dumped: {MAX_SUFFIX} names for {base} in {} are taken",
+                    self.dir
+                );
+                return Ok(());
+            };
+            match self.dir.create_new(&meta_name(&name)) {
+                Ok((_, meta_id)) => {
+                    self.open.put(conn, file);
+                    let flow = Flow {
+                        name,
+                        id,
+                        meta_id,
+                        src,
+                        dst,
+                        midstream,
+                        bytes: 0,
+                        abandoned: false,
+                    };
+                    self.write_meta(conn, &flow, None)?;
+                    self.flows.insert(conn, flow);
+                    return Ok(());
+                }
+                // Something already has the sidecar's name: give the name
+                // back and take the next one.
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                    drop(file);
+                    self.dir.remove(&name, id)?;
+                }
+                Err(error) => return Err(error),
+            }
         }
-        (1..)
-            .map(|n| self.dir.join(format!("{name}c{n}")))
-            .find(|path| !path.exists())
-            .expect("some suffix is free")
+    }
+
+    fn write_meta(&self, conn: ConnId, flow: &Flow, reason: Option<CloseReason>) -> io::Result<()> {
+        let meta = Meta {
+            conn,
+            src: flow.src.to_string(),
+            dst: flow.dst.to_string(),
+            midstream: flow.midstream,
+            bytes: flow.bytes,
+            reason: reason.map(CloseReason::as_str),
+            complete: reason.is_some_and(CloseReason::is_complete) && !flow.midstream,
+        };
+        let mut json = serde_json::to_vec(&meta).map_err(io::Error::other)?;
+        json.push(b'\n');
+        let name = meta_name(&flow.name);
+        match self.dir.reopen(&name, flow.meta_id, true) {
+            Ok(mut file) => file.write_all(&json),
+            Err(error) => {
+                tracing::warn!("the sidecar of connection {conn} is not written: {error}");
+                Ok(())
+            }
+        }
     }
 }
 
-fn write_meta(conn: ConnId, flow: &Flow, reason: CloseReason) -> io::Result<()> {
-    let meta = Meta {
-        conn,
-        src: flow.src.to_string(),
-        dst: flow.dst.to_string(),
-        midstream: flow.midstream,
-        bytes: flow.bytes,
-        reason: reason.as_str(),
-        complete: reason.is_complete() && !flow.midstream,
-    };
-    let mut path = flow.path.clone().into_os_string();
-    path.push(".meta");
-    let mut json = serde_json::to_vec(&meta).map_err(io::Error::other)?;
-    json.push(b'\n');
-    fs::write(path, json)
+/// Stops writing a connection whose file is no longer the one the mirror
+/// created (replaced or removed by someone else).
+fn abandon(dir: &OutputDir, flow: &mut Flow, error: &io::Error) {
+    flow.abandoned = true;
+    tracing::warn!(
+        "stopped dumping into {}: {error}",
+        dir.display_name(&flow.name).display()
+    );
 }
 
 /// Writes every event of `subscription` into `dir` until the mirror stops.
 /// A slow disk makes this consumer lag (its connections end as `lagged`);
 /// it never slows the mirror.
-pub async fn dump_events(mut subscription: Subscription, dir: PathBuf) -> io::Result<()> {
-    let mut writer = DumpWriter::new(&dir)?;
+pub async fn dump_events(mut subscription: Subscription, dir: OutputDir) -> io::Result<()> {
+    let mut writer = DumpWriter::new(dir);
     let mut batch = Vec::new();
     while let Some(event) = subscription.next().await {
         batch.push(event);
@@ -184,6 +260,8 @@ pub async fn dump_events(mut subscription: Subscription, dir: PathBuf) -> io::Re
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use bytes::Bytes;
 
     use super::*;
@@ -209,7 +287,7 @@ mod tests {
     #[test]
     fn writes_streams_and_sidecars() {
         let dir = tempfile::tempdir().unwrap();
-        let mut writer = DumpWriter::new(dir.path()).unwrap();
+        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
         let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let events = [
@@ -271,7 +349,7 @@ mod tests {
     #[test]
     fn more_connections_than_open_files() {
         let dir = tempfile::tempdir().unwrap();
-        let mut writer = DumpWriter::new(dir.path()).unwrap();
+        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let count = OPEN_FILES as u64 + 10;
         for conn in 0..count {
@@ -305,5 +383,155 @@ mod tests {
             b"abcd"
         );
         assert!(writer.open.len() <= OPEN_FILES);
+    }
+
+    fn opened(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
+        StreamEvent::Opened {
+            conn,
+            src,
+            dst,
+            midstream: false,
+        }
+    }
+
+    fn data(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
+        StreamEvent::Data {
+            conn,
+            bytes: Bytes::from_static(bytes),
+        }
+    }
+
+    fn closed(conn: ConnId) -> StreamEvent {
+        StreamEvent::Closed {
+            conn,
+            reason: CloseReason::Fin,
+        }
+    }
+
+    #[test]
+    fn planted_names_are_skipped_and_never_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let name = tcpflow_name(src, dst);
+        // A dangling symlink at the first name, symlinks at the next
+        // names' sidecars.
+        let dangling = elsewhere.path().join("created-through-a-link");
+        symlink(&dangling, dir.path().join(&name)).unwrap();
+        symlink(&victim, dir.path().join(format!("{name}.meta"))).unwrap();
+        symlink(&victim, dir.path().join(format!("{name}c1.meta"))).unwrap();
+
+        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
+        for event in [opened(1, src, dst), data(1, b"stream"), closed(1)] {
+            writer.handle(&event).unwrap();
+        }
+
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"precious",
+            "nothing written through a link"
+        );
+        assert!(
+            !dangling.exists(),
+            "nothing created through a dangling link"
+        );
+        assert!(
+            !dir.path().join(format!("{name}c1")).exists(),
+            "a name whose sidecar is taken is given back"
+        );
+        let file = dir.path().join(format!("{name}c2"));
+        assert_eq!(fs::read(&file).unwrap(), b"stream");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(format!("{name}c2.meta"))).unwrap())
+                .unwrap();
+        assert_eq!(meta["reason"], "fin");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        for link in [
+            name.clone(),
+            format!("{name}.meta"),
+            format!("{name}c1.meta"),
+        ] {
+            assert!(
+                fs::symlink_metadata(dir.path().join(&link))
+                    .unwrap()
+                    .file_type()
+                    .is_symlink(),
+                "{link} left as it was"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_swapped_after_eviction_is_not_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let src = |conn: u64| SocketAddr::from(([198, 18, 0, 1], 10000 + conn as u16));
+        let count = OPEN_FILES as u64 + 1;
+        for conn in 0..count {
+            writer.handle(&opened(conn, src(conn), dst)).unwrap();
+            writer.handle(&data(conn, b"ab")).unwrap();
+        }
+        // Connection 0's file left the open-file cache; replace it.
+        let first = dir.path().join(tcpflow_name(src(0), dst));
+        fs::remove_file(&first).unwrap();
+        symlink(&victim, &first).unwrap();
+        // And connection 1's by another regular file of the same name.
+        let second = dir.path().join(tcpflow_name(src(1), dst));
+        fs::remove_file(&second).unwrap();
+        fs::write(&second, b"planted").unwrap();
+        for conn in 0..count {
+            writer.handle(&data(conn, b"cd")).unwrap();
+            writer.handle(&closed(conn)).unwrap();
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(&second).unwrap(), b"planted");
+        let third = dir.path().join(tcpflow_name(src(2), dst));
+        assert_eq!(fs::read(third).unwrap(), b"abcd", "the others go on");
+    }
+
+    #[test]
+    fn directories_others_may_write_are_refused() {
+        use std::os::unix::fs::{PermissionsExt as _, symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+        let error = OutputDir::open_or_create(&shared, None).unwrap_err();
+        assert!(
+            error.to_string().contains("may be written by other users"),
+            "{error}"
+        );
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        OutputDir::open_or_create(&shared, None).expect("the sticky bit makes it safe");
+
+        let link = dir.path().join("link");
+        symlink(&shared, &link).unwrap();
+        let error = OutputDir::open_or_create(&link, None).unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+
+        let created = dir.path().join("new");
+        OutputDir::open_or_create(&created, None).unwrap();
+        assert_eq!(
+            fs::metadata(&created).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let error = OutputDir::open_or_create(&dir.path().join("a/b"), None).unwrap_err();
+        assert!(
+            error.to_string().contains("parent does not exist"),
+            "{error}"
+        );
     }
 }

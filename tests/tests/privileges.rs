@@ -1,0 +1,276 @@
+//! Giving up root: `mirror run` and `mirror tail` run as an ordinary user
+//! with no capability once attached (connected), and everything that must
+//! keep working does — the streams, runtime port changes through the open
+//! port map, the clsact filter's removal, the socket file's — while only
+//! the privileged helper keeps CAP_NET_ADMIN.
+
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use mirror_tests::{
+    mirror_process::{ClientProcess, MirrorProcess, run_mirror, tail_totals, thread_status},
+    netns::{ClientServer, attached_programs, run_in, shows_attachment},
+    traffic::{MIB, dumped, random_files, send_all, start_server},
+};
+
+const PORT: u16 = 5401;
+const ADDED_PORT: u16 = 5402;
+const NOBODY: u32 = 65534;
+const CAP_NET_ADMIN: u64 = 1 << 12;
+
+/// Every thread of `pid`: real, effective, saved and file-system uid are
+/// `uid`, and no capability is effective, permitted or ambient.
+fn assert_runs_unprivileged(pid: u32, uid: u32, what: &str) {
+    let uids = thread_status(pid, "Uid");
+    assert!(!uids.is_empty(), "{what}: no threads");
+    for (thread, ids) in &uids {
+        assert!(
+            ids.split_whitespace().all(|id| id == uid.to_string()),
+            "{what} thread {thread} has Uid {ids}"
+        );
+    }
+    for field in ["CapEff", "CapPrm", "CapAmb"] {
+        for (thread, value) in thread_status(pid, field) {
+            assert_eq!(
+                u64::from_str_radix(&value, 16).unwrap(),
+                0,
+                "{what} thread {thread}: {field} {value}"
+            );
+        }
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> u64 {
+    let (_, value) = thread_status(pid, field).remove(0);
+    u64::from_str_radix(&value, 16).unwrap()
+}
+
+fn wait_gone(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::symlink_metadata(path).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{} is still there",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn run_gives_up_root_and_everything_keeps_working() {
+    let pair = ClientServer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("flows");
+    let (port, added) = (PORT.to_string(), ADDED_PORT.to_string());
+    let mirror = MirrorProcess::start_quiet(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            &port,
+            "--dump-dir",
+            dump.to_str().unwrap(),
+            "--allow-ports",
+            &added,
+        ],
+    );
+    let endpoint = mirror.endpoint();
+    let socket = std::path::PathBuf::from(endpoint.strip_prefix("unix:").unwrap());
+
+    // The mirror: nobody, no capability, on every thread; no way back.
+    assert_runs_unprivileged(mirror.pid(), NOBODY, "mirror run");
+    assert_eq!(status_field(mirror.pid(), "CapBnd"), 0, "bounding set");
+    assert_eq!(status_field(mirror.pid(), "NoNewPrivs"), 1);
+    // Its helper: CAP_NET_ADMIN and nothing else.
+    let helper = mirror.helper_pid();
+    assert_eq!(status_field(helper, "CapEff"), CAP_NET_ADMIN);
+    assert_eq!(status_field(helper, "CapPrm"), CAP_NET_ADMIN);
+    assert_eq!(status_field(helper, "CapBnd"), CAP_NET_ADMIN);
+    // The directory it created belongs to the user it runs as; the socket
+    // is root's, 0600.
+    let meta = fs::metadata(&dump).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (NOBODY, 0o700)
+    );
+    let meta = fs::symlink_metadata(&socket).unwrap();
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o600));
+
+    // A port added at run time goes through the open port map.
+    let out = run_mirror(None, &["ports", "add", &added, "--connect", &endpoint]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let received = dir.path().join("received");
+    let files = random_files(&dir.path().join("send"), 42000, 2, MIB, 2 * MIB);
+    for (file, port) in files.iter().zip([PORT, ADDED_PORT]) {
+        let _server = start_server(&pair.server, port, &received);
+        send_all(
+            &pair.client,
+            ClientServer::SERVER_IP,
+            port,
+            std::slice::from_ref(file),
+            &received,
+        );
+    }
+    assert!(
+        mirror.wait_for_counters(Duration::from_secs(20), |c| {
+            c.get("connections.closed.fin").copied() == Some(2)
+        }),
+        "both connections end"
+    );
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    for (file, port) in files.iter().zip([PORT, ADDED_PORT]) {
+        let client = format!("{}:{}", ClientServer::CLIENT_IP, file.client_port);
+        let server = format!("{}:{port}", ClientServer::SERVER_IP);
+        let parts = dumped(&dump, &client, &server);
+        assert_eq!(parts.len(), 1, "{client} -> {server}");
+        assert!(
+            parts[0].0 == file.bytes(),
+            "{client} -> {server}: byte-identical"
+        );
+        assert_eq!(parts[0].1["reason"], "fin");
+        let name = mirror_user::sinks::dump::tcpflow_name(
+            client.parse().unwrap(),
+            server.parse().unwrap(),
+        );
+        let meta = fs::metadata(dump.join(name)).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.permissions().mode() & 0o777),
+            (NOBODY, 0o600)
+        );
+    }
+    // The helper removed the socket file the mirror could no longer remove.
+    wait_gone(&socket);
+    let report = attached_programs(&pair.server, "srv0");
+    assert!(
+        !shows_attachment(&report),
+        "attached after SIGINT:\n{report}"
+    );
+}
+
+/// The clsact fallback: the filter needs CAP_NET_ADMIN to go; the helper
+/// removes it at the mirror's end, and also when the mirror is killed.
+#[test]
+fn the_clsact_filter_goes_with_the_mirror_even_when_killed() {
+    let pair = ClientServer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("mirror.sock");
+    let endpoint = format!("unix:{}", socket.display());
+    let port = PORT.to_string();
+    let args = [
+        "--iface",
+        "srv0",
+        "--port",
+        &port,
+        "--attach",
+        "tc",
+        "--tc-netlink",
+        "--listen",
+        &endpoint,
+    ];
+    let filters = || {
+        let out = run_in(
+            &pair.server,
+            "tc",
+            &["filter", "show", "dev", "srv0", "ingress"],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mirror = MirrorProcess::start_quiet(&pair.server, &args);
+    assert_runs_unprivileged(mirror.pid(), NOBODY, "mirror run");
+    assert!(filters().contains("mirror_tc"), "{}", filters());
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(
+        !filters().contains("mirror_tc"),
+        "after SIGINT:\n{}",
+        filters()
+    );
+    wait_gone(&socket);
+
+    let mirror = MirrorProcess::start_quiet(&pair.server, &args);
+    mirror.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while filters().contains("mirror_tc") {
+        assert!(Instant::now() < deadline, "after SIGKILL:\n{}", filters());
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_gone(&socket);
+}
+
+#[test]
+fn tail_gives_up_root_after_connecting() {
+    let pair = ClientServer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let port = PORT.to_string();
+    let mirror = MirrorProcess::start_quiet(&pair.server, &["--iface", "srv0", "--port", &port]);
+    let dump = dir.path().join("tail-flows");
+    let tail = ClientProcess::tail(
+        None,
+        &mirror.endpoint(),
+        &["--port", &port, "--dump-dir", dump.to_str().unwrap()],
+    );
+    assert_runs_unprivileged(tail.pid(), NOBODY, "mirror tail");
+    let meta = fs::metadata(&dump).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (NOBODY, 0o700)
+    );
+
+    let received = dir.path().join("received");
+    let files = random_files(&dir.path().join("send"), 43000, 1, MIB, MIB);
+    let _server = start_server(&pair.server, PORT, &received);
+    send_all(
+        &pair.client,
+        ClientServer::SERVER_IP,
+        PORT,
+        &files,
+        &received,
+    );
+    assert!(
+        mirror.wait_for_counters(Duration::from_secs(20), |c| {
+            c.get("connections.closed.fin").copied() == Some(1)
+        }),
+        "the connection ends"
+    );
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    let (status, stderr) = tail.wait(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert_eq!(tail_totals(&stderr).data_bytes, MIB as u64, "{stderr}");
+    let client = format!("{}:{}", ClientServer::CLIENT_IP, files[0].client_port);
+    let server = format!("{}:{PORT}", ClientServer::SERVER_IP);
+    let parts = dumped(&dump, &client, &server);
+    assert_eq!(parts.len(), 1);
+    assert!(parts[0].0 == files[0].bytes(), "byte-identical");
+}
+
+#[test]
+fn user_root_keeps_root_and_says_so() {
+    let pair = ClientServer::new();
+    let port = PORT.to_string();
+    let mirror = MirrorProcess::start_quiet(
+        &pair.server,
+        &["--iface", "srv0", "--port", &port, "--user", "root"],
+    );
+    let (_, uids) = thread_status(mirror.pid(), "Uid").remove(0);
+    assert!(uids.split_whitespace().all(|id| id == "0"), "{uids}");
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(
+        output.stderr.contains("keeps running as root"),
+        "{}",
+        output.stderr
+    );
+}
