@@ -5,13 +5,24 @@
 //! descriptor, so a `mirror` killed with SIGKILL leaves nothing attached.
 //! A clsact filter (the TC fallback) outlives its process instead; every
 //! TC attach first removes filters left behind by an earlier mirror.
+//!
+//! The mirror must see what arrives and change nothing: its TC program
+//! returns "no verdict", so whatever else is attached decides about each
+//! packet as if the mirror were not there, and it runs first, so that no
+//! other program or filter can hide packets from it by ending the chain
+//! early. TCX programs run before every clsact filter: through TCX the
+//! mirror attaches first in its chain; through clsact it takes priority 1
+//! (see [`clsact`]) and refuses to attach behind TCX programs.
+
+mod clsact;
 
 use std::{ffi::CString, fmt, fs, io};
 
 use aya::{
     programs::{
         LinkOrder, ProgramError, TcAttachType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        SchedClassifier,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle},
         xdp::{XdpLinkId, XdpMode},
     },
     util::KernelVersion,
@@ -50,6 +61,23 @@ pub enum AttachError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot list the tc ingress filters of {iface}: {source}")]
+    ListFilters {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{iface} has {occupant} at tc ingress priority 1, which would run before the mirror and could hide packets from it: move that filter to priority 2 or later, or attach the mirror through TCX (Linux 6.6 or newer, without --tc-netlink) or with --attach xdp"
+    )]
+    ClsactOccupied {
+        iface: String,
+        occupant: clsact::Occupied,
+    },
+    #[error(
+        "{iface} has TCX programs at tc ingress ({programs}), which run before every clsact filter and could hide packets from the mirror: leave out --tc-netlink, so that the mirror attaches through TCX, first in their chain"
+    )]
+    TcxAhead { iface: String, programs: String },
 }
 
 /// Where the program ended up.
@@ -95,7 +123,13 @@ pub struct Attachment {
 
 #[derive(Debug)]
 enum Link {
-    Tc(SchedClassifierLinkId),
+    Tcx(SchedClassifierLinkId),
+    /// A clsact filter, and what identifies it in the kernel.
+    Clsact {
+        id: SchedClassifierLinkId,
+        priority: u16,
+        handle: u32,
+    },
     Xdp(XdpLinkId),
 }
 
@@ -154,7 +188,7 @@ pub fn attach(
 ) -> Result<Attachment, AttachError> {
     let ifindex = interface_index(iface)?;
     let (point, link) = match resolve(mode) {
-        AttachMode::Auto | AttachMode::Tc => attach_tc(mirror, iface, force_netlink)?,
+        AttachMode::Auto | AttachMode::Tc => attach_tc(mirror, iface, ifindex, force_netlink)?,
         AttachMode::Xdp => attach_xdp(mirror, iface, XdpKind::Default)?,
         AttachMode::XdpSkb => attach_xdp(mirror, iface, XdpKind::Generic)?,
         AttachMode::XdpDrv => attach_xdp(mirror, iface, XdpKind::Native)?,
@@ -176,53 +210,157 @@ pub fn detach(mirror: &mut Mirror, attachment: Attachment) -> Result<(), AttachE
         source: Box::new(source),
     };
     match attachment.link {
-        Link::Tc(id) => mirror.tc()?.detach(id).map_err(failed),
+        Link::Tcx(id) => mirror.tc()?.detach(id).map_err(failed),
+        Link::Clsact {
+            id,
+            priority,
+            handle,
+        } => {
+            let program = mirror.tc()?;
+            // A filter is deleted by priority and handle: if someone
+            // replaced the mirror's, that deletion would remove theirs.
+            let ours = program.info().map_err(failed).and_then(|info| {
+                clsact::runs(attachment.ifindex, priority, handle, info.id()).map_err(|source| {
+                    AttachError::ListFilters {
+                        iface: attachment.iface.clone(),
+                        source,
+                    }
+                })
+            });
+            match ours {
+                Ok(true) => program.detach(id).map_err(failed),
+                Ok(false) => {
+                    tracing::warn!(
+                        "the mirror's TC filter on {} (priority {priority}, handle {handle:#x}) was replaced by another one; leaving that one in place",
+                        attachment.iface
+                    );
+                    forget(program, id, &attachment.iface)
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        "leaving the mirror's TC filter on {} in place (the next mirror there removes it): {error}",
+                        attachment.iface
+                    );
+                    forget(program, id, &attachment.iface)
+                }
+            }
+        }
         Link::Xdp(id) => mirror.xdp()?.detach(id).map_err(failed),
     }
+}
+
+/// Lets go of a clsact filter without deleting it (aya deletes the filters
+/// it still holds when the program is dropped).
+fn forget(
+    program: &mut SchedClassifier,
+    id: SchedClassifierLinkId,
+    iface: &str,
+) -> Result<(), AttachError> {
+    let link = program.take_link(id).map_err(|source| AttachError::Attach {
+        iface: iface.to_owned(),
+        point: AttachPoint::ClsactIngress,
+        source: Box::new(source),
+    })?;
+    std::mem::forget(link);
+    Ok(())
 }
 
 fn attach_tc(
     mirror: &mut Mirror,
     iface: &str,
+    ifindex: u32,
     force_netlink: bool,
 ) -> Result<(AttachPoint, Link), AttachError> {
     remove_leftover_filters(iface);
     let use_tcx = !force_netlink
         && KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0));
-    let (point, options) = if use_tcx {
-        (
-            AttachPoint::TcxIngress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-    } else {
-        if let Err(source) = tc::qdisc_add_clsact(iface) {
-            // EEXIST: the interface already has one, which is all we need.
-            if !matches!(&source, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST))
-            {
-                return Err(AttachError::Clsact {
-                    iface: iface.to_owned(),
-                    source: io::Error::other(source),
-                });
-            }
-        }
-        (
-            AttachPoint::ClsactIngress,
-            TcAttachOptions::Netlink(NlOptions::default()),
-        )
+    let failed = |point, source| AttachError::Attach {
+        iface: iface.to_owned(),
+        point,
+        source: Box::new(source),
     };
+    if use_tcx {
+        // First, so that a program that ends the chain (with OK or SHOT)
+        // cannot hide packets from the mirror; later programs still see
+        // every packet, since the mirror passes each one on.
+        let point = AttachPoint::TcxIngress;
+        let options = TcAttachOptions::TcxOrder(LinkOrder::first());
+        let id = mirror
+            .tc()?
+            .attach_with_options(iface, TcAttachType::Ingress, options)
+            .map_err(|source| failed(point, source))?;
+        return Ok((point, Link::Tcx(id)));
+    }
+
+    let point = AttachPoint::ClsactIngress;
+    refuse_behind_tcx(iface)?;
+    if let Err(source) = tc::qdisc_add_clsact(iface) {
+        // EEXIST: the interface already has one, which is all we need.
+        if !matches!(&source, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST))
+        {
+            return Err(AttachError::Clsact {
+                iface: iface.to_owned(),
+                source: io::Error::other(source),
+            });
+        }
+    }
+    let filters = clsact::ingress_filters(ifindex).map_err(|source| AttachError::ListFilters {
+        iface: iface.to_owned(),
+        source,
+    })?;
+    let handle =
+        clsact::placement(&filters).map_err(|occupant| AttachError::ClsactOccupied {
+            iface: iface.to_owned(),
+            occupant,
+        })?;
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: clsact::PRIORITY,
+        handle: TcHandle::from(handle),
+        ..NlOptions::default()
+    });
     let id = mirror
         .tc()?
         .attach_with_options(iface, TcAttachType::Ingress, options)
-        .map_err(|source| AttachError::Attach {
-            iface: iface.to_owned(),
-            point,
-            source: Box::new(source),
-        })?;
-    Ok((point, Link::Tc(id)))
+        .map_err(|source| failed(point, source))?;
+    tracing::debug!(
+        "clsact filter on {iface}: priority {}, handle {handle:#x}",
+        clsact::PRIORITY
+    );
+    Ok((
+        point,
+        Link::Clsact {
+            id,
+            priority: clsact::PRIORITY,
+            handle,
+        },
+    ))
+}
+
+/// TCX programs run before every clsact filter, and one that returns a
+/// verdict skips them all: a clsact mirror would see only what they let
+/// through.
+fn refuse_behind_tcx(iface: &str) -> Result<(), AttachError> {
+    // An error means a kernel without TCX, where nothing can be ahead.
+    let Ok((_, programs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) else {
+        return Ok(());
+    };
+    if programs.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("unnamed").to_owned())
+        .collect();
+    Err(AttachError::TcxAhead {
+        iface: iface.to_owned(),
+        programs: names.join(", "),
+    })
 }
 
 /// Removes clsact ingress filters running a program named like ours: they
 /// can only be left from a mirror that was killed before it could detach.
+/// Each is deleted by its own priority and handle, so a filter of someone
+/// else that shares its priority (see [`clsact`]) stays.
 fn remove_leftover_filters(iface: &str) {
     match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_TC) {
         Ok(()) => tracing::warn!(
