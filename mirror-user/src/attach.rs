@@ -20,8 +20,7 @@ use std::{ffi::CString, fmt, fs, io};
 
 use aya::{
     programs::{
-        LinkOrder, ProgramError, TcAttachType,
-        SchedClassifier,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle},
         xdp::{XdpLinkId, XdpMode},
     },
@@ -256,11 +255,13 @@ fn forget(
     id: SchedClassifierLinkId,
     iface: &str,
 ) -> Result<(), AttachError> {
-    let link = program.take_link(id).map_err(|source| AttachError::Attach {
-        iface: iface.to_owned(),
-        point: AttachPoint::ClsactIngress,
-        source: Box::new(source),
-    })?;
+    let link = program
+        .take_link(id)
+        .map_err(|source| AttachError::Attach {
+            iface: iface.to_owned(),
+            point: AttachPoint::ClsactIngress,
+            source: Box::new(source),
+        })?;
     std::mem::forget(link);
     Ok(())
 }
@@ -308,11 +309,10 @@ fn attach_tc(
         iface: iface.to_owned(),
         source,
     })?;
-    let handle =
-        clsact::placement(&filters).map_err(|occupant| AttachError::ClsactOccupied {
-            iface: iface.to_owned(),
-            occupant,
-        })?;
+    let handle = clsact::placement(&filters).map_err(|occupant| AttachError::ClsactOccupied {
+        iface: iface.to_owned(),
+        occupant,
+    })?;
     let options = TcAttachOptions::Netlink(NlOptions {
         priority: clsact::PRIORITY,
         handle: TcHandle::from(handle),

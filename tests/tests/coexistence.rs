@@ -17,6 +17,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -24,7 +25,7 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
 };
 use mirror_tests::{
-    mirror_process::{MirrorProcess, run_mirror},
+    mirror_process::{MirrorProcess, mirror_bin},
     netns::{ClientServer, attached_programs, in_ns, run_in, shows_attachment, tcx_programs},
     traffic::{MIB, dumped, random_files, send_all, start_server},
 };
@@ -278,7 +279,12 @@ fn assert_mirror_first(host: &Host, kind: Kind, mode: Mode) {
                 .iter()
                 .map(|line| {
                     assert!(line.contains("pref 1 bpf chain 0"), "{line}");
-                    line.split(" name ").nth(1).unwrap().split(' ').next().unwrap()
+                    line.split(" name ")
+                        .nth(1)
+                        .unwrap()
+                        .split(' ')
+                        .next()
+                        .unwrap()
                 })
                 .collect();
             assert_eq!(names, ["mirror_tc", "drop"], "{filters:#?}");
@@ -439,9 +445,8 @@ fn tcx_mirror_sees_what_a_tcx_firewall_drops() {
 /// says what to do; the firewall goes on dropping.
 fn clsact_mirror_refuses(host: &Host, expected: &str) {
     let socket = format!("unix:{}", host.path("mirror.sock").display());
-    let output = run_mirror(
-        Some(&host.net.server),
-        &[
+    let mut child = in_ns(&host.net.server, &mirror_bin().display().to_string())
+        .args([
             "run",
             "--iface",
             IFACE,
@@ -450,8 +455,26 @@ fn clsact_mirror_refuses(host: &Host, expected: &str) {
             "--tc-netlink",
             "--listen",
             &socket,
-        ],
-    );
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start mirror");
+    // A mirror that attaches instead runs until stopped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("wait");
+            panic!(
+                "the mirror attached instead of refusing: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains(expected), "{stderr}");
@@ -485,5 +508,10 @@ fn clsact_mirror_refuses_a_first_priority_it_cannot_join() {
         &host,
         "srv0 has a bpf filter for protocol 0x0800 at tc ingress priority 1",
     );
-    assert_eq!(host.clsact_filters().len(), 1, "{:?}", host.clsact_filters());
+    assert_eq!(
+        host.clsact_filters().len(),
+        1,
+        "{:?}",
+        host.clsact_filters()
+    );
 }

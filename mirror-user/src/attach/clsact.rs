@@ -118,9 +118,9 @@ pub fn placement(filters: &[Filter]) -> Result<u32, Occupied> {
 /// True when the filter at `priority`/`handle` still runs `program_id`:
 /// someone may have replaced it, and then the filter is theirs.
 pub fn runs(ifindex: u32, priority: u16, handle: u32, program_id: u32) -> io::Result<bool> {
-    Ok(ingress_filters(ifindex)?.iter().any(|f| {
-        f.priority == priority && f.handle == handle && f.program_id == Some(program_id)
-    }))
+    Ok(ingress_filters(ifindex)?
+        .iter()
+        .any(|f| f.priority == priority && f.handle == handle && f.program_id == Some(program_id)))
 }
 
 /// The filters in chain 0 of clsact ingress on `ifindex` (the chain where
@@ -264,6 +264,44 @@ mod tests {
             .map(|handle| filter(1, ALL_PROTOCOLS, handle, "bpf"))
             .collect();
         assert_eq!(placement(&full), Err(Occupied::Handles));
+    }
+
+    /// A dump message as the kernel sends it for `prio 1 protocol all bpf`
+    /// in chain `chain`.
+    fn message(chain: u32) -> Vec<u8> {
+        use netlink_packet_core::Emitable as _;
+        let mut message = TcMessage::default();
+        message.header.handle = TcHandle::from(HANDLE_BASE);
+        message.header.info = (1 << 16) | u32::from(ALL_PROTOCOLS.to_be());
+        message.attributes = vec![
+            TcAttribute::Kind("bpf".to_owned()),
+            TcAttribute::Chain(chain),
+            TcAttribute::Options(vec![TcOption::Bpf(TcFilterBpfOption::ProgId(42))]),
+        ];
+        let mut bytes = vec![0; message.buffer_len()];
+        message.emit(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn dump_messages_are_read_and_other_chains_left_out() {
+        assert_eq!(
+            super::filter(&message(0)),
+            Some(Filter {
+                priority: 1,
+                protocol: ALL_PROTOCOLS,
+                handle: HANDLE_BASE,
+                kind: "bpf".to_owned(),
+                program_id: Some(42),
+            })
+        );
+        assert_eq!(super::filter(&message(2)), None);
+        // Unreadable attributes: the filter still counts, of no known kind.
+        let mut cut = message(0);
+        cut.truncate(cut.len() - 2);
+        let unreadable = super::filter(&cut).expect("the header is there");
+        assert_eq!((unreadable.priority, unreadable.kind.as_str()), (1, ""));
+        assert_eq!(super::filter(&[0; 8]), None, "shorter than a header");
     }
 
     #[test]
