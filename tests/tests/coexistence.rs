@@ -515,3 +515,67 @@ fn clsact_mirror_refuses_a_first_priority_it_cannot_join() {
         host.clsact_filters()
     );
 }
+
+/// A clsact mirror killed with SIGKILL leaves its filter at priority 1
+/// next to the firewall's; the next mirror removes that one only.
+#[test]
+fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
+    let host = Host::new();
+    let _firewall = host.firewall(Kind::Clsact, Drops::Icmp);
+    let dump = host.path("dump").display().to_string();
+    let args = host.mirror_args(Mode::Clsact, &dump);
+    MirrorProcess::start(&host.net.server, &args).kill();
+    let left = host.clsact_filters();
+    assert_eq!(left.len(), 2, "the killed mirror's filter stays: {left:#?}");
+
+    let mirror = MirrorProcess::start(&host.net.server, &args);
+    assert_mirror_first(&host, Kind::Clsact, Mode::Clsact);
+    assert!(!host.ping_passes(), "the firewall still drops ping");
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(output.stderr.contains("left behind"), "{}", output.stderr);
+    let filters = host.clsact_filters();
+    assert!(
+        filters.len() == 1 && filters[0].contains(" name drop "),
+        "only the firewall remains: {filters:#?}"
+    );
+    assert!(!host.ping_passes(), "the firewall still drops ping");
+}
+
+/// Someone replaces the clsact mirror's filter (same priority and handle)
+/// while it runs: at exit the mirror leaves the replacement alone.
+#[test]
+fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
+    let host = Host::new();
+    let dump = host.path("dump").display().to_string();
+    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(Mode::Clsact, &dump));
+    let ours = host.clsact_filters();
+    assert_eq!(ours.len(), 1, "{ours:#?}");
+    let handle = ours[0]
+        .split(" handle ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("a handle")
+        .to_owned();
+    let object = drop_object(host.dir.path(), Drops::Icmp, "tc")
+        .display()
+        .to_string();
+    run_in(
+        &host.net.server,
+        "tc",
+        &[
+            "filter", "replace", "dev", IFACE, "ingress", "prio", "1", "handle", &handle,
+            "protocol", "all", "bpf", "da", "obj", &object, "sec", "tc",
+        ],
+    );
+    assert!(!host.ping_passes(), "the replacement drops ping");
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(output.stderr.contains("was replaced"), "{}", output.stderr);
+    let filters = host.clsact_filters();
+    assert!(
+        filters.len() == 1 && filters[0].contains(" name drop "),
+        "the replacement stays: {filters:#?}"
+    );
+    assert!(!host.ping_passes(), "the replacement still drops ping");
+}
