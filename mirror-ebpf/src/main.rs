@@ -1,6 +1,7 @@
 //! Kernel side of the mirror: an XDP and a TC program that share one
 //! parse-and-filter core, copy subscribed TCP packets into the ring of the
-//! CPU they run on, and always let every packet through untouched.
+//! CPU they run on, and always let every packet through untouched: XDP
+//! passes it, TC hands it on to whatever comes next on the interface.
 #![no_std]
 #![no_main]
 
@@ -10,7 +11,7 @@ mod parse;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_UNSPEC, xdp_action},
     btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray},
     helpers::generated::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
     macros::{btf_map, classifier, xdp},
@@ -60,10 +61,15 @@ pub fn mirror_xdp(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Returns "no verdict" (`TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`):
+/// the next TCX program, then the clsact filters, then the stack decide
+/// about the packet exactly as if the mirror were not attached. An "OK"
+/// verdict would end the chain and switch off every firewall, policer or
+/// CNI program behind the mirror.
 #[classifier]
 pub fn mirror_tc(ctx: TcContext) -> i32 {
     observe(&ctx);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// Counts the packet and mirrors it when subscribed. Never fails and never

@@ -5,15 +5,23 @@
 //! descriptor, so a `mirror` killed with SIGKILL leaves nothing attached.
 //! A clsact filter (the TC fallback) outlives its process instead; every
 //! TC attach first removes filters left behind by an earlier mirror.
+//!
+//! The mirror must see what arrives and change nothing: its TC program
+//! returns "no verdict", so whatever else is attached decides about each
+//! packet as if the mirror were not there, and it runs first, so that no
+//! other program or filter can hide packets from it by ending the chain
+//! early. TCX programs run before every clsact filter: through TCX the
+//! mirror attaches first in its chain; through clsact it takes priority 1
+//! (see [`clsact`]) and refuses to attach behind TCX programs.
+
+pub mod clsact;
 
 use std::{ffi::CString, fmt, fs, io};
 
 use aya::{
     programs::{
-        Link as _, LinkOrder, ProgramError, TcAttachType,
-        tc::{
-            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
-        },
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle},
         xdp::{XdpLinkId, XdpMode},
     },
     util::KernelVersion,
@@ -53,6 +61,23 @@ pub enum AttachError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot list the tc ingress filters of {iface}: {source}")]
+    ListFilters {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{iface} has {occupant} at tc ingress priority 1, which would run before the mirror and could hide packets from it: move that filter to priority 2 or later, or attach the mirror through TCX (Linux 6.6 or newer, without --tc-netlink) or with --attach xdp"
+    )]
+    ClsactOccupied {
+        iface: String,
+        occupant: clsact::Occupied,
+    },
+    #[error(
+        "{iface} has TCX programs at tc ingress ({programs}), which run before every clsact filter and could hide packets from the mirror: leave out --tc-netlink, so that the mirror attaches through TCX, first in their chain"
+    )]
+    TcxAhead { iface: String, programs: String },
 }
 
 /// Where the program ended up.
@@ -98,10 +123,11 @@ pub struct Attachment {
 
 #[derive(Debug)]
 enum Link {
-    Tc(SchedClassifierLinkId),
-    /// A clsact filter: aya does not own it (it would try to remove it when
-    /// the program is dropped, after the mirror gave up the privilege to);
-    /// the privileged helper removes it.
+    Tcx(SchedClassifierLinkId),
+    /// A clsact filter. aya does not own it: it would try to delete it
+    /// when the program is dropped, after the mirror has given up the
+    /// privilege to; the privileged helper removes it
+    /// ([`clsact::remove`]).
     Clsact(ClsactFilter),
     Xdp(XdpLinkId),
 }
@@ -111,7 +137,7 @@ impl Attachment {
     pub fn clsact_filter(&self) -> Option<ClsactFilter> {
         match self.link {
             Link::Clsact(filter) => Some(filter),
-            Link::Tc(_) | Link::Xdp(_) => None,
+            Link::Tcx(_) | Link::Xdp(_) => None,
         }
     }
 }
@@ -171,7 +197,7 @@ pub fn attach(
 ) -> Result<Attachment, AttachError> {
     let ifindex = interface_index(iface)?;
     let (point, link) = match resolve(mode) {
-        AttachMode::Auto | AttachMode::Tc => attach_tc(mirror, iface, force_netlink)?,
+        AttachMode::Auto | AttachMode::Tc => attach_tc(mirror, iface, ifindex, force_netlink)?,
         AttachMode::Xdp => attach_xdp(mirror, iface, XdpKind::Default)?,
         AttachMode::XdpSkb => attach_xdp(mirror, iface, XdpKind::Generic)?,
         AttachMode::XdpDrv => attach_xdp(mirror, iface, XdpKind::Native)?,
@@ -193,75 +219,131 @@ pub fn detach(mirror: &mut Mirror, attachment: Attachment) -> Result<(), AttachE
         source: Box::new(source),
     };
     match attachment.link {
-        Link::Tc(id) => mirror.tc()?.detach(id).map_err(failed),
-        Link::Clsact(filter) => SchedClassifierLink::attached(
-            &attachment.iface,
-            TcAttachType::Ingress,
-            filter.priority,
-            TcHandle::from(filter.handle),
-            None,
-        )
-        .map_err(|e| failed(ProgramError::IOError(e)))?
-        .detach()
-        .map_err(failed),
+        Link::Tcx(id) => mirror.tc()?.detach(id).map_err(failed),
+        Link::Clsact(filter) => clsact::remove(filter).map_err(|source| AttachError::ListFilters {
+            iface: attachment.iface.clone(),
+            source,
+        }),
         Link::Xdp(id) => mirror.xdp()?.detach(id).map_err(failed),
     }
+}
+
+/// Lets go of a clsact filter without deleting it (aya deletes the filters
+/// it still holds when the program is dropped).
+fn forget(
+    program: &mut SchedClassifier,
+    id: SchedClassifierLinkId,
+    iface: &str,
+) -> Result<(), AttachError> {
+    let link = program
+        .take_link(id)
+        .map_err(|source| AttachError::Attach {
+            iface: iface.to_owned(),
+            point: AttachPoint::ClsactIngress,
+            source: Box::new(source),
+        })?;
+    std::mem::forget(link);
+    Ok(())
 }
 
 fn attach_tc(
     mirror: &mut Mirror,
     iface: &str,
+    ifindex: u32,
     force_netlink: bool,
 ) -> Result<(AttachPoint, Link), AttachError> {
     remove_leftover_filters(iface);
     let use_tcx = !force_netlink
         && KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0));
-    let (point, options) = if use_tcx {
-        (
-            AttachPoint::TcxIngress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-    } else {
-        if let Err(source) = tc::qdisc_add_clsact(iface) {
-            // EEXIST: the interface already has one, which is all we need.
-            if !matches!(&source, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST))
-            {
-                return Err(AttachError::Clsact {
-                    iface: iface.to_owned(),
-                    source: io::Error::other(source),
-                });
-            }
-        }
-        (
-            AttachPoint::ClsactIngress,
-            TcAttachOptions::Netlink(NlOptions::default()),
-        )
-    };
-    let failed = |source| AttachError::Attach {
+    let failed = |point, source| AttachError::Attach {
         iface: iface.to_owned(),
         point,
         source: Box::new(source),
     };
+    if use_tcx {
+        // First, so that a program that ends the chain (with OK or SHOT)
+        // cannot hide packets from the mirror; later programs still see
+        // every packet, since the mirror passes each one on.
+        let point = AttachPoint::TcxIngress;
+        let options = TcAttachOptions::TcxOrder(LinkOrder::first());
+        let id = mirror
+            .tc()?
+            .attach_with_options(iface, TcAttachType::Ingress, options)
+            .map_err(|source| failed(point, source))?;
+        return Ok((point, Link::Tcx(id)));
+    }
+
+    let point = AttachPoint::ClsactIngress;
+    refuse_behind_tcx(iface)?;
+    if let Err(source) = tc::qdisc_add_clsact(iface) {
+        // EEXIST: the interface already has one, which is all we need.
+        if !matches!(&source, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST))
+        {
+            return Err(AttachError::Clsact {
+                iface: iface.to_owned(),
+                source: io::Error::other(source),
+            });
+        }
+    }
+    let filters = clsact::ingress_filters(ifindex).map_err(|source| AttachError::ListFilters {
+        iface: iface.to_owned(),
+        source,
+    })?;
+    let handle = clsact::placement(&filters).map_err(|occupant| AttachError::ClsactOccupied {
+        iface: iface.to_owned(),
+        occupant,
+    })?;
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: clsact::PRIORITY,
+        handle: TcHandle::from(handle),
+        ..NlOptions::default()
+    });
     let program = mirror.tc()?;
     let id = program
         .attach_with_options(iface, TcAttachType::Ingress, options)
-        .map_err(failed)?;
-    if point == AttachPoint::TcxIngress {
-        return Ok((point, Link::Tc(id)));
-    }
-    let link = program.take_link(id).map_err(failed)?;
-    let filter = ClsactFilter {
-        ifindex: interface_index(iface)?,
-        priority: link.priority().map_err(failed)?,
-        handle: link.handle().map_err(failed)?.into(),
+        .map_err(|source| failed(point, source))?;
+    let program_id = program.info().map_err(|source| failed(point, source))?.id();
+    forget(program, id, iface)?;
+    tracing::debug!(
+        "clsact filter on {iface}: priority {}, handle {handle:#x}",
+        clsact::PRIORITY
+    );
+    Ok((
+        point,
+        Link::Clsact(ClsactFilter {
+            ifindex,
+            priority: clsact::PRIORITY,
+            handle,
+            program_id,
+        }),
+    ))
+}
+
+/// TCX programs run before every clsact filter, and one that returns a
+/// verdict skips them all: a clsact mirror would see only what they let
+/// through.
+fn refuse_behind_tcx(iface: &str) -> Result<(), AttachError> {
+    // An error means a kernel without TCX, where nothing can be ahead.
+    let Ok((_, programs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) else {
+        return Ok(());
     };
-    // Dropping the link would remove the filter.
-    std::mem::forget(link);
-    Ok((point, Link::Clsact(filter)))
+    if programs.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("unnamed").to_owned())
+        .collect();
+    Err(AttachError::TcxAhead {
+        iface: iface.to_owned(),
+        programs: names.join(", "),
+    })
 }
 
 /// Removes clsact ingress filters running a program named like ours: they
 /// can only be left from a mirror that was killed before it could detach.
+/// Each is deleted by its own priority and handle, so a filter of someone
+/// else that shares its priority (see [`clsact`]) stays.
 fn remove_leftover_filters(iface: &str) {
     match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_TC) {
         Ok(()) => tracing::warn!(

@@ -32,10 +32,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{
-    Link as _, TcAttachType,
-    tc::{SchedClassifierLink, TcHandle},
-};
 use nix::{
     cmsg_space,
     sys::{
@@ -48,6 +44,8 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::attach::clsact;
+
 /// The hidden subcommand that runs the helper.
 pub const SUBCOMMAND: &str = "privileged-helper";
 /// The helper's end of the socket pair, in the helper.
@@ -58,12 +56,14 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_MESSAGE: usize = 64 << 10;
 
 /// The clsact filter the mirror attached (priority and handle identify it
-/// among the interface's filters).
+/// among the interface's filters; the program id tells whether it is still
+/// the mirror's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClsactFilter {
     pub ifindex: u32,
     pub priority: u16,
     pub handle: u32,
+    pub program_id: u32,
 }
 
 /// A socket file the mirror bound: removed only while it is still that
@@ -249,14 +249,14 @@ pub fn serve() -> io::Result<()> {
                 )
                 .map_err(io::Error::from)
             }
-            (DETACH, None) => plan.clsact.take().map_or(Ok(()), detach),
+            (DETACH, None) => plan.clsact.take().map_or(Ok(()), clsact::remove),
             _ => Err(io::Error::other("unknown request")),
         };
         answer(&socket, result)?;
     }
     // The mirror ended (or closed the socket): clean up what is left.
     if let Some(filter) = plan.clsact.take() {
-        match detach(filter) {
+        match clsact::remove(filter) {
             Ok(()) => tracing::info!("removed the mirror's TC filter (the mirror has ended)"),
             Err(error) => tracing::debug!("the mirror's TC filter is gone already: {error}"),
         }
@@ -310,19 +310,6 @@ fn answer(socket: &OwnedFd, result: io::Result<()>) -> io::Result<()> {
         None,
     )?;
     Ok(())
-}
-
-fn detach(filter: ClsactFilter) -> io::Result<()> {
-    let name = nix::net::if_::if_indextoname(filter.ifindex)?;
-    let name = name.to_string_lossy();
-    let link = SchedClassifierLink::attached(
-        &name,
-        TcAttachType::Ingress,
-        filter.priority,
-        TcHandle::from(filter.handle),
-        None,
-    )?;
-    link.detach().map_err(io::Error::other)
 }
 
 /// Drops every capability but CAP_NET_ADMIN (when the helper has it), for

@@ -1,5 +1,6 @@
 //! Both kernel programs (XDP and TC) run on crafted frames through
-//! BPF_PROG_TEST_RUN: the verdict is always PASS/OK, the frame comes back
+//! BPF_PROG_TEST_RUN: the verdict is always XDP_PASS for XDP and "no
+//! verdict" (TC_ACT_UNSPEC) for TC, the frame comes back
 //! byte-identical, a record appears in the ring exactly when it should,
 //! carrying the frame, and exactly the right counter moves.
 
@@ -15,7 +16,17 @@ use mirror_user::{
 const PORT: u16 = 8080;
 const OTHER_PORT: u16 = 9090;
 const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1, TCX_NEXT) as the test run reports it: the mirror
+/// leaves the verdict to whatever runs after it.
+const TC_ACT_UNSPEC: u32 = (-1i32).cast_unsigned();
+
+/// The only verdict each program may return, on every path.
+const fn pass(kind: ProgramKind) -> u32 {
+    match kind {
+        ProgramKind::Xdp => XDP_PASS,
+        ProgramKind::Tc => TC_ACT_UNSPEC,
+    }
+}
 
 /// A mirror loaded with small rings and `PORT` subscribed.
 fn mirror(snaplen: u32) -> (Mirror, Vec<CpuRing>) {
@@ -92,6 +103,12 @@ fn run(
         ),
     };
     out.truncate(result.data_size_out as usize);
+    // Every run, whatever the frame and whatever happened to it.
+    assert_eq!(
+        result.return_value,
+        pass(kind),
+        "{kind:?} verdict for {frame:02x?}"
+    );
 
     let mut records = Vec::new();
     for ring in rings.iter_mut() {
@@ -130,12 +147,7 @@ fn check(name: &str, frame: &[u8], expect: Expect) {
         let Some(outcome) = run(&mut mirror, &mut rings, kind, frame) else {
             continue;
         };
-        let pass = if kind == ProgramKind::Xdp {
-            XDP_PASS
-        } else {
-            TC_ACT_OK
-        };
-        assert_eq!(outcome.verdict, pass, "{what}: verdict");
+        assert_eq!(outcome.verdict, pass(kind), "{what}: verdict");
         assert_eq!(
             outcome.returned, frame,
             "{what}: the frame must come back untouched"
@@ -581,12 +593,7 @@ fn garbage_is_passed_untouched_and_counted_once() {
                 continue;
             };
             let what = format!("garbage #{i} ({len} bytes) through {kind:?}: {frame:02x?}");
-            let pass = if kind == ProgramKind::Xdp {
-                XDP_PASS
-            } else {
-                TC_ACT_OK
-            };
-            assert_eq!(outcome.verdict, pass, "{what}");
+            assert_eq!(outcome.verdict, pass(kind), "{what}");
             assert_eq!(outcome.returned, frame, "{what}");
             assert_eq!(outcome.moved.len(), 2, "{what}: {:?}", outcome.moved);
             assert_eq!(outcome.moved[0], (Counter::Seen, 1), "{what}");
@@ -615,6 +622,7 @@ fn snap_length_truncates_but_keeps_the_headers() {
                 expected.push((Counter::Truncated, 1));
             }
             assert_eq!(outcome.moved, expected, "{what}");
+            assert_eq!(outcome.verdict, pass(kind), "{what}");
             assert_eq!(outcome.returned, frame, "{what}");
             let (header, packet) = &outcome.records[0];
             assert_eq!(header.cap_len as usize, expected_cap, "{what}");
@@ -664,7 +672,10 @@ fn a_full_ring_is_counted_and_the_packet_still_passes() {
                 ..TestRunOptions::default()
             })
             .unwrap();
-        assert_eq!(result.return_value, TC_ACT_OK);
+        assert_eq!(
+            result.return_value, TC_ACT_UNSPEC,
+            "a full ring changes nothing"
+        );
         assert_eq!(out, frame);
         let delta = mirror.counters().unwrap().since(&before);
         assert_eq!(delta.get(Counter::Seen), 1);
@@ -751,6 +762,7 @@ fn unsubscribing_stops_mirroring_at_once() {
     mirror.set_port(PORT, false).unwrap();
     let outcome = run(&mut mirror, &mut rings, ProgramKind::Tc, &frame).expect("runs");
     assert!(outcome.records.is_empty());
+    assert_eq!(outcome.verdict, TC_ACT_UNSPEC);
     assert_eq!(
         outcome.moved,
         [(Counter::Seen, 1), (Counter::NotSubscribed, 1)]

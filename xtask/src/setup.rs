@@ -13,8 +13,9 @@ use crate::shell::{output, run};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Commands the tests and benchmarks use, with the Debian package of each.
-const PACKAGES: [(&str, &str); 17] = [
+/// Commands the tests and benchmarks use, with the Debian package of each;
+/// an absolute path stands for a file the package installs (headers).
+const PACKAGES: [(&str, &str); 20] = [
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("curl", "curl"),
@@ -32,6 +33,13 @@ const PACKAGES: [(&str, &str); 17] = [
     ("xdpdump", "xdp-tools"),
     ("netsniff-ng", "netsniff-ng"),
     ("stdbuf", "coreutils"),
+    // The coexistence tests build a BPF firewall from C (tests/bpf).
+    ("clang", "clang"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    (
+        "/usr/include/x86_64-linux-gnu/asm/types.h",
+        "linux-libc-dev",
+    ),
 ];
 
 pub fn all(root: &Path) -> Result<()> {
@@ -148,7 +156,13 @@ fn tools_dir() -> PathBuf {
 pub fn packages() -> Result<()> {
     let mut missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(command, _)| find_command(command).is_none())
+        .filter(|(command, _)| {
+            if command.starts_with('/') {
+                !Path::new(command).exists()
+            } else {
+                find_command(command).is_none()
+            }
+        })
         .map(|(_, package)| *package)
         .collect();
     missing.sort_unstable();

@@ -1,0 +1,355 @@
+//! The clsact fallback (kernels without TCX): where the mirror's filter goes
+//! among the filters already on the interface, and whether a filter is still
+//! the mirror's before it is deleted.
+//!
+//! The clsact ingress hook runs its chain-0 filters by priority, lowest
+//! number first, and stops at the first verdict. Filters of one priority
+//! share one classifier instance, which has one kind and one protocol: the
+//! kernel refuses another kind ("Specified filter kind does not match
+//! existing one") or protocol ("Protocol mismatch for filter with specified
+//! priority") there. Within a `bpf` instance the filter added last runs
+//! first (cls_bpf links a new filter at the head of its list; measured on
+//! Linux 6.18: of two `prio 1` bpf filters, the later one sees each packet
+//! first, and an OK verdict from it hides the packet from the older one).
+//! Priority 0 means "let the kernel choose", and the kernel then chooses
+//! 49152 or one below the lowest priority above 32767, so behind a filter at
+//! priority 1.
+//!
+//! Hence the mirror takes priority 1, the first there is: alone when it is
+//! free, or as the newest filter of a `bpf` / all-protocols instance there,
+//! which puts it at the head of that instance. Anything else at priority 1
+//! would run before it, so the mirror refuses to attach rather than
+//! silently watch only what that filter lets through.
+//!
+//! aya attaches and detaches clsact filters but cannot list them, so the
+//! dump (RTM_GETTFILTER) goes through the rust-netlink crates.
+
+use std::{fmt, io, time::Duration};
+
+use aya::programs::{Link as _, TcAttachType, tc::SchedClassifierLink};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    Parseable as _,
+};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::privileged_helper::ClsactFilter;
+
+/// The priority of the mirror's filter: the first one.
+pub const PRIORITY: u16 = 1;
+
+/// ETH_P_ALL: aya attaches every filter for all protocols.
+const ALL_PROTOCOLS: u16 = 0x0003;
+
+/// The mirror's filter takes the first free handle from here: far from the
+/// small numbers the kernel and tools hand out (1, 2, ...), so that a tool
+/// that replaces "its" `prio 1 handle 1` never replaces the mirror's filter.
+const HANDLE_BASE: u32 = 0x6d69_7200;
+const HANDLE_CHOICES: u32 = 16;
+
+/// A dump that takes longer than this has gone wrong.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWTFILTER: u16 = 44;
+
+/// A filter in chain 0 of clsact ingress, as the kernel lists it (every
+/// priority also shows once with handle 0: the classifier instance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub priority: u16,
+    /// EtherType it applies to, host order (3: all).
+    pub protocol: u16,
+    pub handle: u32,
+    /// `bpf`, `flower`, `u32`, ...; empty when the kernel's message could
+    /// not be read.
+    pub kind: String,
+    /// The BPF program of a `bpf` filter.
+    pub program_id: Option<u32>,
+}
+
+/// What keeps the mirror's filter from running first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Occupied {
+    /// Priority 1 holds filters the mirror cannot join.
+    Classifier { kind: String, protocol: u16 },
+    /// Every handle the mirror could take at priority 1 is taken.
+    Handles,
+}
+
+impl fmt::Display for Occupied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Classifier { kind, protocol } => {
+                let kind = if kind.is_empty() { "unreadable" } else { kind };
+                if *protocol == ALL_PROTOCOLS {
+                    write!(f, "a {kind} filter")
+                } else {
+                    write!(f, "a {kind} filter for protocol {protocol:#06x}")
+                }
+            }
+            Self::Handles => write!(
+                f,
+                "{HANDLE_CHOICES} filters with handles {HANDLE_BASE:#x} and up"
+            ),
+        }
+    }
+}
+
+/// The handle of the mirror's filter at [`PRIORITY`], given the filters
+/// there are (without leftovers of an earlier mirror).
+pub fn placement(filters: &[Filter]) -> Result<u32, Occupied> {
+    let first: Vec<&Filter> = filters.iter().filter(|f| f.priority == PRIORITY).collect();
+    if let Some(filter) = first.first()
+        && (filter.kind != "bpf" || filter.protocol != ALL_PROTOCOLS)
+    {
+        return Err(Occupied::Classifier {
+            kind: filter.kind.clone(),
+            protocol: filter.protocol,
+        });
+    }
+    (HANDLE_BASE..HANDLE_BASE + HANDLE_CHOICES)
+        .find(|handle| first.iter().all(|f| f.handle != *handle))
+        .ok_or(Occupied::Handles)
+}
+
+/// True when the filter at `priority`/`handle` still runs `program_id`:
+/// someone may have replaced it, and then the filter is theirs.
+pub fn runs(ifindex: u32, priority: u16, handle: u32, program_id: u32) -> io::Result<bool> {
+    Ok(ingress_filters(ifindex)?
+        .iter()
+        .any(|f| f.priority == priority && f.handle == handle && f.program_id == Some(program_id)))
+}
+
+/// Deletes the mirror's filter `filter`, if it still runs the mirror's
+/// program (a filter is deleted by priority and handle: if someone replaced
+/// the mirror's, deleting by those would remove theirs). Needs
+/// CAP_NET_ADMIN: the privileged helper calls it once the mirror has given
+/// up root.
+pub fn remove(filter: ClsactFilter) -> io::Result<()> {
+    let iface = nix::net::if_::if_indextoname(filter.ifindex)?;
+    let iface = iface.to_string_lossy();
+    if !runs(
+        filter.ifindex,
+        filter.priority,
+        filter.handle,
+        filter.program_id,
+    )? {
+        tracing::warn!(
+            "the mirror's TC filter on {iface} (priority {}, handle {:#x}) was replaced by another one; leaving that one in place",
+            filter.priority,
+            filter.handle
+        );
+        return Ok(());
+    }
+    SchedClassifierLink::attached(
+        &iface,
+        TcAttachType::Ingress,
+        filter.priority,
+        aya::programs::tc::TcHandle::from(filter.handle),
+        None,
+    )?
+    .detach()
+    .map_err(io::Error::other)
+}
+
+/// The filters in chain 0 of clsact ingress on `ifindex` (the chain where
+/// classification starts; other chains run only when a filter there sends
+/// a packet to them).
+pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<Filter>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket2::SockRef::from(&socket).set_read_timeout(Some(DUMP_TIMEOUT))?;
+
+    let mut request = TcMessage::default();
+    request.header.index = i32::try_from(ifindex).map_err(io::Error::other)?;
+    request.header.parent = TcHandle {
+        major: TcHandle::CLSACT.major,
+        minor: TcHandle::MIN_INGRESS,
+    };
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut message = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetTrafficFilter(request)),
+    );
+    message.finalize();
+    let mut bytes = vec![0; message.buffer_len()];
+    message.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+
+    let mut filters = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full()?;
+        let mut rest = datagram.as_slice();
+        while !rest.is_empty() {
+            let buffer = NetlinkBuffer::new_checked(rest).map_err(io::Error::other)?;
+            let len = buffer.length() as usize;
+            match buffer.message_type() {
+                NLMSG_DONE => return Ok(filters),
+                NLMSG_ERROR => {
+                    let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len])
+                        .map_err(io::Error::other)?;
+                    if let NetlinkPayload::Error(error) = message.payload {
+                        return Err(error.to_io());
+                    }
+                }
+                RTM_NEWTFILTER => filters.extend(filter(buffer.payload())),
+                _ => {}
+            }
+            // Messages are 4-byte aligned within a datagram.
+            rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
+        }
+    }
+}
+
+/// The filter a RTM_NEWTFILTER message describes, unless it is outside
+/// chain 0. A message whose attributes do not parse still counts, with an
+/// empty kind: the mirror must not take it for a free priority.
+fn filter(payload: &[u8]) -> Option<Filter> {
+    let header = TcHeader::parse(payload).ok()?;
+    let mut filter = Filter {
+        priority: (header.info >> 16) as u16,
+        protocol: u16::from_be(header.info as u16),
+        handle: header.handle.into(),
+        kind: String::new(),
+        program_id: None,
+    };
+    let mut chain = 0;
+    if let Ok(message) = TcMessage::parse(payload) {
+        for attribute in message.attributes {
+            match attribute {
+                TcAttribute::Kind(kind) => filter.kind = kind,
+                TcAttribute::Chain(index) => chain = index,
+                TcAttribute::Options(options) => {
+                    for option in options {
+                        if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = option {
+                            filter.program_id = Some(id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (chain == 0).then_some(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(priority: u16, protocol: u16, handle: u32, kind: &str) -> Filter {
+        Filter {
+            priority,
+            protocol,
+            handle,
+            kind: kind.to_owned(),
+            program_id: None,
+        }
+    }
+
+    #[test]
+    fn a_free_first_priority_is_taken() {
+        assert_eq!(placement(&[]), Ok(HANDLE_BASE));
+        let later = [
+            filter(2, 0x0800, 0, "flower"),
+            filter(2, 0x0800, 1, "flower"),
+            filter(49152, ALL_PROTOCOLS, 1, "bpf"),
+        ];
+        assert_eq!(placement(&later), Ok(HANDLE_BASE));
+    }
+
+    #[test]
+    fn a_bpf_filter_for_all_protocols_at_priority_1_is_joined() {
+        let filters = [
+            filter(1, ALL_PROTOCOLS, 0, "bpf"),
+            filter(1, ALL_PROTOCOLS, 1, "bpf"),
+            filter(1, ALL_PROTOCOLS, HANDLE_BASE, "bpf"),
+        ];
+        assert_eq!(placement(&filters), Ok(HANDLE_BASE + 1));
+    }
+
+    #[test]
+    fn anything_else_at_priority_1_is_refused() {
+        for (protocol, kind) in [
+            (ALL_PROTOCOLS, "flower"),
+            (ALL_PROTOCOLS, "matchall"),
+            (0x0800, "bpf"),
+            (ALL_PROTOCOLS, ""),
+        ] {
+            let filters = [filter(1, protocol, 0, kind), filter(1, protocol, 1, kind)];
+            assert_eq!(
+                placement(&filters),
+                Err(Occupied::Classifier {
+                    kind: kind.to_owned(),
+                    protocol
+                }),
+                "{kind} {protocol:#x}"
+            );
+        }
+        let full: Vec<Filter> = (HANDLE_BASE..HANDLE_BASE + HANDLE_CHOICES)
+            .map(|handle| filter(1, ALL_PROTOCOLS, handle, "bpf"))
+            .collect();
+        assert_eq!(placement(&full), Err(Occupied::Handles));
+    }
+
+    /// A dump message as the kernel sends it for `prio 1 protocol all bpf`
+    /// in chain `chain`.
+    fn message(chain: u32) -> Vec<u8> {
+        use netlink_packet_core::Emitable as _;
+        let mut message = TcMessage::default();
+        message.header.handle = TcHandle::from(HANDLE_BASE);
+        message.header.info = (1 << 16) | u32::from(ALL_PROTOCOLS.to_be());
+        message.attributes = vec![
+            TcAttribute::Kind("bpf".to_owned()),
+            TcAttribute::Chain(chain),
+            TcAttribute::Options(vec![TcOption::Bpf(TcFilterBpfOption::ProgId(42))]),
+        ];
+        let mut bytes = vec![0; message.buffer_len()];
+        message.emit(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn dump_messages_are_read_and_other_chains_left_out() {
+        assert_eq!(
+            super::filter(&message(0)),
+            Some(Filter {
+                priority: 1,
+                protocol: ALL_PROTOCOLS,
+                handle: HANDLE_BASE,
+                kind: "bpf".to_owned(),
+                program_id: Some(42),
+            })
+        );
+        assert_eq!(super::filter(&message(2)), None);
+        // Unreadable attributes: the filter still counts, of no known kind.
+        let mut cut = message(0);
+        cut.truncate(cut.len() - 2);
+        let unreadable = super::filter(&cut).expect("the header is there");
+        assert_eq!((unreadable.priority, unreadable.kind.as_str()), (1, ""));
+        assert_eq!(super::filter(&[0; 8]), None, "shorter than a header");
+    }
+
+    #[test]
+    fn what_occupies_priority_1_is_named() {
+        let ip_only = Occupied::Classifier {
+            kind: "bpf".to_owned(),
+            protocol: 0x0800,
+        };
+        assert_eq!(ip_only.to_string(), "a bpf filter for protocol 0x0800");
+        let flower = Occupied::Classifier {
+            kind: "flower".to_owned(),
+            protocol: ALL_PROTOCOLS,
+        };
+        assert_eq!(flower.to_string(), "a flower filter");
+    }
+}

@@ -1,0 +1,582 @@
+//! The mirror next to someone else's firewall on the interface it watches.
+//!
+//! The firewall is tests/bpf/drop.c (built here with clang): it drops ICMP,
+//! or the TCP port the mirror watches, and ends the TC chain with OK for
+//! everything else, so that whatever runs behind it sees nothing. It is
+//! attached as a legacy clsact filter at priority 1 or as a TCX program,
+//! before or after the mirror, and the mirror attaches through TCX or
+//! through a clsact filter (`--tc-netlink`).
+//!
+//! In every case ping is dropped before, while and after the mirror runs,
+//! exactly as without it, and the mirror still dumps the subscribed port
+//! byte for byte: it runs first and leaves every verdict to the others.
+
+use std::{
+    fs,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+};
+use mirror_tests::{
+    mirror_process::{MirrorProcess, mirror_bin},
+    netns::{ClientServer, attached_programs, in_ns, run_in, shows_attachment, tcx_programs},
+    traffic::{MIB, dumped, random_files, send_all, start_server},
+};
+
+const PORT: u16 = 5301;
+const CLIENT_PORT: u16 = 41000;
+const IFACE: &str = "srv0";
+const SERVER: &str = ClientServer::SERVER_IP;
+const DROP_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bpf/drop.c");
+
+/// What the firewall drops.
+#[derive(Debug, Clone, Copy)]
+enum Drops {
+    Icmp,
+    /// TCP to the mirrored port.
+    MirroredPort,
+}
+
+/// How the firewall is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `tc filter add dev srv0 ingress prio 1 bpf da obj drop.o sec tc`.
+    Clsact,
+    /// A TCX link, at the end of the chain when it is attached.
+    Tcx,
+}
+
+/// When the firewall is attached, relative to the mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum When {
+    Before,
+    After,
+}
+
+/// How the mirror attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Tcx,
+    /// `--tc-netlink`: the clsact fallback of kernels without TCX.
+    Clsact,
+}
+
+impl Mode {
+    const fn args(self) -> &'static [&'static str] {
+        match self {
+            Self::Tcx => &[],
+            Self::Clsact => &["--tc-netlink"],
+        }
+    }
+}
+
+struct Host {
+    net: ClientServer,
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn new() -> Self {
+        Self {
+            net: ClientServer::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// True when the server answers ping (two echo requests, 1 s each).
+    fn ping_passes(&self) -> bool {
+        in_ns(&self.net.client, "ping")
+            .args(["-c", "2", "-i", "0.2", "-W", "1", "-q", SERVER])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("cannot run ping")
+            .success()
+    }
+
+    fn firewall(&self, kind: Kind, drops: Drops) -> Firewall {
+        match kind {
+            Kind::Clsact => Firewall {
+                _clsact: Some(ClsactFilter::add(
+                    &self.net.server,
+                    &drop_object(self.dir.path(), drops, "tc"),
+                    "all",
+                )),
+                _tcx: None,
+            },
+            Kind::Tcx => Firewall {
+                _clsact: None,
+                _tcx: Some(TcxProgram::attach(
+                    &self.net.server,
+                    &drop_object(self.dir.path(), drops, "classifier"),
+                )),
+            },
+        }
+    }
+
+    /// `tc filter show` of the server's ingress, one line per filter.
+    fn clsact_filters(&self) -> Vec<String> {
+        let out = run_in(
+            &self.net.server,
+            "tc",
+            &["filter", "show", "dev", IFACE, "ingress"],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| line.contains(" name "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn mirror_args<'a>(&self, mode: Mode, dump: &'a str) -> Vec<&'a str> {
+        let mut args = vec!["--iface", IFACE, "--port", "5301", "--dump-dir", dump];
+        args.extend(mode.args());
+        args
+    }
+}
+
+/// Builds tests/bpf/drop.c into `dir` with the program in ELF section
+/// `section`.
+fn drop_object(dir: &Path, drops: Drops, section: &str) -> PathBuf {
+    let out = dir.join(format!("drop-{drops:?}-{section}.o"));
+    let mut clang = Command::new("clang");
+    clang
+        .args(["-O2", "-g", "-target", "bpf"])
+        .arg("-I/usr/include/x86_64-linux-gnu")
+        .arg(format!("-DSECTION=\"{section}\""));
+    if let Drops::MirroredPort = drops {
+        clang.arg(format!("-DDROP_TCP_PORT={PORT}"));
+    }
+    let result = clang
+        .arg("-c")
+        .arg(DROP_SOURCE)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("cannot run clang (cargo xtask setup installs it)");
+    assert!(
+        result.status.success(),
+        "clang {DROP_SOURCE}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    out
+}
+
+/// The firewall, removed when dropped.
+struct Firewall {
+    _clsact: Option<ClsactFilter>,
+    _tcx: Option<TcxProgram>,
+}
+
+/// A legacy clsact filter at priority 1 of the server's ingress; dropping
+/// it removes the clsact qdisc and every filter on it (inside the test's
+/// namespace).
+struct ClsactFilter {
+    ns: String,
+}
+
+impl ClsactFilter {
+    fn add(ns: &str, object: &Path, protocol: &str) -> Self {
+        run_in(ns, "tc", &["qdisc", "add", "dev", IFACE, "clsact"]);
+        let filter = Self { ns: ns.to_owned() };
+        let object = object.display().to_string();
+        run_in(
+            ns,
+            "tc",
+            &[
+                "filter", "add", "dev", IFACE, "ingress", "prio", "1", "protocol", protocol, "bpf",
+                "da", "obj", &object, "sec", "tc",
+            ],
+        );
+        filter
+    }
+}
+
+impl Drop for ClsactFilter {
+    fn drop(&mut self) {
+        let _ = in_ns(&self.ns, "tc")
+            .args(["qdisc", "del", "dev", IFACE, "clsact"])
+            .status();
+    }
+}
+
+/// A TCX program at the end of the server's ingress chain, attached
+/// through aya; dropping it detaches it.
+struct TcxProgram {
+    _ebpf: Ebpf,
+}
+
+impl TcxProgram {
+    fn attach(ns: &str, object: &Path) -> Self {
+        let object = object.to_owned();
+        let ebpf = in_namespace(ns, move || {
+            let mut ebpf = Ebpf::load_file(&object)
+                .unwrap_or_else(|e| panic!("load {}: {e}", object.display()));
+            let program: &mut SchedClassifier = ebpf
+                .program_mut("drop")
+                .expect("program drop")
+                .try_into()
+                .expect("a TC program");
+            program.load().expect("load drop");
+            program
+                .attach_with_options(
+                    IFACE,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .expect("attach drop through TCX");
+            ebpf
+        });
+        Self { _ebpf: ebpf }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (setns moves only
+/// the calling thread).
+fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd, and this thread only.
+        let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// Asserts that the mirror runs before the firewall on the server's
+/// ingress, as the kernel lists them.
+fn assert_mirror_first(host: &Host, kind: Kind, mode: Mode) {
+    let tcx = tcx_programs(&host.net.server, IFACE);
+    let filters = host.clsact_filters();
+    match mode {
+        Mode::Tcx => {
+            let mut expected = vec!["mirror_tc".to_owned()];
+            if kind == Kind::Tcx {
+                expected.push("drop".to_owned());
+            }
+            assert_eq!(tcx, expected, "the mirror heads the TCX chain");
+        }
+        Mode::Clsact => {
+            assert!(tcx.is_empty(), "{tcx:?}");
+            // One instance at priority 1; the kernel lists its filters in
+            // the order they run.
+            let names: Vec<&str> = filters
+                .iter()
+                .map(|line| {
+                    assert!(line.contains("pref 1 bpf chain 0"), "{line}");
+                    line.split(" name ")
+                        .nth(1)
+                        .unwrap()
+                        .split(' ')
+                        .next()
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(names, ["mirror_tc", "drop"], "{filters:#?}");
+        }
+    }
+}
+
+/// Ping is dropped by the firewall with the mirror attached exactly as
+/// without it, and the mirror dumps a transfer on its port byte for byte.
+fn firewall_keeps_working(kind: Kind, when: When, mode: Mode) {
+    let host = Host::new();
+    assert!(host.ping_passes(), "ping works on the bare veth pair");
+    let mut firewall = None;
+    if when == When::Before {
+        firewall = Some(host.firewall(kind, Drops::Icmp));
+        assert!(!host.ping_passes(), "the firewall drops ping");
+    }
+
+    let dump = host.path("dump").display().to_string();
+    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(mode, &dump));
+    if when == When::After {
+        assert!(host.ping_passes(), "nothing drops ping yet");
+        firewall = Some(host.firewall(kind, Drops::Icmp));
+    }
+    assert_mirror_first(&host, kind, mode);
+    assert!(
+        !host.ping_passes(),
+        "the firewall still drops ping with the mirror attached"
+    );
+
+    let files = random_files(&host.path("send"), CLIENT_PORT, 1, MIB, MIB);
+    let received = host.path("received");
+    let server = start_server(&host.net.server, PORT, &received);
+    send_all(&host.net.client, SERVER, PORT, &files, &received);
+    assert!(
+        !host.ping_passes(),
+        "the firewall drops ping while the mirror mirrors"
+    );
+    let output = mirror.interrupt();
+    drop(server);
+    assert!(output.status.success(), "{}", output.stderr);
+
+    let sent = files[0].bytes();
+    let parts = dumped(
+        Path::new(&dump),
+        &format!("{}:{CLIENT_PORT}", ClientServer::CLIENT_IP),
+        &format!("{SERVER}:{PORT}"),
+    );
+    assert_eq!(parts.len(), 1, "one dumped stream: {:?}", output.counters);
+    let (stream, meta) = &parts[0];
+    assert!(
+        stream == &sent,
+        "the dump holds the transfer ({} of {} bytes, {meta}); counters {:#?}",
+        stream.len(),
+        sent.len(),
+        output.counters
+    );
+    assert_eq!(meta["reason"], "fin", "{meta}");
+    assert_eq!(output.kernel("ring_full"), 0, "{:?}", output.counters);
+
+    let report = attached_programs(&host.net.server, IFACE);
+    assert!(!shows_attachment(&report), "detached:\n{report}");
+    assert!(
+        !host.ping_passes(),
+        "the firewall drops ping after the mirror"
+    );
+    drop(firewall);
+    assert!(
+        host.ping_passes(),
+        "without the firewall ping passes again: the mirror left nothing that drops it"
+    );
+}
+
+#[test]
+fn clsact_firewall_and_tcx_mirror() {
+    firewall_keeps_working(Kind::Clsact, When::Before, Mode::Tcx);
+}
+
+#[test]
+fn clsact_firewall_added_behind_a_tcx_mirror() {
+    firewall_keeps_working(Kind::Clsact, When::After, Mode::Tcx);
+}
+
+#[test]
+fn clsact_firewall_and_clsact_mirror() {
+    firewall_keeps_working(Kind::Clsact, When::Before, Mode::Clsact);
+}
+
+#[test]
+fn tcx_firewall_attached_before_a_tcx_mirror() {
+    firewall_keeps_working(Kind::Tcx, When::Before, Mode::Tcx);
+}
+
+#[test]
+fn tcx_firewall_attached_after_a_tcx_mirror() {
+    firewall_keeps_working(Kind::Tcx, When::After, Mode::Tcx);
+}
+
+/// A firewall that drops the mirrored port itself: the connection fails
+/// as without the mirror, and the mirror still sees its SYNs, which it can
+/// only because it runs before the firewall.
+fn mirror_sees_what_the_firewall_drops(kind: Kind, mode: Mode) {
+    let host = Host::new();
+    let _firewall = host.firewall(kind, Drops::MirroredPort);
+    let received = host.path("received");
+    let _server = start_server(&host.net.server, PORT, &received);
+    let dump = host.path("dump").display().to_string();
+    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(mode, &dump));
+    assert_mirror_first(&host, kind, mode);
+
+    let connect = in_ns(&host.net.client, "socat")
+        .args([
+            "-u".to_owned(),
+            "OPEN:/etc/hostname".to_owned(),
+            format!("TCP:{SERVER}:{PORT},connect-timeout=2"),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("cannot run socat");
+    assert!(
+        !connect.success(),
+        "the firewall drops the connection with the mirror attached"
+    );
+    assert!(host.ping_passes(), "the firewall drops only the port");
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    let syns = output
+        .packets
+        .iter()
+        .filter(|packet| packet["dst"] == format!("{SERVER}:{PORT}"))
+        .count();
+    // The SYN and its retransmission after 1 s.
+    assert!(
+        syns >= 2,
+        "the mirror saw {syns} packets of the dropped connection: {:?}",
+        output.counters
+    );
+    assert_eq!(output.kernel("mirrored"), syns as u64);
+}
+
+#[test]
+fn tcx_mirror_sees_what_a_clsact_firewall_drops() {
+    mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Tcx);
+}
+
+#[test]
+fn clsact_mirror_sees_what_a_clsact_firewall_drops() {
+    mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Clsact);
+}
+
+#[test]
+fn tcx_mirror_sees_what_a_tcx_firewall_drops() {
+    mirror_sees_what_the_firewall_drops(Kind::Tcx, Mode::Tcx);
+}
+
+/// Where the clsact mirror cannot run first it does not attach at all, and
+/// says what to do; the firewall goes on dropping.
+fn clsact_mirror_refuses(host: &Host, expected: &str) {
+    let socket = format!("unix:{}", host.path("mirror.sock").display());
+    let mut child = in_ns(&host.net.server, &mirror_bin().display().to_string())
+        .args([
+            "run",
+            "--iface",
+            IFACE,
+            "--port",
+            "5301",
+            "--tc-netlink",
+            "--listen",
+            &socket,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start mirror");
+    // A mirror that attaches instead runs until stopped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("wait");
+            panic!(
+                "the mirror attached instead of refusing: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+    let report = attached_programs(&host.net.server, IFACE);
+    assert!(!shows_attachment(&report), "nothing attached:\n{report}");
+    assert!(!host.ping_passes(), "the firewall still drops ping");
+}
+
+#[test]
+fn clsact_mirror_refuses_to_run_behind_tcx_programs() {
+    let host = Host::new();
+    let _firewall = host.firewall(Kind::Tcx, Drops::Icmp);
+    clsact_mirror_refuses(
+        &host,
+        "srv0 has TCX programs at tc ingress (drop), which run before every clsact filter",
+    );
+}
+
+#[test]
+fn clsact_mirror_refuses_a_first_priority_it_cannot_join() {
+    let host = Host::new();
+    // A bpf filter for IPv4 only: a mirror filter for all protocols cannot
+    // share its priority.
+    let _firewall = ClsactFilter::add(
+        &host.net.server,
+        &drop_object(host.dir.path(), Drops::Icmp, "tc"),
+        "ip",
+    );
+    assert!(!host.ping_passes(), "the firewall drops ping");
+    clsact_mirror_refuses(
+        &host,
+        "srv0 has a bpf filter for protocol 0x0800 at tc ingress priority 1",
+    );
+    assert_eq!(
+        host.clsact_filters().len(),
+        1,
+        "{:?}",
+        host.clsact_filters()
+    );
+}
+
+/// A clsact mirror killed with SIGKILL together with its privileged helper
+/// (which otherwise removes the filter) leaves its filter at priority 1
+/// next to the firewall's; the next mirror removes that one only.
+#[test]
+fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
+    let host = Host::new();
+    let _firewall = host.firewall(Kind::Clsact, Drops::Icmp);
+    let dump = host.path("dump").display().to_string();
+    let args = host.mirror_args(Mode::Clsact, &dump);
+    MirrorProcess::start(&host.net.server, &args).kill_with_helper();
+    let left = host.clsact_filters();
+    assert_eq!(left.len(), 2, "the killed mirror's filter stays: {left:#?}");
+
+    let mirror = MirrorProcess::start(&host.net.server, &args);
+    assert_mirror_first(&host, Kind::Clsact, Mode::Clsact);
+    assert!(!host.ping_passes(), "the firewall still drops ping");
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(output.stderr.contains("left behind"), "{}", output.stderr);
+    let filters = host.clsact_filters();
+    assert!(
+        filters.len() == 1 && filters[0].contains(" name drop "),
+        "only the firewall remains: {filters:#?}"
+    );
+    assert!(!host.ping_passes(), "the firewall still drops ping");
+}
+
+/// Someone replaces the clsact mirror's filter (same priority and handle)
+/// while it runs: at exit the mirror leaves the replacement alone.
+#[test]
+fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
+    let host = Host::new();
+    let dump = host.path("dump").display().to_string();
+    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(Mode::Clsact, &dump));
+    let ours = host.clsact_filters();
+    assert_eq!(ours.len(), 1, "{ours:#?}");
+    let handle = ours[0]
+        .split(" handle ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("a handle")
+        .to_owned();
+    let object = drop_object(host.dir.path(), Drops::Icmp, "tc")
+        .display()
+        .to_string();
+    run_in(
+        &host.net.server,
+        "tc",
+        &[
+            "filter", "replace", "dev", IFACE, "ingress", "prio", "1", "handle", &handle,
+            "protocol", "all", "bpf", "da", "obj", &object, "sec", "tc",
+        ],
+    );
+    assert!(!host.ping_passes(), "the replacement drops ping");
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(output.stderr.contains("was replaced"), "{}", output.stderr);
+    let filters = host.clsact_filters();
+    assert!(
+        filters.len() == 1 && filters[0].contains(" name drop "),
+        "the replacement stays: {filters:#?}"
+    );
+    assert!(!host.ping_passes(), "the replacement still drops ping");
+}
