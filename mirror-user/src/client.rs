@@ -5,7 +5,13 @@
 //! answers: while waiting for an answer, events are queued for
 //! [`Client::next_event`].
 
-use std::{collections::VecDeque, io, path::PathBuf};
+use std::{
+    collections::VecDeque,
+    fs::File,
+    io::{self, Read as _},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::Path,
+};
 
 use bytes::BytesMut;
 use futures_util::SinkExt as _;
@@ -14,7 +20,10 @@ use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
-    protocol::{ClientFrame, ErrorCode, PortInfo, ProtocolError, ServerFrame, VERSION},
+    protocol::{
+        ClientFrame, ErrorCode, MAX_TOKEN, PortInfo, ProtocolError, ServerFrame, VERSION,
+        client_name, printable,
+    },
     server::{Connection, Endpoint, frame},
     stream::StreamEvent,
 };
@@ -49,10 +58,15 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("connection to the mirror failed: {0}")]
     Io(#[from] io::Error),
+    #[error("the token is {0} bytes long; the mirror accepts at most {MAX_TOKEN}")]
+    TokenTooLong(usize),
 }
 
 impl ClientError {
     fn from_error_frame(code: ErrorCode, message: String) -> Self {
+        // The message is shown to people: nothing in it may drive their
+        // terminal.
+        let message = printable(&message).into_owned();
         match code {
             ErrorCode::BadToken => Self::BadToken,
             ErrorCode::UnsupportedVersion => Self::Version(message),
@@ -71,11 +85,16 @@ pub struct Client {
 
 impl Client {
     /// Connects and says hello; `token` is checked by TCP listeners.
+    /// `name` is cut to [`crate::protocol::MAX_CLIENT_NAME`] bytes.
     pub async fn connect(
         endpoint: &Endpoint,
         token: Option<&str>,
         name: &str,
     ) -> Result<Self, ClientError> {
+        let token = token.unwrap_or_default();
+        if token.len() > MAX_TOKEN {
+            return Err(ClientError::TokenTooLong(token.len()));
+        }
         let connect_error = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -98,13 +117,13 @@ impl Client {
         client
             .send(&ClientFrame::Hello {
                 version: VERSION,
-                token: token.unwrap_or_default().to_owned(),
-                name: name.to_owned(),
+                token: token.to_owned(),
+                name: client_name(name).to_owned(),
             })
             .await?;
         match client.answer().await? {
             ServerFrame::Welcome { server, .. } => {
-                client.server = server;
+                client.server = printable(&server).into_owned();
                 Ok(client)
             }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -216,7 +235,89 @@ impl Client {
     }
 }
 
-/// Reads a token file: its content without surrounding whitespace.
-pub fn read_token(path: &PathBuf) -> io::Result<String> {
-    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+/// Why a token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a regular file: give a file that holds the token")]
+    NotAFile { path: String },
+    #[error(
+        "{path} may be read by group or others (mode {mode:03o}): the token is a secret, run `chmod 600 {path}`"
+    )]
+    Exposed { path: String, mode: u32 },
+    #[error("{path} holds no token: write one (e.g. `head -c 32 /dev/urandom | base64 > {path}`)")]
+    Empty { path: String },
+    #[error(
+        "the token in {path} is longer than {MAX_TOKEN} bytes, the most the mirror accepts: write a shorter one"
+    )]
+    TooLong { path: String },
+    #[error("the token in {path} is not UTF-8 text: write a text token")]
+    NotText { path: String },
+}
+
+/// Reads a token file: its content without surrounding whitespace, at most
+/// [`MAX_TOKEN`] bytes. The server (`mirror run`) and the clients apply the
+/// same rules: the file must be a regular file readable by its owner
+/// alone, and hold a token.
+pub fn read_token(path: &Path) -> Result<String, TokenError> {
+    let shown = || path.display().to_string();
+    // Non-blocking: opening a FIFO put in the token's place does not wait
+    // for a writer (the type check below then refuses it).
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| TokenError::Open {
+            path: shown(),
+            source,
+        })?;
+    // The opened file's own metadata: a path looked up again could be
+    // another file by then.
+    let meta = file.metadata().map_err(|source| TokenError::Read {
+        path: shown(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile { path: shown() });
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed {
+            path: shown(),
+            mode,
+        });
+    }
+    // Room for the longest token, surrounding whitespace, and one byte
+    // more to tell a token that is too long.
+    let limit = MAX_TOKEN + 64;
+    let mut bytes = Vec::with_capacity(limit);
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| TokenError::Read {
+            path: shown(),
+            source,
+        })?;
+    if bytes.len() > limit {
+        return Err(TokenError::TooLong { path: shown() });
+    }
+    let text = String::from_utf8(bytes).map_err(|_| TokenError::NotText { path: shown() })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenError::Empty { path: shown() });
+    }
+    if token.len() > MAX_TOKEN {
+        return Err(TokenError::TooLong { path: shown() });
+    }
+    Ok(token.to_owned())
 }

@@ -6,7 +6,10 @@
 //! decodes frame bodies. Decoding never panics: any byte string is either a
 //! frame or a [`ProtocolError`].
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -16,8 +19,15 @@ use crate::stream::{CloseReason, ConnId, StreamEvent};
 pub const VERSION: u16 = 1;
 /// Largest frame (after the length prefix) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
-/// Longest token and client or server name.
+/// Longest `str` field (token, client or server name) a frame may carry.
 pub const MAX_NAME: usize = 1024;
+/// Longest token, in bytes, on both sides: a token file or a `Hello`
+/// carrying a longer one is refused (never cut: a cut token would be
+/// another secret than the one the user gave).
+pub const MAX_TOKEN: usize = 256;
+/// Longest client name the server keeps, in bytes; a longer one is cut at
+/// a character boundary (the name is a label for people, not an identity).
+pub const MAX_CLIENT_NAME: usize = 64;
 
 /// A frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -467,9 +477,44 @@ fn reason_code(reason: CloseReason) -> u8 {
 }
 
 fn put_str(out: &mut BytesMut, text: &str) {
-    let bytes = &text.as_bytes()[..text.len().min(MAX_NAME)];
+    // Cut at a character boundary: a cut inside one is not UTF-8, and the
+    // peer would refuse the whole frame.
+    let bytes = cut(text, MAX_NAME).as_bytes();
     out.put_u16(bytes.len() as u16);
     out.put_slice(bytes);
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends at a
+/// character boundary.
+pub fn cut(text: &str, max: usize) -> &str {
+    &text[..text.floor_char_boundary(max)]
+}
+
+/// A client's name as the server keeps it: at most [`MAX_CLIENT_NAME`]
+/// bytes, cut at a character boundary.
+pub fn client_name(name: &str) -> &str {
+    cut(name, MAX_CLIENT_NAME)
+}
+
+/// `text` from a peer, safe to put in a log line, a terminal or a counter
+/// name: control characters and other characters that do not print (line
+/// breaks, escape sequences, bidirectional overrides, zero-width spaces)
+/// become Rust escapes such as `\n` and `\u{1b}`, and a backslash becomes
+/// `\\`, so that an escape in the output always comes from here.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    let plain = |c: char| matches!(c, '"' | '\'') || c.escape_debug().len() == 1;
+    if text.chars().all(plain) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if plain(c) {
+            out.push(c);
+        } else {
+            out.extend(c.escape_debug());
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {

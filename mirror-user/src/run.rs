@@ -19,7 +19,7 @@ use mirror_user::{
     clock::WallClock,
     conntrack::{TableLimits, TableStats},
     control::{Control, Request},
-    counters::{self, ConsumerSnapshot, DrainCounters, KernelCounters, StreamSummary, Summary},
+    counters::{self, DrainCounters, KernelCounters, StreamSummary, Summary},
     drain::{RecordSink, drain_ring, register_readable},
     hub::{Hub, HubConfig},
     loader::{self, LoadOptions, Mirror},
@@ -335,6 +335,7 @@ struct Stages {
 impl Stages {
     fn summary(&self, kernel: KernelCounters, table: TableStats) -> Summary {
         let (segments, queue_drops, undecodable) = self.shards.snapshot();
+        let (consumers, past_sessions) = self.hub.consumer_totals();
         Summary {
             kernel,
             drain: self.drain.snapshot(),
@@ -345,12 +346,8 @@ impl Stages {
                 ring_lost_flows: self.ring_lost_flows.load(Ordering::Relaxed),
                 table,
                 ports: self.hub.port_totals(),
-                consumers: self
-                    .hub
-                    .consumers()
-                    .iter()
-                    .map(|c| ConsumerSnapshot::of(c))
-                    .collect(),
+                consumers,
+                past_sessions,
             },
         }
     }
