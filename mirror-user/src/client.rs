@@ -321,3 +321,85 @@ pub fn read_token(path: &Path) -> Result<String, TokenError> {
     }
     Ok(token.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, path::PathBuf};
+
+    use super::*;
+
+    fn token_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, content).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn token_files_must_be_secret_and_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let good = token_file(d, "good", b"  s3cret\n", 0o600);
+        assert_eq!(read_token(&good).unwrap(), "s3cret");
+        let owner_only = token_file(d, "ro", b"s3cret", 0o400);
+        assert_eq!(read_token(&owner_only).unwrap(), "s3cret");
+        let longest = token_file(d, "longest", &[b'x'; MAX_TOKEN], 0o600);
+        assert_eq!(read_token(&longest).unwrap().len(), MAX_TOKEN);
+
+        for mode in [0o640, 0o604, 0o660, 0o644, 0o601] {
+            let path = token_file(d, &format!("m{mode:o}"), b"s3cret", mode);
+            let error = read_token(&path).unwrap_err();
+            assert!(matches!(error, TokenError::Exposed { .. }), "{mode:o}");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("chmod 600 {}", path.display())),
+                "{message}"
+            );
+        }
+        for (name, content) in [("empty", &b""[..]), ("blank", b" \n\t\n")] {
+            let path = token_file(d, name, content, 0o600);
+            assert!(
+                matches!(read_token(&path), Err(TokenError::Empty { .. })),
+                "{name}"
+            );
+        }
+        // Longer than the mirror accepts: refused, never cut.
+        let long = token_file(d, "long", &[b'x'; MAX_TOKEN + 1], 0o600);
+        assert!(matches!(read_token(&long), Err(TokenError::TooLong { .. })));
+        let huge = token_file(d, "huge", &vec![b'x'; 1 << 20], 0o600);
+        assert!(matches!(read_token(&huge), Err(TokenError::TooLong { .. })));
+        let binary = token_file(d, "binary", b"\xff\xfe", 0o600);
+        assert!(matches!(
+            read_token(&binary),
+            Err(TokenError::NotText { .. })
+        ));
+        assert!(matches!(
+            read_token(&d.join("missing")),
+            Err(TokenError::Open { .. })
+        ));
+        assert!(matches!(read_token(d), Err(TokenError::NotAFile { .. })));
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_token_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // No writer ever comes: a blocking open would wait forever.
+        assert!(matches!(
+            read_token(&fifo),
+            Err(TokenError::NotAFile { .. })
+        ));
+    }
+
+    #[test]
+    fn a_symlink_is_judged_by_the_file_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let exposed = token_file(dir.path(), "exposed", b"s3cret", 0o644);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&exposed, &link).unwrap();
+        assert!(matches!(read_token(&link), Err(TokenError::Exposed { .. })));
+    }
+}

@@ -455,4 +455,102 @@ mod tests {
             assert!(text.contains(expected), "{expected} in {text}");
         }
     }
+
+    /// However many ports and sessions the mirror has seen, the document
+    /// fits in a STATS frame, says what it left out, and keeps the
+    /// in-process consumers and the busiest ports.
+    #[test]
+    fn the_document_is_bounded() {
+        let ports: Vec<PortTotals> = (1..=u16::MAX)
+            .map(|port| PortTotals {
+                port,
+                connections: u64::MAX,
+                bytes: if port == 7 { u64::MAX } else { u64::from(port) },
+                batches: u64::MAX,
+            })
+            .collect();
+        // The worst name: 64 bytes of control characters, each escaped.
+        let worst = printable(&"\u{1}".repeat(crate::protocol::MAX_CLIENT_NAME)).into_owned();
+        let snapshot = |name: String, client: Option<String>| ConsumerSnapshot {
+            name,
+            client,
+            events: u64::MAX,
+            bytes: u64::MAX,
+            lags: u64::MAX,
+            lagged_connections: u64::MAX,
+        };
+        let mut consumers = vec![snapshot("print".into(), None)];
+        consumers.extend(
+            (0..20_000u64)
+                .map(|id| snapshot(format!("client-{}", u64::MAX - id), Some(worst.clone()))),
+        );
+        let summary = Summary {
+            kernel: KernelCounters::default(),
+            drain: DrainSnapshot::default(),
+            streams: StreamSummary {
+                ports,
+                consumers,
+                past_sessions: PastSessions {
+                    sessions: 1_000_000,
+                    ..PastSessions::default()
+                },
+                ..StreamSummary::default()
+            },
+        };
+        let json = summary.to_json();
+        let document = json.to_string();
+        assert!(
+            1 + document.len() <= crate::protocol::MAX_FRAME,
+            "{} bytes",
+            document.len()
+        );
+        assert_eq!(json["ports"].as_array().unwrap().len(), MAX_LISTED_PORTS);
+        assert_eq!(
+            json["truncated"]["ports"],
+            usize::from(u16::MAX) - MAX_LISTED_PORTS
+        );
+        assert_eq!(
+            json["consumers"].as_array().unwrap().len(),
+            MAX_LISTED_CONSUMERS + 1
+        );
+        assert_eq!(
+            json["truncated"]["consumers"],
+            20_001 - MAX_LISTED_CONSUMERS
+        );
+        let flat = flatten(&json);
+        assert_eq!(flat["consumers.past_sessions.sessions"], 1_000_000);
+        assert!(flat.contains_key("consumers.print.events"));
+        assert!(
+            flat.contains_key("ports.7.bytes"),
+            "the busiest port is listed"
+        );
+        assert!(flat.contains_key("ports.65535.bytes"));
+        assert!(!flat.contains_key("ports.1.bytes"), "the quietest is not");
+        assert!(flat.keys().all(|key| key.chars().all(|c| !c.is_control())));
+        let text = summary.to_string();
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("port ")).count(),
+            MAX_LISTED_PORTS
+        );
+        assert!(
+            text.contains("consumer past_sessions: sessions=1000000 "),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "truncated: ports={} consumers={}",
+            usize::from(u16::MAX) - MAX_LISTED_PORTS,
+            20_001 - MAX_LISTED_CONSUMERS
+        )));
+    }
+
+    #[test]
+    fn flattened_names_are_escaped() {
+        let json = serde_json::json!({"consumers": [
+            {"name": "evil\nkernel.seen", "events": 1},
+            {"name": "\u{1b}[2J", "events": 2},
+        ]});
+        let flat = flatten(&json);
+        assert_eq!(flat["consumers.evil\\nkernel.seen.events"], 1);
+        assert_eq!(flat["consumers.\\u{1b}[2J.events"], 2);
+    }
 }

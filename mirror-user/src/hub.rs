@@ -722,6 +722,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ended_sessions_leave_only_their_totals() {
+        let hub = Hub::new(&[80], CONFIG);
+        let (_, _print) = hub.subscribe(&[80], "print");
+        let mut live = hub.subscribe_session(1, "stays\n");
+        live.add_port(80, hub.receiver(80).unwrap());
+        for id in 2..1002 {
+            let mut session = hub.subscribe_session(id, "short");
+            session.add_port(80, hub.receiver(80).unwrap());
+            hub.publish(80, vec![opened(id), data(id, "abc")]);
+            assert_eq!(read(&mut session, 2).await, [opened(id), data(id, "abc")]);
+        }
+        let (consumers, past) = hub.consumer_totals();
+        let names: Vec<(&str, Option<&str>)> = consumers
+            .iter()
+            .map(|c| (c.name.as_str(), c.client.as_deref()))
+            .collect();
+        assert_eq!(
+            names,
+            [("print", None), ("client-1", Some("stays\\n"))],
+            "ended sessions are not listed; the client's name is escaped"
+        );
+        assert_eq!(
+            past,
+            PastSessions {
+                sessions: 1000,
+                events: 2000,
+                bytes: 3000,
+                lags: 0,
+                lagged_connections: 0
+            }
+        );
+        drop(live);
+        assert_eq!(hub.consumer_totals().1.sessions, 1001);
+        assert_eq!(
+            hub.consumer_totals().0.len(),
+            1,
+            "in-process consumers stay"
+        );
+    }
+
+    #[test]
+    fn a_port_opened_and_closed_again_keeps_one_entry() {
+        let hub = Hub::new(&[], CONFIG);
+        for _ in 0..1000 {
+            hub.open_port(9000);
+            hub.publish(9000, vec![opened(1)]);
+            hub.close_port(9000);
+        }
+        hub.open_port(9000);
+        hub.publish(9000, vec![opened(2)]);
+        assert_eq!(
+            hub.port_totals(),
+            [PortTotals {
+                port: 9000,
+                connections: 1001,
+                bytes: 0,
+                batches: 1001
+            }]
+        );
+        assert_eq!(hub.closed_ports.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
         let hub = Arc::new(Hub::new(&[80, 81], CONFIG));
         let (_, mut sub) = hub.subscribe(&[80, 81], "all");

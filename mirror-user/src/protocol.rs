@@ -883,7 +883,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn long_strings_are_cut_at_a_character_boundary() {
+        // 1023 bytes of ASCII, then a two-byte character that would end
+        // past MAX_NAME: cut before it, so the frame stays UTF-8.
+        let name = format!("{}é", "x".repeat(MAX_NAME - 1));
+        let mut buf = BytesMut::new();
+        ClientFrame::Hello {
+            version: VERSION,
+            token: String::new(),
+            name: name.clone(),
+        }
+        .encode(&mut buf);
+        let Ok(ClientFrame::Hello { name: sent, .. }) = ClientFrame::decode(&buf) else {
+            panic!("the frame decodes");
+        };
+        assert_eq!(sent, name[..MAX_NAME - 1]);
+        assert_eq!(client_name("short"), "short");
+        let long = "é".repeat(MAX_CLIENT_NAME);
+        assert_eq!(client_name(&long), "é".repeat(MAX_CLIENT_NAME / 2));
+        assert_eq!(client_name(&format!("x{long}")).len(), MAX_CLIENT_NAME - 1);
+    }
+
+    #[test]
+    fn printable_escapes_what_could_forge_output() {
+        assert!(matches!(printable("mirror tail é \"q\""), Cow::Borrowed(_)));
+        assert_eq!(printable("a\nkernel: seen=1"), "a\\nkernel: seen=1");
+        assert_eq!(printable("\r\t\u{1b}[2J"), "\\r\\t\\u{1b}[2J");
+        assert_eq!(
+            printable("\u{202e}\u{200b}\u{85}\u{7f}"),
+            "\\u{202e}\\u{200b}\\u{85}\\u{7f}"
+        );
+        // A backslash is doubled, so an escape in the output always comes
+        // from here.
+        assert_eq!(printable("\\n"), "\\\\n");
+    }
+
     proptest! {
+        /// Whatever the text, the printable form has no control character.
+        #[test]
+        fn printable_output_has_no_control_characters(text in any::<String>()) {
+            let shown = printable(&text);
+            prop_assert!(shown.chars().all(|c| !c.is_control()));
+        }
+
         /// Arbitrary bytes never panic the decoders.
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {

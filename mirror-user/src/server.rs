@@ -1062,9 +1062,7 @@ mod tests {
             silent.push(TcpStream::connect(server.addr()).await.unwrap());
         }
         server
-            .wait_until("every connection accepted", |s| {
-                s.counter("accepted") == 40
-            })
+            .wait_until("every connection accepted", |s| s.counter("accepted") == 40)
             .await;
         assert_eq!(server.counter("awaiting_hello"), MAX_AWAITING_HELLO as u64);
         // The one client slot is still free, and a client that says hello
@@ -1072,7 +1070,11 @@ mod tests {
         let started = Instant::now();
         let mut client = server.client("holder").await.expect("served");
         client.stats().await.expect("stats");
-        assert!(started.elapsed() < HELLO_TIMEOUT / 2, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < HELLO_TIMEOUT / 2,
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(server.counter("active"), 1);
         // The slot is taken now.
         assert!(matches!(
@@ -1200,7 +1202,12 @@ mod tests {
         let consumers = json["consumers"].as_array().unwrap();
         assert_eq!(consumers.len(), 2, "{json}");
         assert_eq!(consumers[0]["client"], "observer");
-        assert!(consumers[0]["name"].as_str().unwrap().starts_with("client-"));
+        assert!(
+            consumers[0]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("client-")
+        );
         assert_eq!(consumers[1]["name"], "past_sessions");
         server.stop().await;
     }
@@ -1219,7 +1226,10 @@ mod tests {
         let json = client.stats().await.unwrap();
         let name = json["consumers"][0]["client"].as_str().unwrap().to_owned();
         assert!(name.chars().all(|c| !c.is_control()), "{name:?}");
-        assert!(name.starts_with("xy\\nkernel: seen=999 \\u{1b}[2J\\u{202e}é"), "{name:?}");
+        assert!(
+            name.starts_with("xy\\nkernel: seen=999 \\u{1b}[2J\\u{202e}é"),
+            "{name:?}"
+        );
         // Cut at a character boundary below 64 bytes: 27 bytes of ASCII,
         // control and format characters, then 18 two-byte characters.
         let kept = crate::protocol::client_name(&forged);
