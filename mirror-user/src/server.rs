@@ -1054,6 +1054,27 @@ mod tests {
         }
     }
 
+    /// docs/protocol.md states the limits the code applies.
+    #[test]
+    fn the_documented_limits_are_the_code() {
+        let doc = include_str!("../../docs/protocol.md");
+        let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+        for stated in [
+            format!("whole within **{} seconds** of", HELLO_TIMEOUT.as_secs()),
+            format!("none within {} s", HELLO_TIMEOUT.as_secs()),
+            format!("at most **{MAX_AWAITING_HELLO}** connections per listening address"),
+            format!("a {}th makes the oldest", MAX_AWAITING_HELLO + 1),
+            format!("A token is at most **{MAX_TOKEN} bytes**"),
+            format!("at most {MAX_TOKEN} bytes)"),
+            format!("keeps its first {} bytes", crate::protocol::MAX_CLIENT_NAME),
+            format!("at most {} ports", crate::counters::MAX_LISTED_PORTS),
+            format!("and {} consumers", crate::counters::MAX_LISTED_CONSUMERS),
+            format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
+        ] {
+            assert!(doc.contains(&stated), "docs/protocol.md should say: {stated}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn silent_connections_take_no_client_slot_and_are_closed() {
         let server = Harness::start(1).await;
