@@ -1071,7 +1071,10 @@ mod tests {
             format!("and {} consumers", crate::counters::MAX_LISTED_CONSUMERS),
             format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
         ] {
-            assert!(doc.contains(&stated), "docs/protocol.md should say: {stated}");
+            assert!(
+                doc.contains(&stated),
+                "docs/protocol.md should say: {stated}"
+            );
         }
     }
 
