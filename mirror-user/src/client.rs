@@ -235,28 +235,30 @@ impl Client {
     }
 }
 
-/// Why a token file cannot be used.
+/// Why a token file cannot be used (each message names the file).
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open the token file {path}: {source}")]
     Open {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read the token file {path}: {source}")]
     Read {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("{path} is not a regular file: give a file that holds the token")]
+    #[error("the token file {path} is not a regular file: give a file that holds the token")]
     NotAFile { path: String },
     #[error(
-        "{path} may be read by group or others (mode {mode:03o}): the token is a secret, run `chmod 600 {path}`"
+        "the token file {path} may be read by group or others (mode {mode:03o}): a token is a secret, run `chmod 600 {path}`"
     )]
     Exposed { path: String, mode: u32 },
-    #[error("{path} holds no token: write one (e.g. `head -c 32 /dev/urandom | base64 > {path}`)")]
+    #[error(
+        "the token file {path} holds no token: write one into it (e.g. `head -c 32 /dev/urandom | base64 > {path}`)"
+    )]
     Empty { path: String },
     #[error(
         "the token in {path} is longer than {MAX_TOKEN} bytes, the most the mirror accepts: write a shorter one"

@@ -119,8 +119,8 @@ pub async fn run(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<()> {
     // Bind before attaching: a taken address fails before anything else.
     let token = match &args.server.token_file {
         Some(path) => Some(
-            client::read_token(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+            // Its errors name the file and say what to do.
+            client::read_token(path)?,
         ),
         None => None,
     };

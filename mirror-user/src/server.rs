@@ -835,9 +835,9 @@ async fn handle(
         }
         ClientFrame::Stats => match ask(context, |reply| Request::Stats { reply }).await {
             // The document's lists are bounded (counters::MAX_LISTED_*);
-            // should it still not fit, the client gets an error, not a
-            // frame it must refuse.
-            Some(json) if 1 + json.len() <= MAX_FRAME => ServerFrame::Stats { json },
+            // should it still not fit (with the type byte), the client
+            // gets an error, not a frame it must refuse.
+            Some(json) if json.len() < MAX_FRAME => ServerFrame::Stats { json },
             Some(json) => error(
                 ErrorCode::Internal,
                 false,
