@@ -25,6 +25,9 @@ pub const MAX_NAME: usize = 1024;
 /// carrying a longer one is refused (never cut: a cut token would be
 /// another secret than the one the user gave).
 pub const MAX_TOKEN: usize = 256;
+/// Largest `Hello` frame: the limit before a client said hello, so that a
+/// connection that has not shown its token holds little memory.
+pub const MAX_HELLO_FRAME: usize = 1 + 2 + 2 * (2 + MAX_NAME);
 /// Longest client name the server keeps, in bytes; a longer one is cut at
 /// a character boundary (the name is a label for people, not an identity).
 pub const MAX_CLIENT_NAME: usize = 64;

@@ -40,7 +40,8 @@ use crate::{
     hub::{Hub, Subscription},
     ports::{PolicyError, SessionId},
     protocol::{
-        ClientFrame, ErrorCode, MAX_FRAME, MAX_TOKEN, ServerFrame, VERSION, client_name, printable,
+        ClientFrame, ErrorCode, MAX_FRAME, MAX_HELLO_FRAME, MAX_TOKEN, ServerFrame, VERSION,
+        client_name, printable,
     },
     session_wire::SessionWire,
 };
@@ -524,7 +525,10 @@ async fn session(
         at,
         ticket,
     } = accepted;
-    let mut wire = SessionWire::new(Framed::new(connection, codec()));
+    // Until its hello passed, a connection may send no more than a hello.
+    let mut before_hello = codec();
+    before_hello.set_max_frame_length(MAX_HELLO_FRAME);
+    let mut wire = SessionWire::new(Framed::new(connection, before_hello));
     let greeting = Greeting {
         needs_token,
         deadline: at + HELLO_TIMEOUT,
@@ -663,6 +667,7 @@ async fn hello(
         );
         return refuse(wire, ErrorCode::TooManyClients, message).await;
     };
+    wire.set_max_frame_length(MAX_FRAME);
     let welcome = ServerFrame::Welcome {
         version: VERSION,
         server: context.config.name.clone(),
@@ -1070,6 +1075,7 @@ mod tests {
             format!("at most {} ports", crate::counters::MAX_LISTED_PORTS),
             format!("and {} consumers", crate::counters::MAX_LISTED_CONSUMERS),
             format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
+            format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
         ] {
             assert!(
                 doc.contains(&stated),
@@ -1147,6 +1153,33 @@ mod tests {
         let frames = until_closed(&mut stream, HELLO_TIMEOUT + Duration::from_secs(2)).await;
         assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
         assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_millis(100));
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn before_its_hello_a_connection_may_send_no_more_than_a_hello() {
+        let server = Harness::start(4).await;
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        // Announces a frame one byte longer than the longest hello: refused
+        // before its body arrives.
+        let length = (crate::protocol::MAX_HELLO_FRAME as u32 + 1).to_be_bytes();
+        stream.write_all(&length).await.unwrap();
+        let frames = until_closed(&mut stream, Duration::from_secs(2)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+        // The longest hello passes, and larger frames are allowed after it.
+        let mut client = Client::connect(
+            &server.endpoint,
+            Some(TOKEN),
+            &"n".repeat(crate::protocol::MAX_NAME),
+        )
+        .await
+        .expect("served");
+        let many: Vec<u16> = (1..=2000).collect();
+        assert!(matches!(
+            client.subscribe(&many).await,
+            Err(ClientError::PortNotAllowed(_))
+        ));
+        client.stats().await.expect("still served");
         server.stop().await;
     }
 
