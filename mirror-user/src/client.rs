@@ -5,7 +5,13 @@
 //! answers: while waiting for an answer, events are queued for
 //! [`Client::next_event`].
 
-use std::{collections::VecDeque, io, path::PathBuf};
+use std::{
+    collections::VecDeque,
+    fs::File,
+    io::{self, Read as _},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::Path,
+};
 
 use bytes::BytesMut;
 use futures_util::SinkExt as _;
@@ -14,7 +20,10 @@ use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
-    protocol::{ClientFrame, ErrorCode, PortInfo, ProtocolError, ServerFrame, VERSION},
+    protocol::{
+        ClientFrame, ErrorCode, MAX_TOKEN, PortInfo, ProtocolError, ServerFrame, VERSION,
+        client_name, printable,
+    },
     server::{Connection, Endpoint, frame},
     stream::StreamEvent,
 };
@@ -49,10 +58,15 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("connection to the mirror failed: {0}")]
     Io(#[from] io::Error),
+    #[error("the token is {0} bytes long; the mirror accepts at most {MAX_TOKEN}")]
+    TokenTooLong(usize),
 }
 
 impl ClientError {
     fn from_error_frame(code: ErrorCode, message: String) -> Self {
+        // The message is shown to people: nothing in it may drive their
+        // terminal.
+        let message = printable(&message).into_owned();
         match code {
             ErrorCode::BadToken => Self::BadToken,
             ErrorCode::UnsupportedVersion => Self::Version(message),
@@ -71,11 +85,16 @@ pub struct Client {
 
 impl Client {
     /// Connects and says hello; `token` is checked by TCP listeners.
+    /// `name` is cut to [`crate::protocol::MAX_CLIENT_NAME`] bytes.
     pub async fn connect(
         endpoint: &Endpoint,
         token: Option<&str>,
         name: &str,
     ) -> Result<Self, ClientError> {
+        let token = token.unwrap_or_default();
+        if token.len() > MAX_TOKEN {
+            return Err(ClientError::TokenTooLong(token.len()));
+        }
         let connect_error = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -98,13 +117,13 @@ impl Client {
         client
             .send(&ClientFrame::Hello {
                 version: VERSION,
-                token: token.unwrap_or_default().to_owned(),
-                name: name.to_owned(),
+                token: token.to_owned(),
+                name: client_name(name).to_owned(),
             })
             .await?;
         match client.answer().await? {
             ServerFrame::Welcome { server, .. } => {
-                client.server = server;
+                client.server = printable(&server).into_owned();
                 Ok(client)
             }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -216,7 +235,173 @@ impl Client {
     }
 }
 
-/// Reads a token file: its content without surrounding whitespace.
-pub fn read_token(path: &PathBuf) -> io::Result<String> {
-    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+/// Why a token file cannot be used (each message names the file).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot open the token file {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the token file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the token file {path} is not a regular file: give a file that holds the token")]
+    NotAFile { path: String },
+    #[error(
+        "the token file {path} may be read by group or others (mode {mode:03o}): a token is a secret, run `chmod 600 {path}`"
+    )]
+    Exposed { path: String, mode: u32 },
+    #[error(
+        "the token file {path} holds no token: write one into it (e.g. `head -c 32 /dev/urandom | base64 > {path}`)"
+    )]
+    Empty { path: String },
+    #[error(
+        "the token in {path} is longer than {MAX_TOKEN} bytes, the most the mirror accepts: write a shorter one"
+    )]
+    TooLong { path: String },
+    #[error("the token in {path} is not UTF-8 text: write a text token")]
+    NotText { path: String },
+}
+
+/// Reads a token file: its content without surrounding whitespace, at most
+/// [`MAX_TOKEN`] bytes. The server (`mirror run`) and the clients apply the
+/// same rules: the file must be a regular file readable by its owner
+/// alone, and hold a token.
+pub fn read_token(path: &Path) -> Result<String, TokenError> {
+    let shown = || path.display().to_string();
+    // Non-blocking: opening a FIFO put in the token's place does not wait
+    // for a writer (the type check below then refuses it).
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| TokenError::Open {
+            path: shown(),
+            source,
+        })?;
+    // The opened file's own metadata: a path looked up again could be
+    // another file by then.
+    let meta = file.metadata().map_err(|source| TokenError::Read {
+        path: shown(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile { path: shown() });
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed {
+            path: shown(),
+            mode,
+        });
+    }
+    // Room for the longest token, surrounding whitespace, and one byte
+    // more to tell a token that is too long.
+    let limit = MAX_TOKEN + 64;
+    let mut bytes = Vec::with_capacity(limit);
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| TokenError::Read {
+            path: shown(),
+            source,
+        })?;
+    if bytes.len() > limit {
+        return Err(TokenError::TooLong { path: shown() });
+    }
+    let text = String::from_utf8(bytes).map_err(|_| TokenError::NotText { path: shown() })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenError::Empty { path: shown() });
+    }
+    if token.len() > MAX_TOKEN {
+        return Err(TokenError::TooLong { path: shown() });
+    }
+    Ok(token.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, path::PathBuf};
+
+    use super::*;
+
+    fn token_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, content).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn token_files_must_be_secret_and_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let good = token_file(d, "good", b"  s3cret\n", 0o600);
+        assert_eq!(read_token(&good).unwrap(), "s3cret");
+        let owner_only = token_file(d, "ro", b"s3cret", 0o400);
+        assert_eq!(read_token(&owner_only).unwrap(), "s3cret");
+        let longest = token_file(d, "longest", &[b'x'; MAX_TOKEN], 0o600);
+        assert_eq!(read_token(&longest).unwrap().len(), MAX_TOKEN);
+
+        for mode in [0o640, 0o604, 0o660, 0o644, 0o601] {
+            let path = token_file(d, &format!("m{mode:o}"), b"s3cret", mode);
+            let error = read_token(&path).unwrap_err();
+            assert!(matches!(error, TokenError::Exposed { .. }), "{mode:o}");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("chmod 600 {}", path.display())),
+                "{message}"
+            );
+        }
+        for (name, content) in [("empty", &b""[..]), ("blank", b" \n\t\n")] {
+            let path = token_file(d, name, content, 0o600);
+            assert!(
+                matches!(read_token(&path), Err(TokenError::Empty { .. })),
+                "{name}"
+            );
+        }
+        // Longer than the mirror accepts: refused, never cut.
+        let long = token_file(d, "long", &[b'x'; MAX_TOKEN + 1], 0o600);
+        assert!(matches!(read_token(&long), Err(TokenError::TooLong { .. })));
+        let huge = token_file(d, "huge", &vec![b'x'; 1 << 20], 0o600);
+        assert!(matches!(read_token(&huge), Err(TokenError::TooLong { .. })));
+        let binary = token_file(d, "binary", b"\xff\xfe", 0o600);
+        assert!(matches!(
+            read_token(&binary),
+            Err(TokenError::NotText { .. })
+        ));
+        assert!(matches!(
+            read_token(&d.join("missing")),
+            Err(TokenError::Open { .. })
+        ));
+        assert!(matches!(read_token(d), Err(TokenError::NotAFile { .. })));
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_token_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // No writer ever comes: a blocking open would wait forever.
+        assert!(matches!(
+            read_token(&fifo),
+            Err(TokenError::NotAFile { .. })
+        ));
+    }
+
+    #[test]
+    fn a_symlink_is_judged_by_the_file_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let exposed = token_file(dir.path(), "exposed", b"s3cret", 0o644);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&exposed, &link).unwrap();
+        assert!(matches!(read_token(&link), Err(TokenError::Exposed { .. })));
+    }
 }

@@ -314,4 +314,79 @@ mod tests {
             Err(PolicyError::CommandLine(80))
         );
     }
+
+    fn request<T>(
+        c: &mut Control,
+        map: &mut FakeMap,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> T {
+        let (reply, answer) = oneshot::channel();
+        c.handle(make(reply), map);
+        answer.blocking_recv().unwrap()
+    }
+
+    #[test]
+    fn a_remove_never_takes_a_subscribed_port_from_the_kernel() {
+        let (mut c, mut map) = control();
+        let (feed, _own) = c.hub.subscribe(&[80], "own");
+        c.follow_own_ports(feed);
+        assert_eq!(subscribe(&mut c, &mut map, 1, &[9000]), Ok(vec![9000]));
+        // Another client adds the same port, then removes it.
+        assert_eq!(
+            request(&mut c, &mut map, |reply| Request::AddPort {
+                port: 9000,
+                reply
+            }),
+            Ok(())
+        );
+        assert_eq!(
+            request(&mut c, &mut map, |reply| Request::RemovePort {
+                port: 9000,
+                reply
+            }),
+            Ok(())
+        );
+        assert!(map.0.contains(&9000), "session 1 still holds it");
+        assert!(c.hub.receiver(9000).is_some(), "its channel stays open");
+        // A command-line port and a port only subscribed cannot be removed.
+        assert_eq!(
+            request(&mut c, &mut map, |reply| Request::RemovePort {
+                port: 80,
+                reply
+            }),
+            Err(PolicyError::CommandLine(80))
+        );
+        assert_eq!(
+            request(&mut c, &mut map, |reply| Request::RemovePort {
+                port: 9000,
+                reply
+            }),
+            Err(PolicyError::NotAdded(9000))
+        );
+        assert!(map.0.contains(&80) && map.0.contains(&9000));
+        c.handle(Request::EndSession { session: 1 }, &mut map);
+        assert_eq!(map.0, BTreeSet::from([80]));
+    }
+
+    #[test]
+    fn an_unsubscribe_releases_only_the_sessions_own_hold() {
+        let (mut c, mut map) = control();
+        assert_eq!(subscribe(&mut c, &mut map, 1, &[9000]), Ok(vec![9000]));
+        // Session 2 unsubscribes a port it never subscribed, and ends.
+        request(&mut c, &mut map, |reply| Request::Unsubscribe {
+            session: 2,
+            ports: vec![9000, 80],
+            reply,
+        });
+        c.handle(Request::EndSession { session: 2 }, &mut map);
+        assert!(map.0.contains(&9000) && map.0.contains(&80));
+        assert!(c.hub.receiver(9000).is_some());
+        request(&mut c, &mut map, |reply| Request::Unsubscribe {
+            session: 1,
+            ports: vec![9000],
+            reply,
+        });
+        assert_eq!(map.0, BTreeSet::from([80]));
+        assert!(c.hub.receiver(9000).is_none());
+    }
 }

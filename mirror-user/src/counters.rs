@@ -11,12 +11,28 @@ use mirror_common::{COUNTER_COUNT, Counter};
 use crate::{
     conntrack::TableStats,
     hub::{ConsumerStats, PortTotals},
+    protocol::printable,
     stream::CloseReason,
 };
 
+/// Most ports a counters document lists (the busiest by bytes); the others
+/// are counted in `truncated.ports`.
+pub const MAX_LISTED_PORTS: usize = 1024;
+/// Most consumers a counters document lists (in-process ones first, then
+/// sessions in the order they started); the others are counted in
+/// `truncated.consumers`.
+///
+/// With [`MAX_LISTED_PORTS`] this bounds the document well below a STATS
+/// frame ([`crate::protocol::MAX_FRAME`]): a port entry is at most about
+/// 100 bytes, a consumer entry about 600 (a 64-byte client name of control
+/// characters, escaped here and again by JSON), about 240 KiB in all
+/// (measured in the tests).
+pub const MAX_LISTED_CONSUMERS: usize = 256;
+
 /// Flattens a counters document into `stage.name` keys: `kernel.ring_full`,
 /// `connections.closed.gap`, `ports.5201.bytes`, `consumers.print.lags`
-/// (arrays of ports and consumers are keyed by port or name).
+/// (arrays of ports and consumers are keyed by port or name; a name is
+/// escaped, so that no key holds a line break or a terminal escape).
 pub fn flatten(json: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
     fn walk(
         prefix: &str,
@@ -44,7 +60,7 @@ pub fn flatten(json: &serde_json::Value) -> std::collections::BTreeMap<String, u
                     let key = item["port"]
                         .as_u64()
                         .map(|p| p.to_string())
-                        .or_else(|| item["name"].as_str().map(str::to_owned))
+                        .or_else(|| item["name"].as_str().map(|n| printable(n).into_owned()))
                         .unwrap_or_default();
                     walk(&format!("{prefix}.{key}"), item, out);
                 }
@@ -132,11 +148,14 @@ pub struct StreamSummary {
     pub table: TableStats,
     pub ports: Vec<PortTotals>,
     pub consumers: Vec<ConsumerSnapshot>,
+    pub past_sessions: PastSessions,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerSnapshot {
     pub name: String,
+    /// A session's client name (escaped).
+    pub client: Option<String>,
     pub events: u64,
     pub bytes: u64,
     pub lags: u64,
@@ -147,11 +166,56 @@ impl ConsumerSnapshot {
     pub fn of(stats: &ConsumerStats) -> Self {
         Self {
             name: stats.name.clone(),
+            client: stats.client.clone(),
             events: stats.events.load(Ordering::Relaxed),
             bytes: stats.bytes.load(Ordering::Relaxed),
             lags: stats.lags.load(Ordering::Relaxed),
             lagged_connections: stats.lagged_connections.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// What the subscriber sessions that ended received and lost, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PastSessions {
+    pub sessions: u64,
+    pub events: u64,
+    pub bytes: u64,
+    pub lags: u64,
+    pub lagged_connections: u64,
+}
+
+impl PastSessions {
+    /// Name of its entry among the consumers (sessions are `client-N`).
+    pub const NAME: &str = "past_sessions";
+
+    pub fn add(&mut self, ended: &ConsumerSnapshot) {
+        self.sessions += 1;
+        self.events += ended.events;
+        self.bytes += ended.bytes;
+        self.lags += ended.lags;
+        self.lagged_connections += ended.lagged_connections;
+    }
+}
+
+impl StreamSummary {
+    /// The ports a document lists, in port order, and how many it leaves
+    /// out.
+    fn listed_ports(&self) -> (Vec<&PortTotals>, usize) {
+        let mut listed: Vec<&PortTotals> = self.ports.iter().collect();
+        if listed.len() > MAX_LISTED_PORTS {
+            listed.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.port.cmp(&b.port)));
+            listed.truncate(MAX_LISTED_PORTS);
+            listed.sort_by_key(|t| t.port);
+        }
+        let omitted = self.ports.len() - listed.len();
+        (listed, omitted)
+    }
+
+    /// The consumers a document lists, and how many it leaves out.
+    fn listed_consumers(&self) -> (&[ConsumerSnapshot], usize) {
+        let listed = &self.consumers[..self.consumers.len().min(MAX_LISTED_CONSUMERS)];
+        (listed, self.consumers.len() - listed.len())
     }
 }
 
@@ -174,22 +238,30 @@ impl Summary {
         for reason in CloseReason::ALL {
             closed.insert(reason.as_str().to_owned(), s.table.closed(reason).into());
         }
-        let ports: Vec<_> = s
-            .ports
+        let (listed_ports, omitted_ports) = s.listed_ports();
+        let ports: Vec<_> = listed_ports
             .iter()
             .map(|t| {
                 serde_json::json!({"port": t.port, "connections": t.connections,
                                    "bytes": t.bytes, "batches": t.batches})
             })
             .collect();
-        let consumers: Vec<_> = s
-            .consumers
+        let (listed_consumers, omitted_consumers) = s.listed_consumers();
+        let mut consumers: Vec<_> = listed_consumers
             .iter()
             .map(|c| {
-                serde_json::json!({"name": c.name, "events": c.events, "bytes": c.bytes,
-                                   "lags": c.lags, "lagged_connections": c.lagged_connections})
+                let mut entry = serde_json::json!({"name": c.name, "events": c.events,
+                    "bytes": c.bytes, "lags": c.lags, "lagged_connections": c.lagged_connections});
+                if let Some(client) = &c.client {
+                    entry["client"] = client.as_str().into();
+                }
+                entry
             })
             .collect();
+        let past = &s.past_sessions;
+        consumers.push(serde_json::json!({"name": PastSessions::NAME,
+            "sessions": past.sessions, "events": past.events, "bytes": past.bytes,
+            "lags": past.lags, "lagged_connections": past.lagged_connections}));
         serde_json::json!({
             "kind": "counters",
             "kernel": kernel,
@@ -214,6 +286,7 @@ impl Summary {
             },
             "ports": ports,
             "consumers": consumers,
+            "truncated": {"ports": omitted_ports, "consumers": omitted_consumers},
         })
     }
 }
@@ -248,18 +321,41 @@ impl fmt::Display for Summary {
         for reason in CloseReason::ALL {
             write!(f, " {reason}={}", s.table.closed(reason))?;
         }
-        for t in &s.ports {
+        let (listed_ports, omitted_ports) = s.listed_ports();
+        for t in listed_ports {
             write!(
                 f,
                 "\nport {}: connections={} bytes={} batches={}",
                 t.port, t.connections, t.bytes, t.batches
             )?;
         }
-        for c in &s.consumers {
+        let (listed_consumers, omitted_consumers) = s.listed_consumers();
+        for c in listed_consumers {
             write!(
                 f,
                 "\nconsumer {}: events={} bytes={} lags={} lagged_connections={}",
-                c.name, c.events, c.bytes, c.lags, c.lagged_connections
+                printable(&c.name),
+                c.events,
+                c.bytes,
+                c.lags,
+                c.lagged_connections
+            )?;
+        }
+        let past = &s.past_sessions;
+        write!(
+            f,
+            "\nconsumer {}: sessions={} events={} bytes={} lags={} lagged_connections={}",
+            PastSessions::NAME,
+            past.sessions,
+            past.events,
+            past.bytes,
+            past.lags,
+            past.lagged_connections
+        )?;
+        if omitted_ports + omitted_consumers > 0 {
+            write!(
+                f,
+                "\ntruncated: ports={omitted_ports} consumers={omitted_consumers}"
             )?;
         }
         Ok(())
@@ -319,6 +415,7 @@ mod tests {
                 }],
                 consumers: vec![ConsumerSnapshot {
                     name: "dump".to_owned(),
+                    client: None,
                     events: 1,
                     bytes: 2,
                     lags: 1,
@@ -358,5 +455,103 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} in {text}");
         }
+    }
+
+    /// However many ports and sessions the mirror has seen, the document
+    /// fits in a STATS frame, says what it left out, and keeps the
+    /// in-process consumers and the busiest ports.
+    #[test]
+    fn the_document_is_bounded() {
+        let ports: Vec<PortTotals> = (1..=u16::MAX)
+            .map(|port| PortTotals {
+                port,
+                connections: u64::MAX,
+                bytes: if port == 7 { u64::MAX } else { u64::from(port) },
+                batches: u64::MAX,
+            })
+            .collect();
+        // The worst name: 64 bytes of control characters, each escaped.
+        let worst = printable(&"\u{1}".repeat(crate::protocol::MAX_CLIENT_NAME)).into_owned();
+        let snapshot = |name: String, client: Option<String>| ConsumerSnapshot {
+            name,
+            client,
+            events: u64::MAX,
+            bytes: u64::MAX,
+            lags: u64::MAX,
+            lagged_connections: u64::MAX,
+        };
+        let mut consumers = vec![snapshot("print".into(), None)];
+        consumers.extend(
+            (0..20_000u64)
+                .map(|id| snapshot(format!("client-{}", u64::MAX - id), Some(worst.clone()))),
+        );
+        let summary = Summary {
+            kernel: KernelCounters::default(),
+            drain: DrainSnapshot::default(),
+            streams: StreamSummary {
+                ports,
+                consumers,
+                past_sessions: PastSessions {
+                    sessions: 1_000_000,
+                    ..PastSessions::default()
+                },
+                ..StreamSummary::default()
+            },
+        };
+        let json = summary.to_json();
+        let document = json.to_string();
+        assert!(
+            document.len() < crate::protocol::MAX_FRAME / 4,
+            "{} bytes",
+            document.len()
+        );
+        assert_eq!(json["ports"].as_array().unwrap().len(), MAX_LISTED_PORTS);
+        assert_eq!(
+            json["truncated"]["ports"],
+            usize::from(u16::MAX) - MAX_LISTED_PORTS
+        );
+        assert_eq!(
+            json["consumers"].as_array().unwrap().len(),
+            MAX_LISTED_CONSUMERS + 1
+        );
+        assert_eq!(
+            json["truncated"]["consumers"],
+            20_001 - MAX_LISTED_CONSUMERS
+        );
+        let flat = flatten(&json);
+        assert_eq!(flat["consumers.past_sessions.sessions"], 1_000_000);
+        assert!(flat.contains_key("consumers.print.events"));
+        assert!(
+            flat.contains_key("ports.7.bytes"),
+            "the busiest port is listed"
+        );
+        assert!(flat.contains_key("ports.65535.bytes"));
+        assert!(!flat.contains_key("ports.1.bytes"), "the quietest is not");
+        assert!(flat.keys().all(|key| key.chars().all(|c| !c.is_control())));
+        let text = summary.to_string();
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("port ")).count(),
+            MAX_LISTED_PORTS
+        );
+        assert!(
+            text.contains("consumer past_sessions: sessions=1000000 "),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "truncated: ports={} consumers={}",
+            usize::from(u16::MAX) - MAX_LISTED_PORTS,
+            20_001 - MAX_LISTED_CONSUMERS
+        )));
+    }
+
+    #[test]
+    fn flattened_names_are_escaped() {
+        let json = serde_json::json!({"consumers": [
+            {"name": "evil\nkernel.seen", "events": 1},
+            {"name": "\u{1b}[2J", "events": 2},
+        ]});
+        let flat = flatten(&json);
+        assert_eq!(flat["consumers.evil\\nkernel.seen.events"], 1);
+        assert_eq!(flat["consumers.\\u{1b}[2J.events"], 2);
     }
 }

@@ -12,7 +12,7 @@
 //! connections it had open on a port it leaves end as `shutdown`.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
@@ -31,6 +31,8 @@ use tokio_stream::{
 
 use crate::{
     conntrack::EventSink,
+    counters::{ConsumerSnapshot, PastSessions},
+    protocol::{client_name, printable},
     stream::{CloseReason, ConnId, StreamEvent},
 };
 
@@ -75,6 +77,9 @@ pub struct PortStats {
 #[derive(Debug)]
 pub struct ConsumerStats {
     pub name: String,
+    /// For a subscriber session: the name its client gave, cut and escaped
+    /// (see [`Hub::subscribe_session`]).
+    pub client: Option<String>,
     pub events: AtomicU64,
     pub bytes: AtomicU64,
     /// Times the consumer fell behind a channel.
@@ -97,14 +102,27 @@ struct PortChannel {
     stats: PortStats,
 }
 
+/// The hub's consumers: in-process ones for the life of the mirror, and
+/// subscriber sessions while they last.
+#[derive(Debug, Default)]
+struct Consumers {
+    /// In subscription order.
+    live: BTreeMap<u64, Arc<ConsumerStats>>,
+    next: u64,
+    /// Ended sessions, summed: the counters stay bounded however many
+    /// sessions come and go.
+    past_sessions: PastSessions,
+}
+
 pub struct Hub {
     /// Read once per published batch (not per packet); written when a port
     /// is added or removed.
     channels: RwLock<HashMap<u16, PortChannel>>,
     config: HubConfig,
-    consumers: Mutex<Vec<Arc<ConsumerStats>>>,
-    /// Totals of channels closed while the mirror ran.
-    closed_ports: Mutex<Vec<(u16, PortStats)>>,
+    consumers: Arc<Mutex<Consumers>>,
+    /// Totals of channels closed while the mirror ran, one entry per port
+    /// however often it was closed.
+    closed_ports: Mutex<BTreeMap<u16, PortTotals>>,
 }
 
 impl Hub {
@@ -113,8 +131,8 @@ impl Hub {
         let hub = Self {
             channels: RwLock::new(HashMap::new()),
             config,
-            consumers: Mutex::new(Vec::new()),
-            closed_ports: Mutex::new(Vec::new()),
+            consumers: Arc::default(),
+            closed_ports: Mutex::default(),
         };
         for port in ports {
             hub.open_port(*port);
@@ -147,7 +165,13 @@ impl Hub {
             // Totals of a closed channel are kept for the counters.
             drop(channel.sender);
             let mut closed = self.closed_ports.lock().unwrap_or_else(|p| p.into_inner());
-            closed.push((port, channel.stats));
+            closed
+                .entry(port)
+                .or_insert(PortTotals {
+                    port,
+                    ..PortTotals::default()
+                })
+                .add(&totals(port, &channel.stats));
         }
     }
 
@@ -192,82 +216,131 @@ impl Hub {
         let _ = channel.sender.send(events.into());
     }
 
-    /// A consumer of the given ports (those with an open channel); `name`
-    /// identifies it in the counters. The returned feed adds and removes
-    /// ports later; the subscription ends when its channels have closed
-    /// and the feed is dropped.
+    /// An in-process consumer of the given ports (those with an open
+    /// channel); `name` identifies it in the counters for the life of the
+    /// mirror. The returned feed adds and removes ports later; the
+    /// subscription ends when its channels have closed and the feed is
+    /// dropped.
     pub fn subscribe(&self, ports: &[u16], name: &str) -> (PortFeed, Subscription) {
-        let stats = Arc::new(ConsumerStats {
-            name: name.to_owned(),
-            events: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            lags: AtomicU64::new(0),
-            lagged_connections: AtomicU64::new(0),
-        });
-        self.consumers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(Arc::clone(&stats));
-        let (feed, changes) = mpsc::unbounded_channel();
-        let mut subscription = Subscription {
-            streams: StreamMap::new(),
-            changes: Some(changes),
-            open: HashMap::new(),
-            queue: VecDeque::new(),
-            stats,
-        };
+        let (feed, mut subscription, _) = self.register(name.to_owned(), None);
         for port in ports {
             if let Some(receiver) = self.receiver(*port) {
                 subscription.add_port(*port, receiver);
             }
         }
-        (PortFeed(feed), subscription)
+        (feed, subscription)
     }
 
-    /// Totals of every port, open or closed, in port order.
+    /// A subscriber session's consumer, with no port yet: `client-ID` in
+    /// the counters while it lasts, with the name its client gave (cut to
+    /// [`crate::protocol::MAX_CLIENT_NAME`] bytes and escaped). When the
+    /// subscription is dropped its totals move into the past sessions'.
+    pub fn subscribe_session(&self, id: u64, client: &str) -> Subscription {
+        let client = printable(client_name(client)).into_owned();
+        let (_, mut subscription, key) = self.register(format!("client-{id}"), Some(client));
+        subscription.session = Some(SessionEnd {
+            consumers: Arc::clone(&self.consumers),
+            key,
+        });
+        subscription
+    }
+
+    fn register(&self, name: String, client: Option<String>) -> (PortFeed, Subscription, u64) {
+        let stats = Arc::new(ConsumerStats {
+            name,
+            client,
+            events: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            lags: AtomicU64::new(0),
+            lagged_connections: AtomicU64::new(0),
+        });
+        let key = {
+            let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+            let key = consumers.next;
+            consumers.next += 1;
+            consumers.live.insert(key, Arc::clone(&stats));
+            key
+        };
+        let (feed, changes) = mpsc::unbounded_channel();
+        let subscription = Subscription {
+            streams: StreamMap::new(),
+            changes: Some(changes),
+            open: HashMap::new(),
+            queue: VecDeque::new(),
+            stats,
+            session: None,
+        };
+        (PortFeed(feed), subscription, key)
+    }
+
+    /// Totals of every port, open or closed, in port order (at most one
+    /// entry per port).
     pub fn port_totals(&self) -> Vec<PortTotals> {
-        let totals = |port: u16, stats: &PortStats| PortTotals {
-            port,
-            connections: stats.connections.load(Ordering::Relaxed),
-            bytes: stats.bytes.load(Ordering::Relaxed),
-            batches: stats.batches.load(Ordering::Relaxed),
-        };
-        let mut by_port: HashMap<u16, PortTotals> = HashMap::new();
-        let mut add = |t: PortTotals| {
-            let entry = by_port.entry(t.port).or_insert(PortTotals {
-                port: t.port,
-                ..PortTotals::default()
-            });
-            entry.connections += t.connections;
-            entry.bytes += t.bytes;
-            entry.batches += t.batches;
-        };
-        for (port, stats) in self
+        let mut by_port = self
             .closed_ports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            add(totals(*port, stats));
-        }
+            .clone();
         for (port, channel) in self
             .channels
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            add(totals(*port, &channel.stats));
+            by_port
+                .entry(*port)
+                .or_insert(PortTotals {
+                    port: *port,
+                    ..PortTotals::default()
+                })
+                .add(&totals(*port, &channel.stats));
         }
-        let mut all: Vec<PortTotals> = by_port.into_values().collect();
-        all.sort_unstable_by_key(|t| t.port);
-        all
+        by_port.into_values().collect()
     }
 
-    pub fn consumers(&self) -> Vec<Arc<ConsumerStats>> {
-        self.consumers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+    /// The consumers now (in-process ones first, in subscription order),
+    /// and the ended sessions' totals, read together so that a session
+    /// ending meanwhile is counted once.
+    pub fn consumer_totals(&self) -> (Vec<ConsumerSnapshot>, PastSessions) {
+        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        let live = consumers
+            .live
+            .values()
+            .map(|stats| ConsumerSnapshot::of(stats))
+            .collect();
+        (live, consumers.past_sessions)
+    }
+}
+
+fn totals(port: u16, stats: &PortStats) -> PortTotals {
+    PortTotals {
+        port,
+        connections: stats.connections.load(Ordering::Relaxed),
+        bytes: stats.bytes.load(Ordering::Relaxed),
+        batches: stats.batches.load(Ordering::Relaxed),
+    }
+}
+
+impl PortTotals {
+    fn add(&mut self, other: &Self) {
+        self.connections += other.connections;
+        self.bytes += other.bytes;
+        self.batches += other.batches;
+    }
+}
+
+/// Moves a session's totals into the past sessions' when it ends.
+struct SessionEnd {
+    consumers: Arc<Mutex<Consumers>>,
+    key: u64,
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stats) = consumers.live.remove(&self.key) {
+            consumers.past_sessions.add(&ConsumerSnapshot::of(&stats));
+        }
     }
 }
 
@@ -320,6 +393,8 @@ pub struct Subscription {
     open: HashMap<ConnId, u16>,
     queue: VecDeque<StreamEvent>,
     stats: Arc<ConsumerStats>,
+    /// Set for a subscriber session: its totals are folded when it ends.
+    session: Option<SessionEnd>,
 }
 
 impl Subscription {
@@ -644,6 +719,69 @@ mod tests {
         // ended: it ends explicitly too.
         assert_eq!(fast.next().await, Some(closed(1, CloseReason::Shutdown)));
         assert!(fast.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn ended_sessions_leave_only_their_totals() {
+        let hub = Hub::new(&[80], CONFIG);
+        let (_, _print) = hub.subscribe(&[80], "print");
+        let mut live = hub.subscribe_session(1, "stays\n");
+        live.add_port(80, hub.receiver(80).unwrap());
+        for id in 2..1002 {
+            let mut session = hub.subscribe_session(id, "short");
+            session.add_port(80, hub.receiver(80).unwrap());
+            hub.publish(80, vec![opened(id), data(id, "abc")]);
+            assert_eq!(read(&mut session, 2).await, [opened(id), data(id, "abc")]);
+        }
+        let (consumers, past) = hub.consumer_totals();
+        let names: Vec<(&str, Option<&str>)> = consumers
+            .iter()
+            .map(|c| (c.name.as_str(), c.client.as_deref()))
+            .collect();
+        assert_eq!(
+            names,
+            [("print", None), ("client-1", Some("stays\\n"))],
+            "ended sessions are not listed; the client's name is escaped"
+        );
+        assert_eq!(
+            past,
+            PastSessions {
+                sessions: 1000,
+                events: 2000,
+                bytes: 3000,
+                lags: 0,
+                lagged_connections: 0
+            }
+        );
+        drop(live);
+        assert_eq!(hub.consumer_totals().1.sessions, 1001);
+        assert_eq!(
+            hub.consumer_totals().0.len(),
+            1,
+            "in-process consumers stay"
+        );
+    }
+
+    #[test]
+    fn a_port_opened_and_closed_again_keeps_one_entry() {
+        let hub = Hub::new(&[], CONFIG);
+        for _ in 0..1000 {
+            hub.open_port(9000);
+            hub.publish(9000, vec![opened(1)]);
+            hub.close_port(9000);
+        }
+        hub.open_port(9000);
+        hub.publish(9000, vec![opened(2)]);
+        assert_eq!(
+            hub.port_totals(),
+            [PortTotals {
+                port: 9000,
+                connections: 1001,
+                bytes: 0,
+                batches: 1001
+            }]
+        );
+        assert_eq!(hub.closed_ports.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -356,4 +356,49 @@ mod tests {
             }]
         );
     }
+
+    #[test]
+    fn only_added_ports_can_be_removed() {
+        let mut r = registry();
+        assert_eq!(r.remove(80), Err(PolicyError::CommandLine(80)));
+        // Added on top of the command line: still the command line's.
+        assert_eq!(r.add(80), Ok(false));
+        assert_eq!(r.remove(80), Err(PolicyError::CommandLine(80)));
+        assert!(r.is_active(80));
+        // Held only by a subscription: not added, not removable.
+        r.subscribe(1, &[8000]).unwrap();
+        assert_eq!(r.remove(8000), Err(PolicyError::NotAdded(8000)));
+        assert!(r.is_active(8000));
+        assert_eq!(r.remove(8001), Err(PolicyError::NotAdded(8001)));
+    }
+
+    #[test]
+    fn a_session_releases_only_its_own_holds() {
+        let mut r = registry();
+        r.subscribe(1, &[8000]).unwrap();
+        // Session 2 never held 8000: unsubscribing it, or ending, leaves
+        // session 1's hold alone, however often it tries.
+        for _ in 0..3 {
+            assert_eq!(r.unsubscribe(2, &[8000, 80, 8001]), Vec::<u16>::new());
+        }
+        assert_eq!(r.end_session(2), Vec::<u16>::new());
+        assert!(r.is_active(8000));
+        assert_eq!(r.list()[1].subscribers, 1);
+        // Session 1 unsubscribing twice releases once.
+        assert_eq!(r.unsubscribe(1, &[8000, 8000]), [8000]);
+        assert_eq!(r.unsubscribe(1, &[8000]), Vec::<u16>::new());
+    }
+
+    #[test]
+    fn removing_an_added_port_keeps_it_while_a_session_holds_it() {
+        let mut r = registry();
+        r.subscribe(1, &[9000]).unwrap();
+        assert_eq!(r.add(9000), Ok(false), "already mirrored");
+        // Another client removes it: allowed (it was added), but the
+        // subscription keeps it mirrored.
+        assert_eq!(r.remove(9000), Ok(false));
+        assert!(r.is_active(9000));
+        assert_eq!(r.remove(9000), Err(PolicyError::NotAdded(9000)));
+        assert_eq!(r.end_session(1), [9000]);
+    }
 }

@@ -6,7 +6,10 @@
 //! decodes frame bodies. Decoding never panics: any byte string is either a
 //! frame or a [`ProtocolError`].
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -16,8 +19,18 @@ use crate::stream::{CloseReason, ConnId, StreamEvent};
 pub const VERSION: u16 = 1;
 /// Largest frame (after the length prefix) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
-/// Longest token and client or server name.
+/// Longest `str` field (token, client or server name) a frame may carry.
 pub const MAX_NAME: usize = 1024;
+/// Longest token, in bytes, on both sides: a token file or a `Hello`
+/// carrying a longer one is refused (never cut: a cut token would be
+/// another secret than the one the user gave).
+pub const MAX_TOKEN: usize = 256;
+/// Largest `Hello` frame: the limit before a client said hello, so that a
+/// connection that has not shown its token holds little memory.
+pub const MAX_HELLO_FRAME: usize = 1 + 2 + 2 * (2 + MAX_NAME);
+/// Longest client name the server keeps, in bytes; a longer one is cut at
+/// a character boundary (the name is a label for people, not an identity).
+pub const MAX_CLIENT_NAME: usize = 64;
 
 /// A frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -467,9 +480,44 @@ fn reason_code(reason: CloseReason) -> u8 {
 }
 
 fn put_str(out: &mut BytesMut, text: &str) {
-    let bytes = &text.as_bytes()[..text.len().min(MAX_NAME)];
+    // Cut at a character boundary: a cut inside one is not UTF-8, and the
+    // peer would refuse the whole frame.
+    let bytes = cut(text, MAX_NAME).as_bytes();
     out.put_u16(bytes.len() as u16);
     out.put_slice(bytes);
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends at a
+/// character boundary.
+pub fn cut(text: &str, max: usize) -> &str {
+    &text[..text.floor_char_boundary(max)]
+}
+
+/// A client's name as the server keeps it: at most [`MAX_CLIENT_NAME`]
+/// bytes, cut at a character boundary.
+pub fn client_name(name: &str) -> &str {
+    cut(name, MAX_CLIENT_NAME)
+}
+
+/// `text` from a peer, safe to put in a log line, a terminal or a counter
+/// name: control characters and other characters that do not print (line
+/// breaks, escape sequences, bidirectional overrides, zero-width spaces)
+/// become Rust escapes such as `\n` and `\u{1b}`, and a backslash becomes
+/// `\\`, so that an escape in the output always comes from here.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    let plain = |c: char| matches!(c, '"' | '\'') || c.escape_debug().len() == 1;
+    if text.chars().all(plain) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if plain(c) {
+            out.push(c);
+        } else {
+            out.extend(c.escape_debug());
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {
@@ -838,7 +886,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn long_strings_are_cut_at_a_character_boundary() {
+        // 1023 bytes of ASCII, then a two-byte character that would end
+        // past MAX_NAME: cut before it, so the frame stays UTF-8.
+        let name = format!("{}é", "x".repeat(MAX_NAME - 1));
+        let mut buf = BytesMut::new();
+        ClientFrame::Hello {
+            version: VERSION,
+            token: String::new(),
+            name: name.clone(),
+        }
+        .encode(&mut buf);
+        let Ok(ClientFrame::Hello { name: sent, .. }) = ClientFrame::decode(&buf) else {
+            panic!("the frame decodes");
+        };
+        assert_eq!(sent, name[..MAX_NAME - 1]);
+        assert_eq!(client_name("short"), "short");
+        let long = "é".repeat(MAX_CLIENT_NAME);
+        assert_eq!(client_name(&long), "é".repeat(MAX_CLIENT_NAME / 2));
+        assert_eq!(client_name(&format!("x{long}")).len(), MAX_CLIENT_NAME - 1);
+    }
+
+    #[test]
+    fn printable_escapes_what_could_forge_output() {
+        assert!(matches!(printable("mirror tail é \"q\""), Cow::Borrowed(_)));
+        assert_eq!(printable("a\nkernel: seen=1"), "a\\nkernel: seen=1");
+        assert_eq!(printable("\r\t\u{1b}[2J"), "\\r\\t\\u{1b}[2J");
+        assert_eq!(
+            printable("\u{202e}\u{200b}\u{85}\u{7f}"),
+            "\\u{202e}\\u{200b}\\u{85}\\u{7f}"
+        );
+        // A backslash is doubled, so an escape in the output always comes
+        // from here.
+        assert_eq!(printable("\\n"), "\\\\n");
+    }
+
     proptest! {
+        /// Whatever the text, the printable form has no control character.
+        #[test]
+        fn printable_output_has_no_control_characters(text in any::<String>()) {
+            let shown = printable(&text);
+            prop_assert!(shown.chars().all(|c| !c.is_control()));
+        }
+
         /// Arbitrary bytes never panic the decoders.
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {

@@ -20,7 +20,7 @@ use mirror_user::{
     clock::WallClock,
     conntrack::{TableLimits, TableStats},
     control::{Control, Request},
-    counters::{self, ConsumerSnapshot, DrainCounters, KernelCounters, StreamSummary, Summary},
+    counters::{self, DrainCounters, KernelCounters, StreamSummary, Summary},
     drain::{RecordSink, drain_ring, register_readable},
     hub::{Hub, HubConfig},
     loader::{self, LoadOptions, Mirror},
@@ -124,10 +124,8 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
         .transpose()?;
 
     let token = match &args.server.token_file {
-        Some(path) => Some(
-            client::read_token(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?,
-        ),
+        // Its errors name the file and say what to do.
+        Some(path) => Some(client::read_token(path)?),
         None => None,
     };
     let server_config = Arc::new(ServerConfig {
@@ -441,6 +439,7 @@ struct Stages {
 impl Stages {
     fn summary(&self, kernel: KernelCounters, table: TableStats) -> Summary {
         let (segments, queue_drops, undecodable) = self.shards.snapshot();
+        let (consumers, past_sessions) = self.hub.consumer_totals();
         Summary {
             kernel,
             drain: self.drain.snapshot(),
@@ -451,12 +450,8 @@ impl Stages {
                 ring_lost_flows: self.ring_lost_flows.load(Ordering::Relaxed),
                 table,
                 ports: self.hub.port_totals(),
-                consumers: self
-                    .hub
-                    .consumers()
-                    .iter()
-                    .map(|c| ConsumerSnapshot::of(c))
-                    .collect(),
+                consumers,
+                past_sessions,
             },
         }
     }

@@ -4,26 +4,34 @@
 //! client that stopped reading is disconnected. Port changes go to the main
 //! task as [`control::Request`]s.
 //!
+//! A connection takes a client slot (`--max-clients`) only once its hello
+//! passed: until then it is one of at most [`MAX_AWAITING_HELLO`] per
+//! listening address, for at most [`HELLO_TIMEOUT`], so that silent or
+//! slow connections cannot keep a client with the token out.
+//!
 //! The protocol is in `docs/protocol.md` and [`crate::protocol`].
 
 use std::{
+    collections::VecDeque,
     fmt, io,
     net::SocketAddr,
     os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
+use subtle::ConstantTimeEq as _;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
-    sync::{mpsc, oneshot, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     task::JoinSet,
+    time::Instant,
 };
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
@@ -33,14 +41,26 @@ use crate::{
     output_dir::OutputDir,
     ports::{PolicyError, SessionId},
     privileged_helper::SocketFile,
-    protocol::{ClientFrame, ErrorCode, MAX_FRAME, ServerFrame, VERSION},
+    protocol::{
+        ClientFrame, ErrorCode, MAX_FRAME, MAX_HELLO_FRAME, MAX_TOKEN, ServerFrame, VERSION,
+        client_name, printable,
+    },
     session_wire::SessionWire,
 };
 
 /// Where `mirror run` listens by default, and `mirror tail` connects.
 pub const DEFAULT_SOCKET: &str = "/run/mirror/mirror.sock";
-/// A client must say hello within this time.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection must have sent its whole hello this long after it was
+/// accepted; a client says hello at once, and a connection that waits
+/// holds a place among the [`MAX_AWAITING_HELLO`].
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections of one listening address that may wait for their hello at
+/// once. One more makes the oldest go (it had the longest to say hello): a
+/// client that says hello as it connects gets served while a flood of
+/// silent connections lasts, unless that flood opens this many connections
+/// in the time its hello takes to arrive. Each address has its own, so that
+/// connections to a TCP listener never push out a local client.
+pub const MAX_AWAITING_HELLO: usize = 16;
 
 /// A listening address: `unix:PATH` or `HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,10 +145,19 @@ pub struct ServerConfig {
 /// Counters of the server.
 #[derive(Debug, Default)]
 pub struct ServerStats {
+    /// Connections accepted.
     pub accepted: AtomicU64,
+    /// Connections waiting for their hello now.
+    pub awaiting_hello: AtomicU64,
+    /// Clients served now (their hello passed).
     pub active: AtomicU64,
     /// Refused at hello: wrong token, version, or too many clients.
     pub refused: AtomicU64,
+    /// Closed before their hello to make room for a newer connection
+    /// ([`MAX_AWAITING_HELLO`]).
+    pub hello_evicted: AtomicU64,
+    /// Closed for sending no hello within [`HELLO_TIMEOUT`].
+    pub hello_timeouts: AtomicU64,
     /// Closed because they stopped reading for longer than the budget.
     pub too_slow: AtomicU64,
     /// Closed for a malformed frame.
@@ -137,12 +166,15 @@ pub struct ServerStats {
 
 impl ServerStats {
     /// `(name, value)` of every counter.
-    pub fn fields(&self) -> [(&'static str, u64); 5] {
+    pub fn fields(&self) -> [(&'static str, u64); 8] {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         [
             ("accepted", get(&self.accepted)),
+            ("awaiting_hello", get(&self.awaiting_hello)),
             ("active", get(&self.active)),
             ("refused", get(&self.refused)),
+            ("hello_evicted", get(&self.hello_evicted)),
+            ("hello_timeouts", get(&self.hello_timeouts)),
             ("too_slow", get(&self.too_slow)),
             ("bad_frames", get(&self.bad_frames)),
         ]
@@ -361,7 +393,10 @@ pub async fn serve(
 ) {
     let mut sessions = JoinSet::new();
     let mut next_id: SessionId = 0;
-    let (accepted_tx, mut accepted) = mpsc::channel::<(Box<dyn Connection>, bool)>(64);
+    let clients = Arc::new(Semaphore::new(
+        context.config.max_clients.min(Semaphore::MAX_PERMITS),
+    ));
+    let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(64);
     let mut acceptors = JoinSet::new();
     for listener in listeners {
         let listener = match start_listener(listener) {
@@ -372,18 +407,27 @@ pub async fn serve(
             }
         };
         let accepted_tx = accepted_tx.clone();
-        acceptors.spawn(accept_loop(listener, accepted_tx, send_buffer.clone()));
+        acceptors.spawn(accept_loop(
+            listener,
+            accepted_tx,
+            Arc::clone(&context.stats),
+            send_buffer.clone(),
+        ));
     }
     drop(accepted_tx);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             connection = accepted.recv() => {
-                let Some((connection, needs_token)) = connection else { break };
+                let Some(connection) = connection else { break };
                 next_id += 1;
-                let context = context.clone();
-                let shutdown = shutdown.clone();
-                sessions.spawn(session(connection, next_id, needs_token, context, shutdown));
+                sessions.spawn(session(
+                    connection,
+                    next_id,
+                    context.clone(),
+                    Arc::clone(&clients),
+                    shutdown.clone(),
+                ));
             }
             // Reap finished sessions as they end.
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -411,11 +455,98 @@ fn start_listener(listener: BoundListener) -> io::Result<Listener> {
     })
 }
 
+/// A connection just accepted.
+struct Accepted {
+    connection: Box<dyn Connection>,
+    /// TCP listeners check the token.
+    needs_token: bool,
+    at: Instant,
+    ticket: HelloTicket,
+}
+
+/// The connections of one listening address that wait for their hello,
+/// oldest first, each with the way to tell it to go.
+#[derive(Default)]
+struct AwaitingHello(Mutex<AwaitingQueue>);
+
+#[derive(Default)]
+struct AwaitingQueue {
+    next: u64,
+    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+impl AwaitingHello {
+    /// A place for a new connection; when [`MAX_AWAITING_HELLO`] wait
+    /// already, the oldest is told to go.
+    fn admit(self: &Arc<Self>, stats: &Arc<ServerStats>) -> HelloTicket {
+        let (evict, evicted) = oneshot::channel();
+        let mut queue = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.waiting.len() >= MAX_AWAITING_HELLO
+            && let Some((_, oldest)) = queue.waiting.pop_front()
+        {
+            let _ = oldest.send(());
+        }
+        let id = queue.next;
+        queue.next += 1;
+        queue.waiting.push_back((id, evict));
+        stats.awaiting_hello.fetch_add(1, Ordering::Relaxed);
+        HelloTicket {
+            awaiting: Arc::clone(self),
+            id,
+            evicted,
+            stats: Arc::clone(stats),
+        }
+    }
+}
+
+/// A connection's place among those that wait for their hello; given back
+/// when dropped.
+struct HelloTicket {
+    awaiting: Arc<AwaitingHello>,
+    id: u64,
+    /// Completes when a newer connection took the place.
+    evicted: oneshot::Receiver<()>,
+    stats: Arc<ServerStats>,
+}
+
+impl Drop for HelloTicket {
+    fn drop(&mut self) {
+        let mut queue = self.awaiting.0.lock().unwrap_or_else(|p| p.into_inner());
+        queue.waiting.retain(|(id, _)| *id != self.id);
+        self.stats.awaiting_hello.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client's place among the `--max-clients`; given back when dropped.
+struct ClientSlot {
+    _permit: OwnedSemaphorePermit,
+    stats: Arc<ServerStats>,
+}
+
+impl ClientSlot {
+    fn take(clients: &Arc<Semaphore>, stats: &Arc<ServerStats>) -> Option<Self> {
+        let permit = Arc::clone(clients).try_acquire_owned().ok()?;
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        Some(Self {
+            _permit: permit,
+            stats: Arc::clone(stats),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn accept_loop(
     listener: Listener,
-    accepted: mpsc::Sender<(Box<dyn Connection>, bool)>,
+    accepted: mpsc::Sender<Accepted>,
+    stats: Arc<ServerStats>,
     send_buffer: Option<Arc<dyn SendBufferForcer>>,
 ) {
+    let awaiting = Arc::new(AwaitingHello::default());
     loop {
         let result: io::Result<(Box<dyn Connection>, bool)> = match &listener {
             Listener::Unix(listener, _) => listener.accept().await.map(|(stream, _)| {
@@ -428,7 +559,14 @@ async fn accept_loop(
             }),
         };
         match result {
-            Ok(connection) => {
+            Ok((connection, needs_token)) => {
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let connection = Accepted {
+                    connection,
+                    needs_token,
+                    at: Instant::now(),
+                    ticket: awaiting.admit(&stats),
+                };
                 if accepted.send(connection).await.is_err() {
                     return;
                 }
@@ -511,52 +649,58 @@ enum End {
     Refused,
     TooSlow,
     BadFrame,
+    /// Sent no hello in time.
+    HelloTimeout,
+    /// Made room for a newer connection before its hello.
+    Evicted,
 }
 
 async fn session(
-    connection: Box<dyn Connection>,
+    accepted: Accepted,
     id: SessionId,
-    needs_token: bool,
     context: SessionContext,
+    clients: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
     let stats = Arc::clone(&context.stats);
-    stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let active = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
-    let mut wire = SessionWire::new(Framed::new(connection, codec()));
-    let end = if active as usize > context.config.max_clients {
-        let message = format!(
-            "the mirror serves at most {} clients at once",
-            context.config.max_clients
-        );
-        let _ = send(
-            &mut wire,
-            &context,
-            &error(ErrorCode::TooManyClients, true, message),
-        )
-        .await;
-        End::Refused
-    } else {
-        match hello(&mut wire, needs_token, &context).await {
-            Ok(name) => {
-                tracing::info!(session = id, client = %name, "client connected");
-                let end = serve_session(&mut wire, id, &name, &context, shutdown).await;
-                let _ = context
-                    .control
-                    .send(Request::EndSession { session: id })
-                    .await;
-                end
-            }
-            Err(end) => end,
+    let Accepted {
+        connection,
+        needs_token,
+        at,
+        ticket,
+    } = accepted;
+    // Until its hello passed, a connection may send no more than a hello.
+    let mut before_hello = codec();
+    before_hello.set_max_frame_length(MAX_HELLO_FRAME);
+    let mut wire = SessionWire::new(Framed::new(connection, before_hello));
+    let greeting = Greeting {
+        needs_token,
+        deadline: at + HELLO_TIMEOUT,
+        ticket,
+        clients: &clients,
+    };
+    let end = match hello(&mut wire, greeting, &context, shutdown.clone()).await {
+        Ok((name, slot)) => {
+            tracing::info!(session = id, client = %printable(&name), "client connected");
+            let end = serve_session(&mut wire, id, &name, &context, shutdown).await;
+            let _ = context
+                .control
+                .send(Request::EndSession { session: id })
+                .await;
+            drop(slot);
+            end
         }
+        Err(end) => end,
     };
-    match end {
-        End::Refused => stats.refused.fetch_add(1, Ordering::Relaxed),
-        End::TooSlow => stats.too_slow.fetch_add(1, Ordering::Relaxed),
-        End::BadFrame => stats.bad_frames.fetch_add(1, Ordering::Relaxed),
-        End::Client => 0,
+    let counter = match end {
+        End::Refused => &stats.refused,
+        End::TooSlow => &stats.too_slow,
+        End::BadFrame => &stats.bad_frames,
+        End::HelloTimeout => &stats.hello_timeouts,
+        End::Evicted => &stats.hello_evicted,
+        End::Client => return,
     };
-    stats.active.fetch_sub(1, Ordering::Relaxed);
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Writes one frame, and any queued before it, within the write budget.
@@ -573,19 +717,58 @@ async fn flush(wire: &mut Wire, context: &SessionContext) -> Result<(), End> {
     }
 }
 
-/// Reads and checks the hello; returns the client's name.
+/// What the hello of a connection is checked against.
+struct Greeting<'a> {
+    needs_token: bool,
+    /// The hello must have arrived by then.
+    deadline: Instant,
+    /// Its place among the connections that wait for their hello.
+    ticket: HelloTicket,
+    clients: &'a Arc<Semaphore>,
+}
+
+/// Reads and checks the hello; returns the client's name (cut to
+/// [`crate::protocol::MAX_CLIENT_NAME`] bytes) and its client slot.
 async fn hello(
     wire: &mut Wire,
-    needs_token: bool,
+    greeting: Greeting<'_>,
     context: &SessionContext,
-) -> Result<String, End> {
-    let frame = match tokio::time::timeout(HELLO_TIMEOUT, wire.next()).await {
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(String, ClientSlot), End> {
+    let Greeting {
+        needs_token,
+        deadline,
+        mut ticket,
+        clients,
+    } = greeting;
+    let read = tokio::select! {
+        read = tokio::time::timeout_at(deadline, wire.next()) => read,
+        Ok(()) = &mut ticket.evicted => {
+            let message = format!(
+                "more than {MAX_AWAITING_HELLO} connections are waiting to say hello to the mirror: try again"
+            );
+            let _ = send(wire, context, &error(ErrorCode::TooManyClients, true, message)).await;
+            return Err(End::Evicted);
+        }
+        _ = shutdown.changed() => return Err(End::Client),
+    };
+    // The hello is here (or will not come): the place is free.
+    drop(ticket);
+    let frame = match read {
         Ok(Some(Ok(bytes))) => ClientFrame::decode(&bytes),
         Ok(Some(Err(error))) => {
             let _ = send(wire, context, &error_frame_for(&error)).await;
             return Err(End::BadFrame);
         }
-        Ok(None) | Err(_) => return Err(End::Client),
+        Ok(None) => return Err(End::Client),
+        Err(_) => {
+            let message = format!(
+                "no hello within {} s of connecting",
+                HELLO_TIMEOUT.as_secs()
+            );
+            let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
+            return Err(End::HelloTimeout);
+        }
     };
     let (version, token, name) = match frame {
         Ok(ClientFrame::Hello {
@@ -604,28 +787,56 @@ async fn hello(
             return Err(End::BadFrame);
         }
     };
+    let refuse = async |wire: &mut Wire, code, message: String| {
+        let _ = send(wire, context, &error(code, true, message)).await;
+        Err(End::Refused)
+    };
     if version != VERSION {
         let message =
             format!("this mirror speaks protocol version {VERSION}, the client {version}");
-        let _ = send(
-            wire,
-            context,
-            &error(ErrorCode::UnsupportedVersion, true, message),
-        )
-        .await;
-        return Err(End::Refused);
+        return refuse(wire, ErrorCode::UnsupportedVersion, message).await;
     }
-    if needs_token && context.config.token.as_deref() != Some(token.as_str()) {
-        let message = "wrong token: pass the mirror's token file with --token-file";
-        let _ = send(wire, context, &error(ErrorCode::BadToken, true, message)).await;
-        return Err(End::Refused);
+    if token.len() > MAX_TOKEN {
+        let message = format!("the token is longer than {MAX_TOKEN} bytes");
+        return refuse(wire, ErrorCode::BadToken, message).await;
     }
+    if needs_token && !token_matches(context.config.token.as_deref(), &token) {
+        let message = "wrong token: pass the mirror's token file with --token-file".to_owned();
+        return refuse(wire, ErrorCode::BadToken, message).await;
+    }
+    let Some(slot) = ClientSlot::take(clients, &context.stats) else {
+        let message = format!(
+            "the mirror serves at most {} clients at once",
+            context.config.max_clients
+        );
+        return refuse(wire, ErrorCode::TooManyClients, message).await;
+    };
+    wire.set_max_frame_length(MAX_FRAME);
     let welcome = ServerFrame::Welcome {
         version: VERSION,
         server: context.config.name.clone(),
     };
     send(wire, context, &welcome).await?;
-    Ok(name)
+    Ok((client_name(&name).to_owned(), slot))
+}
+
+/// Whether `given` is the expected token, in a time that depends on
+/// neither token: both are compared as [`MAX_TOKEN`]-byte blocks, so that
+/// neither the first wrong byte nor the token's length shows in the time.
+fn token_matches(expected: Option<&str>, given: &str) -> bool {
+    let Some(expected) = expected else {
+        return false;
+    };
+    if expected.len() > MAX_TOKEN || given.len() > MAX_TOKEN {
+        return false;
+    }
+    let block = |token: &str| {
+        let mut block = [0u8; MAX_TOKEN];
+        block[..token.len()].copy_from_slice(token.as_bytes());
+        block
+    };
+    let same_length = (expected.len() as u64).ct_eq(&(given.len() as u64));
+    (block(expected).ct_eq(&block(given)) & same_length).into()
 }
 
 fn error_frame_for(cause: &io::Error) -> ServerFrame {
@@ -663,7 +874,7 @@ async fn serve_session(
     context: &SessionContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
-    let (_, mut subscription) = context.hub.subscribe(&[], &format!("client {id} {name}"));
+    let mut subscription = context.hub.subscribe_session(id, name);
     loop {
         tokio::select! {
             frame = wire.next() => {
@@ -772,7 +983,18 @@ async fn handle(
             }
         }
         ClientFrame::Stats => match ask(context, |reply| Request::Stats { reply }).await {
-            Some(json) => ServerFrame::Stats { json },
+            // The document's lists are bounded (counters::MAX_LISTED_*);
+            // should it still not fit (with the type byte), the client
+            // gets an error, not a frame it must refuse.
+            Some(json) if json.len() < MAX_FRAME => ServerFrame::Stats { json },
+            Some(json) => error(
+                ErrorCode::Internal,
+                false,
+                format!(
+                    "the counters ({} bytes) do not fit in one frame: report this as a bug",
+                    json.len()
+                ),
+            ),
             None => unavailable(),
         },
         ClientFrame::ListPorts => match ask(context, |reply| Request::ListPorts { reply }).await {
@@ -798,27 +1020,427 @@ async fn handle(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+        task::JoinHandle,
+    };
+
     use super::*;
+    use crate::{
+        client::{Client, ClientError},
+        control::{Control, PortMap},
+        counters::{StreamSummary, Summary},
+        hub::HubConfig,
+        ports::{AllowList, PortRegistry},
+        protocol::MAX_CLIENT_NAME,
+    };
+
+    const TOKEN: &str = "s3cret-token";
+
+    struct NoMap;
+
+    impl PortMap for NoMap {
+        fn set_port(&mut self, _: u16, _: bool) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A server on 127.0.0.1 with a main task that answers port requests
+    /// and the counters (those of the hub and the server).
+    struct Harness {
+        endpoint: Endpoint,
+        stats: Arc<ServerStats>,
+        stop: watch::Sender<bool>,
+        server: JoinHandle<()>,
+    }
+
+    impl Harness {
+        async fn start(max_clients: usize) -> Self {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+            let hub = Arc::new(Hub::new(
+                &[80],
+                HubConfig {
+                    capacity: 16,
+                    max_bytes: 1 << 30,
+                    batch_bytes: 1 << 16,
+                },
+            ));
+            let stats = Arc::new(ServerStats::default());
+            let (control_tx, mut control_rx) = mpsc::channel(64);
+            let registry = PortRegistry::new(&[80], AllowList::parse("9000").unwrap(), 4);
+            let mut control = Control::new(registry, Arc::clone(&hub));
+            let (counters_hub, counters_server) = (Arc::clone(&hub), Arc::clone(&stats));
+            tokio::spawn(async move {
+                while let Some(request) = control_rx.recv().await {
+                    match request {
+                        Request::Stats { reply } => {
+                            let (consumers, past_sessions) = counters_hub.consumer_totals();
+                            let mut json = Summary {
+                                kernel: Default::default(),
+                                drain: Default::default(),
+                                streams: StreamSummary {
+                                    consumers,
+                                    past_sessions,
+                                    ..StreamSummary::default()
+                                },
+                            }
+                            .to_json();
+                            json["server"] = counters_server.to_json();
+                            let _ = reply.send(json.to_string());
+                        }
+                        request => control.handle(request, &mut NoMap),
+                    }
+                }
+            });
+            let config = ServerConfig {
+                endpoints: vec![endpoint.clone()],
+                token: Some(TOKEN.to_owned()),
+                max_clients,
+                write_timeout: Duration::from_secs(1),
+                name: "mirror under test".to_owned(),
+            };
+            let (stop, stop_rx) = watch::channel(false);
+            let server = tokio::spawn(serve(
+                vec![BoundListener::Tcp(listener)],
+                SessionContext {
+                    control: control_tx,
+                    hub,
+                    stats: Arc::clone(&stats),
+                    config: Arc::new(config),
+                },
+                None,
+                stop_rx,
+            ));
+            Self {
+                endpoint,
+                stats,
+                stop,
+                server,
+            }
+        }
+
+        fn addr(&self) -> SocketAddr {
+            match self.endpoint {
+                Endpoint::Tcp(addr) => addr,
+                Endpoint::Unix(_) => unreachable!("TCP only"),
+            }
+        }
+
+        async fn client(&self, name: &str) -> Result<Client, ClientError> {
+            Client::connect(&self.endpoint, Some(TOKEN), name).await
+        }
+
+        fn counter(&self, name: &str) -> u64 {
+            self.stats
+                .fields()
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .unwrap()
+        }
+
+        /// Waits (at most 10 s) until `done` holds.
+        async fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done(self) {
+                assert!(Instant::now() < deadline, "{what}: {}", self.stats);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(true);
+            tokio::time::timeout(Duration::from_secs(10), self.server)
+                .await
+                .expect("the server stops")
+                .unwrap();
+        }
+    }
+
+    fn hello(token: &str, name: &str) -> Vec<u8> {
+        let mut body = BytesMut::new();
+        ClientFrame::Hello {
+            version: VERSION,
+            token: token.to_owned(),
+            name: name.to_owned(),
+        }
+        .encode(&mut body);
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+
+    /// Reads one frame, or `None` at the end of the stream.
+    async fn read_frame(stream: &mut TcpStream) -> Option<ServerFrame> {
+        let mut length = [0u8; 4];
+        stream.read_exact(&mut length).await.ok()?;
+        let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
+        stream.read_exact(&mut frame).await.ok()?;
+        Some(ServerFrame::decode(&frame).expect("a well-formed frame"))
+    }
+
+    /// Reads until the server closes the connection; returns the frames.
+    async fn until_closed(stream: &mut TcpStream, within: Duration) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        tokio::time::timeout(within, async {
+            while let Some(frame) = read_frame(stream).await {
+                frames.push(frame);
+            }
+        })
+        .await
+        .expect("the server closes the connection in time");
+        frames
+    }
+
+    fn fatal_code(frames: &[ServerFrame]) -> Option<ErrorCode> {
+        match frames {
+            [ServerFrame::Error { code, fatal, .. }] => fatal.then_some(*code),
+            _ => None,
+        }
+    }
+
+    /// docs/protocol.md states the limits the code applies.
+    #[test]
+    fn the_documented_limits_are_the_code() {
+        let doc = include_str!("../../docs/protocol.md");
+        let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+        for stated in [
+            format!("whole within **{} seconds** of", HELLO_TIMEOUT.as_secs()),
+            format!("none within {} s", HELLO_TIMEOUT.as_secs()),
+            format!("at most **{MAX_AWAITING_HELLO}** connections per listening address"),
+            format!("a {}th makes the oldest", MAX_AWAITING_HELLO + 1),
+            format!("A token is at most **{MAX_TOKEN} bytes**"),
+            format!("at most {MAX_TOKEN} bytes)"),
+            format!("keeps its first {} bytes", crate::protocol::MAX_CLIENT_NAME),
+            format!("at most {} ports", crate::counters::MAX_LISTED_PORTS),
+            format!("and {} consumers", crate::counters::MAX_LISTED_CONSUMERS),
+            format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
+            format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
+        ] {
+            assert!(
+                doc.contains(&stated),
+                "docs/protocol.md should say: {stated}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_connections_take_no_client_slot_and_are_closed() {
+        let server = Harness::start(1).await;
+        let mut silent = Vec::new();
+        for _ in 0..40 {
+            silent.push(TcpStream::connect(server.addr()).await.unwrap());
+        }
+        server
+            .wait_until("every connection accepted", |s| s.counter("accepted") == 40)
+            .await;
+        assert_eq!(server.counter("awaiting_hello"), MAX_AWAITING_HELLO as u64);
+        // The one client slot is still free, and a client that says hello
+        // is served at once, well before the silent ones time out.
+        let started = Instant::now();
+        let mut client = server.client("holder").await.expect("served");
+        client.stats().await.expect("stats");
+        assert!(
+            started.elapsed() < HELLO_TIMEOUT / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(server.counter("active"), 1);
+        // The slot is taken now.
+        assert!(matches!(
+            server.client("second").await,
+            Err(ClientError::TooMany(_))
+        ));
+        // Every silent connection is closed: the oldest to make room, the
+        // rest when their time is up.
+        let mut evicted = 0;
+        let mut timed_out = 0;
+        for stream in &mut silent {
+            let frames = until_closed(stream, HELLO_TIMEOUT + Duration::from_secs(2)).await;
+            match fatal_code(&frames) {
+                Some(ErrorCode::TooManyClients) => evicted += 1,
+                Some(ErrorCode::BadFrame) => timed_out += 1,
+                other => panic!("{other:?}: {frames:?}"),
+            }
+        }
+        assert!(started.elapsed() >= HELLO_TIMEOUT / 2);
+        // The holder's connection pushed the oldest out; the refused one
+        // took the place the holder left.
+        assert_eq!(timed_out, MAX_AWAITING_HELLO - 1, "{}", server.stats);
+        assert_eq!(evicted + timed_out, 40);
+        server
+            .wait_until("counted", |s| s.counter("awaiting_hello") == 0)
+            .await;
+        assert_eq!(server.counter("hello_evicted"), evicted as u64);
+        assert_eq!(server.counter("hello_timeouts"), timed_out as u64);
+        assert_eq!(server.counter("active"), 1, "the holder is still served");
+        client.stats().await.expect("still served");
+        drop(client);
+        server
+            .wait_until("the holder left", |s| s.counter("active") == 0)
+            .await;
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_slow_hello_is_cut_at_the_deadline() {
+        let server = Harness::start(4).await;
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        // Half a hello, then nothing.
+        let bytes = hello(TOKEN, "slow");
+        stream.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+        let started = Instant::now();
+        let frames = until_closed(&mut stream, HELLO_TIMEOUT + Duration::from_secs(2)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+        assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_millis(100));
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn before_its_hello_a_connection_may_send_no_more_than_a_hello() {
+        let server = Harness::start(4).await;
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        // Announces a frame one byte longer than the longest hello: refused
+        // before its body arrives.
+        let length = (crate::protocol::MAX_HELLO_FRAME as u32 + 1).to_be_bytes();
+        stream.write_all(&length).await.unwrap();
+        let frames = until_closed(&mut stream, Duration::from_secs(2)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+        // The longest hello passes, and larger frames are allowed after it.
+        let mut client = Client::connect(
+            &server.endpoint,
+            Some(TOKEN),
+            &"n".repeat(crate::protocol::MAX_NAME),
+        )
+        .await
+        .expect("served");
+        let many: Vec<u16> = (1..=2000).collect();
+        assert!(matches!(
+            client.subscribe(&many).await,
+            Err(ClientError::PortNotAllowed(_))
+        ));
+        client.stats().await.expect("still served");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn tokens_are_checked_whole() {
+        let server = Harness::start(4).await;
+        for wrong in ["", "s3cret", "s3cret-tokenX", "S3cret-token"] {
+            let refused = Client::connect(&server.endpoint, Some(wrong), "t").await;
+            assert!(matches!(refused, Err(ClientError::BadToken)), "{wrong:?}");
+        }
+        // A longer token than any the mirror accepts, past the client
+        // library's own check.
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        let long = format!("{TOKEN}{}", "x".repeat(MAX_TOKEN));
+        stream.write_all(&hello(&long, "long")).await.unwrap();
+        let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+        assert!(matches!(
+            Client::connect(&server.endpoint, Some(&long), "t").await,
+            Err(ClientError::TokenTooLong(_))
+        ));
+        assert_eq!(server.counter("refused"), 5);
+        assert!(server.client("right").await.is_ok());
+        server.stop().await;
+    }
 
     #[test]
-    fn endpoints_parse() {
-        assert_eq!(
-            "unix:/tmp/m.sock".parse::<Endpoint>(),
-            Ok(Endpoint::Unix(PathBuf::from("/tmp/m.sock")))
+    fn token_comparison() {
+        assert!(token_matches(Some("abc"), "abc"));
+        assert!(!token_matches(Some("abc"), "abd"));
+        assert!(!token_matches(Some("abc"), "ab"));
+        assert!(!token_matches(Some("abc"), "abc\0"));
+        assert!(!token_matches(Some(""), "\0"));
+        assert!(!token_matches(None, ""));
+        let longest = "t".repeat(MAX_TOKEN);
+        assert!(token_matches(Some(&longest), &longest));
+        let longer = "t".repeat(MAX_TOKEN + 1);
+        assert!(!token_matches(Some(&longer), &longer));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ended_sessions_leave_only_their_totals() {
+        let server = Harness::start(64).await;
+        const TASKS: usize = 8;
+        const SESSIONS: usize = TASKS * 40;
+        let mut tasks = JoinSet::new();
+        for i in 0..TASKS {
+            let endpoint = server.endpoint.clone();
+            tasks.spawn(async move {
+                for n in 0..SESSIONS / TASKS {
+                    let mut client = Client::connect(&endpoint, Some(TOKEN), &format!("c{i}-{n}"))
+                        .await
+                        .expect("served");
+                    client.subscribe(&[80]).await.expect("subscribed");
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let mut client = server.client("observer").await.unwrap();
+        let past = |json: &serde_json::Value| {
+            crate::counters::flatten(json)
+                .get("consumers.past_sessions.sessions")
+                .copied()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let json = loop {
+            let json = client.stats().await.unwrap();
+            if past(&json) == Some(SESSIONS as u64) || Instant::now() > deadline {
+                break json;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(past(&json), Some(SESSIONS as u64), "{json}");
+        // Only the observer is listed, by its session and its name.
+        let consumers = json["consumers"].as_array().unwrap();
+        assert_eq!(consumers.len(), 2, "{json}");
+        assert_eq!(consumers[0]["client"], "observer");
+        assert!(
+            consumers[0]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("client-")
         );
-        assert_eq!(
-            "127.0.0.1:7000".parse::<Endpoint>(),
-            Ok(Endpoint::Tcp("127.0.0.1:7000".parse().unwrap()))
+        assert_eq!(consumers[1]["name"], "past_sessions");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn client_names_are_cut_and_escaped() {
+        let server = Harness::start(4).await;
+        let forged = format!("xy\nkernel: seen=999 \u{1b}[2J\u{202e}{}", "é".repeat(100));
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        stream.write_all(&hello(TOKEN, &forged)).await.unwrap();
+        assert!(matches!(
+            read_frame(&mut stream).await,
+            Some(ServerFrame::Welcome { .. })
+        ));
+        let mut client = server.client("observer").await.unwrap();
+        let json = client.stats().await.unwrap();
+        let name = json["consumers"][0]["client"].as_str().unwrap().to_owned();
+        assert!(name.chars().all(|c| !c.is_control()), "{name:?}");
+        assert!(
+            name.starts_with("xy\\nkernel: seen=999 \\u{1b}[2J\\u{202e}é"),
+            "{name:?}"
         );
-        assert_eq!(
-            "[::1]:7000".parse::<Endpoint>().unwrap().to_string(),
-            "[::1]:7000"
-        );
-        assert!("unix:".parse::<Endpoint>().is_err());
-        assert!("localhost".parse::<Endpoint>().is_err());
-        assert_eq!(
-            Endpoint::default().to_string(),
-            format!("unix:{DEFAULT_SOCKET}")
-        );
+        // Cut at a character boundary below 64 bytes: 27 bytes of ASCII,
+        // control and format characters, then 18 two-byte characters.
+        let kept = crate::protocol::client_name(&forged);
+        assert_eq!(kept.len(), MAX_CLIENT_NAME - 1);
+        assert!(name.ends_with(&"é".repeat(18)) && !name.ends_with(&"é".repeat(19)));
+        for key in crate::counters::flatten(&json).keys() {
+            assert!(key.chars().all(|c| !c.is_control()), "{key:?}");
+        }
+        drop(stream);
+        server.stop().await;
     }
 }

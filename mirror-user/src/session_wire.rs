@@ -43,6 +43,11 @@ impl SessionWire {
         self.framed.next().await
     }
 
+    /// The largest frame the client may send from now on.
+    pub fn set_max_frame_length(&mut self, max: usize) {
+        self.framed.codec_mut().set_max_frame_length(max);
+    }
+
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes

@@ -24,8 +24,8 @@ use tokio::{
 async fn connect(args: &ConnectArgs, name: &str) -> anyhow::Result<Client> {
     let token = match &args.token_file {
         Some(path) => Some(
-            client::read_token(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+            // Its errors name the file and say what to do.
+            client::read_token(path)?,
         ),
         None => None,
     };

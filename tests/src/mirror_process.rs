@@ -60,6 +60,9 @@ pub struct MirrorProcess {
     child: Child,
     /// Where its subscriber server listens.
     socket: Option<PathBuf>,
+    /// Holds that socket; removed with it when the test ends, also when
+    /// the mirror was killed and could not remove its socket.
+    _socket_dir: Option<tempfile::TempDir>,
     stdout: Option<JoinHandle<Vec<String>>>,
     stdout_pipe: Option<ChildStdout>,
     stderr: Option<JoinHandle<Vec<String>>>,
@@ -196,11 +199,11 @@ impl MirrorProcess {
     fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {
         // Tests run side by side and /run is shared by every network
         // namespace: each mirror gets its own socket unless told otherwise.
-        let socket = (!args.contains(&"--listen")).then(|| {
-            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::env::temp_dir().join(format!("mirror-test-{}-{n}.sock", std::process::id()))
-        });
+        let socket_dir = (!args.contains(&"--listen"))
+            .then(|| tempfile::tempdir().expect("a directory for the socket"));
+        let socket = socket_dir
+            .as_ref()
+            .map(|dir| dir.path().join("mirror.sock"));
         let listen: Vec<String> = socket
             .iter()
             .flat_map(|path| ["--listen".to_owned(), format!("unix:{}", path.display())])
@@ -231,6 +234,7 @@ impl MirrorProcess {
         let mut process = Self {
             child,
             socket,
+            _socket_dir: socket_dir,
             stdout: None,
             stdout_pipe: Some(stdout),
             stderr: Some(stderr),

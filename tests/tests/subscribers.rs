@@ -1,14 +1,19 @@
 //! The subscriber server end to end, with the real binaries: `mirror tail`
 //! clients in separate processes, live port changes with `mirror ports`,
-//! refused clients, and clients that stop reading.
+//! refused clients, clients that stop reading, silent connections, and
+//! many short sessions.
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    os::unix::net::UnixStream,
+    io::{Read, Write as _},
+    net::TcpStream,
+    os::{
+        fd::AsRawFd as _,
+        unix::{fs::PermissionsExt as _, net::UnixStream},
+    },
     path::{Path, PathBuf},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
@@ -21,7 +26,8 @@ use mirror_tests::{
     },
 };
 use mirror_user::{
-    protocol::{ClientFrame, ErrorCode, ServerFrame},
+    protocol::{ClientFrame, ErrorCode, ServerFrame, VERSION},
+    server::HELLO_TIMEOUT,
     stream::CloseReason,
 };
 use serde_json::Value;
@@ -87,6 +93,16 @@ fn assert_complete(dump: &Path, files: &[SentFile], port: u16, what: &str) {
 
 fn counters(output: &MirrorOutput) -> String {
     format!("{:#?}\nstderr:\n{}", output.counters, output.stderr)
+}
+
+/// Writes a token file readable by its owner alone.
+fn write_token(path: &Path, content: &str) {
+    fs::write(path, content).expect("write the token");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -229,9 +245,9 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
 fn bad_clients_are_refused_and_the_server_keeps_serving() {
     let s = setup();
     let token = s.path("secret").join("token");
-    fs::write(&token, "right-token\n").unwrap();
+    write_token(&token, "right-token\n");
     let wrong = s.path("secret").join("wrong");
-    fs::write(&wrong, "wrong-token").unwrap();
+    write_token(&wrong, "wrong-token");
     let (token_arg, wrong_arg) = (token.display().to_string(), wrong.display().to_string());
     let socket = s.path("sock").join("m.sock");
     let unix = format!("unix:{}", socket.display());
@@ -496,6 +512,384 @@ fn a_client_asleep_past_its_budget_is_disconnected() {
         output.counter("server.too_slow"),
         1,
         "{}",
+        counters(&output)
+    );
+}
+
+#[test]
+fn token_files_that_are_not_secret_are_refused_on_both_sides() {
+    let s = setup();
+    let dir = s.path("secret");
+    let exposed = dir.join("exposed");
+    fs::write(&exposed, "a-token").unwrap();
+    fs::set_permissions(&exposed, fs::Permissions::from_mode(0o644)).unwrap();
+    let empty = dir.join("empty");
+    write_token(&empty, "\n");
+    let long = dir.join("long");
+    write_token(&long, &"t".repeat(mirror_user::protocol::MAX_TOKEN + 1));
+    let socket = s.path("sock").join("m.sock");
+    let unix = format!("unix:{}", socket.display());
+    let tcp = "127.0.0.1:7012";
+    let run = |token: &Path| {
+        run_mirror(
+            Some(&s.net.server),
+            &[
+                "run",
+                "-i",
+                "srv0",
+                "-p",
+                "5201",
+                "--listen",
+                tcp,
+                "--listen",
+                &unix,
+                "--token-file",
+                &token.display().to_string(),
+            ],
+        )
+    };
+    let out = run(&exposed);
+    assert!(!out.status.success());
+    let expected = format!("chmod 600 {}", exposed.display());
+    assert!(stderr_of(&out).contains(&expected), "{}", stderr_of(&out));
+    let out = run(&empty);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("holds no token"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = run(&long);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("longer than 256 bytes"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(!socket.exists(), "the mirror stopped before listening");
+
+    // The clients apply the same rules, before they connect.
+    let good = dir.join("good");
+    write_token(&good, "a-token");
+    let mirror = MirrorProcess::start_quiet(
+        &s.net.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "5201",
+            "--listen",
+            &unix,
+            "--listen",
+            tcp,
+            "--token-file",
+            &good.display().to_string(),
+        ],
+    );
+    for (token, says) in [
+        (&exposed, expected.as_str()),
+        (&empty, "holds no token"),
+        (&long, "longer than 256 bytes"),
+    ] {
+        let out = run_mirror(
+            Some(&s.net.server),
+            &[
+                "stats",
+                "--connect",
+                tcp,
+                "--token-file",
+                &token.display().to_string(),
+            ],
+        );
+        assert!(!out.status.success());
+        assert!(stderr_of(&out).contains(says), "{}", stderr_of(&out));
+    }
+    let out = run_mirror(
+        Some(&s.net.server),
+        &[
+            "stats",
+            "--connect",
+            tcp,
+            "--token-file",
+            &good.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert_eq!(output.counter("server.refused"), 0, "{}", counters(&output));
+    assert_eq!(
+        output.counter("server.accepted"),
+        1,
+        "{}",
+        counters(&output)
+    );
+}
+
+/// `count` TCP connections to `addr` made from inside `ns`.
+fn tcp_connections_in(ns: &str, addr: &str, count: usize) -> Vec<TcpStream> {
+    let path = format!("/run/netns/{ns}");
+    let addr = addr.to_owned();
+    // setns moves only the calling thread: do it on a thread of its own.
+    // The sockets stay in that namespace wherever they are used.
+    thread::spawn(move || {
+        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd, and this thread only.
+        let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns {path}");
+        (0..count)
+            .map(|_| TcpStream::connect(&addr).expect("connect"))
+            .collect()
+    })
+    .join()
+    .expect("connecting thread")
+}
+
+/// True when the peer closed `stream` by `deadline` (reading what it sent
+/// first).
+fn closed_by<S: Read>(
+    stream: &mut S,
+    deadline: Instant,
+    set_timeout: impl Fn(&S, Duration),
+) -> bool {
+    let mut sink = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        set_timeout(stream, left);
+        match stream.read_to_end(&mut sink) {
+            Ok(_) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn silent_connections_do_not_lock_out_a_client_with_the_token() {
+    const SILENT: usize = 64;
+    let s = setup();
+    let token = s.path("secret").join("token");
+    write_token(&token, "the-token");
+    let token_arg = token.display().to_string();
+    let socket = s.path("sock").join("m.sock");
+    let unix = format!("unix:{}", socket.display());
+    let tcp = "127.0.0.1:7013";
+    let mirror = MirrorProcess::start_quiet(
+        &s.net.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "5201",
+            "--listen",
+            &unix,
+            "--listen",
+            tcp,
+            "--token-file",
+            &token_arg,
+            "--max-clients",
+            "2",
+        ],
+    );
+    // 64 silent connections on each listener, four times the number that
+    // may wait for their hello, and 32 times --max-clients.
+    let opened = Instant::now();
+    let mut tcp_silent = tcp_connections_in(&s.net.server, tcp, SILENT);
+    let mut unix_silent: Vec<UnixStream> = (0..SILENT)
+        .map(|_| UnixStream::connect(&socket).expect("connect"))
+        .collect();
+
+    // A client with the token is served at once, on either listener,
+    // without waiting for the silent ones to time out.
+    let started = Instant::now();
+    let stats = run_mirror(
+        Some(&s.net.server),
+        &[
+            "stats",
+            "--connect",
+            tcp,
+            "--token-file",
+            &token_arg,
+            "--json",
+        ],
+    );
+    assert!(stats.status.success(), "{}", stderr_of(&stats));
+    let tail = ClientProcess::tail(None, &unix, &["--port", "5201"]);
+    let served_in = started.elapsed();
+    assert!(
+        served_in < HELLO_TIMEOUT / 2,
+        "served after {served_in:?}, the silent connections held it up"
+    );
+
+    // Every silent connection is closed within the hello timeout (most at
+    // once, to make room; the last 16 of each listener when their time is
+    // up).
+    let deadline = opened + HELLO_TIMEOUT + Duration::from_secs(3);
+    for (i, stream) in tcp_silent.iter_mut().enumerate() {
+        assert!(
+            closed_by(stream, deadline, |s, t| s
+                .set_read_timeout(Some(t))
+                .unwrap()),
+            "TCP connection {i} still open"
+        );
+    }
+    for (i, stream) in unix_silent.iter_mut().enumerate() {
+        assert!(
+            closed_by(stream, deadline, |s, t| s
+                .set_read_timeout(Some(t))
+                .unwrap()),
+            "Unix connection {i} still open"
+        );
+    }
+    let running = mirror_tests::mirror_process::running_counters(&unix);
+    assert_eq!(
+        running["server.hello_evicted"] + running["server.hello_timeouts"],
+        2 * SILENT as u64,
+        "{running:#?}"
+    );
+    assert!(running["server.hello_timeouts"] > 0, "{running:#?}");
+    assert_eq!(running["server.awaiting_hello"], 0, "{running:#?}");
+    // The tail and the stats asking.
+    assert_eq!(running["server.active"], 2, "{running:#?}");
+
+    drop(tail);
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert_eq!(output.counter("server.refused"), 0, "{}", counters(&output));
+}
+
+/// Says hello on `socket` as `name` and reads the welcome.
+fn short_session(socket: &Path, name: &str) {
+    let hello = ClientFrame::Hello {
+        version: VERSION,
+        token: String::new(),
+        name: name.to_owned(),
+    };
+    let answer = raw_exchange(socket, &encode(|b| hello.encode(b)));
+    assert!(matches!(answer, ServerFrame::Welcome { .. }), "{answer:?}");
+}
+
+#[test]
+fn twenty_thousand_sessions_leave_small_counters() {
+    const THREADS: usize = 16;
+    const SESSIONS: usize = 20_000;
+    let s = setup();
+    let mirror = MirrorProcess::start_quiet(
+        &s.net.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "5201",
+            // The server may notice a closed session a little after the
+            // next one of the same thread says hello.
+            "--max-clients",
+            "1000",
+        ],
+    );
+    let unix = mirror.endpoint();
+    let socket = PathBuf::from(unix.strip_prefix("unix:").expect("a Unix socket"));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let socket = socket.clone();
+            thread::spawn(move || {
+                for n in 0..SESSIONS / THREADS {
+                    short_session(&socket, &format!("short {t}-{n}"));
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("sessions");
+    }
+    let made_in = started.elapsed();
+    assert!(made_in < Duration::from_secs(60), "{made_in:?}");
+
+    // A session whose name tries to forge log and counter lines stays
+    // connected while the counters are read.
+    let forged = "x\nkernel: seen=4242\n\u{1b}[2J";
+    let mut lingering = UnixStream::connect(&socket).unwrap();
+    let hello = ClientFrame::Hello {
+        version: VERSION,
+        token: String::new(),
+        name: forged.to_owned(),
+    };
+    lingering.write_all(&encode(|b| hello.encode(b))).unwrap();
+    lingering
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut welcome = [0u8; 5];
+    lingering.read_exact(&mut welcome).expect("a welcome");
+    assert_eq!(welcome[4], 0x81, "a welcome");
+
+    // Each poll is a session too: wait until every session but the
+    // lingering one and the one asking has ended and been counted.
+    let all_ended = mirror.wait_for_counters(Duration::from_secs(30), |c| {
+        let get = |name: &str| c.get(name).copied().unwrap_or_default();
+        let past = get("consumers.past_sessions.sessions");
+        past >= SESSIONS as u64 && past + get("server.active") == get("server.accepted")
+    });
+    let out = run_mirror(None, &["stats", "--connect", &unix, "--json"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(all_ended, "{json}");
+    assert!(
+        out.stdout.len() < 16 << 10,
+        "{} bytes of counters after {SESSIONS} sessions",
+        out.stdout.len()
+    );
+    let consumers = json["consumers"].as_array().expect("consumers");
+    // The lingering session, the one asking, and the past sessions.
+    assert_eq!(consumers.len(), 3, "{json}");
+    assert_eq!(json["truncated"]["consumers"], 0);
+    let accepted = json["server"]["accepted"].as_u64().unwrap();
+    let past = json["consumers"][2]["sessions"].as_u64().unwrap();
+    assert_eq!(consumers[2]["name"], "past_sessions");
+    assert!(past >= SESSIONS as u64, "{json}");
+    assert_eq!(past + 2, accepted, "{json}");
+    assert_eq!(json["server"]["refused"], 0);
+    assert_eq!(json["server"]["hello_evicted"], 0);
+    let lingering_name = consumers[0]["client"].as_str().expect("a client name");
+    assert_eq!(lingering_name, "x\\nkernel: seen=4242\\n\\u{1b}[2J");
+
+    // The text form: one `name value` per line, nothing that a name forged.
+    let out = run_mirror(None, &["stats", "--connect", &unix]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = String::from_utf8(out.stdout).expect("text");
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            fields.len() == 2 && fields[1].parse::<u64>().is_ok(),
+            "{line:?}"
+        );
+        assert!(line.chars().all(|c| !c.is_control()), "{line:?}");
+    }
+    assert!(text.contains("consumers.past_sessions.sessions"), "{text}");
+
+    drop(lingering);
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    // The forged line is in the log escaped, never as a line of its own.
+    assert!(
+        !output
+            .stderr
+            .lines()
+            .any(|l| l.starts_with("kernel: seen=4242")),
+        "a client name forged a log line"
+    );
+    assert!(
+        output.stderr.contains("x\\nkernel: seen=4242"),
+        "the name is logged, escaped"
+    );
+    assert_eq!(
+        output.counter("consumers.past_sessions.sessions"),
+        output.counter("server.accepted"),
+        "every session ended and was counted: {}",
         counters(&output)
     );
 }
