@@ -269,27 +269,26 @@ pub fn bind(config: &ServerConfig) -> Result<Vec<BoundListener>, ServerError> {
 
 /// Binds a Unix socket at `path` with mode 0600 from its first moment.
 ///
-/// The socket is bound in a fresh 0700 directory beside `path`, given mode
-/// 0600 there (no other user can reach it yet), then renamed into place
-/// without replacing anything (renameat2 RENAME_NOREPLACE). The directory
-/// of `path` is created (0700) when missing, and refused when other users
-/// may write it without the sticky bit. A socket left by a mirror that did
-/// not exit cleanly (nothing accepts on it) is removed; anything else at
-/// `path` — a file, a symlink, a directory — is an error, left as it is.
+/// The socket's own inode is given mode 0600 before `bind`, which creates
+/// the file with that mode (Linux takes the new file's mode from the
+/// socket's inode), so there is no moment when others could connect; and
+/// `bind` never replaces an existing file. The directory of `path` is
+/// created (0700) when missing, and refused when other users may write it
+/// without the sticky bit. A socket left by a mirror that did not exit
+/// cleanly (nothing accepts on it) is removed; anything else at `path` — a
+/// file, a symlink, a directory — is an error, and is left as it is.
 fn bind_unix(
     path: &Path,
     endpoint: &Endpoint,
 ) -> Result<(std::os::unix::net::UnixListener, SocketFile), ServerError> {
     use nix::{
-        fcntl::{RenameFlags, renameat2},
-        sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, mkdirat},
+        sys::stat::{Mode, SFlag, fchmod},
         unistd::{UnlinkatFlags, unlinkat},
     };
     let bind_error = |source: io::Error| ServerError::Bind {
         endpoint: endpoint.clone(),
         source,
     };
-    let errno = |error: nix::errno::Errno| bind_error(error.into());
     let dir = socket_directory(path).map_err(|error| ServerError::Dir {
         endpoint: endpoint.clone(),
         source: error,
@@ -304,59 +303,32 @@ fn bind_unix(
                 return Err(ServerError::InUse(endpoint.clone()));
             }
             tracing::info!("removing the stale socket {}", path.display());
-            unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir).map_err(errno)?;
+            unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| bind_error(e.into()))?;
         }
         Some(_) => return Err(ServerError::NotASocket(endpoint.clone())),
     }
-    let private = format!(".mirror-bind-{}", std::process::id());
-    mkdirat(
-        dir.as_fd(),
-        private.as_str(),
-        Mode::from_bits_truncate(0o700),
-    )
-    .map_err(errno)?;
-    let private_path = dir.path().join(&private);
-    let bound = (|| {
-        let listener =
-            std::os::unix::net::UnixListener::bind(private_path.join("s")).map_err(bind_error)?;
-        let private_fd = nix::fcntl::open(
-            &private_path,
-            nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_NOFOLLOW
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
-        fchmodat(
-            &private_fd,
-            "s",
-            Mode::from_bits_truncate(0o600),
-            FchmodatFlags::FollowSymlink,
-        )
-        .map_err(errno)?;
-        renameat2(
-            &private_fd,
-            "s",
-            dir.as_fd(),
-            name,
-            RenameFlags::RENAME_NOREPLACE,
-        )
-        .map_err(|error| match error {
-            nix::errno::Errno::EEXIST => ServerError::NotASocket(endpoint.clone()),
-            other => errno(other),
-        })?;
-        Ok(listener)
-    })();
-    let _ = unlinkat(dir.as_fd(), private.as_str(), UnlinkatFlags::RemoveDir);
-    let listener = bound?;
-    let Some((_, id)) = dir.kind_of(name).map_err(bind_error)? else {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+        .map_err(bind_error)?;
+    fchmod(&socket, Mode::from_bits_truncate(0o600)).map_err(|e| bind_error(e.into()))?;
+    let address = socket2::SockAddr::unix(path).map_err(bind_error)?;
+    socket.bind(&address).map_err(|error| match error.kind() {
+        // Something appeared at the path since it was checked.
+        io::ErrorKind::AddrInUse => ServerError::NotASocket(endpoint.clone()),
+        _ => bind_error(error),
+    })?;
+    socket.listen(1024).map_err(bind_error)?;
+    let Some((kind, id)) = dir.kind_of(name).map_err(bind_error)? else {
         return Err(bind_error(io::Error::other(
             "the socket vanished after bind",
         )));
     };
+    if kind != SFlag::S_IFSOCK {
+        return Err(ServerError::NotASocket(endpoint.clone()));
+    }
     let (dev, ino) = id.dev_ino();
     Ok((
-        listener,
+        socket.into(),
         SocketFile {
             path: path.to_path_buf(),
             dev,
@@ -1038,6 +1010,46 @@ mod tests {
         ports::{AllowList, PortRegistry},
         protocol::MAX_CLIENT_NAME,
     };
+
+    #[test]
+    fn unix_sockets_are_bound_0600_and_replace_only_stale_sockets() {
+        use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("m.sock");
+        let endpoint = Endpoint::Unix(path.clone());
+        let (listener, _) = bind_unix(&path, &endpoint).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let parent = std::fs::metadata(dir.path().join("sub")).unwrap();
+        assert_eq!(parent.permissions().mode() & 0o777, 0o700, "created 0700");
+        // A live socket: another mirror listens.
+        assert!(matches!(
+            bind_unix(&path, &endpoint),
+            Err(ServerError::InUse(_))
+        ));
+        // A stale one (nothing accepts): replaced.
+        drop(listener);
+        let (_listener, _) = bind_unix(&path, &endpoint).expect("the stale socket is replaced");
+        // Anything else is left alone.
+        for (name, make) in [
+            ("file", &|p: &Path| std::fs::write(p, b"keep").unwrap() as _),
+            ("link", &|p: &Path| {
+                std::os::unix::fs::symlink("/etc/passwd", p).unwrap() as _
+            }),
+            ("dir", &|p: &Path| std::fs::create_dir(p).unwrap() as _),
+        ] as [(&str, &dyn Fn(&Path)); 3]
+        {
+            let other = dir.path().join(name);
+            make(&other);
+            let error = bind_unix(&other, &Endpoint::Unix(other.clone())).unwrap_err();
+            assert!(
+                matches!(error, ServerError::NotASocket(_)),
+                "{name}: {error}"
+            );
+        }
+        assert_eq!(std::fs::read(dir.path().join("file")).unwrap(), b"keep");
+    }
 
     const TOKEN: &str = "s3cret-token";
 
