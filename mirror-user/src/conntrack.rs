@@ -656,6 +656,45 @@ impl ConnectionTable {
         }
     }
 
+    /// Panics if the table's bookkeeping is off (memory counts, deadlines,
+    /// the list of bare connections, the limits). For tests and the fuzz
+    /// targets: it walks the whole table.
+    pub fn assert_consistent(&self) {
+        let mut total = 0;
+        for (flow, conn) in self.conns.iter() {
+            total += conn.held;
+            match &conn.phase {
+                Phase::Waiting { segments, span, .. } => {
+                    let counted: usize = segments.iter().map(|(_, p, _)| held_cost(p.len())).sum();
+                    assert_eq!(conn.held, counted, "a waiting flow's memory");
+                    assert!(self.timed.contains(flow), "a waiting flow has a deadline");
+                    for (seq, _, _) in segments {
+                        assert!(span.contains(*seq));
+                    }
+                }
+                Phase::Open {
+                    id,
+                    carried,
+                    stream,
+                    ..
+                } => {
+                    stream.assert_consistent();
+                    assert!(!stream.is_finished(), "a finished stream stays open");
+                    assert_eq!(conn.held, stream.held_bytes(), "a stream's memory");
+                    if stream.is_waiting() {
+                        assert!(self.timed.contains(flow), "a hole has a deadline");
+                    }
+                    let bare = id.is_none() && !*carried;
+                    assert_eq!(self.bare.contains(flow), bare, "bare: never carried");
+                }
+            }
+        }
+        assert_eq!(self.buffered, total, "the table's memory is the sum");
+        assert!(self.buffered <= self.limits.max_buffered_bytes);
+        assert!(self.conns.len() <= self.limits.max_connections.max(1));
+        assert!(self.bare.len() <= self.conns.len());
+    }
+
     fn enforce_buffer_limit(&mut self, sink: &mut impl EventSink) {
         while self.buffered > self.limits.max_buffered_bytes {
             let Some(oldest) = self.conns.peek_lru().map(|(f, _)| *f) else {

@@ -245,6 +245,34 @@ impl Reassembler {
         self.has_hole().then(|| self.hole(cause))
     }
 
+    /// Panics if the internal bookkeeping is off: what is held is not what
+    /// is counted, or something is held where it can never be delivered.
+    /// For tests and the fuzz targets.
+    pub fn assert_consistent(&self) {
+        let counted: usize = self.held.values().map(|p| held_cost(p.len())).sum();
+        assert_eq!(self.held_bytes, counted, "held memory is counted exactly");
+        for (offset, payload) in &self.held {
+            assert!(
+                *offset > self.delivered,
+                "held at {offset}, delivered {}",
+                self.delivered
+            );
+            assert!(!payload.is_empty(), "an empty segment held at {offset}");
+            if let Some(fin) = self.fin {
+                assert!(
+                    offset + payload.len() as u64 <= fin,
+                    "bytes held beyond the FIN at {fin}"
+                );
+            }
+        }
+        if let Some(fin) = self.fin {
+            assert!(self.delivered <= fin, "delivered past the FIN at {fin}");
+            assert_eq!(self.shown, fin + 1);
+        }
+        assert!(!self.finished || self.held.is_empty());
+        assert_eq!(self.finished, self.fin == Some(self.delivered));
+    }
+
     /// Stream offset of `seq`, if it is plausibly of this stream.
     fn offset(&self, seq: u32) -> Option<i64> {
         let rel = i64::from(seq.wrapping_sub(self.next_seq) as i32);
@@ -276,6 +304,11 @@ impl Reassembler {
         if payload.is_empty() {
             return;
         }
+        debug_assert!(
+            self.fin
+                .is_none_or(|fin| self.delivered + payload.len() as u64 <= fin),
+            "a byte past the FIN"
+        );
         self.delivered += payload.len() as u64;
         self.next_seq = self.next_seq.wrapping_add(payload.len() as u32);
         out.push(payload);
@@ -529,7 +562,11 @@ mod tests {
 
     #[test]
     fn held_memory_counts_allocations_and_entries() {
-        assert_eq!(held_cost(1), 32 + SEGMENT_OVERHEAD, "malloc's smallest chunk");
+        assert_eq!(
+            held_cost(1),
+            32 + SEGMENT_OVERHEAD,
+            "malloc's smallest chunk"
+        );
         assert_eq!(held_cost(24), 32 + SEGMENT_OVERHEAD);
         assert_eq!(held_cost(25), 48 + SEGMENT_OVERHEAD);
         assert_eq!(held_cost(1448), 1456 + SEGMENT_OVERHEAD);
@@ -596,7 +633,14 @@ mod tests {
 
     /// ISN, the stream, where its FIN is, segments as (start, length),
     /// which are lost, and the order they arrive in.
-    type Scenario = (u32, Vec<u8>, usize, Vec<(usize, usize)>, Vec<bool>, Vec<usize>);
+    type Scenario = (
+        u32,
+        Vec<u8>,
+        usize,
+        Vec<(usize, usize)>,
+        Vec<bool>,
+        Vec<usize>,
+    );
 
     /// A known byte stream with its FIN at `fin`, followed by bytes a
     /// client should never send (beyond its FIN), cut into segments (some
@@ -712,6 +756,7 @@ mod tests {
                 let carries_fin = start + size == fin;
                 model.push(start, size, carries_fin);
                 let result = r.push(seq, payload, carries_fin, step as u64, &mut out);
+                r.assert_consistent();
                 prop_assert_eq!(result, Ok(()), "no budget is reached");
             }
             let delivered = collect(&out);
