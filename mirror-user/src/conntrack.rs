@@ -560,7 +560,7 @@ impl ConnectionTable {
             return;
         };
         conn.last_seen_ns = now_ns;
-        let (stream, carried) = match &mut conn.phase {
+        let (id, stream, carried) = match &mut conn.phase {
             Phase::Waiting { segments, span, .. } => {
                 let cost = held_cost(payload.len());
                 span.add(seq, payload.len(), fin);
@@ -574,8 +574,11 @@ impl ConnectionTable {
                 return;
             }
             Phase::Open {
-                stream, carried, ..
-            } => (stream, carried),
+                id,
+                stream,
+                carried,
+                ..
+            } => (*id, stream, carried),
         };
         self.scratch.clear();
         let result = stream.push(seq, payload, fin, now_ns, &mut self.scratch);
@@ -589,7 +592,10 @@ impl ConnectionTable {
         self.buffered = self.buffered + held - conn.held;
         conn.held = held;
         if !self.scratch.is_empty() {
-            let id = self.announce(flow, sink).expect("an open connection");
+            let id = match id {
+                Some(id) => id,
+                None => self.announce(flow, sink).expect("an open connection"),
+            };
             let port = flow.dst.port();
             for bytes in self.scratch.drain(..) {
                 self.stats.delivered_bytes += bytes.len() as u64;
@@ -861,6 +867,7 @@ mod tests {
         table.segment(seg(f, 5, ACK, b"ef"), 100, &mut log);
         table.tick(100 + LIMITS.reorder.max_wait_ns, &mut log);
         assert_eq!(log.0.len(), 2, "still waiting");
+        table.assert_consistent();
         table.tick(101 + LIMITS.reorder.max_wait_ns, &mut log);
         assert_eq!(log.0, ["open 1", "data 1 ab", "close 1 gap"]);
         assert_eq!(table.stats().missing_bytes, 2);
@@ -967,6 +974,7 @@ mod tests {
         }
         assert_eq!(table.len(), LIMITS.max_connections);
         assert_eq!(table.stats().silent, 999, "bare SYNs evicted bare SYNs");
+        table.assert_consistent();
         table.segment(seg(flow(1), 4, FIN, b""), 3, &mut log);
         table.segment(seg(flow(2), 5, FIN, b""), 3, &mut log);
         assert_eq!(
@@ -995,6 +1003,7 @@ mod tests {
         }
         assert_eq!(table.stats().ignored_rsts, 4);
         assert_eq!(log.0, ["open 1", "data 1 abc"]);
+        table.assert_consistent();
         // Within [next expected, furthest sent]: the receiver may have
         // bytes the mirror lost, the client's RST carries its SND.NXT.
         table.segment(seg(f, 109, RST, b""), 4, &mut log);
@@ -1015,6 +1024,7 @@ mod tests {
         table.segment(seg(f, 5006, RST, b""), 2, &mut log);
         assert_eq!(table.stats().ignored_rsts, 2);
         assert!(log.0.is_empty());
+        table.assert_consistent();
         table.segment(seg(f, 5005, RST, b""), 3, &mut log);
         assert_eq!(
             log.0,
@@ -1064,6 +1074,7 @@ mod tests {
         table.segment(seg(f, 4, ACK, b"def"), 3, &mut log);
         assert_eq!(table.stats().ignored_syns, 1);
         assert_eq!(log.0, ["open 1", "data 1 abc", "data 1 def"]);
+        table.assert_consistent();
         // Quiet for longer than the quiet time (capped by the idle
         // timeout): the tuple was reused, the old connection ended unseen.
         let quiet = SYN_QUIET_NS.min(LIMITS.idle_timeout_ns) + 1;
@@ -1105,6 +1116,7 @@ mod tests {
         table.segment(held(pool_buffer.slice(..7)), 2, &mut log);
         assert_eq!(table.buffered_bytes(), held_cost(7));
         assert!(pool_buffer.is_unique(), "the held segment is a copy");
+        table.assert_consistent();
         table.segment(seg(flow(1), 1, ACK, b"abcdefghi"), 3, &mut log);
         assert_eq!(table.buffered_bytes(), 0);
         assert_eq!(log.0, ["open 1", "data 1 abcdefghi", "data 1 zzzzzzz"]);
