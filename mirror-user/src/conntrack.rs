@@ -21,7 +21,9 @@
 //!
 //! Spoofed segments (RFC 5961, as far as one direction shows): an RST ends
 //! a connection only inside the window [`Reassembler::accepts_rst`]
-//! describes, and a SYN with another ISN replaces a live connection only
+//! describes (or, when it is beyond what the client has shown, once the
+//! client's data turns out to end exactly there within the reorder
+//! timeout: it overtook them through another ring), and a SYN with another ISN replaces a live connection only
 //! once that connection sent its FIN or has been quiet for
 //! [`SYN_QUIET_NS`]; other RSTs and SYNs are counted and ignored.
 
@@ -141,6 +143,11 @@ enum Phase {
         /// retransmission.
         syn_next: Option<u32>,
         stream: Reassembler,
+        /// An RST beyond what the client has shown, with when it came: it
+        /// ends the connection if the client's data turns out to end
+        /// exactly there within the reorder timeout (it overtook them
+        /// through another CPU's ring), and is ignored otherwise.
+        pending_rst: Option<(u32, u64)>,
     },
 }
 
@@ -341,9 +348,27 @@ impl ConnectionTable {
                         self.open_midstream(&flow, now_ns, sink);
                     }
                 }
-                Phase::Open { stream, .. } => {
+                Phase::Open {
+                    stream,
+                    pending_rst,
+                    ..
+                } => {
                     if let Err(hole) = stream.poll(now_ns) {
                         self.gap(&flow, hole, sink);
+                    } else if pending_rst.is_some_and(|(_, since)| {
+                        now_ns.saturating_sub(since) > self.limits.reorder.max_wait_ns
+                    }) {
+                        // The data it waited for never came.
+                        self.stats.ignored_rsts += 1;
+                        let waits = stream.is_waiting();
+                        if let Some(Phase::Open { pending_rst, .. }) =
+                            self.conns.peek_mut(&flow).map(|conn| &mut conn.phase)
+                        {
+                            *pending_rst = None;
+                        }
+                        if !waits {
+                            self.timed.remove(&flow);
+                        }
                     }
                 }
             }
@@ -376,15 +401,29 @@ impl ConnectionTable {
     }
 
     /// An RST ends its connection if it is where the client's next
-    /// sequence number can be; otherwise it is counted and ignored.
+    /// sequence number can be; one beyond what the client has shown waits
+    /// for its data; others are counted and ignored.
     fn rst(&mut self, flow: &FlowKey, seq: u32, now_ns: u64, sink: &mut impl EventSink) {
-        let Some(conn) = self.conns.peek(flow) else {
+        let Some(conn) = self.conns.peek_mut(flow) else {
             self.stats.untracked += 1;
             return;
         };
-        let (believed, waiting) = match &conn.phase {
+        let (believed, waiting) = match &mut conn.phase {
             Phase::Waiting { span, .. } => (span.contains(seq), true),
-            Phase::Open { stream, .. } => (stream.accepts_rst(seq), false),
+            Phase::Open {
+                stream,
+                pending_rst,
+                ..
+            } => {
+                if !stream.accepts_rst(seq) && stream.is_ahead(seq) {
+                    if pending_rst.replace((seq, now_ns)).is_some() {
+                        self.stats.ignored_rsts += 1;
+                    }
+                    self.timed.insert(*flow);
+                    return;
+                }
+                (stream.accepts_rst(seq), false)
+            }
         };
         if !believed {
             self.stats.ignored_rsts += 1;
@@ -509,6 +548,7 @@ impl ConnectionTable {
                     carried: false,
                     syn_next,
                     stream: Reassembler::new(next_seq, self.limits.reorder),
+                    pending_rst: None,
                 },
                 last_seen_ns: now_ns,
                 held: 0,
@@ -560,7 +600,7 @@ impl ConnectionTable {
             return;
         };
         conn.last_seen_ns = now_ns;
-        let (id, stream, carried) = match &mut conn.phase {
+        let (id, stream, carried, pending_rst) = match &mut conn.phase {
             Phase::Waiting { segments, span, .. } => {
                 let cost = held_cost(payload.len());
                 span.add(seq, payload.len(), fin);
@@ -577,14 +617,27 @@ impl ConnectionTable {
                 id,
                 stream,
                 carried,
+                pending_rst,
                 ..
-            } => (*id, stream, carried),
+            } => (*id, stream, carried, pending_rst),
         };
         self.scratch.clear();
         let result = stream.push(seq, payload, fin, now_ns, &mut self.scratch);
         let finished = stream.is_finished();
         let waits = stream.is_waiting();
         let held = stream.held_bytes();
+        // A waiting RST is believed once the client's data ends exactly
+        // where it points, and dropped once the data passes it.
+        let mut reset = false;
+        if let Some((rst_seq, _)) = *pending_rst {
+            if stream.shown_seq() == rst_seq {
+                reset = true;
+            } else if !stream.is_ahead(rst_seq) {
+                *pending_rst = None;
+                self.stats.ignored_rsts += 1;
+            }
+        }
+        let pending = pending_rst.is_some();
         if !*carried && (stream.fin_seen() || held > 0 || !self.scratch.is_empty()) {
             *carried = true;
             self.bare.pop(flow);
@@ -605,7 +658,8 @@ impl ConnectionTable {
         match result {
             Err(hole) => self.gap(flow, hole, sink),
             Ok(()) if finished => self.close(flow, CloseReason::Fin, sink),
-            Ok(()) if waits => {
+            Ok(()) if reset => self.close(flow, CloseReason::Rst, sink),
+            Ok(()) if waits || pending => {
                 self.timed.insert(*flow);
             }
             Ok(()) => {
@@ -646,6 +700,14 @@ impl ConnectionTable {
         let Some(conn) = self.conns.pop(flow) else {
             return;
         };
+        if let Phase::Open {
+            pending_rst: Some(_),
+            ..
+        } = conn.phase
+            && reason != CloseReason::Rst
+        {
+            self.stats.ignored_rsts += 1;
+        }
         self.timed.remove(flow);
         self.bare.pop(flow);
         self.buffered -= conn.held;
@@ -682,6 +744,7 @@ impl ConnectionTable {
                     id,
                     carried,
                     stream,
+                    pending_rst,
                     ..
                 } => {
                     stream.assert_consistent();
@@ -689,6 +752,10 @@ impl ConnectionTable {
                     assert_eq!(conn.held, stream.held_bytes(), "a stream's memory");
                     if stream.is_waiting() {
                         assert!(self.timed.contains(flow), "a hole has a deadline");
+                    }
+                    if let Some((seq, _)) = pending_rst {
+                        assert!(self.timed.contains(flow), "a waiting RST has a deadline");
+                        assert!(stream.is_ahead(*seq), "a waiting RST is ahead");
                     }
                     let bare = id.is_none() && !*carried;
                     assert_eq!(self.bare.contains(flow), bare, "bare: never carried");
@@ -998,10 +1065,10 @@ mod tests {
         table.segment(seg(f, 99, SYN, b""), 0, &mut log);
         table.segment(seg(f, 100, ACK, b"abc"), 1, &mut log);
         table.segment(seg(f, 106, ACK, b"ghi"), 2, &mut log); // behind a hole
-        for seq in [102, 110, 100 + (1 << 20), 7] {
+        for seq in [102, 7, 100 + (1 << 31)] {
             table.segment(seg(f, seq, RST, b""), 3, &mut log);
         }
-        assert_eq!(table.stats().ignored_rsts, 4);
+        assert_eq!(table.stats().ignored_rsts, 3);
         assert_eq!(log.0, ["open 1", "data 1 abc"]);
         table.assert_consistent();
         // Within [next expected, furthest sent]: the receiver may have
@@ -1011,6 +1078,41 @@ mod tests {
         // An RST of nothing tracked.
         table.segment(seg(flow(2), 5, RST, b""), 5, &mut log);
         assert_eq!(table.stats().untracked, 1);
+    }
+
+    #[test]
+    fn an_rst_that_overtook_the_last_data_waits_for_it() {
+        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut log = Log::default();
+        let f = flow(1);
+        table.segment(seg(f, 0, SYN, b""), 0, &mut log);
+        table.segment(seg(f, 1, ACK, b"abc"), 1, &mut log);
+        // The RST came through another CPU's ring before "def".
+        table.segment(seg(f, 7, RST, b""), 2, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 abc"]);
+        table.assert_consistent();
+        table.segment(seg(f, 4, ACK, b"def"), 3, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 abc", "data 1 def", "close 1 rst"]);
+        assert_eq!(table.stats().ignored_rsts, 0);
+
+        // One that the data passes, or that waits in vain, is ignored.
+        let g = flow(2);
+        table.segment(seg(g, 0, SYN, b""), 10, &mut log);
+        table.segment(seg(g, 1, ACK, b"abc"), 10, &mut log);
+        table.segment(seg(g, 5, RST, b""), 11, &mut log);
+        table.segment(seg(g, 4, ACK, b"defg"), 12, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 1, "the data went past it");
+        table.segment(seg(g, 100, RST, b""), 13, &mut log);
+        table.tick(13 + LIMITS.reorder.max_wait_ns, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 1);
+        table.tick(14 + LIMITS.reorder.max_wait_ns, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 2, "no data ended there in time");
+        table.assert_consistent();
+        assert_eq!(
+            &log.0[4..],
+            ["open 2", "data 2 abc", "data 2 defg"],
+            "still open"
+        );
     }
 
     #[test]

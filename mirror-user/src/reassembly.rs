@@ -209,6 +209,22 @@ impl Reassembler {
         rel >= 0 && self.delivered + rel as u64 <= self.shown.max(self.delivered)
     }
 
+    /// Whether `seq` lies beyond the furthest sequence number the sender
+    /// has used, yet plausibly in this stream: an RST there may have
+    /// overtaken the sender's last segments (they can sit in another CPU's
+    /// ring).
+    pub fn is_ahead(&self, seq: u32) -> bool {
+        let rel = i64::from(seq.wrapping_sub(self.next_seq) as i32);
+        self.delivered as i64 + rel > self.shown.max(self.delivered) as i64 && rel <= MAX_WINDOW
+    }
+
+    /// Sequence number just past the furthest byte (or FIN) the sender
+    /// has used: what the sender's RST would carry now.
+    pub fn shown_seq(&self) -> u32 {
+        let ahead = self.shown.max(self.delivered) - self.delivered;
+        self.next_seq.wrapping_add(ahead as u32)
+    }
+
     /// Memory held behind a hole, as [`held_cost`] counts it.
     pub fn held_bytes(&self) -> usize {
         self.held_bytes
@@ -599,10 +615,16 @@ mod tests {
         assert!(r.fin_seen());
         assert!(r.accepts_rst(1015));
         assert!(!r.accepts_rst(1016));
+        assert_eq!(r.shown_seq(), 1015);
+        assert!(r.is_ahead(1016));
+        assert!(!r.is_ahead(1015));
+        assert!(!r.is_ahead(1000 + (1 << 31)), "not of this stream");
         // Sequence numbers wrap.
         let r = Reassembler::new(u32::MAX, LIMITS);
         assert!(r.accepts_rst(u32::MAX));
         assert!(!r.accepts_rst(0));
+        assert!(r.is_ahead(0));
+        assert_eq!(r.shown_seq(), u32::MAX);
     }
 
     #[test]
