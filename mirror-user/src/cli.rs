@@ -339,8 +339,9 @@ pub struct StreamArgs {
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub max_connections: usize,
 
-    /// Bytes held in reorder buffers, all connections together; over it
-    /// the oldest idle connections are closed as "evicted".
+    /// Memory held in reorder buffers, all connections together (each held
+    /// segment counts its payload plus about 140 bytes); over it the
+    /// oldest idle connections are closed as "evicted".
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     pub max_buffered_bytes: u64,
 
@@ -348,8 +349,8 @@ pub struct StreamArgs {
     #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Bytes one connection may hold behind a hole before it is closed as
-    /// "gap". A flow's packets move between CPU rings when its sender
+    /// Memory one connection may hold behind a hole (counted as for
+    /// --max-buffered-bytes) before it is closed as "gap". A flow's packets move between CPU rings when its sender
     /// migrates, and a busy CPU's ring can be read tens of milliseconds
     /// after another's: 4 MiB closed healthy flows as "gap" on a saturated
     /// 2-core machine, 16 MiB did not.

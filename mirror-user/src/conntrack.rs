@@ -1,14 +1,31 @@
 //! The connection table of one flow shard, sans-IO like the reassembler:
 //! segments, losses and the current time go in, stream events come out.
 //!
-//! A connection opens on the client's SYN. Data of a flow without a SYN
-//! first waits, within the reorder budget, for a SYN that may still sit in
-//! another CPU's ring; when none comes, the flow opens `midstream` at the
-//! lowest sequence number seen (a connection that ran before the mirror
-//! started, or resumes after a loss). A connection closes on FIN (reached
-//! in order), RST, idleness, a hole (`gap`), or eviction when the table or
-//! its buffered bytes reach their limits: the least recently seen
-//! connection goes first. Every close is an event with its reason.
+//! A connection starts on the client's SYN, and is announced to consumers
+//! (`Opened`) only once it carries something: just before its first byte
+//! is delivered, or before its close when a FIN, an RST or bytes it
+//! carried but could not deliver end it. A bare SYN costs a table entry and
+//! nothing downstream: a SYN flood opens no dump file and no shadow
+//! connection, and its entries are the first to make room in a full table.
+//! A connection that ends without carrying anything (idle, evicted, lost,
+//! shutdown) is counted as `silent` and never shown.
+//!
+//! Data of a flow without a SYN first waits, within the reorder budget, for
+//! a SYN that may still sit in another CPU's ring; when none comes, the flow
+//! opens `midstream` at the lowest sequence number seen (a connection that
+//! ran before the mirror started, or resumes after a loss). A connection
+//! closes on FIN (reached in order), RST, idleness, a hole (`gap`), or
+//! eviction when the table or its buffered bytes reach their limits: the
+//! least recently seen connection goes first. Every close of an announced
+//! connection is an event with its reason.
+//!
+//! Spoofed segments (RFC 5961, as far as one direction shows): an RST ends
+//! a connection only inside the window [`Reassembler::accepts_rst`]
+//! describes (or, when it is beyond what the client has shown, once the
+//! client's data turns out to end exactly there within the reorder
+//! timeout: it overtook them through another ring), and a SYN with another ISN replaces a live connection only
+//! once that connection sent its FIN or has been quiet for
+//! [`SYN_QUIET_NS`]; other RSTs and SYNs are counted and ignored.
 
 use std::{collections::HashSet, num::NonZeroUsize};
 
@@ -16,7 +33,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::{
-    reassembly::{Hole, Reassembler, ReorderLimits},
+    reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
     record::TcpFlags,
     segment::{FlowKey, Segment},
     stream::{CloseReason, ConnId, StreamEvent},
@@ -26,11 +43,22 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableLimits {
     pub max_connections: usize,
-    /// Payload bytes held in reorder buffers, all connections together.
+    /// Memory held in reorder buffers and SYN waits, all connections
+    /// together, as [`held_cost`] counts it.
     pub max_buffered_bytes: usize,
     pub idle_timeout_ns: u64,
     pub reorder: ReorderLimits,
 }
+
+/// How long a connection must have been quiet before a SYN with another
+/// ISN may take its 4-tuple (unless it sent its FIN). A live connection
+/// answers such a SYN with a challenge ACK (RFC 5961 section 4), and a
+/// client that really lost the old connection answers that with an RST at
+/// the exact sequence number, which ends it here too; so a blind SYN can
+/// never end a connection that is in use, and a 4-tuple whose end the
+/// mirror could not see (the server's RST travels the other way) is
+/// usable again after this long. Capped by the idle timeout.
+pub const SYN_QUIET_NS: u64 = 5_000_000_000;
 
 /// Receives the events of a table, with the destination port they belong to.
 pub trait EventSink {
@@ -46,15 +74,24 @@ impl<F: FnMut(u16, StreamEvent)> EventSink for F {
 /// What a table did, for the counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TableStats {
+    /// Connections announced to consumers.
     pub opened: u64,
     pub opened_midstream: u64,
     pub closed: [u64; CloseReason::ALL.len()],
+    /// Connections that began with a SYN and ended (idle, evicted, lost,
+    /// shutdown) without a byte, FIN or RST: never announced.
+    pub silent: u64,
     /// Bytes known to be missing where streams ended with `gap`.
     pub missing_bytes: u64,
     /// Segments of no known connection that could not open one (a pure
-    /// ACK or FIN of a connection that started before the mirror), and
-    /// segments that arrived after their connection's FIN or RST.
+    /// ACK, FIN or RST of a connection that started before the mirror),
+    /// and segments that arrived after their connection's FIN or RST.
     pub untracked: u64,
+    /// RSTs outside the window the connection showed (RFC 5961).
+    pub ignored_rsts: u64,
+    /// SYNs with another ISN on a connection that was neither finished
+    /// nor quiet.
+    pub ignored_syns: u64,
     pub delivered_bytes: u64,
 }
 
@@ -69,8 +106,11 @@ impl TableStats {
         for (total, n) in self.closed.iter_mut().zip(other.closed) {
             *total += n;
         }
+        self.silent += other.silent;
         self.missing_bytes += other.missing_bytes;
         self.untracked += other.untracked;
+        self.ignored_rsts += other.ignored_rsts;
+        self.ignored_syns += other.ignored_syns;
         self.delivered_bytes += other.delivered_bytes;
     }
 }
@@ -78,7 +118,7 @@ impl TableStats {
 struct Connection {
     phase: Phase,
     last_seen_ns: u64,
-    /// Bytes held for this flow (reorder buffer or waiting segments), as
+    /// Memory held for this flow (reorder buffer or waiting segments), as
     /// last counted into the table's total.
     held: usize,
 }
@@ -86,25 +126,71 @@ struct Connection {
 enum Phase {
     /// Data without a SYN: waiting for the SYN from another CPU's ring.
     Waiting {
+        /// Payloads copied out of the pool ([`detach`]).
         segments: Vec<(u32, Bytes, bool)>,
         since_ns: u64,
+        /// The sequence space the segments cover, for RST checks.
+        span: Span,
     },
     Open {
-        id: ConnId,
+        /// Assigned when the connection is announced.
+        id: Option<ConnId>,
+        midstream: bool,
+        /// It took a byte or a FIN (delivered or not), or a truncated
+        /// segment: consumers hear of it at its close at the latest.
+        carried: bool,
         /// Sequence number right after the SYN, to recognize its
         /// retransmission.
         syn_next: Option<u32>,
         stream: Reassembler,
+        /// An RST beyond what the client has shown, with when it came: it
+        /// ends the connection if the client's data turns out to end
+        /// exactly there within the reorder timeout (it overtook them
+        /// through another CPU's ring), and is ignored otherwise.
+        pending_rst: Option<(u32, u64)>,
     },
 }
 
-impl Connection {
-    fn id(&self) -> Option<ConnId> {
-        match &self.phase {
-            Phase::Open { id, .. } => Some(*id),
-            Phase::Waiting { .. } => None,
+/// A range of sequence numbers, relative to a first one (wrapping).
+#[derive(Clone, Copy)]
+struct Span {
+    first: u32,
+    low: i64,
+    high: i64,
+}
+
+impl Span {
+    fn new(first: u32) -> Self {
+        Self {
+            first,
+            low: 0,
+            high: 0,
         }
     }
+
+    fn rel(&self, seq: u32) -> i64 {
+        i64::from(seq.wrapping_sub(self.first) as i32)
+    }
+
+    fn add(&mut self, seq: u32, len: usize, fin: bool) {
+        let start = self.rel(seq);
+        self.low = self.low.min(start);
+        self.high = self.high.max(start + len as i64 + i64::from(fin));
+    }
+
+    fn contains(&self, seq: u32) -> bool {
+        (self.low..=self.high).contains(&self.rel(seq))
+    }
+}
+
+/// How a SYN on a tracked flow is taken.
+enum SynOutcome {
+    /// A retransmission of the SYN that opened the connection.
+    Retransmitted,
+    /// It (re)starts the flow.
+    Opened,
+    /// Another ISN on a connection in use: not believed.
+    Ignored,
 }
 
 /// How long a flow closed by FIN or RST ignores segments without SYN:
@@ -116,6 +202,9 @@ const ENDED_CAPACITY: usize = 65536;
 pub struct ConnectionTable {
     /// Least recently seen first.
     conns: LruCache<FlowKey, Connection>,
+    /// Connections that have carried nothing yet (a bare SYN, maybe a
+    /// flood), least recently opened first: they make room first.
+    bare: LruCache<FlowKey, ()>,
     /// Flows recently closed by FIN or RST, with when they were closed.
     ended: LruCache<FlowKey, u64>,
     /// Flows with a deadline: bytes held behind a hole, a FIN beyond one,
@@ -135,6 +224,7 @@ impl ConnectionTable {
     pub fn new(limits: TableLimits, first_id: ConnId, id_step: ConnId) -> Self {
         Self {
             conns: LruCache::unbounded(),
+            bare: LruCache::unbounded(),
             ended: LruCache::new(NonZeroUsize::new(ENDED_CAPACITY).expect("non-zero")),
             timed: HashSet::new(),
             buffered: 0,
@@ -154,6 +244,7 @@ impl ConnectionTable {
         self.conns.is_empty()
     }
 
+    /// Memory held in reorder buffers and SYN waits.
     pub fn buffered_bytes(&self) -> usize {
         self.buffered
     }
@@ -172,12 +263,14 @@ impl ConnectionTable {
             truncated,
         } = segment;
         if flags.contains(TcpFlags::RST) {
-            self.close(&flow, CloseReason::Rst, sink);
+            self.rst(&flow, seq, now_ns, sink);
             return;
         }
         if flags.contains(TcpFlags::SYN) {
             self.ended.pop(&flow);
-            self.syn(flow, seq, now_ns, sink);
+            if matches!(self.syn(flow, seq, now_ns, sink), SynOutcome::Ignored) {
+                return;
+            }
         } else if !self.conns.contains(&flow) {
             if let Some(closed_ns) = self.ended.get(&flow) {
                 if now_ns.saturating_sub(*closed_ns) <= ENDED_GRACE_NS {
@@ -197,6 +290,7 @@ impl ConnectionTable {
                     phase: Phase::Waiting {
                         segments: Vec::new(),
                         since_ns: now_ns,
+                        span: Span::new(seq),
                     },
                     last_seen_ns: now_ns,
                     held: 0,
@@ -206,6 +300,11 @@ impl ConnectionTable {
         }
         if truncated {
             // Bytes the stream carried were not captured (--snaplen).
+            if let Some(Phase::Open { carried, .. }) =
+                self.conns.peek_mut(&flow).map(|conn| &mut conn.phase)
+            {
+                *carried = true;
+            }
             self.close(&flow, CloseReason::Gap, sink);
             return;
         }
@@ -249,9 +348,27 @@ impl ConnectionTable {
                         self.open_midstream(&flow, now_ns, sink);
                     }
                 }
-                Phase::Open { stream, .. } => {
+                Phase::Open {
+                    stream,
+                    pending_rst,
+                    ..
+                } => {
                     if let Err(hole) = stream.poll(now_ns) {
                         self.gap(&flow, hole, sink);
+                    } else if pending_rst.is_some_and(|(_, since)| {
+                        now_ns.saturating_sub(since) > self.limits.reorder.max_wait_ns
+                    }) {
+                        // The data it waited for never came.
+                        self.stats.ignored_rsts += 1;
+                        let waits = stream.is_waiting();
+                        if let Some(Phase::Open { pending_rst, .. }) =
+                            self.conns.peek_mut(&flow).map(|conn| &mut conn.phase)
+                        {
+                            *pending_rst = None;
+                        }
+                        if !waits {
+                            self.timed.remove(&flow);
+                        }
                     }
                 }
             }
@@ -283,23 +400,77 @@ impl ConnectionTable {
         }
     }
 
-    fn syn(&mut self, flow: FlowKey, seq: u32, now_ns: u64, sink: &mut impl EventSink) {
+    /// An RST ends its connection if it is where the client's next
+    /// sequence number can be; one beyond what the client has shown waits
+    /// for its data; others are counted and ignored.
+    fn rst(&mut self, flow: &FlowKey, seq: u32, now_ns: u64, sink: &mut impl EventSink) {
+        let Some(conn) = self.conns.peek_mut(flow) else {
+            self.stats.untracked += 1;
+            return;
+        };
+        let (believed, waiting) = match &mut conn.phase {
+            Phase::Waiting { span, .. } => (span.contains(seq), true),
+            Phase::Open {
+                stream,
+                pending_rst,
+                ..
+            } => {
+                if !stream.accepts_rst(seq) && stream.is_ahead(seq) {
+                    if pending_rst.replace((seq, now_ns)).is_some() {
+                        self.stats.ignored_rsts += 1;
+                    }
+                    self.timed.insert(*flow);
+                    return;
+                }
+                (stream.accepts_rst(seq), false)
+            }
+        };
+        if !believed {
+            self.stats.ignored_rsts += 1;
+            return;
+        }
+        if waiting {
+            // The client ended it: what it sent before is delivered.
+            self.open_midstream(flow, now_ns, sink);
+        }
+        self.close(flow, CloseReason::Rst, sink);
+    }
+
+    fn syn(
+        &mut self,
+        flow: FlowKey,
+        seq: u32,
+        now_ns: u64,
+        sink: &mut impl EventSink,
+    ) -> SynOutcome {
         let next = seq.wrapping_add(1);
-        let waiting = match self.conns.get_mut(&flow) {
-            Some(conn) => match &mut conn.phase {
+        let quiet_ns = SYN_QUIET_NS.min(self.limits.idle_timeout_ns);
+        let mut waiting = None;
+        if let Some(conn) = self.conns.peek_mut(&flow) {
+            let quiet = now_ns.saturating_sub(conn.last_seen_ns) > quiet_ns;
+            match &mut conn.phase {
                 Phase::Open { syn_next, .. } if *syn_next == Some(next) => {
                     conn.last_seen_ns = now_ns;
-                    return; // a retransmitted SYN
+                    self.conns.promote(&flow);
+                    return SynOutcome::Retransmitted;
                 }
-                Phase::Waiting { segments, .. } => Some(std::mem::take(segments)),
+                Phase::Waiting { segments, .. } => waiting = Some(std::mem::take(segments)),
+                // The client sent its FIN and reuses the 4-tuple: the old
+                // stream misses bytes before its FIN.
+                Phase::Open { stream, .. } if stream.fin_seen() => {
+                    match stream.open_hole(HoleCause::Superseded) {
+                        Some(hole) => self.gap(&flow, hole, sink),
+                        None => self.close(&flow, CloseReason::Idle, sink),
+                    }
+                }
                 // The 4-tuple was reused: the old connection ended unseen.
+                Phase::Open { .. } if quiet => self.close(&flow, CloseReason::Idle, sink),
                 Phase::Open { .. } => {
-                    self.close(&flow, CloseReason::Idle, sink);
-                    None
+                    self.stats.ignored_syns += 1;
+                    return SynOutcome::Ignored;
                 }
-            },
-            None => None,
-        };
+            }
+        }
         if waiting.is_some() {
             self.release(&flow);
             self.conns.pop(&flow);
@@ -310,6 +481,7 @@ impl ConnectionTable {
         for (seq, payload, fin) in waiting.unwrap_or_default() {
             self.feed(&flow, seq, payload, fin, now_ns, sink);
         }
+        SynOutcome::Opened
     }
 
     /// Opens a waiting flow at the lowest sequence number it holds.
@@ -317,18 +489,11 @@ impl ConnectionTable {
         let Some(conn) = self.conns.peek_mut(flow) else {
             return;
         };
-        let Phase::Waiting { segments, .. } = &mut conn.phase else {
+        let Phase::Waiting { segments, span, .. } = &mut conn.phase else {
             return;
         };
         let segments = std::mem::take(segments);
-        let Some(first) = segments.first().map(|(seq, _, _)| *seq) else {
-            return;
-        };
-        let start = segments
-            .iter()
-            .map(|(seq, _, _)| *seq)
-            .min_by_key(|seq| seq.wrapping_sub(first) as i32)
-            .unwrap_or(first);
+        let start = span.first.wrapping_add(span.low as u32);
         self.release(flow);
         self.conns.pop(flow);
         self.timed.remove(flow);
@@ -346,16 +511,24 @@ impl ConnectionTable {
         }
     }
 
-    /// Makes room for one more flow.
+    /// Makes room for one more flow: connections that carried nothing go
+    /// first, then the least recently seen.
     fn make_room(&mut self, sink: &mut impl EventSink) {
         while self.conns.len() >= self.limits.max_connections.max(1) {
-            let Some(oldest) = self.conns.peek_lru().map(|(flow, _)| *flow) else {
+            let Some(oldest) = self
+                .bare
+                .peek_lru()
+                .map(|(flow, _)| *flow)
+                .or_else(|| self.conns.peek_lru().map(|(flow, _)| *flow))
+            else {
                 break;
             };
             self.close(&oldest, CloseReason::Evicted, sink);
         }
     }
 
+    /// Starts tracking a connection; consumers hear of it once it carries
+    /// something ([`Self::announce`]).
     fn open(
         &mut self,
         flow: FlowKey,
@@ -366,33 +539,52 @@ impl ConnectionTable {
         sink: &mut impl EventSink,
     ) {
         self.make_room(sink);
-        let id = self.next_id;
-        self.next_id += self.id_step;
-        self.stats.opened += 1;
-        if midstream {
-            self.stats.opened_midstream += 1;
-        }
         self.conns.put(
             flow,
             Connection {
                 phase: Phase::Open {
-                    id,
+                    id: None,
+                    midstream,
+                    carried: false,
                     syn_next,
                     stream: Reassembler::new(next_seq, self.limits.reorder),
+                    pending_rst: None,
                 },
                 last_seen_ns: now_ns,
                 held: 0,
             },
         );
+        self.bare.put(flow, ());
+    }
+
+    /// Tells consumers about `flow` if they have not heard of it yet;
+    /// returns its id.
+    fn announce(&mut self, flow: &FlowKey, sink: &mut impl EventSink) -> Option<ConnId> {
+        let conn = self.conns.peek_mut(flow)?;
+        let Phase::Open { id, midstream, .. } = &mut conn.phase else {
+            return None;
+        };
+        if let Some(id) = id {
+            return Some(*id);
+        }
+        let new = self.next_id;
+        self.next_id += self.id_step;
+        *id = Some(new);
+        self.stats.opened += 1;
+        if *midstream {
+            self.stats.opened_midstream += 1;
+        }
         sink.event(
             flow.dst.port(),
             StreamEvent::Opened {
-                conn: id,
+                conn: new,
                 src: flow.src,
                 dst: flow.dst,
-                midstream,
+                midstream: *midstream,
             },
         );
+        self.bare.pop(flow);
+        Some(new)
     }
 
     fn feed(
@@ -408,36 +600,66 @@ impl ConnectionTable {
             return;
         };
         conn.last_seen_ns = now_ns;
-        let (id, stream) = match &mut conn.phase {
-            Phase::Waiting { segments, .. } => {
-                let len = payload.len();
-                segments.push((seq, payload, fin));
-                conn.held += len;
-                self.buffered += len;
+        let (id, stream, carried, pending_rst) = match &mut conn.phase {
+            Phase::Waiting { segments, span, .. } => {
+                let cost = held_cost(payload.len());
+                span.add(seq, payload.len(), fin);
+                segments.push((seq, detach(&payload), fin));
+                conn.held += cost;
+                self.buffered += cost;
                 if conn.held > self.limits.reorder.max_bytes {
                     // No room to wait any longer for the SYN.
                     self.open_midstream(flow, now_ns, sink);
                 }
                 return;
             }
-            Phase::Open { id, stream, .. } => (*id, stream),
+            Phase::Open {
+                id,
+                stream,
+                carried,
+                pending_rst,
+                ..
+            } => (*id, stream, carried, pending_rst),
         };
         self.scratch.clear();
         let result = stream.push(seq, payload, fin, now_ns, &mut self.scratch);
         let finished = stream.is_finished();
         let waits = stream.is_waiting();
         let held = stream.held_bytes();
+        // A waiting RST is believed once the client's data ends exactly
+        // where it points, and dropped once the data passes it.
+        let mut reset = false;
+        if let Some((rst_seq, _)) = *pending_rst {
+            if stream.shown_seq() == rst_seq {
+                reset = true;
+            } else if !stream.is_ahead(rst_seq) {
+                *pending_rst = None;
+                self.stats.ignored_rsts += 1;
+            }
+        }
+        let pending = pending_rst.is_some();
+        if !*carried && (stream.fin_seen() || held > 0 || !self.scratch.is_empty()) {
+            *carried = true;
+            self.bare.pop(flow);
+        }
         self.buffered = self.buffered + held - conn.held;
         conn.held = held;
-        let port = flow.dst.port();
-        for bytes in self.scratch.drain(..) {
-            self.stats.delivered_bytes += bytes.len() as u64;
-            sink.event(port, StreamEvent::Data { conn: id, bytes });
+        if !self.scratch.is_empty() {
+            let id = match id {
+                Some(id) => id,
+                None => self.announce(flow, sink).expect("an open connection"),
+            };
+            let port = flow.dst.port();
+            for bytes in self.scratch.drain(..) {
+                self.stats.delivered_bytes += bytes.len() as u64;
+                sink.event(port, StreamEvent::Data { conn: id, bytes });
+            }
         }
         match result {
             Err(hole) => self.gap(flow, hole, sink),
             Ok(()) if finished => self.close(flow, CloseReason::Fin, sink),
-            Ok(()) if waits => {
+            Ok(()) if reset => self.close(flow, CloseReason::Rst, sink),
+            Ok(()) if waits || pending => {
                 self.timed.insert(*flow);
             }
             Ok(()) => {
@@ -459,23 +681,91 @@ impl ConnectionTable {
         self.close(flow, CloseReason::Gap, sink);
     }
 
-    /// Ends `flow`: an open connection with a close event, a waiting one
-    /// silently (no consumer has seen it).
+    /// Ends `flow`: with a close event if consumers heard of it or it
+    /// carried something (announced first if needed), silently (counted)
+    /// otherwise.
     fn close(&mut self, flow: &FlowKey, reason: CloseReason, sink: &mut impl EventSink) {
+        let shown = match self.conns.peek(flow).map(|conn| &conn.phase) {
+            None => return,
+            Some(Phase::Waiting { .. }) => false,
+            Some(Phase::Open { id, carried, .. }) => {
+                id.is_some() || *carried || matches!(reason, CloseReason::Fin | CloseReason::Rst)
+            }
+        };
+        let id = if shown {
+            self.announce(flow, sink)
+        } else {
+            None
+        };
         let Some(conn) = self.conns.pop(flow) else {
             return;
         };
+        if let Phase::Open {
+            pending_rst: Some(_),
+            ..
+        } = conn.phase
+            && reason != CloseReason::Rst
+        {
+            self.stats.ignored_rsts += 1;
+        }
         self.timed.remove(flow);
+        self.bare.pop(flow);
         self.buffered -= conn.held;
-        let Some(id) = conn.id() else {
-            self.stats.untracked += 1;
-            return;
-        };
-        self.stats.closed[reason as usize] += 1;
         if matches!(reason, CloseReason::Fin | CloseReason::Rst) {
             self.ended.put(*flow, conn.last_seen_ns);
         }
-        sink.event(flow.dst.port(), StreamEvent::Closed { conn: id, reason });
+        match (&conn.phase, id) {
+            (Phase::Waiting { .. }, _) => self.stats.untracked += 1,
+            (Phase::Open { .. }, None) => self.stats.silent += 1,
+            (Phase::Open { .. }, Some(id)) => {
+                self.stats.closed[reason as usize] += 1;
+                sink.event(flow.dst.port(), StreamEvent::Closed { conn: id, reason });
+            }
+        }
+    }
+
+    /// Panics if the table's bookkeeping is off (memory counts, deadlines,
+    /// the list of bare connections, the limits). For tests and the fuzz
+    /// targets: it walks the whole table.
+    pub fn assert_consistent(&self) {
+        let mut total = 0;
+        for (flow, conn) in self.conns.iter() {
+            total += conn.held;
+            match &conn.phase {
+                Phase::Waiting { segments, span, .. } => {
+                    let counted: usize = segments.iter().map(|(_, p, _)| held_cost(p.len())).sum();
+                    assert_eq!(conn.held, counted, "a waiting flow's memory");
+                    assert!(self.timed.contains(flow), "a waiting flow has a deadline");
+                    for (seq, _, _) in segments {
+                        assert!(span.contains(*seq));
+                    }
+                }
+                Phase::Open {
+                    id,
+                    carried,
+                    stream,
+                    pending_rst,
+                    ..
+                } => {
+                    stream.assert_consistent();
+                    assert!(!stream.is_finished(), "a finished stream stays open");
+                    assert_eq!(conn.held, stream.held_bytes(), "a stream's memory");
+                    if stream.is_waiting() {
+                        assert!(self.timed.contains(flow), "a hole has a deadline");
+                    }
+                    if let Some((seq, _)) = pending_rst {
+                        assert!(self.timed.contains(flow), "a waiting RST has a deadline");
+                        assert!(stream.is_ahead(*seq), "a waiting RST is ahead");
+                    }
+                    let bare = id.is_none() && !*carried;
+                    assert_eq!(self.bare.contains(flow), bare, "bare: never carried");
+                }
+            }
+        }
+        assert_eq!(self.buffered, total, "the table's memory is the sum");
+        assert!(self.buffered <= self.limits.max_buffered_bytes);
+        assert!(self.conns.len() <= self.limits.max_connections.max(1));
+        assert!(self.bare.len() <= self.conns.len());
     }
 
     fn enforce_buffer_limit(&mut self, sink: &mut impl EventSink) {
@@ -644,6 +934,7 @@ mod tests {
         table.segment(seg(f, 5, ACK, b"ef"), 100, &mut log);
         table.tick(100 + LIMITS.reorder.max_wait_ns, &mut log);
         assert_eq!(log.0.len(), 2, "still waiting");
+        table.assert_consistent();
         table.tick(101 + LIMITS.reorder.max_wait_ns, &mut log);
         assert_eq!(log.0, ["open 1", "data 1 ab", "close 1 gap"]);
         assert_eq!(table.stats().missing_bytes, 2);
@@ -666,7 +957,9 @@ mod tests {
         let mut table = ConnectionTable::new(LIMITS, 1, 1);
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
+        table.segment(seg(flow(1), 1, ACK, b"a"), 0, &mut log);
         table.segment(seg(flow(2), 0, SYN, b""), 5_000, &mut log);
+        table.segment(seg(flow(2), 1, ACK, b"b"), 5_000, &mut log);
         table.tick(10_000, &mut log);
         assert_eq!(table.len(), 2);
         table.tick(10_001, &mut log);
@@ -680,12 +973,166 @@ mod tests {
         let mut log = Log::default();
         for (i, port) in [1, 2, 3].into_iter().enumerate() {
             table.segment(seg(flow(port), 0, SYN, b""), i as u64, &mut log);
+            table.segment(seg(flow(port), 1, ACK, b"x"), i as u64, &mut log);
         }
         // Connection 1 was seen last: 2 is now the least recently seen.
-        table.segment(seg(flow(1), 1, ACK, b"y"), 10, &mut log);
+        table.segment(seg(flow(1), 2, ACK, b"y"), 10, &mut log);
         table.segment(seg(flow(4), 0, SYN, b""), 11, &mut log);
         assert!(log.0.contains(&"close 2 evicted".to_owned()), "{:?}", log.0);
         assert_eq!(table.len(), 3);
+    }
+
+    #[test]
+    fn a_bare_syn_is_announced_only_when_the_connection_carries_something() {
+        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut log = Log::default();
+        // Data: announced just before its first byte.
+        table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
+        table.segment(seg(flow(1), 1, ACK, b""), 0, &mut log);
+        assert!(log.0.is_empty(), "a handshake alone shows nothing");
+        table.segment(seg(flow(1), 1, ACK, b"hi"), 1, &mut log);
+        // A FIN or an RST without data: announced before the close.
+        table.segment(seg(flow(2), 0, SYN, b""), 2, &mut log);
+        table.segment(seg(flow(2), 1, FIN, b""), 3, &mut log);
+        table.segment(seg(flow(3), 0, SYN, b""), 4, &mut log);
+        table.segment(seg(flow(3), 1, RST, b""), 5, &mut log);
+        assert_eq!(
+            log.0,
+            [
+                "open 1",
+                "data 1 hi",
+                "open 2",
+                "close 2 fin",
+                "open 3",
+                "close 3 rst"
+            ]
+        );
+        // Bytes held behind a hole, never delivered: announced at the close.
+        table.segment(seg(flow(4), 0, SYN, b""), 6, &mut log);
+        table.segment(seg(flow(4), 5, ACK, b"late"), 6, &mut log);
+        table.tick(7 + LIMITS.reorder.max_wait_ns, &mut log);
+        assert_eq!(&log.0[6..], ["open 4", "close 4 gap"]);
+        // Nothing carried: idle, evicted, lost or stopped ends are silent.
+        table.segment(seg(flow(5), 0, SYN, b""), 10, &mut log);
+        table.segment(seg(flow(6), 0, SYN, b""), 10, &mut log);
+        table.lost(&flow(6), &mut log);
+        table.segment(seg(flow(7), 0, SYN, b""), 10, &mut log);
+        table.tick(11 + LIMITS.idle_timeout_ns, &mut log);
+        table.segment(seg(flow(8), 0, SYN, b""), 20_000, &mut log);
+        table.close_all(CloseReason::Shutdown, &mut log);
+        assert_eq!(log.0[8..], ["close 1 idle"], "{:?}", log.0);
+        assert!(table.is_empty());
+        let stats = table.stats();
+        assert_eq!(stats.silent, 4);
+        assert_eq!(stats.opened, 4);
+        assert_eq!(stats.closed.iter().sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn a_syn_flood_makes_room_among_itself() {
+        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut log = Log::default();
+        table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
+        table.segment(seg(flow(1), 1, ACK, b"GET"), 0, &mut log);
+        table.segment(seg(flow(2), 0, SYN, b""), 1, &mut log);
+        table.segment(seg(flow(2), 1, ACK, b"POST"), 1, &mut log);
+        for port in 1000..2000 {
+            table.segment(seg(flow(port), 7, SYN, b""), 2, &mut log);
+        }
+        assert_eq!(table.len(), LIMITS.max_connections);
+        assert_eq!(table.stats().silent, 999, "bare SYNs evicted bare SYNs");
+        table.assert_consistent();
+        table.segment(seg(flow(1), 4, FIN, b""), 3, &mut log);
+        table.segment(seg(flow(2), 5, FIN, b""), 3, &mut log);
+        assert_eq!(
+            log.0,
+            [
+                "open 1",
+                "data 1 GET",
+                "open 2",
+                "data 2 POST",
+                "close 1 fin",
+                "close 2 fin"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_rst_outside_what_the_client_sent_is_ignored() {
+        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut log = Log::default();
+        let f = flow(1);
+        table.segment(seg(f, 99, SYN, b""), 0, &mut log);
+        table.segment(seg(f, 100, ACK, b"abc"), 1, &mut log);
+        table.segment(seg(f, 106, ACK, b"ghi"), 2, &mut log); // behind a hole
+        for seq in [102, 7, 100 + (1 << 31)] {
+            table.segment(seg(f, seq, RST, b""), 3, &mut log);
+        }
+        assert_eq!(table.stats().ignored_rsts, 3);
+        assert_eq!(log.0, ["open 1", "data 1 abc"]);
+        table.assert_consistent();
+        // Within [next expected, furthest sent]: the receiver may have
+        // bytes the mirror lost, the client's RST carries its SND.NXT.
+        table.segment(seg(f, 109, RST, b""), 4, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 abc", "close 1 rst"]);
+        // An RST of nothing tracked.
+        table.segment(seg(flow(2), 5, RST, b""), 5, &mut log);
+        assert_eq!(table.stats().untracked, 1);
+    }
+
+    #[test]
+    fn an_rst_that_overtook_the_last_data_waits_for_it() {
+        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut log = Log::default();
+        let f = flow(1);
+        table.segment(seg(f, 0, SYN, b""), 0, &mut log);
+        table.segment(seg(f, 1, ACK, b"abc"), 1, &mut log);
+        // The RST came through another CPU's ring before "def".
+        table.segment(seg(f, 7, RST, b""), 2, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 abc"]);
+        table.assert_consistent();
+        table.segment(seg(f, 4, ACK, b"def"), 3, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 abc", "data 1 def", "close 1 rst"]);
+        assert_eq!(table.stats().ignored_rsts, 0);
+
+        // One that the data passes, or that waits in vain, is ignored.
+        let g = flow(2);
+        table.segment(seg(g, 0, SYN, b""), 10, &mut log);
+        table.segment(seg(g, 1, ACK, b"abc"), 10, &mut log);
+        table.segment(seg(g, 5, RST, b""), 11, &mut log);
+        table.segment(seg(g, 4, ACK, b"defg"), 12, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 1, "the data went past it");
+        table.segment(seg(g, 100, RST, b""), 13, &mut log);
+        table.tick(13 + LIMITS.reorder.max_wait_ns, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 1);
+        table.tick(14 + LIMITS.reorder.max_wait_ns, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 2, "no data ended there in time");
+        table.assert_consistent();
+        assert_eq!(
+            &log.0[4..],
+            ["open 2", "data 2 abc", "data 2 defg"],
+            "still open"
+        );
+    }
+
+    #[test]
+    fn an_rst_of_a_flow_waiting_for_its_syn_is_checked_then_delivers_it() {
+        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut log = Log::default();
+        let f = flow(1);
+        table.segment(seg(f, 5003, ACK, b"/x"), 0, &mut log);
+        table.segment(seg(f, 5000, ACK, b"GET"), 1, &mut log);
+        table.segment(seg(f, 4000, RST, b""), 2, &mut log);
+        table.segment(seg(f, 5006, RST, b""), 2, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 2);
+        assert!(log.0.is_empty());
+        table.assert_consistent();
+        table.segment(seg(f, 5005, RST, b""), 3, &mut log);
+        assert_eq!(
+            log.0,
+            ["open 1 midstream", "data 1 GET", "data 1 /x", "close 1 rst"]
+        );
+        assert_eq!(table.buffered_bytes(), 0);
     }
 
     #[test]
@@ -713,16 +1160,68 @@ mod tests {
         assert!(table.is_empty());
         // A new SYN on the tuple is a new connection at once.
         table.segment(seg(f, 500, SYN, b""), 4, &mut log);
-        assert_eq!(log.0.last().unwrap(), "open 2");
+        table.segment(seg(f, 501, ACK, b"again"), 5, &mut log);
+        assert_eq!(&log.0[3..], ["open 2", "data 2 again"]);
     }
 
     #[test]
-    fn a_new_syn_on_a_used_tuple_starts_a_new_connection() {
+    fn a_syn_with_another_isn_takes_a_tuple_only_from_a_quiet_connection() {
         let mut table = ConnectionTable::new(LIMITS, 1, 1);
         let mut log = Log::default();
-        table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
-        table.segment(seg(flow(1), 1000, SYN, b""), 1, &mut log);
-        assert_eq!(log.0, ["open 1", "close 1 idle", "open 2"]);
+        let f = flow(1);
+        table.segment(seg(f, 0, SYN, b""), 0, &mut log);
+        table.segment(seg(f, 1, ACK, b"abc"), 1, &mut log);
+        // A blind SYN while the connection is in use: ignored.
+        table.segment(seg(f, 1000, SYN, b""), 2, &mut log);
+        table.segment(seg(f, 4, ACK, b"def"), 3, &mut log);
+        assert_eq!(table.stats().ignored_syns, 1);
+        assert_eq!(log.0, ["open 1", "data 1 abc", "data 1 def"]);
+        table.assert_consistent();
+        // Quiet for longer than the quiet time (capped by the idle
+        // timeout): the tuple was reused, the old connection ended unseen.
+        let quiet = SYN_QUIET_NS.min(LIMITS.idle_timeout_ns) + 1;
+        table.segment(seg(f, 1000, SYN, b""), 3 + quiet, &mut log);
+        assert_eq!(table.stats().ignored_syns, 1);
+        assert_eq!(log.0.last().unwrap(), "close 1 idle");
+        // Once the client sent its FIN (here behind a hole), a new SYN
+        // starts a new connection at once; the old one misses bytes.
+        table.segment(seg(f, 1001, ACK, b"x"), 4 + quiet, &mut log);
+        table.segment(seg(f, 1005, FIN, b""), 5 + quiet, &mut log);
+        table.segment(seg(f, 2000, SYN, b""), 6 + quiet, &mut log);
+        table.segment(seg(f, 2001, ACK, b"y"), 7 + quiet, &mut log);
+        assert_eq!(
+            &log.0[4..],
+            ["open 2", "data 2 x", "close 2 gap", "open 3", "data 3 y"]
+        );
+        assert_eq!(table.stats().missing_bytes, 3);
+    }
+
+    #[test]
+    fn held_bytes_are_copies_counted_at_their_memory_cost() {
+        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut log = Log::default();
+        let pool_buffer = Bytes::from(vec![b'z'; 1 << 20]);
+        let held = |payload: Bytes| Segment {
+            flow: flow(1),
+            seq: 10,
+            flags: TcpFlags(ACK),
+            payload,
+            truncated: false,
+        };
+        // Waiting for a SYN.
+        table.segment(held(pool_buffer.slice(..5)), 0, &mut log);
+        assert_eq!(table.buffered_bytes(), held_cost(5));
+        assert!(pool_buffer.is_unique(), "the waiting segment is a copy");
+        // Behind a hole.
+        table.segment(seg(flow(1), 0, SYN, b""), 1, &mut log);
+        assert_eq!(table.buffered_bytes(), held_cost(5));
+        table.segment(held(pool_buffer.slice(..7)), 2, &mut log);
+        assert_eq!(table.buffered_bytes(), held_cost(7));
+        assert!(pool_buffer.is_unique(), "the held segment is a copy");
+        table.assert_consistent();
+        table.segment(seg(flow(1), 1, ACK, b"abcdefghi"), 3, &mut log);
+        assert_eq!(table.buffered_bytes(), 0);
+        assert_eq!(log.0, ["open 1", "data 1 abcdefghi", "data 1 zzzzzzz"]);
     }
 
     #[test]
@@ -743,8 +1242,10 @@ mod tests {
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
         table.segment(seg(flow(2), 0, SYN, b""), 0, &mut log);
-        assert_eq!(log.0, ["open 3", "open 7"]);
+        table.segment(seg(flow(1), 1, ACK, b"a"), 0, &mut log);
+        table.segment(seg(flow(2), 1, ACK, b"b"), 0, &mut log);
+        assert_eq!(log.0, ["open 3", "data 3 a", "open 7", "data 7 b"]);
         table.close_all(CloseReason::Shutdown, &mut log);
-        assert_eq!(&log.0[2..], ["close 3 shutdown", "close 7 shutdown"]);
+        assert_eq!(&log.0[4..], ["close 3 shutdown", "close 7 shutdown"]);
     }
 }

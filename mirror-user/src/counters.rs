@@ -280,6 +280,9 @@ impl Summary {
                 "opened": s.table.opened,
                 "midstream": s.table.opened_midstream,
                 "untracked_segments": s.table.untracked,
+                "silent": s.table.silent,
+                "ignored_rsts": s.table.ignored_rsts,
+                "ignored_syns": s.table.ignored_syns,
                 "delivered_bytes": s.table.delivered_bytes,
                 "missing_bytes": s.table.missing_bytes,
                 "closed": closed,
@@ -310,10 +313,13 @@ impl fmt::Display for Summary {
         )?;
         write!(
             f,
-            "connections: opened={} midstream={} untracked_segments={} delivered_bytes={} missing_bytes={}",
+            "connections: opened={} midstream={} untracked_segments={} silent={} ignored_rsts={} ignored_syns={} delivered_bytes={} missing_bytes={}",
             s.table.opened,
             s.table.opened_midstream,
             s.table.untracked,
+            s.table.silent,
+            s.table.ignored_rsts,
+            s.table.ignored_syns,
             s.table.delivered_bytes,
             s.table.missing_bytes
         )?;
@@ -397,6 +403,7 @@ mod tests {
         kernel.0[Counter::RingFull as usize] = 4;
         let mut table = TableStats::default();
         table.closed[CloseReason::Gap as usize] = 2;
+        table.ignored_rsts = 6;
         let summary = Summary {
             kernel,
             drain: DrainSnapshot {
@@ -443,6 +450,10 @@ mod tests {
         assert_eq!(json["drain"]["bytes"], 2);
         assert_eq!(json["shards"]["queue_drops"], 3);
         assert_eq!(json["connections"]["closed"]["gap"], 2);
+        assert_eq!(json["connections"]["ignored_rsts"], 6);
+        for counter in ["silent", "ignored_syns"] {
+            assert!(json["connections"][counter].is_u64(), "{counter}");
+        }
         assert_eq!(json["ports"][0]["connections"], 5);
         assert_eq!(json["consumers"][0]["lagged_connections"], 4);
         let text = summary.to_string();
@@ -450,6 +461,7 @@ mod tests {
             "ring_full=4",
             "queue_drops=3",
             "gap=2",
+            "ignored_rsts=6",
             "port 80: connections=5",
             "consumer dump:",
         ] {

@@ -62,7 +62,9 @@ impl Segment {
 
 /// Copies payloads into large buffers and hands out slices of them, so that
 /// a packet costs a copy and no allocation of its own. A slice keeps its
-/// whole buffer alive, hence a buffer of moderate size.
+/// whole buffer alive, hence a buffer of moderate size, and whatever is
+/// held for long (out-of-order segments, data waiting for its SYN) is
+/// copied out first ([`crate::reassembly::detach`]).
 pub struct PayloadPool {
     buffer: BytesMut,
     buffer_size: usize,

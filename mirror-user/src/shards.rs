@@ -1,14 +1,15 @@
 //! Flow shards: each owns the connection table of the flows that hash to
 //! it and runs as its own task. Ring drain tasks hand segments over through
-//! bounded queues and never wait: a full queue drops the batch, counts it,
-//! and the affected connections close with `gap`.
+//! queues bounded in batches and in bytes and never wait: a full queue
+//! drops the batch, counts it, and the affected connections close with
+//! `gap`.
 
 use std::{
     collections::HashSet,
     io,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -35,6 +36,11 @@ pub struct ShardConfig {
 
 /// A drain task sends a shard's batch once it holds this many segments.
 const SEGMENTS_PER_BATCH: usize = 256;
+/// Memory one shard's queue may hold (payloads and segment structs): the
+/// batch count alone would let 64 KiB GRO segments queue 4 GiB per shard.
+/// Full-size Ethernet segments fill the 256 default batches at about
+/// 95 MiB, so this budget only binds for larger segments.
+const SHARD_QUEUE_BYTES: usize = 128 << 20;
 /// How often shards look for idle connections and expired holes.
 const TICK: Duration = Duration::from_millis(50);
 /// Flows remembered per shard as lost before the shard gives up on its
@@ -114,9 +120,19 @@ impl LostReporter {
     }
 }
 
+/// Memory a batch holds while it is queued.
+fn batch_bytes(batch: &[Segment]) -> usize {
+    batch
+        .iter()
+        .map(|segment| size_of::<Segment>() + segment.payload.len())
+        .sum()
+}
+
 /// The running shards.
 pub struct Shards {
     senders: Vec<mpsc::Sender<Vec<Segment>>>,
+    /// Per shard: memory of the batches in its queue.
+    queued: Vec<Arc<AtomicUsize>>,
     lost: Vec<Arc<LostFlows>>,
     counters: Arc<ShardCounters>,
     stats: Vec<Arc<Mutex<TableStats>>>,
@@ -130,6 +146,7 @@ impl Shards {
         let epoch = Instant::now();
         let mut shards = Self {
             senders: Vec::with_capacity(count),
+            queued: Vec::with_capacity(count),
             lost: Vec::with_capacity(count),
             counters: Arc::new(ShardCounters::default()),
             stats: Vec::with_capacity(count),
@@ -140,9 +157,11 @@ impl Shards {
             let lost = Arc::new(LostFlows::default());
             let stats = Arc::new(Mutex::new(TableStats::default()));
             let table = ConnectionTable::new(config.table, 1 + index as u64, count as u64);
+            let queued = Arc::new(AtomicUsize::new(0));
             let shard = Shard {
                 table,
                 receiver,
+                queued: Arc::clone(&queued),
                 lost: Arc::clone(&lost),
                 stats: Arc::clone(&stats),
                 batcher: Batcher::new(Arc::clone(hub)),
@@ -150,6 +169,7 @@ impl Shards {
             };
             shards.tasks.push(tokio::spawn(shard.run()));
             shards.senders.push(sender);
+            shards.queued.push(queued);
             shards.lost.push(lost);
             shards.stats.push(stats);
         }
@@ -160,6 +180,7 @@ impl Shards {
     pub fn router(&self) -> SegmentRouter {
         SegmentRouter {
             senders: self.senders.clone(),
+            queued: self.queued.clone(),
             lost: self.lost.clone(),
             pending: vec![Vec::new(); self.senders.len()],
             pool: PayloadPool::default(),
@@ -203,6 +224,7 @@ impl Shards {
 struct Shard {
     table: ConnectionTable,
     receiver: mpsc::Receiver<Vec<Segment>>,
+    queued: Arc<AtomicUsize>,
     lost: Arc<LostFlows>,
     stats: Arc<Mutex<TableStats>>,
     batcher: Batcher,
@@ -231,6 +253,7 @@ impl Shard {
             tokio::select! {
                 batch = self.receiver.recv() => {
                     let Some(batch) = batch else { break };
+                    self.queued.fetch_sub(batch_bytes(&batch), Ordering::Relaxed);
                     let now = self.now_ns();
                     for segment in batch {
                         self.table.segment(segment, now, &mut self.batcher);
@@ -274,6 +297,7 @@ impl Shard {
 /// their shard's queue in batches.
 pub struct SegmentRouter {
     senders: Vec<mpsc::Sender<Vec<Segment>>>,
+    queued: Vec<Arc<AtomicUsize>>,
     lost: Vec<Arc<LostFlows>>,
     pending: Vec<Vec<Segment>>,
     pool: PayloadPool,
@@ -287,13 +311,23 @@ impl SegmentRouter {
             return;
         }
         let count = batch.len() as u64;
-        match self.senders[shard].try_send(batch) {
+        let bytes = batch_bytes(&batch);
+        // Several drain tasks send to one shard: reserve, then undo.
+        let fits =
+            self.queued[shard].fetch_add(bytes, Ordering::Relaxed) + bytes <= SHARD_QUEUE_BYTES;
+        let sent = if fits {
+            self.senders[shard].try_send(batch)
+        } else {
+            Err(mpsc::error::TrySendError::Full(batch))
+        };
+        match sent {
             Ok(()) => {
                 self.counters.segments.fetch_add(count, Ordering::Relaxed);
             }
             Err(
                 mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch),
             ) => {
+                self.queued[shard].fetch_sub(bytes, Ordering::Relaxed);
                 self.counters
                     .queue_drops
                     .fetch_add(count, Ordering::Relaxed);
@@ -325,5 +359,79 @@ impl RecordSink for SegmentRouter {
             self.send(shard);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{
+        conntrack::TableLimits, hub::HubConfig, reassembly::ReorderLimits, record::TcpFlags,
+    };
+
+    #[test]
+    fn a_shard_queue_is_bounded_in_bytes_too() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let hub = Hub::new(
+                &[80],
+                HubConfig {
+                    capacity: 16,
+                    max_bytes: 1 << 20,
+                    batch_bytes: 1 << 16,
+                },
+            );
+            let config = ShardConfig {
+                shards: 1,
+                // Far more batches than the bytes allow.
+                queue_batches: 1000,
+                table: TableLimits {
+                    max_connections: 16,
+                    max_buffered_bytes: 1 << 20,
+                    idle_timeout_ns: u64::MAX,
+                    reorder: ReorderLimits {
+                        max_bytes: 1 << 20,
+                        max_wait_ns: u64::MAX,
+                    },
+                },
+            };
+            let shards = Shards::start(config, &Arc::new(hub));
+            let mut router = shards.router();
+            let payload = Bytes::from(vec![0u8; 64 << 10]);
+            let segment = Segment {
+                flow: FlowKey {
+                    src: "198.18.0.1:1000".parse().unwrap(),
+                    dst: "198.18.0.2:80".parse().unwrap(),
+                },
+                seq: 0,
+                flags: TcpFlags(TcpFlags::ACK),
+                payload,
+                truncated: false,
+            };
+            let batch = vec![segment; SEGMENTS_PER_BATCH];
+            let per_batch = batch_bytes(&batch);
+            let fit = SHARD_QUEUE_BYTES / per_batch;
+            // The shard task does not run until this task yields: nothing
+            // leaves the queue meanwhile.
+            for _ in 0..fit + 3 {
+                router.pending[0] = batch.clone();
+                router.send(0);
+            }
+            let (segments, drops, _) = shards.counters().snapshot();
+            assert_eq!(segments, (fit * SEGMENTS_PER_BATCH) as u64);
+            assert_eq!(drops, (3 * SEGMENTS_PER_BATCH) as u64);
+            assert_eq!(
+                shards.queued[0].load(Ordering::Relaxed),
+                fit * per_batch,
+                "dropped batches take their bytes back"
+            );
+            drop(router);
+            shards.finish().await;
+        });
     }
 }

@@ -15,10 +15,12 @@ pub enum CloseReason {
     Fin,
     /// The client reset the connection.
     Rst,
-    /// Nothing arrived for the idle timeout (or a new SYN took its 4-tuple).
+    /// Nothing arrived for the idle timeout (or a SYN with a new ISN took
+    /// the 4-tuple of a connection that had been quiet).
     Idle,
     /// Bytes were lost (a hole that was not filled in time, or a loss the
-    /// mirror counted on the way): nothing after the hole is delivered.
+    /// mirror counted on the way, or a SYN took the 4-tuple while bytes
+    /// before the FIN were missing): nothing after the hole is delivered.
     Gap,
     /// This consumer fell behind the others and missed events.
     Lagged,
@@ -64,7 +66,10 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// One event of a mirrored connection, client-to-server direction.
+/// One event of a mirrored connection, client-to-server direction. A
+/// connection's `Opened` comes before any of its other events, and comes
+/// only once it carries something (a byte, a FIN, an RST, or bytes that
+/// were lost): a bare SYN produces no event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
     Opened {

@@ -49,6 +49,19 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings on every crate.
     Lint,
+    /// Run the fuzz targets (cargo-fuzz on nightly, in mirror-user/fuzz):
+    /// the subscriber protocol's decoders, the ring record decoder, and
+    /// the connection table on arbitrary segment sequences. A failing
+    /// input is kept in mirror-user/fuzz/artifacts/TARGET/.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (repeatable): protocol_frames, ring_records,
+        /// connection_table.
+        #[arg(long)]
+        target: Vec<String>,
+    },
     /// Side-by-side benchmarks against tcpdump, netsniff-ng and xdpdump
     /// (run as root): writes bench/results.md and SVG plots in bench/.
     Bench {
@@ -113,6 +126,10 @@ fn dispatch(task: Task) -> Result<()> {
             build_ebpf(&root)?;
             lint(&root)
         }
+        Task::Fuzz { seconds, target } => {
+            let object = build_ebpf(&root)?;
+            fuzz(&root, &object, seconds, &target)
+        }
     }
 }
 
@@ -163,6 +180,14 @@ fn build(root: &Path) -> Result<PathBuf> {
 fn lint(root: &Path) -> Result<()> {
     let object = ebpf_target_dir(root).join("bpfel-unknown-none/release/mirror-ebpf");
     run(cargo_stable(root).args(["fmt", "--all", "--", "--check"]))?;
+    // The fuzz crate is its own workspace.
+    run(cargo_stable(root).args([
+        "fmt",
+        "--manifest-path",
+        "mirror-user/fuzz/Cargo.toml",
+        "--",
+        "--check",
+    ]))?;
     run(cargo_nightly(&root.join("mirror-ebpf")).args(["fmt", "--", "--check"]))?;
     run(cargo_stable(root)
         .args([
@@ -254,9 +279,71 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .env("MIRROR_EBPF_OBJECT", &object)
         .env("MIRROR_BIN", &binary))?;
     if extra.is_empty() {
+        // Every fuzz target briefly, so that none of them rots.
+        fuzz(root, &object, 20, &[])?;
         // The benchmark's smoke run, so that the harness never rots: it
         // checks that every figure is produced, not how fast anything is.
         bench_run(root, &binary, &object, true, &[], 0, 0)?;
     }
     Ok(())
+}
+
+/// The fuzz targets of mirror-user/fuzz.
+const FUZZ_TARGETS: [&str; 3] = ["protocol_frames", "ring_records", "connection_table"];
+
+/// Builds the fuzz targets, then runs each for `seconds` on its corpus
+/// (mirror-user/fuzz/corpus/TARGET, kept out of git) and its seeds
+/// (mirror-user/fuzz/seeds/TARGET, in git).
+fn fuzz(root: &Path, object: &Path, seconds: u64, only: &[String]) -> Result<()> {
+    if let Some(unknown) = only.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
+        bail!(
+            "there is no fuzz target {unknown}; the targets are {}",
+            FUZZ_TARGETS.join(", ")
+        );
+    }
+    let cargo_fuzz = setup::cargo_fuzz(root)?;
+    let dir = root.join("mirror-user/fuzz");
+    // Debug assertions and overflow checks on: the targets rely on them.
+    run(fuzz_command(&cargo_fuzz, &dir, object).args(["build", "--debug-assertions"]))?;
+    let targets: Vec<&str> = if only.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        only.iter().map(String::as_str).collect()
+    };
+    for target in targets {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("cannot create {}", corpus.display()))?;
+        let mut command = fuzz_command(&cargo_fuzz, &dir, object);
+        command
+            .args(["run", "--debug-assertions", target])
+            .arg(&corpus);
+        let seeds = dir.join("seeds").join(target);
+        if seeds.is_dir() {
+            command.arg(&seeds);
+        }
+        command.args(["--", &format!("-max_total_time={seconds}")]);
+        run(&mut command).with_context(|| {
+            format!(
+                "the fuzz target {target} failed: the input is in {}; rerun it with \
+                 `cargo +nightly fuzz run --debug-assertions {target} FILE` in {}",
+                dir.join("artifacts").join(target).display(),
+                dir.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// `cargo fuzz` on nightly in the fuzz crate, with the eBPF object that
+/// mirror-user's build script embeds.
+fn fuzz_command(cargo_fuzz: &Path, dir: &Path, object: &Path) -> Command {
+    let mut command = Command::new(cargo_fuzz);
+    // As a cargo subcommand it expects its own name first.
+    command.arg("fuzz").current_dir(dir);
+    shell::clear_outer_cargo_env(&mut command);
+    command
+        .env("RUSTUP_TOOLCHAIN", "nightly")
+        .env("MIRROR_EBPF_OBJECT", object);
+    command
 }

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::shell::{output, run};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Commands the tests and benchmarks use, with the Debian package of each;
 /// an absolute path stands for a file the package installs (headers).
@@ -44,7 +45,38 @@ const PACKAGES: [(&str, &str); 20] = [
 
 pub fn all(root: &Path) -> Result<()> {
     toolchain(root)?;
+    cargo_fuzz(root)?;
     packages()
+}
+
+/// Ensures cargo-fuzz (it runs the fuzz targets with nightly); returns its
+/// path. Built once into the tools directory, shared by every clone.
+pub fn cargo_fuzz(root: &Path) -> Result<PathBuf> {
+    let dir = tools_dir().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let binary = dir.join("bin/cargo-fuzz");
+    let works = || {
+        Command::new(&binary)
+            .args(["fuzz", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if binary.is_file() && works() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: building cargo-fuzz {CARGO_FUZZ_VERSION} into {} (about a minute, once)",
+        dir.display()
+    );
+    run(crate::shell::cargo_stable(root)
+        .args(["install", "cargo-fuzz", "--locked", "--version"])
+        .arg(CARGO_FUZZ_VERSION)
+        .arg("--root")
+        .arg(&dir)
+        .env_remove("CARGO_TARGET_DIR"))?;
+    if !works() {
+        bail!("cargo-fuzz was built but {} does not run", binary.display());
+    }
+    Ok(binary)
 }
 
 /// Ensures nightly with rust-src and a bpf-linker for its LLVM; returns the

@@ -19,8 +19,13 @@ pub fn cargo_stable(dir: &Path) -> Command {
 pub fn cargo_nightly(dir: &Path) -> Command {
     let mut command = Command::new("rustup");
     command.args(["run", "nightly", "cargo"]).current_dir(dir);
-    // Settings of the outer (stable, host) build must not leak into the
-    // nightly bpfel build.
+    clear_outer_cargo_env(&mut command);
+    command
+}
+
+/// Settings of the outer (stable, host) build must not leak into a
+/// nightly build (the bpfel one, or the fuzz targets').
+pub fn clear_outer_cargo_env(command: &mut Command) {
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",
@@ -31,10 +36,10 @@ pub fn cargo_nightly(dir: &Path) -> Command {
         "RUSTC_WORKSPACE_WRAPPER",
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",
+        "CARGO",
     ] {
         command.env_remove(var);
     }
-    command
 }
 
 /// Runs `command` to completion, failing on a non-zero exit.

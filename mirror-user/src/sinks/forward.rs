@@ -38,6 +38,16 @@ use crate::{
 
 /// Events queued per shadow connection before it is aborted as too slow.
 const CONNECTION_QUEUE: usize = 256;
+/// Payload bytes queued per shadow connection before it is aborted as too
+/// slow: about what a socket's send buffer takes (Linux's default
+/// `tcp_wmem` maximum is 4 MiB), so a target that keeps up absorbs bursts
+/// and one that does not costs its connection, not the node's memory.
+const CONNECTION_QUEUE_BYTES: usize = 4 << 20;
+/// Payload bytes queued for one target, all its shadow connections
+/// together: bounds the forwarder's memory below `--forward-max-conns`
+/// times [`CONNECTION_QUEUE_BYTES`]. A connection whose bytes do not fit
+/// is aborted as too slow.
+const TARGET_QUEUE_BYTES: usize = 64 << 20;
 /// Attempts to connect one shadow connection.
 const CONNECT_ATTEMPTS: u32 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -171,6 +181,47 @@ enum Command {
     Abort(CloseReason),
 }
 
+/// Payload bytes queued for a shadow connection and for its whole target.
+struct Queued {
+    connection: AtomicUsize,
+    target: Arc<AtomicUsize>,
+}
+
+impl Queued {
+    /// Counts `len` more bytes if both budgets allow them. Only the
+    /// target's consumer loop reserves (shadow tasks only release), so a
+    /// check and then an add cannot overshoot.
+    fn reserve(&self, len: usize) -> bool {
+        if self.connection.load(Ordering::Relaxed) + len > CONNECTION_QUEUE_BYTES
+            || self.target.load(Ordering::Relaxed) + len > TARGET_QUEUE_BYTES
+        {
+            return false;
+        }
+        self.connection.fetch_add(len, Ordering::Relaxed);
+        self.target.fetch_add(len, Ordering::Relaxed);
+        true
+    }
+
+    fn release(&self, len: usize) {
+        self.connection.fetch_sub(len, Ordering::Relaxed);
+        self.target.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Queued {
+    /// Whatever the connection still had queued leaves the target's budget.
+    fn drop(&mut self) {
+        let left = self.connection.swap(0, Ordering::Relaxed);
+        self.target.fetch_sub(left, Ordering::Relaxed);
+    }
+}
+
+/// A shadow connection as the consumer loop sees it.
+struct ShadowQueue {
+    commands: mpsc::Sender<Command>,
+    queued: Arc<Queued>,
+}
+
 /// Replays the connections of `subscription` to `target` until the mirror
 /// stops.
 pub async fn forward(
@@ -181,7 +232,8 @@ pub async fn forward(
 ) -> std::io::Result<()> {
     let health = Arc::new(Mutex::new(Health::default()));
     let active = Arc::new(AtomicUsize::new(0));
-    let mut connections: HashMap<ConnId, mpsc::Sender<Command>> = HashMap::new();
+    let queued_for_target = Arc::new(AtomicUsize::new(0));
+    let mut connections: HashMap<ConnId, ShadowQueue> = HashMap::new();
     while let Some(event) = subscription.next().await {
         match event {
             StreamEvent::Opened {
@@ -200,35 +252,49 @@ pub async fn forward(
                     stats.skipped_limit.fetch_add(1, Ordering::Relaxed);
                 } else {
                     let (commands, queue) = mpsc::channel(CONNECTION_QUEUE);
+                    let queued = Arc::new(Queued {
+                        connection: AtomicUsize::new(0),
+                        target: Arc::clone(&queued_for_target),
+                    });
                     active.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(shadow(
                         target.addr,
                         queue,
+                        Arc::clone(&queued),
                         Arc::clone(&stats),
                         Arc::clone(&health),
                         Arc::clone(&active),
                     ));
-                    connections.insert(conn, commands);
+                    connections.insert(conn, ShadowQueue { commands, queued });
                 }
             }
             StreamEvent::Data { conn, bytes } => {
-                let Some(commands) = connections.get(&conn) else {
+                let Some(shadow) = connections.get(&conn) else {
                     continue;
                 };
-                if commands.try_send(Command::Data(bytes)).is_err() {
+                let len = bytes.len();
+                let sent = shadow.queued.reserve(len)
+                    && match shadow.commands.try_send(Command::Data(bytes)) {
+                        Ok(()) => true,
+                        Err(_) => {
+                            shadow.queued.release(len);
+                            false
+                        }
+                    };
+                if !sent {
                     // Too slow (or gone): dropping the sender aborts it.
                     connections.remove(&conn);
                     stats.aborted_target.fetch_add(1, Ordering::Relaxed);
                 }
             }
             StreamEvent::Closed { conn, reason } => {
-                if let Some(commands) = connections.remove(&conn) {
+                if let Some(shadow) = connections.remove(&conn) {
                     let command = if reason == CloseReason::Fin {
                         Command::Finish
                     } else {
                         Command::Abort(reason)
                     };
-                    if commands.try_send(command).is_err() {
+                    if shadow.commands.try_send(command).is_err() {
                         stats.aborted_target.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -242,6 +308,7 @@ pub async fn forward(
 async fn shadow(
     addr: SocketAddr,
     mut queue: mpsc::Receiver<Command>,
+    queued: Arc<Queued>,
     stats: Arc<ForwardStats>,
     health: Arc<Mutex<Health>>,
     active: Arc<AtomicUsize>,
@@ -260,7 +327,9 @@ async fn shadow(
     loop {
         match queue.recv().await {
             Some(Command::Data(bytes)) => {
-                match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&bytes)).await {
+                let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&bytes)).await;
+                queued.release(bytes.len());
+                match written {
                     Ok(Ok(())) => {
                         stats
                             .bytes_written
@@ -474,6 +543,19 @@ mod tests {
         hub.close_all();
         drop(hub);
         task.await.unwrap().unwrap();
+        // The shadow tasks count their end after the target closes its
+        // side, which may come after the forwarder's own end.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.completed.load(Ordering::Relaxed)
+            + stats.aborted[CloseReason::Gap as usize].load(Ordering::Relaxed)
+            < 2
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the shadow connections never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(stats.completed.load(Ordering::Relaxed), 1);
         assert_eq!(
             stats.aborted[CloseReason::Gap as usize].load(Ordering::Relaxed),
@@ -481,6 +563,104 @@ mod tests {
         );
         assert_eq!(stats.skipped_midstream.load(Ordering::Relaxed), 1);
         assert_eq!(stats.opened.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_per_connection_and_per_target() {
+        let target = Arc::new(AtomicUsize::new(0));
+        let queue = || Queued {
+            connection: AtomicUsize::new(0),
+            target: Arc::clone(&target),
+        };
+        let a = queue();
+        assert!(a.reserve(CONNECTION_QUEUE_BYTES));
+        assert!(!a.reserve(1), "the connection's budget is full");
+        a.release(10);
+        assert!(a.reserve(10));
+        let others: Vec<Queued> = (1..TARGET_QUEUE_BYTES / CONNECTION_QUEUE_BYTES)
+            .map(|_| {
+                let q = queue();
+                assert!(q.reserve(CONNECTION_QUEUE_BYTES));
+                q
+            })
+            .collect();
+        let late = queue();
+        assert!(!late.reserve(1), "the target's budget is full");
+        drop(a);
+        assert!(late.reserve(1), "an ended connection gives its bytes back");
+        drop(others);
+        drop(late);
+        assert_eq!(target.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_target_that_stops_reading_loses_its_connection_by_bytes() {
+        // It accepts, then reads nothing: the socket buffers fill, writes
+        // wait, and the queue grows by bytes (few, large events: far below
+        // the event count budget).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = ForwardTarget {
+            port: None,
+            addr: listener.local_addr().unwrap(),
+        };
+        let server = tokio::spawn(async move { listener.accept().await.unwrap() });
+        let hub = Hub::new(
+            &[80],
+            HubConfig {
+                capacity: 128,
+                max_bytes: 1 << 30,
+                batch_bytes: 1 << 16,
+            },
+        );
+        let (_, subscription) = hub.subscribe(&[80], "forward");
+        let stats = Arc::new(ForwardStats::default());
+        let config = ForwardConfig {
+            max_connections: 8,
+            sample_percent: 100,
+        };
+        let task = tokio::spawn(forward(subscription, target, config, Arc::clone(&stats)));
+        hub.publish(
+            80,
+            vec![StreamEvent::Opened {
+                conn: 1,
+                src: "198.18.0.1:1000".parse().unwrap(),
+                dst: "198.18.0.2:80".parse().unwrap(),
+                midstream: false,
+            }],
+        );
+        let _accepted = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        let chunk = Bytes::from(vec![b'x'; 1 << 20]);
+        let chunks: usize = 64;
+        assert!(chunks < CONNECTION_QUEUE, "the byte budget is what trips");
+        for _ in 0..chunks {
+            hub.publish(
+                80,
+                vec![StreamEvent::Data {
+                    conn: 1,
+                    bytes: chunk.clone(),
+                }],
+            );
+            tokio::task::yield_now().await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stats.aborted_target.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the shadow connection was never aborted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let written = stats.bytes_written.load(Ordering::Relaxed);
+        assert!(
+            written < (chunks << 20) as u64,
+            "{written} bytes written: the target stopped reading"
+        );
+        hub.close_all();
+        drop(hub);
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread")]
