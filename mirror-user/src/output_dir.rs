@@ -17,7 +17,7 @@ use std::{
     fmt,
     fs::File,
     io,
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -91,6 +91,19 @@ impl FileId {
     pub fn of_file(file: &impl AsFd) -> io::Result<Self> {
         Ok(Self::of(&fstat(file.as_fd())?))
     }
+}
+
+/// What [`OutputDir::open_special`] found under a name.
+#[derive(Debug)]
+pub enum Special {
+    /// A character device or FIFO of root or of this process's user, open
+    /// for writing.
+    Open(File),
+    /// A device or FIFO of another user (this uid): whoever made it could
+    /// read what is written into it.
+    OtherOwner(u32),
+    /// Anything else: a regular file, a directory, a symlink, a socket.
+    NotSpecial,
 }
 
 /// An open directory that captured traffic goes into.
@@ -314,17 +327,36 @@ impl OutputDir {
     }
 
     /// Opens an existing special file (a character device such as
-    /// /dev/null, or a FIFO) for writing, never through a symlink.
-    pub fn open_special(&self, name: &OsStr) -> io::Result<Option<File>> {
-        let fd = openat(
+    /// /dev/null, or a FIFO) for writing, never through a symlink, and only
+    /// one that root or this process's user owns: a pipe someone else made
+    /// where the capture was to go (`/tmp/web.pcap`) would hand them every
+    /// mirrored byte. Type and owner are read before anything is opened (a
+    /// FIFO's open waits for a reader), and the inode checked is the one
+    /// opened.
+    pub fn open_special(&self, name: &OsStr) -> io::Result<Special> {
+        // O_PATH opens nothing yet: no FIFO is waited on, no device's open
+        // routine runs; with O_NOFOLLOW a symlink is itself the result.
+        let path = openat(
             &self.fd,
             name,
-            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
-        let stat = fstat(&fd)?;
+        let stat = fstat(&path)?;
         let kind = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits());
-        Ok((kind == SFlag::S_IFCHR || kind == SFlag::S_IFIFO).then(|| File::from(fd)))
+        if kind != SFlag::S_IFCHR && kind != SFlag::S_IFIFO {
+            return Ok(Special::NotSpecial);
+        }
+        if stat.st_uid != 0 && stat.st_uid != Uid::effective().as_raw() {
+            return Ok(Special::OtherOwner(stat.st_uid));
+        }
+        // Reopened through its descriptor: the name may be another file by now.
+        let fd = nix::fcntl::open(
+            Path::new(&format!("/proc/self/fd/{}", path.as_raw_fd())),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+            Mode::empty(),
+        )?;
+        Ok(Special::Open(File::from(fd)))
     }
 
     /// Hands a file created before the drop to the user the mirror runs as.
