@@ -281,7 +281,11 @@ impl OutputDir {
     /// (appending, or from the start with `truncate`): never through a
     /// symlink, and only while `name` is still the inode `id`.
     pub fn reopen(&self, name: &OsStr, id: FileId, truncate: bool) -> io::Result<File> {
-        let mut flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        // O_NONBLOCK: a FIFO put in the file's place would make a blocking
+        // open wait for a reader, forever, with the dump stuck (the inode
+        // check below refuses it). Regular files ignore the flag.
+        let mut flags =
+            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         if !truncate {
             flags |= OFlag::O_APPEND;
         }
@@ -410,4 +414,38 @@ fn openat_dir(parent: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno> {
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    use super::*;
+
+    #[test]
+    fn a_pipe_put_in_place_of_a_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutputDir::open_or_create(dir.path(), None).unwrap();
+        let name = OsStr::new("flow");
+        let (_, id) = out.create_new(name).unwrap();
+        std::fs::rename(dir.path().join("flow"), dir.path().join("moved")).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("flow"), Mode::from_bits_truncate(0o600)).unwrap();
+        let (done, result) = mpsc::channel();
+        for truncate in [false, true] {
+            let dir = OutputDir::open_or_create(dir.path(), None).unwrap();
+            let done = done.clone();
+            // A blocking open would wait for a reader that never comes.
+            std::thread::spawn(move || {
+                let _ = done.send(dir.reopen(OsStr::new("flow"), id, truncate).map(|_| ()));
+            });
+            let reopened = result
+                .recv_timeout(Duration::from_secs(5))
+                .expect("reopen returns without a reader on the pipe");
+            assert!(reopened.is_err(), "truncate={truncate}");
+        }
+        // The file the mirror made is still reopened.
+        std::fs::remove_file(dir.path().join("flow")).unwrap();
+        std::fs::rename(dir.path().join("moved"), dir.path().join("flow")).unwrap();
+        out.reopen(name, id, false).unwrap();
+    }
 }
