@@ -284,8 +284,7 @@ impl OutputDir {
         // O_NONBLOCK: a FIFO put in the file's place would make a blocking
         // open wait for a reader, forever, with the dump stuck (the inode
         // check below refuses it). Regular files ignore the flag.
-        let mut flags =
-            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+        let mut flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         if !truncate {
             flags |= OFlag::O_APPEND;
         }
