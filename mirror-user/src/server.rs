@@ -588,7 +588,7 @@ fn error(code: ErrorCode, fatal: bool, message: impl Into<String>) -> ServerFram
 /// other. With the default 208 KiB buffer a `mirror tail` received about
 /// 100 MB/s of a 1 GB/s bulk stream on a 2-core machine and lagged; the
 /// buffer must cover those waits.
-const UNIX_SEND_BUFFER: usize = 8 << 20;
+pub const UNIX_SEND_BUFFER: usize = 8 << 20;
 
 /// Sets a socket's send buffer past `net.core.wmem_max`, which needs
 /// CAP_NET_ADMIN: once the mirror has given up root, its privileged helper
