@@ -127,6 +127,17 @@ impl OutputDir {
             Errno::ENOENT => OutputDirError::NoParent(path.to_path_buf()),
             other => io_error(other.into()),
         })?;
+        // Between mkdir and open, whoever may write the parent could put
+        // another directory (theirs, or one they may move) in place of the
+        // new one, and the mirror would chmod and chown that: create only
+        // where others cannot rename entries.
+        let parent_stat = fstat(&parent_fd).map_err(|e| io_error(e.into()))?;
+        if shared(parent_stat.st_mode)
+            && fstatat(&parent_fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                == Err(Errno::ENOENT)
+        {
+            return Err(OutputDirError::WritableByOthers(parent));
+        }
         let created = match mkdirat(
             &parent_fd,
             name.as_os_str(),
@@ -145,6 +156,12 @@ impl OutputDir {
             other => io_error(other.into()),
         })?;
         if created {
+            let stat = fstat(&fd).map_err(|e| io_error(e.into()))?;
+            if stat.st_uid != Uid::effective().as_raw() {
+                return Err(io_error(io::Error::other(
+                    "it was replaced by another user's directory while the mirror created it",
+                )));
+            }
             // The umask may have taken bits away, never added any; the
             // owner becomes the user the mirror will run as.
             fchmod(&fd, Mode::from_bits_truncate(DIR_MODE)).map_err(|e| io_error(e.into()))?;
@@ -193,9 +210,7 @@ impl OutputDir {
             path: self.path.clone(),
             source: e.into(),
         })?;
-        let mode = stat.st_mode;
-        let sticky = mode & libc::S_ISVTX != 0;
-        if mode & 0o022 != 0 && !sticky {
+        if shared(stat.st_mode) {
             return Err(OutputDirError::WritableByOthers(self.path.clone()));
         }
         Ok(())
@@ -381,6 +396,12 @@ impl fmt::Display for OutputDir {
     }
 }
 
+/// Whether a directory of mode `mode` lets other users rename or remove
+/// what it holds: writable by group or others, without the sticky bit.
+fn shared(mode: u32) -> bool {
+    mode & 0o022 != 0 && mode & libc::S_ISVTX == 0
+}
+
 /// `path` as (parent, last component); a bare name's parent is `.`.
 fn split(path: &Path) -> (PathBuf, OsString) {
     let name = path
@@ -420,6 +441,24 @@ mod tests {
     use std::{sync::mpsc, time::Duration};
 
     use super::*;
+
+    #[test]
+    fn directories_are_created_only_where_others_cannot_swap_them() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let shared_parent = dir.path().join("shared");
+        std::fs::create_dir(&shared_parent).unwrap();
+        std::fs::set_permissions(&shared_parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = OutputDir::open_or_create(&shared_parent.join("flows"), None);
+        assert!(
+            matches!(refused, Err(OutputDirError::WritableByOthers(ref p)) if *p == shared_parent),
+            "{refused:?}"
+        );
+        assert!(!shared_parent.join("flows").exists(), "nothing created");
+        // With the sticky bit (as /tmp), others cannot rename it: created.
+        std::fs::set_permissions(&shared_parent, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        OutputDir::open_or_create(&shared_parent.join("flows"), None).unwrap();
+    }
 
     #[test]
     fn a_pipe_put_in_place_of_a_file_is_refused_at_once() {
