@@ -95,6 +95,14 @@ impl Client {
         if token.len() > MAX_TOKEN {
             return Err(ClientError::TokenTooLong(token.len()));
         }
+        // A Unix socket is protected by its file's permissions, and its
+        // server never checks a token: the token goes to TCP listeners
+        // only, never to whatever process has bound a socket at the path
+        // (a shared directory, a mirror that has ended).
+        let token = match endpoint {
+            Endpoint::Unix(_) => "",
+            Endpoint::Tcp(_) => token,
+        };
         let connect_error = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -422,5 +430,31 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&exposed, &link).unwrap();
         assert!(matches!(read_token(&link), Err(TokenError::Exposed { .. })));
+    }
+
+    #[tokio::test]
+    async fn the_token_goes_to_tcp_listeners_only() {
+        use tokio::io::AsyncReadExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let len = stream.read_u32().await.unwrap() as usize;
+            let mut hello = vec![0; len];
+            stream.read_exact(&mut hello).await.unwrap();
+            ClientFrame::decode(&hello).unwrap()
+        });
+        let endpoint = Endpoint::Unix(path);
+        // No answer comes: only the hello matters.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            Client::connect(&endpoint, Some("s3cret"), "test"),
+        )
+        .await;
+        match server.await.unwrap() {
+            ClientFrame::Hello { token, .. } => assert_eq!(token, ""),
+            other => panic!("{other:?}"),
+        }
     }
 }
