@@ -252,7 +252,7 @@ fn attach_tc(
     ifindex: u32,
     force_netlink: bool,
 ) -> Result<(AttachPoint, Link), AttachError> {
-    remove_leftover_filters(iface);
+    remove_leftover_filters(iface, ifindex);
     let use_tcx = !force_netlink
         && KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0));
     let failed = |point, source| AttachError::Attach {
@@ -340,17 +340,29 @@ fn refuse_behind_tcx(iface: &str) -> Result<(), AttachError> {
     })
 }
 
-/// Removes clsact ingress filters running a program named like ours: they
-/// can only be left from a mirror that was killed before it could detach.
-/// Each is deleted by its own priority and handle, so a filter of someone
-/// else that shares its priority (see [`clsact`]) stays.
-fn remove_leftover_filters(iface: &str) {
-    match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_TC) {
-        Ok(()) => tracing::warn!(
-            "removed a TC filter on {iface} left behind by an earlier mirror that did not exit cleanly"
-        ),
-        // No clsact qdisc or no such filter: nothing was left behind.
-        Err(error) => tracing::debug!("no leftover TC filter on {iface}: {error}"),
+/// Removes clsact ingress filters that mirrors killed together with their
+/// privileged helper left behind: filters of a program named like ours that
+/// no process holds any more. Another mirror running on the interface
+/// holds its program, and its filter stays. Each is deleted by its own
+/// priority and handle, so a filter of someone else that shares its
+/// priority (see [`clsact`]) stays.
+fn remove_leftover_filters(iface: &str, ifindex: u32) {
+    let filters = match clsact::ingress_filters(ifindex) {
+        Ok(filters) => filters,
+        // No clsact qdisc: nothing was left behind.
+        Err(error) => {
+            tracing::debug!("no leftover TC filter on {iface}: {error}");
+            return;
+        }
+    };
+    let held = clsact::held_programs();
+    for filter in clsact::leftovers(ifindex, &filters, PROG_TC, &held) {
+        match clsact::remove(filter) {
+            Ok(()) => tracing::warn!(
+                "removed a TC filter on {iface} left behind by an earlier mirror that did not exit cleanly"
+            ),
+            Err(error) => tracing::debug!("cannot remove a leftover TC filter on {iface}: {error}"),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     collections::VecDeque,
     fs::File,
     io::{self, Read as _},
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::Path,
 };
 
@@ -95,6 +95,14 @@ impl Client {
         if token.len() > MAX_TOKEN {
             return Err(ClientError::TokenTooLong(token.len()));
         }
+        // A Unix socket is protected by its file's permissions, and its
+        // server never checks a token: the token goes to TCP listeners
+        // only, never to whatever process has bound a socket at the path
+        // (a shared directory, a mirror that has ended).
+        let token = match endpoint {
+            Endpoint::Unix(_) => "",
+            Endpoint::Tcp(_) => token,
+        };
         let connect_error = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -257,6 +265,10 @@ pub enum TokenError {
     )]
     Exposed { path: String, mode: u32 },
     #[error(
+        "the token file {path} belongs to another user (uid {uid}), who can read or change the token: use a file of root or of the user running this command"
+    )]
+    OtherOwner { path: String, uid: u32 },
+    #[error(
         "the token file {path} holds no token: write one into it (e.g. `head -c 32 /dev/urandom | base64 > {path}`)"
     )]
     Empty { path: String },
@@ -270,8 +282,8 @@ pub enum TokenError {
 
 /// Reads a token file: its content without surrounding whitespace, at most
 /// [`MAX_TOKEN`] bytes. The server (`mirror run`) and the clients apply the
-/// same rules: the file must be a regular file readable by its owner
-/// alone, and hold a token.
+/// same rules: the file must be a regular file of root or of this process's
+/// user, readable by its owner alone, and hold a token.
 pub fn read_token(path: &Path) -> Result<String, TokenError> {
     let shown = || path.display().to_string();
     // Non-blocking: opening a FIFO put in the token's place does not wait
@@ -292,6 +304,14 @@ pub fn read_token(path: &Path) -> Result<String, TokenError> {
     })?;
     if !meta.is_file() {
         return Err(TokenError::NotAFile { path: shown() });
+    }
+    // Owner-only means nothing if the owner is someone else: a token file
+    // planted where the mirror's was to be written is known to its owner.
+    if meta.uid() != 0 && meta.uid() != nix::unistd::Uid::effective().as_raw() {
+        return Err(TokenError::OtherOwner {
+            path: shown(),
+            uid: meta.uid(),
+        });
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -380,6 +400,13 @@ mod tests {
             Err(TokenError::Open { .. })
         ));
         assert!(matches!(read_token(d), Err(TokenError::NotAFile { .. })));
+        // Owner-only, but the owner is someone else: they know the token.
+        let planted = token_file(d, "planted", b"s3cret", 0o600);
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+        assert!(matches!(
+            read_token(&planted),
+            Err(TokenError::OtherOwner { uid: 65534, .. })
+        ));
     }
 
     #[test]
@@ -403,5 +430,31 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&exposed, &link).unwrap();
         assert!(matches!(read_token(&link), Err(TokenError::Exposed { .. })));
+    }
+
+    #[tokio::test]
+    async fn the_token_goes_to_tcp_listeners_only() {
+        use tokio::io::AsyncReadExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let len = stream.read_u32().await.unwrap() as usize;
+            let mut hello = vec![0; len];
+            stream.read_exact(&mut hello).await.unwrap();
+            ClientFrame::decode(&hello).unwrap()
+        });
+        let endpoint = Endpoint::Unix(path);
+        // No answer comes: only the hello matters.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            Client::connect(&endpoint, Some("s3cret"), "test"),
+        )
+        .await;
+        match server.await.unwrap() {
+            ClientFrame::Hello { token, .. } => assert_eq!(token, ""),
+            other => panic!("{other:?}"),
+        }
     }
 }

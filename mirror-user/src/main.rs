@@ -30,7 +30,10 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             run::prepare(*args, max_level).and_then(|prepared| block_on(run::run(prepared)))
         }
-        Command::Tail(args) => block_on(tail::tail(args)),
+        // No-new-privileges and the bounding set are per thread: `tail`
+        // gives up root on its only thread, so that every thread made
+        // later (tokio's blocking pool) is a copy of the unprivileged one.
+        Command::Tail(args) => block_on_one_thread(tail::tail(args)),
         Command::Ports(args) => block_on(tail::ports(args)),
         Command::Stats(args) => block_on(tail::stats(args)),
     };
@@ -50,6 +53,14 @@ fn main() -> ExitCode {
 
 fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| anyhow::anyhow!("cannot start the async runtime: {error}"))?
+        .block_on(work)
+}
+
+fn block_on_one_thread(work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|error| anyhow::anyhow!("cannot start the async runtime: {error}"))?

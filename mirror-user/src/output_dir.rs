@@ -17,7 +17,7 @@ use std::{
     fmt,
     fs::File,
     io,
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -93,6 +93,19 @@ impl FileId {
     }
 }
 
+/// What [`OutputDir::open_special`] found under a name.
+#[derive(Debug)]
+pub enum Special {
+    /// A character device or FIFO of root or of this process's user, open
+    /// for writing.
+    Open(File),
+    /// A device or FIFO of another user (this uid): whoever made it could
+    /// read what is written into it.
+    OtherOwner(u32),
+    /// Anything else: a regular file, a directory, a symlink, a socket.
+    NotSpecial,
+}
+
 /// An open directory that captured traffic goes into.
 #[derive(Debug)]
 pub struct OutputDir {
@@ -114,6 +127,17 @@ impl OutputDir {
             Errno::ENOENT => OutputDirError::NoParent(path.to_path_buf()),
             other => io_error(other.into()),
         })?;
+        // Between mkdir and open, whoever may write the parent could put
+        // another directory (theirs, or one they may move) in place of the
+        // new one, and the mirror would chmod and chown that: create only
+        // where others cannot rename entries.
+        let parent_stat = fstat(&parent_fd).map_err(|e| io_error(e.into()))?;
+        if shared(parent_stat.st_mode)
+            && fstatat(&parent_fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                == Err(Errno::ENOENT)
+        {
+            return Err(OutputDirError::WritableByOthers(parent));
+        }
         let created = match mkdirat(
             &parent_fd,
             name.as_os_str(),
@@ -132,6 +156,12 @@ impl OutputDir {
             other => io_error(other.into()),
         })?;
         if created {
+            let stat = fstat(&fd).map_err(|e| io_error(e.into()))?;
+            if stat.st_uid != Uid::effective().as_raw() {
+                return Err(io_error(io::Error::other(
+                    "it was replaced by another user's directory while the mirror created it",
+                )));
+            }
             // The umask may have taken bits away, never added any; the
             // owner becomes the user the mirror will run as.
             fchmod(&fd, Mode::from_bits_truncate(DIR_MODE)).map_err(|e| io_error(e.into()))?;
@@ -180,9 +210,7 @@ impl OutputDir {
             path: self.path.clone(),
             source: e.into(),
         })?;
-        let mode = stat.st_mode;
-        let sticky = mode & libc::S_ISVTX != 0;
-        if mode & 0o022 != 0 && !sticky {
+        if shared(stat.st_mode) {
             return Err(OutputDirError::WritableByOthers(self.path.clone()));
         }
         Ok(())
@@ -268,7 +296,10 @@ impl OutputDir {
     /// (appending, or from the start with `truncate`): never through a
     /// symlink, and only while `name` is still the inode `id`.
     pub fn reopen(&self, name: &OsStr, id: FileId, truncate: bool) -> io::Result<File> {
-        let mut flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        // O_NONBLOCK: a FIFO put in the file's place would make a blocking
+        // open wait for a reader, forever, with the dump stuck (the inode
+        // check below refuses it). Regular files ignore the flag.
+        let mut flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         if !truncate {
             flags |= OFlag::O_APPEND;
         }
@@ -314,17 +345,36 @@ impl OutputDir {
     }
 
     /// Opens an existing special file (a character device such as
-    /// /dev/null, or a FIFO) for writing, never through a symlink.
-    pub fn open_special(&self, name: &OsStr) -> io::Result<Option<File>> {
-        let fd = openat(
+    /// /dev/null, or a FIFO) for writing, never through a symlink, and only
+    /// one that root or this process's user owns: a pipe someone else made
+    /// where the capture was to go (`/tmp/web.pcap`) would hand them every
+    /// mirrored byte. Type and owner are read before anything is opened (a
+    /// FIFO's open waits for a reader), and the inode checked is the one
+    /// opened.
+    pub fn open_special(&self, name: &OsStr) -> io::Result<Special> {
+        // O_PATH opens nothing yet: no FIFO is waited on, no device's open
+        // routine runs; with O_NOFOLLOW a symlink is itself the result.
+        let path = openat(
             &self.fd,
             name,
-            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
-        let stat = fstat(&fd)?;
+        let stat = fstat(&path)?;
         let kind = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits());
-        Ok((kind == SFlag::S_IFCHR || kind == SFlag::S_IFIFO).then(|| File::from(fd)))
+        if kind != SFlag::S_IFCHR && kind != SFlag::S_IFIFO {
+            return Ok(Special::NotSpecial);
+        }
+        if stat.st_uid != 0 && stat.st_uid != Uid::effective().as_raw() {
+            return Ok(Special::OtherOwner(stat.st_uid));
+        }
+        // Reopened through its descriptor: the name may be another file by now.
+        let fd = nix::fcntl::open(
+            Path::new(&format!("/proc/self/fd/{}", path.as_raw_fd())),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+            Mode::empty(),
+        )?;
+        Ok(Special::Open(File::from(fd)))
     }
 
     /// Hands a file created before the drop to the user the mirror runs as.
@@ -344,6 +394,12 @@ impl fmt::Display for OutputDir {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.path.display().fmt(f)
     }
+}
+
+/// Whether a directory of mode `mode` lets other users rename or remove
+/// what it holds: writable by group or others, without the sticky bit.
+fn shared(mode: u32) -> bool {
+    mode & 0o022 != 0 && mode & libc::S_ISVTX == 0
 }
 
 /// `path` as (parent, last component); a bare name's parent is `.`.
@@ -378,4 +434,56 @@ fn openat_dir(parent: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno> {
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    use super::*;
+
+    #[test]
+    fn directories_are_created_only_where_others_cannot_swap_them() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let shared_parent = dir.path().join("shared");
+        std::fs::create_dir(&shared_parent).unwrap();
+        std::fs::set_permissions(&shared_parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = OutputDir::open_or_create(&shared_parent.join("flows"), None);
+        assert!(
+            matches!(refused, Err(OutputDirError::WritableByOthers(ref p)) if *p == shared_parent),
+            "{refused:?}"
+        );
+        assert!(!shared_parent.join("flows").exists(), "nothing created");
+        // With the sticky bit (as /tmp), others cannot rename it: created.
+        std::fs::set_permissions(&shared_parent, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        OutputDir::open_or_create(&shared_parent.join("flows"), None).unwrap();
+    }
+
+    #[test]
+    fn a_pipe_put_in_place_of_a_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutputDir::open_or_create(dir.path(), None).unwrap();
+        let name = OsStr::new("flow");
+        let (_, id) = out.create_new(name).unwrap();
+        std::fs::rename(dir.path().join("flow"), dir.path().join("moved")).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("flow"), Mode::from_bits_truncate(0o600)).unwrap();
+        let (done, result) = mpsc::channel();
+        for truncate in [false, true] {
+            let dir = OutputDir::open_or_create(dir.path(), None).unwrap();
+            let done = done.clone();
+            // A blocking open would wait for a reader that never comes.
+            std::thread::spawn(move || {
+                let _ = done.send(dir.reopen(OsStr::new("flow"), id, truncate).map(|_| ()));
+            });
+            let reopened = result
+                .recv_timeout(Duration::from_secs(5))
+                .expect("reopen returns without a reader on the pipe");
+            assert!(reopened.is_err(), "truncate={truncate}");
+        }
+        // The file the mirror made is still reopened.
+        std::fs::remove_file(dir.path().join("flow")).unwrap();
+        std::fs::rename(dir.path().join("moved"), dir.path().join("flow")).unwrap();
+        out.reopen(name, id, false).unwrap();
+    }
 }

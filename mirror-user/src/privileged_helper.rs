@@ -44,7 +44,7 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::attach::clsact;
+use crate::{attach::clsact, server::UNIX_SEND_BUFFER};
 
 /// The hidden subcommand that runs the helper.
 pub const SUBCOMMAND: &str = "privileged-helper";
@@ -229,30 +229,27 @@ pub fn serve() -> io::Result<()> {
         unsafe { signal(stop, SigHandler::SigIgn) }?;
     }
     keep_only_net_admin()?;
+    serve_on(&socket)
+}
 
+/// Serves the mirror on `socket` until it goes away, then cleans up. Once
+/// the plan is known the cleanup runs however the mirror ends, even when it
+/// dies between a request and its answer (the answer then fails).
+fn serve_on(socket: &OwnedFd) -> io::Result<()> {
     let mut buffer = vec![0u8; MAX_MESSAGE];
-    let (plan_bytes, _) = receive(&socket, &mut buffer)?;
+    let (plan_bytes, _) = receive(socket, &mut buffer)?;
     let mut plan: Plan = serde_json::from_slice(&buffer[..plan_bytes]).map_err(io::Error::other)?;
-    answer(&socket, Ok(()))?;
-    loop {
-        let (len, fd) = match receive(&socket, &mut buffer) {
-            Ok((0, _)) | Err(_) => break,
-            Ok(received) => received,
-        };
-        let result = match (buffer[0], fd) {
-            (FORCE_SEND_BUFFER, Some(fd)) if len == 9 => {
-                let bytes = u64::from_le_bytes(buffer[1..9].try_into().expect("8 bytes"));
-                setsockopt(
-                    &fd,
-                    sockopt::SndBufForce,
-                    &(bytes.min(i32::MAX as u64) as usize),
-                )
-                .map_err(io::Error::from)
+    if answer(socket, Ok(())).is_ok() {
+        loop {
+            let (len, fd) = match receive(socket, &mut buffer) {
+                Ok((0, _)) | Err(_) => break,
+                Ok(received) => received,
+            };
+            let result = handle(&buffer[..len], fd, &mut plan);
+            if answer(socket, result).is_err() {
+                break;
             }
-            (DETACH, None) => plan.clsact.take().map_or(Ok(()), clsact::remove),
-            _ => Err(io::Error::other("unknown request")),
-        };
-        answer(&socket, result)?;
+        }
     }
     // The mirror ended (or closed the socket): clean up what is left.
     if let Some(filter) = plan.clsact.take() {
@@ -269,6 +266,35 @@ pub fn serve() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One request of the (unprivileged, so untrusted) mirror.
+fn handle(message: &[u8], fd: Option<OwnedFd>, plan: &mut Plan) -> io::Result<()> {
+    match (message, fd) {
+        ([FORCE_SEND_BUFFER, size @ ..], Some(socket)) if size.len() == 8 => {
+            let bytes = u64::from_le_bytes(size.try_into().expect("8 bytes"));
+            force_send_buffer(&socket, bytes)
+        }
+        ([DETACH], None) => plan.clsact.take().map_or(Ok(()), clsact::remove),
+        _ => Err(io::Error::other("unknown request")),
+    }
+}
+
+/// SO_SNDBUFFORCE for what the mirror needs it for only: a local client's
+/// stream socket, at most the size the server asks for. Any socket at any
+/// size would let a compromised mirror pin kernel memory past every
+/// limit.
+fn force_send_buffer(socket: &OwnedFd, bytes: u64) -> io::Result<()> {
+    if bytes > UNIX_SEND_BUFFER as u64 {
+        return Err(io::Error::other(format!(
+            "a send buffer of {bytes} bytes is more than the {UNIX_SEND_BUFFER} a client gets"
+        )));
+    }
+    let sock = socket2::SockRef::from(socket);
+    if sock.domain()? != socket2::Domain::UNIX || sock.r#type()? != socket2::Type::STREAM {
+        return Err(io::Error::other("only a local client's socket is enlarged"));
+    }
+    setsockopt(socket, sockopt::SndBufForce, &(bytes as usize)).map_err(io::Error::from)
 }
 
 fn receive(socket: &OwnedFd, buffer: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
@@ -340,6 +366,91 @@ fn keep_only_net_admin() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn send(socket: &OwnedFd, message: &[u8], fd: Option<RawFd>) {
+        let fds: Vec<RawFd> = fd.into_iter().collect();
+        let control: Vec<ControlMessage<'_>> = if fds.is_empty() {
+            Vec::new()
+        } else {
+            vec![ControlMessage::ScmRights(&fds)]
+        };
+        sendmsg::<()>(
+            socket.as_raw_fd(),
+            &[IoSlice::new(message)],
+            &control,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+    }
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    fn bound_socket(dir: &std::path::Path) -> (std::os::unix::net::UnixListener, SocketFile) {
+        let path = dir.join("m.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let file = SocketFile {
+            path,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        (listener, file)
+    }
+
+    #[test]
+    fn a_mirror_killed_mid_request_is_still_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_listener, file) = bound_socket(dir.path());
+        let client = std::os::unix::net::UnixStream::connect(&file.path).unwrap();
+        let (mirror, helper) = pair();
+        let plan = Plan {
+            clsact: None,
+            sockets: vec![file.clone()],
+        };
+        // The plan and a request, then the mirror is gone before any answer.
+        send(&mirror, &serde_json::to_vec(&plan).unwrap(), None);
+        let mut request = vec![FORCE_SEND_BUFFER];
+        request.extend_from_slice(&(1u64 << 20).to_le_bytes());
+        send(&mirror, &request, Some(client.as_raw_fd()));
+        drop(mirror);
+        serve_on(&helper).unwrap();
+        assert!(!file.path.exists(), "the socket file is removed");
+    }
+
+    #[test]
+    fn send_buffers_are_forced_only_for_local_clients_and_up_to_the_server_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_listener, file) = bound_socket(dir.path());
+        let client = std::os::unix::net::UnixStream::connect(&file.path).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut plan = Plan::default();
+        let ask = |fd: BorrowedFd<'_>, bytes: u64, plan: &mut Plan| {
+            let mut message = vec![FORCE_SEND_BUFFER];
+            message.extend_from_slice(&bytes.to_le_bytes());
+            handle(&message, Some(fd.try_clone_to_owned().unwrap()), plan)
+        };
+        ask(client.as_fd(), UNIX_SEND_BUFFER as u64, &mut plan).unwrap();
+        assert!(socket2::SockRef::from(&client).send_buffer_size().unwrap() >= UNIX_SEND_BUFFER);
+        assert!(
+            ask(client.as_fd(), 1 << 30, &mut plan).is_err(),
+            "larger than asked"
+        );
+        assert!(
+            ask(tcp.as_fd(), 1 << 20, &mut plan).is_err(),
+            "not a local client"
+        );
+        assert!(handle(&[DETACH, 0], None, &mut plan).is_err());
+        assert!(handle(&[], None, &mut plan).is_err());
+    }
 
     #[test]
     fn socket_files_are_removed_only_while_they_are_ours() {

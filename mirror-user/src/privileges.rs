@@ -172,9 +172,9 @@ impl Identity {
     /// Gives up root (or every capability) for good, then checks every
     /// thread of the process.
     ///
-    /// Capability sets are per thread: call this before starting threads,
-    /// or rely on the uid change, which glibc applies to every thread and
-    /// which clears every thread's capabilities (checked).
+    /// Capability sets, the bounding set and no_new_privs are per thread,
+    /// and only the uid change reaches every thread (glibc applies it to
+    /// all): call this while the process has one thread (checked).
     pub fn assume(&self) -> Result<(), PrivilegeError> {
         let failed = |source: io::Error| PrivilegeError::Drop {
             user: self.name.clone(),
@@ -231,11 +231,22 @@ impl Identity {
                 thread: thread.clone(),
                 what,
             };
-            for field in ["CapEff:", "CapPrm:", "CapAmb:"] {
+            // The bounding set can only be emptied by root, and it and
+            // no_new_privs are per thread: a thread started before the drop
+            // keeps them.
+            let emptied: &[&str] = match self.plan {
+                Plan::Become { .. } => &["CapEff:", "CapPrm:", "CapAmb:", "CapBnd:"],
+                _ => &["CapEff:", "CapPrm:", "CapAmb:"],
+            };
+            for field in emptied {
                 match parse_hex_field(&status, field) {
                     Some(0) => {}
                     other => return Err(still(format!("{field} {other:x?}"))),
                 }
+            }
+            match parse_hex_field(&status, "NoNewPrivs:") {
+                Some(1) => {}
+                other => return Err(still(format!("NoNewPrivs: {other:x?}"))),
             }
             if let Plan::Become { uid, .. } = &self.plan {
                 let uids = status

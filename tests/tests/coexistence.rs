@@ -543,6 +543,47 @@ fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
     assert!(!host.ping_passes(), "the firewall still drops ping");
 }
 
+/// Two clsact mirrors on one interface (other ports, other dumps): the
+/// second one's start takes the first one's filter for no leftover, both
+/// filters stay while both run, and each goes with its mirror.
+#[test]
+fn a_second_clsact_mirror_leaves_the_first_ones_filter_alone() {
+    let host = Host::new();
+    let first_dump = host.path("first").display().to_string();
+    let first = MirrorProcess::start(
+        &host.net.server,
+        &host.mirror_args(Mode::Clsact, &first_dump),
+    );
+    assert_eq!(host.clsact_filters().len(), 1);
+    let second_dump = host.path("second").display().to_string();
+    let second = MirrorProcess::start(
+        &host.net.server,
+        &[
+            "--iface",
+            IFACE,
+            "--port",
+            "5302",
+            "--dump-dir",
+            &second_dump,
+            "--tc-netlink",
+        ],
+    );
+    let filters = host.clsact_filters();
+    assert_eq!(filters.len(), 2, "both mirrors' filters: {filters:#?}");
+    let output = second.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(!output.stderr.contains("left behind"), "{}", output.stderr);
+    let filters = host.clsact_filters();
+    assert_eq!(
+        filters.len(),
+        1,
+        "the first mirror's filter stays: {filters:#?}"
+    );
+    let output = first.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(host.clsact_filters().is_empty());
+}
+
 /// Someone replaces the clsact mirror's filter (same priority and handle)
 /// while it runs: at exit the mirror leaves the replacement alone.
 #[test]

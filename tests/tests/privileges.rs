@@ -24,7 +24,8 @@ const NOBODY: u32 = 65534;
 const CAP_NET_ADMIN: u64 = 1 << 12;
 
 /// Every thread of `pid`: real, effective, saved and file-system uid are
-/// `uid`, and no capability is effective, permitted or ambient.
+/// `uid`, no capability is effective, permitted, ambient or in the bounding
+/// set, and no_new_privs is set (the last two are per thread).
 fn assert_runs_unprivileged(pid: u32, uid: u32, what: &str) {
     let uids = thread_status(pid, "Uid");
     assert!(!uids.is_empty(), "{what}: no threads");
@@ -34,7 +35,7 @@ fn assert_runs_unprivileged(pid: u32, uid: u32, what: &str) {
             "{what} thread {thread} has Uid {ids}"
         );
     }
-    for field in ["CapEff", "CapPrm", "CapAmb"] {
+    for field in ["CapEff", "CapPrm", "CapAmb", "CapBnd"] {
         for (thread, value) in thread_status(pid, field) {
             assert_eq!(
                 u64::from_str_radix(&value, 16).unwrap(),
@@ -42,6 +43,9 @@ fn assert_runs_unprivileged(pid: u32, uid: u32, what: &str) {
                 "{what} thread {thread}: {field} {value}"
             );
         }
+    }
+    for (thread, value) in thread_status(pid, "NoNewPrivs") {
+        assert_eq!(value, "1", "{what} thread {thread}: NoNewPrivs");
     }
 }
 

@@ -24,7 +24,7 @@
 //! aya attaches and detaches clsact filters but cannot list them, so the
 //! dump (RTM_GETTFILTER) goes through the rust-netlink crates.
 
-use std::{fmt, io, time::Duration};
+use std::{collections::HashSet, fmt, io, time::Duration};
 
 use aya::programs::{Link as _, TcAttachType, tc::SchedClassifierLink};
 use netlink_packet_core::{
@@ -71,6 +71,8 @@ pub struct Filter {
     pub kind: String,
     /// The BPF program of a `bpf` filter.
     pub program_id: Option<u32>,
+    /// The name of that program, as the filter shows it.
+    pub program_name: Option<String>,
 }
 
 /// What keeps the mirror's filter from running first.
@@ -158,6 +160,71 @@ pub fn remove(filter: ClsactFilter) -> io::Result<()> {
     .map_err(io::Error::other)
 }
 
+/// Filters that mirrors killed together with their helper left behind:
+/// `bpf` filters running a program named `name` that no process holds. A
+/// running mirror holds its program, so its filter is never taken for a
+/// leftover, whoever else watches the same interface.
+pub fn leftovers(
+    ifindex: u32,
+    filters: &[Filter],
+    name: &str,
+    held: &HashSet<u32>,
+) -> Vec<ClsactFilter> {
+    filters
+        .iter()
+        .filter(|f| f.kind == "bpf" && f.handle != 0 && f.program_name.as_deref() == Some(name))
+        .filter_map(|f| {
+            let program_id = f.program_id.filter(|id| !held.contains(id))?;
+            Some(ClsactFilter {
+                ifindex,
+                priority: f.priority,
+                handle: f.handle,
+                program_id,
+            })
+        })
+        .collect()
+}
+
+/// Ids of the BPF programs that some process holds, through a program or
+/// a link descriptor (their `/proc/PID/fdinfo` shows `prog_id`). Needs
+/// root, as the mirror is when it attaches.
+pub fn held_programs() -> HashSet<u32> {
+    let mut held = HashSet::new();
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return held;
+    };
+    for process in processes.flatten() {
+        let pid = process.file_name();
+        if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // Only BPF descriptors: one readlink instead of reading every
+            // descriptor's fdinfo.
+            let is_bpf = std::fs::read_link(fd.path()).is_ok_and(|target| {
+                let target = target.to_string_lossy();
+                target.starts_with("anon_inode:bpf-prog")
+                    || target.starts_with("anon_inode:bpf_link")
+            });
+            if !is_bpf {
+                continue;
+            }
+            let info = process.path().join("fdinfo").join(fd.file_name());
+            if let Ok(info) = std::fs::read_to_string(info) {
+                held.extend(
+                    info.lines()
+                        .filter_map(|line| line.strip_prefix("prog_id:"))
+                        .filter_map(|id| id.trim().parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    held
+}
+
 /// The filters in chain 0 of clsact ingress on `ifindex` (the chain where
 /// classification starts; other chains run only when a filter there sends
 /// a packet to them).
@@ -221,6 +288,7 @@ fn filter(payload: &[u8]) -> Option<Filter> {
         handle: header.handle.into(),
         kind: String::new(),
         program_id: None,
+        program_name: None,
     };
     let mut chain = 0;
     if let Ok(message) = TcMessage::parse(payload) {
@@ -230,8 +298,14 @@ fn filter(payload: &[u8]) -> Option<Filter> {
                 TcAttribute::Chain(index) => chain = index,
                 TcAttribute::Options(options) => {
                     for option in options {
-                        if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = option {
-                            filter.program_id = Some(id);
+                        match option {
+                            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => {
+                                filter.program_id = Some(id);
+                            }
+                            TcOption::Bpf(TcFilterBpfOption::ProgName(name)) => {
+                                filter.program_name = Some(name);
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -253,6 +327,7 @@ mod tests {
             handle,
             kind: kind.to_owned(),
             program_id: None,
+            program_name: None,
         }
     }
 
@@ -311,7 +386,10 @@ mod tests {
         message.attributes = vec![
             TcAttribute::Kind("bpf".to_owned()),
             TcAttribute::Chain(chain),
-            TcAttribute::Options(vec![TcOption::Bpf(TcFilterBpfOption::ProgId(42))]),
+            TcAttribute::Options(vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgId(42)),
+                TcOption::Bpf(TcFilterBpfOption::ProgName("mirror_tc".to_owned())),
+            ]),
         ];
         let mut bytes = vec![0; message.buffer_len()];
         message.emit(&mut bytes);
@@ -328,6 +406,7 @@ mod tests {
                 handle: HANDLE_BASE,
                 kind: "bpf".to_owned(),
                 program_id: Some(42),
+                program_name: Some("mirror_tc".to_owned()),
             })
         );
         assert_eq!(super::filter(&message(2)), None);
@@ -337,6 +416,31 @@ mod tests {
         let unreadable = super::filter(&cut).expect("the header is there");
         assert_eq!((unreadable.priority, unreadable.kind.as_str()), (1, ""));
         assert_eq!(super::filter(&[0; 8]), None, "shorter than a header");
+    }
+
+    #[test]
+    fn only_filters_of_programs_nobody_holds_are_leftovers() {
+        let named = |handle: u32, id: u32, name: &str| Filter {
+            program_id: Some(id),
+            program_name: Some(name.to_owned()),
+            ..filter(1, ALL_PROTOCOLS, handle, "bpf")
+        };
+        let filters = [
+            filter(1, ALL_PROTOCOLS, 0, "bpf"),
+            named(HANDLE_BASE, 10, "mirror_tc"),
+            named(HANDLE_BASE + 1, 11, "mirror_tc"),
+            named(1, 12, "drop"),
+        ];
+        let held = HashSet::from([11]);
+        assert_eq!(
+            leftovers(7, &filters, "mirror_tc", &held),
+            [ClsactFilter {
+                ifindex: 7,
+                priority: 1,
+                handle: HANDLE_BASE,
+                program_id: 10,
+            }]
+        );
     }
 
     #[test]

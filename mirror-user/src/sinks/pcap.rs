@@ -54,7 +54,7 @@ use pcap_file::{
 
 use crate::{
     clock::WallClock,
-    output_dir::{FileId, OutputDir, OutputDirError, Owner},
+    output_dir::{FileId, OutputDir, OutputDirError, Owner, Special},
     record::Record,
     segment::PayloadPool,
 };
@@ -158,6 +158,11 @@ pub enum PcapOpenError {
         .0.display()
     )]
     Exists(PathBuf),
+    #[error(
+        "{} is a pipe or device of another user (uid {uid}), who could read the capture from it: remove it, or make the pipe as root, or use --pcap - and a shell pipe",
+        .path.display()
+    )]
+    OtherOwner { path: PathBuf, uid: u32 },
     #[error("--pcap-rotate-size needs a regular file, and {} is a device or a pipe", .0.display())]
     RotateSpecial(PathBuf),
     #[error("cannot create the capture file {}: {source}", .path.display())]
@@ -190,23 +195,18 @@ pub fn open_output(config: &PcapConfig, owner: Option<Owner>) -> Result<PcapOutp
             })
         }
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-            // Only a device or a pipe is written as it is; never a file,
-            // never through a symlink.
-            let special = match dir.kind_of(&name).map_err(io_error)? {
-                Some((kind, _))
-                    if kind == nix::sys::stat::SFlag::S_IFCHR
-                        || kind == nix::sys::stat::SFlag::S_IFIFO =>
-                {
-                    dir.open_special(&name).map_err(io_error)?
-                }
-                _ => None,
-            };
-            match special {
-                Some(_) if config.rotate_size.is_some() => {
+            // Only a device or a pipe of root or of this user is written as
+            // it is; never a file, never through a symlink.
+            match dir.open_special(&name).map_err(io_error)? {
+                Special::Open(_) if config.rotate_size.is_some() => {
                     Err(PcapOpenError::RotateSpecial(config.path.clone()))
                 }
-                Some(file) => Ok(PcapOutput::Special(file)),
-                None => Err(PcapOpenError::Exists(config.path.clone())),
+                Special::Open(file) => Ok(PcapOutput::Special(file)),
+                Special::OtherOwner(uid) => Err(PcapOpenError::OtherOwner {
+                    path: config.path.clone(),
+                    uid,
+                }),
+                Special::NotSpecial => Err(PcapOpenError::Exists(config.path.clone())),
             }
         }
         Err(error) => Err(io_error(error)),
@@ -681,6 +681,53 @@ mod tests {
         drop(sink);
         writer.join().unwrap();
         counters
+    }
+
+    #[test]
+    fn only_pipes_of_root_or_this_user_are_written() {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), PcapFormat::Pcapng);
+        let fifo = |owner: u32| {
+            let _ = fs::remove_file(&config.path);
+            nix::unistd::mkfifo(
+                &config.path,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+            )
+            .unwrap();
+            std::os::unix::fs::chown(&config.path, Some(owner), Some(owner)).unwrap();
+            // Someone reads already: a writer's open does not wait.
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&config.path)
+                .unwrap()
+        };
+        // Planted by another user where the capture was to go: refused,
+        // its reader gets nothing.
+        let mut theirs = fifo(65534);
+        let refused = open_output(&config, None);
+        assert!(
+            matches!(refused, Err(PcapOpenError::OtherOwner { uid: 65534, .. })),
+            "{:?}",
+            refused.map(|_| ())
+        );
+        let mut stolen = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut theirs, &mut stolen);
+        assert!(stolen.is_empty());
+        // This user's own pipe is written as it is.
+        let _ours = fifo(nix::unistd::Uid::effective().as_raw());
+        assert!(matches!(
+            open_output(&config, None),
+            Ok(PcapOutput::Special(_))
+        ));
+        // A symlink to a device is never followed.
+        fs::remove_file(&config.path).unwrap();
+        std::os::unix::fs::symlink("/dev/null", &config.path).unwrap();
+        assert!(matches!(
+            open_output(&config, None),
+            Err(PcapOpenError::Exists(_))
+        ));
     }
 
     #[test]
