@@ -262,7 +262,7 @@ pub struct ServerArgs {
     #[arg(long, value_name = "ADDR", default_value = "unix:/run/mirror/mirror.sock", value_parser = parse_listen)]
     pub listen: Vec<Listen>,
 
-    /// File holding the token TCP clients must present.
+    /// File holding the token TCP clients must prove they know (it is never sent).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 

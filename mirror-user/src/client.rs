@@ -1,6 +1,10 @@
 //! A client of the subscriber server, used by `mirror tail`, `mirror
 //! ports` and `mirror stats`, and by tests.
 //!
+//! Over TCP the client sends its token to no one: it checks the server's
+//! proof that it knows the token before it proves its own
+//! (docs/protocol.md, "Authentication").
+//!
 //! Requests are answered in order, but stream events arrive between the
 //! answers: while waiting for an answer, events are queued for
 //! [`Client::next_event`].
@@ -11,6 +15,7 @@ use std::{
     io::{self, Read as _},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::Path,
+    time::Duration,
 };
 
 use bytes::BytesMut;
@@ -22,7 +27,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::{
     protocol::{
         ClientFrame, ErrorCode, MAX_TOKEN, PortInfo, ProtocolError, ServerFrame, VERSION,
-        client_name, printable,
+        client_name, client_proof, new_nonce, printable, server_proof_holds,
     },
     server::{Connection, Endpoint, frame},
     stream::StreamEvent,
@@ -42,6 +47,23 @@ pub enum ClientError {
         "the mirror refused the token: pass the token file the mirror was started with (--token-file)"
     )]
     BadToken,
+    #[error(
+        "the server at {endpoint} does not know the token: it is not the mirror you meant, or it was started with another token file"
+    )]
+    ServerUnknown { endpoint: Endpoint },
+    #[error(
+        "connecting to the mirror at {endpoint} needs its token: pass the token file the mirror was started with (--token-file)"
+    )]
+    TokenRequired { endpoint: Endpoint },
+    #[error(
+        "the mirror at {endpoint} did not finish the hello within {} s: check that `mirror run --listen {endpoint}` runs there and is not overloaded",
+        HELLO_EXCHANGE_TIMEOUT.as_secs()
+    )]
+    HelloTimeout { endpoint: Endpoint },
+    #[error(
+        "the mirror at {endpoint} could not read the hello ({message}): it may be of another release than this client; use the client of the mirror's release"
+    )]
+    HelloRefused { endpoint: Endpoint, message: String },
     #[error("the mirror speaks another protocol version: {0}")]
     Version(String),
     #[error("{0}")]
@@ -77,6 +99,11 @@ impl ClientError {
     }
 }
 
+/// How long a client waits for the whole hello, connecting included: an
+/// address where something accepts connections but never answers does not
+/// keep it waiting.
+pub const HELLO_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Client {
     wire: Framed<Box<dyn Connection>, LengthDelimitedCodec>,
     events: VecDeque<StreamEvent>,
@@ -84,25 +111,48 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and says hello; `token` is checked by TCP listeners.
+    /// Connects and says hello, within [`HELLO_EXCHANGE_TIMEOUT`]. Over
+    /// TCP, client and server prove to each other that they know `token`,
+    /// which is never sent; over a Unix socket the token is not used.
     /// `name` is cut to [`crate::protocol::MAX_CLIENT_NAME`] bytes.
     pub async fn connect(
         endpoint: &Endpoint,
         token: Option<&str>,
         name: &str,
     ) -> Result<Self, ClientError> {
-        let token = token.unwrap_or_default();
-        if token.len() > MAX_TOKEN {
-            return Err(ClientError::TokenTooLong(token.len()));
-        }
         // A Unix socket is protected by its file's permissions, and its
-        // server never checks a token: the token goes to TCP listeners
-        // only, never to whatever process has bound a socket at the path
-        // (a shared directory, a mirror that has ended).
+        // server never asks for a token: nothing of it goes to whatever
+        // process has bound a socket at the path (a shared directory, a
+        // mirror that has ended).
         let token = match endpoint {
-            Endpoint::Unix(_) => "",
-            Endpoint::Tcp(_) => token,
+            Endpoint::Unix(_) => None,
+            Endpoint::Tcp(_) => match token.filter(|token| !token.is_empty()) {
+                None => {
+                    return Err(ClientError::TokenRequired {
+                        endpoint: endpoint.clone(),
+                    });
+                }
+                Some(token) if token.len() > MAX_TOKEN => {
+                    return Err(ClientError::TokenTooLong(token.len()));
+                }
+                Some(token) => Some(token.as_bytes()),
+            },
         };
+        tokio::time::timeout(
+            HELLO_EXCHANGE_TIMEOUT,
+            Self::connect_and_greet(endpoint, token, name),
+        )
+        .await
+        .map_err(|_| ClientError::HelloTimeout {
+            endpoint: endpoint.clone(),
+        })?
+    }
+
+    async fn connect_and_greet(
+        endpoint: &Endpoint,
+        token: Option<&[u8]>,
+        name: &str,
+    ) -> Result<Self, ClientError> {
         let connect_error = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -122,19 +172,65 @@ impl Client {
             events: VecDeque::new(),
             server: String::new(),
         };
+        let client_nonce = new_nonce()?;
         client
             .send(&ClientFrame::Hello {
                 version: VERSION,
-                token: token.to_owned(),
                 name: client_name(name).to_owned(),
+                nonce: client_nonce,
             })
             .await?;
-        match client.answer().await? {
-            ServerFrame::Welcome { server, .. } => {
-                client.server = printable(&server).into_owned();
-                Ok(client)
+        let unknown = || ClientError::ServerUnknown {
+            endpoint: endpoint.clone(),
+        };
+        let server = match (token, client.hello_answer(endpoint).await?) {
+            (None, ServerFrame::Welcome { server, .. }) => server,
+            (None, ServerFrame::Challenge { .. }) => {
+                return Err(ClientError::Unexpected(
+                    "a challenge on a Unix socket, where a mirror never asks for the token: it is not the mirror you meant".into(),
+                ));
             }
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            (Some(token), ServerFrame::Challenge { nonce, proof }) => {
+                if !server_proof_holds(token, &client_nonce, &nonce, &proof) {
+                    return Err(unknown());
+                }
+                client
+                    .send(&ClientFrame::Auth {
+                        proof: client_proof(token, &nonce, &client_nonce),
+                    })
+                    .await?;
+                match client.hello_answer(endpoint).await? {
+                    ServerFrame::Welcome { server, .. } => server,
+                    other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                }
+            }
+            // A welcome without a challenge: that server proved nothing.
+            (Some(_), ServerFrame::Welcome { .. }) => return Err(unknown()),
+            (_, other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        client.server = printable(&server).into_owned();
+        Ok(client)
+    }
+
+    /// The server's answer during the hello, which holds no stream event.
+    async fn hello_answer(&mut self, endpoint: &Endpoint) -> Result<ServerFrame, ClientError> {
+        match self.read().await?.ok_or(ClientError::Closed)? {
+            // A mirror of version 1 reads a version 2 hello as malformed.
+            ServerFrame::Error {
+                code: ErrorCode::BadFrame,
+                message,
+                ..
+            } => Err(ClientError::HelloRefused {
+                endpoint: endpoint.clone(),
+                message: printable(&message).into_owned(),
+            }),
+            ServerFrame::Error { code, message, .. } => {
+                Err(ClientError::from_error_frame(code, message))
+            }
+            frame @ (ServerFrame::Challenge { .. } | ServerFrame::Welcome { .. }) => Ok(frame),
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} before the welcome"
+            ))),
         }
     }
 
@@ -349,6 +445,7 @@ mod tests {
     use std::{fs, path::PathBuf};
 
     use super::*;
+    use crate::protocol::NONCE_LEN;
 
     fn token_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> PathBuf {
         let path = dir.join(name);
@@ -432,29 +529,241 @@ mod tests {
         assert!(matches!(read_token(&link), Err(TokenError::Exposed { .. })));
     }
 
+    const TOKEN: &str = "the-right-token";
+
+    /// Everything a fake server received on its connection, until the
+    /// client closed it.
+    struct Recorded {
+        bytes: Vec<u8>,
+    }
+
+    impl Recorded {
+        /// The frames received; panics if the bytes are not whole frames.
+        fn frames(&self) -> Vec<ClientFrame> {
+            let mut frames = Vec::new();
+            let mut rest = &self.bytes[..];
+            while !rest.is_empty() {
+                let length = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                frames.push(ClientFrame::decode(&rest[4..4 + length]).expect("a client frame"));
+                rest = &rest[4 + length..];
+            }
+            frames
+        }
+
+        /// Nothing received holds the token or anything derived from it:
+        /// one `Hello` (a version, a name and a random nonce), and nothing
+        /// else.
+        fn assert_nothing_of_the_token(&self) {
+            let token = TOKEN.as_bytes();
+            assert!(
+                !self.bytes.windows(token.len()).any(|w| w == token),
+                "the token itself was sent"
+            );
+            match &self.frames()[..] {
+                [ClientFrame::Hello { version, name, .. }] => {
+                    assert_eq!((*version, name.as_str()), (VERSION, "victim"));
+                }
+                other => panic!("only a hello may reach a fake server: {other:?}"),
+            }
+        }
+    }
+
+    /// Accepts one connection, sends `answer` (whole frames, length
+    /// first) once the client's first frame arrived, and records every
+    /// byte until the client closes.
+    async fn fake_tcp_server(
+        answer: impl FnOnce(&ClientFrame) -> Vec<u8> + Send + 'static,
+    ) -> (Endpoint, tokio::task::JoinHandle<Recorded>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let length = stream.read_u32().await.unwrap() as usize;
+            let mut hello = vec![0; length];
+            stream.read_exact(&mut hello).await.unwrap();
+            let mut bytes = (length as u32).to_be_bytes().to_vec();
+            bytes.extend_from_slice(&hello);
+            let reply = answer(&ClientFrame::decode(&hello).expect("a client frame"));
+            stream.write_all(&reply).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+                .await
+                .expect("the client closes the connection")
+                .expect("read until the end");
+            Recorded { bytes }
+        });
+        (endpoint, task)
+    }
+
+    fn framed(frame: &ServerFrame) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let payload = frame.encode_wire(&mut out);
+        assert!(payload.is_none());
+        out.to_vec()
+    }
+
     #[tokio::test]
-    async fn the_token_goes_to_tcp_listeners_only() {
-        use tokio::io::AsyncReadExt as _;
+    async fn a_fake_server_gets_nothing_of_the_token_and_is_refused() {
+        // A random challenge: the fake server cannot make the proof.
+        let (endpoint, fake) = fake_tcp_server(|_| {
+            framed(&ServerFrame::Challenge {
+                nonce: new_nonce().unwrap(),
+                proof: new_nonce().unwrap(),
+            })
+        })
+        .await;
+        let error = Client::connect(&endpoint, Some(TOKEN), "victim")
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the server at {endpoint} does not know the token: it is not the mirror you meant, or it was started with another token file"
+            )
+        );
+        fake.await.unwrap().assert_nothing_of_the_token();
+    }
+
+    #[tokio::test]
+    async fn a_replayed_challenge_or_a_welcome_without_one_is_refused() {
+        // A challenge a real mirror made for another connection (another
+        // client nonce), replayed.
+        let (endpoint, fake) = fake_tcp_server(|_| {
+            let (old_client_nonce, server_nonce) = ([7; NONCE_LEN], [9; NONCE_LEN]);
+            framed(&ServerFrame::Challenge {
+                nonce: server_nonce,
+                proof: crate::protocol::server_proof(
+                    TOKEN.as_bytes(),
+                    &old_client_nonce,
+                    &server_nonce,
+                ),
+            })
+        })
+        .await;
+        let refused = Client::connect(&endpoint, Some(TOKEN), "victim").await;
+        assert!(
+            matches!(refused, Err(ClientError::ServerUnknown { .. })),
+            "{:?}",
+            refused.err()
+        );
+        fake.await.unwrap().assert_nothing_of_the_token();
+        // A welcome at once: that server proved nothing.
+        let (endpoint, fake) = fake_tcp_server(|_| {
+            framed(&ServerFrame::Welcome {
+                version: VERSION,
+                server: "fake".into(),
+            })
+        })
+        .await;
+        let refused = Client::connect(&endpoint, Some(TOKEN), "victim").await;
+        assert!(
+            matches!(refused, Err(ClientError::ServerUnknown { .. })),
+            "{:?}",
+            refused.err()
+        );
+        fake.await.unwrap().assert_nothing_of_the_token();
+    }
+
+    #[tokio::test]
+    async fn a_server_that_knows_the_token_gets_a_proof_for_its_challenge_only() {
+        use crate::protocol::{client_proof_holds, server_proof};
+        let server_nonce = [0x42; NONCE_LEN];
+        let (endpoint, server) = fake_tcp_server(move |hello| {
+            let ClientFrame::Hello { nonce, .. } = hello else {
+                panic!("a hello first: {hello:?}");
+            };
+            let mut reply = framed(&ServerFrame::Challenge {
+                nonce: server_nonce,
+                proof: server_proof(TOKEN.as_bytes(), nonce, &server_nonce),
+            });
+            reply.extend(framed(&ServerFrame::Welcome {
+                version: VERSION,
+                server: "knows the token".into(),
+            }));
+            reply
+        })
+        .await;
+        let client = Client::connect(&endpoint, Some(TOKEN), "victim")
+            .await
+            .expect("served");
+        assert_eq!(client.server(), "knows the token");
+        drop(client);
+        let recorded = server.await.unwrap();
+        assert!(
+            !recorded
+                .bytes
+                .windows(TOKEN.len())
+                .any(|w| w == TOKEN.as_bytes())
+        );
+        match &recorded.frames()[..] {
+            [
+                ClientFrame::Hello { nonce, .. },
+                ClientFrame::Auth { proof },
+            ] => assert!(client_proof_holds(
+                TOKEN.as_bytes(),
+                &server_nonce,
+                nonce,
+                proof
+            )),
+            other => panic!("a hello and an auth: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_fails_the_client_within_the_timeout() {
+        // Connections complete in the kernel's backlog; nothing accepts or
+        // answers them.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            HELLO_EXCHANGE_TIMEOUT + Duration::from_secs(5),
+            Client::connect(&endpoint, Some(TOKEN), "victim"),
+        )
+        .await
+        .expect("the client gives up by itself");
+        let elapsed = started.elapsed();
+        let error = outcome.err().expect("no hello, no client");
+        assert!(matches!(error, ClientError::HelloTimeout { .. }), "{error}");
+        assert!(error.to_string().contains("within 5 s"), "{error}");
+        assert!(
+            elapsed >= HELLO_EXCHANGE_TIMEOUT - Duration::from_millis(50)
+                && elapsed < HELLO_EXCHANGE_TIMEOUT + Duration::from_secs(1),
+            "{elapsed:?}"
+        );
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn nothing_of_the_token_goes_to_a_unix_socket() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        // Whatever listens at the path asks for a proof, as a TCP mirror
+        // would.
         let server = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let len = stream.read_u32().await.unwrap() as usize;
-            let mut hello = vec![0; len];
+            let length = stream.read_u32().await.unwrap() as usize;
+            let mut bytes = (length as u32).to_be_bytes().to_vec();
+            let mut hello = vec![0; length];
             stream.read_exact(&mut hello).await.unwrap();
-            ClientFrame::decode(&hello).unwrap()
+            bytes.extend_from_slice(&hello);
+            let challenge = framed(&ServerFrame::Challenge {
+                nonce: [1; NONCE_LEN],
+                proof: [2; NONCE_LEN],
+            });
+            stream.write_all(&challenge).await.unwrap();
+            stream.read_to_end(&mut bytes).await.unwrap();
+            Recorded { bytes }
         });
-        let endpoint = Endpoint::Unix(path);
-        // No answer comes: only the hello matters.
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_millis(500),
-            Client::connect(&endpoint, Some("s3cret"), "test"),
-        )
-        .await;
-        match server.await.unwrap() {
-            ClientFrame::Hello { token, .. } => assert_eq!(token, ""),
-            other => panic!("{other:?}"),
-        }
+        let refused = Client::connect(&Endpoint::Unix(path), Some(TOKEN), "victim").await;
+        assert!(
+            matches!(refused, Err(ClientError::Unexpected(_))),
+            "{:?}",
+            refused.err()
+        );
+        server.await.unwrap().assert_nothing_of_the_token();
     }
 }

@@ -1,10 +1,14 @@
-//! The subscriber protocol (version 1), specified in `docs/protocol.md`:
+//! The subscriber protocol (version 2), specified in `docs/protocol.md`:
 //! length-prefixed frames (a 4-byte big-endian length, then the frame),
 //! each a type byte and a body of big-endian fields.
 //!
 //! Framing is tokio-util's `LengthDelimitedCodec`; this module encodes and
 //! decodes frame bodies. Decoding never panics: any byte string is either a
 //! frame or a [`ProtocolError`].
+//!
+//! Over TCP the hello is a mutual challenge-response on the token
+//! ([`server_proof`], [`client_proof`]): the token never crosses the wire,
+//! and each side proves it knows the token before the other answers.
 
 use std::{
     borrow::Cow,
@@ -15,22 +19,34 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::stream::{CloseReason, ConnId, StreamEvent};
 
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 1 sent the token in
+/// its `Hello`; version 2 proves it with [`client_proof`] instead.
+pub const VERSION: u16 = 2;
 /// Largest frame (after the length prefix) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
-/// Longest `str` field (token, client or server name) a frame may carry.
+/// Longest `str` field (client or server name) a frame may carry.
 pub const MAX_NAME: usize = 1024;
-/// Longest token, in bytes, on both sides: a token file or a `Hello`
-/// carrying a longer one is refused (never cut: a cut token would be
-/// another secret than the one the user gave).
+/// Longest token, in bytes, on both sides: a token file holding a longer
+/// one is refused (never cut: a cut token would be another secret than the
+/// one the user gave).
 pub const MAX_TOKEN: usize = 256;
-/// Largest `Hello` frame: the limit before a client said hello, so that a
-/// connection that has not shown its token holds little memory.
-pub const MAX_HELLO_FRAME: usize = 1 + 2 + 2 * (2 + MAX_NAME);
+/// Bytes of a nonce: a [`Hello`](ClientFrame::Hello)'s and a
+/// [`Challenge`](ServerFrame::Challenge)'s.
+pub const NONCE_LEN: usize = 32;
+/// Bytes of a proof: HMAC-SHA256's output.
+pub const PROOF_LEN: usize = 32;
+/// Largest frame a client may send before its welcome (the longest
+/// `Hello`; an `Auth` is shorter), so that a connection that has not proved
+/// its token holds little memory.
+pub const MAX_HELLO_FRAME: usize = 1 + 2 + (2 + MAX_NAME) + NONCE_LEN;
 /// Longest client name the server keeps, in bytes; a longer one is cut at
 /// a character boundary (the name is a label for people, not an identity).
 pub const MAX_CLIENT_NAME: usize = 64;
+
+/// A random value that makes one hello unlike every other.
+pub type Nonce = [u8; NONCE_LEN];
+/// What shows that a side knows the token.
+pub type Proof = [u8; PROOF_LEN];
 
 /// A frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +54,14 @@ pub enum ClientFrame {
     /// First frame of every session.
     Hello {
         version: u16,
-        token: String,
         name: String,
+        /// Fresh for each connection: the server's proof must cover it.
+        nonce: Nonce,
+    },
+    /// Answer to a [`ServerFrame::Challenge`], once the server's proof
+    /// passed: [`client_proof`].
+    Auth {
+        proof: Proof,
     },
     Subscribe {
         ports: Vec<u16>,
@@ -60,7 +82,13 @@ pub enum ClientFrame {
 /// A frame the server sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerFrame {
-    /// Reply to a good `Hello`.
+    /// Reply to a `Hello` on a TCP listener: the server's nonce and its
+    /// [`server_proof`].
+    Challenge {
+        nonce: Nonce,
+        proof: Proof,
+    },
+    /// Reply to a good `Hello` (Unix socket) or `Auth` (TCP).
     Welcome {
         version: u16,
         server: String,
@@ -192,6 +220,7 @@ mod kind {
     pub const LIST_PORTS: u8 = 0x05;
     pub const ADD_PORT: u8 = 0x06;
     pub const REMOVE_PORT: u8 = 0x07;
+    pub const AUTH: u8 = 0x08;
 
     pub const WELCOME: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
@@ -201,6 +230,7 @@ mod kind {
     pub const STATS_REPLY: u8 = 0x86;
     pub const PORTS: u8 = 0x87;
     pub const ERROR: u8 = 0x88;
+    pub const CHALLENGE: u8 = 0x89;
 }
 
 const REASON_CODES: [(CloseReason, u8); 7] = [
@@ -218,13 +248,17 @@ impl ClientFrame {
         match self {
             Self::Hello {
                 version,
-                token,
                 name,
+                nonce,
             } => {
                 out.put_u8(kind::HELLO);
                 out.put_u16(*version);
-                put_str(out, token);
                 put_str(out, name);
+                out.put_slice(nonce);
+            }
+            Self::Auth { proof } => {
+                out.put_u8(kind::AUTH);
+                out.put_slice(proof);
             }
             Self::Subscribe { ports } | Self::Unsubscribe { ports } => {
                 let kind = if matches!(self, Self::Subscribe { .. }) {
@@ -256,8 +290,11 @@ impl ClientFrame {
         let decoded = match r.kind {
             kind::HELLO => Self::Hello {
                 version: r.u16("version")?,
-                token: r.str("token")?,
                 name: r.str("name")?,
+                nonce: r.array("nonce")?,
+            },
+            kind::AUTH => Self::Auth {
+                proof: r.array("proof")?,
             },
             kind::SUBSCRIBE => Self::Subscribe { ports: r.ports()? },
             kind::UNSUBSCRIBE => Self::Unsubscribe { ports: r.ports()? },
@@ -310,6 +347,11 @@ impl ServerFrame {
 
     pub fn encode(&self, out: &mut BytesMut) {
         match self {
+            Self::Challenge { nonce, proof } => {
+                out.put_u8(kind::CHALLENGE);
+                out.put_slice(nonce);
+                out.put_slice(proof);
+            }
             Self::Welcome { version, server } => {
                 out.put_u8(kind::WELCOME);
                 out.put_u16(*version);
@@ -367,6 +409,10 @@ impl ServerFrame {
     pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(frame)?;
         let decoded = match r.kind {
+            kind::CHALLENGE => Self::Challenge {
+                nonce: r.array("nonce")?,
+                proof: r.array("proof")?,
+            },
             kind::WELCOME => Self::Welcome {
                 version: r.u16("version")?,
                 server: r.str("server")?,
@@ -470,6 +516,84 @@ impl ServerFrame {
             _ => None,
         }
     }
+}
+
+/// The version a `Hello` frame announces, read before the rest of it: the
+/// one field every version's `Hello` begins with, so that a peer of
+/// another version is told so rather than that its frame is malformed.
+pub fn hello_version(frame: &[u8]) -> Option<u16> {
+    match frame {
+        [kind::HELLO, high, low, ..] => Some(u16::from_be_bytes([*high, *low])),
+        _ => None,
+    }
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// What the server's proof starts with; the client's starts with
+/// [`CLIENT_PROOF_LABEL`]. Distinct labels (of one length, before
+/// fixed-length nonces) make a proof of one side useless as the other's: a
+/// server never computes anything a client would send.
+pub const SERVER_PROOF_LABEL: &[u8] = b"mirror server";
+/// See [`SERVER_PROOF_LABEL`].
+pub const CLIENT_PROOF_LABEL: &[u8] = b"mirror client";
+
+fn mac(token: &[u8], label: &[u8], first: &Nonce, second: &Nonce) -> HmacSha256 {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac = HmacSha256::new_from_slice(token).expect("HMAC takes keys of any length");
+    mac.update(label);
+    mac.update(first);
+    mac.update(second);
+    mac
+}
+
+/// The server's proof that it knows `token`:
+/// HMAC-SHA256(token, "mirror server" || client nonce || server nonce).
+pub fn server_proof(token: &[u8], client_nonce: &Nonce, server_nonce: &Nonce) -> Proof {
+    use hmac::Mac as _;
+    let mac = mac(token, SERVER_PROOF_LABEL, client_nonce, server_nonce);
+    mac.finalize().into_bytes().into()
+}
+
+/// The client's proof that it knows `token`:
+/// HMAC-SHA256(token, "mirror client" || server nonce || client nonce).
+pub fn client_proof(token: &[u8], server_nonce: &Nonce, client_nonce: &Nonce) -> Proof {
+    use hmac::Mac as _;
+    let mac = mac(token, CLIENT_PROOF_LABEL, server_nonce, client_nonce);
+    mac.finalize().into_bytes().into()
+}
+
+/// Whether `proof` is [`server_proof`], compared in constant time.
+pub fn server_proof_holds(
+    token: &[u8],
+    client_nonce: &Nonce,
+    server_nonce: &Nonce,
+    proof: &Proof,
+) -> bool {
+    use hmac::Mac as _;
+    mac(token, SERVER_PROOF_LABEL, client_nonce, server_nonce)
+        .verify_slice(proof)
+        .is_ok()
+}
+
+/// Whether `proof` is [`client_proof`], compared in constant time.
+pub fn client_proof_holds(
+    token: &[u8],
+    server_nonce: &Nonce,
+    client_nonce: &Nonce,
+    proof: &Proof,
+) -> bool {
+    use hmac::Mac as _;
+    mac(token, CLIENT_PROOF_LABEL, server_nonce, client_nonce)
+        .verify_slice(proof)
+        .is_ok()
+}
+
+/// A fresh nonce from the operating system's random source.
+pub fn new_nonce() -> std::io::Result<Nonce> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(std::io::Error::other)?;
+    Ok(nonce)
 }
 
 fn reason_code(reason: CloseReason) -> u8 {
@@ -607,6 +731,10 @@ impl<'a> Reader<'a> {
         })
     }
 
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], ProtocolError> {
+        Ok(self.take(N, field)?.try_into().expect("N bytes taken"))
+    }
+
     fn ports(&mut self) -> Result<Vec<u16>, ProtocolError> {
         let count = usize::from(self.u16("count")?);
         let bytes = self.take(count * 2, "ports")?;
@@ -693,8 +821,11 @@ mod tests {
     fn every_client_frame_round_trips() {
         client_round_trip(ClientFrame::Hello {
             version: VERSION,
-            token: "s3cret".into(),
             name: "tail é".into(),
+            nonce: [0xa5; NONCE_LEN],
+        });
+        client_round_trip(ClientFrame::Auth {
+            proof: std::array::from_fn(|i| i as u8),
         });
         client_round_trip(ClientFrame::Subscribe {
             ports: vec![80, 443, 65535],
@@ -708,6 +839,10 @@ mod tests {
 
     #[test]
     fn every_server_frame_round_trips() {
+        server_round_trip(ServerFrame::Challenge {
+            nonce: std::array::from_fn(|i| i as u8),
+            proof: [0xff; PROOF_LEN],
+        });
         server_round_trip(ServerFrame::Welcome {
             version: VERSION,
             server: "mirror on eth0".into(),
@@ -806,6 +941,22 @@ mod tests {
                 ..
             })
         ));
+        // Fixed-length fields: one byte short, one byte over.
+        let mut auth = vec![kind::AUTH];
+        auth.extend_from_slice(&[0; PROOF_LEN - 1]);
+        assert!(matches!(
+            ClientFrame::decode(&auth),
+            Err(ProtocolError::Truncated { field: "proof", .. })
+        ));
+        auth.extend_from_slice(&[0, 0]);
+        assert!(matches!(
+            ClientFrame::decode(&auth),
+            Err(ProtocolError::Trailing { extra: 1, .. })
+        ));
+        assert!(matches!(
+            ClientFrame::decode(&[kind::HELLO, 0, 2, 0, 1, b'n', 7, 7]),
+            Err(ProtocolError::Truncated { field: "nonce", .. })
+        ));
         // A count that claims more ports than the frame holds.
         assert!(matches!(
             ClientFrame::decode(&[kind::SUBSCRIBE, 0xff, 0xff, 0, 80]),
@@ -813,7 +964,9 @@ mod tests {
         ));
     }
 
-    /// The example in docs/protocol.md, frame by frame, length included.
+    /// The example in docs/protocol.md, frame by frame, length included:
+    /// the hello exchange computed here from the documented token and
+    /// nonces.
     #[test]
     fn the_documented_example_is_exact() {
         fn framed(body: &BytesMut) -> String {
@@ -835,28 +988,48 @@ mod tests {
         }
         let doc = include_str!("../../docs/protocol.md");
         let example = &doc[doc.find("## Example").expect("an example section")..];
-        let documented: Vec<String> = example
-            .lines()
-            .filter_map(|line| {
-                line.strip_prefix("client: ")
-                    .or_else(|| line.strip_prefix("server: "))
-            })
-            .map(|line| {
-                // Hex columns up to the description.
-                line.split("  ").next().unwrap_or_default().replace(' ', "")
-            })
-            .collect();
+        let example = example.split("```").nth(1).expect("a code block");
+        // A frame starts at `client: ` or `server: `; a line indented as
+        // deep whose next character is a hex digit continues it. Hex
+        // columns run up to the description, two spaces after them.
+        let hex_columns = |line: &str| line.split("  ").next().unwrap_or_default().replace(' ', "");
+        let mut documented: Vec<String> = Vec::new();
+        for line in example.lines() {
+            if let Some(frame) = line
+                .strip_prefix("client: ")
+                .or_else(|| line.strip_prefix("server: "))
+            {
+                documented.push(hex_columns(frame));
+            } else if let Some(more) = line.strip_prefix("        ")
+                && more.starts_with(|c: char| c.is_ascii_hexdigit())
+            {
+                documented
+                    .last_mut()
+                    .expect("a continuation follows a frame")
+                    .push_str(&hex_columns(more));
+            }
+        }
+        let token = b"token";
+        let client_nonce: Nonce = std::array::from_fn(|i| i as u8);
+        let server_nonce: Nonce = std::array::from_fn(|i| 0x20 + i as u8);
         let conn = 1;
         let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let dst: SocketAddr = "127.0.0.1:80".parse().unwrap();
         let expected = [
             client(ClientFrame::Hello {
-                version: 1,
-                token: "token".into(),
+                version: 2,
                 name: "test".into(),
+                nonce: client_nonce,
+            }),
+            server(ServerFrame::Challenge {
+                nonce: server_nonce,
+                proof: server_proof(token, &client_nonce, &server_nonce),
+            }),
+            client(ClientFrame::Auth {
+                proof: client_proof(token, &server_nonce, &client_nonce),
             }),
             server(ServerFrame::Welcome {
-                version: 1,
+                version: 2,
                 server: "mirror 0.1.0 on lo".into(),
             }),
             client(ClientFrame::Subscribe { ports: vec![80] }),
@@ -884,6 +1057,66 @@ mod tests {
             );
             assert_eq!(doc_hex, code_hex);
         }
+        assert_eq!(VERSION, 2, "the example shows version 2");
+    }
+
+    #[test]
+    fn proofs_cover_the_token_both_nonces_and_the_side() {
+        let token = b"s3cret";
+        let a: Nonce = [1; NONCE_LEN];
+        let b: Nonce = [2; NONCE_LEN];
+        let server = server_proof(token, &a, &b);
+        let client = client_proof(token, &b, &a);
+        assert!(server_proof_holds(token, &a, &b, &server));
+        assert!(client_proof_holds(token, &b, &a, &client));
+        // Another token, another connection's nonce, the nonces swapped.
+        assert!(!server_proof_holds(b"s3creT", &a, &b, &server));
+        assert!(!server_proof_holds(token, &[3; NONCE_LEN], &b, &server));
+        assert!(!server_proof_holds(token, &a, &[3; NONCE_LEN], &server));
+        assert!(!server_proof_holds(token, &b, &a, &server));
+        assert!(!client_proof_holds(token, &a, &b, &client));
+        // A server's proof is never a client's, even for equal nonces (a
+        // client that sends the server's nonce back as its own).
+        assert_ne!(server, client);
+        assert!(!client_proof_holds(
+            token,
+            &b,
+            &a,
+            &server_proof(token, &a, &b)
+        ));
+        assert!(!client_proof_holds(
+            token,
+            &a,
+            &a,
+            &server_proof(token, &a, &a)
+        ));
+        assert!(!server_proof_holds(
+            token,
+            &a,
+            &a,
+            &client_proof(token, &a, &a)
+        ));
+        // Every bit counts.
+        for byte in 0..PROOF_LEN {
+            let mut flipped = client;
+            flipped[byte] ^= 0x80;
+            assert!(!client_proof_holds(token, &b, &a, &flipped), "{byte}");
+        }
+        // Nonces are fresh.
+        assert_ne!(new_nonce().unwrap(), new_nonce().unwrap());
+    }
+
+    #[test]
+    fn the_version_of_a_hello_is_read_before_its_body() {
+        // A version 1 hello (version, token, name) is no version 2 hello,
+        // but its version is still read.
+        let v1 = [kind::HELLO, 0, 1, 0, 1, b't', 0, 1, b'n'];
+        assert!(ClientFrame::decode(&v1).is_err());
+        assert_eq!(hello_version(&v1), Some(1));
+        assert_eq!(hello_version(&[kind::HELLO, 0xff, 0xfe]), Some(0xfffe));
+        assert_eq!(hello_version(&[kind::HELLO, 0]), None);
+        assert_eq!(hello_version(&[kind::AUTH, 0, 2]), None);
+        assert_eq!(hello_version(&[]), None);
     }
 
     #[test]
@@ -894,8 +1127,8 @@ mod tests {
         let mut buf = BytesMut::new();
         ClientFrame::Hello {
             version: VERSION,
-            token: String::new(),
             name: name.clone(),
+            nonce: [0; NONCE_LEN],
         }
         .encode(&mut buf);
         let Ok(ClientFrame::Hello { name: sent, .. }) = ClientFrame::decode(&buf) else {
@@ -942,7 +1175,7 @@ mod tests {
         #[test]
         fn mutated_frames_decode_or_fail(port in any::<u16>(), at in any::<usize>(), bit in 0u8..8) {
             let mut buf = BytesMut::new();
-            ClientFrame::Hello { version: VERSION, token: "t".into(), name: format!("n{port}") }.encode(&mut buf);
+            ClientFrame::Hello { version: VERSION, name: format!("n{port}"), nonce: [at as u8; NONCE_LEN] }.encode(&mut buf);
             let i = at % buf.len();
             buf[i] ^= 1 << bit;
             if let Ok(frame) = ClientFrame::decode(&buf) {

@@ -5,9 +5,11 @@
 //! task as [`control::Request`]s.
 //!
 //! A connection takes a client slot (`--max-clients`) only once its hello
-//! passed: until then it is one of at most [`MAX_AWAITING_HELLO`] per
-//! listening address, for at most [`HELLO_TIMEOUT`], so that silent or
-//! slow connections cannot keep a client with the token out.
+//! passed (over TCP: once it proved that it knows the token, answering the
+//! server's challenge): until then it is one of at most
+//! [`MAX_AWAITING_HELLO`] per listening address, for at most
+//! [`HELLO_TIMEOUT`], so that silent or slow connections cannot keep a
+//! client with the token out.
 //!
 //! The protocol is in `docs/protocol.md` and [`crate::protocol`].
 
@@ -25,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use subtle::ConstantTimeEq as _;
+use bytes::BytesMut;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
@@ -42,18 +44,23 @@ use crate::{
     ports::{PolicyError, SessionId},
     privileged_helper::SocketFile,
     protocol::{
-        ClientFrame, ErrorCode, MAX_FRAME, MAX_HELLO_FRAME, MAX_TOKEN, ServerFrame, VERSION,
-        client_name, printable,
+        ClientFrame, ErrorCode, MAX_FRAME, MAX_HELLO_FRAME, Nonce, ServerFrame, VERSION,
+        client_name, client_proof_holds, hello_version, new_nonce, printable, server_proof,
     },
     session_wire::SessionWire,
 };
 
 /// Where `mirror run` listens by default, and `mirror tail` connects.
 pub const DEFAULT_SOCKET: &str = "/run/mirror/mirror.sock";
-/// A connection must have sent its whole hello this long after it was
-/// accepted; a client says hello at once, and a connection that waits
-/// holds a place among the [`MAX_AWAITING_HELLO`].
+/// A connection must have sent its whole hello (over TCP, its answer to
+/// the challenge too) this long after it was accepted; a client says hello
+/// at once, and a connection that waits holds a place among the
+/// [`MAX_AWAITING_HELLO`].
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Tokens shorter than this are warned about: anyone who can connect to a
+/// TCP listener gets a proof made with the token, and can test guesses of
+/// it offline.
+pub const SHORT_TOKEN: usize = 16;
 /// Connections of one listening address that may wait for their hello at
 /// once. One more makes the oldest go (it had the longest to say hello): a
 /// client that says hello as it connects gets served while a flood of
@@ -132,8 +139,8 @@ pub enum ServerError {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub endpoints: Vec<Endpoint>,
-    /// Required from TCP clients (Unix-socket clients are trusted by the
-    /// socket's file permissions).
+    /// What TCP clients must prove they know (Unix-socket clients are
+    /// trusted by the socket's file permissions).
     pub token: Option<String>,
     pub max_clients: usize,
     /// How long a write to a client may wait before the client is dropped.
@@ -151,8 +158,13 @@ pub struct ServerStats {
     pub awaiting_hello: AtomicU64,
     /// Clients served now (their hello passed).
     pub active: AtomicU64,
-    /// Refused at hello: wrong token, version, or too many clients.
+    /// Refused at hello: wrong proof of the token, version, or too many
+    /// clients.
     pub refused: AtomicU64,
+    /// Left after the server's challenge without answering it: most often
+    /// a client with another token, which refuses a server whose proof
+    /// does not match its token.
+    pub unanswered_challenges: AtomicU64,
     /// Closed before their hello to make room for a newer connection
     /// ([`MAX_AWAITING_HELLO`]).
     pub hello_evicted: AtomicU64,
@@ -166,13 +178,14 @@ pub struct ServerStats {
 
 impl ServerStats {
     /// `(name, value)` of every counter.
-    pub fn fields(&self) -> [(&'static str, u64); 8] {
+    pub fn fields(&self) -> [(&'static str, u64); 9] {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         [
             ("accepted", get(&self.accepted)),
             ("awaiting_hello", get(&self.awaiting_hello)),
             ("active", get(&self.active)),
             ("refused", get(&self.refused)),
+            ("unanswered_challenges", get(&self.unanswered_challenges)),
             ("hello_evicted", get(&self.hello_evicted)),
             ("hello_timeouts", get(&self.hello_timeouts)),
             ("too_slow", get(&self.too_slow)),
@@ -363,6 +376,19 @@ pub async fn serve(
     send_buffer: Option<Arc<dyn SendBufferForcer>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let short_token = context
+        .config
+        .token
+        .as_ref()
+        .filter(|token| token.len() < SHORT_TOKEN);
+    if let Some(token) = short_token
+        && listeners.iter().any(|l| matches!(l, BoundListener::Tcp(_)))
+    {
+        tracing::warn!(
+            "the token is {} bytes long: anyone who can connect to the TCP listener can test guesses of it offline; use a random token of at least {SHORT_TOKEN} bytes (`head -c 32 /dev/urandom | base64 > FILE`)",
+            token.len()
+        );
+    }
     let mut sessions = JoinSet::new();
     let mut next_id: SessionId = 0;
     let clients = Arc::new(Semaphore::new(
@@ -625,6 +651,8 @@ enum End {
     HelloTimeout,
     /// Made room for a newer connection before its hello.
     Evicted,
+    /// Left after the challenge without answering it.
+    Unanswered,
 }
 
 async fn session(
@@ -670,6 +698,7 @@ async fn session(
         End::BadFrame => &stats.bad_frames,
         End::HelloTimeout => &stats.hello_timeouts,
         End::Evicted => &stats.hello_evicted,
+        End::Unanswered => &stats.unanswered_challenges,
         End::Client => return,
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -699,13 +728,13 @@ struct Greeting<'a> {
     clients: &'a Arc<Semaphore>,
 }
 
-/// Reads and checks the hello; returns the client's name (cut to
+/// Runs the hello; returns the client's name (cut to
 /// [`crate::protocol::MAX_CLIENT_NAME`] bytes) and its client slot.
 async fn hello(
     wire: &mut Wire,
     greeting: Greeting<'_>,
     context: &SessionContext,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(String, ClientSlot), End> {
     let Greeting {
         needs_token,
@@ -713,75 +742,31 @@ async fn hello(
         mut ticket,
         clients,
     } = greeting;
-    let read = tokio::select! {
-        read = tokio::time::timeout_at(deadline, wire.next()) => read,
-        Ok(()) = &mut ticket.evicted => {
-            let message = format!(
-                "more than {MAX_AWAITING_HELLO} connections are waiting to say hello to the mirror: try again"
-            );
-            let _ = send(wire, context, &error(ErrorCode::TooManyClients, true, message)).await;
-            return Err(End::Evicted);
-        }
-        _ = shutdown.changed() => return Err(End::Client),
-    };
-    // The hello is here (or will not come): the place is free.
+    let outcome = greet(wire, needs_token, deadline, &mut ticket, context, shutdown).await;
+    // The hello passed or failed: its place is free before anything more is
+    // written (a refused client that does not read holds nothing).
     drop(ticket);
-    let frame = match read {
-        Ok(Some(Ok(bytes))) => ClientFrame::decode(&bytes),
-        Ok(Some(Err(error))) => {
-            let _ = send(wire, context, &error_frame_for(&error)).await;
-            return Err(End::BadFrame);
-        }
-        Ok(None) => return Err(End::Client),
-        Err(_) => {
-            let message = format!(
-                "no hello within {} s of connecting",
-                HELLO_TIMEOUT.as_secs()
-            );
-            let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
-            return Err(End::HelloTimeout);
+    let name = match outcome {
+        Ok(name) => name,
+        Err(Refusal { end, answer }) => {
+            if let Some(answer) = answer {
+                let _ = send(wire, context, &answer).await;
+            }
+            return Err(end);
         }
     };
-    let (version, token, name) = match frame {
-        Ok(ClientFrame::Hello {
-            version,
-            token,
-            name,
-        }) => (version, token, name),
-        Ok(_) => {
-            let message = "the first frame must be a hello";
-            let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
-            return Err(End::BadFrame);
-        }
-        Err(decode_error) => {
-            let message = format!("bad frame: {decode_error}");
-            let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
-            return Err(End::BadFrame);
-        }
-    };
-    let refuse = async |wire: &mut Wire, code, message: String| {
-        let _ = send(wire, context, &error(code, true, message)).await;
-        Err(End::Refused)
-    };
-    if version != VERSION {
-        let message =
-            format!("this mirror speaks protocol version {VERSION}, the client {version}");
-        return refuse(wire, ErrorCode::UnsupportedVersion, message).await;
-    }
-    if token.len() > MAX_TOKEN {
-        let message = format!("the token is longer than {MAX_TOKEN} bytes");
-        return refuse(wire, ErrorCode::BadToken, message).await;
-    }
-    if needs_token && !token_matches(context.config.token.as_deref(), &token) {
-        let message = "wrong token: pass the mirror's token file with --token-file".to_owned();
-        return refuse(wire, ErrorCode::BadToken, message).await;
-    }
     let Some(slot) = ClientSlot::take(clients, &context.stats) else {
         let message = format!(
             "the mirror serves at most {} clients at once",
             context.config.max_clients
         );
-        return refuse(wire, ErrorCode::TooManyClients, message).await;
+        let _ = send(
+            wire,
+            context,
+            &error(ErrorCode::TooManyClients, true, message),
+        )
+        .await;
+        return Err(End::Refused);
     };
     wire.set_max_frame_length(MAX_FRAME);
     let welcome = ServerFrame::Welcome {
@@ -792,23 +777,149 @@ async fn hello(
     Ok((client_name(&name).to_owned(), slot))
 }
 
-/// Whether `given` is the expected token, in a time that depends on
-/// neither token: both are compared as [`MAX_TOKEN`]-byte blocks, so that
-/// neither the first wrong byte nor the token's length shows in the time.
-fn token_matches(expected: Option<&str>, given: &str) -> bool {
-    let Some(expected) = expected else {
-        return false;
-    };
-    if expected.len() > MAX_TOKEN || given.len() > MAX_TOKEN {
-        return false;
+/// How a hello failed: the session's end, and the fatal error to send.
+struct Refusal {
+    end: End,
+    answer: Option<ServerFrame>,
+}
+
+impl Refusal {
+    fn new(end: End, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            end,
+            answer: Some(error(code, true, message)),
+        }
     }
-    let block = |token: &str| {
-        let mut block = [0u8; MAX_TOKEN];
-        block[..token.len()].copy_from_slice(token.as_bytes());
-        block
+
+    fn bad_frame(message: impl Into<String>) -> Self {
+        Self::new(End::BadFrame, ErrorCode::BadFrame, message)
+    }
+
+    fn silent(end: End) -> Self {
+        Self { end, answer: None }
+    }
+}
+
+/// Reads the `Hello` and, on a TCP listener, challenges the client: the
+/// server proves that it knows the token, then checks the client's proof
+/// (docs/protocol.md, "Authentication"). Returns the client's name.
+async fn greet(
+    wire: &mut Wire,
+    needs_token: bool,
+    deadline: Instant,
+    ticket: &mut HelloTicket,
+    context: &SessionContext,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<String, Refusal> {
+    let first = read_before_welcome(wire, deadline, ticket, &mut shutdown, End::Client).await?;
+    // Read before the rest of the frame, whose layout depends on it.
+    if let Some(version) = hello_version(&first)
+        && version != VERSION
+    {
+        let message = format!(
+            "this mirror speaks protocol version {VERSION}, the client {version}: use a client of the mirror's release"
+        );
+        return Err(Refusal::new(
+            End::Refused,
+            ErrorCode::UnsupportedVersion,
+            message,
+        ));
+    }
+    let (name, client_nonce) = match ClientFrame::decode(&first) {
+        Ok(ClientFrame::Hello { name, nonce, .. }) => (name, nonce),
+        Ok(_) => return Err(Refusal::bad_frame("the first frame must be a hello")),
+        Err(decode_error) => return Err(Refusal::bad_frame(format!("bad frame: {decode_error}"))),
     };
-    let same_length = (expected.len() as u64).ct_eq(&(given.len() as u64));
-    (block(expected).ct_eq(&block(given)) & same_length).into()
+    if !needs_token {
+        return Ok(name);
+    }
+    let Some(token) = context.config.token.as_deref() else {
+        // `bind` refuses a TCP listener without a token.
+        let message = "this listener has no token to check";
+        return Err(Refusal::new(End::Refused, ErrorCode::Internal, message));
+    };
+    let server_nonce = server_nonce()?;
+    let challenge = ServerFrame::Challenge {
+        nonce: server_nonce,
+        proof: server_proof(token.as_bytes(), &client_nonce, &server_nonce),
+    };
+    send(wire, context, &challenge)
+        .await
+        .map_err(Refusal::silent)?;
+    let answer =
+        read_before_welcome(wire, deadline, ticket, &mut shutdown, End::Unanswered).await?;
+    match ClientFrame::decode(&answer) {
+        Ok(ClientFrame::Auth { proof })
+            if client_proof_holds(token.as_bytes(), &server_nonce, &client_nonce, &proof) =>
+        {
+            Ok(name)
+        }
+        Ok(ClientFrame::Auth { .. }) => Err(Refusal::new(
+            End::Refused,
+            ErrorCode::BadToken,
+            "wrong token: pass the mirror's token file with --token-file",
+        )),
+        Ok(_) => Err(Refusal::bad_frame(
+            "the answer to a challenge must be an auth",
+        )),
+        Err(decode_error) => Err(Refusal::bad_frame(format!("bad frame: {decode_error}"))),
+    }
+}
+
+fn server_nonce() -> Result<Nonce, Refusal> {
+    new_nonce().map_err(|cause| {
+        tracing::error!("cannot draw a random nonce for a client's hello: {cause}");
+        Refusal::new(
+            End::Refused,
+            ErrorCode::Internal,
+            "the mirror cannot draw a random nonce",
+        )
+    })
+}
+
+/// The next frame of a connection that has not been welcomed, by the
+/// hello's deadline and unless a newer connection takes its place;
+/// `if_closed` is how the session ends when the client leaves instead.
+async fn read_before_welcome(
+    wire: &mut Wire,
+    deadline: Instant,
+    ticket: &mut HelloTicket,
+    shutdown: &mut watch::Receiver<bool>,
+    if_closed: End,
+) -> Result<BytesMut, Refusal> {
+    let read = tokio::select! {
+        read = tokio::time::timeout_at(deadline, wire.next()) => read,
+        // Completes only with a value: the sender stays queued until it is
+        // used, or until the ticket (held here) drops.
+        Ok(()) = &mut ticket.evicted => {
+            let message = format!(
+                "more than {MAX_AWAITING_HELLO} connections are waiting to say hello to the mirror: try again"
+            );
+            return Err(Refusal::new(End::Evicted, ErrorCode::TooManyClients, message));
+        }
+        _ = shutdown.changed() => return Err(Refusal::silent(End::Client)),
+    };
+    match read {
+        Ok(Some(Ok(bytes))) => Ok(bytes),
+        // The codec's own errors (a frame over the limit); any other is
+        // the connection's end.
+        Ok(Some(Err(cause))) if cause.kind() == io::ErrorKind::InvalidData => Err(Refusal {
+            end: End::BadFrame,
+            answer: Some(error_frame_for(&cause)),
+        }),
+        Ok(Some(Err(_)) | None) => Err(Refusal::silent(if_closed)),
+        Err(_) => {
+            let message = format!(
+                "the hello was not done within {} s of connecting",
+                HELLO_TIMEOUT.as_secs()
+            );
+            Err(Refusal::new(
+                End::HelloTimeout,
+                ErrorCode::BadFrame,
+                message,
+            ))
+        }
+    }
 }
 
 fn error_frame_for(cause: &io::Error) -> ServerFrame {
@@ -919,6 +1030,11 @@ async fn handle(
     let unavailable = || error(ErrorCode::Internal, false, "the mirror is stopping");
     match request {
         ClientFrame::Hello { .. } => error(ErrorCode::BadFrame, false, "hello was already sent"),
+        ClientFrame::Auth { .. } => error(
+            ErrorCode::BadFrame,
+            false,
+            "auth answers a challenge, and the hello is over",
+        ),
         ClientFrame::Subscribe { ports } => {
             let answer = ask(context, |reply| Request::Subscribe {
                 session: id,
@@ -1008,7 +1124,9 @@ mod tests {
         counters::{StreamSummary, Summary},
         hub::HubConfig,
         ports::{AllowList, PortRegistry},
-        protocol::MAX_CLIENT_NAME,
+        protocol::{
+            MAX_CLIENT_NAME, MAX_TOKEN, NONCE_LEN, Proof, client_proof, server_proof_holds,
+        },
     };
 
     #[test]
@@ -1061,10 +1179,12 @@ mod tests {
         }
     }
 
-    /// A server on 127.0.0.1 with a main task that answers port requests
-    /// and the counters (those of the hub and the server).
+    /// A server on 127.0.0.1 (and on a Unix socket, when asked) with a
+    /// main task that answers port requests and the counters (those of
+    /// the hub and the server).
     struct Harness {
         endpoint: Endpoint,
+        unix: Option<(Endpoint, tempfile::TempDir)>,
         stats: Arc<ServerStats>,
         stop: watch::Sender<bool>,
         server: JoinHandle<()>,
@@ -1072,8 +1192,21 @@ mod tests {
 
     impl Harness {
         async fn start(max_clients: usize) -> Self {
+            Self::start_with(max_clients, false).await
+        }
+
+        async fn start_with(max_clients: usize, with_unix: bool) -> Self {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+            let mut listeners = vec![BoundListener::Tcp(listener)];
+            let unix = with_unix.then(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("m.sock");
+                let endpoint = Endpoint::Unix(path.clone());
+                let (listener, file) = bind_unix(&path, &endpoint).unwrap();
+                listeners.push(BoundListener::Unix(listener, SocketFileGuard(file)));
+                (endpoint, dir)
+            });
             let hub = Arc::new(Hub::new(
                 &[80],
                 HubConfig {
@@ -1118,7 +1251,7 @@ mod tests {
             };
             let (stop, stop_rx) = watch::channel(false);
             let server = tokio::spawn(serve(
-                vec![BoundListener::Tcp(listener)],
+                listeners,
                 SessionContext {
                     control: control_tx,
                     hub,
@@ -1130,6 +1263,7 @@ mod tests {
             ));
             Self {
                 endpoint,
+                unix,
                 stats,
                 stop,
                 server,
@@ -1174,17 +1308,62 @@ mod tests {
         }
     }
 
-    fn hello(token: &str, name: &str) -> Vec<u8> {
+    /// A frame as it goes on the wire, length first.
+    fn wire(frame: &ClientFrame) -> Vec<u8> {
         let mut body = BytesMut::new();
-        ClientFrame::Hello {
-            version: VERSION,
-            token: token.to_owned(),
-            name: name.to_owned(),
-        }
-        .encode(&mut body);
+        frame.encode(&mut body);
         let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&body);
         bytes
+    }
+
+    fn hello(name: &str, nonce: Nonce) -> Vec<u8> {
+        wire(&ClientFrame::Hello {
+            version: VERSION,
+            name: name.to_owned(),
+            nonce,
+        })
+    }
+
+    fn auth(proof: Proof) -> Vec<u8> {
+        wire(&ClientFrame::Auth { proof })
+    }
+
+    /// Sends a hello with `nonce` and reads the challenge, after checking
+    /// that the server proved it knows [`TOKEN`]; returns the server's
+    /// nonce and proof.
+    async fn challenged(stream: &mut TcpStream, nonce: Nonce) -> (Nonce, Proof) {
+        stream.write_all(&hello("raw", nonce)).await.unwrap();
+        match read_frame(stream).await {
+            Some(ServerFrame::Challenge {
+                nonce: server_nonce,
+                proof,
+            }) => {
+                assert!(
+                    server_proof_holds(TOKEN.as_bytes(), &nonce, &server_nonce, &proof),
+                    "the server proves it knows the token"
+                );
+                (server_nonce, proof)
+            }
+            other => panic!("a challenge: {other:?}"),
+        }
+    }
+
+    /// The whole hello of a client that knows [`TOKEN`], on a raw socket;
+    /// returns the server's answer to the `Auth`.
+    async fn raw_hello(stream: &mut TcpStream, name: &str) -> Option<ServerFrame> {
+        let nonce = new_nonce().unwrap();
+        stream.write_all(&hello(name, nonce)).await.unwrap();
+        let Some(ServerFrame::Challenge {
+            nonce: server_nonce,
+            ..
+        }) = read_frame(stream).await
+        else {
+            panic!("a challenge");
+        };
+        let proof = client_proof(TOKEN.as_bytes(), &server_nonce, &nonce);
+        stream.write_all(&auth(proof)).await.unwrap();
+        read_frame(stream).await
     }
 
     /// Reads one frame, or `None` at the end of the stream.
@@ -1223,16 +1402,21 @@ mod tests {
         let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
         for stated in [
             format!("whole within **{} seconds** of", HELLO_TIMEOUT.as_secs()),
-            format!("none within {} s", HELLO_TIMEOUT.as_secs()),
+            format!("a hello not done within {} s", HELLO_TIMEOUT.as_secs()),
             format!("at most **{MAX_AWAITING_HELLO}** connections per listening address"),
             format!("a {}th makes the oldest", MAX_AWAITING_HELLO + 1),
             format!("A token is at most **{MAX_TOKEN} bytes**"),
-            format!("at most {MAX_TOKEN} bytes)"),
+            format!("warns about a token shorter than {SHORT_TOKEN} bytes"),
+            format!(
+                "within **{} seconds**",
+                crate::client::HELLO_EXCHANGE_TIMEOUT.as_secs()
+            ),
             format!("keeps its first {} bytes", crate::protocol::MAX_CLIENT_NAME),
             format!("at most {} ports", crate::counters::MAX_LISTED_PORTS),
             format!("and {} consumers", crate::counters::MAX_LISTED_CONSUMERS),
             format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
             format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
+            format!("version in `HELLO` and `WELCOME` is {VERSION}."),
         ] {
             assert!(
                 doc.contains(&stated),
@@ -1310,7 +1494,7 @@ mod tests {
         let server = Harness::start(4).await;
         let mut stream = TcpStream::connect(server.addr()).await.unwrap();
         // Half a hello, then nothing.
-        let bytes = hello(TOKEN, "slow");
+        let bytes = hello("slow", [0; NONCE_LEN]);
         stream.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
         let started = Instant::now();
         let frames = until_closed(&mut stream, HELLO_TIMEOUT + Duration::from_secs(2)).await;
@@ -1347,40 +1531,245 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tokens_are_checked_whole() {
+    async fn the_hello_proves_the_token_both_ways() {
         let server = Harness::start(4).await;
-        for wrong in ["", "s3cret", "s3cret-tokenX", "S3cret-token"] {
-            let refused = Client::connect(&server.endpoint, Some(wrong), "t").await;
-            assert!(matches!(refused, Err(ClientError::BadToken)), "{wrong:?}");
-        }
-        // A longer token than any the mirror accepts, past the client
-        // library's own check.
         let mut stream = TcpStream::connect(server.addr()).await.unwrap();
-        let long = format!("{TOKEN}{}", "x".repeat(MAX_TOKEN));
-        stream.write_all(&hello(&long, "long")).await.unwrap();
+        let nonce: Nonce = new_nonce().unwrap();
+        let (server_nonce, _) = challenged(&mut stream, nonce).await;
+        assert_ne!(server_nonce, nonce);
+        // Challenged, not yet proved: still one of those waiting, no client.
+        assert_eq!(server.counter("awaiting_hello"), 1);
+        assert_eq!(server.counter("active"), 0);
+        let proof = client_proof(TOKEN.as_bytes(), &server_nonce, &nonce);
+        stream.write_all(&auth(proof)).await.unwrap();
+        match read_frame(&mut stream).await {
+            Some(ServerFrame::Welcome { version, server }) => {
+                assert_eq!((version, server.as_str()), (VERSION, "mirror under test"));
+            }
+            other => panic!("a welcome: {other:?}"),
+        }
+        server
+            .wait_until("served", |s| {
+                s.counter("active") == 1 && s.counter("awaiting_hello") == 0
+            })
+            .await;
+        // Past the hello, an auth is out of turn but not fatal.
+        stream.write_all(&auth(proof)).await.unwrap();
+        assert!(matches!(
+            read_frame(&mut stream).await,
+            Some(ServerFrame::Error {
+                code: ErrorCode::BadFrame,
+                fatal: false,
+                ..
+            })
+        ));
+        // The client library does the same.
+        let mut client = server.client("library").await.expect("served");
+        assert_eq!(client.server(), "mirror under test");
+        client.stats().await.expect("stats");
+        assert_eq!(server.counter("refused"), 0);
+        assert_eq!(server.counter("unanswered_challenges"), 0);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_with_another_token_is_refused_and_counted() {
+        let server = Harness::start(4).await;
+        // The client finds that the server's proof is not made with its
+        // token, and leaves without proving anything.
+        for wrong in ["s3cret", "s3cret-tokenX", "S3cret-token"] {
+            let refused = Client::connect(&server.endpoint, Some(wrong), "t").await;
+            let error = refused.err().expect("refused");
+            assert!(
+                matches!(error, ClientError::ServerUnknown { .. }),
+                "{wrong:?}: {error}"
+            );
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "the server at {} does not know the token: it is not the mirror you meant, or it was started with another token file",
+                    server.endpoint
+                )
+            );
+        }
+        server
+            .wait_until("three challenges left unanswered", |s| {
+                s.counter("unanswered_challenges") == 3 && s.counter("awaiting_hello") == 0
+            })
+            .await;
+        // A client that sends a proof made with another token (one that
+        // does not check the server's) is refused by the server.
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        let nonce = new_nonce().unwrap();
+        let (server_nonce, _) = challenged(&mut stream, nonce).await;
+        let wrong = client_proof(b"s3cret-tokenX", &server_nonce, &nonce);
+        stream.write_all(&auth(wrong)).await.unwrap();
         let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
         assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+        // No token, or one longer than any the mirror accepts: the client
+        // library refuses before it connects.
+        assert!(matches!(
+            Client::connect(&server.endpoint, None, "t").await,
+            Err(ClientError::TokenRequired { .. })
+        ));
+        assert!(matches!(
+            Client::connect(&server.endpoint, Some(""), "t").await,
+            Err(ClientError::TokenRequired { .. })
+        ));
+        let long = format!("{TOKEN}{}", "x".repeat(MAX_TOKEN));
         assert!(matches!(
             Client::connect(&server.endpoint, Some(&long), "t").await,
             Err(ClientError::TokenTooLong(_))
         ));
-        assert_eq!(server.counter("refused"), 5);
+        server
+            .wait_until("counted", |s| s.counter("refused") == 1)
+            .await;
+        assert_eq!(server.counter("accepted"), 4);
+        assert_eq!(server.counter("active"), 0);
+        assert_eq!(server.counter("unanswered_challenges"), 3);
         assert!(server.client("right").await.is_ok());
         server.stop().await;
     }
 
-    #[test]
-    fn token_comparison() {
-        assert!(token_matches(Some("abc"), "abc"));
-        assert!(!token_matches(Some("abc"), "abd"));
-        assert!(!token_matches(Some("abc"), "ab"));
-        assert!(!token_matches(Some("abc"), "abc\0"));
-        assert!(!token_matches(Some(""), "\0"));
-        assert!(!token_matches(None, ""));
-        let longest = "t".repeat(MAX_TOKEN);
-        assert!(token_matches(Some(&longest), &longest));
-        let longer = "t".repeat(MAX_TOKEN + 1);
-        assert!(!token_matches(Some(&longer), &longer));
+    #[tokio::test]
+    async fn a_recorded_or_reflected_proof_fails_on_another_connection() {
+        let server = Harness::start(4).await;
+        // A session that passed, as an eavesdropper records it.
+        let nonce = new_nonce().unwrap();
+        let mut first = TcpStream::connect(server.addr()).await.unwrap();
+        let (first_server_nonce, first_server_proof) = challenged(&mut first, nonce).await;
+        let recorded = client_proof(TOKEN.as_bytes(), &first_server_nonce, &nonce);
+        first.write_all(&auth(recorded)).await.unwrap();
+        assert!(matches!(
+            read_frame(&mut first).await,
+            Some(ServerFrame::Welcome { .. })
+        ));
+        // The same hello again: the server's nonce is another, and the
+        // recorded answer fails.
+        let mut replay = TcpStream::connect(server.addr()).await.unwrap();
+        let (replay_server_nonce, _) = challenged(&mut replay, nonce).await;
+        assert_ne!(replay_server_nonce, first_server_nonce);
+        replay.write_all(&auth(recorded)).await.unwrap();
+        let frames = until_closed(&mut replay, Duration::from_secs(5)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+        // The server's own proof sent back to it, on this connection or on
+        // one whose hello carries the first connection's server nonce.
+        let mut reflect = TcpStream::connect(server.addr()).await.unwrap();
+        let (_, own_proof) = challenged(&mut reflect, nonce).await;
+        reflect.write_all(&auth(own_proof)).await.unwrap();
+        let frames = until_closed(&mut reflect, Duration::from_secs(5)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+        let mut swapped = TcpStream::connect(server.addr()).await.unwrap();
+        challenged(&mut swapped, first_server_nonce).await;
+        swapped.write_all(&auth(first_server_proof)).await.unwrap();
+        let frames = until_closed(&mut swapped, Duration::from_secs(5)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+        server
+            .wait_until("counted", |s| s.counter("refused") == 3)
+            .await;
+        assert_eq!(server.counter("active"), 1, "the first session only");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_challenged_connection_keeps_its_waiting_place_until_it_answers() {
+        let server = Harness::start(4).await;
+        // Challenged, and silent after that.
+        let mut challenged_only = TcpStream::connect(server.addr()).await.unwrap();
+        challenged(&mut challenged_only, new_nonce().unwrap()).await;
+        assert_eq!(server.counter("awaiting_hello"), 1);
+        // Silent connections fill the other places; one more pushes the
+        // oldest out: the challenged one.
+        let mut silent = Vec::new();
+        for _ in 0..MAX_AWAITING_HELLO {
+            silent.push(TcpStream::connect(server.addr()).await.unwrap());
+        }
+        let frames = until_closed(&mut challenged_only, Duration::from_secs(2)).await;
+        assert_eq!(
+            fatal_code(&frames),
+            Some(ErrorCode::TooManyClients),
+            "{frames:?}"
+        );
+        server
+            .wait_until("evicted", |s| s.counter("hello_evicted") == 1)
+            .await;
+        drop(silent);
+        // A challenge left unanswered ends at the hello's deadline.
+        let mut late = TcpStream::connect(server.addr()).await.unwrap();
+        let started = Instant::now();
+        challenged(&mut late, new_nonce().unwrap()).await;
+        let frames = until_closed(&mut late, HELLO_TIMEOUT + Duration::from_secs(2)).await;
+        assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+        assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_millis(100));
+        server
+            .wait_until("timed out", |s| s.counter("hello_timeouts") == 1)
+            .await;
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn another_version_is_told_so_whatever_its_hello_holds() {
+        let server = Harness::start(4).await;
+        // A version 1 hello: version, token, name.
+        let mut v1 = vec![0x01, 0, 1, 0, 5];
+        v1.extend_from_slice(b"token");
+        v1.extend_from_slice(&[0, 2]);
+        v1.extend_from_slice(b"v1");
+        let mut framed = (v1.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&v1);
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        stream.write_all(&framed).await.unwrap();
+        let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(
+            fatal_code(&frames),
+            Some(ErrorCode::UnsupportedVersion),
+            "{frames:?}"
+        );
+        let [ServerFrame::Error { message, .. }] = &frames[..] else {
+            unreachable!("one error");
+        };
+        assert!(
+            message.starts_with("this mirror speaks protocol version 2, the client 1"),
+            "{message}"
+        );
+        assert_eq!(server.counter("refused"), 1);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_session_has_no_challenge() {
+        use tokio::net::UnixStream;
+        let server = Harness::start_with(4, true).await;
+        let (unix, _dir) = server.unix.as_ref().expect("a Unix listener");
+        let Endpoint::Unix(path) = unix else {
+            unreachable!("a Unix endpoint")
+        };
+        let mut stream = UnixStream::connect(path).await.unwrap();
+        stream
+            .write_all(&hello("local", [0; NONCE_LEN]))
+            .await
+            .unwrap();
+        let mut length = [0u8; 4];
+        stream.read_exact(&mut length).await.unwrap();
+        let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
+        stream.read_exact(&mut frame).await.unwrap();
+        assert!(
+            matches!(ServerFrame::decode(&frame), Ok(ServerFrame::Welcome { .. })),
+            "{frame:?}"
+        );
+        // The client library, given a token or none.
+        let mut clients = Vec::new();
+        for token in [Some(TOKEN), None] {
+            let mut client = Client::connect(unix, token, "local").await.expect("served");
+            client.stats().await.expect("stats");
+            clients.push(client);
+        }
+        server
+            .wait_until("three local clients", |s| s.counter("active") == 3)
+            .await;
+        assert_eq!(server.counter("unanswered_challenges"), 0);
+        drop(stream);
+        server.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1437,9 +1826,8 @@ mod tests {
         let server = Harness::start(4).await;
         let forged = format!("xy\nkernel: seen=999 \u{1b}[2J\u{202e}{}", "é".repeat(100));
         let mut stream = TcpStream::connect(server.addr()).await.unwrap();
-        stream.write_all(&hello(TOKEN, &forged)).await.unwrap();
         assert!(matches!(
-            read_frame(&mut stream).await,
+            raw_hello(&mut stream, &forged).await,
             Some(ServerFrame::Welcome { .. })
         ));
         let mut client = server.client("observer").await.unwrap();
