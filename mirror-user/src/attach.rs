@@ -61,6 +61,14 @@ pub enum AttachError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot remove the mirror's tc filter from {iface} ({source}): `tc filter show dev {iface} ingress` shows it as mirror_tc; remove it with `tc filter del`"
+    )]
+    Detach {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot list the tc ingress filters of {iface}: {source}")]
     ListFilters {
         iface: String,
@@ -220,30 +228,12 @@ pub fn detach(mirror: &mut Mirror, attachment: Attachment) -> Result<(), AttachE
     };
     match attachment.link {
         Link::Tcx(id) => mirror.tc()?.detach(id).map_err(failed),
-        Link::Clsact(filter) => clsact::remove(filter).map_err(|source| AttachError::ListFilters {
+        Link::Clsact(filter) => clsact::remove(filter).map_err(|source| AttachError::Detach {
             iface: attachment.iface.clone(),
             source,
         }),
         Link::Xdp(id) => mirror.xdp()?.detach(id).map_err(failed),
     }
-}
-
-/// Lets go of a clsact filter without deleting it (aya deletes the filters
-/// it still holds when the program is dropped).
-fn forget(
-    program: &mut SchedClassifier,
-    id: SchedClassifierLinkId,
-    iface: &str,
-) -> Result<(), AttachError> {
-    let link = program
-        .take_link(id)
-        .map_err(|source| AttachError::Attach {
-            iface: iface.to_owned(),
-            point: AttachPoint::ClsactIngress,
-            source: Box::new(source),
-        })?;
-    std::mem::forget(link);
-    Ok(())
 }
 
 fn attach_tc(
@@ -255,11 +245,6 @@ fn attach_tc(
     remove_leftover_filters(iface, ifindex);
     let use_tcx = !force_netlink
         && KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0));
-    let failed = |point, source| AttachError::Attach {
-        iface: iface.to_owned(),
-        point,
-        source: Box::new(source),
-    };
     if use_tcx {
         // First, so that a program that ends the chain (with OK or SHOT)
         // cannot hide packets from the mirror; later programs still see
@@ -269,22 +254,48 @@ fn attach_tc(
         let id = mirror
             .tc()?
             .attach_with_options(iface, TcAttachType::Ingress, options)
-            .map_err(|source| failed(point, source))?;
+            .map_err(|source| AttachError::Attach {
+                iface: iface.to_owned(),
+                point,
+                source: Box::new(source),
+            })?;
         return Ok((point, Link::Tcx(id)));
     }
 
-    let point = AttachPoint::ClsactIngress;
     refuse_behind_tcx(iface)?;
-    if let Err(source) = tc::qdisc_add_clsact(iface) {
+    // The qdisc goes with the mirror if the mirror added it, and only then.
+    let added_qdisc = match tc::qdisc_add_clsact(iface) {
+        Ok(()) => true,
         // EEXIST: the interface already has one, which is all we need.
-        if !matches!(&source, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST))
-        {
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+        Err(source) => {
             return Err(AttachError::Clsact {
                 iface: iface.to_owned(),
                 source: io::Error::other(source),
             });
         }
+    };
+    let attached = attach_clsact_filter(mirror, iface, ifindex, added_qdisc);
+    if attached.is_err() && added_qdisc {
+        clsact::remove_added_qdisc(ifindex, iface);
     }
+    attached
+}
+
+/// The mirror's filter at [`clsact::PRIORITY`] of the interface's clsact
+/// qdisc; on an error, nothing of it is left.
+fn attach_clsact_filter(
+    mirror: &mut Mirror,
+    iface: &str,
+    ifindex: u32,
+    added_qdisc: bool,
+) -> Result<(AttachPoint, Link), AttachError> {
+    let point = AttachPoint::ClsactIngress;
+    let failed = |source: ProgramError| AttachError::Attach {
+        iface: iface.to_owned(),
+        point,
+        source: Box::new(source),
+    };
     let filters = clsact::ingress_filters(ifindex).map_err(|source| AttachError::ListFilters {
         iface: iface.to_owned(),
         source,
@@ -301,9 +312,14 @@ fn attach_tc(
     let program = mirror.tc()?;
     let id = program
         .attach_with_options(iface, TcAttachType::Ingress, options)
-        .map_err(|source| failed(point, source))?;
-    let program_id = program.info().map_err(|source| failed(point, source))?.id();
-    forget(program, id, iface)?;
+        .map_err(failed)?;
+    // Owned from here: dropping the link (on an error) deletes the filter.
+    let link = program.take_link(id).map_err(failed)?;
+    let program_id = program.info().map_err(failed)?.id();
+    // aya would delete the filter when the program is dropped, after the
+    // mirror has given up the privilege to: the privileged helper removes
+    // it ([`clsact::remove`]).
+    std::mem::forget(link);
     tracing::debug!(
         "clsact filter on {iface}: priority {}, handle {handle:#x}",
         clsact::PRIORITY
@@ -315,6 +331,7 @@ fn attach_tc(
             priority: clsact::PRIORITY,
             handle,
             program_id,
+            added_qdisc,
         }),
     ))
 }

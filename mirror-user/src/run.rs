@@ -144,15 +144,25 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
             .with_context(|| format!("cannot subscribe port {port}"))?;
     }
     let attachment = attach::attach(&mut mirror, &args.iface, args.attach, args.tc_netlink)?;
-    let helper = Helper::spawn(&HelperPlan {
+    // From here on an error must leave nothing attached. TCX and XDP links
+    // go with the process; a clsact filter stays: the helper removes it
+    // once it runs (also when a later step fails), before that the mirror,
+    // which still may.
+    let helper = match Helper::spawn(&HelperPlan {
         clsact: attachment.clsact_filter(),
         sockets: listeners
             .iter()
             .filter_map(BoundListener::socket_file)
-            .cloned()
             .collect(),
-    })
-    .context("cannot start the mirror's privileged helper")?;
+    }) {
+        Ok(helper) => helper,
+        Err(error) => {
+            if let Err(detach) = attach::detach(&mut mirror, attachment) {
+                tracing::warn!("{detach}");
+            }
+            return Err(error).context("cannot start the mirror's privileged helper");
+        }
+    };
 
     identity.assume()?;
     if let Some(dir) = &dump_dir {

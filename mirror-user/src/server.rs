@@ -110,7 +110,7 @@ impl Default for Endpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
-        "another mirror already listens on {0}: stop it, or give this one another address with --listen"
+        "another mirror (or another program) already listens on {0}: stop it, or give this one another address with --listen"
     )]
     InUse(Endpoint),
     #[error(
@@ -289,15 +289,13 @@ pub fn bind(config: &ServerConfig) -> Result<Vec<BoundListener>, ServerError> {
 /// created (0700) when missing, and refused when other users may write it
 /// without the sticky bit. A socket left by a mirror that did not exit
 /// cleanly (nothing accepts on it) is removed; anything else at `path` — a
-/// file, a symlink, a directory — is an error, and is left as it is.
+/// file, a symlink, a directory, a socket something listens on — is an
+/// error, and is left as it is.
 fn bind_unix(
     path: &Path,
     endpoint: &Endpoint,
 ) -> Result<(std::os::unix::net::UnixListener, SocketFile), ServerError> {
-    use nix::{
-        sys::stat::{Mode, SFlag, fchmod},
-        unistd::{UnlinkatFlags, unlinkat},
-    };
+    use nix::sys::stat::{Mode, SFlag, fchmod};
     let bind_error = |source: io::Error| ServerError::Bind {
         endpoint: endpoint.clone(),
         source,
@@ -311,13 +309,16 @@ fn bind_unix(
         .ok_or_else(|| bind_error(io::Error::other("the path has no file name")))?;
     match dir.kind_of(name).map_err(bind_error)? {
         None => {}
-        Some((kind, _)) if kind == SFlag::S_IFSOCK => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        Some((kind, id)) if kind == SFlag::S_IFSOCK => {
+            if listening(path).map_err(bind_error)? {
                 return Err(ServerError::InUse(endpoint.clone()));
             }
             tracing::info!("removing the stale socket {}", path.display());
-            unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
-                .map_err(|e| bind_error(e.into()))?;
+            match dir.remove(name, id) {
+                // Gone since it was checked: the place is free.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                other => other.map_err(bind_error)?,
+            }
         }
         Some(_) => return Err(ServerError::NotASocket(endpoint.clone())),
     }
@@ -339,15 +340,34 @@ fn bind_unix(
     if kind != SFlag::S_IFSOCK {
         return Err(ServerError::NotASocket(endpoint.clone()));
     }
-    let (dev, ino) = id.dev_ino();
-    Ok((
-        socket.into(),
-        SocketFile {
-            path: path.to_path_buf(),
-            dev,
-            ino,
-        },
-    ))
+    // The helper removes the file through the directory it was bound in.
+    let file = SocketFile::new(
+        dir.as_fd().try_clone_to_owned().map_err(bind_error)?,
+        name.to_owned(),
+        path.to_path_buf(),
+        id.dev_ino(),
+    )
+    .map_err(bind_error)?;
+    Ok((socket.into(), file))
+}
+
+/// Whether something listens on the socket at `path`, asked without
+/// waiting: a blocking connect to a listener whose backlog is full waits
+/// for a place, for as long as it takes (someone may have planted that
+/// listener). A full backlog (EAGAIN) means a listener too; only a refused
+/// connection means a socket nothing listens on any more.
+fn listening(path: &Path) -> io::Result<bool> {
+    let probe = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    probe.set_nonblocking(true)?;
+    match probe.connect(&socket2::SockAddr::unix(path)?) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => Ok(false),
+        // Gone since it was checked.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
 }
 
 /// Opens (creating it 0700 when missing) the directory of a socket path.
@@ -1167,6 +1187,48 @@ mod tests {
             );
         }
         assert_eq!(std::fs::read(dir.path().join("file")).unwrap(), b"keep");
+    }
+
+    /// A listener whose backlog is full (someone planted it, or a mirror
+    /// stopped accepting) keeps a blocking connect waiting for a place,
+    /// forever: the stale-socket check must not wait, and must take it for
+    /// a live socket, which stays.
+    #[test]
+    fn a_socket_with_a_full_backlog_is_in_use_and_checked_without_waiting() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        let address = socket2::SockAddr::unix(&path).unwrap();
+        let unix = || socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None);
+        let planted = unix().unwrap();
+        planted.bind(&address).unwrap();
+        planted.listen(0).unwrap();
+        let planted_ino = std::fs::symlink_metadata(&path).unwrap().ino();
+        let mut waiting = Vec::new();
+        for _ in 0..64 {
+            let client = unix().unwrap();
+            client.set_nonblocking(true).unwrap();
+            match client.connect(&address) {
+                Ok(()) => waiting.push(client),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => panic!("filling the backlog: {error}"),
+            }
+        }
+        assert!(waiting.len() < 64, "the backlog never filled up");
+
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let endpoint = Endpoint::Unix(path.clone());
+        let checked = path.clone();
+        // On a thread of its own: a check that waits would never return.
+        std::thread::spawn(move || {
+            let _ = done_tx.send(bind_unix(&checked, &endpoint).map(|_| ()));
+        });
+        let result = done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the stale-socket check waited for a place in the full backlog");
+        assert!(matches!(result, Err(ServerError::InUse(_))), "{result:?}");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.ino(), planted_ino, "the live socket is left alone");
     }
 
     const TOKEN: &str = "s3cret-token";

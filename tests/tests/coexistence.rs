@@ -140,6 +140,51 @@ impl Host {
             .collect()
     }
 
+    /// `tc qdisc show` of the server's interface.
+    fn qdiscs(&self) -> String {
+        let out = run_in(&self.net.server, "tc", &["qdisc", "show", "dev", IFACE]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn has_clsact(&self) -> bool {
+        self.qdiscs().contains("qdisc clsact ")
+    }
+
+    /// Waits (at most 10 s) until the server's interface has no clsact
+    /// qdisc: after a SIGKILL the privileged helper removes it.
+    fn wait_no_clsact(&self, after: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.has_clsact() {
+            assert!(
+                Instant::now() < deadline,
+                "the clsact qdisc is still there {after}:\n{}",
+                self.qdiscs()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A node owner adds a clsact qdisc as if the mirror had never run
+    /// (which fails with "Exclusivity flag on" while one is left), then
+    /// takes it away again.
+    fn assert_clsact_can_be_added(&self, after: &str) {
+        let out = in_ns(&self.net.server, "tc")
+            .args(["qdisc", "add", "dev", IFACE, "clsact"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run tc");
+        assert!(
+            out.status.success(),
+            "tc qdisc add dev {IFACE} clsact {after}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run_in(
+            &self.net.server,
+            "tc",
+            &["qdisc", "del", "dev", IFACE, "clsact"],
+        );
+    }
+
     fn mirror_args<'a>(&self, mode: Mode, dump: &'a str) -> Vec<&'a str> {
         let mut args = vec!["--iface", IFACE, "--port", "5301", "--dump-dir", dump];
         args.extend(mode.args());
@@ -620,4 +665,108 @@ fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
         "the replacement stays: {filters:#?}"
     );
     assert!(!host.ping_passes(), "the replacement still drops ping");
+}
+
+/// The clsact qdisc a `--tc-netlink` mirror had to add goes with it, when
+/// it stops and when it is killed (its privileged helper removes it): the
+/// node owner finds the interface as it was, and can add a clsact qdisc of
+/// their own.
+#[test]
+fn a_clsact_mirror_removes_the_qdisc_it_added() {
+    let host = Host::new();
+    assert!(!host.has_clsact(), "a bare veth: {}", host.qdiscs());
+    let dump = host.path("dump").display().to_string();
+    let args = host.mirror_args(Mode::Clsact, &dump);
+
+    let mirror = MirrorProcess::start(&host.net.server, &args);
+    assert!(host.has_clsact(), "the mirror added one: {}", host.qdiscs());
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(
+        !host.has_clsact(),
+        "the clsact qdisc is still there after SIGINT:\n{}",
+        host.qdiscs()
+    );
+    host.assert_clsact_can_be_added("after SIGINT");
+
+    MirrorProcess::start(&host.net.server, &args).kill();
+    host.wait_no_clsact("after SIGKILL");
+    host.assert_clsact_can_be_added("after SIGKILL");
+}
+
+/// A clsact qdisc that was there before the mirror, with someone's filter
+/// on it, is still there afterwards with that filter, however the mirror
+/// ends.
+#[test]
+fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
+    let host = Host::new();
+    let _firewall = host.firewall(Kind::Clsact, Drops::Icmp);
+    let dump = host.path("dump").display().to_string();
+    let args = host.mirror_args(Mode::Clsact, &dump);
+    let only_the_firewall = |after: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // After SIGKILL the helper needs a moment to remove the filter.
+        while host.clsact_filters().len() > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{after}: {:#?}",
+                host.clsact_filters()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let filters = host.clsact_filters();
+        assert!(
+            filters.len() == 1 && filters[0].contains(" name drop "),
+            "{after}: the firewall's filter stays: {filters:#?}"
+        );
+        assert!(host.has_clsact(), "{after}: {}", host.qdiscs());
+        assert!(
+            !host.ping_passes(),
+            "{after}: the firewall still drops ping"
+        );
+    };
+
+    let output = MirrorProcess::start(&host.net.server, &args).interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    only_the_firewall("after SIGINT");
+    MirrorProcess::start(&host.net.server, &args).kill();
+    only_the_firewall("after SIGKILL");
+}
+
+/// The mirror added the clsact qdisc, and someone put a filter of theirs
+/// on it (egress) while the mirror ran: the qdisc stays, with that filter.
+#[test]
+fn a_clsact_qdisc_the_mirror_added_stays_while_someone_uses_it() {
+    let host = Host::new();
+    let dump = host.path("dump").display().to_string();
+    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(Mode::Clsact, &dump));
+    assert!(host.ping_passes(), "nothing drops ping yet");
+    let object = drop_object(host.dir.path(), Drops::Icmp, "tc")
+        .display()
+        .to_string();
+    // Drops the echo replies.
+    run_in(
+        &host.net.server,
+        "tc",
+        &[
+            "filter", "add", "dev", IFACE, "egress", "prio", "1", "protocol", "all", "bpf", "da",
+            "obj", &object, "sec", "tc",
+        ],
+    );
+    let _qdisc = ClsactFilter {
+        ns: host.net.server.clone(),
+    };
+    assert!(!host.ping_passes(), "the egress filter drops the replies");
+    let output = mirror.interrupt();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(
+        host.clsact_filters().is_empty(),
+        "{:#?}",
+        host.clsact_filters()
+    );
+    assert!(host.has_clsact(), "the qdisc stays: {}", host.qdiscs());
+    assert!(
+        !host.ping_passes(),
+        "the egress filter still drops the replies"
+    );
 }

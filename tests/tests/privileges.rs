@@ -7,14 +7,17 @@
 use std::{
     fs,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use mirror_tests::{
-    mirror_process::{ClientProcess, MirrorProcess, run_mirror, tail_totals, thread_status},
-    netns::{ClientServer, attached_programs, run_in, shows_attachment},
+    mirror_process::{
+        ClientProcess, MirrorProcess, mirror_bin, run_mirror, tail_totals, thread_status,
+    },
+    netns::{ClientServer, attached_programs, in_ns, run_in, shows_attachment},
     traffic::{MIB, dumped, random_files, send_all, start_server},
 };
 
@@ -211,6 +214,76 @@ fn the_clsact_filter_goes_with_the_mirror_even_when_killed() {
         thread::sleep(Duration::from_millis(20));
     }
     wait_gone(&socket);
+}
+
+/// The dynamic loader that started this test (and starts the mirror).
+fn dynamic_loader() -> PathBuf {
+    let maps = fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            Path::new(path)
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("ld-linux"))
+        })
+        .map(PathBuf::from)
+        .expect("no dynamic loader in /proc/self/maps")
+}
+
+/// The privileged helper cannot start once the clsact filter is attached
+/// (started through the dynamic loader, the mirror's /proc/self/exe is the
+/// loader, which cannot run the helper): the mirror says so and removes
+/// the filter and the qdisc it added itself, while it still may, instead
+/// of leaving them to the next run.
+#[test]
+fn a_helper_that_cannot_start_leaves_nothing_attached() {
+    let pair = ClientServer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("mirror.sock");
+    let endpoint = format!("unix:{}", socket.display());
+    let port = PORT.to_string();
+    let mut child = in_ns(&pair.server, &dynamic_loader().display().to_string())
+        .arg(mirror_bin())
+        .args([
+            "run",
+            "--iface",
+            "srv0",
+            "--port",
+            &port,
+            "--tc-netlink",
+            "--listen",
+            &endpoint,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start mirror");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("wait");
+            panic!(
+                "the mirror runs without its helper: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot start the mirror's privileged helper"),
+        "{stderr}"
+    );
+    let report = attached_programs(&pair.server, "srv0");
+    assert!(!shows_attachment(&report), "left attached:\n{report}");
+    let qdiscs = run_in(&pair.server, "tc", &["qdisc", "show", "dev", "srv0"]);
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(!qdiscs.contains("clsact"), "the qdisc is left: {qdiscs}");
+    assert!(fs::symlink_metadata(&socket).is_err(), "the socket is left");
 }
 
 #[test]

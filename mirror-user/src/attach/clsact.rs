@@ -21,15 +21,20 @@
 //! would run before it, so the mirror refuses to attach rather than
 //! silently watch only what that filter lets through.
 //!
+//! The clsact qdisc itself goes with the mirror when the mirror added it:
+//! a node owner's `tc qdisc add dev IF clsact` must not fail afterwards
+//! ("Exclusivity flag on"). See [`remove_qdisc_if_unused`] for when.
+//!
 //! aya attaches and detaches clsact filters but cannot list them, so the
-//! dump (RTM_GETTFILTER) goes through the rust-netlink crates.
+//! dumps (RTM_GETTFILTER, RTM_GETCHAIN) and the qdisc's removal
+//! (RTM_DELQDISC) go through the rust-netlink crates.
 
 use std::{collections::HashSet, fmt, io, time::Duration};
 
 use aya::programs::{Link as _, TcAttachType, tc::SchedClassifierLink};
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    Parseable as _,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, Parseable as _,
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
@@ -57,6 +62,14 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const RTM_NEWTFILTER: u16 = 44;
+const RTM_NEWCHAIN: u16 = 100;
+
+/// The clsact qdisc's own handle, `ffff:`.
+const QDISC_HANDLE: TcHandle = TcHandle {
+    major: 0xffff,
+    minor: 0,
+};
+const QDISC_KIND: &str = "clsact";
 
 /// A filter in chain 0 of clsact ingress, as the kernel lists it (every
 /// priority also shows once with handle 0: the classifier instance).
@@ -120,34 +133,58 @@ pub fn placement(filters: &[Filter]) -> Result<u32, Occupied> {
         .ok_or(Occupied::Handles)
 }
 
-/// True when the filter at `priority`/`handle` still runs `program_id`:
-/// someone may have replaced it, and then the filter is theirs.
-pub fn runs(ifindex: u32, priority: u16, handle: u32, program_id: u32) -> io::Result<bool> {
-    Ok(ingress_filters(ifindex)?
+/// What became of the mirror's filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Still there, running the mirror's program.
+    Ours,
+    /// Its priority and handle run another program: someone replaced it,
+    /// and the filter is theirs.
+    Replaced,
+    /// Nothing has its priority and handle any more.
+    Gone,
+}
+
+fn find(filter: &ClsactFilter) -> io::Result<Found> {
+    let filters = ingress_filters(filter.ifindex)?;
+    let same = filters
         .iter()
-        .any(|f| f.priority == priority && f.handle == handle && f.program_id == Some(program_id)))
+        .find(|f| f.priority == filter.priority && f.handle == filter.handle);
+    Ok(match same {
+        Some(f) if f.program_id == Some(filter.program_id) => Found::Ours,
+        Some(_) => Found::Replaced,
+        None => Found::Gone,
+    })
 }
 
 /// Deletes the mirror's filter `filter`, if it still runs the mirror's
 /// program (a filter is deleted by priority and handle: if someone replaced
-/// the mirror's, deleting by those would remove theirs). Needs
+/// the mirror's, deleting by those would remove theirs); then the clsact
+/// qdisc, if the mirror added it and nothing else uses it. Needs
 /// CAP_NET_ADMIN: the privileged helper calls it once the mirror has given
 /// up root.
+///
+/// The qdisc goes only after the mirror's own filter was found on it and
+/// deleted: that filter proves the qdisc is still the one the mirror
+/// added. A qdisc without it may have been deleted and added again by
+/// someone else since, and is left alone.
 pub fn remove(filter: ClsactFilter) -> io::Result<()> {
     let iface = nix::net::if_::if_indextoname(filter.ifindex)?;
     let iface = iface.to_string_lossy();
-    if !runs(
-        filter.ifindex,
-        filter.priority,
-        filter.handle,
-        filter.program_id,
-    )? {
-        tracing::warn!(
-            "the mirror's TC filter on {iface} (priority {}, handle {:#x}) was replaced by another one; leaving that one in place",
-            filter.priority,
-            filter.handle
-        );
-        return Ok(());
+    match find(&filter)? {
+        Found::Ours => {}
+        Found::Replaced => {
+            tracing::warn!(
+                "the mirror's TC filter on {iface} (priority {}, handle {:#x}) was replaced by another one; leaving that one in place",
+                filter.priority,
+                filter.handle
+            );
+            return Ok(());
+        }
+        Found::Gone => {
+            tracing::debug!("the mirror's TC filter on {iface} is gone already");
+            return Ok(());
+        }
     }
     SchedClassifierLink::attached(
         &iface,
@@ -157,7 +194,90 @@ pub fn remove(filter: ClsactFilter) -> io::Result<()> {
         None,
     )?
     .detach()
-    .map_err(io::Error::other)
+    .map_err(io::Error::other)?;
+    if filter.added_qdisc {
+        remove_added_qdisc(filter.ifindex, &iface);
+    }
+    Ok(())
+}
+
+/// [`remove_qdisc_if_unused`] for the qdisc the mirror added, saying what
+/// became of it (a qdisc left behind is no reason to fail a clean stop).
+pub fn remove_added_qdisc(ifindex: u32, iface: &str) {
+    match remove_qdisc_if_unused(ifindex) {
+        Ok(QdiscRemoval::Removed) => {
+            tracing::debug!("removed the clsact qdisc the mirror added to {iface}");
+        }
+        Ok(QdiscRemoval::InUse) => tracing::info!(
+            "the clsact qdisc the mirror added to {iface} stays: other filters use it now"
+        ),
+        Ok(QdiscRemoval::NotThere) => {
+            tracing::debug!("the clsact qdisc the mirror added to {iface} is gone already");
+        }
+        Err(error) => tracing::warn!(
+            "cannot remove the clsact qdisc the mirror added to {iface} ({error}): once nothing uses it, remove it with `tc qdisc del dev {iface} clsact`"
+        ),
+    }
+}
+
+/// What [`remove_qdisc_if_unused`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QdiscRemoval {
+    Removed,
+    /// A filter or a chain is on it: it stays.
+    InUse,
+    /// No clsact qdisc there any more.
+    NotThere,
+}
+
+/// Deletes the clsact qdisc of `ifindex` (one the mirror added) if nothing
+/// is configured on it: no filter and no chain (a chain may carry a filter
+/// template), at ingress or at egress.
+///
+/// The dumps are made right before the delete, on the same socket. A
+/// filter that someone adds between its dump and the delete, a few netlink
+/// round trips at the end of a mirror that added the qdisc, would go with
+/// it: the kernel has no "delete if empty", and rtnetlink cannot
+/// hold its lock across two requests. Every tool that removes the clsact
+/// qdisc it added (`tc qdisc del`, libbpf's `bpf_tc_hook_destroy`) does so
+/// without looking at all; whoever adds a filter to a qdisc they did not
+/// add must reckon with its owner deleting it, before or after their add.
+pub fn remove_qdisc_if_unused(ifindex: u32) -> io::Result<QdiscRemoval> {
+    let socket = route_socket()?;
+    for minor in [TcHandle::MIN_INGRESS, TcHandle::MIN_EGRESS] {
+        let parent = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor,
+        };
+        let filters = dump(
+            &socket,
+            RouteNetlinkMessage::GetTrafficFilter(tc_message(ifindex, parent)?),
+            RTM_NEWTFILTER,
+        )?;
+        let chains = dump(
+            &socket,
+            RouteNetlinkMessage::GetTrafficChain(tc_message(ifindex, parent)?),
+            RTM_NEWCHAIN,
+        )?;
+        if !filters.is_empty() || !chains.is_empty() {
+            return Ok(QdiscRemoval::InUse);
+        }
+    }
+    let mut message = tc_message(ifindex, TcHandle::CLSACT)?;
+    message.header.handle = QDISC_HANDLE;
+    // The kernel deletes it only if it is a clsact qdisc (an `ingress`
+    // qdisc has the same parent).
+    message
+        .attributes
+        .push(TcAttribute::Kind(QDISC_KIND.to_owned()));
+    match acknowledged(&socket, RouteNetlinkMessage::DelQueueDiscipline(message)) {
+        Ok(()) => Ok(QdiscRemoval::Removed),
+        // No qdisc there, or not a clsact one.
+        Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
+            Ok(QdiscRemoval::NotThere)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Filters that mirrors killed together with their helper left behind:
@@ -180,6 +300,8 @@ pub fn leftovers(
                 priority: f.priority,
                 handle: f.handle,
                 program_id,
+                // Who added the qdisc is not known.
+                added_qdisc: false,
             })
         })
         .collect()
@@ -229,30 +351,49 @@ pub fn held_programs() -> HashSet<u32> {
 /// classification starts; other chains run only when a filter there sends
 /// a packet to them).
 pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<Filter>> {
+    let parent = TcHandle {
+        major: TcHandle::CLSACT.major,
+        minor: TcHandle::MIN_INGRESS,
+    };
+    let request = RouteNetlinkMessage::GetTrafficFilter(tc_message(ifindex, parent)?);
+    Ok(dump(&route_socket()?, request, RTM_NEWTFILTER)?
+        .iter()
+        .filter_map(|payload| filter(payload))
+        .collect())
+}
+
+fn route_socket() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     socket2::SockRef::from(&socket).set_read_timeout(Some(DUMP_TIMEOUT))?;
+    Ok(socket)
+}
 
-    let mut request = TcMessage::default();
-    request.header.index = i32::try_from(ifindex).map_err(io::Error::other)?;
-    request.header.parent = TcHandle {
-        major: TcHandle::CLSACT.major,
-        minor: TcHandle::MIN_INGRESS,
-    };
+/// A tc message about `ifindex` under `parent`.
+fn tc_message(ifindex: u32, parent: TcHandle) -> io::Result<TcMessage> {
+    let mut message = TcMessage::default();
+    message.header.index = i32::try_from(ifindex).map_err(io::Error::other)?;
+    message.header.parent = parent;
+    Ok(message)
+}
+
+fn send(socket: &Socket, message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = flags;
     header.sequence_number = 1;
-    let mut message = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::GetTrafficFilter(request)),
-    );
+    let mut message = NetlinkMessage::new(header, NetlinkPayload::from(message));
     message.finalize();
     let mut bytes = vec![0; message.buffer_len()];
     message.serialize(&mut bytes);
     socket.send(&bytes, 0)?;
+    Ok(())
+}
 
-    let mut filters = Vec::new();
+/// The payloads of the `wanted` messages a dump request answers with.
+fn dump(socket: &Socket, request: RouteNetlinkMessage, wanted: u16) -> io::Result<Vec<Vec<u8>>> {
+    send(socket, request, NLM_F_REQUEST | NLM_F_DUMP)?;
+    let mut payloads = Vec::new();
     loop {
         let (datagram, _) = socket.recv_from_full()?;
         let mut rest = datagram.as_slice();
@@ -260,20 +401,37 @@ pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<Filter>> {
             let buffer = NetlinkBuffer::new_checked(rest).map_err(io::Error::other)?;
             let len = buffer.length() as usize;
             match buffer.message_type() {
-                NLMSG_DONE => return Ok(filters),
-                NLMSG_ERROR => {
-                    let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len])
-                        .map_err(io::Error::other)?;
-                    if let NetlinkPayload::Error(error) = message.payload {
-                        return Err(error.to_io());
-                    }
-                }
-                RTM_NEWTFILTER => filters.extend(filter(buffer.payload())),
+                NLMSG_DONE => return Ok(payloads),
+                NLMSG_ERROR => error(&rest[..len])?,
+                kind if kind == wanted => payloads.push(buffer.payload().to_vec()),
                 _ => {}
             }
             // Messages are 4-byte aligned within a datagram.
             rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
         }
+    }
+}
+
+/// Sends a request that changes something and waits for its answer.
+fn acknowledged(socket: &Socket, request: RouteNetlinkMessage) -> io::Result<()> {
+    send(socket, request, NLM_F_REQUEST | NLM_F_ACK)?;
+    loop {
+        let (datagram, _) = socket.recv_from_full()?;
+        let buffer = NetlinkBuffer::new_checked(datagram.as_slice()).map_err(io::Error::other)?;
+        if buffer.message_type() == NLMSG_ERROR {
+            let len = buffer.length() as usize;
+            return error(&datagram[..len]);
+        }
+    }
+}
+
+/// An NLMSG_ERROR message: an error, or (code 0) the acknowledgement.
+fn error(message: &[u8]) -> io::Result<()> {
+    let message =
+        NetlinkMessage::<RouteNetlinkMessage>::deserialize(message).map_err(io::Error::other)?;
+    match message.payload {
+        NetlinkPayload::Error(error) if error.code.is_some() => Err(error.to_io()),
+        _ => Ok(()),
     }
 }
 
@@ -439,6 +597,7 @@ mod tests {
                 priority: 1,
                 handle: HANDLE_BASE,
                 program_id: 10,
+                added_qdisc: false,
             }]
         );
     }
