@@ -604,7 +604,7 @@ impl ConnectionTable {
             Phase::Waiting { segments, span, .. } => {
                 let cost = held_cost(payload.len());
                 span.add(seq, payload.len(), fin);
-                segments.push((seq, detach(&payload), fin));
+                segments.push((seq, detach(&payload, true), fin));
                 conn.held += cost;
                 self.buffered += cost;
                 if conn.held > self.limits.reorder.max_bytes {

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use crate::segment::OWN_ALLOCATION;
+
 /// Budgets of one direction's reorder buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReorderLimits {
@@ -43,14 +45,20 @@ pub const fn held_cost(len: usize) -> usize {
     (if chunk < 32 { 32 } else { chunk }) + SEGMENT_OVERHEAD
 }
 
-/// A copy of `payload` in an allocation of its own. Payloads arrive as
-/// slices of 1 MiB pool buffers (see `segment.rs`), and a slice keeps its
-/// whole buffer alive: one held byte would pin a megabyte. Holding is the
-/// out-of-order path (a fraction of the segments of a healthy flow), so
-/// the copy and allocation it costs there buy that memory budgets count
-/// what is really held.
-pub fn detach(payload: &[u8]) -> Bytes {
-    Bytes::copy_from_slice(payload)
+/// `payload` in an allocation of its own, to be held. Small payloads
+/// arrive as slices of 1 MiB pool buffers (see `segment.rs`), and a slice
+/// keeps its whole buffer alive: one held byte would pin a megabyte, so
+/// they are copied (a small copy, on the out-of-order path). A whole
+/// payload of [`OWN_ALLOCATION`] bytes or more already has an allocation
+/// of its own and is held as it is; a part of one (`whole` false) is
+/// copied, so that what is held is always exactly what [`held_cost`]
+/// counts.
+pub fn detach(payload: &Bytes, whole: bool) -> Bytes {
+    if whole && payload.len() >= OWN_ALLOCATION {
+        payload.clone()
+    } else {
+        Bytes::copy_from_slice(payload)
+    }
 }
 
 /// Segments further than this from the next expected byte, either way, are
@@ -155,6 +163,7 @@ impl Reassembler {
         // Only bytes after what was delivered and before the FIN count (a
         // segment can lie wholly beyond a FIN that overtook it).
         if end > self.delivered as i64 && end > start {
+            let whole = end - start == payload.len() as i64;
             let payload = payload.slice(..(end - start) as usize);
             if start <= self.delivered as i64 {
                 let skip = (self.delivered as i64 - start) as usize;
@@ -163,7 +172,7 @@ impl Reassembler {
                 // Progress: whatever hole remains is a new one.
                 self.hole_since = None;
             } else {
-                self.hold(start as u64, &payload);
+                self.hold(start as u64, &payload, whole);
             }
         }
 
@@ -343,21 +352,21 @@ impl Reassembler {
             if payload.len() > keep {
                 self.held_bytes -= held_cost(payload.len()) - held_cost(keep);
                 // A fresh copy: truncating would share the old allocation.
-                *payload = detach(&payload[..keep]);
+                *payload = detach(&payload.slice(..keep), false);
             }
         }
     }
 
-    fn hold(&mut self, offset: u64, payload: &[u8]) {
+    fn hold(&mut self, offset: u64, payload: &Bytes, whole: bool) {
         match self.held.get_mut(&offset) {
             Some(existing) if existing.len() >= payload.len() => {}
             Some(existing) => {
                 self.held_bytes += held_cost(payload.len()) - held_cost(existing.len());
-                *existing = detach(payload);
+                *existing = detach(payload, whole);
             }
             None => {
                 self.held_bytes += held_cost(payload.len());
-                self.held.insert(offset, detach(payload));
+                self.held.insert(offset, detach(payload, whole));
             }
         }
     }
