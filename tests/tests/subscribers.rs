@@ -219,6 +219,16 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
     assert!(listed.contains("5301  ports add"), "{listed}");
     let during = random_files(&s.path("send"), 43200, 2, 256 << 10, MIB);
     send_all(&s.net.client, SERVER, 5301, &during, &other);
+    // The server holding the bytes does not mean the mirror has passed
+    // their FINs on yet: wait for both ends (the long transfer on 5201 is
+    // still running), then for the hub's batch delay.
+    assert!(
+        mirror.wait_for_counters(Duration::from_secs(20), |c| {
+            c.get("connections.closed.fin").copied().unwrap_or(0) >= during.len() as u64
+        }),
+        "the connections to 5301 end"
+    );
+    thread::sleep(Duration::from_millis(100));
     let (ok, _, stderr) = ports(&["remove", "5301"]);
     assert!(ok, "{stderr}");
     let after = random_files(&s.path("send"), 43300, 1, 256 << 10, 256 << 10);
