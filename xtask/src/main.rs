@@ -232,15 +232,7 @@ fn bench_run(
     std::fs::create_dir_all(&out)?;
     let mut command = cargo_stable(root);
     command
-        .args([
-            "run",
-            "--release",
-            "--package",
-            "mirror-tests",
-            "--bin",
-            "mirror-bench",
-            "--",
-        ])
+        .args(["run", "--release", "--package", "mirror-bench", "--"])
         .env("MIRROR_EBPF_OBJECT", object)
         .env("MIRROR_BIN", binary);
     for scenario in scenarios {
