@@ -269,7 +269,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(["test", "--release", "--workspace"])
         .args(extra)
         .env("MIRROR_EBPF_OBJECT", &object)
-        .env("MIRROR_BIN", &binary))?;
+        .env("MIRROR_BIN", &binary)
+        // A privileged test that finds itself without root fails here
+        // instead of skipping.
+        .env("MIRROR_REQUIRE_PRIVILEGED", "1"))?;
     if extra.is_empty() {
         // Every fuzz target briefly, so that none of them rots.
         fuzz(root, &object, 20, &[])?;
