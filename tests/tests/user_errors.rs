@@ -48,7 +48,7 @@ fn invalid_ports() {
 fn not_privileged() {
     needs_root!();
     // A copy that the unprivileged user can execute wherever the build is.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = mirror_tests::bed::scratch_dir();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let copy = dir.path().join("mirror");
     fs::copy(mirror_bin(), &copy).unwrap();
