@@ -20,7 +20,7 @@ use mirror_common::{
 use crate::{counters::KernelCounters, segment::FlowKey};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so that one
-/// file is deployed.
+/// file is deployed; empty in a build that had none (see build.rs).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MIRROR_EBPF_OBJECT"));
 
 /// Name of the aya-log ring in the object (present when the programs log).
@@ -90,6 +90,8 @@ pub enum LoadError {
     },
     #[error("the embedded BPF object lacks {0}: rebuild it with `cargo xtask build`")]
     MissingObject(&'static str),
+    #[error("this mirror was built without its eBPF object: build it with `cargo xtask build`")]
+    NoObject,
     #[error("cannot list this machine's CPUs ({path}): {source}")]
     Cpus {
         path: &'static str,
@@ -118,6 +120,9 @@ impl Mirror {
     /// Loads the object, creates one ring per online CPU and inserts it in
     /// the ring array. The programs themselves are loaded on first use.
     pub fn load(options: &LoadOptions) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
         check_kernel_features()?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;

@@ -2,7 +2,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
+    fmt,
+    io::{BufRead, BufReader, Read},
     path::PathBuf,
     process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio},
     sync::mpsc,
@@ -12,6 +13,8 @@ use std::{
 
 use mirror_user::sinks::events::EventTotals;
 use serde_json::Value;
+
+use crate::bed::scratch_dir;
 
 /// The binary under test: `$MIRROR_BIN` (set by `cargo xtask test`), else
 /// the release build in this workspace.
@@ -82,10 +85,25 @@ pub struct MirrorOutput {
     pub stderr: String,
 }
 
+/// The counters and stderr, for assertion messages.
+impl fmt::Display for MirrorOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#?}\nstderr:\n{}", self.counters, self.stderr)
+    }
+}
+
 impl MirrorOutput {
     /// A kernel counter by name.
     pub fn kernel(&self, name: &str) -> u64 {
         self.counter(&format!("kernel.{name}"))
+    }
+
+    /// Asserts that each counter (by its full name) has its value.
+    #[track_caller]
+    pub fn assert_counters(&self, expected: &[(&str, u64)]) {
+        for &(name, value) in expected {
+            assert_eq!(self.counter(name), value, "{name}\n{self}");
+        }
     }
 
     /// A counter by its full name.
@@ -199,8 +217,7 @@ impl MirrorProcess {
     fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {
         // Tests run side by side and /run is shared by every network
         // namespace: each mirror gets its own socket unless told otherwise.
-        let socket_dir = (!args.contains(&"--listen"))
-            .then(|| tempfile::tempdir().expect("a directory for the socket"));
+        let socket_dir = (!args.contains(&"--listen")).then(scratch_dir);
         let socket = socket_dir
             .as_ref()
             .map(|dir| dir.path().join("mirror.sock"));
@@ -219,18 +236,7 @@ impl MirrorProcess {
             .spawn()
             .expect("cannot start mirror");
         let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stderr = thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains(READY) {
-                    let _ = ready_tx.send(());
-                }
-                lines.push(line);
-            }
-            lines
-        });
+        let (stderr, ready) = read_lines(child.stderr.take().expect("piped"), READY);
         let mut process = Self {
             child,
             socket,
@@ -242,23 +248,14 @@ impl MirrorProcess {
         if stdout_mode == Stdout::Read {
             process.read_stdout();
         }
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if ready_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
-                return process;
-            }
-            let exited = process.child.try_wait().expect("wait").is_some();
-            if exited || Instant::now() > deadline {
-                let _ = process.child.kill();
-                let _ = process.child.wait();
-                let stderr = process.stderr.take().map(|h| h.join().unwrap_or_default());
-                panic!(
-                    "mirror {} before attaching; stderr:\n{}",
-                    if exited { "exited" } else { "stalled" },
-                    stderr.unwrap_or_default().join("\n")
-                );
-            }
+        if let Err(what) = wait_ready(&mut process.child, &ready) {
+            let stderr = process.stderr.take().map(|h| h.join().unwrap_or_default());
+            panic!(
+                "mirror {what} before attaching; stderr:\n{}",
+                stderr.unwrap_or_default().join("\n")
+            );
         }
+        process
     }
 
     /// Starts reading standard output (once).
@@ -321,6 +318,19 @@ impl MirrorProcess {
             counters,
             stderr: stderr.join("\n"),
         }
+    }
+
+    /// SIGINT, then the output of a mirror that must have exited
+    /// successfully.
+    pub fn stop(self) -> MirrorOutput {
+        let output = self.interrupt();
+        assert!(
+            output.status.success(),
+            "mirror failed ({}): {}",
+            output.status,
+            output.stderr
+        );
+        output
     }
 
     /// SIGKILL: the process gets no chance to detach (its privileged
@@ -390,30 +400,14 @@ impl ClientProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("cannot start mirror tail");
-        let stderr = child.stderr.take().expect("piped");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stderr = thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("following port") {
-                    let _ = ready_tx.send(());
-                }
-                lines.push(line);
-            }
-            lines
-        });
+        let (stderr, ready) = read_lines(child.stderr.take().expect("piped"), "following port");
         let mut process = Self {
             child,
             stderr: Some(stderr),
         };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while ready_rx.recv_timeout(Duration::from_millis(50)).is_err() {
-            let exited = process.child.try_wait().expect("wait").is_some();
-            if exited || Instant::now() > deadline {
-                let _ = process.child.kill();
-                let (_, stderr) = process.wait(Duration::from_secs(5));
-                panic!("mirror tail did not start:\n{stderr}");
-            }
+        if let Err(what) = wait_ready(&mut process.child, &ready) {
+            let (_, stderr) = process.wait(Duration::from_secs(5));
+            panic!("mirror tail {what} before it followed its ports:\n{stderr}");
         }
         process
     }
@@ -458,6 +452,43 @@ impl Drop for ClientProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Reads `pipe` line by line on a thread of its own, which returns the
+/// lines at its end; the receiver gets a message at the first line that
+/// contains `ready`.
+fn read_lines(
+    pipe: impl Read + Send + 'static,
+    ready: &'static str,
+) -> (JoinHandle<Vec<String>>, mpsc::Receiver<()>) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let reader = thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if line.contains(ready) {
+                let _ = ready_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    (reader, ready_rx)
+}
+
+/// Waits until `ready` says the process is ready; kills it and says what
+/// happened (`exited`, `stalled`) when it exits first or takes longer than
+/// the start timeout.
+fn wait_ready(child: &mut Child, ready: &mpsc::Receiver<()>) -> Result<(), &'static str> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while ready.recv_timeout(Duration::from_millis(50)).is_err() {
+        let exited = child.try_wait().expect("wait").is_some();
+        if exited || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(if exited { "exited" } else { "stalled" });
+        }
+    }
+    Ok(())
 }
 
 /// Child processes of `pid`.

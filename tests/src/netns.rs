@@ -7,6 +7,7 @@ use std::{
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
+    time::{Duration, Instant},
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -60,40 +61,6 @@ impl TestNet {
             ip(&["-n", ns, "addr", "add", addr, "dev", iface]);
             ip(&["-n", ns, "link", "set", iface, "up"]);
         }
-    }
-}
-
-/// Two namespaces joined by a veth pair: a client (`cli0`, 198.18.0.1/24)
-/// and a server (`srv0`, 198.18.0.2/24), default offloads on.
-pub struct ClientServer {
-    pub net: TestNet,
-    pub client: String,
-    pub server: String,
-}
-
-impl ClientServer {
-    pub const CLIENT_IP: &'static str = "198.18.0.1";
-    pub const SERVER_IP: &'static str = "198.18.0.2";
-
-    pub fn new() -> Self {
-        let mut net = TestNet::new();
-        let client = net.namespace("cli");
-        let server = net.namespace("srv");
-        net.veth(
-            (&client, "cli0", "198.18.0.1/24"),
-            (&server, "srv0", "198.18.0.2/24"),
-        );
-        Self {
-            net,
-            client,
-            server,
-        }
-    }
-}
-
-impl Default for ClientServer {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -160,18 +127,55 @@ fn remove_namespaces_where(owner: impl Fn(u32) -> bool) {
 
 /// Runs `ip ARGS`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) -> Output {
-    let out = Command::new("ip")
-        .args(args)
+    run_ok(Command::new("ip").args(args))
+}
+
+/// Runs `command` to completion and returns its output; panics with what
+/// it printed when it fails.
+pub fn run_ok(command: &mut Command) -> Output {
+    let out = command
         .stdin(Stdio::null())
         .output()
-        .expect("cannot run ip (iproute2)");
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(command)));
     assert!(
         out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
+        "{} failed: {}{}",
+        describe(command),
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs `command`, which must end by itself within `timeout` (a mirror
+/// that refuses to start); returns its output, standard output discarded.
+/// Panics with `running` and its stderr when it is still running then.
+pub fn exits_within(command: &mut Command, timeout: Duration, running: &str) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", describe(command)));
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("wait");
+            panic!("{running}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("wait")
+}
+
+/// `program arg...`, as a shell would show it.
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A child process that is killed when dropped, so that a failing test
@@ -181,18 +185,18 @@ pub struct KillOnDrop(pub Child);
 impl KillOnDrop {
     /// Waits for the process to exit by itself, at most `timeout`; panics
     /// if it fails or takes longer.
-    pub fn wait_success(mut self, what: &str, timeout: std::time::Duration) {
-        let deadline = std::time::Instant::now() + timeout;
+    pub fn wait_success(mut self, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.0.try_wait().expect("wait") {
                 assert!(status.success(), "{what} failed: {status}");
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "{what} did not finish within {timeout:?}"
             );
-            thread::sleep(std::time::Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -218,14 +222,14 @@ pub fn spawn(command: &mut Command) -> KillOnDrop {
 
 /// Waits until something in `ns` listens on TCP `port` (at most 10 s).
 pub fn wait_listening(ns: &str, port: u16) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let filter = format!("sport = :{port}");
-    while std::time::Instant::now() < deadline {
+    while Instant::now() < deadline {
         let out = run_in(ns, "ss", &["-Hltn", &filter]);
         if !out.stdout.is_empty() {
             return;
         }
-        thread::sleep(std::time::Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(20));
     }
     panic!("nothing listens on port {port} in {ns} after 10 s");
 }
@@ -240,19 +244,7 @@ pub fn in_ns(ns: &str, program: &str) -> Command {
 /// Runs `program ARGS` in `ns` to completion and returns its output;
 /// panics when it fails.
 pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Output {
-    let out = in_ns(ns, program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {} in {ns} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok(in_ns(ns, program).args(args))
 }
 
 /// Everything attached to `iface` in `ns`, as the standard tools show it
@@ -274,14 +266,8 @@ pub fn attached_programs(ns: &str, iface: &str) -> String {
 /// Names of the programs attached to `iface` in `ns` through TCX links,
 /// ingress and egress.
 pub fn tcx_programs(ns: &str, iface: &str) -> Vec<String> {
-    let path = format!("/run/netns/{ns}");
     let iface = iface.to_owned();
-    // setns moves only the calling thread: do it on a thread of its own.
-    thread::spawn(move || {
-        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: a valid namespace fd, and this thread only.
-        let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns {path}");
+    in_namespace(ns, move || {
         let mut names = Vec::new();
         for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
             let (_, programs) = SchedClassifier::query_tcx(&iface, attach_type)
@@ -294,8 +280,22 @@ pub fn tcx_programs(ns: &str, iface: &str) -> Vec<String> {
         }
         names
     })
+}
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (setns
+/// moves only the calling thread). What `f` creates there (sockets, BPF
+/// links) stays in that namespace wherever it is used afterwards.
+pub fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd, and this thread only.
+        let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns {path}");
+        f()
+    })
     .join()
-    .expect("TCX query thread")
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// True when the report of [`attached_programs`] shows a program of ours

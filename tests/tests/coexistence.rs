@@ -12,8 +12,6 @@
 //! byte for byte: it runs first and leaves every verdict to the others.
 
 use std::{
-    fs,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
@@ -25,15 +23,20 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
 };
 use mirror_tests::{
+    bed::TestBed,
     mirror_process::{MirrorProcess, mirror_bin},
-    netns::{ClientServer, attached_programs, in_ns, run_in, shows_attachment, tcx_programs},
-    traffic::{MIB, dumped, random_files, send_all, start_server},
+    needs_root,
+    netns::{
+        attached_programs, exits_within, in_namespace, in_ns, run_in, shows_attachment,
+        tcx_programs,
+    },
+    traffic::{MIB, random_files, send_all, start_server},
 };
 
 const PORT: u16 = 5301;
 const CLIENT_PORT: u16 = 41000;
 const IFACE: &str = "srv0";
-const SERVER: &str = ClientServer::SERVER_IP;
+const SERVER: &str = TestBed::SERVER_IP;
 const DROP_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bpf/drop.c");
 
 /// What the firewall drops.
@@ -77,26 +80,25 @@ impl Mode {
     }
 }
 
+/// The bed, and what the tests here do on its server.
 struct Host {
-    net: ClientServer,
-    dir: tempfile::TempDir,
+    bed: TestBed,
 }
 
 impl Host {
     fn new() -> Self {
         Self {
-            net: ClientServer::new(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            bed: TestBed::new(),
         }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.bed.new_path(name)
     }
 
     /// True when the server answers ping (two echo requests, 1 s each).
     fn ping_passes(&self) -> bool {
-        in_ns(&self.net.client, "ping")
+        in_ns(&self.bed.client, "ping")
             .args(["-c", "2", "-i", "0.2", "-W", "1", "-q", SERVER])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -110,8 +112,8 @@ impl Host {
         match kind {
             Kind::Clsact => Firewall {
                 _clsact: Some(ClsactFilter::add(
-                    &self.net.server,
-                    &drop_object(self.dir.path(), drops, "tc"),
+                    &self.bed.server,
+                    &drop_object(self.bed.dir(), drops, "tc"),
                     "all",
                 )),
                 _tcx: None,
@@ -119,8 +121,8 @@ impl Host {
             Kind::Tcx => Firewall {
                 _clsact: None,
                 _tcx: Some(TcxProgram::attach(
-                    &self.net.server,
-                    &drop_object(self.dir.path(), drops, "classifier"),
+                    &self.bed.server,
+                    &drop_object(self.bed.dir(), drops, "classifier"),
                 )),
             },
         }
@@ -129,7 +131,7 @@ impl Host {
     /// `tc filter show` of the server's ingress, one line per filter.
     fn clsact_filters(&self) -> Vec<String> {
         let out = run_in(
-            &self.net.server,
+            &self.bed.server,
             "tc",
             &["filter", "show", "dev", IFACE, "ingress"],
         );
@@ -140,9 +142,18 @@ impl Host {
             .collect()
     }
 
+    /// Asserts that the one clsact filter left is the firewall's (`drop`).
+    fn assert_only_drop_filter(&self, what: &str) {
+        let filters = self.clsact_filters();
+        assert!(
+            filters.len() == 1 && filters[0].contains(" name drop "),
+            "{what}: {filters:#?}"
+        );
+    }
+
     /// `tc qdisc show` of the server's interface.
     fn qdiscs(&self) -> String {
-        let out = run_in(&self.net.server, "tc", &["qdisc", "show", "dev", IFACE]);
+        let out = run_in(&self.bed.server, "tc", &["qdisc", "show", "dev", IFACE]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -168,7 +179,7 @@ impl Host {
     /// (which fails with "Exclusivity flag on" while one is left), then
     /// takes it away again.
     fn assert_clsact_can_be_added(&self, after: &str) {
-        let out = in_ns(&self.net.server, "tc")
+        let out = in_ns(&self.bed.server, "tc")
             .args(["qdisc", "add", "dev", IFACE, "clsact"])
             .stdin(Stdio::null())
             .output()
@@ -179,7 +190,7 @@ impl Host {
             String::from_utf8_lossy(&out.stderr)
         );
         run_in(
-            &self.net.server,
+            &self.bed.server,
             "tc",
             &["qdisc", "del", "dev", IFACE, "clsact"],
         );
@@ -288,25 +299,10 @@ impl TcxProgram {
     }
 }
 
-/// Runs `f` on a thread inside network namespace `ns` (setns moves only
-/// the calling thread).
-fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: a valid namespace fd, and this thread only.
-        let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .expect("namespace thread")
-}
-
 /// Asserts that the mirror runs before the firewall on the server's
 /// ingress, as the kernel lists them.
 fn assert_mirror_first(host: &Host, kind: Kind, mode: Mode) {
-    let tcx = tcx_programs(&host.net.server, IFACE);
+    let tcx = tcx_programs(&host.bed.server, IFACE);
     let filters = host.clsact_filters();
     match mode {
         Mode::Tcx => {
@@ -349,7 +345,7 @@ fn firewall_keeps_working(kind: Kind, when: When, mode: Mode) {
     }
 
     let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(mode, &dump));
+    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(mode, &dump));
     if when == When::After {
         assert!(host.ping_passes(), "nothing drops ping yet");
         firewall = Some(host.firewall(kind, Drops::Icmp));
@@ -362,35 +358,20 @@ fn firewall_keeps_working(kind: Kind, when: When, mode: Mode) {
 
     let files = random_files(&host.path("send"), CLIENT_PORT, 1, MIB, MIB);
     let received = host.path("received");
-    let server = start_server(&host.net.server, PORT, &received);
-    send_all(&host.net.client, SERVER, PORT, &files, &received);
+    let server = start_server(&host.bed.server, PORT, &received);
+    send_all(&host.bed.client, SERVER, PORT, &files, &received);
     assert!(
         !host.ping_passes(),
         "the firewall drops ping while the mirror mirrors"
     );
-    let output = mirror.interrupt();
+    let output = mirror.stop();
     drop(server);
-    assert!(output.status.success(), "{}", output.stderr);
 
-    let sent = files[0].bytes();
-    let parts = dumped(
-        Path::new(&dump),
-        &format!("{}:{CLIENT_PORT}", ClientServer::CLIENT_IP),
-        &format!("{SERVER}:{PORT}"),
-    );
-    assert_eq!(parts.len(), 1, "one dumped stream: {:?}", output.counters);
-    let (stream, meta) = &parts[0];
-    assert!(
-        stream == &sent,
-        "the dump holds the transfer ({} of {} bytes, {meta}); counters {:#?}",
-        stream.len(),
-        sent.len(),
-        output.counters
-    );
-    assert_eq!(meta["reason"], "fin", "{meta}");
+    host.bed
+        .assert_dumped_whole(Path::new(&dump), &files, PORT, &output);
     assert_eq!(output.kernel("ring_full"), 0, "{:?}", output.counters);
 
-    let report = attached_programs(&host.net.server, IFACE);
+    let report = attached_programs(&host.bed.server, IFACE);
     assert!(!shows_attachment(&report), "detached:\n{report}");
     assert!(
         !host.ping_passes(),
@@ -405,26 +386,31 @@ fn firewall_keeps_working(kind: Kind, when: When, mode: Mode) {
 
 #[test]
 fn clsact_firewall_and_tcx_mirror() {
+    needs_root!();
     firewall_keeps_working(Kind::Clsact, When::Before, Mode::Tcx);
 }
 
 #[test]
 fn clsact_firewall_added_behind_a_tcx_mirror() {
+    needs_root!();
     firewall_keeps_working(Kind::Clsact, When::After, Mode::Tcx);
 }
 
 #[test]
 fn clsact_firewall_and_clsact_mirror() {
+    needs_root!();
     firewall_keeps_working(Kind::Clsact, When::Before, Mode::Clsact);
 }
 
 #[test]
 fn tcx_firewall_attached_before_a_tcx_mirror() {
+    needs_root!();
     firewall_keeps_working(Kind::Tcx, When::Before, Mode::Tcx);
 }
 
 #[test]
 fn tcx_firewall_attached_after_a_tcx_mirror() {
+    needs_root!();
     firewall_keeps_working(Kind::Tcx, When::After, Mode::Tcx);
 }
 
@@ -435,12 +421,12 @@ fn mirror_sees_what_the_firewall_drops(kind: Kind, mode: Mode) {
     let host = Host::new();
     let _firewall = host.firewall(kind, Drops::MirroredPort);
     let received = host.path("received");
-    let _server = start_server(&host.net.server, PORT, &received);
+    let _server = start_server(&host.bed.server, PORT, &received);
     let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(mode, &dump));
+    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(mode, &dump));
     assert_mirror_first(&host, kind, mode);
 
-    let connect = in_ns(&host.net.client, "socat")
+    let connect = in_ns(&host.bed.client, "socat")
         .args([
             "-u".to_owned(),
             "OPEN:/etc/hostname".to_owned(),
@@ -455,8 +441,7 @@ fn mirror_sees_what_the_firewall_drops(kind: Kind, mode: Mode) {
         "the firewall drops the connection with the mirror attached"
     );
     assert!(host.ping_passes(), "the firewall drops only the port");
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
     let syns = output
         .packets
         .iter()
@@ -473,16 +458,19 @@ fn mirror_sees_what_the_firewall_drops(kind: Kind, mode: Mode) {
 
 #[test]
 fn tcx_mirror_sees_what_a_clsact_firewall_drops() {
+    needs_root!();
     mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Tcx);
 }
 
 #[test]
 fn clsact_mirror_sees_what_a_clsact_firewall_drops() {
+    needs_root!();
     mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Clsact);
 }
 
 #[test]
 fn tcx_mirror_sees_what_a_tcx_firewall_drops() {
+    needs_root!();
     mirror_sees_what_the_firewall_drops(Kind::Tcx, Mode::Tcx);
 }
 
@@ -490,8 +478,9 @@ fn tcx_mirror_sees_what_a_tcx_firewall_drops() {
 /// says what to do; the firewall goes on dropping.
 fn clsact_mirror_refuses(host: &Host, expected: &str) {
     let socket = format!("unix:{}", host.path("mirror.sock").display());
-    let mut child = in_ns(&host.net.server, &mirror_bin().display().to_string())
-        .args([
+    // A mirror that attaches instead runs until stopped.
+    let output = exits_within(
+        in_ns(&host.bed.server, &mirror_bin().display().to_string()).args([
             "run",
             "--iface",
             IFACE,
@@ -500,36 +489,21 @@ fn clsact_mirror_refuses(host: &Host, expected: &str) {
             "--tc-netlink",
             "--listen",
             &socket,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start mirror");
-    // A mirror that attaches instead runs until stopped.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("wait");
-            panic!(
-                "the mirror attached instead of refusing: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let output = child.wait_with_output().expect("wait");
+        ]),
+        Duration::from_secs(20),
+        "the mirror attached instead of refusing",
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains(expected), "{stderr}");
-    let report = attached_programs(&host.net.server, IFACE);
+    let report = attached_programs(&host.bed.server, IFACE);
     assert!(!shows_attachment(&report), "nothing attached:\n{report}");
     assert!(!host.ping_passes(), "the firewall still drops ping");
 }
 
 #[test]
 fn clsact_mirror_refuses_to_run_behind_tcx_programs() {
+    needs_root!();
     let host = Host::new();
     let _firewall = host.firewall(Kind::Tcx, Drops::Icmp);
     clsact_mirror_refuses(
@@ -540,12 +514,13 @@ fn clsact_mirror_refuses_to_run_behind_tcx_programs() {
 
 #[test]
 fn clsact_mirror_refuses_a_first_priority_it_cannot_join() {
+    needs_root!();
     let host = Host::new();
     // A bpf filter for IPv4 only: a mirror filter for all protocols cannot
     // share its priority.
     let _firewall = ClsactFilter::add(
-        &host.net.server,
-        &drop_object(host.dir.path(), Drops::Icmp, "tc"),
+        &host.bed.server,
+        &drop_object(host.bed.dir(), Drops::Icmp, "tc"),
         "ip",
     );
     assert!(!host.ping_passes(), "the firewall drops ping");
@@ -566,25 +541,21 @@ fn clsact_mirror_refuses_a_first_priority_it_cannot_join() {
 /// next to the firewall's; the next mirror removes that one only.
 #[test]
 fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
+    needs_root!();
     let host = Host::new();
     let _firewall = host.firewall(Kind::Clsact, Drops::Icmp);
     let dump = host.path("dump").display().to_string();
     let args = host.mirror_args(Mode::Clsact, &dump);
-    MirrorProcess::start(&host.net.server, &args).kill_with_helper();
+    MirrorProcess::start(&host.bed.server, &args).kill_with_helper();
     let left = host.clsact_filters();
     assert_eq!(left.len(), 2, "the killed mirror's filter stays: {left:#?}");
 
-    let mirror = MirrorProcess::start(&host.net.server, &args);
+    let mirror = MirrorProcess::start(&host.bed.server, &args);
     assert_mirror_first(&host, Kind::Clsact, Mode::Clsact);
     assert!(!host.ping_passes(), "the firewall still drops ping");
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
     assert!(output.stderr.contains("left behind"), "{}", output.stderr);
-    let filters = host.clsact_filters();
-    assert!(
-        filters.len() == 1 && filters[0].contains(" name drop "),
-        "only the firewall remains: {filters:#?}"
-    );
+    host.assert_only_drop_filter("only the firewall remains");
     assert!(!host.ping_passes(), "the firewall still drops ping");
 }
 
@@ -593,16 +564,17 @@ fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
 /// filters stay while both run, and each goes with its mirror.
 #[test]
 fn a_second_clsact_mirror_leaves_the_first_ones_filter_alone() {
+    needs_root!();
     let host = Host::new();
     let first_dump = host.path("first").display().to_string();
     let first = MirrorProcess::start(
-        &host.net.server,
+        &host.bed.server,
         &host.mirror_args(Mode::Clsact, &first_dump),
     );
     assert_eq!(host.clsact_filters().len(), 1);
     let second_dump = host.path("second").display().to_string();
     let second = MirrorProcess::start(
-        &host.net.server,
+        &host.bed.server,
         &[
             "--iface",
             IFACE,
@@ -615,8 +587,7 @@ fn a_second_clsact_mirror_leaves_the_first_ones_filter_alone() {
     );
     let filters = host.clsact_filters();
     assert_eq!(filters.len(), 2, "both mirrors' filters: {filters:#?}");
-    let output = second.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = second.stop();
     assert!(!output.stderr.contains("left behind"), "{}", output.stderr);
     let filters = host.clsact_filters();
     assert_eq!(
@@ -624,8 +595,7 @@ fn a_second_clsact_mirror_leaves_the_first_ones_filter_alone() {
         1,
         "the first mirror's filter stays: {filters:#?}"
     );
-    let output = first.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    first.stop();
     assert!(host.clsact_filters().is_empty());
 }
 
@@ -633,9 +603,10 @@ fn a_second_clsact_mirror_leaves_the_first_ones_filter_alone() {
 /// while it runs: at exit the mirror leaves the replacement alone.
 #[test]
 fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
+    needs_root!();
     let host = Host::new();
     let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(Mode::Clsact, &dump));
+    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(Mode::Clsact, &dump));
     let ours = host.clsact_filters();
     assert_eq!(ours.len(), 1, "{ours:#?}");
     let handle = ours[0]
@@ -644,11 +615,11 @@ fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
         .and_then(|rest| rest.split(' ').next())
         .expect("a handle")
         .to_owned();
-    let object = drop_object(host.dir.path(), Drops::Icmp, "tc")
+    let object = drop_object(host.bed.dir(), Drops::Icmp, "tc")
         .display()
         .to_string();
     run_in(
-        &host.net.server,
+        &host.bed.server,
         "tc",
         &[
             "filter", "replace", "dev", IFACE, "ingress", "prio", "1", "handle", &handle,
@@ -656,14 +627,9 @@ fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
         ],
     );
     assert!(!host.ping_passes(), "the replacement drops ping");
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
     assert!(output.stderr.contains("was replaced"), "{}", output.stderr);
-    let filters = host.clsact_filters();
-    assert!(
-        filters.len() == 1 && filters[0].contains(" name drop "),
-        "the replacement stays: {filters:#?}"
-    );
+    host.assert_only_drop_filter("the replacement stays");
     assert!(!host.ping_passes(), "the replacement still drops ping");
 }
 
@@ -673,15 +639,15 @@ fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
 /// their own.
 #[test]
 fn a_clsact_mirror_removes_the_qdisc_it_added() {
+    needs_root!();
     let host = Host::new();
     assert!(!host.has_clsact(), "a bare veth: {}", host.qdiscs());
     let dump = host.path("dump").display().to_string();
     let args = host.mirror_args(Mode::Clsact, &dump);
 
-    let mirror = MirrorProcess::start(&host.net.server, &args);
+    let mirror = MirrorProcess::start(&host.bed.server, &args);
     assert!(host.has_clsact(), "the mirror added one: {}", host.qdiscs());
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    mirror.stop();
     assert!(
         !host.has_clsact(),
         "the clsact qdisc is still there after SIGINT:\n{}",
@@ -689,7 +655,7 @@ fn a_clsact_mirror_removes_the_qdisc_it_added() {
     );
     host.assert_clsact_can_be_added("after SIGINT");
 
-    MirrorProcess::start(&host.net.server, &args).kill();
+    MirrorProcess::start(&host.bed.server, &args).kill();
     host.wait_no_clsact("after SIGKILL");
     host.assert_clsact_can_be_added("after SIGKILL");
 }
@@ -699,6 +665,7 @@ fn a_clsact_mirror_removes_the_qdisc_it_added() {
 /// ends.
 #[test]
 fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
+    needs_root!();
     let host = Host::new();
     let _firewall = host.firewall(Kind::Clsact, Drops::Icmp);
     let dump = host.path("dump").display().to_string();
@@ -714,11 +681,7 @@ fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
             );
             thread::sleep(Duration::from_millis(20));
         }
-        let filters = host.clsact_filters();
-        assert!(
-            filters.len() == 1 && filters[0].contains(" name drop "),
-            "{after}: the firewall's filter stays: {filters:#?}"
-        );
+        host.assert_only_drop_filter(&format!("{after}: the firewall's filter stays"));
         assert!(host.has_clsact(), "{after}: {}", host.qdiscs());
         assert!(
             !host.ping_passes(),
@@ -726,10 +689,9 @@ fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
         );
     };
 
-    let output = MirrorProcess::start(&host.net.server, &args).interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    MirrorProcess::start(&host.bed.server, &args).stop();
     only_the_firewall("after SIGINT");
-    MirrorProcess::start(&host.net.server, &args).kill();
+    MirrorProcess::start(&host.bed.server, &args).kill();
     only_the_firewall("after SIGKILL");
 }
 
@@ -737,16 +699,17 @@ fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
 /// on it (egress) while the mirror ran: the qdisc stays, with that filter.
 #[test]
 fn a_clsact_qdisc_the_mirror_added_stays_while_someone_uses_it() {
+    needs_root!();
     let host = Host::new();
     let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.net.server, &host.mirror_args(Mode::Clsact, &dump));
+    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(Mode::Clsact, &dump));
     assert!(host.ping_passes(), "nothing drops ping yet");
-    let object = drop_object(host.dir.path(), Drops::Icmp, "tc")
+    let object = drop_object(host.bed.dir(), Drops::Icmp, "tc")
         .display()
         .to_string();
     // Drops the echo replies.
     run_in(
-        &host.net.server,
+        &host.bed.server,
         "tc",
         &[
             "filter", "add", "dev", IFACE, "egress", "prio", "1", "protocol", "all", "bpf", "da",
@@ -754,11 +717,10 @@ fn a_clsact_qdisc_the_mirror_added_stays_while_someone_uses_it() {
         ],
     );
     let _qdisc = ClsactFilter {
-        ns: host.net.server.clone(),
+        ns: host.bed.server.clone(),
     };
     assert!(!host.ping_passes(), "the egress filter drops the replies");
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    mirror.stop();
     assert!(
         host.clsact_filters().is_empty(),
         "{:#?}",

@@ -10,8 +10,9 @@ use std::{
 };
 
 use mirror_tests::{
+    bed::TestBed,
     mirror_process::{MirrorProcess, run_mirror},
-    netns::ClientServer,
+    needs_root,
     traffic::{MIB, random_files, send_all, start_server},
 };
 use mirror_user::sinks::dump::tcpflow_name;
@@ -21,9 +22,9 @@ const NOBODY: u32 = 65534;
 
 #[test]
 fn links_planted_in_the_dump_directory_are_never_followed() {
-    let pair = ClientServer::new();
-    let dir = tempfile::tempdir().unwrap();
-    let elsewhere = dir.path().join("elsewhere");
+    needs_root!();
+    let pair = TestBed::new();
+    let elsewhere = pair.new_path("elsewhere");
     fs::create_dir(&elsewhere).unwrap();
     let victim = elsewhere.join("victim");
     fs::write(&victim, b"the test's own file").unwrap();
@@ -31,12 +32,12 @@ fn links_planted_in_the_dump_directory_are_never_followed() {
 
     // The dump directory exists already, given to the user the mirror
     // runs as; the names of the next connection are taken.
-    let dump = dir.path().join("flows");
+    let dump = pair.new_path("flows");
     fs::create_dir(&dump).unwrap();
     std::os::unix::fs::chown(&dump, Some(NOBODY), Some(NOBODY)).unwrap();
-    let files = random_files(&dir.path().join("send"), 44000, 1, 2 * MIB, 2 * MIB);
-    let client = format!("{}:{}", ClientServer::CLIENT_IP, files[0].client_port);
-    let server = format!("{}:{PORT}", ClientServer::SERVER_IP);
+    let files = random_files(&pair.new_path("send"), 44000, 1, 2 * MIB, 2 * MIB);
+    let client = format!("{}:{}", TestBed::CLIENT_IP, files[0].client_port);
+    let server = format!("{}:{PORT}", TestBed::SERVER_IP);
     let name = tcpflow_name(client.parse().unwrap(), server.parse().unwrap());
     symlink(&dangling, dump.join(&name)).unwrap();
     symlink(&victim, dump.join(format!("{name}.meta"))).unwrap();
@@ -54,23 +55,16 @@ fn links_planted_in_the_dump_directory_are_never_followed() {
             dump.to_str().unwrap(),
         ],
     );
-    let received = dir.path().join("received");
+    let received = pair.new_path("received");
     let _server = start_server(&pair.server, PORT, &received);
-    send_all(
-        &pair.client,
-        ClientServer::SERVER_IP,
-        PORT,
-        &files,
-        &received,
-    );
+    send_all(&pair.client, TestBed::SERVER_IP, PORT, &files, &received);
     assert!(
         mirror.wait_for_counters(std::time::Duration::from_secs(20), |c| {
             c.get("connections.closed.fin").copied() == Some(1)
         }),
         "the connection ends"
     );
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    mirror.stop();
 
     assert_eq!(fs::read(&victim).unwrap(), b"the test's own file");
     assert!(
@@ -109,12 +103,12 @@ fn assert_refused(out: &std::process::Output, expected: &str) {
 
 #[test]
 fn what_is_not_a_socket_is_never_replaced_by_one() {
-    let pair = ClientServer::new();
-    let dir = tempfile::tempdir().unwrap();
+    needs_root!();
+    let pair = TestBed::new();
     let port = PORT.to_string();
-    let file = dir.path().join("file");
+    let file = pair.new_path("file");
     fs::write(&file, b"not a socket").unwrap();
-    let link = dir.path().join("link");
+    let link = pair.new_path("link");
     symlink(&file, &link).unwrap();
     for path in [&file, &link] {
         let listen = format!("unix:{}", path.display());
@@ -137,7 +131,7 @@ fn what_is_not_a_socket_is_never_replaced_by_one() {
     // A directory anyone may write (no sticky bit) is refused for the
     // socket, the dump and the capture alike (a directory the mirror
     // creates in it is its own, 0700, and fine).
-    let shared = dir.path().join("shared");
+    let shared = pair.new_path("shared");
     fs::create_dir(&shared).unwrap();
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
     let in_shared = |name: &str| shared.join(name).display().to_string();
@@ -157,7 +151,7 @@ fn what_is_not_a_socket_is_never_replaced_by_one() {
     assert_eq!(fs::read_dir(&shared).unwrap().count(), 0, "nothing created");
 
     // An existing capture file is never overwritten.
-    let capture = dir.path().join("capture.pcapng");
+    let capture = pair.new_path("capture.pcapng");
     fs::write(&capture, b"an older capture").unwrap();
     let out = run_mirror(
         Some(&pair.server),

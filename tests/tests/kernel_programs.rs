@@ -7,7 +7,7 @@
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
 use mirror_common::{Counter, RecordHeader, record_flags};
-use mirror_tests::require_root;
+use mirror_tests::needs_root;
 use mirror_user::{
     loader::{CpuRing, LoadOptions, Mirror, ProgramKind},
     record::Record,
@@ -30,7 +30,6 @@ const fn pass(kind: ProgramKind) -> u32 {
 
 /// A mirror loaded with small rings and `PORT` subscribed.
 fn mirror(snaplen: u32) -> (Mirror, Vec<CpuRing>) {
-    require_root();
     let mut mirror = Mirror::load(&LoadOptions {
         snaplen,
         ring_size: 1 << 20,
@@ -297,6 +296,7 @@ fn arp() -> Vec<u8> {
 
 #[test]
 fn ipv4_tcp_is_mirrored() {
+    needs_root!();
     let frame = ipv4_tcp(PORT, b"GET / HTTP/1.1\r\n\r\n");
     check(
         "ipv4",
@@ -311,6 +311,7 @@ fn ipv4_tcp_is_mirrored() {
 
 #[test]
 fn ipv4_with_options_is_mirrored_at_the_ihl_offset() {
+    needs_root!();
     for words in [1, 10] {
         let frame = with_ipv4_options(ipv4_tcp(PORT, b"hello"), 14, words);
         let l4 = 34 + 4 * words as u16;
@@ -328,6 +329,7 @@ fn ipv4_with_options_is_mirrored_at_the_ihl_offset() {
 
 #[test]
 fn tcp_with_options_is_mirrored() {
+    needs_root!();
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(IP_A, IP_B, 64)
@@ -357,6 +359,7 @@ fn tcp_with_options_is_mirrored() {
 
 #[test]
 fn ipv6_tcp_is_mirrored() {
+    needs_root!();
     let frame = ipv6_tcp(PORT, b"payload");
     check(
         "ipv6",
@@ -371,6 +374,7 @@ fn ipv6_tcp_is_mirrored() {
 
 #[test]
 fn ipv6_extension_headers_are_skipped() {
+    needs_root!();
     for chain in [&[0u8][..], &[60], &[43], &[44], &[51], &[0, 60, 43, 60]] {
         let frame = with_ipv6_extensions(ipv6_tcp(PORT, b"x"), 14, chain, 0);
         let ext: u16 = chain.iter().map(|k| if *k == 51 { 16 } else { 8 }).sum();
@@ -388,6 +392,7 @@ fn ipv6_extension_headers_are_skipped() {
 
 #[test]
 fn ipv6_beyond_what_the_program_follows_is_unsupported() {
+    needs_root!();
     let too_long = with_ipv6_extensions(ipv6_tcp(PORT, b"x"), 14, &[0, 60, 43, 60, 60], 0);
     check(
         "ipv6 + 5 extension headers",
@@ -411,6 +416,7 @@ fn ipv6_beyond_what_the_program_follows_is_unsupported() {
 
 #[test]
 fn ipv4_fragments_are_unsupported() {
+    needs_root!();
     let mut more = ipv4_tcp(PORT, b"x");
     more[14 + 6] = 0x20; // MF
     check(
@@ -429,6 +435,7 @@ fn ipv4_fragments_are_unsupported() {
 
 #[test]
 fn vlan_tagged_frames_are_mirrored() {
+    needs_root!();
     let one = with_vlan_tags(ipv4_tcp(PORT, b"v"), &[0x8100]);
     check(
         "802.1Q",
@@ -455,6 +462,7 @@ fn vlan_tagged_frames_are_mirrored() {
 
 #[test]
 fn other_traffic_is_not_mirrored() {
+    needs_root!();
     check(
         "unsubscribed port",
         &ipv4_tcp(OTHER_PORT, b"x"),
@@ -495,6 +503,7 @@ fn other_traffic_is_not_mirrored() {
 
 #[test]
 fn frames_cut_at_every_header_boundary_are_unparseable() {
+    needs_root!();
     // The kernel refuses test frames shorter than an Ethernet header
     // (EINVAL), as a device never delivers them; every longer cut is run.
     let v4 = ipv4_tcp(PORT, b"0123456789");
@@ -556,6 +565,7 @@ fn frames_cut_at_every_header_boundary_are_unparseable() {
 
 #[test]
 fn test_frames_below_ethernet_size_are_refused_by_the_kernel() {
+    needs_root!();
     let (mut mirror, _rings) = mirror(mirror_common::MAX_SNAPLEN);
     let frame = ipv4_tcp(PORT, b"x");
     let mut out = [0u8; 64];
@@ -569,6 +579,7 @@ fn test_frames_below_ethernet_size_are_refused_by_the_kernel() {
 
 #[test]
 fn garbage_is_passed_untouched_and_counted_once() {
+    needs_root!();
     // A fixed-seed generator: failures reproduce.
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
@@ -610,6 +621,7 @@ fn garbage_is_passed_untouched_and_counted_once() {
 
 #[test]
 fn snap_length_truncates_but_keeps_the_headers() {
+    needs_root!();
     let frame = ipv4_tcp(PORT, &[0xab; 1000]);
     for (snaplen, expected_cap) in [(100, 100), (1, 54), (2000, frame.len())] {
         let (mut mirror, mut rings) = mirror(snaplen);
@@ -646,7 +658,7 @@ fn snap_length_truncates_but_keeps_the_headers() {
 
 #[test]
 fn a_full_ring_is_counted_and_the_packet_still_passes() {
-    require_root();
+    needs_root!();
     let mut mirror = Mirror::load(&LoadOptions {
         snaplen: mirror_common::MAX_SNAPLEN,
         ring_size: 4096,
@@ -712,6 +724,7 @@ fn a_full_ring_is_counted_and_the_packet_still_passes() {
 /// page). Longer than 0xffff bytes, the copy goes in two helper calls.
 #[test]
 fn frames_up_to_64_kib_are_captured_whole() {
+    needs_root!();
     let (mut mirror, mut rings) = mirror(mirror_common::MAX_SNAPLEN);
     let biggest_ip = 65535 - 20 - 20;
     for (payload, tags) in [
@@ -755,6 +768,7 @@ fn pin_to_current_cpu() {
 
 #[test]
 fn unsubscribing_stops_mirroring_at_once() {
+    needs_root!();
     let (mut mirror, mut rings) = mirror(mirror_common::MAX_SNAPLEN);
     let frame = ipv4_tcp(PORT, b"x");
     let outcome = run(&mut mirror, &mut rings, ProgramKind::Tc, &frame).expect("runs");

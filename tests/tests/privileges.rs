@@ -8,16 +8,17 @@ use std::{
     fs,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use mirror_tests::{
+    bed::TestBed,
     mirror_process::{
         ClientProcess, MirrorProcess, mirror_bin, run_mirror, tail_totals, thread_status,
     },
-    netns::{ClientServer, attached_programs, in_ns, run_in, shows_attachment},
+    needs_root,
+    netns::{attached_programs, exits_within, in_ns, run_in, shows_attachment},
     traffic::{MIB, dumped, random_files, send_all, start_server},
 };
 
@@ -71,9 +72,9 @@ fn wait_gone(path: &Path) {
 
 #[test]
 fn run_gives_up_root_and_everything_keeps_working() {
-    let pair = ClientServer::new();
-    let dir = tempfile::tempdir().unwrap();
-    let dump = dir.path().join("flows");
+    needs_root!();
+    let pair = TestBed::new();
+    let dump = pair.new_path("flows");
     let (port, added) = (PORT.to_string(), ADDED_PORT.to_string());
     let mirror = MirrorProcess::start_quiet(
         &pair.server,
@@ -117,13 +118,13 @@ fn run_gives_up_root_and_everything_keeps_working() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let received = dir.path().join("received");
-    let files = random_files(&dir.path().join("send"), 42000, 2, MIB, 2 * MIB);
+    let received = pair.new_path("received");
+    let files = random_files(&pair.new_path("send"), 42000, 2, MIB, 2 * MIB);
     for (file, port) in files.iter().zip([PORT, ADDED_PORT]) {
         let _server = start_server(&pair.server, port, &received);
         send_all(
             &pair.client,
-            ClientServer::SERVER_IP,
+            TestBed::SERVER_IP,
             port,
             std::slice::from_ref(file),
             &received,
@@ -135,11 +136,10 @@ fn run_gives_up_root_and_everything_keeps_working() {
         }),
         "both connections end"
     );
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    mirror.stop();
     for (file, port) in files.iter().zip([PORT, ADDED_PORT]) {
-        let client = format!("{}:{}", ClientServer::CLIENT_IP, file.client_port);
-        let server = format!("{}:{port}", ClientServer::SERVER_IP);
+        let client = format!("{}:{}", TestBed::CLIENT_IP, file.client_port);
+        let server = format!("{}:{port}", TestBed::SERVER_IP);
         let parts = dumped(&dump, &client, &server);
         assert_eq!(parts.len(), 1, "{client} -> {server}");
         assert!(
@@ -170,9 +170,9 @@ fn run_gives_up_root_and_everything_keeps_working() {
 /// removes it at the mirror's end, and also when the mirror is killed.
 #[test]
 fn the_clsact_filter_goes_with_the_mirror_even_when_killed() {
-    let pair = ClientServer::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("mirror.sock");
+    needs_root!();
+    let pair = TestBed::new();
+    let socket = pair.new_path("mirror.sock");
     let endpoint = format!("unix:{}", socket.display());
     let port = PORT.to_string();
     let args = [
@@ -197,8 +197,7 @@ fn the_clsact_filter_goes_with_the_mirror_even_when_killed() {
     let mirror = MirrorProcess::start_quiet(&pair.server, &args);
     assert_runs_unprivileged(mirror.pid(), NOBODY, "mirror run");
     assert!(filters().contains("mirror_tc"), "{}", filters());
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    mirror.stop();
     assert!(
         !filters().contains("mirror_tc"),
         "after SIGINT:\n{}",
@@ -237,41 +236,27 @@ fn dynamic_loader() -> PathBuf {
 /// of leaving them to the next run.
 #[test]
 fn a_helper_that_cannot_start_leaves_nothing_attached() {
-    let pair = ClientServer::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("mirror.sock");
+    needs_root!();
+    let pair = TestBed::new();
+    let socket = pair.new_path("mirror.sock");
     let endpoint = format!("unix:{}", socket.display());
     let port = PORT.to_string();
-    let mut child = in_ns(&pair.server, &dynamic_loader().display().to_string())
-        .arg(mirror_bin())
-        .args([
-            "run",
-            "--iface",
-            "srv0",
-            "--port",
-            &port,
-            "--tc-netlink",
-            "--listen",
-            &endpoint,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start mirror");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("wait");
-            panic!(
-                "the mirror runs without its helper: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let output = child.wait_with_output().expect("wait");
+    let output = exits_within(
+        in_ns(&pair.server, &dynamic_loader().display().to_string())
+            .arg(mirror_bin())
+            .args([
+                "run",
+                "--iface",
+                "srv0",
+                "--port",
+                &port,
+                "--tc-netlink",
+                "--listen",
+                &endpoint,
+            ]),
+        Duration::from_secs(30),
+        "the mirror runs without its helper",
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(
@@ -288,11 +273,11 @@ fn a_helper_that_cannot_start_leaves_nothing_attached() {
 
 #[test]
 fn tail_gives_up_root_after_connecting() {
-    let pair = ClientServer::new();
-    let dir = tempfile::tempdir().unwrap();
+    needs_root!();
+    let pair = TestBed::new();
     let port = PORT.to_string();
     let mirror = MirrorProcess::start_quiet(&pair.server, &["--iface", "srv0", "--port", &port]);
-    let dump = dir.path().join("tail-flows");
+    let dump = pair.new_path("tail-flows");
     let tail = ClientProcess::tail(
         None,
         &mirror.endpoint(),
@@ -305,29 +290,22 @@ fn tail_gives_up_root_after_connecting() {
         (NOBODY, 0o700)
     );
 
-    let received = dir.path().join("received");
-    let files = random_files(&dir.path().join("send"), 43000, 1, MIB, MIB);
+    let received = pair.new_path("received");
+    let files = random_files(&pair.new_path("send"), 43000, 1, MIB, MIB);
     let _server = start_server(&pair.server, PORT, &received);
-    send_all(
-        &pair.client,
-        ClientServer::SERVER_IP,
-        PORT,
-        &files,
-        &received,
-    );
+    send_all(&pair.client, TestBed::SERVER_IP, PORT, &files, &received);
     assert!(
         mirror.wait_for_counters(Duration::from_secs(20), |c| {
             c.get("connections.closed.fin").copied() == Some(1)
         }),
         "the connection ends"
     );
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    mirror.stop();
     let (status, stderr) = tail.wait(Duration::from_secs(20));
     assert!(status.success(), "{stderr}");
     assert_eq!(tail_totals(&stderr).data_bytes, MIB as u64, "{stderr}");
-    let client = format!("{}:{}", ClientServer::CLIENT_IP, files[0].client_port);
-    let server = format!("{}:{PORT}", ClientServer::SERVER_IP);
+    let client = format!("{}:{}", TestBed::CLIENT_IP, files[0].client_port);
+    let server = format!("{}:{PORT}", TestBed::SERVER_IP);
     let parts = dumped(&dump, &client, &server);
     assert_eq!(parts.len(), 1);
     assert!(parts[0].0 == files[0].bytes(), "byte-identical");
@@ -335,7 +313,8 @@ fn tail_gives_up_root_after_connecting() {
 
 #[test]
 fn user_root_keeps_root_and_says_so() {
-    let pair = ClientServer::new();
+    needs_root!();
+    let pair = TestBed::new();
     let port = PORT.to_string();
     let mirror = MirrorProcess::start_quiet(
         &pair.server,
@@ -343,8 +322,7 @@ fn user_root_keeps_root_and_says_so() {
     );
     let (_, uids) = thread_status(mirror.pid(), "Uid").remove(0);
     assert!(uids.split_whitespace().all(|id| id == "0"), "{uids}");
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
     assert!(
         output.stderr.contains("keeps running as root"),
         "{}",

@@ -5,66 +5,53 @@
 //! nginx over one veth pair; the primary reaches its shadow nginx over
 //! another; the mirror runs beside the primary and forwards to the shadow.
 
-use std::{
-    collections::BTreeSet,
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeSet, fs, path::Path, process::Command, thread, time::Duration};
 
 use mirror_tests::{
-    mirror_process::{MirrorOutput, MirrorProcess, Stdout},
-    netns::{ClientServer, KillOnDrop, TestNet, in_ns, spawn, tcx_programs},
+    bed::TestBed,
+    mirror_process::{MirrorOutput, MirrorProcess, Stdout, mirror_bin, run_mirror},
+    needs_root,
+    netns::{KillOnDrop, in_ns, run_ok, spawn, tcx_programs},
     traffic::{MIB, random_files, send_all, start_server},
     web::Nginx,
 };
 
-const PRIMARY: &str = "198.18.0.2";
-const SHADOW: &str = "198.18.1.2";
+const PRIMARY: &str = TestBed::SERVER_IP;
+const SHADOW: &str = TestBed::SHADOW_IP;
 
+/// The client, the primary (the bed's server) and the shadow behind it.
 struct Hosts {
-    _net: TestNet,
-    client: String,
-    primary: String,
+    bed: TestBed,
     shadow: String,
-    dir: tempfile::TempDir,
 }
 
 fn hosts() -> Hosts {
-    let mut net = TestNet::new();
-    let client = net.namespace("cli");
-    let primary = net.namespace("pri");
-    let shadow = net.namespace("sha");
-    net.veth(
-        (&client, "cli0", "198.18.0.1/24"),
-        (&primary, "pri0", "198.18.0.2/24"),
-    );
-    net.veth(
-        (&primary, "pri1", "198.18.1.1/24"),
-        (&shadow, "sha0", "198.18.1.2/24"),
-    );
-    Hosts {
-        _net: net,
-        client,
-        primary,
-        shadow,
-        dir: tempfile::tempdir().expect("temp dir"),
-    }
+    let mut bed = TestBed::new();
+    let shadow = bed.add_shadow();
+    Hosts { bed, shadow }
 }
 
 impl Hosts {
-    fn path(&self, name: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        fs::create_dir_all(&path).expect("mkdir");
-        path
-    }
-
-    fn mirror(&self, extra: &[&str]) -> MirrorProcess {
-        let mut args = vec!["--iface", "pri0", "--port", "80"];
+    /// Starts nginx on the primary and on the shadow, then the mirror on
+    /// the primary's port 80, forwarding to the shadow, with `extra`.
+    fn start(&self, extra: &[&str]) -> (Nginx, Nginx, MirrorProcess) {
+        let primary = Nginx::start(&self.bed.server, PRIMARY, &self.bed.path("primary"));
+        let shadow = Nginx::start(&self.shadow, SHADOW, &self.bed.path("shadow"));
+        let target = format!("{SHADOW}:80");
+        let mut args = vec![
+            "--iface",
+            self.bed.iface,
+            "--port",
+            "80",
+            "--forward",
+            &target,
+        ];
         args.extend(extra);
-        MirrorProcess::start_quiet(&self.primary, &args)
+        (
+            primary,
+            shadow,
+            MirrorProcess::start_quiet(&self.bed.server, &args),
+        )
     }
 
     /// `connections` curl processes at once, each sending `requests`
@@ -80,7 +67,7 @@ impl Hosts {
                         format!("http://{PRIMARY}/{tag}/{c}/{n}")
                     })
                     .collect();
-                let mut command = in_ns(&self.client, "curl");
+                let mut command = in_ns(&self.bed.client, "curl");
                 command
                     .args(["-s", "-f", "--http1.1", "--max-time", "30"])
                     .args(urls.iter().flat_map(|u| [u.as_str(), "-o", "/dev/null"]));
@@ -98,10 +85,6 @@ impl Hosts {
 fn sorted(mut lines: Vec<String>) -> Vec<String> {
     lines.sort();
     lines
-}
-
-fn counters(output: &MirrorOutput) -> String {
-    format!("{:#?}\nstderr:\n{}", output.counters, output.stderr)
 }
 
 fn forward(output: &MirrorOutput, name: &str) -> u64 {
@@ -126,11 +109,9 @@ fn forwards_ended(mirror: &MirrorProcess, connections: u64) {
 
 #[test]
 fn the_shadow_gets_the_requests_of_the_primary() {
+    needs_root!();
     let h = hosts();
-    let primary = Nginx::start(&h.primary, PRIMARY, &h.path("primary"));
-    let shadow = Nginx::start(&h.shadow, SHADOW, &h.path("shadow"));
-    let target = format!("{SHADOW}:80");
-    let mirror = h.mirror(&["--forward", &target]);
+    let (primary, shadow, mirror) = h.start(&[]);
     let sent = h.load("load", 20, 10);
     assert_eq!(
         sorted(primary.requests()),
@@ -139,31 +120,22 @@ fn the_shadow_gets_the_requests_of_the_primary() {
     );
     let copied = shadow.wait_for(sent.len());
     forwards_ended(&mirror, 20);
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
     assert_eq!(
         sorted(copied),
         sent,
-        "the shadow got the same requests\n{}",
-        counters(&output)
+        "the shadow got the same requests\n{output}"
     );
-    assert_eq!(forward(&output, "completed"), 20, "{}", counters(&output));
-    assert_eq!(forward(&output, "failed"), 0, "{}", counters(&output));
-    assert_eq!(
-        forward(&output, "aborted.target"),
-        0,
-        "{}",
-        counters(&output)
-    );
+    assert_eq!(forward(&output, "completed"), 20, "{output}");
+    assert_eq!(forward(&output, "failed"), 0, "{output}");
+    assert_eq!(forward(&output, "aborted.target"), 0, "{output}");
 }
 
 #[test]
 fn a_shadow_that_goes_down_costs_only_shadow_connections() {
+    needs_root!();
     let h = hosts();
-    let primary = Nginx::start(&h.primary, PRIMARY, &h.path("primary"));
-    let mut shadow = Nginx::start(&h.shadow, SHADOW, &h.path("shadow"));
-    let target = format!("{SHADOW}:80");
-    let mirror = h.mirror(&["--forward", &target]);
+    let (primary, mut shadow, mirror) = h.start(&[]);
 
     let before = h.load("before", 5, 4);
     shadow.wait_for(before.len());
@@ -177,8 +149,7 @@ fn a_shadow_that_goes_down_costs_only_shadow_connections() {
     let after = h.load("after", 5, 4);
     let copied = shadow.wait_for(before.len() + after.len());
     forwards_ended(&mirror, 15);
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
 
     let mut everything = [before.clone(), during, after.clone()].concat();
     everything.sort();
@@ -189,35 +160,27 @@ fn a_shadow_that_goes_down_costs_only_shadow_connections() {
     );
     let mut expected = [before, after].concat();
     expected.sort();
-    assert_eq!(
-        sorted(copied),
-        expected,
-        "forwarding resumed\n{}",
-        counters(&output)
-    );
-    assert_eq!(forward(&output, "failed"), 5, "{}", counters(&output));
-    assert_eq!(forward(&output, "completed"), 10, "{}", counters(&output));
+    assert_eq!(sorted(copied), expected, "forwarding resumed\n{output}");
+    assert_eq!(forward(&output, "failed"), 5, "{output}");
+    assert_eq!(forward(&output, "completed"), 10, "{output}");
 }
 
 #[test]
 fn sampling_forwards_about_half_the_connections_whole() {
+    needs_root!();
     let h = hosts();
-    let primary = Nginx::start(&h.primary, PRIMARY, &h.path("primary"));
-    let shadow = Nginx::start(&h.shadow, SHADOW, &h.path("shadow"));
-    let target = format!("{SHADOW}:80");
-    let mirror = h.mirror(&["--forward", &target, "--forward-sample", "50"]);
+    let (primary, shadow, mirror) = h.start(&["--forward-sample", "50"]);
     let mut sent = Vec::new();
     for round in 0..4 {
         sent.extend(h.load(&format!("s{round}"), 10, 3));
     }
     assert_eq!(primary.requests().len(), 120);
     thread::sleep(Duration::from_secs(1));
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
     let copied = shadow.requests();
     let forwarded = forward(&output, "completed");
     let skipped = forward(&output, "skipped.sample");
-    assert_eq!(forwarded + skipped, 40, "{}", counters(&output));
+    assert_eq!(forwarded + skipped, 40, "{output}");
     // Binomial(40, 1/2): outside 8..=32 once in 60000 runs.
     assert!((8..=32).contains(&forwarded), "{forwarded} of 40 forwarded");
     // Whole connections: each forwarded one brought its three requests.
@@ -238,74 +201,32 @@ fn sampling_forwards_about_half_the_connections_whole() {
     );
 }
 
-/// A transfer captured to a file that tcpdump and tshark read back.
-struct Capture {
-    net: ClientServer,
-    dir: tempfile::TempDir,
-}
-
-fn capture() -> Capture {
-    Capture {
-        net: ClientServer::new(),
-        dir: tempfile::tempdir().expect("temp dir"),
-    }
-}
-
-impl Capture {
-    fn path(&self, name: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        fs::create_dir_all(&path).expect("mkdir");
-        path
-    }
-
-    /// Sends `len` random bytes on one connection with the mirror running
-    /// with `args`; returns what was sent and the mirror's output.
-    fn transfer(&self, len: usize, args: &[&str]) -> (Vec<u8>, MirrorOutput) {
-        let received = self.path("received");
-        let files = random_files(&self.path("send"), 46000, 1, len, len);
-        let _server = start_server(&self.net.server, 5201, &received);
-        let mut all = vec!["--iface", "srv0", "--port", "5201"];
-        all.extend(args);
-        let mirror = MirrorProcess::start_with(&self.net.server, &all, Stdout::Read);
-        send_all(
-            &self.net.client,
-            ClientServer::SERVER_IP,
-            5201,
-            &files,
-            &received,
-        );
-        let output = mirror.interrupt();
-        assert!(output.status.success(), "{}", output.stderr);
-        (files[0].bytes(), output)
-    }
+/// Sends `len` random bytes on one connection with the mirror running
+/// with `args`; returns what was sent and the mirror's output.
+fn transfer(bed: &TestBed, len: usize, args: &[&str]) -> (Vec<u8>, MirrorOutput) {
+    let received = bed.path("received");
+    let files = random_files(&bed.path("send"), 46000, 1, len, len);
+    let _server = start_server(&bed.server, 5201, &received);
+    let mut all = vec!["--iface", bed.iface, "--port", "5201"];
+    all.extend(args);
+    let mirror = MirrorProcess::start_with(&bed.server, &all, Stdout::Read);
+    send_all(&bed.client, bed.server_ip, 5201, &files, &received);
+    let output = mirror.stop();
+    (files[0].bytes(), output)
 }
 
 fn packets_read_by_tcpdump(file: &Path) -> u64 {
-    let out = Command::new("tcpdump")
-        .args(["-nn", "-r"])
-        .arg(file)
-        .output()
-        .expect("tcpdump");
-    assert!(
-        out.status.success(),
-        "tcpdump -r: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(Command::new("tcpdump").args(["-nn", "-r"]).arg(file));
     String::from_utf8_lossy(&out.stdout).lines().count() as u64
 }
 
 /// The client's bytes of TCP stream 0, as tshark's follow-stream
 /// reassembles them.
 fn follow_stream(file: &Path) -> Vec<u8> {
-    let out = Command::new("tshark")
-        .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
-        .arg(file)
-        .output()
-        .expect("tshark");
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("tshark")
+            .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
+            .arg(file),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     let mut bytes = Vec::new();
@@ -323,15 +244,15 @@ fn follow_stream(file: &Path) -> Vec<u8> {
 
 #[test]
 fn pcapng_captures_read_back_whole_in_tshark() {
-    let c = capture();
+    needs_root!();
+    let c = TestBed::new();
     let file = c.path("out").join("capture.pcapng");
     let file_arg = file.display().to_string();
-    let (sent, output) = c.transfer(4 * MIB, &["--pcap", &file_arg]);
+    let (sent, output) = transfer(&c, 4 * MIB, &["--pcap", &file_arg]);
     assert_eq!(
         packets_read_by_tcpdump(&file),
         output.kernel("mirrored"),
-        "every mirrored packet is in the file\n{}",
-        counters(&output)
+        "every mirrored packet is in the file\n{output}"
     );
     assert_eq!(output.counter("pcap.written"), output.kernel("mirrored"));
     let stream = follow_stream(&file);
@@ -345,17 +266,19 @@ fn pcapng_captures_read_back_whole_in_tshark() {
 
 #[test]
 fn classic_pcap_reads_back_too() {
-    let c = capture();
+    needs_root!();
+    let c = TestBed::new();
     let file = c.path("out").join("capture.pcap");
     let file_arg = file.display().to_string();
-    let (sent, output) = c.transfer(MIB, &["--pcap", &file_arg, "--pcap-format", "pcap"]);
+    let (sent, output) = transfer(&c, MIB, &["--pcap", &file_arg, "--pcap-format", "pcap"]);
     assert_eq!(packets_read_by_tcpdump(&file), output.kernel("mirrored"));
     assert!(follow_stream(&file) == sent);
 }
 
 #[test]
 fn rotation_keeps_the_configured_number_of_files() {
-    let c = capture();
+    needs_root!();
+    let c = TestBed::new();
     let dir = c.path("out");
     let file_arg = dir.join("rot").display().to_string();
     // Rotated files are created after the mirror gave up root: the
@@ -371,7 +294,7 @@ fn rotation_keeps_the_configured_number_of_files() {
         "--pcap-rotate-size",
         "1M",
     ];
-    let refused = mirror_tests::mirror_process::run_mirror(Some(&c.net.server), &args);
+    let refused = run_mirror(Some(&c.server), &args);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success()
@@ -380,7 +303,8 @@ fn rotation_keeps_the_configured_number_of_files() {
     );
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing created");
     std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).expect("chown");
-    let (_, output) = c.transfer(
+    let (_, output) = transfer(
+        &c,
         8 * MIB,
         &[
             "--pcap",
@@ -397,7 +321,7 @@ fn rotation_keeps_the_configured_number_of_files() {
         .collect();
     names.sort();
     assert_eq!(names.len(), 3, "{names:?}");
-    assert!(output.counter("pcap.files") >= 8, "{}", counters(&output));
+    assert!(output.counter("pcap.files") >= 8, "{output}");
     // The newest files, each a readable capture.
     for name in &names {
         assert!(packets_read_by_tcpdump(&dir.join(name)) > 0, "{name}");
@@ -406,12 +330,17 @@ fn rotation_keeps_the_configured_number_of_files() {
 
 #[test]
 fn a_full_disk_stops_the_capture_and_nothing_else() {
-    let c = capture();
+    needs_root!();
+    let c = TestBed::new();
     // The mirror creates the directory, for the user it runs as.
-    let dump = c.dir.path().join("dump");
+    let dump = c.new_path("dump");
     let dump_arg = dump.display().to_string();
-    let (sent, output) = c.transfer(4 * MIB, &["--pcap", "/dev/full", "--dump-dir", &dump_arg]);
-    assert!(output.counter("pcap.failed") > 0, "{}", counters(&output));
+    let (sent, output) = transfer(
+        &c,
+        4 * MIB,
+        &["--pcap", "/dev/full", "--dump-dir", &dump_arg],
+    );
+    assert!(output.counter("pcap.failed") > 0, "{output}");
     assert!(
         output.stderr.contains("the capture to /dev/full stopped"),
         "{}",
@@ -431,20 +360,21 @@ fn a_full_disk_stops_the_capture_and_nothing_else() {
 
 #[test]
 fn pcap_to_stdout_pipes_into_tcpdump() {
-    let c = capture();
+    needs_root!();
+    let c = TestBed::new();
     let received = c.path("received");
     let files = random_files(&c.path("send"), 47000, 1, MIB, MIB);
-    let _server = start_server(&c.net.server, 5201, &received);
+    let _server = start_server(&c.server, 5201, &received);
     let capture_file = c.path("out").join("stdout.pcapng");
     // mirror run ... --pcap - > file: what a pipe into tshark -r - reads.
     let shell = format!(
         "exec {} run --iface srv0 --port 5201 --listen none --pcap - > {}",
-        mirror_tests::mirror_process::mirror_bin().display(),
+        mirror_bin().display(),
         capture_file.display()
     );
-    let mirror = spawn(in_ns(&c.net.server, "sh").args(["-c", &shell]));
+    let mirror = spawn(in_ns(&c.server, "sh").args(["-c", &shell]));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !tcx_programs(&c.net.server, "srv0")
+    while !tcx_programs(&c.server, "srv0")
         .iter()
         .any(|p| p == "mirror_tc")
     {
@@ -454,13 +384,7 @@ fn pcap_to_stdout_pipes_into_tcpdump() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    send_all(
-        &c.net.client,
-        ClientServer::SERVER_IP,
-        5201,
-        &files,
-        &received,
-    );
+    send_all(&c.client, c.server_ip, 5201, &files, &received);
     thread::sleep(Duration::from_millis(500));
     let pid = mirror.0.id() as libc::pid_t;
     // SAFETY: plain kill(2) on our own child.
@@ -470,16 +394,16 @@ fn pcap_to_stdout_pipes_into_tcpdump() {
     let stream = follow_stream(&capture_file);
     let sent = files[0].bytes();
     if stream != sent {
-        let tshark = Command::new("tshark")
-            .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
-            .arg(&capture_file)
-            .output()
-            .unwrap();
-        let tcpdump = Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&capture_file)
-            .output()
-            .unwrap();
+        let tshark = run_ok(
+            Command::new("tshark")
+                .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
+                .arg(&capture_file),
+        );
+        let tcpdump = run_ok(
+            Command::new("tcpdump")
+                .args(["-nn", "-r"])
+                .arg(&capture_file),
+        );
         panic!(
             "{} of {} bytes\ntshark:\n{}\ntcpdump:\n{}",
             stream.len(),

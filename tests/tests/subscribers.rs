@@ -7,10 +7,7 @@ use std::{
     fs,
     io::{Read, Write as _},
     net::TcpStream,
-    os::{
-        fd::AsRawFd as _,
-        unix::{fs::PermissionsExt as _, net::UnixStream},
-    },
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -18,12 +15,11 @@ use std::{
 
 use bytes::BytesMut;
 use mirror_tests::{
-    mirror_process::{ClientProcess, MirrorOutput, MirrorProcess, run_mirror, tail_totals},
-    netns::ClientServer,
-    traffic::{
-        MIB, SentFile, dumped, finish_sending, random_files, send_all, shape, start_sending,
-        start_server,
-    },
+    bed::TestBed,
+    mirror_process::{ClientProcess, MirrorProcess, run_mirror, tail_totals},
+    needs_root,
+    netns::in_namespace,
+    traffic::{MIB, finish_sending, random_files, send_all, shape, start_sending, start_server},
 };
 use mirror_user::{
     protocol::{ClientFrame, ErrorCode, NONCE_LEN, ServerFrame, VERSION},
@@ -33,72 +29,48 @@ use mirror_user::{
 use serde_json::Value;
 
 const PORT: u16 = 5201;
-const SERVER: &str = ClientServer::SERVER_IP;
-
-struct Setup {
-    net: ClientServer,
-    dir: tempfile::TempDir,
-}
-
-fn setup() -> Setup {
-    Setup {
-        net: ClientServer::new(),
-        dir: tempfile::tempdir().expect("temp dir"),
-    }
-}
-
-impl Setup {
-    fn path(&self, name: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        fs::create_dir_all(&path).expect("mkdir");
-        path
-    }
-
-    /// A path for the mirror to create (a dump directory: created by the
-    /// mirror for the user it runs as).
-    fn arg(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
-
-fn parts(dump: &Path, file: &SentFile, port: u16) -> Vec<(Vec<u8>, Value)> {
-    dumped(
-        dump,
-        &format!("{}:{}", ClientServer::CLIENT_IP, file.client_port),
-        &format!("{SERVER}:{port}"),
-    )
-}
-
-/// Every file arrived whole in `dump`, and ended with FIN.
-fn assert_complete(dump: &Path, files: &[SentFile], port: u16, what: &str) {
-    for file in files {
-        let parts = parts(dump, file, port);
-        assert_eq!(
-            parts.len(),
-            1,
-            "{what}: connection {}: one file",
-            file.client_port
-        );
-        let (stream, meta) = &parts[0];
-        assert!(
-            stream == &file.bytes(),
-            "{what}: connection {}: {} of {} bytes ({meta})",
-            file.client_port,
-            stream.len(),
-            file.len
-        );
-        assert_eq!(meta["reason"], "fin", "{what}: {meta}");
-    }
-}
-
-fn counters(output: &MirrorOutput) -> String {
-    format!("{:#?}\nstderr:\n{}", output.counters, output.stderr)
-}
+const SERVER: &str = TestBed::SERVER_IP;
 
 /// Writes a token file readable by its owner alone.
 fn write_token(path: &Path, content: &str) {
     fs::write(path, content).expect("write the token");
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+/// A mirror on port 5201 whose server listens on `unix` and, with the
+/// token in `token`, on `tcp` in the server's namespace.
+fn start_with_token(
+    s: &TestBed,
+    unix: &str,
+    tcp: &str,
+    token: &Path,
+    extra: &[&str],
+) -> MirrorProcess {
+    let token = token.display().to_string();
+    let mut args = vec![
+        "--iface",
+        s.iface,
+        "--port",
+        "5201",
+        "--listen",
+        unix,
+        "--listen",
+        tcp,
+        "--token-file",
+        &token,
+    ];
+    args.extend(extra);
+    MirrorProcess::start_quiet(&s.server, &args)
+}
+
+/// `mirror tail` of port 5201 into the dump directory `dump`.
+fn tail_into(mirror: &MirrorProcess, dump: &Path) -> ClientProcess {
+    let dump = dump.display().to_string();
+    ClientProcess::tail(
+        None,
+        &mirror.endpoint(),
+        &["--port", "5201", "--dump-dir", &dump],
+    )
 }
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -107,25 +79,18 @@ fn stderr_of(out: &std::process::Output) -> String {
 
 #[test]
 fn two_clients_get_whole_streams_and_a_killed_one_harms_nothing() {
-    let s = setup();
-    let (a_dump, b_dump) = (s.arg("a"), s.arg("b"));
+    needs_root!();
+    let s = TestBed::new();
+    let (a_dump, b_dump) = (s.new_path("a"), s.new_path("b"));
     let received = s.path("received");
     let files = random_files(&s.path("send"), 42000, 4, 6 * MIB, 8 * MIB);
-    shape(&s.net.client, "cli0", "400mbit");
-    let _server = start_server(&s.net.server, PORT, &received);
-    let mirror = MirrorProcess::start_quiet(&s.net.server, &["--iface", "srv0", "--port", "5201"]);
-    let a = ClientProcess::tail(
-        None,
-        &mirror.endpoint(),
-        &["--port", "5201", "--dump-dir", &a_dump],
-    );
-    let b = ClientProcess::tail(
-        None,
-        &mirror.endpoint(),
-        &["--port", "5201", "--dump-dir", &b_dump],
-    );
+    shape(&s.client, "cli0", "400mbit");
+    let _server = start_server(&s.server, PORT, &received);
+    let mirror = MirrorProcess::start_quiet(&s.server, &["--iface", "srv0", "--port", "5201"]);
+    let a = tail_into(&mirror, &a_dump);
+    let b = tail_into(&mirror, &b_dump);
 
-    let senders = start_sending(&s.net.client, SERVER, PORT, &files);
+    let senders = start_sending(&s.client, SERVER, PORT, &files);
     // Mid-stream: 28 MiB at 400 Mbit/s take about 0.6 s.
     thread::sleep(Duration::from_millis(200));
     drop(b);
@@ -138,11 +103,10 @@ fn two_clients_get_whole_streams_and_a_killed_one_harms_nothing() {
         String::from_utf8_lossy(&listed.stderr)
     );
 
-    let output = mirror.interrupt();
+    let output = mirror.stop();
     let (status, stderr) = a.wait(Duration::from_secs(30));
-    assert!(output.status.success(), "{}", output.stderr);
     assert!(status.success(), "tail a: {stderr}");
-    assert_complete(Path::new(&a_dump), &files, PORT, "client a");
+    s.assert_dumped_whole(&a_dump, &files, PORT, "client a");
     // What it says it received, at exit, is what the server received.
     let totals = tail_totals(&stderr);
     let sent: usize = files.iter().map(|f| f.len).sum();
@@ -154,35 +118,33 @@ fn two_clients_get_whole_streams_and_a_killed_one_harms_nothing() {
     assert_eq!(totals.closed(CloseReason::Fin), 4, "{stderr}");
     // b got whole connections up to its death and nothing wrong after.
     for file in &files {
-        for (stream, meta) in parts(Path::new(&b_dump), file, PORT) {
+        for (stream, meta) in s.dumped(&b_dump, file, PORT) {
             assert!(
                 file.bytes().starts_with(&stream),
                 "client b: a prefix ({meta})"
             );
         }
     }
-    assert_eq!(output.kernel("ring_full"), 0, "{}", counters(&output));
-    assert_eq!(
-        output.counter("connections.closed.fin"),
-        4,
-        "{}",
-        counters(&output)
-    );
-    assert_eq!(output.counter("server.active"), 0, "{}", counters(&output));
+    output.assert_counters(&[
+        ("kernel.ring_full", 0),
+        ("connections.closed.fin", 4),
+        ("server.active", 0),
+    ]);
 }
 
 #[test]
 fn ports_added_and_removed_live_change_what_is_mirrored() {
-    let s = setup();
-    let dump = s.dir.path().join("dump");
+    needs_root!();
+    let s = TestBed::new();
+    let dump = s.new_path("dump");
     let dump_arg = dump.display().to_string();
     let received = s.path("received");
     let other = s.path("received-5301");
-    shape(&s.net.client, "cli0", "200mbit");
-    let _server = start_server(&s.net.server, PORT, &received);
-    let _other_server = start_server(&s.net.server, 5301, &other);
+    shape(&s.client, "cli0", "200mbit");
+    let _server = start_server(&s.server, PORT, &received);
+    let _other_server = start_server(&s.server, 5301, &other);
     let mirror = MirrorProcess::start_quiet(
-        &s.net.server,
+        &s.server,
         &[
             "--iface",
             "srv0",
@@ -209,16 +171,16 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
 
     // A transfer on the command-line port runs through all the changes.
     let long = random_files(&s.path("send"), 43000, 1, 16 * MIB, 16 * MIB);
-    let long_sender = start_sending(&s.net.client, SERVER, PORT, &long);
+    let long_sender = start_sending(&s.client, SERVER, PORT, &long);
 
     let before = random_files(&s.path("send"), 43100, 1, 256 << 10, 256 << 10);
-    send_all(&s.net.client, SERVER, 5301, &before, &other);
+    send_all(&s.client, SERVER, 5301, &before, &other);
     let (ok, _, stderr) = ports(&["add", "5301"]);
     assert!(ok, "{stderr}");
     let (_, listed, _) = ports(&["list"]);
     assert!(listed.contains("5301  ports add"), "{listed}");
     let during = random_files(&s.path("send"), 43200, 2, 256 << 10, MIB);
-    send_all(&s.net.client, SERVER, 5301, &during, &other);
+    send_all(&s.client, SERVER, 5301, &during, &other);
     // The server holding the bytes does not mean the mirror has passed
     // their FINs on yet: wait for both ends (the long transfer on 5201 is
     // still running), then for the hub's batch delay.
@@ -232,28 +194,28 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
     let (ok, _, stderr) = ports(&["remove", "5301"]);
     assert!(ok, "{stderr}");
     let after = random_files(&s.path("send"), 43300, 1, 256 << 10, 256 << 10);
-    send_all(&s.net.client, SERVER, 5301, &after, &other);
+    send_all(&s.client, SERVER, 5301, &after, &other);
     let (ok, _, stderr) = ports(&["remove", "5201"]);
     assert!(!ok && stderr.contains("command line"), "{stderr}");
     finish_sending(long_sender, &long, &received);
 
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
-    assert_complete(&dump, &during, 5301, "after ports add");
+    let output = mirror.stop();
+    s.assert_dumped_whole(&dump, &during, 5301, "after ports add");
     for file in before.iter().chain(&after) {
         assert!(
-            parts(&dump, file, 5301).is_empty(),
+            s.dumped(&dump, file, 5301).is_empty(),
             "{} was not mirrored",
             file.client_port
         );
     }
-    assert_complete(&dump, &long, PORT, "the command-line port, all along");
-    assert_eq!(output.kernel("ring_full"), 0, "{}", counters(&output));
+    s.assert_dumped_whole(&dump, &long, PORT, "the command-line port, all along");
+    assert_eq!(output.kernel("ring_full"), 0, "{output}");
 }
 
 #[test]
 fn bad_clients_are_refused_and_the_server_keeps_serving() {
-    let s = setup();
+    needs_root!();
+    let s = TestBed::new();
     let token = s.path("secret").join("token");
     write_token(&token, "right-token\n");
     let wrong = s.path("secret").join("wrong");
@@ -265,7 +227,7 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
 
     // TCP without a token is refused at start.
     let out = run_mirror(
-        Some(&s.net.server),
+        Some(&s.server),
         &["run", "-i", "srv0", "-p", "5201", "--listen", tcp],
     );
     assert!(!out.status.success());
@@ -274,28 +236,11 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
         "{out:?}"
     );
 
-    let mirror = MirrorProcess::start_with(
-        &s.net.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "5201",
-            "--listen",
-            &unix,
-            "--listen",
-            tcp,
-            "--token-file",
-            &token_arg,
-            "--allow-ports",
-            "9000",
-        ],
-        mirror_tests::mirror_process::Stdout::Read,
-    );
+    let mirror = start_with_token(&s, &unix, tcp, &token, &["--allow-ports", "9000"]);
     let tail = |args: &[&str]| {
         let mut all = vec!["tail", "--connect", tcp];
         all.extend(args);
-        run_mirror(Some(&s.net.server), &all)
+        run_mirror(Some(&s.server), &all)
     };
     // Another token: the client finds that the server's proof is not
     // made with it, and leaves without proving anything.
@@ -321,7 +266,7 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
         "{not_allowed:?}"
     );
     let good = ClientProcess::tail(
-        Some(&s.net.server),
+        Some(&s.server),
         tcp,
         &["--port", "5201", "--token-file", &token_arg],
     );
@@ -333,42 +278,12 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
         nonce: [0; NONCE_LEN],
     };
     let answer = raw_exchange(&socket, &encode(|b| hello.encode(b)));
-    assert!(
-        matches!(
-            answer,
-            ServerFrame::Error {
-                code: ErrorCode::UnsupportedVersion,
-                fatal: true,
-                ..
-            }
-        ),
-        "{answer:?}"
-    );
+    assert_fatal(&answer, ErrorCode::UnsupportedVersion);
     // A hello of this version that ends after its version.
     let answer = raw_exchange(&socket, &[0, 0, 0, 3, 0x01, 0x00, VERSION as u8]);
-    assert!(
-        matches!(
-            answer,
-            ServerFrame::Error {
-                code: ErrorCode::BadFrame,
-                fatal: true,
-                ..
-            }
-        ),
-        "{answer:?}"
-    );
+    assert_fatal(&answer, ErrorCode::BadFrame);
     let answer = raw_exchange(&socket, &[0x7f, 0xff, 0xff, 0xff, 0x01]);
-    assert!(
-        matches!(
-            answer,
-            ServerFrame::Error {
-                code: ErrorCode::BadFrame,
-                fatal: true,
-                ..
-            }
-        ),
-        "{answer:?}"
-    );
+    assert_fatal(&answer, ErrorCode::BadFrame);
     let listed = run_mirror(None, &["ports", "list", "--connect", &unix]);
     assert!(
         listed.status.success(),
@@ -376,23 +291,13 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
     );
 
     drop(good);
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
-    assert!(
-        output.counter("server.refused") >= 1,
-        "{}",
-        counters(&output)
-    );
+    let output = mirror.stop();
+    assert!(output.counter("server.refused") >= 1, "{output}");
     assert!(
         output.counter("server.unanswered_challenges") >= 1,
-        "{}",
-        counters(&output)
+        "{output}"
     );
-    assert!(
-        output.counter("server.bad_frames") >= 2,
-        "{}",
-        counters(&output)
-    );
+    assert!(output.counter("server.bad_frames") >= 2, "{output}");
 }
 
 fn encode(frame: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
@@ -401,6 +306,14 @@ fn encode(frame: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
     let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
     bytes.extend_from_slice(&body);
     bytes
+}
+
+/// Asserts that the server answered with a fatal error `code`.
+fn assert_fatal(answer: &ServerFrame, code: ErrorCode) {
+    assert!(
+        matches!(answer, ServerFrame::Error { code: got, fatal: true, .. } if *got == code),
+        "{answer:?}"
+    );
 }
 
 /// Sends `bytes` on a new connection and reads one frame back.
@@ -419,42 +332,34 @@ fn raw_exchange(socket: &Path, bytes: &[u8]) -> ServerFrame {
 
 #[test]
 fn a_client_that_stops_reading_gets_lagged_closes_when_it_resumes() {
-    let s = setup();
-    let (a_dump, b_dump) = (s.arg("a"), s.arg("b"));
+    needs_root!();
+    let s = TestBed::new();
+    let (a_dump, b_dump) = (s.new_path("a"), s.new_path("b"));
     let received = s.path("received");
     let files = random_files(&s.path("send"), 44000, 6, 4 * MIB, 6 * MIB);
-    shape(&s.net.client, "cli0", "1gbit");
-    let _server = start_server(&s.net.server, PORT, &received);
+    shape(&s.client, "cli0", "1gbit");
+    let _server = start_server(&s.server, PORT, &received);
     // 8 MiB of channel: less than the 30 MiB sent while b sleeps.
     let mirror = MirrorProcess::start_quiet(
-        &s.net.server,
+        &s.server,
         &["--iface", "srv0", "--port", "5201", "--channel-bytes", "8M"],
     );
-    let a = ClientProcess::tail(
-        None,
-        &mirror.endpoint(),
-        &["--port", "5201", "--dump-dir", &a_dump],
-    );
-    let b = ClientProcess::tail(
-        None,
-        &mirror.endpoint(),
-        &["--port", "5201", "--dump-dir", &b_dump],
-    );
+    let a = tail_into(&mirror, &a_dump);
+    let b = tail_into(&mirror, &b_dump);
     b.signal(libc::SIGSTOP);
-    send_all(&s.net.client, SERVER, PORT, &files, &received);
+    send_all(&s.client, SERVER, PORT, &files, &received);
     b.signal(libc::SIGCONT);
     thread::sleep(Duration::from_secs(1));
 
-    let output = mirror.interrupt();
+    let output = mirror.stop();
     let (a_status, a_stderr) = a.wait(Duration::from_secs(30));
     let (b_status, b_stderr) = b.wait(Duration::from_secs(30));
-    assert!(output.status.success(), "{}", output.stderr);
     assert!(a_status.success(), "{a_stderr}");
     assert!(b_status.success(), "{b_stderr}");
-    assert_complete(Path::new(&a_dump), &files, PORT, "the reading client");
+    s.assert_dumped_whole(&a_dump, &files, PORT, "the reading client");
     let mut lagged = 0;
     for file in &files {
-        for (stream, meta) in parts(Path::new(&b_dump), file, PORT) {
+        for (stream, meta) in s.dumped(&b_dump, file, PORT) {
             assert!(
                 file.bytes().starts_with(&stream),
                 "the stopped client: a prefix ({meta})"
@@ -466,38 +371,32 @@ fn a_client_that_stops_reading_gets_lagged_closes_when_it_resumes() {
     }
     assert!(
         lagged > 0,
-        "the stopped client's connections ended as lagged\n{}",
-        counters(&output)
+        "the stopped client's connections ended as lagged\n{output}"
     );
     assert_eq!(
         tail_totals(&b_stderr).closed(CloseReason::Lagged),
         lagged,
         "the stopped client counts its lagged closes: {b_stderr}"
     );
-    assert_eq!(output.kernel("ring_full"), 0, "{}", counters(&output));
-    assert_eq!(
-        output.counter("shards.queue_drops"),
-        0,
-        "{}",
-        counters(&output)
-    );
-    assert_eq!(
-        output.counter("server.too_slow"),
-        0,
-        "resumed within its budget"
-    );
+    // server.too_slow: it resumed within its budget.
+    output.assert_counters(&[
+        ("kernel.ring_full", 0),
+        ("shards.queue_drops", 0),
+        ("server.too_slow", 0),
+    ]);
 }
 
 #[test]
 fn a_client_asleep_past_its_budget_is_disconnected() {
-    let s = setup();
-    let a_dump = s.arg("a");
+    needs_root!();
+    let s = TestBed::new();
+    let a_dump = s.new_path("a");
     let received = s.path("received");
     let files = random_files(&s.path("send"), 45000, 4, 4 * MIB, 4 * MIB);
-    shape(&s.net.client, "cli0", "1gbit");
-    let _server = start_server(&s.net.server, PORT, &received);
+    shape(&s.client, "cli0", "1gbit");
+    let _server = start_server(&s.server, PORT, &received);
     let mirror = MirrorProcess::start_quiet(
-        &s.net.server,
+        &s.server,
         &[
             "--iface",
             "srv0",
@@ -507,18 +406,14 @@ fn a_client_asleep_past_its_budget_is_disconnected() {
             "1s",
         ],
     );
-    let a = ClientProcess::tail(
-        None,
-        &mirror.endpoint(),
-        &["--port", "5201", "--dump-dir", &a_dump],
-    );
+    let a = tail_into(&mirror, &a_dump);
     let sleeper = ClientProcess::tail(
         None,
         &mirror.endpoint(),
         &["--port", "5201", "--format", "hex"],
     );
     sleeper.signal(libc::SIGSTOP);
-    send_all(&s.net.client, SERVER, PORT, &files, &received);
+    send_all(&s.client, SERVER, PORT, &files, &received);
     thread::sleep(Duration::from_secs(2));
     sleeper.signal(libc::SIGCONT);
     // Disconnected, it reads what its socket still held, then exits.
@@ -528,18 +423,14 @@ fn a_client_asleep_past_its_budget_is_disconnected() {
     let output = mirror.interrupt();
     let (a_status, a_stderr) = a.wait(Duration::from_secs(30));
     assert!(a_status.success(), "{a_stderr}");
-    assert_complete(Path::new(&a_dump), &files, PORT, "the reading client");
-    assert_eq!(
-        output.counter("server.too_slow"),
-        1,
-        "{}",
-        counters(&output)
-    );
+    s.assert_dumped_whole(&a_dump, &files, PORT, "the reading client");
+    assert_eq!(output.counter("server.too_slow"), 1, "{output}");
 }
 
 #[test]
 fn token_files_that_are_not_secret_are_refused_on_both_sides() {
-    let s = setup();
+    needs_root!();
+    let s = TestBed::new();
     let dir = s.path("secret");
     let exposed = dir.join("exposed");
     fs::write(&exposed, "a-token").unwrap();
@@ -553,7 +444,7 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
     let tcp = "127.0.0.1:7012";
     let run = |token: &Path| {
         run_mirror(
-            Some(&s.net.server),
+            Some(&s.server),
             &[
                 "run",
                 "-i",
@@ -592,28 +483,14 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
     // The clients apply the same rules, before they connect.
     let good = dir.join("good");
     write_token(&good, "a-token");
-    let mirror = MirrorProcess::start_quiet(
-        &s.net.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "5201",
-            "--listen",
-            &unix,
-            "--listen",
-            tcp,
-            "--token-file",
-            &good.display().to_string(),
-        ],
-    );
+    let mirror = start_with_token(&s, &unix, tcp, &good, &[]);
     for (token, says) in [
         (&exposed, expected.as_str()),
         (&empty, "holds no token"),
         (&long, "longer than 256 bytes"),
     ] {
         let out = run_mirror(
-            Some(&s.net.server),
+            Some(&s.server),
             &[
                 "stats",
                 "--connect",
@@ -626,7 +503,7 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
         assert!(stderr_of(&out).contains(says), "{}", stderr_of(&out));
     }
     let out = run_mirror(
-        Some(&s.net.server),
+        Some(&s.server),
         &[
             "stats",
             "--connect",
@@ -636,34 +513,19 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
         ],
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
-    assert_eq!(output.counter("server.refused"), 0, "{}", counters(&output));
-    assert_eq!(
-        output.counter("server.accepted"),
-        1,
-        "{}",
-        counters(&output)
-    );
+    let output = mirror.stop();
+    assert_eq!(output.counter("server.refused"), 0, "{output}");
+    assert_eq!(output.counter("server.accepted"), 1, "{output}");
 }
 
 /// `count` TCP connections to `addr` made from inside `ns`.
 fn tcp_connections_in(ns: &str, addr: &str, count: usize) -> Vec<TcpStream> {
-    let path = format!("/run/netns/{ns}");
     let addr = addr.to_owned();
-    // setns moves only the calling thread: do it on a thread of its own.
-    // The sockets stay in that namespace wherever they are used.
-    thread::spawn(move || {
-        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: a valid namespace fd, and this thread only.
-        let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns {path}");
+    in_namespace(ns, move || {
         (0..count)
             .map(|_| TcpStream::connect(&addr).expect("connect"))
             .collect()
     })
-    .join()
-    .expect("connecting thread")
 }
 
 /// True when the peer closed `stream` by `deadline` (reading what it sent
@@ -691,35 +553,20 @@ fn closed_by<S: Read>(
 
 #[test]
 fn silent_connections_do_not_lock_out_a_client_with_the_token() {
+    needs_root!();
     const SILENT: usize = 64;
-    let s = setup();
+    let s = TestBed::new();
     let token = s.path("secret").join("token");
     write_token(&token, "the-token");
     let token_arg = token.display().to_string();
     let socket = s.path("sock").join("m.sock");
     let unix = format!("unix:{}", socket.display());
     let tcp = "127.0.0.1:7013";
-    let mirror = MirrorProcess::start_quiet(
-        &s.net.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "5201",
-            "--listen",
-            &unix,
-            "--listen",
-            tcp,
-            "--token-file",
-            &token_arg,
-            "--max-clients",
-            "2",
-        ],
-    );
+    let mirror = start_with_token(&s, &unix, tcp, &token, &["--max-clients", "2"]);
     // 64 silent connections on each listener, four times the number that
     // may wait for their hello, and 32 times --max-clients.
     let opened = Instant::now();
-    let mut tcp_silent = tcp_connections_in(&s.net.server, tcp, SILENT);
+    let mut tcp_silent = tcp_connections_in(&s.server, tcp, SILENT);
     let mut unix_silent: Vec<UnixStream> = (0..SILENT)
         .map(|_| UnixStream::connect(&socket).expect("connect"))
         .collect();
@@ -728,7 +575,7 @@ fn silent_connections_do_not_lock_out_a_client_with_the_token() {
     // without waiting for the silent ones to time out.
     let started = Instant::now();
     let stats = run_mirror(
-        Some(&s.net.server),
+        Some(&s.server),
         &[
             "stats",
             "--connect",
@@ -778,9 +625,8 @@ fn silent_connections_do_not_lock_out_a_client_with_the_token() {
     assert_eq!(running["server.active"], 2, "{running:#?}");
 
     drop(tail);
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
-    assert_eq!(output.counter("server.refused"), 0, "{}", counters(&output));
+    let output = mirror.stop();
+    assert_eq!(output.counter("server.refused"), 0, "{output}");
 }
 
 /// Says hello on `socket` as `name` and reads the welcome.
@@ -796,11 +642,12 @@ fn short_session(socket: &Path, name: &str) {
 
 #[test]
 fn twenty_thousand_sessions_leave_small_counters() {
+    needs_root!();
     const THREADS: usize = 16;
     const SESSIONS: usize = 20_000;
-    let s = setup();
+    let s = TestBed::new();
     let mirror = MirrorProcess::start_quiet(
-        &s.net.server,
+        &s.server,
         &[
             "--iface",
             "srv0",
@@ -893,8 +740,7 @@ fn twenty_thousand_sessions_leave_small_counters() {
     assert!(text.contains("consumers.past_sessions.sessions"), "{text}");
 
     drop(lingering);
-    let output = mirror.interrupt();
-    assert!(output.status.success(), "{}", output.stderr);
+    let output = mirror.stop();
     // The forged line is in the log escaped, never as a line of its own.
     assert!(
         !output
@@ -910,7 +756,6 @@ fn twenty_thousand_sessions_leave_small_counters() {
     assert_eq!(
         output.counter("consumers.past_sessions.sessions"),
         output.counter("server.accepted"),
-        "every session ended and was counted: {}",
-        counters(&output)
+        "every session ended and was counted: {output}"
     );
 }

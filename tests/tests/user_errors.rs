@@ -5,6 +5,7 @@ use std::{fs, os::unix::fs::PermissionsExt as _, process::Output};
 
 use mirror_tests::{
     mirror_process::{MirrorProcess, mirror_bin, run_mirror},
+    needs_root,
     netns::TestNet,
 };
 
@@ -23,6 +24,7 @@ fn assert_clear_failure(out: &Output, expected: &str) {
 
 #[test]
 fn unknown_interface() {
+    needs_root!();
     let mut net = TestNet::new();
     let ns = net.namespace("host");
     let out = run_mirror(Some(&ns), &["run", "--iface", "eth9", "--port", "80"]);
@@ -44,9 +46,9 @@ fn invalid_ports() {
 
 #[test]
 fn not_privileged() {
-    mirror_tests::require_root();
+    needs_root!();
     // A copy that the unprivileged user can execute wherever the build is.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = mirror_tests::bed::scratch_dir();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let copy = dir.path().join("mirror");
     fs::copy(mirror_bin(), &copy).unwrap();
@@ -70,6 +72,7 @@ fn not_privileged() {
 
 #[test]
 fn busy_xdp_slot() {
+    needs_root!();
     let mut net = TestNet::new();
     let a = net.namespace("a");
     let b = net.namespace("b");
@@ -94,14 +97,13 @@ fn busy_xdp_slot() {
     assert_clear_failure(&out, "b0 already has an XDP program attached");
     // TC still works beside it, and the first mirror is unharmed.
     let tc = MirrorProcess::start(&b, &["--iface", "b0", "--port", "81", "--attach", "tc"]);
-    let tc = tc.interrupt();
-    assert!(tc.status.success(), "{}", tc.stderr);
-    let first = first.interrupt();
-    assert!(first.status.success(), "{}", first.stderr);
+    tc.stop();
+    first.stop();
 }
 
 #[test]
 fn no_native_xdp_on_loopback() {
+    needs_root!();
     let mut net = TestNet::new();
     let ns = net.namespace("host");
     let out = run_mirror(

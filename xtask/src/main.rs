@@ -232,15 +232,7 @@ fn bench_run(
     std::fs::create_dir_all(&out)?;
     let mut command = cargo_stable(root);
     command
-        .args([
-            "run",
-            "--release",
-            "--package",
-            "mirror-tests",
-            "--bin",
-            "mirror-bench",
-            "--",
-        ])
+        .args(["run", "--release", "--package", "mirror-bench", "--"])
         .env("MIRROR_EBPF_OBJECT", object)
         .env("MIRROR_BIN", binary);
     for scenario in scenarios {
@@ -277,7 +269,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(["test", "--release", "--workspace"])
         .args(extra)
         .env("MIRROR_EBPF_OBJECT", &object)
-        .env("MIRROR_BIN", &binary))?;
+        .env("MIRROR_BIN", &binary)
+        // A privileged test that finds itself without root fails here
+        // instead of skipping.
+        .env("MIRROR_REQUIRE_PRIVILEGED", "1"))?;
     if extra.is_empty() {
         // Every fuzz target briefly, so that none of them rots.
         fuzz(root, &object, 20, &[])?;

@@ -1,11 +1,12 @@
-//! The test bed every live scenario runs on: a client and a server
-//! namespace joined by a veth pair (default offloads on), with an iperf3
-//! server and an nginx on the server side. Removed on drop.
+//! The test bed every live scenario runs on: the privileged tests' client
+//! and server namespaces on a veth pair (default offloads on), with an
+//! iperf3 server and an nginx on the server side. Removed on drop.
 
-use std::{path::PathBuf, process::Stdio};
+use std::process::Stdio;
 
 use mirror_tests::{
-    netns::{KillOnDrop, TestNet, in_ns, run_in, spawn, wait_listening},
+    bed::TestBed,
+    netns::{KillOnDrop, in_ns, run_in, spawn, wait_listening},
     web::Nginx,
 };
 use serde_json::Value;
@@ -20,20 +21,16 @@ pub struct Bed {
     pub server: String,
     pub web: Nginx,
     _iperf: KillOnDrop,
-    dir: PathBuf,
-    // Last: the namespaces go after the processes in them.
-    _net: TestNet,
+    // Last: the namespaces and the scratch directory go after the
+    // processes that use them.
+    _bed: TestBed,
 }
 
 impl Bed {
     pub fn new() -> Self {
-        let mut net = TestNet::new();
-        let client = net.namespace("bcli");
-        let server = net.namespace("bsrv");
-        net.veth(
-            (&client, "cli0", "198.18.0.1/24"),
-            (&server, IFACE, &format!("{SERVER_IP}/24")),
-        );
+        let bed = TestBed::new();
+        assert_eq!((bed.iface, bed.server_ip), (IFACE, SERVER_IP));
+        let (client, server) = (bed.client.clone(), bed.server.clone());
         // wrk with `Connection: close` opens ~15 k connections a second:
         // with the default 28 k ephemeral ports and no reuse of TIME_WAIT
         // ports, the second 5-second case found the ports used up and ran
@@ -53,15 +50,13 @@ impl Bed {
                 .stdout(Stdio::null()),
         );
         wait_listening(&server, BULK_PORT);
-        let dir = std::env::temp_dir().join(format!("mirror-bench-{}", std::process::id()));
-        let web = Nginx::start(&server, SERVER_IP, &dir.join("nginx"));
+        let web = Nginx::start(&server, SERVER_IP, &bed.path("nginx"));
         Self {
             client,
             server,
             web,
             _iperf: iperf,
-            dir,
-            _net: net,
+            _bed: bed,
         }
     }
 
@@ -95,12 +90,5 @@ impl IfaceCounters {
             rx_bytes: self.rx_bytes - before.rx_bytes,
             tx_packets: self.tx_packets - before.tx_packets,
         }
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        self.web.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

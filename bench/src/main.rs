@@ -72,6 +72,9 @@ fn main() {
     if scenarios.is_empty() {
         scenarios = report::ORDER.iter().map(|s| (*s).to_owned()).collect();
     }
+    // Without --out-dir the results (printed as they come) go to a
+    // directory that is kept only when a figure is missing.
+    let temporary = out_dir.is_none();
     let out_dir = out_dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("mirror-bench-quick-{}", std::process::id()))
     });
@@ -101,13 +104,20 @@ fn main() {
         report::write_section(&out_dir, &section, &stamp);
     }
     report::assemble(&out_dir, &report::machine());
-    eprintln!("bench: wrote {}", out_dir.join("results.md").display());
     if !missing.is_empty() {
-        eprintln!("bench: figures missing:");
+        eprintln!(
+            "bench: figures missing (the results are in {}):",
+            out_dir.display()
+        );
         for what in &missing {
             eprintln!("  - {what}");
         }
         std::process::exit(1);
+    }
+    if temporary {
+        let _ = std::fs::remove_dir_all(&out_dir);
+    } else {
+        eprintln!("bench: wrote {}", out_dir.join("results.md").display());
     }
     if options.quick {
         eprintln!("bench: every figure was produced");
@@ -145,7 +155,7 @@ fn clean_up_on_signal() {
         // SAFETY: a blocking read of one byte into a local.
         while unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) } < 0 {}
         eprintln!("bench: interrupted; removing the test bed");
-        mirror_tests::netns::remove_own_namespaces();
+        mirror_tests::bed::remove_own_leftovers();
         std::process::exit(130);
     });
 }

@@ -6,8 +6,9 @@
 use std::{collections::BTreeMap, fmt::Write as _, process::Stdio};
 
 use mirror_tests::{
+    bed::TestBed,
     mirror_process::MirrorProcess,
-    netns::{TestNet, in_ns, spawn, wait_listening},
+    netns::{in_ns, spawn, wait_listening},
     web::Nginx,
 };
 
@@ -18,20 +19,20 @@ use crate::{
     stats::{Spread, cell, spread_cell},
 };
 
-const PRIMARY: &str = "198.18.0.2";
-const SHADOW: &str = "198.18.1.2";
+const PRIMARY: &str = TestBed::SERVER_IP;
+const SHADOW: &str = TestBed::SHADOW_IP;
 
 const CASES: [(&str, &[&str]); 4] = [
     ("no mirror (baseline)", &[]),
     (
         "mirror, port 80 reassembled, no consumer",
-        &["--iface", "pri0", "--port", "80"],
+        &["--iface", "srv0", "--port", "80"],
     ),
     (
         "mirror forwarding to a discarding sink (the forwarder's own cost)",
         &[
             "--iface",
-            "pri0",
+            "srv0",
             "--port",
             "80",
             "--forward",
@@ -42,7 +43,7 @@ const CASES: [(&str, &[&str]); 4] = [
         "mirror forwarding to a shadow nginx on the same 2 cores",
         &[
             "--iface",
-            "pri0",
+            "srv0",
             "--port",
             "80",
             "--forward",
@@ -58,21 +59,12 @@ struct Sample {
 }
 
 pub fn run(options: &Options) -> Section {
-    let mut net = TestNet::new();
-    let client = net.namespace("hcli");
-    let primary = net.namespace("hpri");
-    let shadow = net.namespace("hsha");
-    net.veth(
-        (&client, "cli0", "198.18.0.1/24"),
-        (&primary, "pri0", "198.18.0.2/24"),
-    );
-    net.veth(
-        (&primary, "pri1", "198.18.1.1/24"),
-        (&shadow, "sha0", "198.18.1.2/24"),
-    );
-    let dir = tempfile_dir();
-    let _primary_web = Nginx::start(&primary, PRIMARY, &dir.join("primary"));
-    let _shadow_web = Nginx::start(&shadow, SHADOW, &dir.join("shadow"));
+    // The client, the primary (the bed's server) and the shadow behind it.
+    let mut bed = TestBed::new();
+    let shadow = bed.add_shadow();
+    let (client, primary) = (&bed.client, &bed.server);
+    let _primary_web = Nginx::start(primary, PRIMARY, &bed.path("primary"));
+    let _shadow_web = Nginx::start(&shadow, SHADOW, &bed.path("shadow"));
     // The discard service: reads every connection to the end, answers nothing.
     let _discard = spawn(in_ns(&shadow, "socat").args([
         "-u",
@@ -84,8 +76,8 @@ pub fn run(options: &Options) -> Section {
     let mut samples: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
     for round in 1..=options.rounds {
         for (index, (name, args)) in CASES.iter().enumerate() {
-            let mirror = (!args.is_empty()).then(|| MirrorProcess::start_quiet(&primary, args));
-            let sample = wrk(&client, options.seconds);
+            let mirror = (!args.is_empty()).then(|| MirrorProcess::start_quiet(primary, args));
+            let sample = wrk(client, options.seconds);
             if let Some(mirror) = mirror {
                 let _ = mirror.interrupt();
             }
@@ -96,14 +88,7 @@ pub fn run(options: &Options) -> Section {
             samples.entry(index).or_default().push(sample);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     render(&samples, options)
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mirror-bench-http-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 /// wrk with 16 keep-alive connections on 2 threads for `seconds`.

@@ -1,0 +1,195 @@
+//! The test bed of one test: a client and a server in network namespaces,
+//! and a scratch directory. Everything goes when it is dropped, also when
+//! the test panics; processes the test started are stopped first, by
+//! their own guards (declared after the bed, so dropped before it).
+
+use std::{
+    fmt::Display,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::{
+    netns::TestNet,
+    traffic::{SentFile, dumped},
+};
+
+/// Prefix of every scratch directory of the tests (in the system's
+/// temporary directory, `mirror-test-<pid>-<random>`), so that anything
+/// left behind is easy to find.
+pub const SCRATCH_PREFIX: &str = "mirror-test-";
+
+pub struct TestBed {
+    /// Where the clients run.
+    pub client: String,
+    /// Where the servers and the mirror run.
+    pub server: String,
+    /// The server's interface, which the mirror watches.
+    pub iface: &'static str,
+    /// The client's address, as the server sees it.
+    pub client_ip: &'static str,
+    /// The server's address, as the client reaches it.
+    pub server_ip: &'static str,
+    dir: TempDir,
+    net: TestNet,
+}
+
+impl TestBed {
+    pub const CLIENT_IP: &'static str = "198.18.0.1";
+    pub const SERVER_IP: &'static str = "198.18.0.2";
+    /// The host [`Self::add_shadow`] adds behind the server.
+    pub const SHADOW_IP: &'static str = "198.18.1.2";
+
+    /// A client (`cli0`, 198.18.0.1/24) and a server (`srv0`,
+    /// 198.18.0.2/24) namespace joined by a veth pair, default offloads on.
+    pub fn new() -> Self {
+        let mut net = TestNet::new();
+        let client = net.namespace("cli");
+        let server = net.namespace("srv");
+        net.veth(
+            (&client, "cli0", "198.18.0.1/24"),
+            (&server, "srv0", "198.18.0.2/24"),
+        );
+        Self {
+            client,
+            server,
+            iface: "srv0",
+            client_ip: Self::CLIENT_IP,
+            server_ip: Self::SERVER_IP,
+            dir: scratch_dir(),
+            net,
+        }
+    }
+
+    /// Client and server in one namespace, over its loopback.
+    pub fn loopback() -> Self {
+        let mut net = TestNet::new();
+        let host = net.namespace("host");
+        Self {
+            client: host.clone(),
+            server: host,
+            iface: "lo",
+            client_ip: "127.0.0.1",
+            server_ip: "127.0.0.1",
+            dir: scratch_dir(),
+            net,
+        }
+    }
+
+    /// A third namespace behind the server, joined to it by a second veth
+    /// pair (`srv1`, 198.18.1.1/24, and `sha0`, [`Self::SHADOW_IP`]/24): a
+    /// staging copy of the server's service. Returns its name.
+    pub fn add_shadow(&mut self) -> String {
+        let shadow = self.net.namespace("sha");
+        self.net.veth(
+            (&self.server, "srv1", "198.18.1.1/24"),
+            (&shadow, "sha0", "198.18.1.2/24"),
+        );
+        shadow
+    }
+
+    /// The scratch directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A directory for the test's own files, created.
+    pub fn path(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        path
+    }
+
+    /// A path for the mirror to create, left alone: a dump directory (the
+    /// mirror creates it for the user it runs as), a socket, a capture.
+    pub fn new_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The parts `dump` holds of the connection that sent `file` to `port`
+    /// on the server (see [`dumped`]).
+    pub fn dumped(&self, dump: &Path, file: &SentFile, port: u16) -> Vec<(Vec<u8>, Value)> {
+        dumped(
+            dump,
+            &format!("{}:{}", self.client_ip, file.client_port),
+            &format!("{}:{port}", self.server_ip),
+        )
+    }
+
+    /// Asserts that `dump` holds each connection that sent one of `files`
+    /// to `port` whole: in one file, every byte sent, ended by FIN. Returns
+    /// their sidecars; `context` (the mirror's output, a client's name)
+    /// goes into the messages.
+    pub fn assert_dumped_whole(
+        &self,
+        dump: &Path,
+        files: &[SentFile],
+        port: u16,
+        context: impl Display,
+    ) -> Vec<Value> {
+        files
+            .iter()
+            .map(|file| {
+                let connection = file.client_port;
+                let mut parts = self.dumped(dump, file, port);
+                assert_eq!(
+                    parts.len(),
+                    1,
+                    "connection {connection}: one file in {}\n{context}",
+                    dump.display()
+                );
+                let (stream, meta) = parts.remove(0);
+                let sent = file.bytes();
+                assert!(
+                    stream == sent,
+                    "connection {connection}: the dump holds {} of the {} bytes sent ({meta})\n{context}",
+                    stream.len(),
+                    sent.len()
+                );
+                assert_eq!(
+                    meta["reason"], "fin",
+                    "connection {connection}: {meta}\n{context}"
+                );
+                meta
+            })
+            .collect()
+    }
+}
+
+impl Default for TestBed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A new scratch directory, named with [`SCRATCH_PREFIX`] and this
+/// process's id.
+pub fn scratch_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&own_scratch_prefix())
+        .tempdir()
+        .expect("a scratch directory")
+}
+
+fn own_scratch_prefix() -> String {
+    format!("{SCRATCH_PREFIX}{}-", std::process::id())
+}
+
+/// Deletes this process's namespaces (killing what runs in them) and
+/// scratch directories: for a run interrupted by a signal, which gives no
+/// destructor a chance.
+pub fn remove_own_leftovers() {
+    crate::netns::remove_own_namespaces();
+    let prefix = own_scratch_prefix();
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
