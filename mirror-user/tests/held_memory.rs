@@ -17,11 +17,11 @@ use std::{
 };
 
 use mirror_user::{
-    conntrack::{ConnectionTable, TableLimits},
-    reassembly::ReorderLimits,
-    record::TcpFlags,
-    segment::{FlowKey, PayloadPool, Segment},
-    stream::{CloseReason, StreamEvent},
+    flow::conntrack::{ConnectionTable, TableLimits},
+    flow::model::{CloseReason, StreamEvent},
+    flow::reassembly::ReorderLimits,
+    flow::segment::{FlowKey, PayloadPool, Segment},
+    kernel::record::TcpFlags,
 };
 
 struct Counting;

@@ -26,9 +26,9 @@ use mirror_tests::{
     },
 };
 use mirror_user::{
-    protocol::{ClientFrame, ErrorCode, NONCE_LEN, ServerFrame, VERSION},
+    flow::model::CloseReason,
     server::HELLO_TIMEOUT,
-    stream::CloseReason,
+    server::protocol::{ClientFrame, ErrorCode, NONCE_LEN, ServerFrame, VERSION},
 };
 use serde_json::Value;
 
@@ -547,7 +547,10 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
     let empty = dir.join("empty");
     write_token(&empty, "\n");
     let long = dir.join("long");
-    write_token(&long, &"t".repeat(mirror_user::protocol::MAX_TOKEN + 1));
+    write_token(
+        &long,
+        &"t".repeat(mirror_user::server::protocol::MAX_TOKEN + 1),
+    );
     let socket = s.path("sock").join("m.sock");
     let unix = format!("unix:{}", socket.display());
     let tcp = "127.0.0.1:7012";

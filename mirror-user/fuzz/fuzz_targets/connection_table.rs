@@ -19,11 +19,11 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use mirror_user::{
-    conntrack::{ConnectionTable, TableLimits},
-    reassembly::ReorderLimits,
-    record::TcpFlags,
-    segment::{FlowKey, Segment},
-    stream::{CloseReason, ConnId, StreamEvent},
+    flow::conntrack::{ConnectionTable, TableLimits},
+    flow::reassembly::ReorderLimits,
+    kernel::record::TcpFlags,
+    flow::segment::{FlowKey, Segment},
+    flow::model::{CloseReason, ConnId, StreamEvent},
 };
 
 const FLOWS: usize = 4;

@@ -7,8 +7,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use mirror_user::{
-    record::Record,
-    segment::{PayloadPool, Segment},
+    kernel::record::Record,
+    flow::segment::{PayloadPool, Segment},
 };
 
 fuzz_target!(|raw: &[u8]| {

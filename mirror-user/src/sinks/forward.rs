@@ -32,8 +32,8 @@ use tokio::{
 };
 
 use crate::{
-    hub::Subscription,
-    stream::{CloseReason, ConnId, StreamEvent},
+    fanout::hub::Subscription,
+    flow::model::{CloseReason, ConnId, StreamEvent},
 };
 
 /// Events queued per shadow connection before it is aborted as too slow.
@@ -422,7 +422,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::hub::{Hub, HubConfig};
+    use crate::fanout::hub::{Hub, HubConfig};
 
     #[test]
     fn targets_parse() {

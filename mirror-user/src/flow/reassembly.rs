@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use crate::segment::OWN_ALLOCATION;
+use crate::flow::segment::OWN_ALLOCATION;
 
 /// Budgets of one direction's reorder buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

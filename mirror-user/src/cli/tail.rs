@@ -6,16 +6,17 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use futures_util::FutureExt as _;
 use mirror_user::{
-    cli::{ConnectArgs, PortsAction, PortsArgs, StatsArgs, TailArgs},
-    client::{self, Client},
-    counters,
-    output_dir::OutputDir,
-    privileges::Identity,
+    files::OutputDir,
+    kernel::privileges::Identity,
+    server::client::{self, Client},
     sinks::{
         dump::DumpWriter,
-        events::{EventTotals, format_event},
+        print::{EventTotals, format_event},
     },
+    telemetry::counters,
 };
+
+use crate::cli::{ConnectArgs, PortsAction, PortsArgs, StatsArgs, TailArgs};
 use tokio::{
     io::{AsyncWriteExt as _, BufWriter},
     signal::unix::{SignalKind, signal},

@@ -52,7 +52,7 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{attach::clsact, server::UNIX_SEND_BUFFER};
+use crate::{kernel::attach::clsact, server::UNIX_SEND_BUFFER};
 
 /// The hidden subcommand that runs the helper.
 pub const SUBCOMMAND: &str = "privileged-helper";

@@ -9,7 +9,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use mirror_common::record_flags;
 
-use crate::record::{Record, RecordError, TcpFlags};
+use crate::kernel::record::{Record, RecordError, TcpFlags};
 
 /// The client-to-server direction of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,7 +66,7 @@ impl Segment {
 /// them, so that a small packet costs a copy and no allocation of its own;
 /// a slice keeps its whole buffer alive, so a small segment held for long
 /// (out of order, or waiting for its SYN) is copied out first
-/// ([`crate::reassembly::detach`]). Payloads of [`OWN_ALLOCATION`] bytes
+/// ([`crate::flow::reassembly::detach`]). Payloads of [`OWN_ALLOCATION`] bytes
 /// or more (GRO/GSO super-packets) get an allocation of their own: one
 /// allocation beside a copy of 16 to 64 KiB costs little, and such a
 /// segment can then be held as it is, pinning only itself (copying every

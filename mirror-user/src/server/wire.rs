@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::{protocol::ServerFrame, server::Connection};
+use crate::{server::Connection, server::protocol::ServerFrame};
 
 /// Slices handed to one `writev`.
 const MAX_SLICES: usize = 64;
@@ -101,7 +101,7 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     use super::*;
-    use crate::{server::frame, stream::CloseReason};
+    use crate::{flow::model::CloseReason, server::frame};
 
     #[tokio::test]
     async fn queued_frames_arrive_whole_and_in_order() {

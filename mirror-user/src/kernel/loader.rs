@@ -17,7 +17,7 @@ use mirror_common::{
     MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
 };
 
-use crate::{counters::KernelCounters, segment::FlowKey};
+use crate::{flow::segment::FlowKey, telemetry::counters::KernelCounters};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so that one
 /// file is deployed.

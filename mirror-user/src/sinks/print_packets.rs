@@ -10,23 +10,31 @@ use mirror_common::record_flags;
 use serde::Serialize;
 
 use crate::{
-    cli::PrintFormat,
-    clock::WallClock,
-    drain::RecordSink,
-    record::{Record, TcpPacket},
+    kernel::clock::WallClock,
+    kernel::drain::RecordSink,
+    kernel::record::{Record, TcpPacket},
 };
+
+/// How packets are written (`--print-packets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketFormat {
+    /// tcpdump-like text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Formats records into a per-task buffer and writes each batch to stdout
 /// at once, so lines of different CPUs never interleave mid-line.
 pub struct PacketPrinter {
-    format: PrintFormat,
+    format: PacketFormat,
     iface: String,
     clock: WallClock,
     buffer: Vec<u8>,
 }
 
 impl PacketPrinter {
-    pub fn new(format: PrintFormat, iface: &str, clock: WallClock) -> Self {
+    pub fn new(format: PacketFormat, iface: &str, clock: WallClock) -> Self {
         Self {
             format,
             iface: iface.to_owned(),
@@ -88,13 +96,13 @@ impl RecordSink for PacketPrinter {
         };
         let ts_ns = self.clock.unix_ns(record.header.ts_ns);
         match self.format {
-            PrintFormat::Json => {
+            PacketFormat::Json => {
                 let line = PacketLine::new(&self.iface, ts_ns, record, &tcp);
                 // Serializing plain fields into a Vec cannot fail.
                 let _ = serde_json::to_writer(&mut self.buffer, &line);
                 self.buffer.push(b'\n');
             }
-            PrintFormat::Text => {
+            PacketFormat::Text => {
                 let mut line = String::with_capacity(128);
                 let _ = write!(
                     line,

@@ -14,7 +14,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{counters::DrainCounters, loader::CpuRing, record::Record};
+use crate::{kernel::loader::CpuRing, kernel::record::Record, telemetry::counters::DrainCounters};
 
 /// Consumer of the records of one ring.
 pub trait RecordSink: Send + 'static {

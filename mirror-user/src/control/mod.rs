@@ -3,14 +3,16 @@
 //! each request whole before the next. Sessions send requests and wait for
 //! the answer; the data path never waits for any of it.
 
+pub mod ports;
+
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    hub::{EventBatch, Hub, PortFeed},
-    ports::{PolicyError, PortRegistry, SessionId},
-    protocol::PortInfo,
+    control::ports::{PolicyError, PortRegistry, SessionId},
+    fanout::hub::{EventBatch, Hub, PortFeed},
+    server::protocol::PortInfo,
 };
 
 /// The kernel's port map, as the control logic sees it.
@@ -18,9 +20,9 @@ pub trait PortMap {
     fn set_port(&mut self, port: u16, mirrored: bool) -> Result<(), String>;
 }
 
-impl PortMap for crate::loader::Mirror {
+impl PortMap for crate::kernel::loader::Mirror {
     fn set_port(&mut self, port: u16, mirrored: bool) -> Result<(), String> {
-        crate::loader::Mirror::set_port(self, port, mirrored).map_err(|e| e.to_string())
+        crate::kernel::loader::Mirror::set_port(self, port, mirrored).map_err(|e| e.to_string())
     }
 }
 
@@ -181,7 +183,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::{hub::HubConfig, ports::AllowList};
+    use crate::{control::ports::AllowList, fanout::hub::HubConfig};
 
     #[derive(Default)]
     struct FakeMap(BTreeSet<u16>);
@@ -274,7 +276,7 @@ mod tests {
         c.handle(Request::AddPort { port: 9001, reply }, &mut map);
         assert_eq!(answer.blocking_recv().unwrap(), Ok(()));
         assert!(map.0.contains(&9001));
-        let opened = crate::stream::StreamEvent::Opened {
+        let opened = crate::flow::model::StreamEvent::Opened {
             conn: 1,
             src: "198.18.0.1:1".parse().unwrap(),
             dst: "198.18.0.2:9001".parse().unwrap(),
@@ -302,9 +304,9 @@ mod tests {
         let got = runtime.block_on(own.next());
         assert_eq!(
             got,
-            Some(crate::stream::StreamEvent::Closed {
+            Some(crate::flow::model::StreamEvent::Closed {
                 conn: 1,
-                reason: crate::stream::CloseReason::Shutdown
+                reason: crate::flow::model::CloseReason::Shutdown
             })
         );
         let (reply, answer) = oneshot::channel();

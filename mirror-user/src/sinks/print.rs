@@ -7,9 +7,8 @@ use serde::Serialize;
 use tokio::io::{AsyncWriteExt as _, BufWriter};
 
 use crate::{
-    cli::PrintFormat,
-    hub::Subscription,
-    stream::{CloseReason, StreamEvent},
+    fanout::hub::Subscription,
+    flow::model::{CloseReason, StreamEvent},
 };
 
 /// Bytes of payload shown in a text line.
@@ -64,32 +63,16 @@ impl<'a> EventLine<'a> {
     }
 }
 
-/// How events are written.
+/// How events are written: `--print` (text or JSON) and `mirror tail
+/// --format` (also hex).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventFormat {
+pub enum PrintFormat {
+    /// One line per event, data shown as escaped text.
     Text,
+    /// One JSON object per line.
     Json,
     /// As text, with each data chunk as a hex dump.
     Hex,
-}
-
-impl From<PrintFormat> for EventFormat {
-    fn from(format: PrintFormat) -> Self {
-        match format {
-            PrintFormat::Text => Self::Text,
-            PrintFormat::Json => Self::Json,
-        }
-    }
-}
-
-impl From<crate::cli::TailFormat> for EventFormat {
-    fn from(format: crate::cli::TailFormat) -> Self {
-        match format {
-            crate::cli::TailFormat::Text => Self::Text,
-            crate::cli::TailFormat::Json => Self::Json,
-            crate::cli::TailFormat::Hex => Self::Hex,
-        }
-    }
 }
 
 /// `xxd`-like lines: offset, 16 bytes in hex, the printable ones as text.
@@ -116,16 +99,15 @@ fn hex_dump(bytes: &[u8], out: &mut String) {
 }
 
 /// Appends the line for `event` (with its newline) to `out`.
-pub fn format_event(event: &StreamEvent, format: impl Into<EventFormat>, out: &mut String) {
-    let format = format.into();
+pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) {
     match format {
-        EventFormat::Json => {
+        PrintFormat::Json => {
             // Serializing strings and numbers cannot fail.
             if let Ok(json) = serde_json::to_string(&EventLine::new(event)) {
                 out.push_str(&json);
             }
         }
-        EventFormat::Text | EventFormat::Hex => match event {
+        PrintFormat::Text | PrintFormat::Hex => match event {
             StreamEvent::Opened {
                 conn,
                 src,
@@ -137,7 +119,7 @@ pub fn format_event(event: &StreamEvent, format: impl Into<EventFormat>, out: &m
                     out.push_str(" (midstream)");
                 }
             }
-            StreamEvent::Data { conn, bytes } if format == EventFormat::Hex => {
+            StreamEvent::Data { conn, bytes } if format == PrintFormat::Hex => {
                 let _ = write!(out, "conn {conn} data {} bytes:", bytes.len());
                 hex_dump(bytes, out);
             }
@@ -268,7 +250,7 @@ mod tests {
 
     use super::*;
 
-    fn line(event: &StreamEvent, format: impl Into<EventFormat>) -> String {
+    fn line(event: &StreamEvent, format: PrintFormat) -> String {
         let mut out = String::new();
         format_event(event, format, &mut out);
         out
@@ -357,7 +339,7 @@ mod tests {
             conn: 2,
             bytes: Bytes::from_static(b"GET / HTTP/1.1\r\nHost: x\r\n"),
         };
-        let text = line(&data, EventFormat::Hex);
+        let text = line(&data, PrintFormat::Hex);
         assert_eq!(
             text,
             concat!(

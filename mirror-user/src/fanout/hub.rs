@@ -30,10 +30,10 @@ use tokio_stream::{
 };
 
 use crate::{
-    conntrack::EventSink,
-    counters::{ConsumerSnapshot, PastSessions},
-    protocol::{client_name, printable},
-    stream::{CloseReason, ConnId, StreamEvent},
+    flow::conntrack::EventSink,
+    flow::model::{CloseReason, ConnId, StreamEvent},
+    server::protocol::{client_name, printable},
+    telemetry::counters::{ConsumerSnapshot, PastSessions},
 };
 
 /// Events of one port, published together.
@@ -233,7 +233,7 @@ impl Hub {
 
     /// A subscriber session's consumer, with no port yet: `client-ID` in
     /// the counters while it lasts, with the name its client gave (cut to
-    /// [`crate::protocol::MAX_CLIENT_NAME`] bytes and escaped). When the
+    /// [`crate::server::protocol::MAX_CLIENT_NAME`] bytes and escaped). When the
     /// subscription is dropped its totals move into the past sessions'.
     pub fn subscribe_session(&self, id: u64, client: &str) -> Subscription {
         let client = printable(client_name(client)).into_owned();

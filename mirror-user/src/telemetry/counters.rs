@@ -9,10 +9,10 @@ use aya::maps::{MapData, MapError, PerCpuArray};
 use mirror_common::{COUNTER_COUNT, Counter};
 
 use crate::{
-    conntrack::TableStats,
-    hub::{ConsumerStats, PortTotals},
-    protocol::printable,
-    stream::CloseReason,
+    fanout::hub::{ConsumerStats, PortTotals},
+    flow::conntrack::TableStats,
+    flow::model::CloseReason,
+    server::protocol::printable,
 };
 
 /// Most ports a counters document lists (the busiest by bytes); the others
@@ -23,7 +23,7 @@ pub const MAX_LISTED_PORTS: usize = 1024;
 /// `truncated.consumers`.
 ///
 /// With [`MAX_LISTED_PORTS`] this bounds the document well below a STATS
-/// frame ([`crate::protocol::MAX_FRAME`]): a port entry is at most about
+/// frame ([`crate::server::protocol::MAX_FRAME`]): a port entry is at most about
 /// 100 bytes, a consumer entry about 600 (a 64-byte client name of control
 /// characters, escaped here and again by JSON), about 240 KiB in all
 /// (measured in the tests).
@@ -483,7 +483,8 @@ mod tests {
             })
             .collect();
         // The worst name: 64 bytes of control characters, each escaped.
-        let worst = printable(&"\u{1}".repeat(crate::protocol::MAX_CLIENT_NAME)).into_owned();
+        let worst =
+            printable(&"\u{1}".repeat(crate::server::protocol::MAX_CLIENT_NAME)).into_owned();
         let snapshot = |name: String, client: Option<String>| ConsumerSnapshot {
             name,
             client,
@@ -513,7 +514,7 @@ mod tests {
         let json = summary.to_json();
         let document = json.to_string();
         assert!(
-            document.len() < crate::protocol::MAX_FRAME / 4,
+            document.len() < crate::server::protocol::MAX_FRAME / 4,
             "{} bytes",
             document.len()
         );

@@ -29,9 +29,8 @@ use aya::{
 use mirror_common::PROG_TC;
 
 use crate::{
-    cli::AttachMode,
-    loader::{LoadError, Mirror},
-    privileged_helper::ClsactFilter,
+    kernel::loader::{LoadError, Mirror},
+    kernel::privileged_helper::ClsactFilter,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +85,21 @@ pub enum AttachError {
         "{iface} has TCX programs at tc ingress ({programs}), which run before every clsact filter and could hide packets from the mirror: leave out --tc-netlink, so that the mirror attaches through TCX, first in their chain"
     )]
     TcxAhead { iface: String, programs: String },
+}
+
+/// Where to attach the program (`--attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// The attach point that costs the traffic least on this interface.
+    Auto,
+    /// TC ingress (TCX link where the kernel has it, else a clsact filter).
+    Tc,
+    /// XDP, native if the driver supports it, else generic.
+    Xdp,
+    /// Generic (skb) XDP.
+    XdpSkb,
+    /// Native (driver) XDP; fails where the driver has none.
+    XdpDrv,
 }
 
 /// Where the program ended up.

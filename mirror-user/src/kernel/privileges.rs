@@ -7,13 +7,13 @@
 //! (the kernel checks privileges when a BPF object is created or a
 //! descriptor obtained, not when an open one is used), so runtime port
 //! changes go through the open port map. What still needs a privilege
-//! later is done by the privileged helper ([`crate::privileged_helper`]).
+//! later is done by the privileged helper ([`crate::kernel::privileged_helper`]).
 
 use std::{ffi::CString, fs, io};
 
 use nix::unistd::{Gid, Uid, User};
 
-use crate::output_dir::{OutputDir, OutputDirError, Owner};
+use crate::files::{OutputDir, OutputDirError, Owner};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;

@@ -2,14 +2,23 @@
 
 use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{
+    Args, Parser, Subcommand,
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
+};
 use mirror_common::MAX_SNAPLEN;
 
-use crate::{
-    ports::AllowList,
+use mirror_user::{
+    control::ports::AllowList,
+    kernel::attach::AttachMode,
     server::Endpoint,
-    sinks::{forward::ForwardTarget, pcap::PcapFormat},
+    sinks::{
+        forward::ForwardTarget, pcap::PcapFormat, print::PrintFormat, print_packets::PacketFormat,
+    },
 };
+
+pub mod run;
+pub mod tail;
 
 /// Mirror the TCP traffic of chosen ports, kernel-assisted, without ever
 /// touching it.
@@ -68,8 +77,8 @@ pub struct TailArgs {
     pub ports: Vec<NonZeroU16>,
 
     /// How to print events.
-    #[arg(long, value_enum, default_value_t = TailFormat::Text)]
-    pub format: TailFormat,
+    #[arg(long, value_parser = one_of(TAIL_FORMATS), default_value = "text")]
+    pub format: PrintFormat,
 
     /// Write each connection to a file in DIR instead (as `mirror run
     /// --dump-dir` does).
@@ -83,16 +92,24 @@ pub struct TailArgs {
     pub user: Option<String>,
 }
 
-/// Format of `mirror tail` lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TailFormat {
-    /// One line per event, data shown as escaped text.
-    Text,
-    /// One JSON object per line, as `mirror run --print json`.
-    Json,
-    /// Events as text, data as a hex dump.
-    Hex,
-}
+/// `mirror tail --format`.
+const TAIL_FORMATS: &[Choice<PrintFormat>] = &[
+    (
+        "text",
+        "One line per event, data shown as escaped text",
+        PrintFormat::Text,
+    ),
+    (
+        "json",
+        "One JSON object per line, as `mirror run --print json`",
+        PrintFormat::Json,
+    ),
+    (
+        "hex",
+        "Events as text, data as a hex dump",
+        PrintFormat::Hex,
+    ),
+];
 
 #[derive(Debug, Args)]
 pub struct PortsArgs {
@@ -161,7 +178,7 @@ pub struct RunArgs {
 
     /// Where to attach the program. `auto` picks the attach point that costs
     /// the watched traffic least on this interface (TC).
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    #[arg(long, value_parser = one_of(ATTACH_MODES), default_value = "auto")]
     pub attach: AttachMode,
 
     /// Bytes of each packet to keep, from the start of the Ethernet header
@@ -173,12 +190,12 @@ pub struct RunArgs {
     /// Print stream events to standard output: each connection opening,
     /// its bytes in order, and its end with a reason (fin, rst, idle, gap,
     /// lagged, evicted, shutdown).
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[arg(long, value_name = "FORMAT", value_parser = one_of(PRINT_FORMATS))]
     pub print: Option<PrintFormat>,
 
     /// Print one line per mirrored packet (before reassembly) instead.
-    #[arg(long, value_enum, value_name = "FORMAT", conflicts_with = "print")]
-    pub print_packets: Option<PrintFormat>,
+    #[arg(long, value_name = "FORMAT", conflicts_with = "print", value_parser = one_of(PACKET_FORMATS))]
+    pub print_packets: Option<PacketFormat>,
 
     /// Write each connection's client-to-server bytes to a file of its own
     /// in DIR, named as tcpflow names them; `NAME.meta` says how the
@@ -241,7 +258,7 @@ pub struct SinkArgs {
     pub pcap: Option<PathBuf>,
 
     /// Capture file format.
-    #[arg(long, value_enum, default_value_t = PcapFormat::Pcapng)]
+    #[arg(long, value_parser = one_of(PCAP_FORMATS), default_value = "pcapng")]
     pub pcap_format: PcapFormat,
 
     /// Start a new capture file (FILE1, FILE2, ...) after this many bytes.
@@ -376,29 +393,78 @@ pub struct StreamArgs {
     pub channel_bytes: u64,
 }
 
-/// Where the program is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AttachMode {
-    /// The attach point that costs the traffic least on this interface.
-    Auto,
-    /// TC ingress (TCX link where the kernel has it, else a clsact filter).
-    Tc,
-    /// XDP, native if the driver supports it, else generic.
-    Xdp,
-    /// Generic (skb) XDP.
-    XdpSkb,
-    /// Native (driver) XDP; fails where the driver has none.
-    XdpDrv,
+/// A command-line name for a value of a domain enum, with its help: the
+/// enums stay where their stage is, free of clap.
+type Choice<T> = (&'static str, &'static str, T);
+
+/// A value parser that takes one of `choices` by name.
+fn one_of<T: Clone + Send + Sync + 'static>(
+    choices: &'static [Choice<T>],
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(
+        choices
+            .iter()
+            .map(|(name, help, _)| PossibleValue::new(*name).help(*help)),
+    )
+    .map(move |name| {
+        choices
+            .iter()
+            .find(|(known, _, _)| *known == name)
+            .map(|(_, _, value)| value.clone())
+            .expect("clap accepts only the names of the choices")
+    })
 }
 
-/// Format of `--print` lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PrintFormat {
-    /// tcpdump-like text.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+/// `--attach`.
+const ATTACH_MODES: &[Choice<AttachMode>] = &[
+    (
+        "auto",
+        "The attach point that costs the traffic least on this interface",
+        AttachMode::Auto,
+    ),
+    (
+        "tc",
+        "TC ingress (TCX link where the kernel has it, else a clsact filter)",
+        AttachMode::Tc,
+    ),
+    (
+        "xdp",
+        "XDP, native if the driver supports it, else generic",
+        AttachMode::Xdp,
+    ),
+    ("xdp-skb", "Generic (skb) XDP", AttachMode::XdpSkb),
+    (
+        "xdp-drv",
+        "Native (driver) XDP; fails where the driver has none",
+        AttachMode::XdpDrv,
+    ),
+];
+
+/// `--print`.
+const PRINT_FORMATS: &[Choice<PrintFormat>] = &[
+    ("text", "tcpdump-like text", PrintFormat::Text),
+    ("json", "One JSON object per line", PrintFormat::Json),
+];
+
+/// `--print-packets`.
+const PACKET_FORMATS: &[Choice<PacketFormat>] = &[
+    ("text", "tcpdump-like text", PacketFormat::Text),
+    ("json", "One JSON object per line", PacketFormat::Json),
+];
+
+/// `--pcap-format`.
+const PCAP_FORMATS: &[Choice<PcapFormat>] = &[
+    (
+        "pcap",
+        "Classic pcap, nanosecond timestamps",
+        PcapFormat::Pcap,
+    ),
+    (
+        "pcapng",
+        "pcapng with the interface's name and nanosecond timestamps",
+        PcapFormat::Pcapng,
+    ),
+];
 
 /// Parses a TCP port, 1 to 65535.
 pub fn parse_port(text: &str) -> Result<NonZeroU16, String> {
@@ -566,7 +632,7 @@ mod tests {
         .unwrap()
         {
             Command::Tail(tail) => {
-                assert_eq!(tail.format, TailFormat::Hex);
+                assert_eq!(tail.format, PrintFormat::Hex);
                 assert_eq!(tail.connect.connect.to_string(), "127.0.0.1:7000");
             }
             other => panic!("{other:?}"),

@@ -25,12 +25,12 @@ use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
-    protocol::{
+    flow::model::StreamEvent,
+    server::protocol::{
         ClientFrame, ErrorCode, MAX_TOKEN, PortInfo, ProtocolError, ServerFrame, VERSION,
         client_name, client_proof, new_nonce, printable, server_proof_holds,
     },
     server::{Connection, Endpoint, frame},
-    stream::StreamEvent,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,7 @@ impl Client {
     /// Connects and says hello, within [`HELLO_EXCHANGE_TIMEOUT`]. Over
     /// TCP, client and server prove to each other that they know `token`,
     /// which is never sent; over a Unix socket the token is not used.
-    /// `name` is cut to [`crate::protocol::MAX_CLIENT_NAME`] bytes.
+    /// `name` is cut to [`crate::server::protocol::MAX_CLIENT_NAME`] bytes.
     pub async fn connect(
         endpoint: &Endpoint,
         token: Option<&str>,
@@ -445,7 +445,7 @@ mod tests {
     use std::{fs, path::PathBuf};
 
     use super::*;
-    use crate::protocol::NONCE_LEN;
+    use crate::server::protocol::NONCE_LEN;
 
     fn token_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> PathBuf {
         let path = dir.join(name);
@@ -633,7 +633,7 @@ mod tests {
             let (old_client_nonce, server_nonce) = ([7; NONCE_LEN], [9; NONCE_LEN]);
             framed(&ServerFrame::Challenge {
                 nonce: server_nonce,
-                proof: crate::protocol::server_proof(
+                proof: crate::server::protocol::server_proof(
                     TOKEN.as_bytes(),
                     &old_client_nonce,
                     &server_nonce,
@@ -667,7 +667,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_knows_the_token_gets_a_proof_for_its_challenge_only() {
-        use crate::protocol::{client_proof_holds, server_proof};
+        use crate::server::protocol::{client_proof_holds, server_proof};
         let server_nonce = [0x42; NONCE_LEN];
         let (endpoint, server) = fake_tcp_server(move |hello| {
             let ClientFrame::Hello { nonce, .. } = hello else {

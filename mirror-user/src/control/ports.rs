@@ -11,7 +11,7 @@ use std::{
     ops::RangeInclusive,
 };
 
-use crate::protocol::PortInfo;
+use crate::server::protocol::PortInfo;
 
 /// Ranges of ports clients may add (`--allow-ports 8000-8100,9000`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

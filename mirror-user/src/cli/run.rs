@@ -14,32 +14,33 @@ use std::{
 
 use anyhow::Context as _;
 use mirror_user::{
-    attach::{self, AUTO_REASON, Attachment},
-    cli::{AttachMode, PrintFormat, RunArgs, StreamArgs},
-    client,
-    clock::WallClock,
-    conntrack::{TableLimits, TableStats},
+    control::ports::PortRegistry,
     control::{Control, Request},
-    counters::{self, DrainCounters, KernelCounters, StreamSummary, Summary},
-    drain::{RecordSink, drain_ring, register_readable},
-    hub::{Hub, HubConfig},
-    loader::{self, LoadOptions, Mirror},
-    output_dir::OutputDir,
-    ports::PortRegistry,
-    privileged_helper::{Helper, Plan as HelperPlan},
-    privileges::{self, Identity},
-    reassembly::ReorderLimits,
-    record::Record,
+    fanout::hub::{Hub, HubConfig},
+    files::OutputDir,
+    flow::conntrack::{TableLimits, TableStats},
+    flow::reassembly::ReorderLimits,
+    kernel::attach::{self, AUTO_REASON, AttachMode, Attachment},
+    kernel::clock::WallClock,
+    kernel::drain::{RecordSink, drain_ring, register_readable},
+    kernel::loader::{self, LoadOptions, Mirror},
+    kernel::privileged_helper::{Helper, Plan as HelperPlan},
+    kernel::privileges::{self, Identity},
+    kernel::record::Record,
+    pipeline::shards::{SegmentRouter, ShardConfig, ShardCounters, Shards},
+    server::client,
     server::{self, BoundListener, SendBufferForcer, ServerConfig, ServerStats, SessionContext},
-    shards::{SegmentRouter, ShardConfig, ShardCounters, Shards},
     sinks::{
         dump::dump_events,
-        events::print_events,
         forward::{ForwardConfig, ForwardStats, ForwardTarget, forward},
-        packets::PacketPrinter,
         pcap::{self, PcapConfig, PcapCounters, PcapOutput, PcapSink},
+        print::{PrintFormat, print_events},
+        print_packets::{PacketFormat, PacketPrinter},
     },
+    telemetry::counters::{self, DrainCounters, KernelCounters, StreamSummary, Summary},
 };
+
+use crate::cli::{RunArgs, StreamArgs};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -406,7 +407,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     }
     detached?;
 
-    if args.print == Some(PrintFormat::Json) || args.print_packets == Some(PrintFormat::Json) {
+    if args.print == Some(PrintFormat::Json) || args.print_packets == Some(PacketFormat::Json) {
         println!("{}", stages.json(kernel, table));
     } else {
         eprintln!("{}", stages.summary(kernel, table));

@@ -33,10 +33,10 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::{
-    reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
-    record::TcpFlags,
-    segment::{FlowKey, Segment},
-    stream::{CloseReason, ConnId, StreamEvent},
+    flow::model::{CloseReason, ConnId, StreamEvent},
+    flow::reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
+    flow::segment::{FlowKey, Segment},
+    kernel::record::TcpFlags,
 };
 
 /// Limits of one shard's table.

@@ -42,7 +42,7 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-use crate::privileged_helper::ClsactFilter;
+use crate::kernel::privileged_helper::ClsactFilter;
 
 /// The priority of the mirror's filter: the first one.
 pub const PRIORITY: u16 = 1;

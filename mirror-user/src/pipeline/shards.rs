@@ -17,12 +17,12 @@ use std::{
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    conntrack::{ConnectionTable, TableLimits, TableStats},
-    drain::RecordSink,
-    hub::{Batcher, Hub},
-    record::Record,
-    segment::{FlowKey, PayloadPool, Segment},
-    stream::CloseReason,
+    fanout::hub::{Batcher, Hub},
+    flow::conntrack::{ConnectionTable, TableLimits, TableStats},
+    flow::model::CloseReason,
+    flow::segment::{FlowKey, PayloadPool, Segment},
+    kernel::drain::RecordSink,
+    kernel::record::Record,
 };
 
 /// Sizes of the shard stage.
@@ -368,7 +368,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        conntrack::TableLimits, hub::HubConfig, reassembly::ReorderLimits, record::TcpFlags,
+        fanout::hub::HubConfig, flow::conntrack::TableLimits, flow::reassembly::ReorderLimits,
+        kernel::record::TcpFlags,
     };
 
     #[test]

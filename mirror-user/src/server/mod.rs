@@ -11,7 +11,11 @@
 //! [`HELLO_TIMEOUT`], so that silent or slow connections cannot keep a
 //! client with the token out.
 //!
-//! The protocol is in `docs/protocol.md` and [`crate::protocol`].
+//! The protocol is in `docs/protocol.md` and [`crate::server::protocol`].
+
+pub mod client;
+pub mod protocol;
+pub mod wire;
 
 use std::{
     collections::VecDeque,
@@ -39,15 +43,15 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
     control::Request,
-    hub::{Hub, Subscription},
-    output_dir::OutputDir,
-    ports::{PolicyError, SessionId},
-    privileged_helper::SocketFile,
-    protocol::{
+    control::ports::{PolicyError, SessionId},
+    fanout::hub::{Hub, Subscription},
+    files::OutputDir,
+    kernel::privileged_helper::SocketFile,
+    server::protocol::{
         ClientFrame, ErrorCode, MAX_FRAME, MAX_HELLO_FRAME, Nonce, ServerFrame, VERSION,
         client_name, client_proof_holds, hello_version, new_nonce, printable, server_proof,
     },
-    session_wire::SessionWire,
+    server::wire::SessionWire,
 };
 
 /// Where `mirror run` listens by default, and `mirror tail` connects.
@@ -125,7 +129,7 @@ pub enum ServerError {
     Dir {
         endpoint: Endpoint,
         #[source]
-        source: crate::output_dir::OutputDirError,
+        source: crate::files::OutputDirError,
     },
     #[error("cannot listen on {endpoint}: {source}")]
     Bind {
@@ -371,7 +375,7 @@ fn listening(path: &Path) -> io::Result<bool> {
 }
 
 /// Opens (creating it 0700 when missing) the directory of a socket path.
-fn socket_directory(path: &Path) -> Result<OutputDir, crate::output_dir::OutputDirError> {
+fn socket_directory(path: &Path) -> Result<OutputDir, crate::files::OutputDirError> {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -749,7 +753,7 @@ struct Greeting<'a> {
 }
 
 /// Runs the hello; returns the client's name (cut to
-/// [`crate::protocol::MAX_CLIENT_NAME`] bytes) and its client slot.
+/// [`crate::server::protocol::MAX_CLIENT_NAME`] bytes) and its client slot.
 async fn hello(
     wire: &mut Wire,
     greeting: Greeting<'_>,
@@ -1031,7 +1035,7 @@ async fn write_event(
     wire: &mut Wire,
     context: &SessionContext,
     now: bool,
-    event: &crate::stream::StreamEvent,
+    event: &crate::flow::model::StreamEvent,
 ) -> Result<(), End> {
     wire.queue(&ServerFrame::from_event(event));
     if now || wire.queued_bytes() >= FRAME_BUFFER {
@@ -1139,14 +1143,14 @@ mod tests {
 
     use super::*;
     use crate::{
-        client::{Client, ClientError},
+        control::ports::{AllowList, PortRegistry},
         control::{Control, PortMap},
-        counters::{StreamSummary, Summary},
-        hub::HubConfig,
-        ports::{AllowList, PortRegistry},
-        protocol::{
+        fanout::hub::HubConfig,
+        server::client::{Client, ClientError},
+        server::protocol::{
             MAX_CLIENT_NAME, MAX_TOKEN, NONCE_LEN, Proof, client_proof, server_proof_holds,
         },
+        telemetry::counters::{StreamSummary, Summary},
     };
 
     #[test]
@@ -1460,7 +1464,7 @@ mod tests {
     /// docs/protocol.md states the limits the code applies.
     #[test]
     fn the_documented_limits_are_the_code() {
-        let doc = include_str!("../../docs/protocol.md");
+        let doc = include_str!("../../../docs/protocol.md");
         let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
         for stated in [
             format!("whole within **{} seconds** of", HELLO_TIMEOUT.as_secs()),
@@ -1471,11 +1475,20 @@ mod tests {
             format!("warns about a token shorter than {SHORT_TOKEN} bytes"),
             format!(
                 "within **{} seconds**",
-                crate::client::HELLO_EXCHANGE_TIMEOUT.as_secs()
+                crate::server::client::HELLO_EXCHANGE_TIMEOUT.as_secs()
             ),
-            format!("keeps its first {} bytes", crate::protocol::MAX_CLIENT_NAME),
-            format!("at most {} ports", crate::counters::MAX_LISTED_PORTS),
-            format!("and {} consumers", crate::counters::MAX_LISTED_CONSUMERS),
+            format!(
+                "keeps its first {} bytes",
+                crate::server::protocol::MAX_CLIENT_NAME
+            ),
+            format!(
+                "at most {} ports",
+                crate::telemetry::counters::MAX_LISTED_PORTS
+            ),
+            format!(
+                "and {} consumers",
+                crate::telemetry::counters::MAX_LISTED_CONSUMERS
+            ),
             format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
             format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
             format!("version in `HELLO` and `WELCOME` is {VERSION}."),
@@ -1571,7 +1584,7 @@ mod tests {
         let mut stream = TcpStream::connect(server.addr()).await.unwrap();
         // Announces a frame one byte longer than the longest hello: refused
         // before its body arrives.
-        let length = (crate::protocol::MAX_HELLO_FRAME as u32 + 1).to_be_bytes();
+        let length = (crate::server::protocol::MAX_HELLO_FRAME as u32 + 1).to_be_bytes();
         stream.write_all(&length).await.unwrap();
         let frames = until_closed(&mut stream, Duration::from_secs(2)).await;
         assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
@@ -1579,7 +1592,7 @@ mod tests {
         let mut client = Client::connect(
             &server.endpoint,
             Some(TOKEN),
-            &"n".repeat(crate::protocol::MAX_NAME),
+            &"n".repeat(crate::server::protocol::MAX_NAME),
         )
         .await
         .expect("served");
@@ -1856,7 +1869,7 @@ mod tests {
         }
         let mut client = server.client("observer").await.unwrap();
         let past = |json: &serde_json::Value| {
-            crate::counters::flatten(json)
+            crate::telemetry::counters::flatten(json)
                 .get("consumers.past_sessions.sessions")
                 .copied()
         };
@@ -1902,10 +1915,10 @@ mod tests {
         );
         // Cut at a character boundary below 64 bytes: 27 bytes of ASCII,
         // control and format characters, then 18 two-byte characters.
-        let kept = crate::protocol::client_name(&forged);
+        let kept = crate::server::protocol::client_name(&forged);
         assert_eq!(kept.len(), MAX_CLIENT_NAME - 1);
         assert!(name.ends_with(&"é".repeat(18)) && !name.ends_with(&"é".repeat(19)));
-        for key in crate::counters::flatten(&json).keys() {
+        for key in crate::telemetry::counters::flatten(&json).keys() {
             assert!(key.chars().all(|c| !c.is_control()), "{key:?}");
         }
         drop(stream);

@@ -17,7 +17,7 @@ use std::{
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::stream::{CloseReason, ConnId, StreamEvent};
+use crate::flow::model::{CloseReason, ConnId, StreamEvent};
 
 /// The protocol version this build speaks. Version 1 sent the token in
 /// its `Hello`; version 2 proves it with [`client_proof`] instead.
@@ -986,7 +986,7 @@ mod tests {
             frame.encode(&mut buf);
             framed(&buf)
         }
-        let doc = include_str!("../../docs/protocol.md");
+        let doc = include_str!("../../../docs/protocol.md");
         let example = &doc[doc.find("## Example").expect("an example section")..];
         let example = example.split("```").nth(1).expect("a code block");
         // A frame starts at `client: ` or `server: `; a line indented as

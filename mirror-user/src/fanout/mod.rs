@@ -1,0 +1,3 @@
+//! Fan-out of stream events to consumers.
+
+pub mod hub;

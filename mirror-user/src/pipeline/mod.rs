@@ -1,0 +1,3 @@
+//! The stages of `mirror run` between the rings and the consumers.
+
+pub mod shards;
