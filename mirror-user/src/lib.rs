@@ -11,3 +11,4 @@ pub mod pipeline;
 pub mod server;
 pub mod sinks;
 pub mod telemetry;
+pub mod text;

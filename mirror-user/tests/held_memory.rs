@@ -20,8 +20,10 @@ use mirror_user::{
     flow::conntrack::{ConnectionTable, TableLimits},
     flow::model::{CloseReason, StreamEvent},
     flow::reassembly::ReorderLimits,
-    flow::segment::{FlowKey, PayloadPool, Segment},
-    kernel::record::TcpFlags,
+    flow::{
+        model::FlowKey,
+        segment::{PayloadPool, Segment, TcpFlags},
+    },
 };
 
 struct Counting;
@@ -128,11 +130,11 @@ impl Tally {
     }
 }
 
-fn segment(flow: FlowKey, seq: u32, flags: u8, payload: bytes::Bytes) -> Segment {
+fn segment(flow: FlowKey, seq: u32, flags: TcpFlags, payload: bytes::Bytes) -> Segment {
     Segment {
         flow,
         seq,
-        flags: TcpFlags(flags),
+        flags,
         payload,
         truncated: false,
     }

@@ -21,9 +21,8 @@ use libfuzzer_sys::fuzz_target;
 use mirror_user::{
     flow::conntrack::{ConnectionTable, TableLimits},
     flow::reassembly::ReorderLimits,
-    kernel::record::TcpFlags,
-    flow::segment::{FlowKey, Segment},
-    flow::model::{CloseReason, ConnId, StreamEvent},
+    flow::segment::{Segment, TcpFlags},
+    flow::model::{CloseReason, ConnId, FlowKey, StreamEvent},
 };
 
 const FLOWS: usize = 4;
@@ -189,7 +188,7 @@ fuzz_target!(|input: Input| {
                     i32::from(offset)
                 };
                 let seq = input.bases[index].wrapping_add(offset as u32);
-                let flags = TcpFlags(flags);
+                let flags = TcpFlags::from_bits_retain(flags);
                 let data_seq = seq.wrapping_add(u32::from(flags.contains(TcpFlags::SYN)));
                 let payload: Vec<u8> = (0..u32::from(len))
                     .map(|i| truth(index, data_seq.wrapping_add(i)))

@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use mirror_user::{
     kernel::record::Record,
-    flow::segment::{PayloadPool, Segment},
+    flow::segment::PayloadPool,
 };
 
 fuzz_target!(|raw: &[u8]| {
@@ -21,7 +21,7 @@ fuzz_target!(|raw: &[u8]| {
     };
     assert!(tcp.payload.len() as u64 <= u64::from(tcp.payload_len));
     let mut pool = PayloadPool::new(4096);
-    let segment = Segment::from_record(&record, &mut pool).expect("decoded once already");
+    let segment = record.segment(&mut pool).expect("decoded once already");
     assert_eq!(&segment.payload[..], tcp.payload);
     assert_eq!(segment.seq, tcp.seq);
 });

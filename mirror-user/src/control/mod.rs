@@ -10,9 +10,8 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    control::ports::{PolicyError, PortRegistry, SessionId},
+    control::ports::{PolicyError, PortInfo, PortRegistry, SessionId},
     fanout::hub::{EventBatch, Hub, PortFeed},
-    server::protocol::PortInfo,
 };
 
 /// The kernel's port map, as the control logic sees it.

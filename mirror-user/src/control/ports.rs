@@ -11,8 +11,6 @@ use std::{
     ops::RangeInclusive,
 };
 
-use crate::server::protocol::PortInfo;
-
 /// Ranges of ports clients may add (`--allow-ports 8000-8100,9000`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllowList(Vec<RangeInclusive<u16>>);
@@ -65,6 +63,18 @@ impl fmt::Display for AllowList {
             .collect();
         f.write_str(&parts.join(","))
     }
+}
+
+/// One mirrored port and why it is mirrored (`mirror ports list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortInfo {
+    pub port: u16,
+    /// Given on the mirror's command line: always mirrored.
+    pub command_line: bool,
+    /// Added with `AddPort`.
+    pub added: bool,
+    /// Sessions subscribed to it.
+    pub subscribers: u32,
 }
 
 /// A client session of the subscriber server.

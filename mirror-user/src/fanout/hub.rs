@@ -30,10 +30,9 @@ use tokio_stream::{
 };
 
 use crate::{
-    flow::conntrack::EventSink,
-    flow::model::{CloseReason, ConnId, StreamEvent},
-    server::protocol::{client_name, printable},
-    telemetry::counters::{ConsumerSnapshot, PastSessions},
+    flow::model::{CloseReason, ConnId, EventSink, StreamEvent},
+    telemetry::counters::{ConsumerSnapshot, PastSessions, PortTotals},
+    text::printable,
 };
 
 /// Events of one port, published together.
@@ -88,13 +87,18 @@ pub struct ConsumerStats {
     pub lagged_connections: AtomicU64,
 }
 
-/// What a port's channel carried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PortTotals {
-    pub port: u16,
-    pub connections: u64,
-    pub bytes: u64,
-    pub batches: u64,
+impl ConsumerStats {
+    /// Its counters, now.
+    pub fn snapshot(&self) -> ConsumerSnapshot {
+        ConsumerSnapshot {
+            name: self.name.clone(),
+            client: self.client.clone(),
+            events: self.events.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            lags: self.lags.load(Ordering::Relaxed),
+            lagged_connections: self.lagged_connections.load(Ordering::Relaxed),
+        }
+    }
 }
 
 struct PortChannel {
@@ -232,11 +236,11 @@ impl Hub {
     }
 
     /// A subscriber session's consumer, with no port yet: `client-ID` in
-    /// the counters while it lasts, with the name its client gave (cut to
-    /// [`crate::server::protocol::MAX_CLIENT_NAME`] bytes and escaped). When the
-    /// subscription is dropped its totals move into the past sessions'.
+    /// the counters while it lasts, with the name its client gave (as the
+    /// server keeps it, escaped here). When the subscription is dropped its
+    /// totals move into the past sessions'.
     pub fn subscribe_session(&self, id: u64, client: &str) -> Subscription {
-        let client = printable(client_name(client)).into_owned();
+        let client = printable(client).into_owned();
         let (_, mut subscription, key) = self.register(format!("client-{id}"), Some(client));
         subscription.session = Some(SessionEnd {
             consumers: Arc::clone(&self.consumers),
@@ -306,7 +310,7 @@ impl Hub {
         let live = consumers
             .live
             .values()
-            .map(|stats| ConsumerSnapshot::of(stats))
+            .map(|stats| stats.snapshot())
             .collect();
         (live, consumers.past_sessions)
     }
@@ -321,14 +325,6 @@ fn totals(port: u16, stats: &PortStats) -> PortTotals {
     }
 }
 
-impl PortTotals {
-    fn add(&mut self, other: &Self) {
-        self.connections += other.connections;
-        self.bytes += other.bytes;
-        self.batches += other.batches;
-    }
-}
-
 /// Moves a session's totals into the past sessions' when it ends.
 struct SessionEnd {
     consumers: Arc<Mutex<Consumers>>,
@@ -339,7 +335,7 @@ impl Drop for SessionEnd {
     fn drop(&mut self) {
         let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(stats) = consumers.live.remove(&self.key) {
-            consumers.past_sessions.add(&ConsumerSnapshot::of(&stats));
+            consumers.past_sessions.add(&stats.snapshot());
         }
     }
 }

@@ -32,11 +32,10 @@ use std::{collections::HashSet, num::NonZeroUsize};
 use bytes::Bytes;
 use lru::LruCache;
 
-use crate::{
-    flow::model::{CloseReason, ConnId, StreamEvent},
-    flow::reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
-    flow::segment::{FlowKey, Segment},
-    kernel::record::TcpFlags,
+use crate::flow::{
+    model::{CloseReason, ConnId, EventSink, FlowKey, StreamEvent},
+    reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
+    segment::{Segment, TcpFlags},
 };
 
 /// Limits of one shard's table.
@@ -59,17 +58,6 @@ pub struct TableLimits {
 /// mirror could not see (the server's RST travels the other way) is
 /// usable again after this long. Capped by the idle timeout.
 pub const SYN_QUIET_NS: u64 = 5_000_000_000;
-
-/// Receives the events of a table, with the destination port they belong to.
-pub trait EventSink {
-    fn event(&mut self, port: u16, event: StreamEvent);
-}
-
-impl<F: FnMut(u16, StreamEvent)> EventSink for F {
-    fn event(&mut self, port: u16, event: StreamEvent) {
-        self(port, event)
-    }
-}
 
 /// What a table did, for the counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -801,11 +789,11 @@ mod tests {
         }
     }
 
-    fn seg(flow: FlowKey, seq: u32, flags: u8, payload: &[u8]) -> Segment {
+    fn seg(flow: FlowKey, seq: u32, flags: TcpFlags, payload: &[u8]) -> Segment {
         Segment {
             flow,
             seq,
-            flags: TcpFlags(flags),
+            flags,
             payload: Bytes::copy_from_slice(payload),
             truncated: false,
         }
@@ -832,10 +820,10 @@ mod tests {
         }
     }
 
-    const SYN: u8 = TcpFlags::SYN;
-    const ACK: u8 = TcpFlags::ACK;
-    const FIN: u8 = TcpFlags::FIN | TcpFlags::ACK;
-    const RST: u8 = TcpFlags::RST;
+    const SYN: TcpFlags = TcpFlags::SYN;
+    const ACK: TcpFlags = TcpFlags::ACK;
+    const FIN: TcpFlags = TcpFlags::FIN.union(TcpFlags::ACK);
+    const RST: TcpFlags = TcpFlags::RST;
 
     #[test]
     fn a_connection_from_syn_to_fin() {
@@ -1204,7 +1192,7 @@ mod tests {
         let held = |payload: Bytes| Segment {
             flow: flow(1),
             seq: 10,
-            flags: TcpFlags(ACK),
+            flags: ACK,
             payload,
             truncated: false,
         };

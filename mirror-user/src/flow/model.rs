@@ -1,9 +1,31 @@
-//! What consumers receive: connections opening, their in-order bytes, and
-//! their end with a reason.
+//! The model of the flow stage: a flow's key, and what consumers receive:
+//! connections opening, their in-order bytes, and their end with a reason.
 
-use std::{fmt, net::SocketAddr};
+use std::{
+    fmt,
+    hash::{BuildHasher, Hash},
+    net::SocketAddr,
+};
 
 use bytes::Bytes;
+
+/// The client-to-server direction of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl FlowKey {
+    /// Which of `shards` owns this flow.
+    pub fn shard(&self, shards: usize) -> usize {
+        // Fixed keys: the choice only needs to be stable within one run.
+        let hash =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(self);
+        (hash % shards.max(1) as u64) as usize
+    }
+}
 
 /// A connection's number, unique for the life of the mirror.
 pub type ConnId = u64;
@@ -107,5 +129,35 @@ impl StreamEvent {
             Self::Data { bytes, .. } => bytes.len(),
             _ => 0,
         }
+    }
+}
+
+/// Receives the events of a table, with the destination port they belong to.
+pub trait EventSink {
+    fn event(&mut self, port: u16, event: StreamEvent);
+}
+
+impl<F: FnMut(u16, StreamEvent)> EventSink for F {
+    fn event(&mut self, port: u16, event: StreamEvent) {
+        self(port, event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flow_always_maps_to_the_same_shard() {
+        let flow = FlowKey {
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "198.18.0.2:80".parse().unwrap(),
+        };
+        let shard = flow.shard(4);
+        assert!(shard < 4);
+        for _ in 0..10 {
+            assert_eq!(flow.shard(4), shard);
+        }
+        assert_eq!(flow.shard(1), 0);
     }
 }

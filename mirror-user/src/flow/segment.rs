@@ -1,33 +1,9 @@
-//! From ring records to TCP segments: the payload is copied once out of
-//! the kernel ring into large shared buffers.
-
-use std::{
-    hash::{BuildHasher, Hash},
-    net::SocketAddr,
-};
+//! TCP segments as the flow shards take them: the payload is copied once
+//! out of the kernel ring into large shared buffers.
 
 use bytes::{Bytes, BytesMut};
-use mirror_common::record_flags;
 
-use crate::kernel::record::{Record, RecordError, TcpFlags};
-
-/// The client-to-server direction of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-}
-
-impl FlowKey {
-    /// Which of `shards` owns this flow.
-    pub fn shard(&self, shards: usize) -> usize {
-        // Fixed keys: the choice only needs to be stable within one run.
-        let hash =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(self);
-        (hash % shards.max(1) as u64) as usize
-    }
-}
+use crate::flow::model::FlowKey;
 
 /// One mirrored TCP segment.
 #[derive(Debug, Clone)]
@@ -41,22 +17,44 @@ pub struct Segment {
     pub truncated: bool,
 }
 
-impl Segment {
-    /// Decodes `record` and copies its payload into `pool`.
-    pub fn from_record(record: &Record<'_>, pool: &mut PayloadPool) -> Result<Self, RecordError> {
-        let tcp = record.tcp()?;
-        let truncated = record.header.flags & record_flags::TRUNCATED != 0
-            && tcp.payload.len() < tcp.payload_len as usize;
-        Ok(Self {
-            flow: FlowKey {
-                src: tcp.src,
-                dst: tcp.dst,
-            },
-            seq: tcp.seq,
-            flags: tcp.flags,
-            payload: pool.copy(tcp.payload),
-            truncated,
-        })
+bitflags::bitflags! {
+    /// TCP flag bits, as in the header's flags byte.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct TcpFlags: u8 {
+        const FIN = 0x01;
+        const SYN = 0x02;
+        const RST = 0x04;
+        const PSH = 0x08;
+        const ACK = 0x10;
+        const URG = 0x20;
+        const ECE = 0x40;
+        const CWR = 0x80;
+    }
+}
+
+/// tcpdump's notation: `S` SYN, `F` FIN, `R` RST, `P` PSH, `U` URG,
+/// `E` ECE, `W` CWR, `.` ACK; e.g. `S.` for SYN-ACK.
+impl std::fmt::Display for TcpFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const ORDER: [(TcpFlags, char); 8] = [
+            (TcpFlags::SYN, 'S'),
+            (TcpFlags::FIN, 'F'),
+            (TcpFlags::RST, 'R'),
+            (TcpFlags::PSH, 'P'),
+            (TcpFlags::URG, 'U'),
+            (TcpFlags::ECE, 'E'),
+            (TcpFlags::CWR, 'W'),
+            (TcpFlags::ACK, '.'),
+        ];
+        if self.is_empty() {
+            return f.write_str("none");
+        }
+        for (bit, letter) in ORDER {
+            if self.contains(bit) {
+                write!(f, "{letter}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -147,16 +145,10 @@ mod tests {
     }
 
     #[test]
-    fn a_flow_always_maps_to_the_same_shard() {
-        let flow = FlowKey {
-            src: "198.18.0.1:40000".parse().unwrap(),
-            dst: "198.18.0.2:80".parse().unwrap(),
-        };
-        let shard = flow.shard(4);
-        assert!(shard < 4);
-        for _ in 0..10 {
-            assert_eq!(flow.shard(4), shard);
-        }
-        assert_eq!(flow.shard(1), 0);
+    fn flag_notation_matches_tcpdump() {
+        assert_eq!((TcpFlags::SYN | TcpFlags::ACK).to_string(), "S.");
+        assert_eq!((TcpFlags::FIN | TcpFlags::ACK).to_string(), "F.");
+        assert_eq!(TcpFlags::RST.to_string(), "R");
+        assert_eq!(TcpFlags::empty().to_string(), "none");
     }
 }

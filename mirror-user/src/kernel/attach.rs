@@ -29,8 +29,8 @@ use aya::{
 use mirror_common::PROG_TC;
 
 use crate::{
+    kernel::attach::clsact::ClsactFilter,
     kernel::loader::{LoadError, Mirror},
-    kernel::privileged_helper::ClsactFilter,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -13,11 +13,11 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use mirror_common::{
-    GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow, MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS,
-    MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
+    COUNTER_COUNT, Counter, GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow, MAP_COUNTERS,
+    MAP_LOST_FLOWS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
 };
 
-use crate::{flow::segment::FlowKey, telemetry::counters::KernelCounters};
+use crate::{flow::model::FlowKey, telemetry::counters::KernelCounters};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so that one
 /// file is deployed.
@@ -220,7 +220,12 @@ impl Mirror {
 
     /// Sum over CPUs of the kernel's counters.
     pub fn counters(&self) -> Result<KernelCounters, MapError> {
-        KernelCounters::read(&self.counters)
+        let mut sums = [0u64; COUNTER_COUNT as usize];
+        for counter in Counter::ALL {
+            let per_cpu = self.counters.get(&(counter as u32), 0)?;
+            sums[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(KernelCounters::from_sums(sums))
     }
 
     /// Hands the rings to their drain tasks (once).

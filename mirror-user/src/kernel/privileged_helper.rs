@@ -52,12 +52,15 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{kernel::attach::clsact, server::UNIX_SEND_BUFFER};
+use crate::kernel::attach::clsact::{self, ClsactFilter};
 
 /// The hidden subcommand that runs the helper.
 pub const SUBCOMMAND: &str = "privileged-helper";
 /// The helper's end of the socket pair, in the helper.
 const HELPER_FD: RawFd = 3;
+/// The largest send buffer the helper sets: what a local subscriber
+/// session asks for (the server's `UNIX_SEND_BUFFER` says why so much).
+pub const MAX_SEND_BUFFER: usize = 8 << 20;
 /// How long the mirror waits for an answer from the helper.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest message: the plan.
@@ -65,20 +68,6 @@ const MAX_MESSAGE: usize = 64 << 10;
 /// Most socket files in a plan (each sends its directory's descriptor
 /// along; the kernel passes at most 253 in one message).
 const MAX_SOCKETS: usize = 64;
-
-/// The clsact filter the mirror attached (priority and handle identify it
-/// among the interface's filters; the program id tells whether it is still
-/// the mirror's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClsactFilter {
-    pub ifindex: u32,
-    pub priority: u16,
-    pub handle: u32,
-    pub program_id: u32,
-    /// The mirror added the interface's clsact qdisc (there was none): it
-    /// goes too, once nothing else uses it.
-    pub added_qdisc: bool,
-}
 
 /// A socket file the mirror bound: the directory it was bound in (open),
 /// its name there, and the inode it was. Removed through that directory,
@@ -437,9 +426,9 @@ fn handle(message: &[u8], fds: Vec<OwnedFd>, plan: &mut Cleanup) -> io::Result<(
 /// size would let a compromised mirror pin kernel memory past every
 /// limit.
 fn force_send_buffer(socket: &OwnedFd, bytes: u64) -> io::Result<()> {
-    if bytes > UNIX_SEND_BUFFER as u64 {
+    if bytes > MAX_SEND_BUFFER as u64 {
         return Err(io::Error::other(format!(
-            "a send buffer of {bytes} bytes is more than the {UNIX_SEND_BUFFER} a client gets"
+            "a send buffer of {bytes} bytes is more than the {MAX_SEND_BUFFER} a client gets"
         )));
     }
     let sock = socket2::SockRef::from(socket);
@@ -697,8 +686,8 @@ mod tests {
             message.extend_from_slice(&bytes.to_le_bytes());
             handle(&message, vec![fd.try_clone_to_owned().unwrap()], plan)
         };
-        ask(client.as_fd(), UNIX_SEND_BUFFER as u64, &mut plan).unwrap();
-        assert!(socket2::SockRef::from(&client).send_buffer_size().unwrap() >= UNIX_SEND_BUFFER);
+        ask(client.as_fd(), MAX_SEND_BUFFER as u64, &mut plan).unwrap();
+        assert!(socket2::SockRef::from(&client).send_buffer_size().unwrap() >= MAX_SEND_BUFFER);
         assert!(
             ask(client.as_fd(), 1 << 30, &mut plan).is_err(),
             "larger than asked"

@@ -1,10 +1,16 @@
 //! Decoding ring records: the kernel's fixed header, then the TCP packet
-//! behind it (header fields through `etherparse`).
+//! behind it (header fields through `etherparse`), then the segment the
+//! flow shards take.
 
 use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, TcpHeaderSlice};
 use mirror_common::{RECORD_HEADER_LEN, RecordHeader, record_flags};
+
+use crate::flow::{
+    model::FlowKey,
+    segment::{PayloadPool, Segment, TcpFlags},
+};
 
 /// Why a record could not be decoded. The kernel writes only well-formed
 /// records, so any of these means a bug on one side, not bad traffic.
@@ -58,6 +64,23 @@ impl<'a> Record<'a> {
     /// Decodes the TCP/IP headers of the packet.
     pub fn tcp(&self) -> Result<TcpPacket<'a>, RecordError> {
         TcpPacket::parse(&self.header, self.packet)
+    }
+
+    /// Decodes the packet into a segment, its payload copied into `pool`.
+    pub fn segment(&self, pool: &mut PayloadPool) -> Result<Segment, RecordError> {
+        let tcp = self.tcp()?;
+        let truncated = self.header.flags & record_flags::TRUNCATED != 0
+            && tcp.payload.len() < tcp.payload_len as usize;
+        Ok(Segment {
+            flow: FlowKey {
+                src: tcp.src,
+                dst: tcp.dst,
+            },
+            seq: tcp.seq,
+            flags: tcp.flags,
+            payload: pool.copy(tcp.payload),
+            truncated,
+        })
     }
 }
 
@@ -127,7 +150,8 @@ impl<'a> TcpPacket<'a> {
             dst: SocketAddr::new(dst_ip, tcp.destination_port()),
             seq: tcp.sequence_number(),
             ack: tcp.acknowledgment_number(),
-            flags: TcpFlags::from_header(&tcp),
+            // The header's flags byte, bit for bit.
+            flags: TcpFlags::from_bits_retain(tcp.slice()[13]),
             payload_len,
             payload,
         })
@@ -138,69 +162,6 @@ fn header_error(layer: &'static str, error: impl std::fmt::Display) -> RecordErr
     RecordError::Header {
         layer,
         reason: error.to_string(),
-    }
-}
-
-/// TCP flag bits, in the order of the header's flags byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TcpFlags(pub u8);
-
-impl TcpFlags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-    pub const URG: u8 = 0x20;
-    pub const ECE: u8 = 0x40;
-    pub const CWR: u8 = 0x80;
-
-    fn from_header(tcp: &TcpHeaderSlice<'_>) -> Self {
-        let bits = [
-            (tcp.fin(), Self::FIN),
-            (tcp.syn(), Self::SYN),
-            (tcp.rst(), Self::RST),
-            (tcp.psh(), Self::PSH),
-            (tcp.ack(), Self::ACK),
-            (tcp.urg(), Self::URG),
-            (tcp.ece(), Self::ECE),
-            (tcp.cwr(), Self::CWR),
-        ];
-        Self(
-            bits.iter()
-                .filter(|(set, _)| *set)
-                .fold(0, |acc, (_, bit)| acc | bit),
-        )
-    }
-
-    pub const fn contains(self, bit: u8) -> bool {
-        self.0 & bit != 0
-    }
-}
-
-/// tcpdump's notation: `S` SYN, `F` FIN, `R` RST, `P` PSH, `U` URG,
-/// `E` ECE, `W` CWR, `.` ACK; e.g. `S.` for SYN-ACK.
-impl std::fmt::Display for TcpFlags {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const ORDER: [(u8, char); 8] = [
-            (TcpFlags::SYN, 'S'),
-            (TcpFlags::FIN, 'F'),
-            (TcpFlags::RST, 'R'),
-            (TcpFlags::PSH, 'P'),
-            (TcpFlags::URG, 'U'),
-            (TcpFlags::ECE, 'E'),
-            (TcpFlags::CWR, 'W'),
-            (TcpFlags::ACK, '.'),
-        ];
-        if self.0 == 0 {
-            return f.write_str("none");
-        }
-        for (bit, letter) in ORDER {
-            if self.contains(bit) {
-                write!(f, "{letter}")?;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -338,13 +299,5 @@ mod tests {
             Record::decode(&raw).unwrap().tcp(),
             Err(RecordError::Header { layer: "IPv6", .. })
         ));
-    }
-
-    #[test]
-    fn flag_notation_matches_tcpdump() {
-        assert_eq!(TcpFlags(TcpFlags::SYN | TcpFlags::ACK).to_string(), "S.");
-        assert_eq!(TcpFlags(TcpFlags::FIN | TcpFlags::ACK).to_string(), "F.");
-        assert_eq!(TcpFlags(TcpFlags::RST).to_string(), "R");
-        assert_eq!(TcpFlags(0).to_string(), "none");
     }
 }

@@ -20,7 +20,10 @@ use crate::{
     fanout::hub::{Batcher, Hub},
     flow::conntrack::{ConnectionTable, TableLimits, TableStats},
     flow::model::CloseReason,
-    flow::segment::{FlowKey, PayloadPool, Segment},
+    flow::{
+        model::FlowKey,
+        segment::{PayloadPool, Segment},
+    },
     kernel::drain::RecordSink,
     kernel::record::Record,
 };
@@ -339,7 +342,7 @@ impl SegmentRouter {
 
 impl RecordSink for SegmentRouter {
     fn record(&mut self, record: &Record<'_>) {
-        match Segment::from_record(record, &mut self.pool) {
+        match record.segment(&mut self.pool) {
             Ok(segment) => {
                 let shard = segment.flow.shard(self.senders.len());
                 self.pending[shard].push(segment);
@@ -369,7 +372,7 @@ mod tests {
     use super::*;
     use crate::{
         fanout::hub::HubConfig, flow::conntrack::TableLimits, flow::reassembly::ReorderLimits,
-        kernel::record::TcpFlags,
+        flow::segment::TcpFlags,
     };
 
     #[test]
@@ -410,7 +413,7 @@ mod tests {
                     dst: "198.18.0.2:80".parse().unwrap(),
                 },
                 seq: 0,
-                flags: TcpFlags(TcpFlags::ACK),
+                flags: TcpFlags::ACK,
                 payload,
                 truncated: false,
             };

@@ -25,12 +25,14 @@ use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
+    control::ports::PortInfo,
     flow::model::StreamEvent,
     server::protocol::{
-        ClientFrame, ErrorCode, MAX_TOKEN, PortInfo, ProtocolError, ServerFrame, VERSION,
-        client_name, client_proof, new_nonce, printable, server_proof_holds,
+        ClientFrame, ErrorCode, MAX_TOKEN, ProtocolError, ServerFrame, VERSION, client_name,
+        client_proof, new_nonce, server_proof_holds,
     },
     server::{Connection, Endpoint, frame},
+    text::printable,
 };
 
 #[derive(Debug, thiserror::Error)]

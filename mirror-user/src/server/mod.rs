@@ -46,12 +46,13 @@ use crate::{
     control::ports::{PolicyError, SessionId},
     fanout::hub::{Hub, Subscription},
     files::OutputDir,
-    kernel::privileged_helper::SocketFile,
+    kernel::privileged_helper::{self, SocketFile},
     server::protocol::{
         ClientFrame, ErrorCode, MAX_FRAME, MAX_HELLO_FRAME, Nonce, ServerFrame, VERSION,
-        client_name, client_proof_holds, hello_version, new_nonce, printable, server_proof,
+        client_name, client_proof_holds, hello_version, new_nonce, server_proof,
     },
     server::wire::SessionWire,
+    text::printable,
 };
 
 /// Where `mirror run` listens by default, and `mirror tail` connects.
@@ -638,7 +639,7 @@ fn error(code: ErrorCode, fatal: bool, message: impl Into<String>) -> ServerFram
 /// other. With the default 208 KiB buffer a `mirror tail` received about
 /// 100 MB/s of a 1 GB/s bulk stream on a 2-core machine and lagged; the
 /// buffer must cover those waits.
-pub const UNIX_SEND_BUFFER: usize = 8 << 20;
+pub const UNIX_SEND_BUFFER: usize = privileged_helper::MAX_SEND_BUFFER;
 
 /// Sets a socket's send buffer past `net.core.wmem_max`, which needs
 /// CAP_NET_ADMIN: once the mirror has given up root, its privileged helper

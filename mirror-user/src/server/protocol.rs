@@ -10,14 +10,14 @@
 //! ([`server_proof`], [`client_proof`]): the token never crosses the wire,
 //! and each side proves it knows the token before the other answers.
 
-use std::{
-    borrow::Cow,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::flow::model::{CloseReason, ConnId, StreamEvent};
+use crate::{
+    control::ports::PortInfo,
+    flow::model::{CloseReason, ConnId, StreamEvent},
+};
 
 /// The protocol version this build speaks. Version 1 sent the token in
 /// its `Hello`; version 2 proves it with [`client_proof`] instead.
@@ -123,18 +123,6 @@ pub enum ServerFrame {
         fatal: bool,
         message: String,
     },
-}
-
-/// One mirrored port, as `ListPorts` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortInfo {
-    pub port: u16,
-    /// Given on the mirror's command line: always mirrored.
-    pub command_line: bool,
-    /// Added with `AddPort`.
-    pub added: bool,
-    /// Sessions subscribed to it.
-    pub subscribers: u32,
 }
 
 /// Why a request or session failed.
@@ -623,27 +611,6 @@ pub fn client_name(name: &str) -> &str {
     cut(name, MAX_CLIENT_NAME)
 }
 
-/// `text` from a peer, safe to put in a log line, a terminal or a counter
-/// name: control characters and other characters that do not print (line
-/// breaks, escape sequences, bidirectional overrides, zero-width spaces)
-/// become Rust escapes such as `\n` and `\u{1b}`, and a backslash becomes
-/// `\\`, so that an escape in the output always comes from here.
-pub fn printable(text: &str) -> Cow<'_, str> {
-    let plain = |c: char| matches!(c, '"' | '\'') || c.escape_debug().len() == 1;
-    if text.chars().all(plain) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        if plain(c) {
-            out.push(c);
-        } else {
-            out.extend(c.escape_debug());
-        }
-    }
-    Cow::Owned(out)
-}
-
 fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {
     match addr.ip() {
         IpAddr::V4(ip) => {
@@ -792,6 +759,13 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::{
+        telemetry::counters::{
+            ConsumerSnapshot, DrainSnapshot, KernelCounters, MAX_LISTED_CONSUMERS,
+            MAX_LISTED_PORTS, PastSessions, PortTotals, StreamSummary, Summary, flatten,
+        },
+        text::printable,
+    };
 
     fn client_round_trip(frame: ClientFrame) {
         let mut buf = BytesMut::new();
@@ -962,6 +936,89 @@ mod tests {
             ClientFrame::decode(&[kind::SUBSCRIBE, 0xff, 0xff, 0, 80]),
             Err(ProtocolError::Truncated { .. })
         ));
+    }
+
+    /// However many ports and sessions the mirror has seen, the counters
+    /// document fits in a STATS frame, says what it left out, and keeps the
+    /// in-process consumers and the busiest ports.
+    #[test]
+    fn the_document_is_bounded() {
+        let ports: Vec<PortTotals> = (1..=u16::MAX)
+            .map(|port| PortTotals {
+                port,
+                connections: u64::MAX,
+                bytes: if port == 7 { u64::MAX } else { u64::from(port) },
+                batches: u64::MAX,
+            })
+            .collect();
+        // The worst name: 64 bytes of control characters, each escaped.
+        let worst = printable(&"\u{1}".repeat(MAX_CLIENT_NAME)).into_owned();
+        let snapshot = |name: String, client: Option<String>| ConsumerSnapshot {
+            name,
+            client,
+            events: u64::MAX,
+            bytes: u64::MAX,
+            lags: u64::MAX,
+            lagged_connections: u64::MAX,
+        };
+        let mut consumers = vec![snapshot("print".into(), None)];
+        consumers.extend(
+            (0..20_000u64)
+                .map(|id| snapshot(format!("client-{}", u64::MAX - id), Some(worst.clone()))),
+        );
+        let summary = Summary {
+            kernel: KernelCounters::default(),
+            drain: DrainSnapshot::default(),
+            streams: StreamSummary {
+                ports,
+                consumers,
+                past_sessions: PastSessions {
+                    sessions: 1_000_000,
+                    ..PastSessions::default()
+                },
+                ..StreamSummary::default()
+            },
+        };
+        let json = summary.to_json();
+        let document = json.to_string();
+        assert!(document.len() < MAX_FRAME / 4, "{} bytes", document.len());
+        assert_eq!(json["ports"].as_array().unwrap().len(), MAX_LISTED_PORTS);
+        assert_eq!(
+            json["truncated"]["ports"],
+            usize::from(u16::MAX) - MAX_LISTED_PORTS
+        );
+        assert_eq!(
+            json["consumers"].as_array().unwrap().len(),
+            MAX_LISTED_CONSUMERS + 1
+        );
+        assert_eq!(
+            json["truncated"]["consumers"],
+            20_001 - MAX_LISTED_CONSUMERS
+        );
+        let flat = flatten(&json);
+        assert_eq!(flat["consumers.past_sessions.sessions"], 1_000_000);
+        assert!(flat.contains_key("consumers.print.events"));
+        assert!(
+            flat.contains_key("ports.7.bytes"),
+            "the busiest port is listed"
+        );
+        assert!(flat.contains_key("ports.65535.bytes"));
+        assert!(!flat.contains_key("ports.1.bytes"), "the quietest is not");
+        assert!(flat.keys().all(|key| key.chars().all(|c| !c.is_control())));
+        let text = summary.to_string();
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("port ")).count(),
+            MAX_LISTED_PORTS
+        );
+        assert!(
+            text.contains("consumer past_sessions: sessions=1000000 "),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "truncated: ports={} consumers={}",
+            usize::from(u16::MAX) - MAX_LISTED_PORTS,
+            20_001 - MAX_LISTED_CONSUMERS
+        )));
     }
 
     /// The example in docs/protocol.md, frame by frame, length included:
@@ -1141,28 +1198,7 @@ mod tests {
         assert_eq!(client_name(&format!("x{long}")).len(), MAX_CLIENT_NAME - 1);
     }
 
-    #[test]
-    fn printable_escapes_what_could_forge_output() {
-        assert!(matches!(printable("mirror tail é \"q\""), Cow::Borrowed(_)));
-        assert_eq!(printable("a\nkernel: seen=1"), "a\\nkernel: seen=1");
-        assert_eq!(printable("\r\t\u{1b}[2J"), "\\r\\t\\u{1b}[2J");
-        assert_eq!(
-            printable("\u{202e}\u{200b}\u{85}\u{7f}"),
-            "\\u{202e}\\u{200b}\\u{85}\\u{7f}"
-        );
-        // A backslash is doubled, so an escape in the output always comes
-        // from here.
-        assert_eq!(printable("\\n"), "\\\\n");
-    }
-
     proptest! {
-        /// Whatever the text, the printable form has no control character.
-        #[test]
-        fn printable_output_has_no_control_characters(text in any::<String>()) {
-            let shown = printable(&text);
-            prop_assert!(shown.chars().all(|c| !c.is_control()));
-        }
-
         /// Arbitrary bytes never panic the decoders.
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {

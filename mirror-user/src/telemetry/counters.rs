@@ -5,14 +5,11 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{MapData, MapError, PerCpuArray};
 use mirror_common::{COUNTER_COUNT, Counter};
 
 use crate::{
-    fanout::hub::{ConsumerStats, PortTotals},
-    flow::conntrack::TableStats,
-    flow::model::CloseReason,
-    server::protocol::printable,
+    flow::{conntrack::TableStats, model::CloseReason},
+    text::printable,
 };
 
 /// Most ports a counters document lists (the busiest by bytes); the others
@@ -78,13 +75,9 @@ pub fn flatten(json: &serde_json::Value) -> std::collections::BTreeMap<String, u
 pub struct KernelCounters([u64; COUNTER_COUNT as usize]);
 
 impl KernelCounters {
-    pub(crate) fn read(map: &PerCpuArray<MapData, u64>) -> Result<Self, MapError> {
-        let mut sums = [0u64; COUNTER_COUNT as usize];
-        for counter in Counter::ALL {
-            let per_cpu = map.get(&(counter as u32), 0)?;
-            sums[counter as usize] = per_cpu.iter().sum();
-        }
-        Ok(Self(sums))
+    /// The counters from their sums over CPUs, in index order.
+    pub const fn from_sums(sums: [u64; COUNTER_COUNT as usize]) -> Self {
+        Self(sums)
     }
 
     pub const fn get(&self, counter: Counter) -> u64 {
@@ -151,6 +144,24 @@ pub struct StreamSummary {
     pub past_sessions: PastSessions,
 }
 
+/// What a port's channel carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortTotals {
+    pub port: u16,
+    pub connections: u64,
+    pub bytes: u64,
+    pub batches: u64,
+}
+
+impl PortTotals {
+    pub fn add(&mut self, other: &Self) {
+        self.connections += other.connections;
+        self.bytes += other.bytes;
+        self.batches += other.batches;
+    }
+}
+
+/// What one consumer received and lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerSnapshot {
     pub name: String,
@@ -160,19 +171,6 @@ pub struct ConsumerSnapshot {
     pub bytes: u64,
     pub lags: u64,
     pub lagged_connections: u64,
-}
-
-impl ConsumerSnapshot {
-    pub fn of(stats: &ConsumerStats) -> Self {
-        Self {
-            name: stats.name.clone(),
-            client: stats.client.clone(),
-            events: stats.events.load(Ordering::Relaxed),
-            bytes: stats.bytes.load(Ordering::Relaxed),
-            lags: stats.lags.load(Ordering::Relaxed),
-            lagged_connections: stats.lagged_connections.load(Ordering::Relaxed),
-        }
-    }
 }
 
 /// What the subscriber sessions that ended received and lost, summed.
@@ -467,94 +465,6 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} in {text}");
         }
-    }
-
-    /// However many ports and sessions the mirror has seen, the document
-    /// fits in a STATS frame, says what it left out, and keeps the
-    /// in-process consumers and the busiest ports.
-    #[test]
-    fn the_document_is_bounded() {
-        let ports: Vec<PortTotals> = (1..=u16::MAX)
-            .map(|port| PortTotals {
-                port,
-                connections: u64::MAX,
-                bytes: if port == 7 { u64::MAX } else { u64::from(port) },
-                batches: u64::MAX,
-            })
-            .collect();
-        // The worst name: 64 bytes of control characters, each escaped.
-        let worst =
-            printable(&"\u{1}".repeat(crate::server::protocol::MAX_CLIENT_NAME)).into_owned();
-        let snapshot = |name: String, client: Option<String>| ConsumerSnapshot {
-            name,
-            client,
-            events: u64::MAX,
-            bytes: u64::MAX,
-            lags: u64::MAX,
-            lagged_connections: u64::MAX,
-        };
-        let mut consumers = vec![snapshot("print".into(), None)];
-        consumers.extend(
-            (0..20_000u64)
-                .map(|id| snapshot(format!("client-{}", u64::MAX - id), Some(worst.clone()))),
-        );
-        let summary = Summary {
-            kernel: KernelCounters::default(),
-            drain: DrainSnapshot::default(),
-            streams: StreamSummary {
-                ports,
-                consumers,
-                past_sessions: PastSessions {
-                    sessions: 1_000_000,
-                    ..PastSessions::default()
-                },
-                ..StreamSummary::default()
-            },
-        };
-        let json = summary.to_json();
-        let document = json.to_string();
-        assert!(
-            document.len() < crate::server::protocol::MAX_FRAME / 4,
-            "{} bytes",
-            document.len()
-        );
-        assert_eq!(json["ports"].as_array().unwrap().len(), MAX_LISTED_PORTS);
-        assert_eq!(
-            json["truncated"]["ports"],
-            usize::from(u16::MAX) - MAX_LISTED_PORTS
-        );
-        assert_eq!(
-            json["consumers"].as_array().unwrap().len(),
-            MAX_LISTED_CONSUMERS + 1
-        );
-        assert_eq!(
-            json["truncated"]["consumers"],
-            20_001 - MAX_LISTED_CONSUMERS
-        );
-        let flat = flatten(&json);
-        assert_eq!(flat["consumers.past_sessions.sessions"], 1_000_000);
-        assert!(flat.contains_key("consumers.print.events"));
-        assert!(
-            flat.contains_key("ports.7.bytes"),
-            "the busiest port is listed"
-        );
-        assert!(flat.contains_key("ports.65535.bytes"));
-        assert!(!flat.contains_key("ports.1.bytes"), "the quietest is not");
-        assert!(flat.keys().all(|key| key.chars().all(|c| !c.is_control())));
-        let text = summary.to_string();
-        assert_eq!(
-            text.lines().filter(|l| l.starts_with("port ")).count(),
-            MAX_LISTED_PORTS
-        );
-        assert!(
-            text.contains("consumer past_sessions: sessions=1000000 "),
-            "{text}"
-        );
-        assert!(text.contains(&format!(
-            "truncated: ports={} consumers={}",
-            usize::from(u16::MAX) - MAX_LISTED_PORTS,
-            20_001 - MAX_LISTED_CONSUMERS
-        )));
     }
 
     #[test]

@@ -41,8 +41,21 @@ use netlink_packet_route::{
     tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use serde::{Deserialize, Serialize};
 
-use crate::kernel::privileged_helper::ClsactFilter;
+/// The clsact filter the mirror attached (priority and handle identify it
+/// among the interface's filters; the program id tells whether it is still
+/// the mirror's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClsactFilter {
+    pub ifindex: u32,
+    pub priority: u16,
+    pub handle: u32,
+    pub program_id: u32,
+    /// The mirror added the interface's clsact qdisc (there was none): it
+    /// goes too, once nothing else uses it.
+    pub added_qdisc: bool,
+}
 
 /// The priority of the mirror's filter: the first one.
 pub const PRIORITY: u16 = 1;
