@@ -27,8 +27,8 @@ use mirror_tests::{
 };
 use mirror_user::{
     flow::model::CloseReason,
-    server::HELLO_TIMEOUT,
     server::protocol::{ClientFrame, ErrorCode, NONCE_LEN, ServerFrame, VERSION},
+    server::session::HELLO_TIMEOUT,
 };
 use serde_json::Value;
 

@@ -29,7 +29,11 @@ use mirror_user::{
     kernel::record::Record,
     pipeline::shards::{SegmentRouter, ShardConfig, ShardCounters, Shards},
     server::client,
-    server::{self, BoundListener, SendBufferForcer, ServerConfig, ServerStats, SessionContext},
+    server::{
+        ServerConfig, ServerStats,
+        listener::{self, BoundListener, SendBufferForcer},
+        session::SessionContext,
+    },
     sinks::{
         dump::dump_events,
         forward::{ForwardConfig, ForwardStats, ForwardTarget, forward},
@@ -136,7 +140,7 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
         write_timeout: args.server.client_timeout,
         name: format!("mirror {} on {}", env!("CARGO_PKG_VERSION"), args.iface),
     });
-    let listeners = server::bind(&server_config)?;
+    let listeners = listener::bind(&server_config)?;
 
     // Ports next: the program mirrors from the first packet it sees.
     for port in &args.ports {
@@ -252,7 +256,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let (server_stop_tx, server_stop_rx) = watch::channel(false);
     let server_stats = Arc::new(ServerStats::default());
-    let server_task = tokio::spawn(server::serve(
+    let server_task = tokio::spawn(listener::serve(
         listeners,
         SessionContext {
             control: control_tx,

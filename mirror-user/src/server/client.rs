@@ -31,7 +31,7 @@ use crate::{
         ClientFrame, ErrorCode, MAX_TOKEN, ProtocolError, ServerFrame, VERSION, client_name,
         client_proof, new_nonce, server_proof_holds,
     },
-    server::{Connection, Endpoint, frame},
+    server::{Endpoint, protocol::frame, wire::Connection},
     text::printable,
 };
 

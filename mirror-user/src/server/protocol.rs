@@ -13,6 +13,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
     control::ports::PortInfo,
@@ -753,6 +755,25 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Frames a client connection (the client library uses the same codec).
+pub fn frame<C: AsyncRead + AsyncWrite>(connection: C) -> Framed<C, LengthDelimitedCodec> {
+    // A large read buffer: a burst of 64 KiB data frames comes in in few
+    // system calls.
+    Framed::with_capacity(connection, codec(), FRAME_BUFFER)
+}
+
+/// The client's read buffer, and the bytes a session's queued frames may
+/// gather before it writes them.
+pub const FRAME_BUFFER: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -10,11 +10,15 @@
 use std::{collections::VecDeque, io, io::IoSlice};
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::{server::Connection, server::protocol::ServerFrame};
+use crate::server::protocol::ServerFrame;
+
+/// A client's byte stream, over either kind of socket.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
 
 /// Slices handed to one `writev`.
 const MAX_SLICES: usize = 64;
@@ -101,7 +105,7 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     use super::*;
-    use crate::{flow::model::CloseReason, server::frame};
+    use crate::{flow::model::CloseReason, server::protocol::frame};
 
     #[tokio::test]
     async fn queued_frames_arrive_whole_and_in_order() {
