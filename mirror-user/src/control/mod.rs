@@ -11,7 +11,10 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::{
     control::ports::{PolicyError, PortInfo, PortRegistry, SessionId},
-    fanout::hub::{EventBatch, Hub, PortFeed},
+    fanout::{
+        hub::Hub,
+        subscription::{EventBatch, PortFeed},
+    },
 };
 
 /// The kernel's port map, as the control logic sees it.

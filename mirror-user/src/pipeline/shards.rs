@@ -17,7 +17,7 @@ use std::{
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    fanout::hub::{Batcher, Hub},
+    fanout::{batcher::Batcher, hub::Hub},
     flow::conntrack::{ConnectionTable, TableLimits, TableStats},
     flow::model::CloseReason,
     flow::{

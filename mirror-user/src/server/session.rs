@@ -24,7 +24,7 @@ use crate::{
         Request,
         ports::{PolicyError, SessionId},
     },
-    fanout::hub::{Hub, Subscription},
+    fanout::{hub::Hub, subscription::Subscription},
     server::{
         ServerConfig, ServerStats,
         protocol::{

@@ -23,7 +23,7 @@ use lru::LruCache;
 use serde::Serialize;
 
 use crate::{
-    fanout::hub::Subscription,
+    fanout::subscription::Subscription,
     files::{FileId, OutputDir},
     flow::model::{CloseReason, ConnId, StreamEvent},
 };

@@ -32,7 +32,7 @@ use tokio::{
 };
 
 use crate::{
-    fanout::hub::Subscription,
+    fanout::subscription::Subscription,
     flow::model::{CloseReason, ConnId, StreamEvent},
 };
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio::io::{AsyncWriteExt as _, BufWriter};
 
 use crate::{
-    fanout::hub::Subscription,
+    fanout::subscription::Subscription,
     flow::model::{CloseReason, StreamEvent},
 };
 
