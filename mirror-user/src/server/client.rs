@@ -292,10 +292,8 @@ impl Client {
                 ServerFrame::Error { code, message, .. } => {
                     Err(ClientError::from_error_frame(code, message))
                 }
-                other => match other.into_event() {
-                    Some(event) => Ok(Some(event)),
-                    None => Err(ClientError::Unexpected("an answer to no request".into())),
-                },
+                ServerFrame::Event(event) => Ok(Some(event)),
+                _ => Err(ClientError::Unexpected("an answer to no request".into())),
             },
         }
     }
@@ -330,11 +328,7 @@ impl Client {
                 return Err(ClientError::from_error_frame(code, message));
             }
             match frame {
-                ServerFrame::Opened { .. }
-                | ServerFrame::Data { .. }
-                | ServerFrame::Closed { .. } => {
-                    self.events.extend(frame.into_event());
-                }
+                ServerFrame::Event(event) => self.events.push_back(event),
                 answer => return Ok(answer),
             }
         }

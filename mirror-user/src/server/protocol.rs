@@ -18,7 +18,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
     control::ports::PortInfo,
-    flow::model::{CloseReason, ConnId, StreamEvent},
+    flow::model::{CloseReason, StreamEvent},
 };
 
 /// The protocol version this build speaks. Version 1 sent the token in
@@ -86,39 +86,18 @@ pub enum ClientFrame {
 pub enum ServerFrame {
     /// Reply to a `Hello` on a TCP listener: the server's nonce and its
     /// [`server_proof`].
-    Challenge {
-        nonce: Nonce,
-        proof: Proof,
-    },
+    Challenge { nonce: Nonce, proof: Proof },
     /// Reply to a good `Hello` (Unix socket) or `Auth` (TCP).
-    Welcome {
-        version: u16,
-        server: String,
-    },
-    Opened {
-        conn: ConnId,
-        src: SocketAddr,
-        dst: SocketAddr,
-        midstream: bool,
-    },
-    Data {
-        conn: ConnId,
-        bytes: Bytes,
-    },
-    Closed {
-        conn: ConnId,
-        reason: CloseReason,
-    },
+    Welcome { version: u16, server: String },
+    /// A stream event of a subscribed port: `Opened`, `Data` and `Closed`
+    /// frames on the wire.
+    Event(StreamEvent),
     /// Reply to a request that succeeded (subscribe, unsubscribe, add, remove).
     Ok,
     /// Reply to `Stats`: every counter, as a JSON document.
-    Stats {
-        json: String,
-    },
+    Stats { json: String },
     /// Reply to `ListPorts`.
-    Ports {
-        ports: Vec<PortInfo>,
-    },
+    Ports { ports: Vec<PortInfo> },
     /// Reply to a request that failed; `fatal` errors end the session.
     Error {
         code: ErrorCode,
@@ -309,7 +288,7 @@ impl ServerFrame {
     /// `Data` frame's payload is returned, to be written right after it as
     /// it is (shared with every other consumer, never copied here).
     pub fn encode_wire(&self, head: &mut BytesMut) -> Option<Bytes> {
-        if let Self::Data { conn, bytes } = self {
+        if let Self::Event(StreamEvent::Data { conn, bytes }) = self {
             head.put_u32((1 + 8 + bytes.len()) as u32);
             head.put_u8(kind::DATA);
             head.put_u64(*conn);
@@ -327,10 +306,10 @@ impl ServerFrame {
     /// `frame`, not a copy.
     pub fn decode_shared(frame: Bytes) -> Result<Self, ProtocolError> {
         match frame.first() {
-            Some(&kind::DATA) if frame.len() >= 9 => Ok(Self::Data {
+            Some(&kind::DATA) if frame.len() >= 9 => Ok(Self::Event(StreamEvent::Data {
                 conn: u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes")),
                 bytes: frame.slice(9..),
-            }),
+            })),
             _ => Self::decode(&frame),
         }
     }
@@ -347,24 +326,24 @@ impl ServerFrame {
                 out.put_u16(*version);
                 put_str(out, server);
             }
-            Self::Opened {
+            Self::Event(StreamEvent::Opened {
                 conn,
                 src,
                 dst,
                 midstream,
-            } => {
+            }) => {
                 out.put_u8(kind::OPENED);
                 out.put_u64(*conn);
                 put_addr(out, src);
                 put_addr(out, dst);
                 out.put_u8(u8::from(*midstream));
             }
-            Self::Data { conn, bytes } => {
+            Self::Event(StreamEvent::Data { conn, bytes }) => {
                 out.put_u8(kind::DATA);
                 out.put_u64(*conn);
                 out.put_slice(bytes);
             }
-            Self::Closed { conn, reason } => {
+            Self::Event(StreamEvent::Closed { conn, reason }) => {
                 out.put_u8(kind::CLOSED);
                 out.put_u64(*conn);
                 out.put_u8(reason_code(*reason));
@@ -407,17 +386,17 @@ impl ServerFrame {
                 version: r.u16("version")?,
                 server: r.str("server")?,
             },
-            kind::OPENED => Self::Opened {
+            kind::OPENED => Self::Event(StreamEvent::Opened {
                 conn: r.u64("conn")?,
                 src: r.addr("src")?,
                 dst: r.addr("dst")?,
                 midstream: r.flag("midstream")?,
-            },
-            kind::DATA => Self::Data {
+            }),
+            kind::DATA => Self::Event(StreamEvent::Data {
                 conn: r.u64("conn")?,
                 bytes: Bytes::copy_from_slice(r.rest()),
-            },
-            kind::CLOSED => Self::Closed {
+            }),
+            kind::CLOSED => Self::Event(StreamEvent::Closed {
                 conn: r.u64("conn")?,
                 reason: {
                     let code = r.u8("reason")?;
@@ -431,7 +410,7 @@ impl ServerFrame {
                             value: code.into(),
                         })?
                 },
-            },
+            }),
             kind::OK => Self::Ok,
             kind::STATS_REPLY => Self::Stats {
                 json: r.rest_str("json")?,
@@ -460,51 +439,6 @@ impl ServerFrame {
         };
         r.finish()?;
         Ok(decoded)
-    }
-
-    /// The frame that carries a stream event.
-    pub fn from_event(event: &StreamEvent) -> Self {
-        match event {
-            StreamEvent::Opened {
-                conn,
-                src,
-                dst,
-                midstream,
-            } => Self::Opened {
-                conn: *conn,
-                src: *src,
-                dst: *dst,
-                midstream: *midstream,
-            },
-            StreamEvent::Data { conn, bytes } => Self::Data {
-                conn: *conn,
-                bytes: bytes.clone(),
-            },
-            StreamEvent::Closed { conn, reason } => Self::Closed {
-                conn: *conn,
-                reason: *reason,
-            },
-        }
-    }
-
-    /// The stream event a frame carries, if it carries one.
-    pub fn into_event(self) -> Option<StreamEvent> {
-        match self {
-            Self::Opened {
-                conn,
-                src,
-                dst,
-                midstream,
-            } => Some(StreamEvent::Opened {
-                conn,
-                src,
-                dst,
-                midstream,
-            }),
-            Self::Data { conn, bytes } => Some(StreamEvent::Data { conn, bytes }),
-            Self::Closed { conn, reason } => Some(StreamEvent::Closed { conn, reason }),
-            _ => None,
-        }
     }
 }
 
@@ -842,22 +776,22 @@ mod tests {
             version: VERSION,
             server: "mirror on eth0".into(),
         });
-        server_round_trip(ServerFrame::Opened {
+        server_round_trip(ServerFrame::Event(StreamEvent::Opened {
             conn: u64::MAX,
             src: "198.18.0.1:40000".parse().unwrap(),
             dst: "[2001:db8::1]:443".parse().unwrap(),
             midstream: true,
-        });
-        server_round_trip(ServerFrame::Data {
+        }));
+        server_round_trip(ServerFrame::Event(StreamEvent::Data {
             conn: 7,
             bytes: Bytes::from_static(b"\x00GET / HTTP/1.1\r\n"),
-        });
-        server_round_trip(ServerFrame::Data {
+        }));
+        server_round_trip(ServerFrame::Event(StreamEvent::Data {
             conn: 7,
             bytes: Bytes::new(),
-        });
+        }));
         for reason in CloseReason::ALL {
-            server_round_trip(ServerFrame::Closed { conn: 3, reason });
+            server_round_trip(ServerFrame::Event(StreamEvent::Closed { conn: 3, reason }));
         }
         server_round_trip(ServerFrame::Ok);
         server_round_trip(ServerFrame::Stats {
@@ -896,18 +830,6 @@ mod tests {
                 message: "port 22 is not in --allow-ports".into(),
             });
         }
-    }
-
-    #[test]
-    fn events_map_to_frames_and_back() {
-        let event = StreamEvent::Opened {
-            conn: 1,
-            src: "198.18.0.1:1".parse().unwrap(),
-            dst: "198.18.0.2:2".parse().unwrap(),
-            midstream: false,
-        };
-        assert_eq!(ServerFrame::from_event(&event).into_event(), Some(event));
-        assert_eq!(ServerFrame::Ok.into_event(), None);
     }
 
     #[test]
@@ -1112,20 +1034,20 @@ mod tests {
             }),
             client(ClientFrame::Subscribe { ports: vec![80] }),
             server(ServerFrame::Ok),
-            server(ServerFrame::Opened {
+            server(ServerFrame::Event(StreamEvent::Opened {
                 conn,
                 src,
                 dst,
                 midstream: false,
-            }),
-            server(ServerFrame::Data {
+            })),
+            server(ServerFrame::Event(StreamEvent::Data {
                 conn,
                 bytes: Bytes::from_static(b"GET /"),
-            }),
-            server(ServerFrame::Closed {
+            })),
+            server(ServerFrame::Event(StreamEvent::Closed {
                 conn,
                 reason: CloseReason::Fin,
-            }),
+            })),
         ];
         assert_eq!(documented.len(), expected.len(), "{documented:?}");
         for (doc_hex, code_hex) in documented.iter().zip(&expected) {

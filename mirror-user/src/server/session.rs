@@ -25,6 +25,7 @@ use crate::{
         ports::{PolicyError, SessionId},
     },
     fanout::{hub::Hub, subscription::Subscription},
+    flow::model::StreamEvent,
     server::{
         ServerConfig, ServerStats,
         protocol::{
@@ -499,7 +500,7 @@ async fn serve_session(
             event = subscription.next(), if !subscription.is_idle() => {
                 let Some(event) = event else { return End::Client };
                 let flush = subscription.queued() == 0;
-                if let Err(end) = write_event(wire, context, flush, &event).await {
+                if let Err(end) = write_event(wire, context, flush, event).await {
                     tracing::warn!(session = id, "client stopped reading; disconnecting it");
                     return end;
                 }
@@ -509,7 +510,7 @@ async fn serve_session(
                 // closed every channel, so this ends), then close.
                 while let Some(event) = subscription.next().await {
                     let flush = subscription.queued() == 0;
-                    if write_event(wire, context, flush, &event).await.is_err() {
+                    if write_event(wire, context, flush, event).await.is_err() {
                         break;
                     }
                 }
@@ -525,9 +526,9 @@ async fn write_event(
     wire: &mut Wire,
     context: &SessionContext,
     now: bool,
-    event: &crate::flow::model::StreamEvent,
+    event: StreamEvent,
 ) -> Result<(), End> {
-    wire.queue(&ServerFrame::from_event(event));
+    wire.queue(&ServerFrame::Event(event));
     if now || wire.queued_bytes() >= FRAME_BUFFER {
         flush(wire, context).await
     } else {

@@ -105,7 +105,10 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     use super::*;
-    use crate::{flow::model::CloseReason, server::protocol::frame};
+    use crate::{
+        flow::model::{CloseReason, StreamEvent},
+        server::protocol::frame,
+    };
 
     #[tokio::test]
     async fn queued_frames_arrive_whole_and_in_order() {
@@ -113,18 +116,18 @@ mod tests {
         let mut wire = SessionWire::new(frame(Box::new(ours) as Box<dyn Connection>));
         let payload = Bytes::from((0..5000u32).map(|i| i as u8).collect::<Vec<u8>>());
         let frames = [
-            ServerFrame::Data {
+            ServerFrame::Event(StreamEvent::Data {
                 conn: 7,
                 bytes: payload.clone(),
-            },
-            ServerFrame::Closed {
+            }),
+            ServerFrame::Event(StreamEvent::Closed {
                 conn: 7,
                 reason: CloseReason::Fin,
-            },
-            ServerFrame::Data {
+            }),
+            ServerFrame::Event(StreamEvent::Data {
                 conn: 8,
                 bytes: Bytes::new(),
-            },
+            }),
         ];
         for f in &frames {
             wire.queue(f);
