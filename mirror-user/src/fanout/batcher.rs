@@ -60,11 +60,18 @@ impl Batcher {
     }
 }
 
-impl EventSink for Batcher {
-    fn event(&mut self, port: u16, event: StreamEvent) {
+impl Batcher {
+    /// The batcher as a sink of events that happen at `now`: the shard
+    /// reads its clock once per round of work and passes it down, so that
+    /// the connection table and the batcher never read a clock.
+    pub fn at(&mut self, now: Instant) -> BatcherAt<'_> {
+        BatcherAt { batcher: self, now }
+    }
+
+    fn push(&mut self, port: u16, event: StreamEvent, now: Instant) {
         let limit = self.hub.config().batch_bytes;
         if self.oldest.is_none() {
-            self.oldest = Some(Instant::now());
+            self.oldest = Some(now);
         }
         let (events, bytes) = self.pending.entry(port).or_default();
         *bytes += event.data_len();
@@ -73,5 +80,17 @@ impl EventSink for Batcher {
             *bytes = 0;
             self.hub.publish(port, std::mem::take(events));
         }
+    }
+}
+
+/// A [`Batcher`] taking the events of one moment ([`Batcher::at`]).
+pub struct BatcherAt<'a> {
+    batcher: &'a mut Batcher,
+    now: Instant,
+}
+
+impl EventSink for BatcherAt<'_> {
+    fn event(&mut self, port: u16, event: StreamEvent) {
+        self.batcher.push(port, event, self.now);
     }
 }

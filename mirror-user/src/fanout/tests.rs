@@ -4,10 +4,10 @@ use bytes::Bytes;
 
 use std::sync::{Arc, atomic::Ordering};
 
-use tokio::time::Duration;
+use tokio::time::{Duration, Instant};
 
 use super::{
-    batcher::Batcher,
+    batcher::{Batcher, MAX_BATCH_DELAY},
     hub::{Hub, HubConfig},
     subscription::Subscription,
 };
@@ -193,8 +193,9 @@ async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
     let hub = Arc::new(Hub::new(&[80, 81], CONFIG));
     let (_, mut sub) = hub.subscribe(&[80, 81], "all");
     let mut batcher = Batcher::new(Arc::clone(&hub));
-    batcher.event(80, opened(1));
-    batcher.event(81, opened(2));
+    let now = Instant::now();
+    batcher.at(now).event(80, opened(1));
+    batcher.at(now).event(81, opened(2));
     let totals = |hub: &Hub| -> Vec<(u16, u64, u64, u64)> {
         hub.port_totals()
             .iter()
@@ -206,7 +207,7 @@ async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
         [(80, 0, 0, 0), (81, 0, 0, 0)],
         "nothing sent yet"
     );
-    batcher.event(
+    batcher.at(now).event(
         80,
         StreamEvent::Data {
             conn: 1,
@@ -221,8 +222,9 @@ async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
     batcher.flush();
     assert_eq!(totals(&hub)[1], (81, 1, 0, 1));
     assert_eq!(batcher.deadline(), None, "nothing pending");
-    batcher.event(81, closed(2, CloseReason::Fin));
+    batcher.at(now).event(81, closed(2, CloseReason::Fin));
     let deadline = batcher.deadline().expect("an event is pending");
+    assert_eq!(deadline, now + MAX_BATCH_DELAY, "the time it was given");
     batcher.flush_due(deadline - Duration::from_micros(1));
     assert_eq!(totals(&hub)[1].3, 1, "not due yet");
     batcher.flush_due(deadline);

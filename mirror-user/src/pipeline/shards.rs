@@ -11,10 +11,10 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
     fanout::{batcher::Batcher, hub::Hub},
@@ -235,8 +235,9 @@ struct Shard {
 }
 
 impl Shard {
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+    /// The connection table's time: nanoseconds since the shards started.
+    fn table_ns(&self, now: Instant) -> u64 {
+        now.duration_since(self.epoch).as_nanos() as u64
     }
 
     async fn run(mut self) {
@@ -257,29 +258,33 @@ impl Shard {
                 batch = self.receiver.recv() => {
                     let Some(batch) = batch else { break };
                     self.queued.fetch_sub(batch_bytes(&batch), Ordering::Relaxed);
-                    let now = self.now_ns();
+                    let now = Instant::now();
+                    let now_ns = self.table_ns(now);
+                    let mut events = self.batcher.at(now);
                     for segment in batch {
-                        self.table.segment(segment, now, &mut self.batcher);
+                        self.table.segment(segment, now_ns, &mut events);
                     }
                 }
                 _ = tick.tick() => {
-                    let now = self.now_ns();
-                    self.table.tick(now, &mut self.batcher);
+                    let now = Instant::now();
+                    self.table.tick(self.table_ns(now), &mut self.batcher.at(now));
                     *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
                 }
                 _ = &mut publish, if publish_by.is_some() => {}
             }
-            self.apply_losses();
-            self.batcher.flush_due(tokio::time::Instant::now());
+            let now = Instant::now();
+            self.apply_losses(now);
+            self.batcher.flush_due(now);
         }
-        self.apply_losses();
+        let now = Instant::now();
+        self.apply_losses(now);
         self.table
-            .close_all(CloseReason::Shutdown, &mut self.batcher);
+            .close_all(CloseReason::Shutdown, &mut self.batcher.at(now));
         self.batcher.flush();
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
     }
 
-    fn apply_losses(&mut self) {
+    fn apply_losses(&mut self, now: Instant) {
         let Some(lost) = self.lost.take() else {
             return;
         };
@@ -287,11 +292,13 @@ impl Shard {
             tracing::warn!(
                 "too many flows lost at once; closing every connection of the shard as gap"
             );
-            self.table.close_all(CloseReason::Gap, &mut self.batcher);
+            self.table
+                .close_all(CloseReason::Gap, &mut self.batcher.at(now));
             return;
         }
+        let mut events = self.batcher.at(now);
         for flow in &lost.flows {
-            self.table.lost(flow, &mut self.batcher);
+            self.table.lost(flow, &mut events);
         }
     }
 }
