@@ -18,7 +18,7 @@ use std::{
 
 use mirror_user::{
     flow::conntrack::{ConnectionTable, TableLimits},
-    flow::model::{CloseReason, StreamEvent},
+    flow::model::{CloseReason, ConnIds, StreamEvent},
     flow::reassembly::ReorderLimits,
     flow::{
         model::FlowKey,
@@ -149,7 +149,7 @@ fn a_million_one_byte_segments_out_of_order_stay_within_the_budget() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let budget = 16 << 20;
     let mut pool = PayloadPool::default();
-    let mut table = ConnectionTable::new(limits(budget), 1, 1);
+    let mut table = ConnectionTable::new(limits(budget), ConnIds::default());
     let mut tally = Tally::default();
     let connections = 100u16;
     for port in 0..connections {
@@ -201,7 +201,7 @@ fn held_bytes_do_not_pin_the_pool_buffers_they_were_copied_into() {
     let budget = 1 << 20;
     let buffer = PayloadPool::DEFAULT_BUFFER;
     let mut pool = PayloadPool::new(buffer);
-    let mut table = ConnectionTable::new(limits(budget), 1, 1);
+    let mut table = ConnectionTable::new(limits(budget), ConnIds::default());
     let mut tally = Tally::default();
     let f = flow(1);
     table.segment(

@@ -22,7 +22,7 @@ use mirror_user::{
     flow::conntrack::{ConnectionTable, TableLimits},
     flow::reassembly::ReorderLimits,
     flow::segment::{Segment, TcpFlags},
-    flow::model::{CloseReason, ConnId, FlowKey, StreamEvent},
+    flow::model::{CloseReason, ConnId, ConnIds, FlowKey, StreamEvent},
 };
 
 const FLOWS: usize = 4;
@@ -165,7 +165,7 @@ fuzz_target!(|input: Input| {
             max_wait_ns: 20_000_000,
         },
     };
-    let mut table = ConnectionTable::new(limits, 1, 1);
+    let mut table = ConnectionTable::new(limits, ConnIds::default());
     let mut checker = Checker::default();
     let mut now = 0u64;
     for op in input.ops.into_iter().take(MAX_OPS) {

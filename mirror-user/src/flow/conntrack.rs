@@ -33,7 +33,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::flow::{
-    model::{CloseReason, ConnId, EventSink, FlowKey, StreamEvent},
+    model::{CloseReason, ConnId, ConnIds, EventSink, FlowKey, StreamEvent},
     reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
     segment::{Segment, TcpFlags},
 };
@@ -200,16 +200,15 @@ pub struct ConnectionTable {
     timed: HashSet<FlowKey>,
     buffered: usize,
     limits: TableLimits,
-    next_id: ConnId,
-    id_step: ConnId,
+    ids: ConnIds,
     stats: TableStats,
     scratch: Vec<Bytes>,
 }
 
 impl ConnectionTable {
-    /// A table whose connection ids are `first_id`, `first_id + id_step`,
-    /// ... (shards use distinct residues so ids are unique).
-    pub fn new(limits: TableLimits, first_id: ConnId, id_step: ConnId) -> Self {
+    /// A table whose connections take their ids from `ids` (shared by
+    /// every shard's table).
+    pub fn new(limits: TableLimits, ids: ConnIds) -> Self {
         Self {
             conns: LruCache::unbounded(),
             bare: LruCache::unbounded(),
@@ -217,8 +216,7 @@ impl ConnectionTable {
             timed: HashSet::new(),
             buffered: 0,
             limits,
-            next_id: first_id,
-            id_step: id_step.max(1),
+            ids,
             stats: TableStats::default(),
             scratch: Vec::new(),
         }
@@ -555,8 +553,7 @@ impl ConnectionTable {
         if let Some(id) = id {
             return Some(*id);
         }
-        let new = self.next_id;
-        self.next_id += self.id_step;
+        let new = self.ids.next();
         *id = Some(new);
         self.stats.opened += 1;
         if *midstream {
@@ -827,7 +824,7 @@ mod tests {
 
     #[test]
     fn a_connection_from_syn_to_fin() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1000);
         table.segment(seg(f, 99, SYN, b""), 0, &mut log);
@@ -846,7 +843,7 @@ mod tests {
 
     #[test]
     fn a_running_connection_is_picked_up_midstream_after_the_syn_wait() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1000);
         table.segment(seg(f, 5000, ACK, b""), 0, &mut log);
@@ -873,7 +870,7 @@ mod tests {
 
     #[test]
     fn data_that_overtakes_its_syn_is_delivered_in_place() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1000);
         table.segment(seg(f, 4, ACK, b"def"), 0, &mut log);
@@ -887,7 +884,7 @@ mod tests {
 
     #[test]
     fn a_waiting_flow_over_the_reorder_budget_opens_at_once() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         table.segment(seg(flow(1), 100, ACK, &[b'a'; 500]), 0, &mut log);
         assert!(log.0.is_empty());
@@ -899,7 +896,7 @@ mod tests {
 
     #[test]
     fn a_waiting_flow_that_is_lost_or_stopped_leaves_no_trace() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, ACK, b"x"), 0, &mut log);
         table.lost(&flow(1), &mut log);
@@ -914,7 +911,7 @@ mod tests {
 
     #[test]
     fn a_hole_closes_with_gap_and_nothing_after_it_is_delivered() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1000);
         table.segment(seg(f, 0, SYN, b""), 0, &mut log);
@@ -931,7 +928,7 @@ mod tests {
 
     #[test]
     fn a_loss_reported_upstream_closes_with_gap() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
         table.segment(seg(flow(1), 1, ACK, b"x"), 0, &mut log);
@@ -942,7 +939,7 @@ mod tests {
 
     #[test]
     fn idle_connections_close() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
         table.segment(seg(flow(1), 1, ACK, b"a"), 0, &mut log);
@@ -957,7 +954,7 @@ mod tests {
 
     #[test]
     fn the_oldest_idle_connection_is_evicted_at_the_table_limit() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         for (i, port) in [1, 2, 3].into_iter().enumerate() {
             table.segment(seg(flow(port), 0, SYN, b""), i as u64, &mut log);
@@ -972,7 +969,7 @@ mod tests {
 
     #[test]
     fn a_bare_syn_is_announced_only_when_the_connection_carries_something() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         // Data: announced just before its first byte.
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
@@ -1018,7 +1015,7 @@ mod tests {
 
     #[test]
     fn a_syn_flood_makes_room_among_itself() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
         table.segment(seg(flow(1), 1, ACK, b"GET"), 0, &mut log);
@@ -1047,7 +1044,7 @@ mod tests {
 
     #[test]
     fn an_rst_outside_what_the_client_sent_is_ignored() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1);
         table.segment(seg(f, 99, SYN, b""), 0, &mut log);
@@ -1070,7 +1067,7 @@ mod tests {
 
     #[test]
     fn an_rst_that_overtook_the_last_data_waits_for_it() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1);
         table.segment(seg(f, 0, SYN, b""), 0, &mut log);
@@ -1105,7 +1102,7 @@ mod tests {
 
     #[test]
     fn an_rst_of_a_flow_waiting_for_its_syn_is_checked_then_delivers_it() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1);
         table.segment(seg(f, 5003, ACK, b"/x"), 0, &mut log);
@@ -1125,7 +1122,7 @@ mod tests {
 
     #[test]
     fn buffered_bytes_over_the_budget_evict() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
         table.segment(seg(flow(1), 10, ACK, &[b'x'; 600]), 1, &mut log);
@@ -1137,7 +1134,7 @@ mod tests {
 
     #[test]
     fn retransmissions_after_the_fin_are_not_a_new_connection() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1);
         table.segment(seg(f, 0, SYN, b""), 0, &mut log);
@@ -1154,7 +1151,7 @@ mod tests {
 
     #[test]
     fn a_syn_with_another_isn_takes_a_tuple_only_from_a_quiet_connection() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let f = flow(1);
         table.segment(seg(f, 0, SYN, b""), 0, &mut log);
@@ -1186,7 +1183,7 @@ mod tests {
 
     #[test]
     fn held_bytes_are_copies_counted_at_their_memory_cost() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         let pool_buffer = Bytes::from(vec![b'z'; 1 << 20]);
         let held = |payload: Bytes| Segment {
@@ -1214,7 +1211,7 @@ mod tests {
 
     #[test]
     fn truncated_segments_end_the_stream() {
-        let mut table = ConnectionTable::new(LIMITS, 1, 1);
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
         let mut log = Log::default();
         table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
         table.segment(seg(flow(1), 1, ACK, b"a"), 0, &mut log);
@@ -1224,16 +1221,36 @@ mod tests {
         assert_eq!(log.0, ["open 1", "data 1 a", "close 1 gap"]);
     }
 
+    /// Tables that share their ids (one per shard) number connections
+    /// from 1 in the order they are announced, whichever table holds
+    /// them: a connection is announced when it carries something, not
+    /// at its SYN.
     #[test]
-    fn ids_step_by_shard_count() {
-        let mut table = ConnectionTable::new(LIMITS, 3, 4);
+    fn ids_are_unique_across_tables_and_follow_the_announcements() {
+        let ids = ConnIds::default();
+        let mut first = ConnectionTable::new(LIMITS, ids.clone());
+        let mut second = ConnectionTable::new(LIMITS, ids);
         let mut log = Log::default();
-        table.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
-        table.segment(seg(flow(2), 0, SYN, b""), 0, &mut log);
-        table.segment(seg(flow(1), 1, ACK, b"a"), 0, &mut log);
-        table.segment(seg(flow(2), 1, ACK, b"b"), 0, &mut log);
-        assert_eq!(log.0, ["open 3", "data 3 a", "open 7", "data 7 b"]);
-        table.close_all(CloseReason::Shutdown, &mut log);
-        assert_eq!(&log.0[4..], ["close 3 shutdown", "close 7 shutdown"]);
+        first.segment(seg(flow(1), 0, SYN, b""), 0, &mut log);
+        second.segment(seg(flow(2), 0, SYN, b""), 0, &mut log);
+        second.segment(seg(flow(2), 1, ACK, b"b"), 1, &mut log);
+        first.segment(seg(flow(1), 1, ACK, b"a"), 2, &mut log);
+        second.segment(seg(flow(3), 0, SYN, b""), 3, &mut log);
+        second.segment(seg(flow(3), 1, FIN, b"c"), 4, &mut log);
+        assert_eq!(
+            log.0,
+            [
+                "open 1",
+                "data 1 b",
+                "open 2",
+                "data 2 a",
+                "open 3",
+                "data 3 c",
+                "close 3 fin"
+            ]
+        );
+        first.close_all(CloseReason::Shutdown, &mut log);
+        second.close_all(CloseReason::Shutdown, &mut log);
+        assert_eq!(&log.0[7..], ["close 2 shutdown", "close 1 shutdown"]);
     }
 }

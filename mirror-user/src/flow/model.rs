@@ -5,6 +5,10 @@ use std::{
     fmt,
     hash::{BuildHasher, Hash},
     net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -29,6 +33,20 @@ impl FlowKey {
 
 /// A connection's number, unique for the life of the mirror.
 pub type ConnId = u64;
+
+/// Hands out the connection ids of the whole mirror: unique across the
+/// shards' tables and increasing in the order connections are announced,
+/// the first being 1. One is taken per announced connection, never per
+/// packet.
+#[derive(Debug, Clone, Default)]
+pub struct ConnIds(Arc<AtomicU64>);
+
+impl ConnIds {
+    /// The next id.
+    pub fn next(&self) -> ConnId {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
 
 /// Why a connection's stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -21,7 +21,7 @@ use crate::{
     flow::conntrack::{ConnectionTable, TableLimits, TableStats},
     flow::model::CloseReason,
     flow::{
-        model::FlowKey,
+        model::{ConnIds, FlowKey},
         segment::{PayloadPool, Segment},
     },
     kernel::drain::RecordSink,
@@ -147,6 +147,9 @@ impl Shards {
     pub fn start(config: ShardConfig, hub: &Arc<Hub>) -> Self {
         let count = config.shards.max(1);
         let epoch = Instant::now();
+        // One numbering for all shards: connection ids are unique and in
+        // the order the connections were announced.
+        let ids = ConnIds::default();
         let mut shards = Self {
             senders: Vec::with_capacity(count),
             queued: Vec::with_capacity(count),
@@ -155,11 +158,11 @@ impl Shards {
             stats: Vec::with_capacity(count),
             tasks: Vec::with_capacity(count),
         };
-        for index in 0..count {
+        for _ in 0..count {
             let (sender, receiver) = mpsc::channel(config.queue_batches.max(1));
             let lost = Arc::new(LostFlows::default());
             let stats = Arc::new(Mutex::new(TableStats::default()));
-            let table = ConnectionTable::new(config.table, 1 + index as u64, count as u64);
+            let table = ConnectionTable::new(config.table, ids.clone());
             let queued = Arc::new(AtomicUsize::new(0));
             let shard = Shard {
                 table,
@@ -378,8 +381,11 @@ mod tests {
 
     use super::*;
     use crate::{
-        fanout::hub::HubConfig, flow::conntrack::TableLimits, flow::reassembly::ReorderLimits,
-        flow::segment::TcpFlags,
+        fanout::hub::HubConfig,
+        flow::{
+            conntrack::TableLimits, model::StreamEvent, reassembly::ReorderLimits,
+            segment::TcpFlags,
+        },
     };
 
     #[test]
@@ -444,5 +450,75 @@ mod tests {
             drop(router);
             shards.finish().await;
         });
+    }
+
+    /// The first connection of a run is conn 1, wherever it lands, and
+    /// connections opened one after another get 1, 2, 3, ... although
+    /// they are spread over several shards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connection_ids_are_unique_across_shards_and_in_opening_order() {
+        let hub = Arc::new(Hub::new(
+            &[80],
+            HubConfig {
+                capacity: 64,
+                max_bytes: 64 << 20,
+                batch_bytes: 1,
+            },
+        ));
+        let (_feed, mut events) = hub.subscribe(&[80], "test");
+        let config = ShardConfig {
+            shards: 4,
+            queue_batches: 16,
+            table: TableLimits {
+                max_connections: 64,
+                max_buffered_bytes: 1 << 20,
+                idle_timeout_ns: u64::MAX,
+                reorder: ReorderLimits {
+                    max_bytes: 1 << 20,
+                    max_wait_ns: u64::MAX,
+                },
+            },
+        };
+        let shards = Shards::start(config, &hub);
+        let mut router = shards.router();
+        let segment = |flow: FlowKey, seq: u32, flags: TcpFlags, payload: &'static [u8]| Segment {
+            flow,
+            seq,
+            flags,
+            payload: Bytes::from_static(payload),
+            truncated: false,
+        };
+        let mut used = HashSet::new();
+        for n in 1..=12u16 {
+            let flow = FlowKey {
+                src: std::net::SocketAddr::from(([198, 18, 0, 1], 40000 + n)),
+                dst: "198.18.0.2:80".parse().unwrap(),
+            };
+            let shard = flow.shard(4);
+            used.insert(shard);
+            router.pending[shard].push(segment(flow, 0, TcpFlags::SYN, b""));
+            router.pending[shard].push(segment(flow, 1, TcpFlags::ACK, b"x"));
+            router.send(shard);
+            // Wait for its announcement before the next one opens.
+            let opened = tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .expect("the connection is announced")
+                .expect("the channel is open");
+            assert_eq!(
+                opened,
+                StreamEvent::Opened {
+                    conn: u64::from(n),
+                    src: flow.src,
+                    dst: flow.dst,
+                    midstream: false,
+                },
+                "connection {n} (shard {shard})"
+            );
+            let data = events.next().await.expect("its byte");
+            assert_eq!(data.conn(), u64::from(n));
+        }
+        assert!(used.len() > 1, "the flows landed on shards {used:?}");
+        drop(router);
+        shards.finish().await;
     }
 }
