@@ -33,6 +33,15 @@ pub type PortReceivers = Vec<(u16, broadcast::Receiver<EventBatch>)>;
 
 /// A request to the main task.
 pub enum Request {
+    /// A port change or question, which [`Control::handle`] applies.
+    Ports(PortRequest),
+    /// Every counter, as the JSON document `--print json` ends with: the
+    /// main task answers it (it holds every stage's counters).
+    Stats { reply: oneshot::Sender<String> },
+}
+
+/// A request about the mirrored ports.
+pub enum PortRequest {
     Subscribe {
         session: SessionId,
         ports: Vec<u16>,
@@ -56,11 +65,6 @@ pub enum Request {
     },
     ListPorts {
         reply: oneshot::Sender<Vec<PortInfo>>,
-    },
-    /// Every counter, as the JSON document `--print json` ends with; the
-    /// caller of [`Control::handle`] answers it (it owns the counters).
-    Stats {
-        reply: oneshot::Sender<String>,
     },
 }
 
@@ -91,10 +95,10 @@ impl Control {
         &self.registry
     }
 
-    /// Applies one port request (`Stats` is answered by the caller).
-    pub fn handle(&mut self, request: Request, map: &mut impl PortMap) {
+    /// Applies one port request.
+    pub fn handle(&mut self, request: PortRequest, map: &mut impl PortMap) {
         match request {
-            Request::Subscribe {
+            PortRequest::Subscribe {
                 session,
                 ports,
                 reply,
@@ -110,7 +114,7 @@ impl Control {
                 });
                 let _ = reply.send(result);
             }
-            Request::Unsubscribe {
+            PortRequest::Unsubscribe {
                 session,
                 ports,
                 reply,
@@ -120,12 +124,12 @@ impl Control {
                 }
                 let _ = reply.send(());
             }
-            Request::EndSession { session } => {
+            PortRequest::EndSession { session } => {
                 for port in self.registry.end_session(session) {
                     self.deactivate(port, map);
                 }
             }
-            Request::AddPort { port, reply } => {
+            PortRequest::AddPort { port, reply } => {
                 let was_own = self.registry.own_ports().contains(&port);
                 let result = self.registry.add(port).map(|activated| {
                     if activated {
@@ -141,7 +145,7 @@ impl Control {
                 });
                 let _ = reply.send(result);
             }
-            Request::RemovePort { port, reply } => {
+            PortRequest::RemovePort { port, reply } => {
                 let result = self.registry.remove(port).map(|deactivated| {
                     for feed in &self.own_feeds {
                         feed.remove(port);
@@ -152,11 +156,8 @@ impl Control {
                 });
                 let _ = reply.send(result);
             }
-            Request::ListPorts { reply } => {
+            PortRequest::ListPorts { reply } => {
                 let _ = reply.send(self.registry.list());
-            }
-            Request::Stats { reply } => {
-                let _ = reply.send(String::from("{}"));
             }
         }
     }
@@ -223,7 +224,7 @@ mod tests {
     ) -> Result<Vec<u16>, PolicyError> {
         let (reply, answer) = oneshot::channel();
         c.handle(
-            Request::Subscribe {
+            PortRequest::Subscribe {
                 session,
                 ports: ports.to_vec(),
                 reply,
@@ -246,9 +247,9 @@ mod tests {
         assert!(map.0.contains(&9000));
         assert!(c.hub.receiver(9000).is_some());
         assert_eq!(subscribe(&mut c, &mut map, 2, &[9000]), Ok(vec![9000]));
-        c.handle(Request::EndSession { session: 1 }, &mut map);
+        c.handle(PortRequest::EndSession { session: 1 }, &mut map);
         assert!(map.0.contains(&9000), "session 2 still holds it");
-        c.handle(Request::EndSession { session: 2 }, &mut map);
+        c.handle(PortRequest::EndSession { session: 2 }, &mut map);
         assert_eq!(map.0, BTreeSet::from([80]));
         assert!(c.hub.receiver(9000).is_none(), "its channel closed");
         assert!(c.hub.receiver(80).is_some());
@@ -275,7 +276,7 @@ mod tests {
         let (feed, mut own) = c.hub.subscribe(&[80], "own");
         c.follow_own_ports(feed);
         let (reply, answer) = oneshot::channel();
-        c.handle(Request::AddPort { port: 9001, reply }, &mut map);
+        c.handle(PortRequest::AddPort { port: 9001, reply }, &mut map);
         assert_eq!(answer.blocking_recv().unwrap(), Ok(()));
         assert!(map.0.contains(&9001));
         let opened = crate::flow::model::StreamEvent::Opened {
@@ -289,7 +290,7 @@ mod tests {
         assert_eq!(got, Some(opened), "the consumer follows the added port");
 
         let (reply, answer) = oneshot::channel();
-        c.handle(Request::ListPorts { reply }, &mut map);
+        c.handle(PortRequest::ListPorts { reply }, &mut map);
         let listed: Vec<u16> = answer
             .blocking_recv()
             .unwrap()
@@ -299,7 +300,7 @@ mod tests {
         assert_eq!(listed, [80, 9001]);
 
         let (reply, answer) = oneshot::channel();
-        c.handle(Request::RemovePort { port: 9001, reply }, &mut map);
+        c.handle(PortRequest::RemovePort { port: 9001, reply }, &mut map);
         assert_eq!(answer.blocking_recv().unwrap(), Ok(()));
         assert!(!map.0.contains(&9001));
         // Its open connection on the removed port ends as shutdown.
@@ -312,7 +313,7 @@ mod tests {
             })
         );
         let (reply, answer) = oneshot::channel();
-        c.handle(Request::RemovePort { port: 80, reply }, &mut map);
+        c.handle(PortRequest::RemovePort { port: 80, reply }, &mut map);
         assert_eq!(
             answer.blocking_recv().unwrap(),
             Err(PolicyError::CommandLine(80))
@@ -322,7 +323,7 @@ mod tests {
     fn request<T>(
         c: &mut Control,
         map: &mut FakeMap,
-        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+        make: impl FnOnce(oneshot::Sender<T>) -> PortRequest,
     ) -> T {
         let (reply, answer) = oneshot::channel();
         c.handle(make(reply), map);
@@ -337,14 +338,14 @@ mod tests {
         assert_eq!(subscribe(&mut c, &mut map, 1, &[9000]), Ok(vec![9000]));
         // Another client adds the same port, then removes it.
         assert_eq!(
-            request(&mut c, &mut map, |reply| Request::AddPort {
+            request(&mut c, &mut map, |reply| PortRequest::AddPort {
                 port: 9000,
                 reply
             }),
             Ok(())
         );
         assert_eq!(
-            request(&mut c, &mut map, |reply| Request::RemovePort {
+            request(&mut c, &mut map, |reply| PortRequest::RemovePort {
                 port: 9000,
                 reply
             }),
@@ -354,21 +355,21 @@ mod tests {
         assert!(c.hub.receiver(9000).is_some(), "its channel stays open");
         // A command-line port and a port only subscribed cannot be removed.
         assert_eq!(
-            request(&mut c, &mut map, |reply| Request::RemovePort {
+            request(&mut c, &mut map, |reply| PortRequest::RemovePort {
                 port: 80,
                 reply
             }),
             Err(PolicyError::CommandLine(80))
         );
         assert_eq!(
-            request(&mut c, &mut map, |reply| Request::RemovePort {
+            request(&mut c, &mut map, |reply| PortRequest::RemovePort {
                 port: 9000,
                 reply
             }),
             Err(PolicyError::NotAdded(9000))
         );
         assert!(map.0.contains(&80) && map.0.contains(&9000));
-        c.handle(Request::EndSession { session: 1 }, &mut map);
+        c.handle(PortRequest::EndSession { session: 1 }, &mut map);
         assert_eq!(map.0, BTreeSet::from([80]));
     }
 
@@ -377,15 +378,15 @@ mod tests {
         let (mut c, mut map) = control();
         assert_eq!(subscribe(&mut c, &mut map, 1, &[9000]), Ok(vec![9000]));
         // Session 2 unsubscribes a port it never subscribed, and ends.
-        request(&mut c, &mut map, |reply| Request::Unsubscribe {
+        request(&mut c, &mut map, |reply| PortRequest::Unsubscribe {
             session: 2,
             ports: vec![9000, 80],
             reply,
         });
-        c.handle(Request::EndSession { session: 2 }, &mut map);
+        c.handle(PortRequest::EndSession { session: 2 }, &mut map);
         assert!(map.0.contains(&9000) && map.0.contains(&80));
         assert!(c.hub.receiver(9000).is_some());
-        request(&mut c, &mut map, |reply| Request::Unsubscribe {
+        request(&mut c, &mut map, |reply| PortRequest::Unsubscribe {
             session: 1,
             ports: vec![9000],
             reply,

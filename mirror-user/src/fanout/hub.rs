@@ -32,6 +32,9 @@ pub struct HubConfig {
 }
 
 impl HubConfig {
+    /// A shard publishes a port's batch once it holds this many payload
+    /// bytes: one channel slot per this many bytes.
+    pub const BATCH_BYTES: usize = 256 << 10;
     /// Most events in one batch, whatever their size.
     pub const MAX_BATCH_EVENTS: usize = 1024;
 

@@ -21,7 +21,7 @@ use tokio_util::codec::Framed;
 
 use crate::{
     control::{
-        Request,
+        PortRequest, Request,
         ports::{PolicyError, SessionId},
     },
     fanout::{hub::Hub, subscription::Subscription},
@@ -200,7 +200,7 @@ pub(super) async fn session(
             let end = serve_session(&mut wire, id, &name, &context, shutdown).await;
             let _ = context
                 .control
-                .send(Request::EndSession { session: id })
+                .send(Request::Ports(PortRequest::EndSession { session: id }))
                 .await;
             drop(slot);
             end
@@ -551,10 +551,12 @@ async fn handle(
             "auth answers a challenge, and the hello is over",
         ),
         ClientFrame::Subscribe { ports } => {
-            let answer = ask(context, |reply| Request::Subscribe {
-                session: id,
-                ports,
-                reply,
+            let answer = ask(context, |reply| {
+                Request::Ports(PortRequest::Subscribe {
+                    session: id,
+                    ports,
+                    reply,
+                })
             })
             .await;
             match answer {
@@ -574,10 +576,12 @@ async fn handle(
             for port in &ports {
                 subscription.remove_port(*port);
             }
-            match ask(context, |reply| Request::Unsubscribe {
-                session: id,
-                ports,
-                reply,
+            match ask(context, |reply| {
+                Request::Ports(PortRequest::Unsubscribe {
+                    session: id,
+                    ports,
+                    reply,
+                })
             })
             .await
             {
@@ -600,19 +604,31 @@ async fn handle(
             ),
             None => unavailable(),
         },
-        ClientFrame::ListPorts => match ask(context, |reply| Request::ListPorts { reply }).await {
+        ClientFrame::ListPorts => match ask(context, |reply| {
+            Request::Ports(PortRequest::ListPorts { reply })
+        })
+        .await
+        {
             Some(ports) => ServerFrame::Ports { ports },
             None => unavailable(),
         },
         ClientFrame::AddPort { port } => {
-            match ask(context, |reply| Request::AddPort { port, reply }).await {
+            match ask(context, |reply| {
+                Request::Ports(PortRequest::AddPort { port, reply })
+            })
+            .await
+            {
                 Some(Ok(())) => ServerFrame::Ok,
                 Some(Err(policy)) => policy_error(&policy),
                 None => unavailable(),
             }
         }
         ClientFrame::RemovePort { port } => {
-            match ask(context, |reply| Request::RemovePort { port, reply }).await {
+            match ask(context, |reply| {
+                Request::Ports(PortRequest::RemovePort { port, reply })
+            })
+            .await
+            {
                 Some(Ok(())) => ServerFrame::Ok,
                 Some(Err(policy)) => policy_error(&policy),
                 None => unavailable(),

@@ -107,7 +107,7 @@ impl Harness {
                         json["server"] = counters_server.to_json();
                         let _ = reply.send(json.to_string());
                     }
-                    request => control.handle(request, &mut NoMap),
+                    Request::Ports(request) => control.handle(request, &mut NoMap),
                 }
             }
         });
