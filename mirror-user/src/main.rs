@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{Cli, Command};
-use mirror_user::kernel::privileged_helper;
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
 fn main() -> ExitCode {
@@ -21,7 +20,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         // The helper is synchronous and never starts a runtime.
-        Command::PrivilegedHelper => privileged_helper::serve().map_err(anyhow::Error::from),
+        Command::PrivilegedHelper => cli::privileged_helper::run(),
         // The privileged part of `run` happens before the runtime starts
         // any thread, so that giving up root covers them all.
         Command::Run(args) => cli::run::prepare(*args, max_level)
@@ -29,9 +28,9 @@ fn main() -> ExitCode {
         // No-new-privileges and the bounding set are per thread: `tail`
         // gives up root on its only thread, so that every thread made
         // later (tokio's blocking pool) is a copy of the unprivileged one.
-        Command::Tail(args) => block_on_one_thread(cli::tail::tail(args)),
-        Command::Ports(args) => block_on(cli::tail::ports(args)),
-        Command::Stats(args) => block_on(cli::tail::stats(args)),
+        Command::Tail(args) => block_on_one_thread(cli::tail::run(args)),
+        Command::Ports(args) => block_on(cli::ports::run(args)),
+        Command::Stats(args) => block_on(cli::stats::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

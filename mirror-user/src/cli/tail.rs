@@ -1,39 +1,77 @@
-//! `mirror tail`, `mirror ports`, `mirror stats`: clients of a running
-//! mirror.
-
-use std::io::Write as _;
+//! `mirror tail`: follow the streams of ports of a running mirror.
 
 use anyhow::Context as _;
+use clap::Args;
 use futures_util::FutureExt as _;
 use mirror_user::{
     files::OutputDir,
     kernel::privileges::Identity,
-    server::client::{self, Client},
     sinks::{
         dump::DumpWriter,
-        print::{EventTotals, format_event},
+        print::{EventTotals, PrintFormat, format_event},
     },
-    telemetry::counters,
 };
-
-use crate::cli::{ConnectArgs, PortsAction, PortsArgs, StatsArgs, TailArgs};
+use std::{num::NonZeroU16, path::PathBuf};
 use tokio::{
     io::{AsyncWriteExt as _, BufWriter},
     signal::unix::{SignalKind, signal},
 };
 
-async fn connect(args: &ConnectArgs, name: &str) -> anyhow::Result<Client> {
-    let token = match &args.token_file {
-        Some(path) => Some(
-            // Its errors name the file and say what to do.
-            client::read_token(path)?,
-        ),
-        None => None,
-    };
-    Ok(Client::connect(&args.connect, token.as_deref(), name).await?)
+use crate::cli::{Choice, ConnectArgs, connect, one_of, parse_port};
+
+pub const EXAMPLES: &str = "\
+Examples:
+  # Follow port 8080 of the mirror listening on the default socket:
+  mirror tail --port 8080
+
+  # Keep each connection in a file, from a mirror on another host:
+  mirror tail --connect 198.18.0.2:7000 --token-file token --port 80 --dump-dir flows";
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// Port to follow (repeatable); ports the mirror does not mirror yet
+    /// must be inside its --allow-ports.
+    #[arg(short, long = "port", value_name = "P", required = true, value_parser = parse_port)]
+    pub ports: Vec<NonZeroU16>,
+
+    /// How to print events.
+    #[arg(long, value_parser = one_of(TAIL_FORMATS), default_value = "text")]
+    pub format: PrintFormat,
+
+    /// Write each connection to a file in DIR instead (as `mirror run
+    /// --dump-dir` does).
+    #[arg(long, value_name = "DIR")]
+    pub dump_dir: Option<PathBuf>,
+
+    /// Started as root: once connected (and DIR opened), run as USER, as
+    /// tcpdump -Z does (DIR, if created, belongs to USER). `--user root`
+    /// keeps root. Default: nobody.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
 }
 
-pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
+/// `mirror tail --format`.
+const TAIL_FORMATS: &[Choice<PrintFormat>] = &[
+    (
+        "text",
+        "One line per event, data shown as escaped text",
+        PrintFormat::Text,
+    ),
+    (
+        "json",
+        "One JSON object per line, as `mirror run --print json`",
+        PrintFormat::Json,
+    ),
+    (
+        "hex",
+        "Events as text, data as a hex dump",
+        PrintFormat::Hex,
+    ),
+];
+
+pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     // Listening before saying "following": a SIGINT or SIGTERM from then
     // on ends the loop below and still prints the totals.
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -141,61 +179,5 @@ fn output_ended(error: std::io::Error) -> anyhow::Result<()> {
         Ok(())
     } else {
         Err(error.into())
-    }
-}
-
-pub async fn ports(args: PortsArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.connect, "mirror ports").await?;
-    match args.action {
-        PortsAction::List => {
-            let ports = client.list_ports().await?;
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{:>5}  {:<14} subscribers", "port", "mirrored by")?;
-            for info in ports {
-                let why = match (info.command_line, info.added) {
-                    (true, _) => "command line",
-                    (false, true) => "ports add",
-                    (false, false) => "subscribers",
-                };
-                writeln!(out, "{:>5}  {why:<14} {}", info.port, info.subscribers)?;
-            }
-        }
-        PortsAction::Add { port } => {
-            client.add_port(port.get()).await?;
-            eprintln!("mirror ports: port {port} is mirrored");
-        }
-        PortsAction::Remove { port } => {
-            client.remove_port(port.get()).await?;
-            eprintln!("mirror ports: port {port} was removed");
-        }
-    }
-    Ok(())
-}
-
-pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.connect, "mirror stats").await?;
-    loop {
-        let json = client.stats().await?;
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            writeln!(out, "{json}")?;
-            return Ok(());
-        }
-        if args.watch {
-            // Home and clear: the table is redrawn in place.
-            write!(out, "\x1b[H\x1b[2J")?;
-        }
-        for (name, value) in counters::flatten(&json) {
-            writeln!(out, "{name:<48} {value}")?;
-        }
-        out.flush()?;
-        if !args.watch {
-            return Ok(());
-        }
-        drop(out);
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        }
     }
 }
