@@ -2,6 +2,8 @@
 //! with its arguments (clap derive) mapped onto the stages' own
 //! configurations. Only this module knows clap.
 
+use std::{num::NonZeroU16, path::PathBuf, time::Duration};
+
 use clap::{
     Args, Parser, Subcommand,
     builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
@@ -10,7 +12,6 @@ use mirror_user::server::{
     Endpoint,
     client::{self, Client},
 };
-use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 
 pub mod ports;
 pub mod privileged_helper;

@@ -1,7 +1,8 @@
 //! `mirror ports`: list, add or remove the ports a running mirror mirrors.
 
-use clap::{Args, Subcommand};
 use std::{io::Write as _, num::NonZeroU16};
+
+use clap::{Args, Subcommand};
 
 use crate::cli::{ConnectArgs, connect, parse_port};
 

@@ -2,6 +2,8 @@
 //! privileged start, then the pipeline until SIGINT or SIGTERM, and its
 //! counters.
 
+use std::{num::NonZeroU16, path::PathBuf, time::Duration};
+
 use anyhow::Context as _;
 use clap::Args;
 use mirror_common::MAX_SNAPLEN;
@@ -26,7 +28,6 @@ use mirror_user::{
         print_packets::PacketFormat,
     },
 };
-use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::filter::LevelFilter;
 

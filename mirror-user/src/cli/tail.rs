@@ -1,5 +1,7 @@
 //! `mirror tail`: follow the streams of ports of a running mirror.
 
+use std::{num::NonZeroU16, path::PathBuf};
+
 use anyhow::Context as _;
 use clap::Args;
 use futures_util::FutureExt as _;
@@ -11,7 +13,6 @@ use mirror_user::{
         print::{EventTotals, PrintFormat, format_event},
     },
 };
-use std::{num::NonZeroU16, path::PathBuf};
 use tokio::{
     io::{AsyncWriteExt as _, BufWriter},
     signal::unix::{SignalKind, signal},
