@@ -88,28 +88,25 @@ pub fn parse_port(text: &str) -> Result<NonZeroU16, String> {
         .ok_or_else(|| format!("'{text}' is not a TCP port: use a number from 1 to 65535"))
 }
 
-/// Parses a byte count with an optional K, M or G suffix (powers of 1024).
+/// Parses a byte count with an optional unit: `512`, `64K`, `16M`, `1G`
+/// (K, KB and KiB alike are powers of 1024, as in the defaults shown by
+/// `--help`). Units past G are refused: no size here comes near a
+/// terabyte, so one is a typo.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let (digits, unit) = match trimmed.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => trimmed.split_at(i),
-        None => (trimmed, ""),
-    };
-    let multiplier: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        _ => 0,
-    };
-    digits
-        .parse::<u64>()
+    const SIZES: parse_size::Config = parse_size::Config::new().with_binary();
+    let bad = || format!("'{text}' is not a size: use a number of bytes, such as 512K or 64M");
+    let text = text.trim();
+    if text
+        .chars()
+        .any(|c| matches!(c.to_ascii_uppercase(), 'T' | 'P' | 'E'))
+    {
+        return Err(bad());
+    }
+    SIZES
+        .parse_size(text)
         .ok()
-        .and_then(|n| n.checked_mul(multiplier))
         .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            format!("'{text}' is not a size: use a number of bytes, such as 512K or 64M")
-        })
+        .ok_or_else(bad)
 }
 
 /// Parses a duration such as `500ms`, `2s` or `5m`.

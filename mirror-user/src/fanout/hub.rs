@@ -4,11 +4,12 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::{
@@ -104,7 +105,7 @@ impl Hub {
 
     /// Opens `port`'s channel if it has none; returns a receiver of it.
     pub fn open_port(&self, port: u16) -> broadcast::Receiver<EventBatch> {
-        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let mut channels = self.channels.write();
         channels
             .entry(port)
             .or_insert_with(|| PortChannel {
@@ -118,11 +119,11 @@ impl Hub {
     /// Closes `port`'s channel: its consumers see its end once they have
     /// read what it holds.
     pub fn close_port(&self, port: u16) {
-        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let mut channels = self.channels.write();
         if let Some(channel) = channels.remove(&port) {
             // Totals of a closed channel are kept for the counters.
             drop(channel.sender);
-            let mut closed = self.closed_ports.lock().unwrap_or_else(|p| p.into_inner());
+            let mut closed = self.closed_ports.lock();
             closed
                 .entry(port)
                 .or_insert(PortTotals {
@@ -135,7 +136,7 @@ impl Hub {
 
     /// A receiver of `port`'s channel, if it is open.
     pub fn receiver(&self, port: u16) -> Option<broadcast::Receiver<EventBatch>> {
-        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let channels = self.channels.read();
         channels
             .get(&port)
             .map(|channel| channel.sender.subscribe())
@@ -144,7 +145,7 @@ impl Hub {
     /// Closes every channel (the mirror stops).
     pub fn close_all(&self) {
         let ports: Vec<u16> = {
-            let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+            let channels = self.channels.read();
             channels.keys().copied().collect()
         };
         for port in ports {
@@ -154,7 +155,7 @@ impl Hub {
 
     /// Sends a batch to the consumers of `port`; never waits.
     pub fn publish(&self, port: u16, events: Vec<StreamEvent>) {
-        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let channels = self.channels.read();
         let Some(channel) = channels.get(&port) else {
             return;
         };
@@ -207,7 +208,7 @@ impl Hub {
     ) -> (PortFeed, Subscription) {
         let stats = Arc::new(ConsumerStats::new(name, client));
         let key = {
-            let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut consumers = self.consumers.lock();
             let key = consumers.next;
             consumers.next += 1;
             consumers.live.insert(key, Arc::clone(&stats));
@@ -225,17 +226,8 @@ impl Hub {
     /// Totals of every port, open or closed, in port order (at most one
     /// entry per port).
     pub fn port_totals(&self) -> Vec<PortTotals> {
-        let mut by_port = self
-            .closed_ports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for (port, channel) in self
-            .channels
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        let mut by_port = self.closed_ports.lock().clone();
+        for (port, channel) in self.channels.read().iter() {
             by_port
                 .entry(*port)
                 .or_insert(PortTotals {
@@ -251,7 +243,7 @@ impl Hub {
     /// and the ended sessions' totals, read together so that a session
     /// ending meanwhile is counted once.
     pub fn consumer_totals(&self) -> (Vec<ConsumerSnapshot>, PastSessions) {
-        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        let consumers = self.consumers.lock();
         let live = consumers
             .live
             .values()
@@ -278,7 +270,7 @@ struct SessionEnd {
 
 impl Drop for SessionEnd {
     fn drop(&mut self) {
-        let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut consumers = self.consumers.lock();
         if let Some(stats) = consumers.live.remove(&self.key) {
             consumers.past_sessions.add(&stats.snapshot());
         }

@@ -185,7 +185,7 @@ fn a_port_opened_and_closed_again_keeps_one_entry() {
             batches: 1001
         }]
     );
-    assert_eq!(hub.closed_ports.lock().unwrap().len(), 1);
+    assert_eq!(hub.closed_ports.lock().len(), 1);
 }
 
 #[tokio::test]

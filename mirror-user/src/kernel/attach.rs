@@ -16,7 +16,7 @@
 
 pub mod clsact;
 
-use std::{ffi::CString, fmt, fs, io};
+use std::{fmt, fs, io};
 
 use aya::{
     programs::{
@@ -186,12 +186,7 @@ pub fn interface_index(iface: &str) -> Result<u32, AttachError> {
         iface: iface.to_owned(),
         available: available_interfaces(),
     };
-    let name = CString::new(iface).map_err(|_| unknown())?;
-    // SAFETY: `name` is a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(unknown()),
-        index => Ok(index),
-    }
+    nix::net::if_::if_nametoindex(iface).map_err(|_| unknown())
 }
 
 fn available_interfaces() -> String {

@@ -1,5 +1,7 @@
 //! Turning the kernel's `CLOCK_BOOTTIME` timestamps into wall-clock time.
 
+use nix::time::{ClockId, clock_gettime};
+
 /// Offset between `CLOCK_REALTIME` and `CLOCK_BOOTTIME`, read once: records
 /// then cost an addition, like xdpdump does. A wall-clock step while the
 /// mirror runs is not followed.
@@ -10,8 +12,8 @@ pub struct WallClock {
 
 impl WallClock {
     pub fn new() -> Self {
-        let boot = clock_ns(libc::CLOCK_BOOTTIME);
-        let real = clock_ns(libc::CLOCK_REALTIME);
+        let boot = clock_ns(ClockId::CLOCK_BOOTTIME);
+        let real = clock_ns(ClockId::CLOCK_REALTIME);
         Self {
             offset_ns: real - boot,
         }
@@ -29,14 +31,10 @@ impl Default for WallClock {
     }
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; both clocks exist on Linux.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+fn clock_ns(clock: ClockId) -> i128 {
+    // Both clocks exist on every Linux the mirror runs on.
+    let ts = clock_gettime(clock).expect("CLOCK_BOOTTIME and CLOCK_REALTIME exist");
+    i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
 }
 
 #[cfg(test)]
@@ -46,8 +44,8 @@ mod tests {
     #[test]
     fn boot_time_now_maps_to_wall_time_now() {
         let clock = WallClock::new();
-        let boot_now = clock_ns(libc::CLOCK_BOOTTIME) as u64;
-        let wall_now = clock_ns(libc::CLOCK_REALTIME) as u64;
+        let boot_now = clock_ns(ClockId::CLOCK_BOOTTIME) as u64;
+        let wall_now = clock_ns(ClockId::CLOCK_REALTIME) as u64;
         let mapped = clock.unix_ns(boot_now);
         assert!(
             mapped.abs_diff(wall_now) < 1_000_000_000,

@@ -33,7 +33,6 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Mutex,
     time::Duration,
 };
 
@@ -50,6 +49,7 @@ use nix::{
     },
     unistd::{UnlinkatFlags, unlinkat},
 };
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::attach::clsact::{self, ClsactFilter};
@@ -291,7 +291,7 @@ impl Helper {
 
     /// One request, one answer.
     fn ask(&self, message: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        let socket = self.socket.lock();
         let fds: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         let control: Vec<ControlMessage<'_>> = if fds.is_empty() {
             Vec::new()
@@ -338,9 +338,9 @@ impl Drop for Helper {
     /// Closing the socket tells the helper to clean up and exit; waits a
     /// little for it, so that the socket files are gone when the mirror is.
     fn drop(&mut self) {
-        let socket = self.socket.get_mut().unwrap_or_else(|e| e.into_inner());
+        let socket = self.socket.get_mut();
         let _ = nix::sys::socket::shutdown(socket.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let child = self.child.get_mut();
         if let Some(mut child) = child.take() {
             let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
             while std::time::Instant::now() < deadline {

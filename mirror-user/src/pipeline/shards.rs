@@ -8,12 +8,13 @@ use std::{
     collections::HashSet,
     io,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
@@ -88,7 +89,7 @@ struct LostSet {
 
 impl LostFlows {
     fn add(&self, flows: impl IntoIterator<Item = FlowKey>) {
-        let mut set = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self.flows.lock();
         for flow in flows {
             if set.flows.len() >= MAX_LOST_FLOWS {
                 set.overflow = true;
@@ -103,7 +104,7 @@ impl LostFlows {
         if !self.flagged.swap(false, Ordering::Acquire) {
             return None;
         }
-        let mut set = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self.flows.lock();
         Some(std::mem::take(&mut *set))
     }
 }
@@ -209,7 +210,7 @@ impl Shards {
     pub fn table_stats(&self) -> TableStats {
         let mut total = TableStats::default();
         for stats in &self.stats {
-            total.add(&stats.lock().unwrap_or_else(|p| p.into_inner()));
+            total.add(&stats.lock());
         }
         total
     }
@@ -271,7 +272,7 @@ impl Shard {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.table.tick(self.table_ns(now), &mut self.batcher.at(now));
-                    *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
+                    *self.stats.lock() = *self.table.stats();
                 }
                 _ = &mut publish, if publish_by.is_some() => {}
             }
@@ -284,7 +285,7 @@ impl Shard {
         self.table
             .close_all(CloseReason::Shutdown, &mut self.batcher.at(now));
         self.batcher.flush();
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = *self.table.stats();
+        *self.stats.lock() = *self.table.stats();
     }
 
     fn apply_losses(&mut self, now: Instant) {

@@ -8,11 +8,12 @@
 use std::{
     collections::VecDeque,
     io,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use bytes::BytesMut;
+use parking_lot::Mutex;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     time::Instant,
@@ -86,7 +87,7 @@ impl AwaitingHello {
     /// already, the oldest is told to go.
     pub(super) fn admit(self: &Arc<Self>, stats: &Arc<ServerStats>) -> HelloTicket {
         let (evict, evicted) = oneshot::channel();
-        let mut queue = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queue = self.0.lock();
         if queue.waiting.len() >= MAX_AWAITING_HELLO
             && let Some((_, oldest)) = queue.waiting.pop_front()
         {
@@ -117,7 +118,7 @@ pub(super) struct HelloTicket {
 
 impl Drop for HelloTicket {
     fn drop(&mut self) {
-        let mut queue = self.awaiting.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queue = self.awaiting.0.lock();
         queue.waiting.retain(|(id, _)| *id != self.id);
         self.stats.awaiting_hello.fetch_sub(1, Ordering::Relaxed);
     }
