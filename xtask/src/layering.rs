@@ -86,6 +86,10 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("main", &["cli", "kernel"]),
 ];
 
+/// Top-level modules that are sans-IO (quinn-proto's rule): no runtime,
+/// no clock; time comes in as an argument. Names they may not use.
+pub const SANS_IO: &[(&str, &[&str])] = &[("flow", &["tokio", "Instant", "SystemTime"])];
+
 /// One arrow between top-level modules, with where it was seen first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Arrow {
@@ -131,7 +135,7 @@ fn collect(src: &Path, dir: &Path, files: &mut Vec<(String, String)>) -> Result<
 pub fn check_sources(files: &[(String, String)], allowed: &[(&str, &[&str])]) -> Result<()> {
     let table: BTreeMap<&str, &[&str]> = allowed.iter().copied().collect();
     let arrows = arrows(files)?;
-    let mut problems = Vec::new();
+    let mut problems = sans_io_problems(files)?;
     for arrow in &arrows {
         match table.get(arrow.from.as_str()) {
             None => problems.push(format!(
@@ -196,6 +200,56 @@ pub fn arrows(files: &[(String, String)]) -> Result<BTreeSet<Arrow>> {
         .into_iter()
         .map(|((from, to), at)| Arrow { from, to, at })
         .collect())
+}
+
+/// Uses of a name [`SANS_IO`] forbids, as `file: name`.
+fn sans_io_problems(files: &[(String, String)]) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for (path, text) in files {
+        let module = ModulePath::of(path);
+        let Some((_, forbidden)) = SANS_IO.iter().find(|(name, _)| *name == module.top) else {
+            continue;
+        };
+        let file = syn::parse_file(text).with_context(|| format!("cannot parse {path}"))?;
+        let mut names = Names::default();
+        names.visit_file(&file);
+        for name in forbidden.iter().filter(|name| names.0.contains(**name)) {
+            problems.push(format!(
+                "{path}: `{}` is sans-IO and may not use `{name}` (time comes in as an argument)",
+                module.top
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// Every identifier a file names in paths, `use` trees and macro bodies.
+#[derive(Default)]
+struct Names(BTreeSet<String>);
+
+impl Names {
+    fn tokens(&mut self, tokens: TokenStream) {
+        for token in tokens {
+            match token {
+                TokenTree::Group(group) => self.tokens(group.stream()),
+                TokenTree::Ident(ident) => {
+                    self.0.insert(ident.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Names {
+    fn visit_ident(&mut self, ident: &'ast proc_macro2::Ident) {
+        self.0.insert(ident.to_string());
+    }
+
+    fn visit_macro(&mut self, mac: &'ast syn::Macro) {
+        self.tokens(mac.tokens.clone());
+        syn::visit::visit_macro(self, mac);
+    }
 }
 
 /// Where a file sits: its module path in its crate, and which crate.
@@ -495,6 +549,22 @@ mod tests {
             let bad = files(&[("telemetry/counters.rs", code)]);
             assert!(check_sources(&bad, ALLOWED).is_err(), "{code}");
         }
+    }
+
+    #[test]
+    fn the_sans_io_modules_use_no_runtime_and_no_clock() {
+        for code in [
+            "fn f() { tokio::spawn(async {}); }",
+            "use std::time::Instant;",
+            "fn f() -> u64 { std::time::SystemTime::now().elapsed().unwrap().as_secs() }",
+            "fn f() { assert!(std::time::Instant::now().elapsed().as_secs() < 1); }",
+        ] {
+            let bad = files(&[("flow/conntrack.rs", code)]);
+            let error = check_sources(&bad, ALLOWED).unwrap_err().to_string();
+            assert!(error.contains("`flow` is sans-IO"), "{code}: {error}");
+        }
+        let fine = files(&[("flow/conntrack.rs", "fn tick(now_ns: u64) {}")]);
+        check_sources(&fine, ALLOWED).unwrap();
     }
 
     #[test]
