@@ -20,9 +20,9 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use mirror_user::{
     flow::conntrack::{ConnectionTable, TableLimits},
+    flow::model::{CloseReason, ConnId, ConnIds, FlowKey, StreamEvent},
     flow::reassembly::ReorderLimits,
     flow::segment::{Segment, TcpFlags},
-    flow::model::{CloseReason, ConnId, ConnIds, FlowKey, StreamEvent},
 };
 
 const FLOWS: usize = 4;

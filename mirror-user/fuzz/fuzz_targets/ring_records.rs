@@ -6,10 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mirror_user::{
-    kernel::record::Record,
-    flow::segment::PayloadPool,
-};
+use mirror_user::{flow::segment::PayloadPool, kernel::record::Record};
 
 fuzz_target!(|raw: &[u8]| {
     let Ok(record) = Record::decode(raw) else {
