@@ -20,12 +20,12 @@ use std::{
 use etherparse::PacketBuilder;
 use mirror_common::RecordHeader;
 use mirror_user::{
-    conntrack::TableLimits,
-    drain::RecordSink,
-    hub::{Hub, HubConfig},
-    reassembly::ReorderLimits,
-    record::Record,
-    shards::{ShardConfig, Shards},
+    fanout::hub::{Hub, HubConfig},
+    flow::conntrack::TableLimits,
+    flow::reassembly::ReorderLimits,
+    kernel::drain::RecordSink,
+    kernel::record::Record,
+    pipeline::shards::{ShardConfig, Shards},
 };
 
 use crate::{
@@ -165,8 +165,8 @@ async fn pipeline(records: &[Vec<u8>], consumers: usize) -> Sample {
                     .fetch_add(event.data_len() as u64, Ordering::Relaxed);
                 if matches!(
                     event,
-                    mirror_user::stream::StreamEvent::Closed {
-                        reason: mirror_user::stream::CloseReason::Lagged,
+                    mirror_user::flow::model::StreamEvent::Closed {
+                        reason: mirror_user::flow::model::CloseReason::Lagged,
                         ..
                     }
                 ) {

@@ -6,7 +6,7 @@
 use std::{fmt::Write as _, time::Instant};
 
 use mirror_tests::mirror_process::{ClientProcess, MirrorProcess, tail_totals};
-use mirror_user::stream::CloseReason;
+use mirror_user::flow::model::CloseReason;
 
 use crate::{
     Options,

@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions, loaded_programs};
 use etherparse::PacketBuilder;
 use mirror_common::{Counter, PROG_TC, PROG_XDP};
 use mirror_tests::mirror_process::MirrorProcess;
-use mirror_user::loader::{CpuRing, LoadOptions, Mirror, ProgramKind};
+use mirror_user::kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind};
 
 use crate::{
     Options,

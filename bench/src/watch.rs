@@ -9,7 +9,7 @@ use std::{
 };
 
 use mirror_tests::mirror_process::{ClientProcess, MirrorProcess, running_counters, tail_totals};
-use mirror_user::stream::CloseReason;
+use mirror_user::flow::model::CloseReason;
 
 use crate::tools::{Tool, count_before, error_line};
 

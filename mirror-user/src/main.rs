@@ -1,15 +1,11 @@
 //! `mirror`: kernel-assisted TCP traffic mirror.
 
-mod run;
-mod tail;
+mod cli;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use mirror_user::{
-    cli::{Cli, Command},
-    privileged_helper,
-};
+use cli::{Cli, Command};
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
 fn main() -> ExitCode {
@@ -24,18 +20,17 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         // The helper is synchronous and never starts a runtime.
-        Command::PrivilegedHelper => privileged_helper::serve().map_err(anyhow::Error::from),
+        Command::PrivilegedHelper => cli::privileged_helper::run(),
         // The privileged part of `run` happens before the runtime starts
         // any thread, so that giving up root covers them all.
-        Command::Run(args) => {
-            run::prepare(*args, max_level).and_then(|prepared| block_on(run::run(prepared)))
-        }
+        Command::Run(args) => cli::run::prepare(*args, max_level)
+            .and_then(|prepared| block_on(cli::run::run(prepared))),
         // No-new-privileges and the bounding set are per thread: `tail`
         // gives up root on its only thread, so that every thread made
         // later (tokio's blocking pool) is a copy of the unprivileged one.
-        Command::Tail(args) => block_on_one_thread(tail::tail(args)),
-        Command::Ports(args) => block_on(tail::ports(args)),
-        Command::Stats(args) => block_on(tail::stats(args)),
+        Command::Tail(args) => block_on_one_thread(cli::tail::run(args)),
+        Command::Ports(args) => block_on(cli::ports::run(args)),
+        Command::Stats(args) => block_on(cli::stats::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

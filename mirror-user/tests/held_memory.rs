@@ -17,11 +17,13 @@ use std::{
 };
 
 use mirror_user::{
-    conntrack::{ConnectionTable, TableLimits},
-    reassembly::ReorderLimits,
-    record::TcpFlags,
-    segment::{FlowKey, PayloadPool, Segment},
-    stream::{CloseReason, StreamEvent},
+    flow::conntrack::{ConnectionTable, TableLimits},
+    flow::model::{CloseReason, ConnIds, StreamEvent},
+    flow::reassembly::ReorderLimits,
+    flow::{
+        model::FlowKey,
+        segment::{PayloadPool, Segment, TcpFlags},
+    },
 };
 
 struct Counting;
@@ -128,11 +130,11 @@ impl Tally {
     }
 }
 
-fn segment(flow: FlowKey, seq: u32, flags: u8, payload: bytes::Bytes) -> Segment {
+fn segment(flow: FlowKey, seq: u32, flags: TcpFlags, payload: bytes::Bytes) -> Segment {
     Segment {
         flow,
         seq,
-        flags: TcpFlags(flags),
+        flags,
         payload,
         truncated: false,
     }
@@ -147,7 +149,7 @@ fn a_million_one_byte_segments_out_of_order_stay_within_the_budget() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let budget = 16 << 20;
     let mut pool = PayloadPool::default();
-    let mut table = ConnectionTable::new(limits(budget), 1, 1);
+    let mut table = ConnectionTable::new(limits(budget), ConnIds::default());
     let mut tally = Tally::default();
     let connections = 100u16;
     for port in 0..connections {
@@ -199,7 +201,7 @@ fn held_bytes_do_not_pin_the_pool_buffers_they_were_copied_into() {
     let budget = 1 << 20;
     let buffer = PayloadPool::DEFAULT_BUFFER;
     let mut pool = PayloadPool::new(buffer);
-    let mut table = ConnectionTable::new(limits(budget), 1, 1);
+    let mut table = ConnectionTable::new(limits(budget), ConnIds::default());
     let mut tally = Tally::default();
     let f = flow(1);
     table.segment(

@@ -9,8 +9,8 @@ use etherparse::PacketBuilder;
 use mirror_common::{Counter, RecordHeader, record_flags};
 use mirror_tests::needs_root;
 use mirror_user::{
-    loader::{CpuRing, LoadOptions, Mirror, ProgramKind},
-    record::Record,
+    kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind},
+    kernel::record::Record,
 };
 
 const PORT: u16 = 8080;

@@ -22,9 +22,9 @@ use mirror_tests::{
     traffic::{MIB, finish_sending, random_files, send_all, shape, start_sending, start_server},
 };
 use mirror_user::{
-    protocol::{ClientFrame, ErrorCode, NONCE_LEN, ServerFrame, VERSION},
-    server::HELLO_TIMEOUT,
-    stream::CloseReason,
+    flow::model::CloseReason,
+    server::protocol::{ClientFrame, ErrorCode, NONCE_LEN, ServerFrame, VERSION},
+    server::session::HELLO_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -438,7 +438,10 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
     let empty = dir.join("empty");
     write_token(&empty, "\n");
     let long = dir.join("long");
-    write_token(&long, &"t".repeat(mirror_user::protocol::MAX_TOKEN + 1));
+    write_token(
+        &long,
+        &"t".repeat(mirror_user::server::protocol::MAX_TOKEN + 1),
+    );
     let socket = s.path("sock").join("m.sock");
     let unix = format!("unix:{}", socket.display());
     let tcp = "127.0.0.1:7012";

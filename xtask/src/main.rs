@@ -3,6 +3,7 @@
 //! Every step that needs a tool first runs the part of `setup` that
 //! provides it, so a new user never has to know the order.
 
+mod layering;
 mod setup;
 mod shell;
 
@@ -47,7 +48,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// cargo fmt --check and clippy -D warnings on every crate.
+    /// The layering of mirror-user/src, cargo fmt --check and clippy -D
+    /// warnings on every crate.
     Lint,
     /// Run the fuzz targets (cargo-fuzz on nightly, in mirror-user/fuzz):
     /// the subscriber protocol's decoders, the ring record decoder, and
@@ -178,6 +180,8 @@ fn build(root: &Path) -> Result<PathBuf> {
 }
 
 fn lint(root: &Path) -> Result<()> {
+    // Before the slow steps: which module of mirror-user may use which.
+    layering::check(root)?;
     let object = ebpf_target_dir(root).join("bpfel-unknown-none/release/mirror-ebpf");
     run(cargo_stable(root).args(["fmt", "--all", "--", "--check"]))?;
     // The fuzz crate is its own workspace.

@@ -19,11 +19,10 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use mirror_user::{
-    conntrack::{ConnectionTable, TableLimits},
-    reassembly::ReorderLimits,
-    record::TcpFlags,
-    segment::{FlowKey, Segment},
-    stream::{CloseReason, ConnId, StreamEvent},
+    flow::conntrack::{ConnectionTable, TableLimits},
+    flow::model::{CloseReason, ConnId, ConnIds, FlowKey, StreamEvent},
+    flow::reassembly::ReorderLimits,
+    flow::segment::{Segment, TcpFlags},
 };
 
 const FLOWS: usize = 4;
@@ -166,7 +165,7 @@ fuzz_target!(|input: Input| {
             max_wait_ns: 20_000_000,
         },
     };
-    let mut table = ConnectionTable::new(limits, 1, 1);
+    let mut table = ConnectionTable::new(limits, ConnIds::default());
     let mut checker = Checker::default();
     let mut now = 0u64;
     for op in input.ops.into_iter().take(MAX_OPS) {
@@ -189,7 +188,7 @@ fuzz_target!(|input: Input| {
                     i32::from(offset)
                 };
                 let seq = input.bases[index].wrapping_add(offset as u32);
-                let flags = TcpFlags(flags);
+                let flags = TcpFlags::from_bits_retain(flags);
                 let data_seq = seq.wrapping_add(u32::from(flags.contains(TcpFlags::SYN)));
                 let payload: Vec<u8> = (0..u32::from(len))
                     .map(|i| truth(index, data_seq.wrapping_add(i)))

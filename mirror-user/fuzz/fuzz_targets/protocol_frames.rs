@@ -7,7 +7,7 @@
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use mirror_user::protocol::{ClientFrame, ServerFrame};
+use mirror_user::server::protocol::{ClientFrame, ServerFrame};
 
 fuzz_target!(|frame: &[u8]| {
     if let Ok(decoded) = ClientFrame::decode(frame) {

@@ -6,10 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mirror_user::{
-    record::Record,
-    segment::{PayloadPool, Segment},
-};
+use mirror_user::{flow::segment::PayloadPool, kernel::record::Record};
 
 fuzz_target!(|raw: &[u8]| {
     let Ok(record) = Record::decode(raw) else {
@@ -21,7 +18,7 @@ fuzz_target!(|raw: &[u8]| {
     };
     assert!(tcp.payload.len() as u64 <= u64::from(tcp.payload_len));
     let mut pool = PayloadPool::new(4096);
-    let segment = Segment::from_record(&record, &mut pool).expect("decoded once already");
+    let segment = record.segment(&mut pool).expect("decoded once already");
     assert_eq!(&segment.payload[..], tcp.payload);
     assert_eq!(segment.seq, tcp.seq);
 });

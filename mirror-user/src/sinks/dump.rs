@@ -23,9 +23,9 @@ use lru::LruCache;
 use serde::Serialize;
 
 use crate::{
-    hub::Subscription,
-    output_dir::{FileId, OutputDir},
-    stream::{CloseReason, ConnId, StreamEvent},
+    fanout::subscription::Subscription,
+    files::{FileId, OutputDir},
+    flow::model::{CloseReason, ConnId, StreamEvent},
 };
 
 /// Files kept open at once; others are reopened to append when data comes.

@@ -18,13 +18,14 @@ use std::{
     net::SocketAddr,
     str::FromStr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -32,8 +33,8 @@ use tokio::{
 };
 
 use crate::{
-    hub::Subscription,
-    stream::{CloseReason, ConnId, StreamEvent},
+    fanout::subscription::Subscription,
+    flow::model::{CloseReason, ConnId, StreamEvent},
 };
 
 /// Events queued per shadow connection before it is aborted as too slow.
@@ -379,7 +380,6 @@ impl Drop for ActiveGuard {
 async fn connect(addr: SocketAddr, health: &Mutex<Health>) -> Option<TcpStream> {
     let paused = health
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
         .paused_until
         .is_some_and(|until| Instant::now() < until);
     if paused {
@@ -390,7 +390,7 @@ async fn connect(addr: SocketAddr, health: &Mutex<Health>) -> Option<TcpStream> 
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                let mut health = health.lock().unwrap_or_else(|p| p.into_inner());
+                let mut health = health.lock();
                 health.paused_until = None;
                 health.backoff = Duration::ZERO;
                 return Some(stream);
@@ -407,7 +407,7 @@ async fn connect(addr: SocketAddr, health: &Mutex<Health>) -> Option<TcpStream> 
             backoff *= 2;
         }
     }
-    let mut health = health.lock().unwrap_or_else(|p| p.into_inner());
+    let mut health = health.lock();
     health.backoff = (health.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
     health.paused_until = Some(Instant::now() + health.backoff);
     tracing::warn!(
@@ -422,7 +422,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::hub::{Hub, HubConfig};
+    use crate::fanout::hub::{Hub, HubConfig};
 
     #[test]
     fn targets_parse() {
@@ -671,13 +671,13 @@ mod tests {
         drop(closed);
         let health = Mutex::new(Health::default());
         assert!(connect(addr, &health).await.is_none());
-        let paused_until = health.lock().unwrap().paused_until.expect("paused");
+        let paused_until = health.lock().paused_until.expect("paused");
         assert!(connect(addr, &health).await.is_none(), "paused: no attempt");
         // Once it listens again and the pause is over, it connects.
         let listener = TcpListener::bind(addr).await.unwrap();
         tokio::time::sleep(paused_until.saturating_duration_since(Instant::now())).await;
         assert!(connect(addr, &health).await.is_some());
-        assert!(health.lock().unwrap().paused_until.is_none());
+        assert!(health.lock().paused_until.is_none());
         drop(listener);
     }
 }

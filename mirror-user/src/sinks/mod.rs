@@ -1,7 +1,7 @@
 //! Consumers of the mirror's output.
 
 pub mod dump;
-pub mod events;
 pub mod forward;
-pub mod packets;
 pub mod pcap;
+pub mod print;
+pub mod print_packets;

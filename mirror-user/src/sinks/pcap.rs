@@ -53,10 +53,10 @@ use pcap_file::{
 };
 
 use crate::{
-    clock::WallClock,
-    output_dir::{FileId, OutputDir, OutputDirError, Owner, Special},
-    record::Record,
-    segment::PayloadPool,
+    files::{FileId, OutputDir, OutputDirError, Owner, Special},
+    flow::segment::PayloadPool,
+    kernel::clock::WallClock,
+    kernel::record::Record,
 };
 
 /// Packets queued for the writer before new ones are dropped.
@@ -75,7 +75,7 @@ const ORDER_HELD_BYTES: usize = 64 << 20;
 const PACKET_OVERHEAD: usize = std::mem::size_of::<Packet>();
 
 /// Capture file format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PcapFormat {
     /// Classic pcap, nanosecond timestamps.
     Pcap,

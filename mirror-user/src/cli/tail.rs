@@ -1,0 +1,184 @@
+//! `mirror tail`: follow the streams of ports of a running mirror.
+
+use std::{num::NonZeroU16, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+use futures_util::FutureExt as _;
+use mirror_user::{
+    files::OutputDir,
+    kernel::privileges::Identity,
+    sinks::{
+        dump::DumpWriter,
+        print::{EventTotals, PrintFormat, format_event},
+    },
+};
+use tokio::{
+    io::{AsyncWriteExt as _, BufWriter},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::cli::{Choice, ConnectArgs, connect, one_of, parse_port};
+
+pub const EXAMPLES: &str = "\
+Examples:
+  # Follow port 8080 of the mirror listening on the default socket:
+  mirror tail --port 8080
+
+  # Keep each connection in a file, from a mirror on another host:
+  mirror tail --connect 198.18.0.2:7000 --token-file token --port 80 --dump-dir flows";
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// Port to follow (repeatable); ports the mirror does not mirror yet
+    /// must be inside its --allow-ports.
+    #[arg(short, long = "port", value_name = "P", required = true, value_parser = parse_port)]
+    pub ports: Vec<NonZeroU16>,
+
+    /// How to print events.
+    #[arg(long, value_parser = one_of(TAIL_FORMATS), default_value = "text")]
+    pub format: PrintFormat,
+
+    /// Write each connection to a file in DIR instead (as `mirror run
+    /// --dump-dir` does).
+    #[arg(long, value_name = "DIR")]
+    pub dump_dir: Option<PathBuf>,
+
+    /// Started as root: once connected (and DIR opened), run as USER, as
+    /// tcpdump -Z does (DIR, if created, belongs to USER). `--user root`
+    /// keeps root. Default: nobody.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+}
+
+/// `mirror tail --format`.
+const TAIL_FORMATS: &[Choice<PrintFormat>] = &[
+    (
+        "text",
+        "One line per event, data shown as escaped text",
+        PrintFormat::Text,
+    ),
+    (
+        "json",
+        "One JSON object per line, as `mirror run --print json`",
+        PrintFormat::Json,
+    ),
+    (
+        "hex",
+        "Events as text, data as a hex dump",
+        PrintFormat::Hex,
+    ),
+];
+
+pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    // Listening before saying "following": a SIGINT or SIGTERM from then
+    // on ends the loop below and still prints the totals.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
+    // Started as root: become --user once connected, as `mirror run` does.
+    let identity = if nix::unistd::Uid::effective().is_root() || args.user.is_some() {
+        Some(Identity::resolve(args.user.as_deref())?)
+    } else {
+        None
+    };
+    let start = async {
+        let mut client = connect(&args.connect, "mirror tail").await?;
+        client.subscribe(&ports).await?;
+        anyhow::Ok(client)
+    };
+    let mut client = tokio::select! {
+        client = start => client?,
+        _ = interrupt.recv() => return Ok(()),
+        _ = terminate.recv() => return Ok(()),
+    };
+    // Connected and the directory open: nothing needs root any more.
+    let dump = match &args.dump_dir {
+        Some(dir) => Some((
+            dir,
+            OutputDir::open_or_create(dir, identity.as_ref().and_then(Identity::owner)).and_then(
+                |opened| match &identity {
+                    Some(identity) => identity.check_may_write(&opened).map(|()| opened),
+                    None => Ok(opened),
+                },
+            )?,
+        )),
+        None => None,
+    };
+    if let Some(identity) = &identity {
+        identity.assume()?;
+    }
+    let mut dump = match dump {
+        Some((path, dir)) => {
+            if let Some(identity) = &identity {
+                dir.check_writable(&identity.name)
+                    .with_context(|| format!("cannot write into {}", path.display()))?;
+            }
+            Some(DumpWriter::new(dir))
+        }
+        None => None,
+    };
+    let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "mirror tail: following port {} of {} ({}); stop with Ctrl-C",
+        port_list.join(", "),
+        args.connect.connect,
+        client.server()
+    );
+    let mut out = BufWriter::with_capacity(1 << 16, tokio::io::stdout());
+    let mut line = String::new();
+    let mut totals = EventTotals::default();
+    let result = loop {
+        if interrupt.recv().now_or_never().is_some() || terminate.recv().now_or_never().is_some() {
+            break Ok(());
+        }
+        // Flush only when no further event is already here: one write per
+        // burst, not per event, yet nothing waits in the buffer.
+        let event = match client.next_event().now_or_never() {
+            Some(event) => event,
+            None => {
+                if let Err(error) = out.flush().await {
+                    break output_ended(error);
+                }
+                tokio::select! {
+                    event = client.next_event() => event,
+                    _ = interrupt.recv() => Ok(None),
+                    _ = terminate.recv() => Ok(None),
+                }
+            }
+        };
+        let event = match event {
+            Ok(Some(event)) => event,
+            Ok(None) => break Ok(()),
+            Err(error) => break Err(error.into()),
+        };
+        totals.count(&event);
+        if let Some(dump) = &mut dump {
+            if let Err(error) = dump.handle(&event) {
+                break Err(error.into());
+            }
+            continue;
+        }
+        line.clear();
+        format_event(&event, args.format, &mut line);
+        if let Err(error) = out.write_all(line.as_bytes()).await {
+            break output_ended(error);
+        }
+    };
+    let flushed = out.flush().await;
+    eprintln!("mirror tail: {totals}");
+    result?;
+    flushed.or_else(output_ended)
+}
+
+/// A closed pipe means whoever read our output went away (`mirror tail |
+/// head`): a normal end, not an error.
+fn output_ended(error: std::io::Error) -> anyhow::Result<()> {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(error.into())
+    }
+}

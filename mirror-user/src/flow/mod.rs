@@ -1,0 +1,6 @@
+//! Flows, sans-IO: TCP segments and the time go in, stream events come out.
+
+pub mod conntrack;
+pub mod model;
+pub mod reassembly;
+pub mod segment;

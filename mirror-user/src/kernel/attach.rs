@@ -1,0 +1,461 @@
+//! Attaching the program to an interface, and detaching it.
+//!
+//! Attachments are BPF links wherever the kernel has them (TCX for TC from
+//! Linux 6.6, XDP links from 5.9): a link belongs to the process's file
+//! descriptor, so a `mirror` killed with SIGKILL leaves nothing attached.
+//! A clsact filter (the TC fallback) outlives its process instead; every
+//! TC attach first removes filters left behind by an earlier mirror.
+//!
+//! The mirror must see what arrives and change nothing: its TC program
+//! returns "no verdict", so whatever else is attached decides about each
+//! packet as if the mirror were not there, and it runs first, so that no
+//! other program or filter can hide packets from it by ending the chain
+//! early. TCX programs run before every clsact filter: through TCX the
+//! mirror attaches first in its chain; through clsact it takes priority 1
+//! (see [`clsact`]) and refuses to attach behind TCX programs.
+
+pub mod clsact;
+
+use std::{fmt, fs, io};
+
+use aya::{
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle},
+        xdp::{XdpLinkId, XdpMode},
+    },
+    util::KernelVersion,
+};
+use mirror_common::PROG_TC;
+
+use crate::{
+    kernel::attach::clsact::ClsactFilter,
+    kernel::loader::{LoadError, Mirror},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("there is no network interface named '{iface}' here (this namespace has: {available})")]
+    UnknownInterface { iface: String, available: String },
+    #[error(
+        "{iface} already has an XDP program attached: detach it first (`ip link set dev {iface} xdp off`) or use --attach tc"
+    )]
+    XdpBusy { iface: String },
+    #[error(
+        "the driver of {iface} has no native XDP support: use --attach xdp-skb, or --attach tc"
+    )]
+    XdpDriverUnsupported { iface: String },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("cannot attach to {iface} at {point}: {source}")]
+    Attach {
+        iface: String,
+        point: AttachPoint,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot add the clsact qdisc to {iface}: {source}")]
+    Clsact {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot remove the mirror's tc filter from {iface} ({source}): `tc filter show dev {iface} ingress` shows it as mirror_tc; remove it with `tc filter del`"
+    )]
+    Detach {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot list the tc ingress filters of {iface}: {source}")]
+    ListFilters {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{iface} has {occupant} at tc ingress priority 1, which would run before the mirror and could hide packets from it: move that filter to priority 2 or later, or attach the mirror through TCX (Linux 6.6 or newer, without --tc-netlink) or with --attach xdp"
+    )]
+    ClsactOccupied {
+        iface: String,
+        occupant: clsact::Occupied,
+    },
+    #[error(
+        "{iface} has TCX programs at tc ingress ({programs}), which run before every clsact filter and could hide packets from the mirror: leave out --tc-netlink, so that the mirror attaches through TCX, first in their chain"
+    )]
+    TcxAhead { iface: String, programs: String },
+}
+
+/// Where to attach the program (`--attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// The attach point that costs the traffic least on this interface.
+    Auto,
+    /// TC ingress (TCX link where the kernel has it, else a clsact filter).
+    Tc,
+    /// XDP, native if the driver supports it, else generic.
+    Xdp,
+    /// Generic (skb) XDP.
+    XdpSkb,
+    /// Native (driver) XDP; fails where the driver has none.
+    XdpDrv,
+}
+
+/// Where the program ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachPoint {
+    /// TC ingress through a TCX link.
+    TcxIngress,
+    /// TC ingress through a netlink clsact filter.
+    ClsactIngress,
+    /// XDP in the given mode.
+    Xdp(XdpKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpKind {
+    /// The kernel's choice: native where the driver supports it.
+    Default,
+    Generic,
+    Native,
+}
+
+impl fmt::Display for AttachPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TcxIngress => "tc ingress (TCX link)",
+            Self::ClsactIngress => "tc ingress (clsact filter)",
+            Self::Xdp(XdpKind::Default) => "xdp (native if the driver has it, else generic)",
+            Self::Xdp(XdpKind::Generic) => "xdp (generic)",
+            Self::Xdp(XdpKind::Native) => "xdp (native)",
+        })
+    }
+}
+
+/// An attached program; detach it with [`detach`] (dropping the [`Mirror`]
+/// detaches too).
+#[derive(Debug)]
+pub struct Attachment {
+    pub iface: String,
+    pub ifindex: u32,
+    pub point: AttachPoint,
+    link: Link,
+}
+
+#[derive(Debug)]
+enum Link {
+    Tcx(SchedClassifierLinkId),
+    /// A clsact filter. aya does not own it: it would try to delete it
+    /// when the program is dropped, after the mirror has given up the
+    /// privilege to; the privileged helper removes it
+    /// ([`clsact::remove`]).
+    Clsact(ClsactFilter),
+    Xdp(XdpLinkId),
+}
+
+impl Attachment {
+    /// The clsact filter, when the program is attached through one.
+    pub fn clsact_filter(&self) -> Option<ClsactFilter> {
+        match self.link {
+            Link::Clsact(filter) => Some(filter),
+            Link::Tcx(_) | Link::Xdp(_) => None,
+        }
+    }
+}
+
+/// Why `--attach auto` picks TC (measured on a veth pair, see README):
+/// native XDP on veth turns off segmentation offload on the peer and cut
+/// bulk throughput several-fold; generic XDP works on every packet after the
+/// stack built it and must linearize GSO packets; a TC program costs
+/// nothing measurable and changes nothing about the device.
+pub const AUTO_REASON: &str =
+    "TC leaves the interface's offloads alone; XDP slows the watched traffic";
+
+/// Resolves `mode` for `iface`: `auto` is TC on every interface.
+pub const fn resolve(mode: AttachMode) -> AttachMode {
+    match mode {
+        AttachMode::Auto => AttachMode::Tc,
+        other => other,
+    }
+}
+
+/// Index of `iface`, or an error that lists the interfaces there are.
+pub fn interface_index(iface: &str) -> Result<u32, AttachError> {
+    let unknown = || AttachError::UnknownInterface {
+        iface: iface.to_owned(),
+        available: available_interfaces(),
+    };
+    nix::net::if_::if_nametoindex(iface).map_err(|_| unknown())
+}
+
+fn available_interfaces() -> String {
+    let mut names: Vec<String> = fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Attaches the mirror's program to `iface` at the point `mode` names.
+/// `force_netlink` makes TC use a clsact filter even where TCX exists.
+pub fn attach(
+    mirror: &mut Mirror,
+    iface: &str,
+    mode: AttachMode,
+    force_netlink: bool,
+) -> Result<Attachment, AttachError> {
+    let ifindex = interface_index(iface)?;
+    let (point, link) = match resolve(mode) {
+        AttachMode::Auto | AttachMode::Tc => attach_tc(mirror, iface, ifindex, force_netlink)?,
+        AttachMode::Xdp => attach_xdp(mirror, iface, XdpKind::Default)?,
+        AttachMode::XdpSkb => attach_xdp(mirror, iface, XdpKind::Generic)?,
+        AttachMode::XdpDrv => attach_xdp(mirror, iface, XdpKind::Native)?,
+    };
+    Ok(Attachment {
+        iface: iface.to_owned(),
+        ifindex,
+        point,
+        link,
+    })
+}
+
+/// Detaches the program; the kernel stops running it before this returns.
+pub fn detach(mirror: &mut Mirror, attachment: Attachment) -> Result<(), AttachError> {
+    let point = attachment.point;
+    let failed = |source: ProgramError| AttachError::Attach {
+        iface: attachment.iface.clone(),
+        point,
+        source: Box::new(source),
+    };
+    match attachment.link {
+        Link::Tcx(id) => mirror.tc()?.detach(id).map_err(failed),
+        Link::Clsact(filter) => clsact::remove(filter).map_err(|source| AttachError::Detach {
+            iface: attachment.iface.clone(),
+            source,
+        }),
+        Link::Xdp(id) => mirror.xdp()?.detach(id).map_err(failed),
+    }
+}
+
+fn attach_tc(
+    mirror: &mut Mirror,
+    iface: &str,
+    ifindex: u32,
+    force_netlink: bool,
+) -> Result<(AttachPoint, Link), AttachError> {
+    remove_leftover_filters(iface, ifindex);
+    let use_tcx = !force_netlink
+        && KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0));
+    if use_tcx {
+        // First, so that a program that ends the chain (with OK or SHOT)
+        // cannot hide packets from the mirror; later programs still see
+        // every packet, since the mirror passes each one on.
+        let point = AttachPoint::TcxIngress;
+        let options = TcAttachOptions::TcxOrder(LinkOrder::first());
+        let id = mirror
+            .tc()?
+            .attach_with_options(iface, TcAttachType::Ingress, options)
+            .map_err(|source| AttachError::Attach {
+                iface: iface.to_owned(),
+                point,
+                source: Box::new(source),
+            })?;
+        return Ok((point, Link::Tcx(id)));
+    }
+
+    refuse_behind_tcx(iface)?;
+    // The qdisc goes with the mirror if the mirror added it, and only then.
+    let added_qdisc = match tc::qdisc_add_clsact(iface) {
+        Ok(()) => true,
+        // EEXIST: the interface already has one, which is all we need.
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+        Err(source) => {
+            return Err(AttachError::Clsact {
+                iface: iface.to_owned(),
+                source: io::Error::other(source),
+            });
+        }
+    };
+    let attached = attach_clsact_filter(mirror, iface, ifindex, added_qdisc);
+    if attached.is_err() && added_qdisc {
+        clsact::remove_added_qdisc(ifindex, iface);
+    }
+    attached
+}
+
+/// The mirror's filter at [`clsact::PRIORITY`] of the interface's clsact
+/// qdisc; on an error, nothing of it is left.
+fn attach_clsact_filter(
+    mirror: &mut Mirror,
+    iface: &str,
+    ifindex: u32,
+    added_qdisc: bool,
+) -> Result<(AttachPoint, Link), AttachError> {
+    let point = AttachPoint::ClsactIngress;
+    let failed = |source: ProgramError| AttachError::Attach {
+        iface: iface.to_owned(),
+        point,
+        source: Box::new(source),
+    };
+    let filters = clsact::ingress_filters(ifindex).map_err(|source| AttachError::ListFilters {
+        iface: iface.to_owned(),
+        source,
+    })?;
+    let handle = clsact::placement(&filters).map_err(|occupant| AttachError::ClsactOccupied {
+        iface: iface.to_owned(),
+        occupant,
+    })?;
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: clsact::PRIORITY,
+        handle: TcHandle::from(handle),
+        ..NlOptions::default()
+    });
+    let program = mirror.tc()?;
+    let id = program
+        .attach_with_options(iface, TcAttachType::Ingress, options)
+        .map_err(failed)?;
+    // Owned from here: dropping the link (on an error) deletes the filter.
+    let link = program.take_link(id).map_err(failed)?;
+    let program_id = program.info().map_err(failed)?.id();
+    // aya would delete the filter when the program is dropped, after the
+    // mirror has given up the privilege to: the privileged helper removes
+    // it ([`clsact::remove`]).
+    std::mem::forget(link);
+    tracing::debug!(
+        "clsact filter on {iface}: priority {}, handle {handle:#x}",
+        clsact::PRIORITY
+    );
+    Ok((
+        point,
+        Link::Clsact(ClsactFilter {
+            ifindex,
+            priority: clsact::PRIORITY,
+            handle,
+            program_id,
+            added_qdisc,
+        }),
+    ))
+}
+
+/// TCX programs run before every clsact filter, and one that returns a
+/// verdict skips them all: a clsact mirror would see only what they let
+/// through.
+fn refuse_behind_tcx(iface: &str) -> Result<(), AttachError> {
+    // An error means a kernel without TCX, where nothing can be ahead.
+    let Ok((_, programs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) else {
+        return Ok(());
+    };
+    if programs.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("unnamed").to_owned())
+        .collect();
+    Err(AttachError::TcxAhead {
+        iface: iface.to_owned(),
+        programs: names.join(", "),
+    })
+}
+
+/// Removes clsact ingress filters that mirrors killed together with their
+/// privileged helper left behind: filters of a program named like ours that
+/// no process holds any more. Another mirror running on the interface
+/// holds its program, and its filter stays. Each is deleted by its own
+/// priority and handle, so a filter of someone else that shares its
+/// priority (see [`clsact`]) stays.
+fn remove_leftover_filters(iface: &str, ifindex: u32) {
+    let filters = match clsact::ingress_filters(ifindex) {
+        Ok(filters) => filters,
+        // No clsact qdisc: nothing was left behind.
+        Err(error) => {
+            tracing::debug!("no leftover TC filter on {iface}: {error}");
+            return;
+        }
+    };
+    let held = clsact::held_programs();
+    for filter in clsact::leftovers(ifindex, &filters, PROG_TC, &held) {
+        match clsact::remove(filter) {
+            Ok(()) => tracing::warn!(
+                "removed a TC filter on {iface} left behind by an earlier mirror that did not exit cleanly"
+            ),
+            Err(error) => tracing::debug!("cannot remove a leftover TC filter on {iface}: {error}"),
+        }
+    }
+}
+
+fn attach_xdp(
+    mirror: &mut Mirror,
+    iface: &str,
+    kind: XdpKind,
+) -> Result<(AttachPoint, Link), AttachError> {
+    let mode = match kind {
+        XdpKind::Default => XdpMode::Default,
+        XdpKind::Generic => XdpMode::Skb,
+        XdpKind::Native => XdpMode::Driver,
+    };
+    let point = AttachPoint::Xdp(kind);
+    let id = mirror.xdp()?.attach(iface, mode).map_err(|source| {
+        let errno = match &source {
+            ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+            _ => None,
+        };
+        match errno {
+            Some(libc::EBUSY | libc::EEXIST) => AttachError::XdpBusy {
+                iface: iface.to_owned(),
+            },
+            Some(libc::EOPNOTSUPP) if kind == XdpKind::Native => {
+                AttachError::XdpDriverUnsupported {
+                    iface: iface.to_owned(),
+                }
+            }
+            _ => AttachError::Attach {
+                iface: iface.to_owned(),
+                point,
+                source: Box::new(source),
+            },
+        }
+    })?;
+    Ok((point, Link::Xdp(id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_resolves_to_tc_and_forced_modes_stay() {
+        assert_eq!(resolve(AttachMode::Auto), AttachMode::Tc);
+        for mode in [
+            AttachMode::Tc,
+            AttachMode::Xdp,
+            AttachMode::XdpSkb,
+            AttachMode::XdpDrv,
+        ] {
+            assert_eq!(resolve(mode), mode);
+        }
+    }
+
+    #[test]
+    fn unknown_interface_is_a_clear_error() {
+        let err = interface_index("no-such-if0").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("there is no network interface named 'no-such-if0'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lo"),
+            "lists the interfaces there are: {text}"
+        );
+        assert!(interface_index("lo").unwrap() > 0);
+    }
+}

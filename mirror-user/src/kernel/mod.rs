@@ -1,0 +1,9 @@
+//! Everything that touches BPF or the kernel's privileges.
+
+pub mod attach;
+pub mod clock;
+pub mod drain;
+pub mod loader;
+pub mod privileged_helper;
+pub mod privileges;
+pub mod record;

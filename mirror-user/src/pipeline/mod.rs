@@ -1,0 +1,435 @@
+//! `mirror run` as one pipeline: the privileged [`setup`], then every
+//! stage started in the order data flows back from the consumers (so that
+//! each stage has somewhere to send before it receives anything), and
+//! stopped in the order data flows through them, in one place
+//! ([`Running::shutdown`]):
+//!
+//! ```text
+//! kernel rings -> drain tasks -> flow shards -> hub -> print, dump, forward,
+//!                            \-> packet print, pcap        subscriber sessions
+//! ```
+
+pub mod report;
+pub mod setup;
+pub mod shards;
+
+use std::{
+    io,
+    os::fd::BorrowedFd,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::MapError;
+use tokio::{
+    sync::{mpsc, watch},
+    task::{JoinError, JoinHandle, JoinSet},
+};
+
+use crate::{
+    control::{
+        Control, Request,
+        ports::{AllowList, PortRegistry},
+    },
+    fanout::hub::{Hub, HubConfig},
+    kernel::{
+        attach::{self, AUTO_REASON, AttachError, AttachMode, Attachment},
+        clock::WallClock,
+        drain::{RecordSink, drain_ring, register_readable},
+        loader::Mirror,
+        privileged_helper::Helper,
+        record::Record,
+    },
+    pipeline::{
+        report::{Report, Stages},
+        setup::Setup,
+        shards::{SegmentRouter, ShardConfig, Shards},
+    },
+    server::{
+        ServerStats,
+        listener::{self, SendBufferForcer},
+        session::SessionContext,
+    },
+    sinks::{
+        dump::dump_events,
+        forward::{ForwardConfig, ForwardStats, ForwardTarget, forward},
+        pcap::{self, PcapSink},
+        print::{PrintFormat, print_events},
+        print_packets::{PacketFormat, PacketPrinter},
+    },
+    telemetry::counters::DrainCounters,
+};
+
+/// How often the flows that lost packets to a full ring are collected.
+const LOST_FLOWS_POLL: Duration = Duration::from_millis(10);
+
+/// The stages after the kernel and what they feed.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub hub: HubConfig,
+    pub shards: ShardConfig,
+    /// `--print`: stream events on standard output.
+    pub print: Option<PrintFormat>,
+    /// `--print-packets`: packets on standard output.
+    pub print_packets: Option<PacketFormat>,
+    /// `--forward`: a shadow target each.
+    pub forward: Vec<ForwardTarget>,
+    pub forward_config: ForwardConfig,
+    /// Ports clients may add or subscribe to beyond the mirrored ones.
+    pub allow: AllowList,
+    pub max_client_ports: usize,
+}
+
+/// Why the pipeline could not stop cleanly, or a stage of it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("a mirror task failed")]
+    TaskFailed(#[source] io::Error),
+    #[error("a mirror task died: {0}")]
+    TaskDied(String),
+    #[error("cannot remove the mirror's TC filter")]
+    DetachClsact(#[source] io::Error),
+    #[error(transparent)]
+    Detach(#[from] AttachError),
+    #[error("cannot read the kernel counters")]
+    KernelCounters(#[source] MapError),
+}
+
+/// The privileged helper is how the server enlarges a local client's
+/// send buffer once the mirror has given up root.
+impl SendBufferForcer for Helper {
+    fn force_send_buffer(&self, socket: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+        Helper::force_send_buffer(self, socket, bytes)
+    }
+}
+
+/// `mirror run` from its privileged start to its report.
+pub struct Pipeline;
+
+impl Pipeline {
+    /// Starts every stage on the current runtime: the consumers subscribe
+    /// before any segment reaches the shards (they see every connection
+    /// from its start), the rings are drained last.
+    pub fn start(setup: Setup, config: PipelineConfig) -> Running {
+        let Setup {
+            iface,
+            ports,
+            attach: attach_mode,
+            mut mirror,
+            attachment,
+            listeners,
+            server_config,
+            dump_dir,
+            pcap,
+            helper,
+        } = setup;
+
+        // The consumers follow the ports `ports add` adds.
+        let hub = Arc::new(Hub::new(&ports, config.hub));
+        let registry = PortRegistry::new(&ports, config.allow, config.max_client_ports);
+        let mut control = Control::new(registry, Arc::clone(&hub));
+        let mut consumers = JoinSet::new();
+        if let Some(format) = config.print {
+            let (feed, subscription) = hub.subscribe(&ports, "print");
+            control.follow_own_ports(feed);
+            consumers.spawn(print_events(subscription, format));
+        }
+        if let Some(dir) = dump_dir {
+            let (feed, subscription) = hub.subscribe(&ports, "dump-dir");
+            control.follow_own_ports(feed);
+            consumers.spawn(dump_events(subscription, dir));
+        }
+        let mut forwards = Vec::new();
+        for target in &config.forward {
+            let (feed, subscription) = hub.subscribe(&ports, &format!("forward {target}"));
+            control.follow_own_ports(feed);
+            let stats = Arc::new(ForwardStats::default());
+            consumers.spawn(forward(
+                subscription,
+                *target,
+                config.forward_config,
+                Arc::clone(&stats),
+            ));
+            forwards.push((*target, stats));
+        }
+        let clock = WallClock::new();
+        let pcap = pcap.map(|(pcap_config, output)| pcap::start(pcap_config, output, clock));
+        let shards = Shards::start(config.shards, &hub);
+
+        let (control_tx, control_rx) = mpsc::channel(64);
+        let (server_stop_tx, server_stop_rx) = watch::channel(false);
+        let server_stats = Arc::new(ServerStats::default());
+        let server_task = tokio::spawn(listener::serve(
+            listeners,
+            SessionContext {
+                control: control_tx,
+                hub: Arc::clone(&hub),
+                stats: Arc::clone(&server_stats),
+                config: Arc::clone(&server_config),
+            },
+            Some(Arc::clone(&helper) as Arc<dyn SendBufferForcer>),
+            server_stop_rx,
+        ));
+
+        if attach_mode == AttachMode::Auto {
+            tracing::info!("attach auto: {} ({AUTO_REASON})", attachment.point);
+        }
+        let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "mirroring TCP to port {} on {} at {}; stop with Ctrl-C",
+            port_list.join(", "),
+            iface,
+            attachment.point
+        );
+        for endpoint in &server_config.endpoints {
+            tracing::info!(
+                "clients connect at {endpoint} (mirror tail --connect {endpoint} --port P)"
+            );
+        }
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let drain_counters = Arc::new(DrainCounters::default());
+        let mut drains = JoinSet::new();
+        let (pcap_sink, pcap_counters, pcap_writer) = match pcap {
+            Some((sink, counters, writer)) => (Some(sink), Some(counters), Some(writer)),
+            None => (None, None, None),
+        };
+        for ring in mirror.take_rings() {
+            let sink = RunSink {
+                router: shards.router(),
+                packets: config
+                    .print_packets
+                    .map(|format| PacketPrinter::new(format, &iface, clock)),
+                pcap: pcap_sink.clone(),
+            };
+            drains.spawn(drain_ring(
+                ring,
+                sink,
+                Arc::clone(&drain_counters),
+                stop_rx.clone(),
+            ));
+        }
+        let ring_lost_flows = Arc::new(AtomicU64::new(0));
+        let lost_task = mirror.take_lost_flows().map(|mut lost| {
+            let shards_lost = shards.lost_reporter();
+            let counter = Arc::clone(&ring_lost_flows);
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut poll = tokio::time::interval(LOST_FLOWS_POLL);
+                loop {
+                    let stopping = tokio::select! {
+                        _ = poll.tick() => false,
+                        _ = stop.changed() => true,
+                    };
+                    let flows = lost.take();
+                    counter.fetch_add(flows.len() as u64, Ordering::Relaxed);
+                    shards_lost.report(flows);
+                    if stopping {
+                        break;
+                    }
+                }
+            })
+        });
+        if let Some(logger) = mirror.take_kernel_log() {
+            tokio::spawn(async move {
+                let Ok(mut fd) = register_readable(logger) else {
+                    return;
+                };
+                while let Ok(mut guard) = fd.readable_mut().await {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+
+        // The drain tasks hold the capture's only handles now: it ends with them.
+        drop(pcap_sink);
+        let stages = Stages {
+            drain: drain_counters,
+            shards: shards.counters(),
+            ring_lost_flows,
+            hub: Arc::clone(&hub),
+            server: server_stats,
+            forwards,
+            pcap: pcap_counters,
+        };
+        Running {
+            mirror,
+            attachment,
+            helper,
+            hub,
+            control,
+            control_rx,
+            consumers,
+            drains,
+            stop_tx,
+            lost_task,
+            pcap_writer,
+            shards,
+            server_task,
+            server_stop_tx,
+            stages,
+            early_end: None,
+        }
+    }
+}
+
+/// A task's end: its own result, or its panic.
+type Ended = Result<io::Result<()>, JoinError>;
+
+/// The running pipeline.
+pub struct Running {
+    mirror: Mirror,
+    attachment: Attachment,
+    helper: Arc<Helper>,
+    hub: Arc<Hub>,
+    control: Control,
+    control_rx: mpsc::Receiver<Request>,
+    consumers: JoinSet<io::Result<()>>,
+    drains: JoinSet<io::Result<()>>,
+    /// Tells the drain tasks (and the lost-flows task) to stop.
+    stop_tx: watch::Sender<bool>,
+    lost_task: Option<JoinHandle<()>>,
+    pcap_writer: Option<std::thread::JoinHandle<()>>,
+    shards: Shards,
+    server_task: JoinHandle<()>,
+    server_stop_tx: watch::Sender<bool>,
+    stages: Stages,
+    /// A drain or consumer that ended before the stop.
+    early_end: Option<Ended>,
+}
+
+impl Running {
+    /// The main task's work: answers control requests (port changes, the
+    /// counters) until `stop` completes or a drain or consumer ends on its
+    /// own.
+    pub async fn serve_until(&mut self, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        self.early_end = loop {
+            tokio::select! {
+                () = &mut stop => break None,
+                ended = self.drains.join_next() => break ended,
+                // join_next on an empty set is ready at once.
+                ended = self.consumers.join_next(), if !self.consumers.is_empty() => break ended,
+                Some(request) = self.control_rx.recv() => match request {
+                    Request::Stats { reply } => {
+                        let json = self
+                            .mirror
+                            .counters()
+                            .map(|kernel| self.stages.json(kernel, self.shards.table_stats()))
+                            .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}));
+                        let _ = reply.send(json.to_string());
+                    }
+                    Request::Ports(request) => self.control.handle(request, &mut self.mirror),
+                },
+            }
+        };
+    }
+
+    /// Stops every stage in order and returns the counters. The program is
+    /// detached first, so that the final drain reads every record it wrote
+    /// and the counters match what was delivered; then each stage ends
+    /// after the one that feeds it: rings, lost flows, the capture's
+    /// writer, shards (which close the remaining connections as
+    /// `shutdown`), the hub's channels, the server, the consumers.
+    pub async fn shutdown(self) -> Result<Report, PipelineError> {
+        let Self {
+            mut mirror,
+            attachment,
+            helper,
+            hub,
+            control,
+            control_rx,
+            mut consumers,
+            mut drains,
+            stop_tx,
+            lost_task,
+            pcap_writer,
+            shards,
+            server_task,
+            server_stop_tx,
+            stages,
+            early_end,
+        } = self;
+        // Requests still in flight get "the mirror is stopping".
+        drop(control_rx);
+
+        let detached = match attachment.clsact_filter() {
+            // A filter needs CAP_NET_ADMIN to go: the helper removes it.
+            Some(_) => helper.detach_clsact().map_err(PipelineError::DetachClsact),
+            None => attach::detach(&mut mirror, attachment).map_err(PipelineError::from),
+        };
+        let _ = stop_tx.send(true);
+        let mut failure = early_end.and_then(task_failure);
+        while let Some(ended) = drains.join_next().await {
+            failure = failure.or(task_failure(ended));
+        }
+        if let Some(task) = lost_task {
+            let _ = task.await;
+        }
+        if let Some(writer) = pcap_writer {
+            // The drains are done: the writer finishes what it was given.
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+        let table = shards.finish().await;
+        let kernel = mirror.counters().map_err(PipelineError::KernelCounters)?;
+        // The shards are gone; with the channels closed, the consumers and the
+        // sessions see their ends once they have read everything.
+        hub.close_all();
+        let _ = server_stop_tx.send(true);
+        let _ = server_task.await;
+        drop(control);
+        drop(hub);
+        while let Some(ended) = consumers.join_next().await {
+            failure = failure.or(task_failure(ended));
+        }
+        detached?;
+        Ok(Report {
+            stages,
+            kernel,
+            table,
+            failure,
+        })
+    }
+}
+
+/// What each drain task feeds: the shards, the packet printer, the capture.
+struct RunSink {
+    router: SegmentRouter,
+    packets: Option<PacketPrinter>,
+    pcap: Option<PcapSink>,
+}
+
+impl RecordSink for RunSink {
+    fn record(&mut self, record: &Record<'_>) {
+        if let Some(packets) = &mut self.packets {
+            packets.record(record);
+        }
+        if let Some(pcap) = &mut self.pcap {
+            pcap.offer(record);
+        }
+        self.router.record(record);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.router.flush()?;
+        match &mut self.packets {
+            Some(packets) => packets.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn task_failure(ended: Ended) -> Option<PipelineError> {
+    match ended {
+        Ok(Ok(())) => None,
+        // Whoever read our standard output went away (`mirror ... | head`):
+        // an ordinary way to stop, as for tcpdump.
+        Ok(Err(error)) if error.kind() == io::ErrorKind::BrokenPipe => None,
+        Ok(Err(error)) => Some(PipelineError::TaskFailed(error)),
+        Err(panic) => Some(PipelineError::TaskDied(panic.to_string())),
+    }
+}

@@ -1,0 +1,767 @@
+//! A client of the subscriber server, used by `mirror tail`, `mirror
+//! ports` and `mirror stats`, and by tests.
+//!
+//! Over TCP the client sends its token to no one: it checks the server's
+//! proof that it knows the token before it proves its own
+//! (docs/protocol.md, "Authentication").
+//!
+//! Requests are answered in order, but stream events arrive between the
+//! answers: while waiting for an answer, events are queued for
+//! [`Client::next_event`].
+
+use std::{
+    collections::VecDeque,
+    fs::File,
+    io::{self, Read as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::Path,
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use futures_util::SinkExt as _;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_stream::StreamExt as _;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::{
+    control::ports::PortInfo,
+    flow::model::StreamEvent,
+    server::protocol::{
+        ClientFrame, ErrorCode, MAX_TOKEN, ProtocolError, ServerFrame, VERSION, client_name,
+        client_proof, new_nonce, server_proof_holds,
+    },
+    server::{Endpoint, protocol::frame, wire::Connection},
+    text::printable,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot connect to the mirror at {endpoint} ({source}): is `mirror run` running, with --listen {endpoint}?"
+    )]
+    Connect {
+        endpoint: Endpoint,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the mirror refused the token: pass the token file the mirror was started with (--token-file)"
+    )]
+    BadToken,
+    #[error(
+        "the server at {endpoint} does not know the token: it is not the mirror you meant, or it was started with another token file"
+    )]
+    ServerUnknown { endpoint: Endpoint },
+    #[error(
+        "connecting to the mirror at {endpoint} needs its token: pass the token file the mirror was started with (--token-file)"
+    )]
+    TokenRequired { endpoint: Endpoint },
+    #[error(
+        "the mirror at {endpoint} did not finish the hello within {} s: check that `mirror run --listen {endpoint}` runs there and is not overloaded",
+        HELLO_EXCHANGE_TIMEOUT.as_secs()
+    )]
+    HelloTimeout { endpoint: Endpoint },
+    #[error(
+        "the mirror at {endpoint} could not read the hello ({message}): it may be of another release than this client; use the client of the mirror's release"
+    )]
+    HelloRefused { endpoint: Endpoint, message: String },
+    #[error("the mirror speaks another protocol version: {0}")]
+    Version(String),
+    #[error("{0}")]
+    PortNotAllowed(String),
+    #[error("{0}")]
+    TooMany(String),
+    #[error("the mirror reported an error: {0}")]
+    Server(String),
+    #[error("the mirror closed the connection")]
+    Closed,
+    #[error("the mirror sent an unexpected frame: {0}")]
+    Unexpected(String),
+    #[error("the mirror sent a malformed frame: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("connection to the mirror failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the token is {0} bytes long; the mirror accepts at most {MAX_TOKEN}")]
+    TokenTooLong(usize),
+}
+
+impl ClientError {
+    fn from_error_frame(code: ErrorCode, message: String) -> Self {
+        // The message is shown to people: nothing in it may drive their
+        // terminal.
+        let message = printable(&message).into_owned();
+        match code {
+            ErrorCode::BadToken => Self::BadToken,
+            ErrorCode::UnsupportedVersion => Self::Version(message),
+            ErrorCode::PortNotAllowed => Self::PortNotAllowed(message),
+            ErrorCode::TooManyPorts | ErrorCode::TooManyClients => Self::TooMany(message),
+            _ => Self::Server(message),
+        }
+    }
+}
+
+/// How long a client waits for the whole hello, connecting included: an
+/// address where something accepts connections but never answers does not
+/// keep it waiting.
+pub const HELLO_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Client {
+    wire: Framed<Box<dyn Connection>, LengthDelimitedCodec>,
+    events: VecDeque<StreamEvent>,
+    server: String,
+}
+
+impl Client {
+    /// Connects and says hello, within [`HELLO_EXCHANGE_TIMEOUT`]. Over
+    /// TCP, client and server prove to each other that they know `token`,
+    /// which is never sent; over a Unix socket the token is not used.
+    /// `name` is cut to [`crate::server::protocol::MAX_CLIENT_NAME`] bytes.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        token: Option<&str>,
+        name: &str,
+    ) -> Result<Self, ClientError> {
+        // A Unix socket is protected by its file's permissions, and its
+        // server never asks for a token: nothing of it goes to whatever
+        // process has bound a socket at the path (a shared directory, a
+        // mirror that has ended).
+        let token = match endpoint {
+            Endpoint::Unix(_) => None,
+            Endpoint::Tcp(_) => match token.filter(|token| !token.is_empty()) {
+                None => {
+                    return Err(ClientError::TokenRequired {
+                        endpoint: endpoint.clone(),
+                    });
+                }
+                Some(token) if token.len() > MAX_TOKEN => {
+                    return Err(ClientError::TokenTooLong(token.len()));
+                }
+                Some(token) => Some(token.as_bytes()),
+            },
+        };
+        tokio::time::timeout(
+            HELLO_EXCHANGE_TIMEOUT,
+            Self::connect_and_greet(endpoint, token, name),
+        )
+        .await
+        .map_err(|_| ClientError::HelloTimeout {
+            endpoint: endpoint.clone(),
+        })?
+    }
+
+    async fn connect_and_greet(
+        endpoint: &Endpoint,
+        token: Option<&[u8]>,
+        name: &str,
+    ) -> Result<Self, ClientError> {
+        let connect_error = |source| ClientError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let connection: Box<dyn Connection> = match endpoint {
+            Endpoint::Unix(path) => {
+                Box::new(UnixStream::connect(path).await.map_err(connect_error)?)
+            }
+            Endpoint::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
+                let _ = stream.set_nodelay(true);
+                Box::new(stream)
+            }
+        };
+        let mut client = Self {
+            wire: frame(connection),
+            events: VecDeque::new(),
+            server: String::new(),
+        };
+        let client_nonce = new_nonce()?;
+        client
+            .send(&ClientFrame::Hello {
+                version: VERSION,
+                name: client_name(name).to_owned(),
+                nonce: client_nonce,
+            })
+            .await?;
+        let unknown = || ClientError::ServerUnknown {
+            endpoint: endpoint.clone(),
+        };
+        let server = match (token, client.hello_answer(endpoint).await?) {
+            (None, ServerFrame::Welcome { server, .. }) => server,
+            (None, ServerFrame::Challenge { .. }) => {
+                return Err(ClientError::Unexpected(
+                    "a challenge on a Unix socket, where a mirror never asks for the token: it is not the mirror you meant".into(),
+                ));
+            }
+            (Some(token), ServerFrame::Challenge { nonce, proof }) => {
+                if !server_proof_holds(token, &client_nonce, &nonce, &proof) {
+                    return Err(unknown());
+                }
+                client
+                    .send(&ClientFrame::Auth {
+                        proof: client_proof(token, &nonce, &client_nonce),
+                    })
+                    .await?;
+                match client.hello_answer(endpoint).await? {
+                    ServerFrame::Welcome { server, .. } => server,
+                    other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                }
+            }
+            // A welcome without a challenge: that server proved nothing.
+            (Some(_), ServerFrame::Welcome { .. }) => return Err(unknown()),
+            (_, other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        client.server = printable(&server).into_owned();
+        Ok(client)
+    }
+
+    /// The server's answer during the hello, which holds no stream event.
+    async fn hello_answer(&mut self, endpoint: &Endpoint) -> Result<ServerFrame, ClientError> {
+        match self.read().await?.ok_or(ClientError::Closed)? {
+            // A mirror of version 1 reads a version 2 hello as malformed.
+            ServerFrame::Error {
+                code: ErrorCode::BadFrame,
+                message,
+                ..
+            } => Err(ClientError::HelloRefused {
+                endpoint: endpoint.clone(),
+                message: printable(&message).into_owned(),
+            }),
+            ServerFrame::Error { code, message, .. } => {
+                Err(ClientError::from_error_frame(code, message))
+            }
+            frame @ (ServerFrame::Challenge { .. } | ServerFrame::Welcome { .. }) => Ok(frame),
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} before the welcome"
+            ))),
+        }
+    }
+
+    /// How the server described itself.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub async fn subscribe(&mut self, ports: &[u16]) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::Subscribe {
+            ports: ports.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn unsubscribe(&mut self, ports: &[u16]) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::Unsubscribe {
+            ports: ports.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn add_port(&mut self, port: u16) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::AddPort { port }).await
+    }
+
+    pub async fn remove_port(&mut self, port: u16) -> Result<(), ClientError> {
+        self.request_ok(&ClientFrame::RemovePort { port }).await
+    }
+
+    pub async fn list_ports(&mut self) -> Result<Vec<PortInfo>, ClientError> {
+        self.send(&ClientFrame::ListPorts).await?;
+        match self.answer().await? {
+            ServerFrame::Ports { ports } => Ok(ports),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Every counter of the mirror, as JSON.
+    pub async fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
+        self.send(&ClientFrame::Stats).await?;
+        match self.answer().await? {
+            ServerFrame::Stats { json } => serde_json::from_str(&json)
+                .map_err(|e| ClientError::Unexpected(format!("stats that are not JSON: {e}"))),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The next stream event; `None` when the mirror closed the connection.
+    pub async fn next_event(&mut self) -> Result<Option<StreamEvent>, ClientError> {
+        if let Some(event) = self.events.pop_front() {
+            return Ok(Some(event));
+        }
+        match self.read().await? {
+            None => Ok(None),
+            Some(frame) => match frame {
+                ServerFrame::Error { code, message, .. } => {
+                    Err(ClientError::from_error_frame(code, message))
+                }
+                ServerFrame::Event(event) => Ok(Some(event)),
+                _ => Err(ClientError::Unexpected("an answer to no request".into())),
+            },
+        }
+    }
+
+    async fn request_ok(&mut self, request: &ClientFrame) -> Result<(), ClientError> {
+        self.send(request).await?;
+        match self.answer().await? {
+            ServerFrame::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        self.wire.send(buf.freeze()).await?;
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<Option<ServerFrame>, ClientError> {
+        match self.wire.next().await {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(ServerFrame::decode_shared(bytes?.freeze())?)),
+        }
+    }
+
+    /// The answer to the last request; events that come first are queued.
+    async fn answer(&mut self) -> Result<ServerFrame, ClientError> {
+        loop {
+            let frame = self.read().await?.ok_or(ClientError::Closed)?;
+            if let ServerFrame::Error { code, message, .. } = frame {
+                return Err(ClientError::from_error_frame(code, message));
+            }
+            match frame {
+                ServerFrame::Event(event) => self.events.push_back(event),
+                answer => return Ok(answer),
+            }
+        }
+    }
+}
+
+/// Why a token file cannot be used (each message names the file).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot open the token file {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the token file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the token file {path} is not a regular file: give a file that holds the token")]
+    NotAFile { path: String },
+    #[error(
+        "the token file {path} may be read by group or others (mode {mode:03o}): a token is a secret, run `chmod 600 {path}`"
+    )]
+    Exposed { path: String, mode: u32 },
+    #[error(
+        "the token file {path} belongs to another user (uid {uid}), who can read or change the token: use a file of root or of the user running this command"
+    )]
+    OtherOwner { path: String, uid: u32 },
+    #[error(
+        "the token file {path} holds no token: write one into it (e.g. `head -c 32 /dev/urandom | base64 > {path}`)"
+    )]
+    Empty { path: String },
+    #[error(
+        "the token in {path} is longer than {MAX_TOKEN} bytes, the most the mirror accepts: write a shorter one"
+    )]
+    TooLong { path: String },
+    #[error("the token in {path} is not UTF-8 text: write a text token")]
+    NotText { path: String },
+}
+
+/// Reads a token file: its content without surrounding whitespace, at most
+/// [`MAX_TOKEN`] bytes. The server (`mirror run`) and the clients apply the
+/// same rules: the file must be a regular file of root or of this process's
+/// user, readable by its owner alone, and hold a token.
+pub fn read_token(path: &Path) -> Result<String, TokenError> {
+    let shown = || path.display().to_string();
+    // Non-blocking: opening a FIFO put in the token's place does not wait
+    // for a writer (the type check below then refuses it).
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| TokenError::Open {
+            path: shown(),
+            source,
+        })?;
+    // The opened file's own metadata: a path looked up again could be
+    // another file by then.
+    let meta = file.metadata().map_err(|source| TokenError::Read {
+        path: shown(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile { path: shown() });
+    }
+    // Owner-only means nothing if the owner is someone else: a token file
+    // planted where the mirror's was to be written is known to its owner.
+    if meta.uid() != 0 && meta.uid() != nix::unistd::Uid::effective().as_raw() {
+        return Err(TokenError::OtherOwner {
+            path: shown(),
+            uid: meta.uid(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed {
+            path: shown(),
+            mode,
+        });
+    }
+    // Room for the longest token, surrounding whitespace, and one byte
+    // more to tell a token that is too long.
+    let limit = MAX_TOKEN + 64;
+    let mut bytes = Vec::with_capacity(limit);
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| TokenError::Read {
+            path: shown(),
+            source,
+        })?;
+    if bytes.len() > limit {
+        return Err(TokenError::TooLong { path: shown() });
+    }
+    let text = String::from_utf8(bytes).map_err(|_| TokenError::NotText { path: shown() })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenError::Empty { path: shown() });
+    }
+    if token.len() > MAX_TOKEN {
+        return Err(TokenError::TooLong { path: shown() });
+    }
+    Ok(token.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, path::PathBuf};
+
+    use super::*;
+    use crate::server::protocol::NONCE_LEN;
+
+    fn token_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, content).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn token_files_must_be_secret_and_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let good = token_file(d, "good", b"  s3cret\n", 0o600);
+        assert_eq!(read_token(&good).unwrap(), "s3cret");
+        let owner_only = token_file(d, "ro", b"s3cret", 0o400);
+        assert_eq!(read_token(&owner_only).unwrap(), "s3cret");
+        let longest = token_file(d, "longest", &[b'x'; MAX_TOKEN], 0o600);
+        assert_eq!(read_token(&longest).unwrap().len(), MAX_TOKEN);
+
+        for mode in [0o640, 0o604, 0o660, 0o644, 0o601] {
+            let path = token_file(d, &format!("m{mode:o}"), b"s3cret", mode);
+            let error = read_token(&path).unwrap_err();
+            assert!(matches!(error, TokenError::Exposed { .. }), "{mode:o}");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("chmod 600 {}", path.display())),
+                "{message}"
+            );
+        }
+        for (name, content) in [("empty", &b""[..]), ("blank", b" \n\t\n")] {
+            let path = token_file(d, name, content, 0o600);
+            assert!(
+                matches!(read_token(&path), Err(TokenError::Empty { .. })),
+                "{name}"
+            );
+        }
+        // Longer than the mirror accepts: refused, never cut.
+        let long = token_file(d, "long", &[b'x'; MAX_TOKEN + 1], 0o600);
+        assert!(matches!(read_token(&long), Err(TokenError::TooLong { .. })));
+        let huge = token_file(d, "huge", &vec![b'x'; 1 << 20], 0o600);
+        assert!(matches!(read_token(&huge), Err(TokenError::TooLong { .. })));
+        let binary = token_file(d, "binary", b"\xff\xfe", 0o600);
+        assert!(matches!(
+            read_token(&binary),
+            Err(TokenError::NotText { .. })
+        ));
+        assert!(matches!(
+            read_token(&d.join("missing")),
+            Err(TokenError::Open { .. })
+        ));
+        assert!(matches!(read_token(d), Err(TokenError::NotAFile { .. })));
+        // Owner-only, but the owner is someone else: they know the token.
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped the rest: only root can plant another user's file");
+            return;
+        }
+        let planted = token_file(d, "planted", b"s3cret", 0o600);
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+        assert!(matches!(
+            read_token(&planted),
+            Err(TokenError::OtherOwner { uid: 65534, .. })
+        ));
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_token_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // No writer ever comes: a blocking open would wait forever.
+        assert!(matches!(
+            read_token(&fifo),
+            Err(TokenError::NotAFile { .. })
+        ));
+    }
+
+    #[test]
+    fn a_symlink_is_judged_by_the_file_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let exposed = token_file(dir.path(), "exposed", b"s3cret", 0o644);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&exposed, &link).unwrap();
+        assert!(matches!(read_token(&link), Err(TokenError::Exposed { .. })));
+    }
+
+    const TOKEN: &str = "the-right-token";
+
+    /// Everything a fake server received on its connection, until the
+    /// client closed it.
+    struct Recorded {
+        bytes: Vec<u8>,
+    }
+
+    impl Recorded {
+        /// The frames received; panics if the bytes are not whole frames.
+        fn frames(&self) -> Vec<ClientFrame> {
+            let mut frames = Vec::new();
+            let mut rest = &self.bytes[..];
+            while !rest.is_empty() {
+                let length = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                frames.push(ClientFrame::decode(&rest[4..4 + length]).expect("a client frame"));
+                rest = &rest[4 + length..];
+            }
+            frames
+        }
+
+        /// Nothing received holds the token or anything derived from it:
+        /// one `Hello` (a version, a name and a random nonce), and nothing
+        /// else.
+        fn assert_nothing_of_the_token(&self) {
+            let token = TOKEN.as_bytes();
+            assert!(
+                !self.bytes.windows(token.len()).any(|w| w == token),
+                "the token itself was sent"
+            );
+            match &self.frames()[..] {
+                [ClientFrame::Hello { version, name, .. }] => {
+                    assert_eq!((*version, name.as_str()), (VERSION, "victim"));
+                }
+                other => panic!("only a hello may reach a fake server: {other:?}"),
+            }
+        }
+    }
+
+    /// Accepts one connection, sends `answer` (whole frames, length
+    /// first) once the client's first frame arrived, and records every
+    /// byte until the client closes.
+    async fn fake_tcp_server(
+        answer: impl FnOnce(&ClientFrame) -> Vec<u8> + Send + 'static,
+    ) -> (Endpoint, tokio::task::JoinHandle<Recorded>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let length = stream.read_u32().await.unwrap() as usize;
+            let mut hello = vec![0; length];
+            stream.read_exact(&mut hello).await.unwrap();
+            let mut bytes = (length as u32).to_be_bytes().to_vec();
+            bytes.extend_from_slice(&hello);
+            let reply = answer(&ClientFrame::decode(&hello).expect("a client frame"));
+            stream.write_all(&reply).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+                .await
+                .expect("the client closes the connection")
+                .expect("read until the end");
+            Recorded { bytes }
+        });
+        (endpoint, task)
+    }
+
+    fn framed(frame: &ServerFrame) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let payload = frame.encode_wire(&mut out);
+        assert!(payload.is_none());
+        out.to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_fake_server_gets_nothing_of_the_token_and_is_refused() {
+        // A random challenge: the fake server cannot make the proof.
+        let (endpoint, fake) = fake_tcp_server(|_| {
+            framed(&ServerFrame::Challenge {
+                nonce: new_nonce().unwrap(),
+                proof: new_nonce().unwrap(),
+            })
+        })
+        .await;
+        let error = Client::connect(&endpoint, Some(TOKEN), "victim")
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the server at {endpoint} does not know the token: it is not the mirror you meant, or it was started with another token file"
+            )
+        );
+        fake.await.unwrap().assert_nothing_of_the_token();
+    }
+
+    #[tokio::test]
+    async fn a_replayed_challenge_or_a_welcome_without_one_is_refused() {
+        // A challenge a real mirror made for another connection (another
+        // client nonce), replayed.
+        let (endpoint, fake) = fake_tcp_server(|_| {
+            let (old_client_nonce, server_nonce) = ([7; NONCE_LEN], [9; NONCE_LEN]);
+            framed(&ServerFrame::Challenge {
+                nonce: server_nonce,
+                proof: crate::server::protocol::server_proof(
+                    TOKEN.as_bytes(),
+                    &old_client_nonce,
+                    &server_nonce,
+                ),
+            })
+        })
+        .await;
+        let refused = Client::connect(&endpoint, Some(TOKEN), "victim").await;
+        assert!(
+            matches!(refused, Err(ClientError::ServerUnknown { .. })),
+            "{:?}",
+            refused.err()
+        );
+        fake.await.unwrap().assert_nothing_of_the_token();
+        // A welcome at once: that server proved nothing.
+        let (endpoint, fake) = fake_tcp_server(|_| {
+            framed(&ServerFrame::Welcome {
+                version: VERSION,
+                server: "fake".into(),
+            })
+        })
+        .await;
+        let refused = Client::connect(&endpoint, Some(TOKEN), "victim").await;
+        assert!(
+            matches!(refused, Err(ClientError::ServerUnknown { .. })),
+            "{:?}",
+            refused.err()
+        );
+        fake.await.unwrap().assert_nothing_of_the_token();
+    }
+
+    #[tokio::test]
+    async fn a_server_that_knows_the_token_gets_a_proof_for_its_challenge_only() {
+        use crate::server::protocol::{client_proof_holds, server_proof};
+        let server_nonce = [0x42; NONCE_LEN];
+        let (endpoint, server) = fake_tcp_server(move |hello| {
+            let ClientFrame::Hello { nonce, .. } = hello else {
+                panic!("a hello first: {hello:?}");
+            };
+            let mut reply = framed(&ServerFrame::Challenge {
+                nonce: server_nonce,
+                proof: server_proof(TOKEN.as_bytes(), nonce, &server_nonce),
+            });
+            reply.extend(framed(&ServerFrame::Welcome {
+                version: VERSION,
+                server: "knows the token".into(),
+            }));
+            reply
+        })
+        .await;
+        let client = Client::connect(&endpoint, Some(TOKEN), "victim")
+            .await
+            .expect("served");
+        assert_eq!(client.server(), "knows the token");
+        drop(client);
+        let recorded = server.await.unwrap();
+        assert!(
+            !recorded
+                .bytes
+                .windows(TOKEN.len())
+                .any(|w| w == TOKEN.as_bytes())
+        );
+        match &recorded.frames()[..] {
+            [
+                ClientFrame::Hello { nonce, .. },
+                ClientFrame::Auth { proof },
+            ] => assert!(client_proof_holds(
+                TOKEN.as_bytes(),
+                &server_nonce,
+                nonce,
+                proof
+            )),
+            other => panic!("a hello and an auth: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_fails_the_client_within_the_timeout() {
+        // Connections complete in the kernel's backlog; nothing accepts or
+        // answers them.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            HELLO_EXCHANGE_TIMEOUT + Duration::from_secs(5),
+            Client::connect(&endpoint, Some(TOKEN), "victim"),
+        )
+        .await
+        .expect("the client gives up by itself");
+        let elapsed = started.elapsed();
+        let error = outcome.err().expect("no hello, no client");
+        assert!(matches!(error, ClientError::HelloTimeout { .. }), "{error}");
+        assert!(error.to_string().contains("within 5 s"), "{error}");
+        assert!(
+            elapsed >= HELLO_EXCHANGE_TIMEOUT - Duration::from_millis(50)
+                && elapsed < HELLO_EXCHANGE_TIMEOUT + Duration::from_secs(1),
+            "{elapsed:?}"
+        );
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn nothing_of_the_token_goes_to_a_unix_socket() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        // Whatever listens at the path asks for a proof, as a TCP mirror
+        // would.
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let length = stream.read_u32().await.unwrap() as usize;
+            let mut bytes = (length as u32).to_be_bytes().to_vec();
+            let mut hello = vec![0; length];
+            stream.read_exact(&mut hello).await.unwrap();
+            bytes.extend_from_slice(&hello);
+            let challenge = framed(&ServerFrame::Challenge {
+                nonce: [1; NONCE_LEN],
+                proof: [2; NONCE_LEN],
+            });
+            stream.write_all(&challenge).await.unwrap();
+            stream.read_to_end(&mut bytes).await.unwrap();
+            Recorded { bytes }
+        });
+        let refused = Client::connect(&Endpoint::Unix(path), Some(TOKEN), "victim").await;
+        assert!(
+            matches!(refused, Err(ClientError::Unexpected(_))),
+            "{:?}",
+            refused.err()
+        );
+        server.await.unwrap().assert_nothing_of_the_token();
+    }
+}

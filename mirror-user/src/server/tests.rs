@@ -1,0 +1,729 @@
+//! The server in-process: real sockets on 127.0.0.1 and in a temporary
+//! directory, a main task that answers port requests, the real client.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    task::JoinHandle,
+};
+
+use std::sync::Arc;
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+    time::Instant,
+};
+
+use super::{
+    listener::{BoundListener, SHORT_TOKEN, SocketFileGuard, bind_unix, serve},
+    protocol::{
+        ClientFrame, ErrorCode, MAX_FRAME, MAX_HELLO_FRAME, Nonce, ServerFrame, VERSION, new_nonce,
+    },
+    session::{HELLO_TIMEOUT, MAX_AWAITING_HELLO, SessionContext},
+    *,
+};
+use crate::{control::Request, fanout::hub::Hub};
+use crate::{
+    control::ports::{AllowList, PortRegistry},
+    control::{Control, PortMap},
+    fanout::hub::HubConfig,
+    server::client::{Client, ClientError},
+    server::protocol::{
+        MAX_CLIENT_NAME, MAX_TOKEN, NONCE_LEN, Proof, client_proof, server_proof_holds,
+    },
+    telemetry::counters::{StreamSummary, Summary},
+};
+
+const TOKEN: &str = "s3cret-token";
+
+struct NoMap;
+
+impl PortMap for NoMap {
+    fn set_port(&mut self, _: u16, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A server on 127.0.0.1 (and on a Unix socket, when asked) with a
+/// main task that answers port requests and the counters (those of
+/// the hub and the server).
+struct Harness {
+    endpoint: Endpoint,
+    unix: Option<(Endpoint, tempfile::TempDir)>,
+    stats: Arc<ServerStats>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start(max_clients: usize) -> Self {
+        Self::start_with(max_clients, false).await
+    }
+
+    async fn start_with(max_clients: usize, with_unix: bool) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+        let mut listeners = vec![BoundListener::Tcp(listener)];
+        let unix = with_unix.then(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.sock");
+            let endpoint = Endpoint::Unix(path.clone());
+            let (listener, file) = bind_unix(&path, &endpoint).unwrap();
+            listeners.push(BoundListener::Unix(listener, SocketFileGuard(file)));
+            (endpoint, dir)
+        });
+        let hub = Arc::new(Hub::new(
+            &[80],
+            HubConfig {
+                capacity: 16,
+                max_bytes: 1 << 30,
+                batch_bytes: 1 << 16,
+            },
+        ));
+        let stats = Arc::new(ServerStats::default());
+        let (control_tx, mut control_rx) = mpsc::channel(64);
+        let registry = PortRegistry::new(&[80], AllowList::parse("9000").unwrap(), 4);
+        let mut control = Control::new(registry, Arc::clone(&hub));
+        let (counters_hub, counters_server) = (Arc::clone(&hub), Arc::clone(&stats));
+        tokio::spawn(async move {
+            while let Some(request) = control_rx.recv().await {
+                match request {
+                    Request::Stats { reply } => {
+                        let (consumers, past_sessions) = counters_hub.consumer_totals();
+                        let mut json = Summary {
+                            kernel: Default::default(),
+                            drain: Default::default(),
+                            streams: StreamSummary {
+                                consumers,
+                                past_sessions,
+                                ..StreamSummary::default()
+                            },
+                        }
+                        .to_json();
+                        json["server"] = counters_server.to_json();
+                        let _ = reply.send(json.to_string());
+                    }
+                    Request::Ports(request) => control.handle(request, &mut NoMap),
+                }
+            }
+        });
+        let config = ServerConfig {
+            endpoints: vec![endpoint.clone()],
+            token: Some(TOKEN.to_owned()),
+            max_clients,
+            write_timeout: Duration::from_secs(1),
+            name: "mirror under test".to_owned(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listeners,
+            SessionContext {
+                control: control_tx,
+                hub,
+                stats: Arc::clone(&stats),
+                config: Arc::new(config),
+            },
+            None,
+            stop_rx,
+        ));
+        Self {
+            endpoint,
+            unix,
+            stats,
+            stop,
+            server,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self.endpoint {
+            Endpoint::Tcp(addr) => addr,
+            Endpoint::Unix(_) => unreachable!("TCP only"),
+        }
+    }
+
+    async fn client(&self, name: &str) -> Result<Client, ClientError> {
+        Client::connect(&self.endpoint, Some(TOKEN), name).await
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.stats
+            .fields()
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .unwrap()
+    }
+
+    /// Waits (at most 10 s) until `done` holds.
+    async fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "{what}: {}", self.stats);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("the server stops")
+            .unwrap();
+    }
+}
+
+/// A frame as it goes on the wire, length first.
+fn wire(frame: &ClientFrame) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    frame.encode(&mut body);
+    let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+fn hello(name: &str, nonce: Nonce) -> Vec<u8> {
+    wire(&ClientFrame::Hello {
+        version: VERSION,
+        name: name.to_owned(),
+        nonce,
+    })
+}
+
+fn auth(proof: Proof) -> Vec<u8> {
+    wire(&ClientFrame::Auth { proof })
+}
+
+/// Sends a hello with `nonce` and reads the challenge, after checking
+/// that the server proved it knows [`TOKEN`]; returns the server's
+/// nonce and proof.
+async fn challenged(stream: &mut TcpStream, nonce: Nonce) -> (Nonce, Proof) {
+    stream.write_all(&hello("raw", nonce)).await.unwrap();
+    match read_frame(stream).await {
+        Some(ServerFrame::Challenge {
+            nonce: server_nonce,
+            proof,
+        }) => {
+            assert!(
+                server_proof_holds(TOKEN.as_bytes(), &nonce, &server_nonce, &proof),
+                "the server proves it knows the token"
+            );
+            (server_nonce, proof)
+        }
+        other => panic!("a challenge: {other:?}"),
+    }
+}
+
+/// The whole hello of a client that knows [`TOKEN`], on a raw socket;
+/// returns the server's answer to the `Auth`.
+async fn raw_hello(stream: &mut TcpStream, name: &str) -> Option<ServerFrame> {
+    let nonce = new_nonce().unwrap();
+    stream.write_all(&hello(name, nonce)).await.unwrap();
+    let Some(ServerFrame::Challenge {
+        nonce: server_nonce,
+        ..
+    }) = read_frame(stream).await
+    else {
+        panic!("a challenge");
+    };
+    let proof = client_proof(TOKEN.as_bytes(), &server_nonce, &nonce);
+    stream.write_all(&auth(proof)).await.unwrap();
+    read_frame(stream).await
+}
+
+/// Reads one frame, or `None` at the end of the stream.
+async fn read_frame(stream: &mut TcpStream) -> Option<ServerFrame> {
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).await.ok()?;
+    let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
+    stream.read_exact(&mut frame).await.ok()?;
+    Some(ServerFrame::decode(&frame).expect("a well-formed frame"))
+}
+
+/// Reads until the server closes the connection; returns the frames.
+async fn until_closed(stream: &mut TcpStream, within: Duration) -> Vec<ServerFrame> {
+    let mut frames = Vec::new();
+    tokio::time::timeout(within, async {
+        while let Some(frame) = read_frame(stream).await {
+            frames.push(frame);
+        }
+    })
+    .await
+    .expect("the server closes the connection in time");
+    frames
+}
+
+fn fatal_code(frames: &[ServerFrame]) -> Option<ErrorCode> {
+    match frames {
+        [ServerFrame::Error { code, fatal, .. }] => fatal.then_some(*code),
+        _ => None,
+    }
+}
+
+/// docs/protocol.md states the limits the code applies.
+#[test]
+fn the_documented_limits_are_the_code() {
+    let doc = include_str!("../../../docs/protocol.md");
+    let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    for stated in [
+        format!("whole within **{} seconds** of", HELLO_TIMEOUT.as_secs()),
+        format!("a hello not done within {} s", HELLO_TIMEOUT.as_secs()),
+        format!("at most **{MAX_AWAITING_HELLO}** connections per listening address"),
+        format!("a {}th makes the oldest", MAX_AWAITING_HELLO + 1),
+        format!("A token is at most **{MAX_TOKEN} bytes**"),
+        format!("warns about a token shorter than {SHORT_TOKEN} bytes"),
+        format!(
+            "within **{} seconds**",
+            crate::server::client::HELLO_EXCHANGE_TIMEOUT.as_secs()
+        ),
+        format!(
+            "keeps its first {} bytes",
+            crate::server::protocol::MAX_CLIENT_NAME
+        ),
+        format!(
+            "at most {} ports",
+            crate::telemetry::counters::MAX_LISTED_PORTS
+        ),
+        format!(
+            "and {} consumers",
+            crate::telemetry::counters::MAX_LISTED_CONSUMERS
+        ),
+        format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
+        format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
+        format!("version in `HELLO` and `WELCOME` is {VERSION}."),
+    ] {
+        assert!(
+            doc.contains(&stated),
+            "docs/protocol.md should say: {stated}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_take_no_client_slot_and_are_closed() {
+    let server = Harness::start(1).await;
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(TcpStream::connect(server.addr()).await.unwrap());
+    }
+    server
+        .wait_until("every connection accepted", |s| s.counter("accepted") == 40)
+        .await;
+    // An evicted connection gives its place back once its session has
+    // sent the error, a moment after the newer one took it.
+    server
+        .wait_until("the oldest connections evicted", |s| {
+            s.counter("awaiting_hello") == MAX_AWAITING_HELLO as u64
+        })
+        .await;
+    // The one client slot is still free, and a client that says hello
+    // is served at once, well before the silent ones time out.
+    let started = Instant::now();
+    let mut client = server.client("holder").await.expect("served");
+    client.stats().await.expect("stats");
+    assert!(
+        started.elapsed() < HELLO_TIMEOUT / 2,
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.counter("active"), 1);
+    // The slot is taken now.
+    assert!(matches!(
+        server.client("second").await,
+        Err(ClientError::TooMany(_))
+    ));
+    // Every silent connection is closed: the oldest to make room, the
+    // rest when their time is up.
+    let mut evicted = 0;
+    let mut timed_out = 0;
+    for stream in &mut silent {
+        let frames = until_closed(stream, HELLO_TIMEOUT + Duration::from_secs(2)).await;
+        match fatal_code(&frames) {
+            Some(ErrorCode::TooManyClients) => evicted += 1,
+            Some(ErrorCode::BadFrame) => timed_out += 1,
+            other => panic!("{other:?}: {frames:?}"),
+        }
+    }
+    assert!(started.elapsed() >= HELLO_TIMEOUT / 2);
+    // The holder's connection pushed the oldest out; the refused one
+    // took the place the holder left.
+    assert_eq!(timed_out, MAX_AWAITING_HELLO - 1, "{}", server.stats);
+    assert_eq!(evicted + timed_out, 40);
+    server
+        .wait_until("counted", |s| s.counter("awaiting_hello") == 0)
+        .await;
+    assert_eq!(server.counter("hello_evicted"), evicted as u64);
+    assert_eq!(server.counter("hello_timeouts"), timed_out as u64);
+    assert_eq!(server.counter("active"), 1, "the holder is still served");
+    client.stats().await.expect("still served");
+    drop(client);
+    server
+        .wait_until("the holder left", |s| s.counter("active") == 0)
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_hello_is_cut_at_the_deadline() {
+    let server = Harness::start(4).await;
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    // Half a hello, then nothing.
+    let bytes = hello("slow", [0; NONCE_LEN]);
+    stream.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+    let started = Instant::now();
+    let frames = until_closed(&mut stream, HELLO_TIMEOUT + Duration::from_secs(2)).await;
+    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_millis(100));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn before_its_hello_a_connection_may_send_no_more_than_a_hello() {
+    let server = Harness::start(4).await;
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    // Announces a frame one byte longer than the longest hello: refused
+    // before its body arrives.
+    let length = (crate::server::protocol::MAX_HELLO_FRAME as u32 + 1).to_be_bytes();
+    stream.write_all(&length).await.unwrap();
+    let frames = until_closed(&mut stream, Duration::from_secs(2)).await;
+    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    // The longest hello passes, and larger frames are allowed after it.
+    let mut client = Client::connect(
+        &server.endpoint,
+        Some(TOKEN),
+        &"n".repeat(crate::server::protocol::MAX_NAME),
+    )
+    .await
+    .expect("served");
+    let many: Vec<u16> = (1..=2000).collect();
+    assert!(matches!(
+        client.subscribe(&many).await,
+        Err(ClientError::PortNotAllowed(_))
+    ));
+    client.stats().await.expect("still served");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_hello_proves_the_token_both_ways() {
+    let server = Harness::start(4).await;
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    let nonce: Nonce = new_nonce().unwrap();
+    let (server_nonce, _) = challenged(&mut stream, nonce).await;
+    assert_ne!(server_nonce, nonce);
+    // Challenged, not yet proved: still one of those waiting, no client.
+    assert_eq!(server.counter("awaiting_hello"), 1);
+    assert_eq!(server.counter("active"), 0);
+    let proof = client_proof(TOKEN.as_bytes(), &server_nonce, &nonce);
+    stream.write_all(&auth(proof)).await.unwrap();
+    match read_frame(&mut stream).await {
+        Some(ServerFrame::Welcome { version, server }) => {
+            assert_eq!((version, server.as_str()), (VERSION, "mirror under test"));
+        }
+        other => panic!("a welcome: {other:?}"),
+    }
+    server
+        .wait_until("served", |s| {
+            s.counter("active") == 1 && s.counter("awaiting_hello") == 0
+        })
+        .await;
+    // Past the hello, an auth is out of turn but not fatal.
+    stream.write_all(&auth(proof)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).await,
+        Some(ServerFrame::Error {
+            code: ErrorCode::BadFrame,
+            fatal: false,
+            ..
+        })
+    ));
+    // The client library does the same.
+    let mut client = server.client("library").await.expect("served");
+    assert_eq!(client.server(), "mirror under test");
+    client.stats().await.expect("stats");
+    assert_eq!(server.counter("refused"), 0);
+    assert_eq!(server.counter("unanswered_challenges"), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_with_another_token_is_refused_and_counted() {
+    let server = Harness::start(4).await;
+    // The client finds that the server's proof is not made with its
+    // token, and leaves without proving anything.
+    for wrong in ["s3cret", "s3cret-tokenX", "S3cret-token"] {
+        let refused = Client::connect(&server.endpoint, Some(wrong), "t").await;
+        let error = refused.err().expect("refused");
+        assert!(
+            matches!(error, ClientError::ServerUnknown { .. }),
+            "{wrong:?}: {error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the server at {} does not know the token: it is not the mirror you meant, or it was started with another token file",
+                server.endpoint
+            )
+        );
+    }
+    server
+        .wait_until("three challenges left unanswered", |s| {
+            s.counter("unanswered_challenges") == 3 && s.counter("awaiting_hello") == 0
+        })
+        .await;
+    // A client that sends a proof made with another token (one that
+    // does not check the server's) is refused by the server.
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    let nonce = new_nonce().unwrap();
+    let (server_nonce, _) = challenged(&mut stream, nonce).await;
+    let wrong = client_proof(b"s3cret-tokenX", &server_nonce, &nonce);
+    stream.write_all(&auth(wrong)).await.unwrap();
+    let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    // No token, or one longer than any the mirror accepts: the client
+    // library refuses before it connects.
+    assert!(matches!(
+        Client::connect(&server.endpoint, None, "t").await,
+        Err(ClientError::TokenRequired { .. })
+    ));
+    assert!(matches!(
+        Client::connect(&server.endpoint, Some(""), "t").await,
+        Err(ClientError::TokenRequired { .. })
+    ));
+    let long = format!("{TOKEN}{}", "x".repeat(MAX_TOKEN));
+    assert!(matches!(
+        Client::connect(&server.endpoint, Some(&long), "t").await,
+        Err(ClientError::TokenTooLong(_))
+    ));
+    server
+        .wait_until("counted", |s| s.counter("refused") == 1)
+        .await;
+    assert_eq!(server.counter("accepted"), 4);
+    assert_eq!(server.counter("active"), 0);
+    assert_eq!(server.counter("unanswered_challenges"), 3);
+    assert!(server.client("right").await.is_ok());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_recorded_or_reflected_proof_fails_on_another_connection() {
+    let server = Harness::start(4).await;
+    // A session that passed, as an eavesdropper records it.
+    let nonce = new_nonce().unwrap();
+    let mut first = TcpStream::connect(server.addr()).await.unwrap();
+    let (first_server_nonce, first_server_proof) = challenged(&mut first, nonce).await;
+    let recorded = client_proof(TOKEN.as_bytes(), &first_server_nonce, &nonce);
+    first.write_all(&auth(recorded)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut first).await,
+        Some(ServerFrame::Welcome { .. })
+    ));
+    // The same hello again: the server's nonce is another, and the
+    // recorded answer fails.
+    let mut replay = TcpStream::connect(server.addr()).await.unwrap();
+    let (replay_server_nonce, _) = challenged(&mut replay, nonce).await;
+    assert_ne!(replay_server_nonce, first_server_nonce);
+    replay.write_all(&auth(recorded)).await.unwrap();
+    let frames = until_closed(&mut replay, Duration::from_secs(5)).await;
+    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    // The server's own proof sent back to it, on this connection or on
+    // one whose hello carries the first connection's server nonce.
+    let mut reflect = TcpStream::connect(server.addr()).await.unwrap();
+    let (_, own_proof) = challenged(&mut reflect, nonce).await;
+    reflect.write_all(&auth(own_proof)).await.unwrap();
+    let frames = until_closed(&mut reflect, Duration::from_secs(5)).await;
+    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    let mut swapped = TcpStream::connect(server.addr()).await.unwrap();
+    challenged(&mut swapped, first_server_nonce).await;
+    swapped.write_all(&auth(first_server_proof)).await.unwrap();
+    let frames = until_closed(&mut swapped, Duration::from_secs(5)).await;
+    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    server
+        .wait_until("counted", |s| s.counter("refused") == 3)
+        .await;
+    assert_eq!(server.counter("active"), 1, "the first session only");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_challenged_connection_keeps_its_waiting_place_until_it_answers() {
+    let server = Harness::start(4).await;
+    // Challenged, and silent after that.
+    let mut challenged_only = TcpStream::connect(server.addr()).await.unwrap();
+    challenged(&mut challenged_only, new_nonce().unwrap()).await;
+    assert_eq!(server.counter("awaiting_hello"), 1);
+    // Silent connections fill the other places; one more pushes the
+    // oldest out: the challenged one.
+    let mut silent = Vec::new();
+    for _ in 0..MAX_AWAITING_HELLO {
+        silent.push(TcpStream::connect(server.addr()).await.unwrap());
+    }
+    let frames = until_closed(&mut challenged_only, Duration::from_secs(2)).await;
+    assert_eq!(
+        fatal_code(&frames),
+        Some(ErrorCode::TooManyClients),
+        "{frames:?}"
+    );
+    server
+        .wait_until("evicted", |s| s.counter("hello_evicted") == 1)
+        .await;
+    drop(silent);
+    // A challenge left unanswered ends at the hello's deadline.
+    let mut late = TcpStream::connect(server.addr()).await.unwrap();
+    let started = Instant::now();
+    challenged(&mut late, new_nonce().unwrap()).await;
+    let frames = until_closed(&mut late, HELLO_TIMEOUT + Duration::from_secs(2)).await;
+    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_millis(100));
+    server
+        .wait_until("timed out", |s| s.counter("hello_timeouts") == 1)
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_version_is_told_so_whatever_its_hello_holds() {
+    let server = Harness::start(4).await;
+    // A version 1 hello: version, token, name.
+    let mut v1 = vec![0x01, 0, 1, 0, 5];
+    v1.extend_from_slice(b"token");
+    v1.extend_from_slice(&[0, 2]);
+    v1.extend_from_slice(b"v1");
+    let mut framed = (v1.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&v1);
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream.write_all(&framed).await.unwrap();
+    let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(
+        fatal_code(&frames),
+        Some(ErrorCode::UnsupportedVersion),
+        "{frames:?}"
+    );
+    let [ServerFrame::Error { message, .. }] = &frames[..] else {
+        unreachable!("one error");
+    };
+    assert!(
+        message.starts_with("this mirror speaks protocol version 2, the client 1"),
+        "{message}"
+    );
+    assert_eq!(server.counter("refused"), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_unix_socket_session_has_no_challenge() {
+    use tokio::net::UnixStream;
+    let server = Harness::start_with(4, true).await;
+    let (unix, _dir) = server.unix.as_ref().expect("a Unix listener");
+    let Endpoint::Unix(path) = unix else {
+        unreachable!("a Unix endpoint")
+    };
+    let mut stream = UnixStream::connect(path).await.unwrap();
+    stream
+        .write_all(&hello("local", [0; NONCE_LEN]))
+        .await
+        .unwrap();
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).await.unwrap();
+    let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
+    stream.read_exact(&mut frame).await.unwrap();
+    assert!(
+        matches!(ServerFrame::decode(&frame), Ok(ServerFrame::Welcome { .. })),
+        "{frame:?}"
+    );
+    // The client library, given a token or none.
+    let mut clients = Vec::new();
+    for token in [Some(TOKEN), None] {
+        let mut client = Client::connect(unix, token, "local").await.expect("served");
+        client.stats().await.expect("stats");
+        clients.push(client);
+    }
+    server
+        .wait_until("three local clients", |s| s.counter("active") == 3)
+        .await;
+    assert_eq!(server.counter("unanswered_challenges"), 0);
+    drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_sessions_leave_only_their_totals() {
+    let server = Harness::start(64).await;
+    const TASKS: usize = 8;
+    const SESSIONS: usize = TASKS * 40;
+    let mut tasks = JoinSet::new();
+    for i in 0..TASKS {
+        let endpoint = server.endpoint.clone();
+        tasks.spawn(async move {
+            for n in 0..SESSIONS / TASKS {
+                let mut client = Client::connect(&endpoint, Some(TOKEN), &format!("c{i}-{n}"))
+                    .await
+                    .expect("served");
+                client.subscribe(&[80]).await.expect("subscribed");
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let mut client = server.client("observer").await.unwrap();
+    let past = |json: &serde_json::Value| {
+        crate::telemetry::counters::flatten(json)
+            .get("consumers.past_sessions.sessions")
+            .copied()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let json = loop {
+        let json = client.stats().await.unwrap();
+        if past(&json) == Some(SESSIONS as u64) || Instant::now() > deadline {
+            break json;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(past(&json), Some(SESSIONS as u64), "{json}");
+    // Only the observer is listed, by its session and its name.
+    let consumers = json["consumers"].as_array().unwrap();
+    assert_eq!(consumers.len(), 2, "{json}");
+    assert_eq!(consumers[0]["client"], "observer");
+    assert!(
+        consumers[0]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("client-")
+    );
+    assert_eq!(consumers[1]["name"], "past_sessions");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn client_names_are_cut_and_escaped() {
+    let server = Harness::start(4).await;
+    let forged = format!("xy\nkernel: seen=999 \u{1b}[2J\u{202e}{}", "é".repeat(100));
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    assert!(matches!(
+        raw_hello(&mut stream, &forged).await,
+        Some(ServerFrame::Welcome { .. })
+    ));
+    let mut client = server.client("observer").await.unwrap();
+    let json = client.stats().await.unwrap();
+    let name = json["consumers"][0]["client"].as_str().unwrap().to_owned();
+    assert!(name.chars().all(|c| !c.is_control()), "{name:?}");
+    assert!(
+        name.starts_with("xy\\nkernel: seen=999 \\u{1b}[2J\\u{202e}é"),
+        "{name:?}"
+    );
+    // Cut at a character boundary below 64 bytes: 27 bytes of ASCII,
+    // control and format characters, then 18 two-byte characters.
+    let kept = crate::server::protocol::client_name(&forged);
+    assert_eq!(kept.len(), MAX_CLIENT_NAME - 1);
+    assert!(name.ends_with(&"é".repeat(18)) && !name.ends_with(&"é".repeat(19)));
+    for key in crate::telemetry::counters::flatten(&json).keys() {
+        assert!(key.chars().all(|c| !c.is_control()), "{key:?}");
+    }
+    drop(stream);
+    server.stop().await;
+}

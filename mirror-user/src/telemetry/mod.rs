@@ -1,0 +1,3 @@
+//! Counters of every stage.
+
+pub mod counters;
