@@ -102,11 +102,30 @@ async fn answer(
     }
     Ok(match request.uri().path() {
         "/metrics" => {
-            let body = prometheus::encode(&registry.document());
+            // Prometheus asks for OpenMetrics first; others get the
+            // classic text format.
+            let open_metrics = request
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .any(|accept| {
+                    accept
+                        .as_bytes()
+                        .starts_with(b"application/openmetrics-text")
+                });
+            let document = registry.document();
+            let (body, content_type) = if open_metrics {
+                (prometheus::encode(&document), prometheus::CONTENT_TYPE)
+            } else {
+                (
+                    prometheus::encode_classic(&document),
+                    prometheus::CLASSIC_CONTENT_TYPE,
+                )
+            };
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(prometheus::CONTENT_TYPE),
+                header::HeaderValue::from_static(content_type),
             );
             response
         }
@@ -170,10 +189,18 @@ mod tests {
             |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let metrics = request(addr, get("/metrics").as_bytes()).await;
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        assert!(metrics.contains("text/plain; version=0.0.4"), "{metrics}");
         assert!(
-            metrics.contains("application/openmetrics-text"),
+            metrics.contains("# TYPE mirror_connections_closed_total counter"),
             "{metrics}"
         );
+        let open = request(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(open.contains("application/openmetrics-text"), "{open}");
+        assert!(open.ends_with("# EOF\n"), "{open}");
         assert!(
             metrics.contains("mirror_connections_closed_total{reason=\"fin\"} 4"),
             "{metrics}"

@@ -25,6 +25,8 @@ use super::registry::{Document, LISTS, entry_key};
 
 /// The content type of [`encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`encode_classic`]'s text.
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Objects of the document that are one family labelled by their keys:
 /// (path, family, label).
@@ -209,6 +211,40 @@ pub fn encode(document: &Document) -> String {
     text
 }
 
+/// The document in the classic Prometheus text format (0.0.4), for
+/// scrapers that do not ask for OpenMetrics (`curl`, `promtool check
+/// metrics`): the same samples, a counter family named with its `_total`
+/// suffix, no `# EOF`. prometheus-client writes OpenMetrics only; the two
+/// differ in just these lines.
+pub fn encode_classic(document: &Document) -> String {
+    let open = encode(document);
+    let counters: Vec<&str> = open
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(open.len() + 16 * counters.len());
+    for line in open.lines() {
+        let comment = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|prefix| Some((*prefix, line.strip_prefix(prefix)?)));
+        match comment {
+            Some((prefix, rest)) => {
+                let name = rest.split(' ').next().unwrap_or_default();
+                text.push_str(prefix);
+                text.push_str(name);
+                if counters.contains(&name) {
+                    text.push_str("_total");
+                }
+                text.push_str(&rest[name.len()..]);
+            }
+            None if line == "# EOF" => continue,
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
+}
+
 /// A name made of the characters a metric name may hold.
 fn metric_name(name: &str) -> String {
     name.chars()
@@ -283,5 +319,22 @@ mod tests {
         assert_eq!(types.len(), unique.len(), "{text}");
         assert!(!text.contains("client"), "{text}");
         assert!(!text.contains("error"), "{text}");
+
+        let classic = encode_classic(&registry.document());
+        for expected in [
+            "# HELP mirror_kernel_packets_total Packets the kernel program saw",
+            "# TYPE mirror_kernel_packets_total counter\nmirror_kernel_packets_total{outcome=\"seen\"} 7\n",
+            "# TYPE mirror_connections_open gauge\nmirror_connections_open 1\n",
+        ] {
+            assert!(classic.contains(expected), "{expected} in\n{classic}");
+        }
+        assert!(!classic.contains("# EOF"), "{classic}");
+        let samples = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&classic), samples(&text));
     }
 }
