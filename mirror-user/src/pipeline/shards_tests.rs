@@ -23,18 +23,18 @@ use crate::{
 
 const PORT: u16 = 80;
 
-/// Shards publishing to a hub with a channel for [`PORT`], and a
+/// A hub with a channel for [`PORT`] that shards publish to, and a
 /// subscriber of it.
 struct Stage {
     hub: Arc<Hub>,
-    shards: Shards,
     feed: PortFeed,
     events: Subscription,
 }
 
-/// `shards` shards whose queues hold `queue_batches` batches each; no
-/// connection idles out or waits for a hole to fill while a test runs.
-fn start(shards: usize, queue_batches: usize) -> Stage {
+/// `shards` shards whose queues hold `queue_batches` batches each, and a
+/// router to them; no connection idles out or waits for a hole to fill
+/// while a test runs.
+fn start(shards: usize, queue_batches: usize) -> (Stage, Shards, SegmentRouter) {
     let hub = Arc::new(Hub::new(
         &[PORT],
         HubConfig {
@@ -59,11 +59,20 @@ fn start(shards: usize, queue_batches: usize) -> Stage {
         },
     };
     let shards = Shards::start(config, &hub);
-    Stage {
-        hub,
-        shards,
-        feed,
-        events,
+    let router = shards.router();
+    (Stage { hub, feed, events }, shards, router)
+}
+
+/// Asserts how many connections the tables closed for each reason, none
+/// for the others.
+#[track_caller]
+fn assert_closes(stats: &TableStats, expected: &[(CloseReason, u64)]) {
+    for reason in CloseReason::ALL {
+        let count = expected
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n);
+        assert_eq!(stats.closed(reason), count, "{reason} closes: {stats:?}");
     }
 }
 
@@ -76,16 +85,21 @@ impl Stage {
             .expect("the channel is open")
     }
 
-    /// Stops the shards (their routers must be gone) and the hub; returns
+    /// Stops `shards` (their routers must be gone) and the hub; returns
     /// the tables' statistics and the events the subscriber had not read.
-    async fn finish(self) -> (TableStats, Vec<StreamEvent>) {
+    async fn finish(self, shards: Shards) -> (TableStats, Vec<StreamEvent>) {
+        let stats = shards.finish().await;
+        (stats, self.rest().await)
+    }
+
+    /// Closes the hub (the shards have stopped); returns the events the
+    /// subscriber had not read.
+    async fn rest(self) -> Vec<StreamEvent> {
         let Self {
             hub,
-            shards,
             feed,
             mut events,
         } = self;
-        let stats = shards.finish().await;
         hub.close_all();
         drop(feed);
         let mut rest = Vec::new();
@@ -95,7 +109,7 @@ impl Stage {
         {
             rest.push(event);
         }
-        (stats, rest)
+        rest
     }
 }
 
@@ -136,11 +150,18 @@ fn feed(router: &mut SegmentRouter, flow: FlowKey, seq: u32, flags: TcpFlags, pa
     }
     let mut frame = Vec::new();
     builder.write(&mut frame, payload).expect("a test frame");
+    record(router, &frame);
+}
+
+/// Hands `frame` to `router` as a ring record of an IPv4 packet captured
+/// whole.
+fn record(router: &mut SegmentRouter, frame: &[u8]) {
+    let len = frame.len() as u32;
     let header = RecordHeader {
         ts_ns: 1,
         ifindex: 1,
-        wire_len: frame.len() as u32,
-        cap_len: frame.len() as u32,
+        wire_len: len,
+        cap_len: len,
         cpu: 0,
         flags: 0,
         l3_offset: 14,
@@ -148,7 +169,7 @@ fn feed(router: &mut SegmentRouter, flow: FlowKey, seq: u32, flags: TcpFlags, pa
     };
     router.record(&Record {
         header,
-        packet: &frame,
+        packet: frame,
     });
 }
 
@@ -156,6 +177,43 @@ fn feed(router: &mut SegmentRouter, flow: FlowKey, seq: u32, flags: TcpFlags, pa
 fn open_with(router: &mut SegmentRouter, flow: FlowKey, payload: &[u8]) {
     feed(router, flow, 0, TcpFlags::SYN, b"");
     feed(router, flow, 1, TcpFlags::ACK, payload);
+}
+
+impl Stage {
+    /// Opens a connection for each flow, its client port as its one byte
+    /// (`b'0' + port % 10`), and reads their `Opened` and `Data` events;
+    /// returns their ids by client address.
+    async fn open_all(
+        &mut self,
+        router: &mut SegmentRouter,
+        flows: &[FlowKey],
+    ) -> HashMap<SocketAddr, u64> {
+        let byte = |flow: &FlowKey| b'0' + (flow.src.port() % 10) as u8;
+        for flow in flows {
+            open_with(router, *flow, &[byte(flow)]);
+        }
+        router.flush().unwrap();
+        // Which shard announces its connection first is up to the
+        // scheduler.
+        let mut ids = HashMap::new();
+        let mut bytes = HashMap::new();
+        for _ in 0..2 * flows.len() {
+            match self.next().await {
+                StreamEvent::Opened { conn, src, .. } => {
+                    ids.insert(src, conn);
+                }
+                StreamEvent::Data { conn, bytes: got } => {
+                    bytes.insert(conn, got);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        for flow in flows {
+            let conn = ids[&flow.src];
+            assert_eq!(bytes[&conn][..], [byte(flow)], "connection {conn}");
+        }
+        ids
+    }
 }
 
 fn opened(conn: u64, flow: FlowKey) -> StreamEvent {
@@ -180,19 +238,24 @@ fn closed(conn: u64, reason: CloseReason) -> StreamEvent {
 
 #[tokio::test]
 async fn a_connection_comes_out_opened_then_its_bytes_in_order_then_closed_by_its_fin() {
-    let stage = start(2, 16);
-    let mut router = stage.shards.router();
+    let (stage, shards, mut router) = start(2, 16);
     let client = flow(40000);
     feed(&mut router, client, 1000, TcpFlags::SYN, b"");
     // The second piece first, as from another CPU's ring: the shard
     // delivers the bytes in stream order.
     feed(&mut router, client, 1007, TcpFlags::ACK, b"world");
     feed(&mut router, client, 1001, TcpFlags::ACK, b"hello ");
-    feed(&mut router, client, 1012, TcpFlags::FIN | TcpFlags::ACK, b"");
+    feed(
+        &mut router,
+        client,
+        1012,
+        TcpFlags::FIN | TcpFlags::ACK,
+        b"",
+    );
     router.flush().unwrap();
     drop(router);
-    let counters = stage.shards.counters();
-    let (stats, events) = stage.finish().await;
+    let counters = shards.counters();
+    let (stats, events) = stage.finish(shards).await;
     assert_eq!(
         events,
         [
@@ -202,8 +265,13 @@ async fn a_connection_comes_out_opened_then_its_bytes_in_order_then_closed_by_it
             closed(1, CloseReason::Fin),
         ]
     );
-    assert_eq!(counters.snapshot(), (4, 0, 0), "segments, drops, undecodable");
-    assert_eq!((stats.opened, stats.closed(CloseReason::Fin)), (1, 1));
+    assert_eq!(
+        counters.snapshot(),
+        (4, 0, 0),
+        "segments, drops, undecodable"
+    );
+    assert_eq!(stats.opened, 1);
+    assert_closes(&stats, &[(CloseReason::Fin, 1)]);
     assert_eq!(stats.delivered_bytes, 11);
 }
 
@@ -212,8 +280,7 @@ async fn a_connection_comes_out_opened_then_its_bytes_in_order_then_closed_by_it
 /// stream that looks whole but lacks bytes.
 #[tokio::test]
 async fn a_full_shard_queue_is_counted_and_its_connection_closes_as_gap() {
-    let mut stage = start(1, 1);
-    let mut router = stage.shards.router();
+    let (mut stage, shards, mut router) = start(1, 1);
     let (client, other) = (flow(40000), flow(40001));
     open_with(&mut router, client, b"abc");
     router.flush().unwrap();
@@ -226,10 +293,14 @@ async fn a_full_shard_queue_is_counted_and_its_connection_closes_as_gap() {
     feed(&mut router, client, 4, TcpFlags::ACK, b"def");
     feed(&mut router, client, 7, TcpFlags::FIN | TcpFlags::ACK, b"");
     router.flush().unwrap();
-    let counters = stage.shards.counters();
-    assert_eq!(counters.snapshot(), (4, 2, 0), "segments, drops, undecodable");
+    let counters = shards.counters();
+    assert_eq!(
+        counters.snapshot(),
+        (4, 2, 0),
+        "segments, drops, undecodable"
+    );
     drop(router);
-    let (stats, events) = stage.finish().await;
+    let (stats, events) = stage.finish(shards).await;
     let of = |conn| {
         events
             .iter()
@@ -247,75 +318,48 @@ async fn a_full_shard_queue_is_counted_and_its_connection_closes_as_gap() {
         ],
         "the other flow lost nothing"
     );
-    assert_eq!(stats.closed(CloseReason::Gap), 1);
-    assert_eq!(stats.closed(CloseReason::Fin), 0);
+    assert_closes(&stats, &[(CloseReason::Gap, 1), (CloseReason::Shutdown, 1)]);
 }
 
 /// Flows whose packets the kernel could not put in its ring are reported
 /// to their own shard: those connections close as `gap`, the others go on.
 #[tokio::test]
 async fn flows_reported_lost_close_as_gap_and_the_others_go_on() {
-    let mut stage = start(2, 16);
-    let mut router = stage.shards.router();
+    let (mut stage, shards, mut router) = start(2, 16);
     let (lost, kept) = (flow_on(0, 2), flow_on(1, 2));
-    open_with(&mut router, lost, b"l");
-    open_with(&mut router, kept, b"k");
-    router.flush().unwrap();
-    // Which shard announces its connection first is up to the scheduler.
-    let mut ids = HashMap::new();
-    for _ in 0..4 {
-        match stage.next().await {
-            StreamEvent::Opened { conn, src, .. } => {
-                ids.insert(src, conn);
-            }
-            StreamEvent::Data { conn, bytes } => {
-                let expected: &[u8] = if ids.get(&lost.src) == Some(&conn) {
-                    b"l"
-                } else {
-                    b"k"
-                };
-                assert_eq!(bytes, expected, "connection {conn}");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
+    let ids = stage.open_all(&mut router, &[lost, kept]).await;
     let (lost_id, kept_id) = (ids[&lost.src], ids[&kept.src]);
     let mut both = [lost_id, kept_id];
     both.sort_unstable();
     assert_eq!(both, [1, 2], "one numbering across the shards");
 
-    stage.shards.lost_reporter().report([lost]);
+    shards.lost_reporter().report([lost]);
     // The shard looks at its losses at its next round (a tick at most).
     assert_eq!(stage.next().await, closed(lost_id, CloseReason::Gap));
     feed(&mut router, kept, 2, TcpFlags::ACK, b"more");
     router.flush().unwrap();
     assert_eq!(stage.next().await, data(kept_id, b"more"));
     drop(router);
-    let (stats, rest) = stage.finish().await;
+    let (stats, rest) = stage.finish(shards).await;
     assert_eq!(rest, [closed(kept_id, CloseReason::Shutdown)]);
-    assert_eq!(stats.closed(CloseReason::Gap), 1);
-    assert_eq!(stats.closed(CloseReason::Shutdown), 1);
+    assert_closes(&stats, &[(CloseReason::Gap, 1), (CloseReason::Shutdown, 1)]);
 }
 
 /// A shard remembers a bounded number of lost flows; past that it cannot
 /// tell which connections lost bytes, and closes all of them as `gap`.
 #[tokio::test]
 async fn more_lost_flows_than_a_shard_remembers_close_all_its_connections_as_gap() {
-    let mut stage = start(1, 16);
-    let mut router = stage.shards.router();
-    let (a, b) = (flow(40000), flow(40001));
-    open_with(&mut router, a, b"a");
-    open_with(&mut router, b, b"b");
-    router.flush().unwrap();
-    for _ in 0..4 {
-        stage.next().await;
-    }
+    let (mut stage, shards, mut router) = start(1, 16);
+    let ids = stage
+        .open_all(&mut router, &[flow(40000), flow(40001)])
+        .await;
+    assert_eq!(ids.len(), 2);
     // None of them is a connection of the shard.
     let strangers = (0..=MAX_LOST_FLOWS as u32).map(|n| FlowKey {
         src: SocketAddr::from(([198, 19, (n >> 8) as u8, n as u8], 1 + (n >> 16) as u16)),
         dst: SocketAddr::from(([198, 18, 0, 2], PORT)),
     });
-    stage.shards.lost_reporter().report(strangers);
+    shards.lost_reporter().report(strangers);
     let mut ends = [stage.next().await, stage.next().await];
     ends.sort_by_key(StreamEvent::conn);
     assert_eq!(
@@ -323,9 +367,9 @@ async fn more_lost_flows_than_a_shard_remembers_close_all_its_connections_as_gap
         [closed(1, CloseReason::Gap), closed(2, CloseReason::Gap)]
     );
     drop(router);
-    let (stats, rest) = stage.finish().await;
+    let (stats, rest) = stage.finish(shards).await;
     assert_eq!(rest, []);
-    assert_eq!(stats.closed(CloseReason::Gap), 2);
+    assert_closes(&stats, &[(CloseReason::Gap, 2)]);
 }
 
 /// `finish` waits for the routers, so what the drain tasks hand over last
@@ -333,13 +377,7 @@ async fn more_lost_flows_than_a_shard_remembers_close_all_its_connections_as_gap
 /// one that never carried a byte ends unseen.
 #[tokio::test]
 async fn finish_takes_the_last_segments_then_closes_what_is_open_as_shutdown() {
-    let Stage {
-        hub,
-        shards,
-        feed: port_feed,
-        events,
-    } = start(2, 16);
-    let mut router = shards.router();
+    let (stage, shards, mut router) = start(2, 16);
     let (client, bare) = (flow(40000), flow(40001));
     open_with(&mut router, client, b"first ");
     feed(&mut router, bare, 0, TcpFlags::SYN, b"");
@@ -355,15 +393,8 @@ async fn finish_takes_the_last_segments_then_closes_what_is_open_as_shutdown() {
         .await
         .expect("the shards stop once the routers are gone")
         .expect("no shard panicked");
-    hub.close_all();
-    drop(port_feed);
-    let mut events = events;
-    let mut got = Vec::new();
-    while let Some(event) = events.next().await {
-        got.push(event);
-    }
     assert_eq!(
-        got,
+        stage.rest().await,
         [
             opened(1, client),
             data(1, b"first "),
@@ -371,35 +402,25 @@ async fn finish_takes_the_last_segments_then_closes_what_is_open_as_shutdown() {
             closed(1, CloseReason::Shutdown),
         ]
     );
-    assert_eq!(stats.closed(CloseReason::Shutdown), 1);
+    assert_closes(&stats, &[(CloseReason::Shutdown, 1)]);
     assert_eq!(stats.silent, 1, "the bare SYN");
     assert_eq!(counters.snapshot(), (4, 0, 0));
 }
 
 #[tokio::test]
 async fn a_record_that_is_not_a_tcp_segment_is_counted_and_goes_nowhere() {
-    let stage = start(2, 16);
-    let mut router = stage.shards.router();
-    let frame = [0u8; 60];
-    let header = RecordHeader {
-        ts_ns: 1,
-        ifindex: 1,
-        wire_len: 60,
-        cap_len: 60,
-        cpu: 0,
-        flags: 0,
-        l3_offset: 14,
-        l4_offset: 34,
-    };
-    router.record(&Record {
-        header,
-        packet: &frame,
-    });
+    let (stage, shards, mut router) = start(2, 16);
+    // An Ethernet frame of zeros: no IP header where the record says.
+    record(&mut router, &[0; 60]);
     router.flush().unwrap();
     drop(router);
-    let counters = stage.shards.counters();
-    let (stats, events) = stage.finish().await;
-    assert_eq!(counters.snapshot(), (0, 0, 1), "segments, drops, undecodable");
+    let counters = shards.counters();
+    let (stats, events) = stage.finish(shards).await;
+    assert_eq!(
+        counters.snapshot(),
+        (0, 0, 1),
+        "segments, drops, undecodable"
+    );
     assert_eq!(events, []);
     assert_eq!(stats, TableStats::default());
 }
