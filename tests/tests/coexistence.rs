@@ -26,7 +26,7 @@ use mirror_tests::{
     bed::TestBed,
     mirror_process::{MirrorProcess, assert_refused, mirror_bin},
     needs_root,
-    netns::{exits_within, in_namespace, in_ns, run_in, tcx_programs},
+    netns::{exits_within, in_namespace, in_ns, run_in, run_ok, tcx_programs},
     root_tests,
     traffic::{MIB, random_files, send_all, start_server},
 };
@@ -196,6 +196,19 @@ impl Host {
         );
     }
 
+    /// `tc filter WHERE protocol all bpf ...` with the ICMP-dropping
+    /// firewall program, on the server: `place` is the action and where
+    /// (`add dev srv0 egress prio 1`).
+    fn drop_icmp_filter(&self, place: &[&str]) {
+        let object = drop_object(self.bed.dir(), Drops::Icmp, "tc")
+            .display()
+            .to_string();
+        let mut args = vec!["filter"];
+        args.extend(place);
+        args.extend(["protocol", "all", "bpf", "da", "obj", &object, "sec", "tc"]);
+        run_in(&self.bed.server, "tc", &args);
+    }
+
     /// The mirror on port 5301, dumping, attached as `mode` says.
     fn start_mirror(&self, mode: Mode) -> MirrorProcess {
         let mut args = vec!["--iface", IFACE, "--port", "5301", "--dump-dir", &self.dump];
@@ -203,9 +216,10 @@ impl Host {
         MirrorProcess::start(&self.bed.server, &args)
     }
 
-    /// Stops `mirror`, which says `says` as it goes: the one clsact filter
-    /// left is the firewall's, which still drops ping.
+    /// Stops `mirror`, which says `says` as it goes: the firewall (`what`)
+    /// drops ping before and after, and its clsact filter is the one left.
     fn stop_leaving_the_firewall(&self, mirror: MirrorProcess, says: &str, what: &str) {
+        assert!(!self.ping_passes(), "{what}: it drops ping");
         let output = mirror.stop();
         assert!(output.stderr.contains(says), "{}", output.stderr);
         self.assert_only_drop_filter(what);
@@ -225,18 +239,8 @@ fn drop_object(dir: &Path, drops: Drops, section: &str) -> PathBuf {
     if let Drops::MirroredPort = drops {
         clang.arg(format!("-DDROP_TCP_PORT={PORT}"));
     }
-    let result = clang
-        .arg("-c")
-        .arg(DROP_SOURCE)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .expect("cannot run clang (cargo xtask setup installs it)");
-    assert!(
-        result.status.success(),
-        "clang {DROP_SOURCE}: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    // clang comes with `cargo xtask setup`.
+    run_ok(clang.arg("-c").arg(DROP_SOURCE).arg("-o").arg(&out));
     out
 }
 
@@ -528,7 +532,6 @@ fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
 
     let mirror = host.start_mirror(Mode::Clsact);
     assert_mirror_first(&host, Kind::Clsact, Mode::Clsact);
-    assert!(!host.ping_passes(), "the firewall still drops ping");
     host.stop_leaving_the_firewall(mirror, "left behind", "only the firewall remains");
 }
 
@@ -583,18 +586,9 @@ fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
         .and_then(|rest| rest.split(' ').next())
         .expect("a handle")
         .to_owned();
-    let object = drop_object(host.bed.dir(), Drops::Icmp, "tc")
-        .display()
-        .to_string();
-    run_in(
-        &host.bed.server,
-        "tc",
-        &[
-            "filter", "replace", "dev", IFACE, "ingress", "prio", "1", "handle", &handle,
-            "protocol", "all", "bpf", "da", "obj", &object, "sec", "tc",
-        ],
-    );
-    assert!(!host.ping_passes(), "the replacement drops ping");
+    host.drop_icmp_filter(&[
+        "replace", "dev", IFACE, "ingress", "prio", "1", "handle", &handle,
+    ]);
     host.stop_leaving_the_firewall(mirror, "was replaced", "the replacement stays");
 }
 
@@ -663,18 +657,8 @@ fn a_clsact_qdisc_the_mirror_added_stays_while_someone_uses_it() {
     let host = Host::new();
     let mirror = host.start_mirror(Mode::Clsact);
     assert!(host.ping_passes(), "nothing drops ping yet");
-    let object = drop_object(host.bed.dir(), Drops::Icmp, "tc")
-        .display()
-        .to_string();
     // Drops the echo replies.
-    run_in(
-        &host.bed.server,
-        "tc",
-        &[
-            "filter", "add", "dev", IFACE, "egress", "prio", "1", "protocol", "all", "bpf", "da",
-            "obj", &object, "sec", "tc",
-        ],
-    );
+    host.drop_icmp_filter(&["add", "dev", IFACE, "egress", "prio", "1"]);
     let _qdisc = ClsactFilter {
         ns: host.bed.server.clone(),
     };

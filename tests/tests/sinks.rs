@@ -256,19 +256,21 @@ fn follow_stream(file: &Path) -> Vec<u8> {
     bytes
 }
 
-#[test]
-fn pcapng_captures_read_back_whole_in_tshark() {
-    needs_root!();
+/// Sends `len` bytes on one connection with the mirror capturing to the
+/// file `name` (with `extra` arguments), and asserts that tcpdump reads
+/// every mirrored packet from it and tshark reassembles the transfer.
+/// Returns the mirror's output.
+fn assert_capture_reads_back(name: &str, len: usize, extra: &[&str]) -> MirrorOutput {
     let c = TestBed::new();
-    let file = c.path("out").join("capture.pcapng");
-    let file_arg = file.display().to_string();
-    let (sent, output) = transfer(&c, 4 * MIB, &["--pcap", &file_arg]);
+    let file = c.path("out").join(name);
+    let mut args = vec!["--pcap", file.to_str().unwrap()];
+    args.extend(extra);
+    let (sent, output) = transfer(&c, len, &args);
     assert_eq!(
         packets_read_by_tcpdump(&file),
         output.kernel("mirrored"),
         "every mirrored packet is in the file\n{output}"
     );
-    assert_eq!(output.counter("pcap.written"), output.kernel("mirrored"));
     let stream = follow_stream(&file);
     assert!(
         stream == sent,
@@ -276,17 +278,20 @@ fn pcapng_captures_read_back_whole_in_tshark() {
         stream.len(),
         sent.len()
     );
+    output
+}
+
+#[test]
+fn pcapng_captures_read_back_whole_in_tshark() {
+    needs_root!();
+    let output = assert_capture_reads_back("capture.pcapng", 4 * MIB, &[]);
+    assert_eq!(output.counter("pcap.written"), output.kernel("mirrored"));
 }
 
 #[test]
 fn classic_pcap_reads_back_too() {
     needs_root!();
-    let c = TestBed::new();
-    let file = c.path("out").join("capture.pcap");
-    let file_arg = file.display().to_string();
-    let (sent, output) = transfer(&c, MIB, &["--pcap", &file_arg, "--pcap-format", "pcap"]);
-    assert_eq!(packets_read_by_tcpdump(&file), output.kernel("mirrored"));
-    assert!(follow_stream(&file) == sent);
+    assert_capture_reads_back("capture.pcap", MIB, &["--pcap-format", "pcap"]);
 }
 
 #[test]
@@ -345,12 +350,8 @@ fn a_full_disk_stops_the_capture_and_nothing_else() {
     let c = TestBed::new();
     // The mirror creates the directory, for the user it runs as.
     let dump = c.new_path("dump");
-    let dump_arg = dump.display().to_string();
-    let (sent, output) = transfer(
-        &c,
-        4 * MIB,
-        &["--pcap", "/dev/full", "--dump-dir", &dump_arg],
-    );
+    let args = ["--pcap", "/dev/full", "--dump-dir", dump.to_str().unwrap()];
+    let (sent, output) = transfer(&c, 4 * MIB, &args);
     assert!(output.counter("pcap.failed") > 0, "{output}");
     assert!(
         output.stderr.contains("the capture to /dev/full stopped"),

@@ -77,6 +77,18 @@ fn mirrored_load(
     (transfer, s.mirror(PORT, extra, MirrorProcess::start_quiet))
 }
 
+/// [`mirrored_load`] on a 1 Gbit/s link, and a `mirror tail` that reads
+/// everything into the bed's dump directory `a`.
+fn with_a_reader(
+    s: &TestBed,
+    files: (u16, usize, usize, usize),
+    extra: &[&str],
+) -> (Transfer, MirrorProcess, (ClientProcess, PathBuf)) {
+    let (load, mirror) = mirrored_load(s, files, "1gbit", extra);
+    let reader = tail_into(s, &mirror, "a");
+    (load, mirror, reader)
+}
+
 /// `mirror tail` of port 5201 into a new dump directory `name` of the bed;
 /// returns the process and the directory.
 fn tail_into(s: &TestBed, mirror: &MirrorProcess, name: &str) -> (ClientProcess, PathBuf) {
@@ -147,14 +159,14 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
     needs_root!();
     let s = TestBed::new();
     let dump = s.new_path("dump");
-    let dump_arg = dump.display().to_string();
+    let args = [
+        "--allow-ports",
+        "5300-5310",
+        "--dump-dir",
+        dump.to_str().unwrap(),
+    ];
     // A transfer on the command-line port runs through all the changes.
-    let (long, mirror) = mirrored_load(
-        &s,
-        (43000, 1, 16 * MIB, 16 * MIB),
-        "200mbit",
-        &["--allow-ports", "5300-5310", "--dump-dir", &dump_arg],
-    );
+    let (long, mirror) = mirrored_load(&s, (43000, 1, 16 * MIB, 16 * MIB), "200mbit", &args);
     let other = s.transfer(5301, Vec::new());
     let endpoint = mirror.endpoint();
     let ports = |args: &[&str]| {
@@ -320,8 +332,7 @@ fn a_client_that_stops_reading_gets_lagged_closes_when_it_resumes() {
     let s = TestBed::new();
     // 8 MiB of channel: less than the 30 MiB sent while b sleeps.
     let files = (44000, 6, 4 * MIB, 6 * MIB);
-    let (load, mirror) = mirrored_load(&s, files, "1gbit", &["--channel-bytes", "8M"]);
-    let (a, a_dump) = tail_into(&s, &mirror, "a");
+    let (load, mirror, (a, a_dump)) = with_a_reader(&s, files, &["--channel-bytes", "8M"]);
     let (b, b_dump) = tail_into(&s, &mirror, "b");
     b.signal(libc::SIGSTOP);
     load.send_all();
@@ -359,8 +370,7 @@ fn a_client_asleep_past_its_budget_is_disconnected() {
     needs_root!();
     let s = TestBed::new();
     let files = (45000, 4, 4 * MIB, 4 * MIB);
-    let (load, mirror) = mirrored_load(&s, files, "1gbit", &["--client-timeout", "1s"]);
-    let (a, a_dump) = tail_into(&s, &mirror, "a");
+    let (load, mirror, (a, a_dump)) = with_a_reader(&s, files, &["--client-timeout", "1s"]);
     let sleeper = ClientProcess::tail(
         None,
         &mirror.endpoint(),
