@@ -43,6 +43,24 @@ pub fn run_mirror(ns: Option<&str>, args: &[&str]) -> Output {
         .expect("cannot run mirror")
 }
 
+/// Asserts that a command failed and said `expected` on stderr.
+#[track_caller]
+pub fn assert_refused(out: &Output, expected: &str) {
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail: {text}");
+    assert!(text.contains(expected), "expected {expected:?} in: {text}");
+}
+
+/// Asserts that a command succeeded; its stderr goes into the message.
+#[track_caller]
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn command(ns: Option<&str>) -> Command {
     match ns {
         Some(ns) => {
@@ -212,6 +230,19 @@ impl MirrorProcess {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits (20 s at most) until exactly `count` connections have closed
+    /// with their FIN: a server holding the bytes does not mean that the
+    /// mirror has passed the FINs on yet.
+    #[track_caller]
+    pub fn wait_for_fin_closes(&self, count: u64) {
+        assert!(
+            self.wait_for_counters(Duration::from_secs(20), |c| {
+                c.get("connections.closed.fin").copied() == Some(count)
+            }),
+            "{count} connections end with FIN"
+        );
     }
 
     fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {

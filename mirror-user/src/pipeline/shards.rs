@@ -550,3 +550,7 @@ mod tests {
         shards.finish().await;
     }
 }
+
+#[cfg(test)]
+#[path = "shards_tests.rs"]
+mod stage_tests;
