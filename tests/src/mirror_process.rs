@@ -151,7 +151,7 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
 
 /// The counters line, flattened as `mirror stats` shows it.
 fn json_counters(line: &Value) -> BTreeMap<String, u64> {
-    mirror_user::telemetry::counters::flatten(line)
+    mirror_user::telemetry::registry::Document::from_json(line).flatten()
 }
 
 /// How the test reads what the mirror prints.
@@ -531,7 +531,7 @@ pub fn thread_status(pid: u32, field: &str) -> Vec<(String, String)> {
 pub fn running_counters(endpoint: &str) -> BTreeMap<String, u64> {
     let out = run_mirror(None, &["stats", "--connect", endpoint, "--json"]);
     serde_json::from_slice::<Value>(&out.stdout)
-        .map(|json| mirror_user::telemetry::counters::flatten(&json))
+        .map(|json| mirror_user::telemetry::registry::Document::from_json(&json).flatten())
         .unwrap_or_default()
 }
 

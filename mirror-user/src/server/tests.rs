@@ -35,7 +35,7 @@ use crate::{
     server::protocol::{
         MAX_CLIENT_NAME, MAX_TOKEN, NONCE_LEN, Proof, client_proof, server_proof_holds,
     },
-    telemetry::counters::{StreamSummary, Summary},
+    telemetry::registry::{Document, Registry},
 };
 
 const TOKEN: &str = "s3cret-token";
@@ -54,7 +54,7 @@ impl PortMap for NoMap {
 struct Harness {
     endpoint: Endpoint,
     unix: Option<(Endpoint, tempfile::TempDir)>,
-    stats: Arc<ServerStats>,
+    stats: Arc<ServerCounters>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
 }
@@ -84,28 +84,18 @@ impl Harness {
                 batch_bytes: 1 << 16,
             },
         ));
-        let stats = Arc::new(ServerStats::default());
+        let stats = Arc::new(ServerCounters::default());
         let (control_tx, mut control_rx) = mpsc::channel(64);
         let registry = PortRegistry::new(&[80], AllowList::parse("9000").unwrap(), 4);
         let mut control = Control::new(registry, Arc::clone(&hub));
-        let (counters_hub, counters_server) = (Arc::clone(&hub), Arc::clone(&stats));
+        let mut counters = Registry::new();
+        counters.register_sections(Arc::clone(&hub));
+        counters.register("server", Arc::clone(&stats));
         tokio::spawn(async move {
             while let Some(request) = control_rx.recv().await {
                 match request {
                     Request::Stats { reply } => {
-                        let (consumers, past_sessions) = counters_hub.consumer_totals();
-                        let mut json = Summary {
-                            kernel: Default::default(),
-                            drain: Default::default(),
-                            streams: StreamSummary {
-                                consumers,
-                                past_sessions,
-                                ..StreamSummary::default()
-                            },
-                        }
-                        .to_json();
-                        json["server"] = counters_server.to_json();
-                        let _ = reply.send(json.to_string());
+                        let _ = reply.send(counters.document().to_json().to_string());
                     }
                     Request::Ports(request) => control.handle(request, &mut NoMap),
                 }
@@ -151,19 +141,20 @@ impl Harness {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.stats
-            .fields()
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .unwrap()
+        serde_json::to_value(self.stats.snapshot()).unwrap()[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no server counter {name}"))
     }
 
     /// Waits (at most 10 s) until `done` holds.
     async fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done(self) {
-            assert!(Instant::now() < deadline, "{what}: {}", self.stats);
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}",
+                self.stats.snapshot()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -286,11 +277,11 @@ fn the_documented_limits_are_the_code() {
         ),
         format!(
             "at most {} ports",
-            crate::telemetry::counters::MAX_LISTED_PORTS
+            crate::fanout::counters::MAX_LISTED_PORTS
         ),
         format!(
             "and {} consumers",
-            crate::telemetry::counters::MAX_LISTED_CONSUMERS
+            crate::fanout::counters::MAX_LISTED_CONSUMERS
         ),
         format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
         format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
@@ -351,7 +342,12 @@ async fn silent_connections_take_no_client_slot_and_are_closed() {
     assert!(started.elapsed() >= HELLO_TIMEOUT / 2);
     // The holder's connection pushed the oldest out; the refused one
     // took the place the holder left.
-    assert_eq!(timed_out, MAX_AWAITING_HELLO - 1, "{}", server.stats);
+    assert_eq!(
+        timed_out,
+        MAX_AWAITING_HELLO - 1,
+        "{:?}",
+        server.stats.snapshot()
+    );
     assert_eq!(evicted + timed_out, 40);
     server
         .wait_until("counted", |s| s.counter("awaiting_hello") == 0)
@@ -672,7 +668,8 @@ async fn ended_sessions_leave_only_their_totals() {
     }
     let mut client = server.client("observer").await.unwrap();
     let past = |json: &serde_json::Value| {
-        crate::telemetry::counters::flatten(json)
+        Document::from_json(json)
+            .flatten()
             .get("consumers.past_sessions.sessions")
             .copied()
     };
@@ -721,7 +718,7 @@ async fn client_names_are_cut_and_escaped() {
     let kept = crate::server::protocol::client_name(&forged);
     assert_eq!(kept.len(), MAX_CLIENT_NAME - 1);
     assert!(name.ends_with(&"é".repeat(18)) && !name.ends_with(&"é".repeat(19)));
-    for key in crate::telemetry::counters::flatten(&json).keys() {
+    for key in Document::from_json(&json).flatten().keys() {
         assert!(key.chars().all(|c| !c.is_control()), "{key:?}");
     }
     drop(stream);
