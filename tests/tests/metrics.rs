@@ -94,6 +94,9 @@ fn prometheus_scrapes_what_the_mirror_counted() {
         "{}",
         answer.body
     );
+    // promtool reads the Prometheus text format (0.0.4) only: OpenMetrics
+    // counters (family `x`, samples `x_total`) read there as untyped
+    // `x_total` without HELP (prometheus/prometheus#8932).
     if let Err(complaint) = promtool_check_metrics(&answer.body) {
         panic!("{complaint}\nthe text of /metrics:\n{}", answer.body);
     }
