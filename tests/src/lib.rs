@@ -7,6 +7,7 @@
 pub mod bed;
 pub mod mirror_process;
 pub mod netns;
+pub mod prometheus;
 pub mod streams;
 pub mod traffic;
 pub mod web;
