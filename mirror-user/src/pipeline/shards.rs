@@ -406,10 +406,7 @@ mod tests {
     use super::*;
     use crate::{
         fanout::hub::HubConfig,
-        flow::{
-            conntrack::TableLimits, model::StreamEvent, reassembly::ReorderLimits,
-            segment::TcpFlags,
-        },
+        flow::{model::StreamEvent, segment::TcpFlags},
     };
 
     #[test]
@@ -431,15 +428,7 @@ mod tests {
                 shards: 1,
                 // Far more batches than the bytes allow.
                 queue_batches: 1000,
-                table: TableLimits {
-                    max_connections: 16,
-                    max_buffered_bytes: 1 << 20,
-                    idle_timeout_ns: u64::MAX,
-                    reorder: ReorderLimits {
-                        max_bytes: 1 << 20,
-                        max_wait_ns: u64::MAX,
-                    },
-                },
+                table: super::stage_tests::limits(16),
             };
             let shards = Shards::start(config, &Arc::new(hub));
             let mut router = shards.router();
@@ -497,15 +486,7 @@ mod tests {
         let config = ShardConfig {
             shards: 4,
             queue_batches: 16,
-            table: TableLimits {
-                max_connections: 64,
-                max_buffered_bytes: 1 << 20,
-                idle_timeout_ns: u64::MAX,
-                reorder: ReorderLimits {
-                    max_bytes: 1 << 20,
-                    max_wait_ns: u64::MAX,
-                },
-            },
+            table: super::stage_tests::limits(64),
         };
         let shards = Shards::start(config, &hub);
         let mut router = shards.router();

@@ -48,19 +48,36 @@ fn start(shards: usize, queue_batches: usize) -> (Stage, Shards, SegmentRouter) 
     let config = ShardConfig {
         shards,
         queue_batches,
-        table: TableLimits {
-            max_connections: 64,
-            max_buffered_bytes: 1 << 20,
-            idle_timeout_ns: u64::MAX,
-            reorder: ReorderLimits {
-                max_bytes: 1 << 20,
-                max_wait_ns: u64::MAX,
-            },
-        },
+        table: limits(64),
     };
     let shards = Shards::start(config, &hub);
     let router = shards.router();
     (Stage { hub, feed, events }, shards, router)
+}
+
+/// Table limits that never close a test's connections on their own: no
+/// idle timeout, no reorder deadline.
+pub(super) fn limits(max_connections: usize) -> TableLimits {
+    TableLimits {
+        max_connections,
+        max_buffered_bytes: 1 << 20,
+        idle_timeout_ns: u64::MAX,
+        reorder: ReorderLimits {
+            max_bytes: 1 << 20,
+            max_wait_ns: u64::MAX,
+        },
+    }
+}
+
+/// The shard stage's (segments, queue drops, undecodable records).
+fn counts(counters: &ShardCounters) -> (u64, u64, u64) {
+    let ShardSnapshot {
+        segments,
+        queue_drops,
+        undecodable,
+        ..
+    } = counters.snapshot();
+    (segments, queue_drops, undecodable)
 }
 
 /// Asserts how many connections the tables closed for each reason, none
@@ -265,15 +282,7 @@ async fn a_connection_comes_out_opened_then_its_bytes_in_order_then_closed_by_it
             closed(1, CloseReason::Fin),
         ]
     );
-    assert_eq!(
-        (
-            counters.snapshot().segments,
-            counters.snapshot().queue_drops,
-            counters.snapshot().undecodable
-        ),
-        (4, 0, 0),
-        "segments, drops, undecodable"
-    );
+    assert_eq!(counts(&counters), (4, 0, 0));
     assert_eq!(stats.opened, 1);
     assert_closes(&stats, &[(CloseReason::Fin, 1)]);
     assert_eq!(stats.delivered_bytes, 11);
@@ -298,15 +307,7 @@ async fn a_full_shard_queue_is_counted_and_its_connection_closes_as_gap() {
     feed(&mut router, client, 7, TcpFlags::FIN | TcpFlags::ACK, b"");
     router.flush().unwrap();
     let counters = shards.counters();
-    assert_eq!(
-        (
-            counters.snapshot().segments,
-            counters.snapshot().queue_drops,
-            counters.snapshot().undecodable
-        ),
-        (4, 2, 0),
-        "segments, drops, undecodable"
-    );
+    assert_eq!(counts(&counters), (4, 2, 0));
     drop(router);
     let (stats, events) = stage.finish(shards).await;
     let of = |conn| {
@@ -430,15 +431,7 @@ async fn a_record_that_is_not_a_tcp_segment_is_counted_and_goes_nowhere() {
     drop(router);
     let counters = shards.counters();
     let (stats, events) = stage.finish(shards).await;
-    assert_eq!(
-        (
-            counters.snapshot().segments,
-            counters.snapshot().queue_drops,
-            counters.snapshot().undecodable
-        ),
-        (0, 0, 1),
-        "segments, drops, undecodable"
-    );
+    assert_eq!(counts(&counters), (0, 0, 1));
     assert_eq!(events, []);
     assert_eq!(stats, TableCounters::default());
 }

@@ -155,16 +155,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::telemetry::registry::Stage;
-
-    struct Fixed;
-
-    impl Stage for Fixed {
-        type Snapshot = serde_json::Value;
-        fn snapshot(&self) -> serde_json::Value {
-            serde_json::json!({"opened": 4, "closed": {"fin": 4}})
-        }
-    }
+    use crate::telemetry::registry::Fixed;
 
     async fn request(addr: SocketAddr, head: &[u8]) -> String {
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -177,7 +168,12 @@ mod tests {
     #[tokio::test]
     async fn serves_metrics_and_health_and_refuses_the_rest() {
         let mut registry = Registry::new();
-        registry.register("connections", Arc::new(Fixed));
+        registry.register(
+            "connections",
+            Arc::new(Fixed(
+                serde_json::json!({"opened": 4, "closed": {"fin": 4}}),
+            )),
+        );
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -257,16 +257,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::telemetry::registry::{Registry, Stage};
-
-    struct Fixed(Value);
-
-    impl Stage for Fixed {
-        type Snapshot = Value;
-        fn snapshot(&self) -> Value {
-            self.0.clone()
-        }
-    }
+    use crate::telemetry::registry::{Fixed, Registry};
 
     #[test]
     fn families_have_conventional_names_and_labels() {

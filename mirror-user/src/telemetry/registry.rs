@@ -223,18 +223,21 @@ impl fmt::Display for Document {
     }
 }
 
+/// A stage whose snapshot is given, for the exports' tests.
+#[cfg(test)]
+pub(crate) struct Fixed(pub Value);
+
+#[cfg(test)]
+impl Stage for Fixed {
+    type Snapshot = Value;
+    fn snapshot(&self) -> Value {
+        self.0.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Fixed(Value);
-
-    impl Stage for Fixed {
-        type Snapshot = Value;
-        fn snapshot(&self) -> Value {
-            self.0.clone()
-        }
-    }
 
     fn registry() -> Registry {
         let mut registry = Registry::new();
