@@ -205,7 +205,7 @@ async fn pipeline(records: &[Vec<u8>], consumers: usize) -> Sample {
     }
     let _ = router.flush();
     drop(router);
-    let drops = shards.counters().snapshot().1;
+    let drops = shards.counters().snapshot().queue_drops;
     assert_eq!(drops, 0, "the bench queue is deep enough");
     shards.finish().await;
     drop(hub);

@@ -13,8 +13,11 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::{
-    netns::TestNet,
-    traffic::{SentFile, dumped},
+    mirror_process::MirrorProcess,
+    netns::{KillOnDrop, TestNet, attached_programs, shows_attachment},
+    traffic::{
+        SentFile, dumped, finish_sending, random_files, send_all, start_sending, start_server,
+    },
 };
 
 /// Prefix of every scratch directory of the tests (in the system's
@@ -109,6 +112,64 @@ impl TestBed {
         self.dir.path().join(name)
     }
 
+    /// `count` files of random bytes to send from client ports
+    /// `first_port`, `first_port + 1`, ..., sizes spread from `min` to
+    /// `max` ([`random_files`]).
+    pub fn random_files(
+        &self,
+        first_port: u16,
+        count: usize,
+        min: usize,
+        max: usize,
+    ) -> Vec<SentFile> {
+        random_files(&self.path("send"), first_port, count, min, max)
+    }
+
+    /// A socat server on `port` of the server, which `files` are to be sent
+    /// to from the client, each on a connection of its own.
+    pub fn transfer(&self, port: u16, files: Vec<SentFile>) -> Transfer {
+        let received = self.path(&format!("received-{port}"));
+        let server = start_server(&self.server, port, &received);
+        Transfer {
+            files,
+            received,
+            client: self.client.clone(),
+            server_ip: self.server_ip,
+            port,
+            _server: server,
+        }
+    }
+
+    /// Starts `mirror run --iface IFACE --port PORT EXTRA` on the server
+    /// with `start` ([`MirrorProcess::start`], [`MirrorProcess::start_quiet`],
+    /// or a closure around [`MirrorProcess::start_with`]).
+    pub fn mirror(
+        &self,
+        port: u16,
+        extra: &[&str],
+        start: impl FnOnce(&str, &[&str]) -> MirrorProcess,
+    ) -> MirrorProcess {
+        let port = port.to_string();
+        let mut args = vec!["--iface", self.iface, "--port", &port];
+        args.extend(extra);
+        start(&self.server, &args)
+    }
+
+    /// Asserts that no program is attached to the server's interface
+    /// (`when`: after what).
+    pub fn assert_nothing_attached(&self, when: &str) {
+        let report = attached_programs(&self.server, self.iface);
+        assert!(!shows_attachment(&report), "attached {when}:\n{report}");
+    }
+
+    /// A path in the scratch directory for a subscriber socket, and the
+    /// `unix:PATH` address that names it.
+    pub fn socket(&self) -> (PathBuf, String) {
+        let path = self.path("sock").join("m.sock");
+        let endpoint = format!("unix:{}", path.display());
+        (path, endpoint)
+    }
+
     /// The parts `dump` holds of the connection that sent `file` to `port`
     /// on the server (see [`dumped`]).
     pub fn dumped(&self, dump: &Path, file: &SentFile, port: u16) -> Vec<(Vec<u8>, Value)> {
@@ -156,6 +217,74 @@ impl TestBed {
                 meta
             })
             .collect()
+    }
+
+    /// Asserts that every part `dump` holds of the connections that sent
+    /// `files` to `port` is a prefix of what was sent (a consumer that lost
+    /// them got whole streams up to its loss, nothing wrong after). Returns
+    /// the parts' sidecars; `context` goes into the messages.
+    pub fn assert_dumped_prefixes(
+        &self,
+        dump: &Path,
+        files: &[SentFile],
+        port: u16,
+        context: &str,
+    ) -> Vec<Value> {
+        let mut metas = Vec::new();
+        for file in files {
+            let sent = file.bytes();
+            for (stream, meta) in self.dumped(dump, file, port) {
+                assert!(sent.starts_with(&stream), "{context}: a prefix ({meta})");
+                metas.push(meta);
+            }
+        }
+        metas
+    }
+}
+
+/// Files sent from a bed's client to a socat server on its server
+/// ([`TestBed::transfer`]); the server stops when this is dropped.
+pub struct Transfer {
+    pub files: Vec<SentFile>,
+    /// Where the server keeps each connection's bytes, by client port.
+    pub received: PathBuf,
+    client: String,
+    server_ip: &'static str,
+    port: u16,
+    _server: KillOnDrop,
+}
+
+impl Transfer {
+    /// Sends every file at once and waits until the server holds them all.
+    pub fn send_all(&self) {
+        self.send(&self.files);
+    }
+
+    /// Sends `files` (its own or others) to the same server, all at once,
+    /// and waits until it holds them.
+    pub fn send(&self, files: &[SentFile]) {
+        send_all(
+            &self.client,
+            self.server_ip,
+            self.port,
+            files,
+            &self.received,
+        );
+    }
+
+    /// Starts sending every file at once; see [`Self::finish_sending`].
+    pub fn start_sending(&self) -> Vec<KillOnDrop> {
+        start_sending(&self.client, self.server_ip, self.port, &self.files)
+    }
+
+    /// Waits for `senders`, then until the server holds every file.
+    pub fn finish_sending(&self, senders: Vec<KillOnDrop>) {
+        finish_sending(senders, &self.files, &self.received);
+    }
+
+    /// Bytes of all the files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|file| file.len as u64).sum()
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod bed;
 pub mod mirror_process;
 pub mod netns;
+pub mod prometheus;
 pub mod streams;
 pub mod traffic;
 pub mod web;
@@ -26,6 +27,31 @@ macro_rules! needs_root {
         if !$crate::privileged() {
             return;
         }
+    };
+}
+
+/// Tests that differ only in what they pass to one function: each starts
+/// with [`needs_root!`] and runs its expression, and keeps a name of its
+/// own (to run it alone, and to see which one failed).
+///
+/// ```ignore
+/// root_tests! {
+///     /// What this case shows.
+///     veth_tc => mirror_transfer(&TestBed::new(), "tc");
+///     loopback_tc => mirror_transfer(&TestBed::loopback(), "tc");
+/// }
+/// ```
+#[macro_export]
+macro_rules! root_tests {
+    ($($(#[$meta:meta])* $name:ident => $body:expr;)+) => {
+        $(
+            $(#[$meta])*
+            #[test]
+            fn $name() {
+                $crate::needs_root!();
+                $body;
+            }
+        )+
     };
 }
 

@@ -43,6 +43,24 @@ pub fn run_mirror(ns: Option<&str>, args: &[&str]) -> Output {
         .expect("cannot run mirror")
 }
 
+/// Asserts that a command failed and said `expected` on stderr.
+#[track_caller]
+pub fn assert_refused(out: &Output, expected: &str) {
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail: {text}");
+    assert!(text.contains(expected), "expected {expected:?} in: {text}");
+}
+
+/// Asserts that a command succeeded; its stderr goes into the message.
+#[track_caller]
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn command(ns: Option<&str>) -> Command {
     match ns {
         Some(ns) => {
@@ -151,7 +169,7 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
 
 /// The counters line, flattened as `mirror stats` shows it.
 fn json_counters(line: &Value) -> BTreeMap<String, u64> {
-    mirror_user::telemetry::counters::flatten(line)
+    mirror_user::telemetry::registry::Document::from_json(line).flatten()
 }
 
 /// How the test reads what the mirror prints.
@@ -212,6 +230,19 @@ impl MirrorProcess {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits (20 s at most) until exactly `count` connections have closed
+    /// with their FIN: a server holding the bytes does not mean that the
+    /// mirror has passed the FINs on yet.
+    #[track_caller]
+    pub fn wait_for_fin_closes(&self, count: u64) {
+        assert!(
+            self.wait_for_counters(Duration::from_secs(20), |c| {
+                c.get("connections.closed.fin").copied() == Some(count)
+            }),
+            "{count} connections end with FIN"
+        );
     }
 
     fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {
@@ -531,7 +562,7 @@ pub fn thread_status(pid: u32, field: &str) -> Vec<(String, String)> {
 pub fn running_counters(endpoint: &str) -> BTreeMap<String, u64> {
     let out = run_mirror(None, &["stats", "--connect", endpoint, "--json"]);
     serde_json::from_slice::<Value>(&out.stdout)
-        .map(|json| mirror_user::telemetry::counters::flatten(&json))
+        .map(|json| mirror_user::telemetry::registry::Document::from_json(&json).flatten())
         .unwrap_or_default()
 }
 

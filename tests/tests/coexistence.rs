@@ -24,12 +24,10 @@ use aya::{
 };
 use mirror_tests::{
     bed::TestBed,
-    mirror_process::{MirrorProcess, mirror_bin},
+    mirror_process::{MirrorProcess, assert_refused, mirror_bin},
     needs_root,
-    netns::{
-        attached_programs, exits_within, in_namespace, in_ns, run_in, shows_attachment,
-        tcx_programs,
-    },
+    netns::{exits_within, in_namespace, in_ns, run_in, run_ok, tcx_programs},
+    root_tests,
     traffic::{MIB, random_files, send_all, start_server},
 };
 
@@ -83,13 +81,15 @@ impl Mode {
 /// The bed, and what the tests here do on its server.
 struct Host {
     bed: TestBed,
+    /// The mirror's dump directory (the mirror creates it).
+    dump: String,
 }
 
 impl Host {
     fn new() -> Self {
-        Self {
-            bed: TestBed::new(),
-        }
+        let bed = TestBed::new();
+        let dump = bed.new_path("dump").display().to_string();
+        Self { bed, dump }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -196,10 +196,34 @@ impl Host {
         );
     }
 
-    fn mirror_args<'a>(&self, mode: Mode, dump: &'a str) -> Vec<&'a str> {
-        let mut args = vec!["--iface", IFACE, "--port", "5301", "--dump-dir", dump];
+    /// `tc filter WHERE protocol all bpf ...` with the ICMP-dropping
+    /// firewall program, on the server: `place` is the action and where
+    /// (`add dev srv0 egress prio 1`).
+    fn drop_icmp_filter(&self, place: &[&str]) {
+        let object = drop_object(self.bed.dir(), Drops::Icmp, "tc")
+            .display()
+            .to_string();
+        let mut args = vec!["filter"];
+        args.extend(place);
+        args.extend(["protocol", "all", "bpf", "da", "obj", &object, "sec", "tc"]);
+        run_in(&self.bed.server, "tc", &args);
+    }
+
+    /// The mirror on port 5301, dumping, attached as `mode` says.
+    fn start_mirror(&self, mode: Mode) -> MirrorProcess {
+        let mut args = vec!["--iface", IFACE, "--port", "5301", "--dump-dir", &self.dump];
         args.extend(mode.args());
-        args
+        MirrorProcess::start(&self.bed.server, &args)
+    }
+
+    /// Stops `mirror`, which says `says` as it goes: the firewall (`what`)
+    /// drops ping before and after, and its clsact filter is the one left.
+    fn stop_leaving_the_firewall(&self, mirror: MirrorProcess, says: &str, what: &str) {
+        assert!(!self.ping_passes(), "{what}: it drops ping");
+        let output = mirror.stop();
+        assert!(output.stderr.contains(says), "{}", output.stderr);
+        self.assert_only_drop_filter(what);
+        assert!(!self.ping_passes(), "{what}: it still drops ping");
     }
 }
 
@@ -215,18 +239,8 @@ fn drop_object(dir: &Path, drops: Drops, section: &str) -> PathBuf {
     if let Drops::MirroredPort = drops {
         clang.arg(format!("-DDROP_TCP_PORT={PORT}"));
     }
-    let result = clang
-        .arg("-c")
-        .arg(DROP_SOURCE)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .expect("cannot run clang (cargo xtask setup installs it)");
-    assert!(
-        result.status.success(),
-        "clang {DROP_SOURCE}: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    // clang comes with `cargo xtask setup`.
+    run_ok(clang.arg("-c").arg(DROP_SOURCE).arg("-o").arg(&out));
     out
 }
 
@@ -344,8 +358,7 @@ fn firewall_keeps_working(kind: Kind, when: When, mode: Mode) {
         assert!(!host.ping_passes(), "the firewall drops ping");
     }
 
-    let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(mode, &dump));
+    let mirror = host.start_mirror(mode);
     if when == When::After {
         assert!(host.ping_passes(), "nothing drops ping yet");
         firewall = Some(host.firewall(kind, Drops::Icmp));
@@ -368,11 +381,10 @@ fn firewall_keeps_working(kind: Kind, when: When, mode: Mode) {
     drop(server);
 
     host.bed
-        .assert_dumped_whole(Path::new(&dump), &files, PORT, &output);
+        .assert_dumped_whole(Path::new(&host.dump), &files, PORT, &output);
     assert_eq!(output.kernel("ring_full"), 0, "{:?}", output.counters);
 
-    let report = attached_programs(&host.bed.server, IFACE);
-    assert!(!shows_attachment(&report), "detached:\n{report}");
+    host.bed.assert_nothing_attached("after the mirror stopped");
     assert!(
         !host.ping_passes(),
         "the firewall drops ping after the mirror"
@@ -384,34 +396,17 @@ fn firewall_keeps_working(kind: Kind, when: When, mode: Mode) {
     );
 }
 
-#[test]
-fn clsact_firewall_and_tcx_mirror() {
-    needs_root!();
-    firewall_keeps_working(Kind::Clsact, When::Before, Mode::Tcx);
-}
-
-#[test]
-fn clsact_firewall_added_behind_a_tcx_mirror() {
-    needs_root!();
-    firewall_keeps_working(Kind::Clsact, When::After, Mode::Tcx);
-}
-
-#[test]
-fn clsact_firewall_and_clsact_mirror() {
-    needs_root!();
-    firewall_keeps_working(Kind::Clsact, When::Before, Mode::Clsact);
-}
-
-#[test]
-fn tcx_firewall_attached_before_a_tcx_mirror() {
-    needs_root!();
-    firewall_keeps_working(Kind::Tcx, When::Before, Mode::Tcx);
-}
-
-#[test]
-fn tcx_firewall_attached_after_a_tcx_mirror() {
-    needs_root!();
-    firewall_keeps_working(Kind::Tcx, When::After, Mode::Tcx);
+root_tests! {
+    clsact_firewall_and_tcx_mirror =>
+        firewall_keeps_working(Kind::Clsact, When::Before, Mode::Tcx);
+    clsact_firewall_added_behind_a_tcx_mirror =>
+        firewall_keeps_working(Kind::Clsact, When::After, Mode::Tcx);
+    clsact_firewall_and_clsact_mirror =>
+        firewall_keeps_working(Kind::Clsact, When::Before, Mode::Clsact);
+    tcx_firewall_attached_before_a_tcx_mirror =>
+        firewall_keeps_working(Kind::Tcx, When::Before, Mode::Tcx);
+    tcx_firewall_attached_after_a_tcx_mirror =>
+        firewall_keeps_working(Kind::Tcx, When::After, Mode::Tcx);
 }
 
 /// A firewall that drops the mirrored port itself: the connection fails
@@ -422,8 +417,7 @@ fn mirror_sees_what_the_firewall_drops(kind: Kind, mode: Mode) {
     let _firewall = host.firewall(kind, Drops::MirroredPort);
     let received = host.path("received");
     let _server = start_server(&host.bed.server, PORT, &received);
-    let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(mode, &dump));
+    let mirror = host.start_mirror(mode);
     assert_mirror_first(&host, kind, mode);
 
     let connect = in_ns(&host.bed.client, "socat")
@@ -456,28 +450,19 @@ fn mirror_sees_what_the_firewall_drops(kind: Kind, mode: Mode) {
     assert_eq!(output.kernel("mirrored"), syns as u64);
 }
 
-#[test]
-fn tcx_mirror_sees_what_a_clsact_firewall_drops() {
-    needs_root!();
-    mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Tcx);
-}
-
-#[test]
-fn clsact_mirror_sees_what_a_clsact_firewall_drops() {
-    needs_root!();
-    mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Clsact);
-}
-
-#[test]
-fn tcx_mirror_sees_what_a_tcx_firewall_drops() {
-    needs_root!();
-    mirror_sees_what_the_firewall_drops(Kind::Tcx, Mode::Tcx);
+root_tests! {
+    tcx_mirror_sees_what_a_clsact_firewall_drops =>
+        mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Tcx);
+    clsact_mirror_sees_what_a_clsact_firewall_drops =>
+        mirror_sees_what_the_firewall_drops(Kind::Clsact, Mode::Clsact);
+    tcx_mirror_sees_what_a_tcx_firewall_drops =>
+        mirror_sees_what_the_firewall_drops(Kind::Tcx, Mode::Tcx);
 }
 
 /// Where the clsact mirror cannot run first it does not attach at all, and
 /// says what to do; the firewall goes on dropping.
 fn clsact_mirror_refuses(host: &Host, expected: &str) {
-    let socket = format!("unix:{}", host.path("mirror.sock").display());
+    let (_, socket) = host.bed.socket();
     // A mirror that attaches instead runs until stopped.
     let output = exits_within(
         in_ns(&host.bed.server, &mirror_bin().display().to_string()).args([
@@ -493,11 +478,8 @@ fn clsact_mirror_refuses(host: &Host, expected: &str) {
         Duration::from_secs(20),
         "the mirror attached instead of refusing",
     );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains(expected), "{stderr}");
-    let report = attached_programs(&host.bed.server, IFACE);
-    assert!(!shows_attachment(&report), "nothing attached:\n{report}");
+    assert_refused(&output, expected);
+    host.bed.assert_nothing_attached("by a mirror that refused");
     assert!(!host.ping_passes(), "the firewall still drops ping");
 }
 
@@ -544,19 +526,13 @@ fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
     needs_root!();
     let host = Host::new();
     let _firewall = host.firewall(Kind::Clsact, Drops::Icmp);
-    let dump = host.path("dump").display().to_string();
-    let args = host.mirror_args(Mode::Clsact, &dump);
-    MirrorProcess::start(&host.bed.server, &args).kill_with_helper();
+    host.start_mirror(Mode::Clsact).kill_with_helper();
     let left = host.clsact_filters();
     assert_eq!(left.len(), 2, "the killed mirror's filter stays: {left:#?}");
 
-    let mirror = MirrorProcess::start(&host.bed.server, &args);
+    let mirror = host.start_mirror(Mode::Clsact);
     assert_mirror_first(&host, Kind::Clsact, Mode::Clsact);
-    assert!(!host.ping_passes(), "the firewall still drops ping");
-    let output = mirror.stop();
-    assert!(output.stderr.contains("left behind"), "{}", output.stderr);
-    host.assert_only_drop_filter("only the firewall remains");
-    assert!(!host.ping_passes(), "the firewall still drops ping");
+    host.stop_leaving_the_firewall(mirror, "left behind", "only the firewall remains");
 }
 
 /// Two clsact mirrors on one interface (other ports, other dumps): the
@@ -566,11 +542,7 @@ fn a_killed_clsact_mirror_is_cleaned_up_and_the_firewall_stays() {
 fn a_second_clsact_mirror_leaves_the_first_ones_filter_alone() {
     needs_root!();
     let host = Host::new();
-    let first_dump = host.path("first").display().to_string();
-    let first = MirrorProcess::start(
-        &host.bed.server,
-        &host.mirror_args(Mode::Clsact, &first_dump),
-    );
+    let first = host.start_mirror(Mode::Clsact);
     assert_eq!(host.clsact_filters().len(), 1);
     let second_dump = host.path("second").display().to_string();
     let second = MirrorProcess::start(
@@ -605,8 +577,7 @@ fn a_second_clsact_mirror_leaves_the_first_ones_filter_alone() {
 fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
     needs_root!();
     let host = Host::new();
-    let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(Mode::Clsact, &dump));
+    let mirror = host.start_mirror(Mode::Clsact);
     let ours = host.clsact_filters();
     assert_eq!(ours.len(), 1, "{ours:#?}");
     let handle = ours[0]
@@ -615,22 +586,10 @@ fn a_clsact_mirror_never_deletes_a_filter_that_replaced_its_own() {
         .and_then(|rest| rest.split(' ').next())
         .expect("a handle")
         .to_owned();
-    let object = drop_object(host.bed.dir(), Drops::Icmp, "tc")
-        .display()
-        .to_string();
-    run_in(
-        &host.bed.server,
-        "tc",
-        &[
-            "filter", "replace", "dev", IFACE, "ingress", "prio", "1", "handle", &handle,
-            "protocol", "all", "bpf", "da", "obj", &object, "sec", "tc",
-        ],
-    );
-    assert!(!host.ping_passes(), "the replacement drops ping");
-    let output = mirror.stop();
-    assert!(output.stderr.contains("was replaced"), "{}", output.stderr);
-    host.assert_only_drop_filter("the replacement stays");
-    assert!(!host.ping_passes(), "the replacement still drops ping");
+    host.drop_icmp_filter(&[
+        "replace", "dev", IFACE, "ingress", "prio", "1", "handle", &handle,
+    ]);
+    host.stop_leaving_the_firewall(mirror, "was replaced", "the replacement stays");
 }
 
 /// The clsact qdisc a `--tc-netlink` mirror had to add goes with it, when
@@ -642,10 +601,7 @@ fn a_clsact_mirror_removes_the_qdisc_it_added() {
     needs_root!();
     let host = Host::new();
     assert!(!host.has_clsact(), "a bare veth: {}", host.qdiscs());
-    let dump = host.path("dump").display().to_string();
-    let args = host.mirror_args(Mode::Clsact, &dump);
-
-    let mirror = MirrorProcess::start(&host.bed.server, &args);
+    let mirror = host.start_mirror(Mode::Clsact);
     assert!(host.has_clsact(), "the mirror added one: {}", host.qdiscs());
     mirror.stop();
     assert!(
@@ -655,7 +611,7 @@ fn a_clsact_mirror_removes_the_qdisc_it_added() {
     );
     host.assert_clsact_can_be_added("after SIGINT");
 
-    MirrorProcess::start(&host.bed.server, &args).kill();
+    host.start_mirror(Mode::Clsact).kill();
     host.wait_no_clsact("after SIGKILL");
     host.assert_clsact_can_be_added("after SIGKILL");
 }
@@ -668,8 +624,6 @@ fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
     needs_root!();
     let host = Host::new();
     let _firewall = host.firewall(Kind::Clsact, Drops::Icmp);
-    let dump = host.path("dump").display().to_string();
-    let args = host.mirror_args(Mode::Clsact, &dump);
     let only_the_firewall = |after: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         // After SIGKILL the helper needs a moment to remove the filter.
@@ -689,9 +643,9 @@ fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
         );
     };
 
-    MirrorProcess::start(&host.bed.server, &args).stop();
+    host.start_mirror(Mode::Clsact).stop();
     only_the_firewall("after SIGINT");
-    MirrorProcess::start(&host.bed.server, &args).kill();
+    host.start_mirror(Mode::Clsact).kill();
     only_the_firewall("after SIGKILL");
 }
 
@@ -701,21 +655,10 @@ fn a_clsact_qdisc_that_was_there_stays_with_its_filter() {
 fn a_clsact_qdisc_the_mirror_added_stays_while_someone_uses_it() {
     needs_root!();
     let host = Host::new();
-    let dump = host.path("dump").display().to_string();
-    let mirror = MirrorProcess::start(&host.bed.server, &host.mirror_args(Mode::Clsact, &dump));
+    let mirror = host.start_mirror(Mode::Clsact);
     assert!(host.ping_passes(), "nothing drops ping yet");
-    let object = drop_object(host.bed.dir(), Drops::Icmp, "tc")
-        .display()
-        .to_string();
     // Drops the echo replies.
-    run_in(
-        &host.bed.server,
-        "tc",
-        &[
-            "filter", "add", "dev", IFACE, "egress", "prio", "1", "protocol", "all", "bpf", "da",
-            "obj", &object, "sec", "tc",
-        ],
-    );
+    host.drop_icmp_filter(&["add", "dev", IFACE, "egress", "prio", "1"]);
     let _qdisc = ClsactFilter {
         ns: host.bed.server.clone(),
     };

@@ -8,6 +8,7 @@ use mirror_tests::{
     mirror_process::MirrorProcess,
     needs_root,
     netns::{attached_programs, in_ns, run_in, shows_attachment, spawn, wait_listening},
+    root_tests,
     streams::unique_payload_by_source,
     traffic::{random_files, send_all, start_server},
 };
@@ -34,16 +35,11 @@ fn mirror_transfer(hosts: &TestBed, attach: &str) {
     );
     let sent = files[0].bytes();
 
-    let port = PORT.to_string();
     let dump = hosts.new_path("dump");
     let dump_arg = dump.display().to_string();
-    let mirror = MirrorProcess::start(
-        &hosts.server,
+    let mirror = hosts.mirror(
+        PORT,
         &[
-            "--iface",
-            hosts.iface,
-            "--port",
-            &port,
             "--attach",
             attach,
             "--ring-size",
@@ -51,6 +47,7 @@ fn mirror_transfer(hosts: &TestBed, attach: &str) {
             "--dump-dir",
             &dump_arg,
         ],
+        MirrorProcess::start,
     );
 
     // Traffic that must not be mirrored: another TCP port, UDP to the
@@ -126,63 +123,25 @@ fn mirror_transfer(hosts: &TestBed, attach: &str) {
     assert!(output.kernel("not_tcp") >= 4, "{:?}", output.counters);
 
     // Nothing stays attached after the clean exit...
-    let report = attached_programs(&hosts.server, hosts.iface);
-    assert!(
-        !shows_attachment(&report),
-        "attached after SIGINT:\n{report}"
-    );
+    hosts.assert_nothing_attached("after SIGINT");
     // ...nor after SIGKILL, which gives the mirror no chance to detach.
-    let mirror = MirrorProcess::start(
-        &hosts.server,
-        &["--iface", hosts.iface, "--port", &port, "--attach", attach],
-    );
+    let mirror = hosts.mirror(PORT, &["--attach", attach], MirrorProcess::start);
     let report = attached_programs(&hosts.server, hosts.iface);
     assert!(
         shows_attachment(&report),
         "the check must see a live mirror:\n{report}"
     );
     mirror.kill();
-    let report = attached_programs(&hosts.server, hosts.iface);
-    assert!(
-        !shows_attachment(&report),
-        "attached after SIGKILL:\n{report}"
-    );
+    hosts.assert_nothing_attached("after SIGKILL");
 }
 
-#[test]
-fn veth_tc() {
-    needs_root!();
-    mirror_transfer(&TestBed::new(), "tc");
-}
-
-#[test]
-fn veth_auto_is_tc() {
-    needs_root!();
-    mirror_transfer(&TestBed::new(), "auto");
-}
-
-#[test]
-fn veth_xdp_native() {
-    needs_root!();
-    mirror_transfer(&TestBed::new(), "xdp-drv");
-}
-
-#[test]
-fn veth_xdp_generic() {
-    needs_root!();
-    mirror_transfer(&TestBed::new(), "xdp-skb");
-}
-
-#[test]
-fn loopback_tc() {
-    needs_root!();
-    mirror_transfer(&TestBed::loopback(), "tc");
-}
-
-#[test]
-fn loopback_xdp_generic() {
-    needs_root!();
-    mirror_transfer(&TestBed::loopback(), "xdp-skb");
+root_tests! {
+    veth_tc => mirror_transfer(&TestBed::new(), "tc");
+    veth_auto_is_tc => mirror_transfer(&TestBed::new(), "auto");
+    veth_xdp_native => mirror_transfer(&TestBed::new(), "xdp-drv");
+    veth_xdp_generic => mirror_transfer(&TestBed::new(), "xdp-skb");
+    loopback_tc => mirror_transfer(&TestBed::loopback(), "tc");
+    loopback_xdp_generic => mirror_transfer(&TestBed::loopback(), "xdp-skb");
 }
 
 /// iperf3 (a real bulk client), rate-bounded so the run is short and
@@ -200,17 +159,7 @@ fn veth_tc_iperf3() {
             .stdout(Stdio::null()),
     );
     wait_listening(&hosts.server, PORT);
-    let mirror = MirrorProcess::start(
-        &hosts.server,
-        &[
-            "--iface",
-            hosts.iface,
-            "--port",
-            &port,
-            "--ring-size",
-            RING_SIZE,
-        ],
-    );
+    let mirror = hosts.mirror(PORT, &["--ring-size", RING_SIZE], MirrorProcess::start);
     let report = run_in(
         &hosts.client,
         "iperf3",
@@ -262,35 +211,26 @@ fn veth_tc_iperf3() {
 fn leftover_clsact_filter_is_removed_at_the_next_start() {
     needs_root!();
     let hosts = TestBed::new();
-    let port = PORT.to_string();
-    let args = [
-        "--iface",
-        hosts.iface,
-        "--port",
-        &port,
-        "--attach",
-        "tc",
-        "--tc-netlink",
-    ];
-    MirrorProcess::start(&hosts.server, &args).kill_with_helper();
-    let filters = run_in(
-        &hosts.server,
-        "tc",
-        &["filter", "show", "dev", hosts.iface, "ingress"],
-    );
-    let filters = String::from_utf8_lossy(&filters.stdout).into_owned();
+    let args = ["--attach", "tc", "--tc-netlink"];
+    let ingress_filters = || {
+        let out = run_in(
+            &hosts.server,
+            "tc",
+            &["filter", "show", "dev", hosts.iface, "ingress"],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    hosts
+        .mirror(PORT, &args, MirrorProcess::start)
+        .kill_with_helper();
+    let filters = ingress_filters();
     assert!(
         filters.contains("mirror_tc"),
         "SIGKILL of the mirror and its helper leaves the filter:\n{filters}"
     );
 
-    let mirror = MirrorProcess::start(&hosts.server, &args);
-    let filters = run_in(
-        &hosts.server,
-        "tc",
-        &["filter", "show", "dev", hosts.iface, "ingress"],
-    );
-    let filters = String::from_utf8_lossy(&filters.stdout).into_owned();
+    let mirror = hosts.mirror(PORT, &args, MirrorProcess::start);
+    let filters = ingress_filters();
     assert_eq!(
         filters
             .lines()
@@ -305,9 +245,5 @@ fn leftover_clsact_filter_is_removed_at_the_next_start() {
         "says what it removed: {}",
         output.stderr
     );
-    let report = attached_programs(&hosts.server, hosts.iface);
-    assert!(
-        !shows_attachment(&report),
-        "attached after SIGINT:\n{report}"
-    );
+    hosts.assert_nothing_attached("after SIGINT");
 }

@@ -11,9 +11,9 @@ use std::{
 
 use mirror_tests::{
     bed::TestBed,
-    mirror_process::{MirrorProcess, run_mirror},
+    mirror_process::{MirrorProcess, assert_refused, run_mirror},
     needs_root,
-    traffic::{MIB, random_files, send_all, start_server},
+    traffic::MIB,
 };
 use mirror_user::sinks::dump::tcpflow_name;
 
@@ -35,35 +35,21 @@ fn links_planted_in_the_dump_directory_are_never_followed() {
     let dump = pair.new_path("flows");
     fs::create_dir(&dump).unwrap();
     std::os::unix::fs::chown(&dump, Some(NOBODY), Some(NOBODY)).unwrap();
-    let files = random_files(&pair.new_path("send"), 44000, 1, 2 * MIB, 2 * MIB);
-    let client = format!("{}:{}", TestBed::CLIENT_IP, files[0].client_port);
+    let transfer = pair.transfer(PORT, pair.random_files(44000, 1, 2 * MIB, 2 * MIB));
+    let client = format!("{}:{}", TestBed::CLIENT_IP, transfer.files[0].client_port);
     let server = format!("{}:{PORT}", TestBed::SERVER_IP);
     let name = tcpflow_name(client.parse().unwrap(), server.parse().unwrap());
     symlink(&dangling, dump.join(&name)).unwrap();
     symlink(&victim, dump.join(format!("{name}.meta"))).unwrap();
     symlink(&victim, dump.join(format!("{name}c1.meta"))).unwrap();
 
-    let port = PORT.to_string();
-    let mirror = MirrorProcess::start_quiet(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            &port,
-            "--dump-dir",
-            dump.to_str().unwrap(),
-        ],
+    let mirror = pair.mirror(
+        PORT,
+        &["--dump-dir", dump.to_str().unwrap()],
+        MirrorProcess::start_quiet,
     );
-    let received = pair.new_path("received");
-    let _server = start_server(&pair.server, PORT, &received);
-    send_all(&pair.client, TestBed::SERVER_IP, PORT, &files, &received);
-    assert!(
-        mirror.wait_for_counters(std::time::Duration::from_secs(20), |c| {
-            c.get("connections.closed.fin").copied() == Some(1)
-        }),
-        "the connection ends"
-    );
+    transfer.send_all();
+    mirror.wait_for_fin_closes(1);
     mirror.stop();
 
     assert_eq!(fs::read(&victim).unwrap(), b"the test's own file");
@@ -85,7 +71,7 @@ fn links_planted_in_the_dump_directory_are_never_followed() {
     );
     let stream = dump.join(format!("{name}c2"));
     assert!(
-        fs::read(&stream).unwrap() == files[0].bytes(),
+        fs::read(&stream).unwrap() == transfer.files[0].bytes(),
         "byte-identical"
     );
     let meta = fs::metadata(&stream).unwrap();
@@ -95,30 +81,23 @@ fn links_planted_in_the_dump_directory_are_never_followed() {
     assert_eq!(sidecar["reason"], "fin");
 }
 
-fn assert_refused(out: &std::process::Output, expected: &str) {
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "must fail: {text}");
-    assert!(text.contains(expected), "expected {expected:?} in: {text}");
-}
-
 #[test]
 fn what_is_not_a_socket_is_never_replaced_by_one() {
     needs_root!();
     let pair = TestBed::new();
     let port = PORT.to_string();
+    // `mirror run` on the server with `extra`, which must refuse to start.
+    let refused = |extra: &[&str], expected: &str| {
+        let args = [&["run", "--iface", "srv0", "--port", &port], extra].concat();
+        assert_refused(&run_mirror(Some(&pair.server), &args), expected);
+    };
     let file = pair.new_path("file");
     fs::write(&file, b"not a socket").unwrap();
     let link = pair.new_path("link");
     symlink(&file, &link).unwrap();
     for path in [&file, &link] {
         let listen = format!("unix:{}", path.display());
-        let out = run_mirror(
-            Some(&pair.server),
-            &[
-                "run", "--iface", "srv0", "--port", &port, "--listen", &listen,
-            ],
-        );
-        assert_refused(&out, "exists and is not a socket");
+        refused(&["--listen", &listen], "exists and is not a socket");
     }
     assert_eq!(fs::read(&file).unwrap(), b"not a socket");
     assert!(
@@ -134,37 +113,23 @@ fn what_is_not_a_socket_is_never_replaced_by_one() {
     let shared = pair.new_path("shared");
     fs::create_dir(&shared).unwrap();
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
-    let in_shared = |name: &str| shared.join(name).display().to_string();
+    let socket = format!("unix:{}", shared.join("m.sock").display());
+    let capture = shared.join("capture.pcapng").display().to_string();
     for extra in [
-        vec![
-            "--listen".to_owned(),
-            format!("unix:{}", in_shared("m.sock")),
-        ],
-        vec!["--dump-dir".to_owned(), shared.display().to_string()],
-        vec!["--pcap".to_owned(), in_shared("capture.pcapng")],
+        ["--listen", &socket],
+        ["--dump-dir", shared.to_str().unwrap()],
+        ["--pcap", &capture],
     ] {
-        let mut args = vec!["run", "--iface", "srv0", "--port", &port];
-        args.extend(extra.iter().map(String::as_str));
-        let out = run_mirror(Some(&pair.server), &args);
-        assert_refused(&out, "may be written by other users");
+        refused(&extra, "may be written by other users");
     }
     assert_eq!(fs::read_dir(&shared).unwrap().count(), 0, "nothing created");
 
     // An existing capture file is never overwritten.
     let capture = pair.new_path("capture.pcapng");
     fs::write(&capture, b"an older capture").unwrap();
-    let out = run_mirror(
-        Some(&pair.server),
-        &[
-            "run",
-            "--iface",
-            "srv0",
-            "--port",
-            &port,
-            "--pcap",
-            capture.to_str().unwrap(),
-        ],
+    refused(
+        &["--pcap", capture.to_str().unwrap()],
+        "never overwrites a file",
     );
-    assert_refused(&out, "never overwrites a file");
     assert_eq!(fs::read(&capture).unwrap(), b"an older capture");
 }

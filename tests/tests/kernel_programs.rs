@@ -5,9 +5,9 @@
 //! carrying the frame, and exactly the right counter moves.
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::PacketBuilder;
+use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, err::packet::BuildWriteError};
 use mirror_common::{Counter, RecordHeader, record_flags};
-use mirror_tests::needs_root;
+use mirror_tests::{needs_root, root_tests};
 use mirror_user::{
     kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind},
     kernel::record::Record,
@@ -139,6 +139,29 @@ enum Expect {
     Dropped(Counter),
 }
 
+impl Expect {
+    /// Mirrored whole, an IPv4 header at `l3` and TCP at `l4`.
+    const fn ipv4(l3: u16, l4: u16) -> Self {
+        Self::Mirrored {
+            l3,
+            l4,
+            ipv6: false,
+        }
+    }
+
+    /// Mirrored whole, an IPv6 header at `l3` and TCP at `l4`.
+    const fn ipv6(l3: u16, l4: u16) -> Self {
+        Self::Mirrored { l3, l4, ipv6: true }
+    }
+}
+
+/// Checks each named frame against `expect`.
+fn check_all(frames: &[(&str, Vec<u8>)], expect: Expect) {
+    for (name, frame) in frames {
+        check(name, frame, expect);
+    }
+}
+
 fn check(name: &str, frame: &[u8], expect: Expect) {
     let (mut mirror, mut rings) = mirror(mirror_common::MAX_SNAPLEN);
     for kind in [ProgramKind::Xdp, ProgramKind::Tc] {
@@ -203,27 +226,40 @@ const IP_B: [u8; 4] = [198, 18, 0, 2];
 const IP6_A: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const IP6_B: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
-fn ipv4_tcp(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+/// The frame `write` builds (etherparse's builders write into a buffer).
+fn built(write: impl FnOnce(&mut Vec<u8>) -> Result<(), BuildWriteError>) -> Vec<u8> {
     let mut frame = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(IP_A, IP_B, 64)
-        .tcp(40000, dst_port, 1000, 64240)
-        .ack(1)
-        .psh()
-        .write(&mut frame, payload)
-        .unwrap();
+    write(&mut frame).expect("a well-formed test frame");
     frame
 }
 
+/// Ethernet and IPv4 from A to B, for the builder to go on with.
+fn ipv4_from_a() -> PacketBuilderStep<IpHeaders> {
+    PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(IP_A, IP_B, 64)
+}
+
+/// Ethernet and IPv6 from A to B, for the builder to go on with.
+fn ipv6_from_a() -> PacketBuilderStep<IpHeaders> {
+    PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(IP6_A, IP6_B, 64)
+}
+
+fn ipv4_tcp(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    built(|frame| {
+        ipv4_from_a()
+            .tcp(40000, dst_port, 1000, 64240)
+            .ack(1)
+            .psh()
+            .write(frame, payload)
+    })
+}
+
 fn ipv6_tcp(dst_port: u16, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(IP6_A, IP6_B, 64)
-        .tcp(40000, dst_port, 1000, 64240)
-        .ack(1)
-        .write(&mut frame, payload)
-        .unwrap();
-    frame
+    built(|frame| {
+        ipv6_from_a()
+            .tcp(40000, dst_port, 1000, 64240)
+            .ack(1)
+            .write(frame, payload)
+    })
 }
 
 /// Inserts IPv4 options of `words` 32-bit words (NOPs, then End).
@@ -279,6 +315,12 @@ fn with_vlan_tags(mut frame: Vec<u8>, tpids: &[u16]) -> Vec<u8> {
     frame
 }
 
+/// `frame` with its byte at `at` set to `value`.
+fn with_byte(mut frame: Vec<u8>, at: usize, value: u8) -> Vec<u8> {
+    frame[at] = value;
+    frame
+}
+
 fn arp() -> Vec<u8> {
     let mut frame = Vec::new();
     frame.extend_from_slice(&[0xff; 6]);
@@ -294,19 +336,10 @@ fn arp() -> Vec<u8> {
 
 // ---- cases ----------------------------------------------------------------
 
-#[test]
-fn ipv4_tcp_is_mirrored() {
-    needs_root!();
-    let frame = ipv4_tcp(PORT, b"GET / HTTP/1.1\r\n\r\n");
-    check(
-        "ipv4",
-        &frame,
-        Expect::Mirrored {
-            l3: 14,
-            l4: 34,
-            ipv6: false,
-        },
-    );
+root_tests! {
+    ipv4_tcp_is_mirrored =>
+        check("ipv4", &ipv4_tcp(PORT, b"GET / HTTP/1.1\r\n\r\n"), Expect::ipv4(14, 34));
+    ipv6_tcp_is_mirrored => check("ipv6", &ipv6_tcp(PORT, b"payload"), Expect::ipv6(14, 54));
 }
 
 #[test]
@@ -318,11 +351,7 @@ fn ipv4_with_options_is_mirrored_at_the_ihl_offset() {
         check(
             &format!("ipv4 + {words} option words"),
             &frame,
-            Expect::Mirrored {
-                l3: 14,
-                l4,
-                ipv6: false,
-            },
+            Expect::ipv4(14, l4),
         );
     }
 }
@@ -330,46 +359,22 @@ fn ipv4_with_options_is_mirrored_at_the_ihl_offset() {
 #[test]
 fn tcp_with_options_is_mirrored() {
     needs_root!();
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(IP_A, IP_B, 64)
-        .tcp(40000, PORT, 1, 64240)
-        .syn()
-        .options_raw(&[
-            2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
-        ])
-        .unwrap()
-        .write(&mut frame, &[])
-        .unwrap();
+    let frame = built(|frame| {
+        ipv4_from_a()
+            .tcp(40000, PORT, 1, 64240)
+            .syn()
+            .options_raw(&[
+                2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+            ])
+            .expect("TCP options")
+            .write(frame, &[])
+    });
     assert_eq!(
         frame[14 + 20 + 12] >> 4,
         10,
         "data offset covers the options"
     );
-    check(
-        "tcp options",
-        &frame,
-        Expect::Mirrored {
-            l3: 14,
-            l4: 34,
-            ipv6: false,
-        },
-    );
-}
-
-#[test]
-fn ipv6_tcp_is_mirrored() {
-    needs_root!();
-    let frame = ipv6_tcp(PORT, b"payload");
-    check(
-        "ipv6",
-        &frame,
-        Expect::Mirrored {
-            l3: 14,
-            l4: 54,
-            ipv6: true,
-        },
-    );
+    check("tcp options", &frame, Expect::ipv4(14, 34));
 }
 
 #[test]
@@ -381,11 +386,7 @@ fn ipv6_extension_headers_are_skipped() {
         check(
             &format!("ipv6 + {chain:?}"),
             &frame,
-            Expect::Mirrored {
-                l3: 14,
-                l4: 54 + ext,
-                ipv6: true,
-            },
+            Expect::ipv6(14, 54 + ext),
         );
     }
 }
@@ -393,23 +394,17 @@ fn ipv6_extension_headers_are_skipped() {
 #[test]
 fn ipv6_beyond_what_the_program_follows_is_unsupported() {
     needs_root!();
-    let too_long = with_ipv6_extensions(ipv6_tcp(PORT, b"x"), 14, &[0, 60, 43, 60, 60], 0);
-    check(
-        "ipv6 + 5 extension headers",
-        &too_long,
-        Expect::Dropped(Counter::Unsupported),
-    );
-    // Offset 8 (in 8-byte units, << 3) with M clear: a later fragment.
-    let fragment = with_ipv6_extensions(ipv6_tcp(PORT, b"x"), 14, &[44], 8 << 3);
-    check(
-        "ipv6 fragment",
-        &fragment,
-        Expect::Dropped(Counter::Unsupported),
-    );
-    let first_fragment = with_ipv6_extensions(ipv6_tcp(PORT, b"x"), 14, &[44], 1);
-    check(
-        "ipv6 first fragment",
-        &first_fragment,
+    let extended = |chain: &[u8], frag| with_ipv6_extensions(ipv6_tcp(PORT, b"x"), 14, chain, frag);
+    check_all(
+        &[
+            (
+                "ipv6 + 5 extension headers",
+                extended(&[0, 60, 43, 60, 60], 0),
+            ),
+            // Offset 8 (in 8-byte units, << 3) with M clear: a later fragment.
+            ("ipv6 fragment", extended(&[44], 8 << 3)),
+            ("ipv6 first fragment", extended(&[44], 1)),
+        ],
         Expect::Dropped(Counter::Unsupported),
     );
 }
@@ -417,18 +412,19 @@ fn ipv6_beyond_what_the_program_follows_is_unsupported() {
 #[test]
 fn ipv4_fragments_are_unsupported() {
     needs_root!();
-    let mut more = ipv4_tcp(PORT, b"x");
-    more[14 + 6] = 0x20; // MF
-    check(
-        "ipv4 first fragment",
-        &more,
-        Expect::Dropped(Counter::Unsupported),
-    );
-    let mut later = ipv4_tcp(PORT, b"x");
-    later[14 + 7] = 0x10; // offset 16
-    check(
-        "ipv4 later fragment",
-        &later,
+    check_all(
+        &[
+            // MF
+            (
+                "ipv4 first fragment",
+                with_byte(ipv4_tcp(PORT, b"x"), 14 + 6, 0x20),
+            ),
+            // Offset 16.
+            (
+                "ipv4 later fragment",
+                with_byte(ipv4_tcp(PORT, b"x"), 14 + 7, 0x10),
+            ),
+        ],
         Expect::Dropped(Counter::Unsupported),
     );
 }
@@ -437,25 +433,9 @@ fn ipv4_fragments_are_unsupported() {
 fn vlan_tagged_frames_are_mirrored() {
     needs_root!();
     let one = with_vlan_tags(ipv4_tcp(PORT, b"v"), &[0x8100]);
-    check(
-        "802.1Q",
-        &one,
-        Expect::Mirrored {
-            l3: 18,
-            l4: 38,
-            ipv6: false,
-        },
-    );
+    check("802.1Q", &one, Expect::ipv4(18, 38));
     let two = with_vlan_tags(ipv6_tcp(PORT, b"v"), &[0x88a8, 0x8100]);
-    check(
-        "802.1ad + 802.1Q",
-        &two,
-        Expect::Mirrored {
-            l3: 22,
-            l4: 62,
-            ipv6: true,
-        },
-    );
+    check("802.1ad + 802.1Q", &two, Expect::ipv6(22, 62));
     let three = with_vlan_tags(ipv4_tcp(PORT, b"v"), &[0x88a8, 0x8100, 0x8100]);
     check("three tags", &three, Expect::Dropped(Counter::NotTcp));
 }
@@ -463,42 +443,31 @@ fn vlan_tagged_frames_are_mirrored() {
 #[test]
 fn other_traffic_is_not_mirrored() {
     needs_root!();
-    check(
-        "unsubscribed port",
-        &ipv4_tcp(OTHER_PORT, b"x"),
+    check_all(
+        &[
+            ("unsubscribed port", ipv4_tcp(OTHER_PORT, b"x")),
+            ("unsubscribed ipv6", ipv6_tcp(OTHER_PORT, b"x")),
+        ],
         Expect::Dropped(Counter::NotSubscribed),
     );
-    check(
-        "unsubscribed ipv6",
-        &ipv6_tcp(OTHER_PORT, b"x"),
-        Expect::Dropped(Counter::NotSubscribed),
+    check_all(
+        &[
+            (
+                "udp",
+                built(|f| ipv4_from_a().udp(40000, PORT).write(f, b"dns?")),
+            ),
+            (
+                "icmp",
+                built(|f| ipv4_from_a().icmpv4_echo_request(1, 1).write(f, &[0; 56])),
+            ),
+            (
+                "icmpv6",
+                built(|f| ipv6_from_a().icmpv6_echo_request(1, 1).write(f, &[0; 56])),
+            ),
+            ("arp", arp()),
+        ],
+        Expect::Dropped(Counter::NotTcp),
     );
-
-    let mut udp = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(IP_A, IP_B, 64)
-        .udp(40000, PORT)
-        .write(&mut udp, b"dns?")
-        .unwrap();
-    check("udp", &udp, Expect::Dropped(Counter::NotTcp));
-
-    let mut icmp = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(IP_A, IP_B, 64)
-        .icmpv4_echo_request(1, 1)
-        .write(&mut icmp, &[0; 56])
-        .unwrap();
-    check("icmp", &icmp, Expect::Dropped(Counter::NotTcp));
-
-    let mut icmp6 = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(IP6_A, IP6_B, 64)
-        .icmpv6_echo_request(1, 1)
-        .write(&mut icmp6, &[0; 56])
-        .unwrap();
-    check("icmpv6", &icmp6, Expect::Dropped(Counter::NotTcp));
-
-    check("arp", &arp(), Expect::Dropped(Counter::NotTcp));
 }
 
 #[test]
@@ -506,61 +475,54 @@ fn frames_cut_at_every_header_boundary_are_unparseable() {
     needs_root!();
     // The kernel refuses test frames shorter than an Ethernet header
     // (EINVAL), as a device never delivers them; every longer cut is run.
-    let v4 = ipv4_tcp(PORT, b"0123456789");
-    for cut in [14, 15, 16, 24, 33, 34, 40, 46, 53] {
-        check(
-            &format!("ipv4 cut at {cut}"),
-            &v4[..cut],
-            Expect::Dropped(Counter::Unparseable),
-        );
+    let cut_frames = [
+        (
+            "ipv4",
+            ipv4_tcp(PORT, b"0123456789"),
+            &[14, 15, 16, 24, 33, 34, 40, 46, 53][..],
+        ),
+        (
+            "ipv6",
+            with_ipv6_extensions(ipv6_tcp(PORT, b"0123456789"), 14, &[0], 0),
+            &[14, 20, 53, 54, 55, 61, 62, 70, 81],
+        ),
+        (
+            "vlan",
+            with_vlan_tags(ipv4_tcp(PORT, b"x"), &[0x88a8, 0x8100]),
+            &[14, 16, 17, 20, 21, 30],
+        ),
+    ];
+    let mut frames = Vec::new();
+    for (name, frame, cuts) in cut_frames {
+        for &cut in cuts {
+            frames.push((format!("{name} cut at {cut}"), frame[..cut].to_vec()));
+        }
     }
-    let v6 = with_ipv6_extensions(ipv6_tcp(PORT, b"0123456789"), 14, &[0], 0);
-    for cut in [14, 20, 53, 54, 55, 61, 62, 70, 81] {
-        check(
-            &format!("ipv6 cut at {cut}"),
-            &v6[..cut],
-            Expect::Dropped(Counter::Unparseable),
-        );
+    let tcp_offset = 14 + 20 + 12;
+    frames.extend([
+        // A TCP data offset that claims more header than the packet holds.
+        (
+            "tcp header past the end".to_owned(),
+            with_byte(ipv4_tcp(PORT, &[]), tcp_offset, 0xf0),
+        ),
+        // TCP data offset below the 20-byte minimum.
+        (
+            "tcp data offset 4".to_owned(),
+            with_byte(ipv4_tcp(PORT, b"abc"), tcp_offset, 0x40),
+        ),
+        // IPv4 IHL below 5 and a wrong version.
+        (
+            "ipv4 ihl 4".to_owned(),
+            with_byte(ipv4_tcp(PORT, b"x"), 14, 0x44),
+        ),
+        (
+            "ipv4 version 6".to_owned(),
+            with_byte(ipv4_tcp(PORT, b"x"), 14, 0x65),
+        ),
+    ]);
+    for (name, frame) in &frames {
+        check(name, frame, Expect::Dropped(Counter::Unparseable));
     }
-    let tagged = with_vlan_tags(ipv4_tcp(PORT, b"x"), &[0x88a8, 0x8100]);
-    for cut in [14, 16, 17, 20, 21, 30] {
-        check(
-            &format!("vlan cut at {cut}"),
-            &tagged[..cut],
-            Expect::Dropped(Counter::Unparseable),
-        );
-    }
-    // A TCP data offset that claims more header than the packet holds.
-    let mut long_header = ipv4_tcp(PORT, &[]);
-    long_header[14 + 20 + 12] = 0xf0;
-    check(
-        "tcp header past the end",
-        &long_header,
-        Expect::Dropped(Counter::Unparseable),
-    );
-    // TCP data offset below the 20-byte minimum.
-    let mut short_header = ipv4_tcp(PORT, b"abc");
-    short_header[14 + 20 + 12] = 0x40;
-    check(
-        "tcp data offset 4",
-        &short_header,
-        Expect::Dropped(Counter::Unparseable),
-    );
-    // IPv4 IHL below 5 and a wrong version.
-    let mut bad_ihl = ipv4_tcp(PORT, b"x");
-    bad_ihl[14] = 0x44;
-    check(
-        "ipv4 ihl 4",
-        &bad_ihl,
-        Expect::Dropped(Counter::Unparseable),
-    );
-    let mut bad_version = ipv4_tcp(PORT, b"x");
-    bad_version[14] = 0x65;
-    check(
-        "ipv4 version 6",
-        &bad_version,
-        Expect::Dropped(Counter::Unparseable),
-    );
 }
 
 #[test]

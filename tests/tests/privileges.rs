@@ -15,11 +15,12 @@ use std::{
 use mirror_tests::{
     bed::TestBed,
     mirror_process::{
-        ClientProcess, MirrorProcess, mirror_bin, run_mirror, tail_totals, thread_status,
+        ClientProcess, MirrorProcess, assert_refused, assert_success, mirror_bin, run_mirror,
+        tail_totals, thread_status,
     },
     needs_root,
-    netns::{attached_programs, exits_within, in_ns, run_in, shows_attachment},
-    traffic::{MIB, dumped, random_files, send_all, start_server},
+    netns::{exits_within, in_ns, run_in},
+    traffic::MIB,
 };
 
 const PORT: u16 = 5401;
@@ -75,19 +76,16 @@ fn run_gives_up_root_and_everything_keeps_working() {
     needs_root!();
     let pair = TestBed::new();
     let dump = pair.new_path("flows");
-    let (port, added) = (PORT.to_string(), ADDED_PORT.to_string());
-    let mirror = MirrorProcess::start_quiet(
-        &pair.server,
+    let added = ADDED_PORT.to_string();
+    let mirror = pair.mirror(
+        PORT,
         &[
-            "--iface",
-            "srv0",
-            "--port",
-            &port,
             "--dump-dir",
             dump.to_str().unwrap(),
             "--allow-ports",
             &added,
         ],
+        MirrorProcess::start_quiet,
     );
     let endpoint = mirror.endpoint();
     let socket = std::path::PathBuf::from(endpoint.strip_prefix("unix:").unwrap());
@@ -113,34 +111,17 @@ fn run_gives_up_root_and_everything_keeps_working() {
 
     // A port added at run time goes through the open port map.
     let out = run_mirror(None, &["ports", "add", &added, "--connect", &endpoint]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let received = pair.new_path("received");
-    let files = random_files(&pair.new_path("send"), 42000, 2, MIB, 2 * MIB);
+    assert_success(&out);
+    let files = pair.random_files(42000, 2, MIB, 2 * MIB);
     for (file, port) in files.iter().zip([PORT, ADDED_PORT]) {
-        let _server = start_server(&pair.server, port, &received);
-        send_all(
-            &pair.client,
-            TestBed::SERVER_IP,
-            port,
-            std::slice::from_ref(file),
-            &received,
-        );
+        pair.transfer(port, vec![file.clone()]).send_all();
     }
-    assert!(
-        mirror.wait_for_counters(Duration::from_secs(20), |c| {
-            c.get("connections.closed.fin").copied() == Some(2)
-        }),
-        "both connections end"
-    );
+    mirror.wait_for_fin_closes(2);
     mirror.stop();
     for (file, port) in files.iter().zip([PORT, ADDED_PORT]) {
         let client = format!("{}:{}", TestBed::CLIENT_IP, file.client_port);
         let server = format!("{}:{port}", TestBed::SERVER_IP);
-        let parts = dumped(&dump, &client, &server);
+        let parts = pair.dumped(&dump, file, port);
         assert_eq!(parts.len(), 1, "{client} -> {server}");
         assert!(
             parts[0].0 == file.bytes(),
@@ -159,11 +140,7 @@ fn run_gives_up_root_and_everything_keeps_working() {
     }
     // The helper removed the socket file the mirror could no longer remove.
     wait_gone(&socket);
-    let report = attached_programs(&pair.server, "srv0");
-    assert!(
-        !shows_attachment(&report),
-        "attached after SIGINT:\n{report}"
-    );
+    pair.assert_nothing_attached("after SIGINT");
 }
 
 /// The clsact fallback: the filter needs CAP_NET_ADMIN to go; the helper
@@ -172,20 +149,8 @@ fn run_gives_up_root_and_everything_keeps_working() {
 fn the_clsact_filter_goes_with_the_mirror_even_when_killed() {
     needs_root!();
     let pair = TestBed::new();
-    let socket = pair.new_path("mirror.sock");
-    let endpoint = format!("unix:{}", socket.display());
-    let port = PORT.to_string();
-    let args = [
-        "--iface",
-        "srv0",
-        "--port",
-        &port,
-        "--attach",
-        "tc",
-        "--tc-netlink",
-        "--listen",
-        &endpoint,
-    ];
+    let (socket, endpoint) = pair.socket();
+    let args = ["--attach", "tc", "--tc-netlink", "--listen", &endpoint];
     let filters = || {
         let out = run_in(
             &pair.server,
@@ -194,7 +159,7 @@ fn the_clsact_filter_goes_with_the_mirror_even_when_killed() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let mirror = MirrorProcess::start_quiet(&pair.server, &args);
+    let mirror = pair.mirror(PORT, &args, MirrorProcess::start_quiet);
     assert_runs_unprivileged(mirror.pid(), NOBODY, "mirror run");
     assert!(filters().contains("mirror_tc"), "{}", filters());
     mirror.stop();
@@ -205,8 +170,7 @@ fn the_clsact_filter_goes_with_the_mirror_even_when_killed() {
     );
     wait_gone(&socket);
 
-    let mirror = MirrorProcess::start_quiet(&pair.server, &args);
-    mirror.kill();
+    pair.mirror(PORT, &args, MirrorProcess::start_quiet).kill();
     let deadline = Instant::now() + Duration::from_secs(10);
     while filters().contains("mirror_tc") {
         assert!(Instant::now() < deadline, "after SIGKILL:\n{}", filters());
@@ -238,8 +202,7 @@ fn dynamic_loader() -> PathBuf {
 fn a_helper_that_cannot_start_leaves_nothing_attached() {
     needs_root!();
     let pair = TestBed::new();
-    let socket = pair.new_path("mirror.sock");
-    let endpoint = format!("unix:{}", socket.display());
+    let (socket, endpoint) = pair.socket();
     let port = PORT.to_string();
     let output = exits_within(
         in_ns(&pair.server, &dynamic_loader().display().to_string())
@@ -257,14 +220,8 @@ fn a_helper_that_cannot_start_leaves_nothing_attached() {
         Duration::from_secs(30),
         "the mirror runs without its helper",
     );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("cannot start the mirror's privileged helper"),
-        "{stderr}"
-    );
-    let report = attached_programs(&pair.server, "srv0");
-    assert!(!shows_attachment(&report), "left attached:\n{report}");
+    assert_refused(&output, "cannot start the mirror's privileged helper");
+    pair.assert_nothing_attached("when the helper could not start");
     let qdiscs = run_in(&pair.server, "tc", &["qdisc", "show", "dev", "srv0"]);
     let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
     assert!(!qdiscs.contains("clsact"), "the qdisc is left: {qdiscs}");
@@ -276,7 +233,7 @@ fn tail_gives_up_root_after_connecting() {
     needs_root!();
     let pair = TestBed::new();
     let port = PORT.to_string();
-    let mirror = MirrorProcess::start_quiet(&pair.server, &["--iface", "srv0", "--port", &port]);
+    let mirror = pair.mirror(PORT, &[], MirrorProcess::start_quiet);
     let dump = pair.new_path("tail-flows");
     let tail = ClientProcess::tail(
         None,
@@ -290,36 +247,24 @@ fn tail_gives_up_root_after_connecting() {
         (NOBODY, 0o700)
     );
 
-    let received = pair.new_path("received");
-    let files = random_files(&pair.new_path("send"), 43000, 1, MIB, MIB);
-    let _server = start_server(&pair.server, PORT, &received);
-    send_all(&pair.client, TestBed::SERVER_IP, PORT, &files, &received);
-    assert!(
-        mirror.wait_for_counters(Duration::from_secs(20), |c| {
-            c.get("connections.closed.fin").copied() == Some(1)
-        }),
-        "the connection ends"
-    );
+    let transfer = pair.transfer(PORT, pair.random_files(43000, 1, MIB, MIB));
+    transfer.send_all();
+    mirror.wait_for_fin_closes(1);
     mirror.stop();
     let (status, stderr) = tail.wait(Duration::from_secs(20));
     assert!(status.success(), "{stderr}");
     assert_eq!(tail_totals(&stderr).data_bytes, MIB as u64, "{stderr}");
-    let client = format!("{}:{}", TestBed::CLIENT_IP, files[0].client_port);
-    let server = format!("{}:{PORT}", TestBed::SERVER_IP);
-    let parts = dumped(&dump, &client, &server);
+    let file = &transfer.files[0];
+    let parts = pair.dumped(&dump, file, PORT);
     assert_eq!(parts.len(), 1);
-    assert!(parts[0].0 == files[0].bytes(), "byte-identical");
+    assert!(parts[0].0 == file.bytes(), "byte-identical");
 }
 
 #[test]
 fn user_root_keeps_root_and_says_so() {
     needs_root!();
     let pair = TestBed::new();
-    let port = PORT.to_string();
-    let mirror = MirrorProcess::start_quiet(
-        &pair.server,
-        &["--iface", "srv0", "--port", &port, "--user", "root"],
-    );
+    let mirror = pair.mirror(PORT, &["--user", "root"], MirrorProcess::start_quiet);
     let (_, uids) = thread_status(mirror.pid(), "Uid").remove(0);
     assert!(uids.split_whitespace().all(|id| id == "0"), "{uids}");
     let output = mirror.stop();

@@ -9,10 +9,10 @@ use std::{collections::BTreeSet, fs, path::Path, process::Command, thread, time:
 
 use mirror_tests::{
     bed::TestBed,
-    mirror_process::{MirrorOutput, MirrorProcess, Stdout, mirror_bin, run_mirror},
+    mirror_process::{MirrorOutput, MirrorProcess, assert_refused, mirror_bin, run_mirror},
     needs_root,
     netns::{KillOnDrop, in_ns, run_ok, spawn, tcx_programs},
-    traffic::{MIB, random_files, send_all, start_server},
+    traffic::MIB,
     web::Nginx,
 };
 
@@ -91,6 +91,14 @@ fn forward(output: &MirrorOutput, name: &str) -> u64 {
     output.counter(&format!("forward.{SHADOW}:80.{name}"))
 }
 
+/// Asserts that each of the forwarder's counters (`completed`, `failed`,
+/// ...) has its value.
+fn assert_forwarded(output: &MirrorOutput, expected: &[(&str, u64)]) {
+    for &(name, value) in expected {
+        assert_eq!(forward(output, name), value, "{name}\n{output}");
+    }
+}
+
 /// Waits until the forwarder has ended `connections` shadow connections
 /// (completed or failed): the shadow can hold a request before the
 /// client's FIN has travelled through the mirror.
@@ -126,9 +134,10 @@ fn the_shadow_gets_the_requests_of_the_primary() {
         sent,
         "the shadow got the same requests\n{output}"
     );
-    assert_eq!(forward(&output, "completed"), 20, "{output}");
-    assert_eq!(forward(&output, "failed"), 0, "{output}");
-    assert_eq!(forward(&output, "aborted.target"), 0, "{output}");
+    assert_forwarded(
+        &output,
+        &[("completed", 20), ("failed", 0), ("aborted.target", 0)],
+    );
 }
 
 #[test]
@@ -161,8 +170,7 @@ fn a_shadow_that_goes_down_costs_only_shadow_connections() {
     let mut expected = [before, after].concat();
     expected.sort();
     assert_eq!(sorted(copied), expected, "forwarding resumed\n{output}");
-    assert_eq!(forward(&output, "failed"), 5, "{output}");
-    assert_eq!(forward(&output, "completed"), 10, "{output}");
+    assert_forwarded(&output, &[("failed", 5), ("completed", 10)]);
 }
 
 #[test]
@@ -204,31 +212,37 @@ fn sampling_forwards_about_half_the_connections_whole() {
 /// Sends `len` random bytes on one connection with the mirror running
 /// with `args`; returns what was sent and the mirror's output.
 fn transfer(bed: &TestBed, len: usize, args: &[&str]) -> (Vec<u8>, MirrorOutput) {
-    let received = bed.path("received");
-    let files = random_files(&bed.path("send"), 46000, 1, len, len);
-    let _server = start_server(&bed.server, 5201, &received);
-    let mut all = vec!["--iface", bed.iface, "--port", "5201"];
-    all.extend(args);
-    let mirror = MirrorProcess::start_with(&bed.server, &all, Stdout::Read);
-    send_all(&bed.client, bed.server_ip, 5201, &files, &received);
+    let transfer = bed.transfer(5201, bed.random_files(46000, 1, len, len));
+    let mirror = bed.mirror(5201, args, MirrorProcess::start_quiet);
+    transfer.send_all();
     let output = mirror.stop();
-    (files[0].bytes(), output)
+    (transfer.files[0].bytes(), output)
+}
+
+/// What tcpdump prints of a capture file, one line per packet.
+fn tcpdump_read(file: &Path) -> String {
+    let out = run_ok(Command::new("tcpdump").args(["-nn", "-r"]).arg(file));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn packets_read_by_tcpdump(file: &Path) -> u64 {
-    let out = run_ok(Command::new("tcpdump").args(["-nn", "-r"]).arg(file));
-    String::from_utf8_lossy(&out.stdout).lines().count() as u64
+    tcpdump_read(file).lines().count() as u64
 }
 
-/// The client's bytes of TCP stream 0, as tshark's follow-stream
-/// reassembles them.
-fn follow_stream(file: &Path) -> Vec<u8> {
+/// tshark's follow-stream of TCP stream 0 of a capture file, in hex.
+fn tshark_follow(file: &Path) -> String {
     let out = run_ok(
         Command::new("tshark")
             .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
             .arg(file),
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The client's bytes of TCP stream 0, as tshark's follow-stream
+/// reassembles them.
+fn follow_stream(file: &Path) -> Vec<u8> {
+    let text = tshark_follow(file);
     let mut bytes = Vec::new();
     for line in text.lines() {
         let is_hex = !line.is_empty() && line.bytes().all(|b| b.is_ascii_hexdigit());
@@ -242,19 +256,21 @@ fn follow_stream(file: &Path) -> Vec<u8> {
     bytes
 }
 
-#[test]
-fn pcapng_captures_read_back_whole_in_tshark() {
-    needs_root!();
+/// Sends `len` bytes on one connection with the mirror capturing to the
+/// file `name` (with `extra` arguments), and asserts that tcpdump reads
+/// every mirrored packet from it and tshark reassembles the transfer.
+/// Returns the mirror's output.
+fn assert_capture_reads_back(name: &str, len: usize, extra: &[&str]) -> MirrorOutput {
     let c = TestBed::new();
-    let file = c.path("out").join("capture.pcapng");
-    let file_arg = file.display().to_string();
-    let (sent, output) = transfer(&c, 4 * MIB, &["--pcap", &file_arg]);
+    let file = c.path("out").join(name);
+    let mut args = vec!["--pcap", file.to_str().unwrap()];
+    args.extend(extra);
+    let (sent, output) = transfer(&c, len, &args);
     assert_eq!(
         packets_read_by_tcpdump(&file),
         output.kernel("mirrored"),
         "every mirrored packet is in the file\n{output}"
     );
-    assert_eq!(output.counter("pcap.written"), output.kernel("mirrored"));
     let stream = follow_stream(&file);
     assert!(
         stream == sent,
@@ -262,17 +278,20 @@ fn pcapng_captures_read_back_whole_in_tshark() {
         stream.len(),
         sent.len()
     );
+    output
+}
+
+#[test]
+fn pcapng_captures_read_back_whole_in_tshark() {
+    needs_root!();
+    let output = assert_capture_reads_back("capture.pcapng", 4 * MIB, &[]);
+    assert_eq!(output.counter("pcap.written"), output.kernel("mirrored"));
 }
 
 #[test]
 fn classic_pcap_reads_back_too() {
     needs_root!();
-    let c = TestBed::new();
-    let file = c.path("out").join("capture.pcap");
-    let file_arg = file.display().to_string();
-    let (sent, output) = transfer(&c, MIB, &["--pcap", &file_arg, "--pcap-format", "pcap"]);
-    assert_eq!(packets_read_by_tcpdump(&file), output.kernel("mirrored"));
-    assert!(follow_stream(&file) == sent);
+    assert_capture_reads_back("capture.pcap", MIB, &["--pcap-format", "pcap"]);
 }
 
 #[test]
@@ -294,12 +313,9 @@ fn rotation_keeps_the_configured_number_of_files() {
         "--pcap-rotate-size",
         "1M",
     ];
-    let refused = run_mirror(Some(&c.server), &args);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success()
-            && stderr.contains("is not writable by the user the mirror runs as (nobody)"),
-        "{stderr}"
+    assert_refused(
+        &run_mirror(Some(&c.server), &args),
+        "is not writable by the user the mirror runs as (nobody)",
     );
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing created");
     std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).expect("chown");
@@ -334,12 +350,8 @@ fn a_full_disk_stops_the_capture_and_nothing_else() {
     let c = TestBed::new();
     // The mirror creates the directory, for the user it runs as.
     let dump = c.new_path("dump");
-    let dump_arg = dump.display().to_string();
-    let (sent, output) = transfer(
-        &c,
-        4 * MIB,
-        &["--pcap", "/dev/full", "--dump-dir", &dump_arg],
-    );
+    let args = ["--pcap", "/dev/full", "--dump-dir", dump.to_str().unwrap()];
+    let (sent, output) = transfer(&c, 4 * MIB, &args);
     assert!(output.counter("pcap.failed") > 0, "{output}");
     assert!(
         output.stderr.contains("the capture to /dev/full stopped"),
@@ -362,9 +374,7 @@ fn a_full_disk_stops_the_capture_and_nothing_else() {
 fn pcap_to_stdout_pipes_into_tcpdump() {
     needs_root!();
     let c = TestBed::new();
-    let received = c.path("received");
-    let files = random_files(&c.path("send"), 47000, 1, MIB, MIB);
-    let _server = start_server(&c.server, 5201, &received);
+    let transfer = c.transfer(5201, c.random_files(47000, 1, MIB, MIB));
     let capture_file = c.path("out").join("stdout.pcapng");
     // mirror run ... --pcap - > file: what a pipe into tshark -r - reads.
     let shell = format!(
@@ -384,7 +394,7 @@ fn pcap_to_stdout_pipes_into_tcpdump() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    send_all(&c.client, c.server_ip, 5201, &files, &received);
+    transfer.send_all();
     thread::sleep(Duration::from_millis(500));
     let pid = mirror.0.id() as libc::pid_t;
     // SAFETY: plain kill(2) on our own child.
@@ -392,27 +402,17 @@ fn pcap_to_stdout_pipes_into_tcpdump() {
     mirror.wait_success("mirror --pcap -", Duration::from_secs(30));
     assert!(packets_read_by_tcpdump(&capture_file) > 0);
     let stream = follow_stream(&capture_file);
-    let sent = files[0].bytes();
+    let sent = transfer.files[0].bytes();
     if stream != sent {
-        let tshark = run_ok(
-            Command::new("tshark")
-                .args(["-q", "-z", "follow,tcp,raw,0", "-r"])
-                .arg(&capture_file),
-        );
-        let tcpdump = run_ok(
-            Command::new("tcpdump")
-                .args(["-nn", "-r"])
-                .arg(&capture_file),
-        );
         panic!(
             "{} of {} bytes\ntshark:\n{}\ntcpdump:\n{}",
             stream.len(),
             sent.len(),
-            String::from_utf8_lossy(&tshark.stdout)
+            tshark_follow(&capture_file)
                 .chars()
                 .take(1500)
                 .collect::<String>(),
-            String::from_utf8_lossy(&tcpdump.stdout)
+            tcpdump_read(&capture_file)
                 .lines()
                 .take(8)
                 .collect::<Vec<_>>()

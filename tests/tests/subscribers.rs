@@ -9,17 +9,20 @@ use std::{
     net::TcpStream,
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
+    process::Output,
     thread,
     time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
 use mirror_tests::{
-    bed::TestBed,
-    mirror_process::{ClientProcess, MirrorProcess, run_mirror, tail_totals},
+    bed::{TestBed, Transfer},
+    mirror_process::{
+        ClientProcess, MirrorProcess, assert_refused, assert_success, run_mirror, tail_totals,
+    },
     needs_root,
     netns::in_namespace,
-    traffic::{MIB, finish_sending, random_files, send_all, shape, start_sending, start_server},
+    traffic::{MIB, shape},
 };
 use mirror_user::{
     flow::model::CloseReason,
@@ -29,7 +32,6 @@ use mirror_user::{
 use serde_json::Value;
 
 const PORT: u16 = 5201;
-const SERVER: &str = TestBed::SERVER_IP;
 
 /// Writes a token file readable by its owner alone.
 fn write_token(path: &Path, content: &str) {
@@ -47,84 +49,104 @@ fn start_with_token(
     extra: &[&str],
 ) -> MirrorProcess {
     let token = token.display().to_string();
-    let mut args = vec![
-        "--iface",
-        s.iface,
-        "--port",
-        "5201",
-        "--listen",
-        unix,
-        "--listen",
-        tcp,
-        "--token-file",
-        &token,
-    ];
+    let mut args = vec!["--listen", unix, "--listen", tcp, "--token-file", &token];
     args.extend(extra);
-    MirrorProcess::start_quiet(&s.server, &args)
+    s.mirror(PORT, &args, MirrorProcess::start_quiet)
 }
 
-/// `mirror tail` of port 5201 into the dump directory `dump`.
-fn tail_into(mirror: &MirrorProcess, dump: &Path) -> ClientProcess {
-    let dump = dump.display().to_string();
-    ClientProcess::tail(
+/// `mirror stats` over TCP at `tcp` in the server's namespace, with the
+/// token file `token`.
+fn stats_with_token(s: &TestBed, tcp: &str, token: &Path, extra: &[&str]) -> Output {
+    let token = token.display().to_string();
+    let mut args = vec!["stats", "--connect", tcp, "--token-file", &token];
+    args.extend(extra);
+    run_mirror(Some(&s.server), &args)
+}
+
+/// A mirror of port 5201 with `extra` arguments, and files to send to a
+/// socat server on that port through the client's link shaped to `rate`:
+/// `(first_port, count, min, max)` as [`TestBed::random_files`] takes them.
+fn mirrored_load(
+    s: &TestBed,
+    (first_port, count, min, max): (u16, usize, usize, usize),
+    rate: &str,
+    extra: &[&str],
+) -> (Transfer, MirrorProcess) {
+    shape(&s.client, "cli0", rate);
+    let transfer = s.transfer(PORT, s.random_files(first_port, count, min, max));
+    (transfer, s.mirror(PORT, extra, MirrorProcess::start_quiet))
+}
+
+/// [`mirrored_load`] on a 1 Gbit/s link, and a `mirror tail` that reads
+/// everything into the bed's dump directory `a`.
+fn with_a_reader(
+    s: &TestBed,
+    files: (u16, usize, usize, usize),
+    extra: &[&str],
+) -> (Transfer, MirrorProcess, (ClientProcess, PathBuf)) {
+    let (load, mirror) = mirrored_load(s, files, "1gbit", extra);
+    let reader = tail_into(s, &mirror, "a");
+    (load, mirror, reader)
+}
+
+/// `mirror tail` of port 5201 into a new dump directory `name` of the bed;
+/// returns the process and the directory.
+fn tail_into(s: &TestBed, mirror: &MirrorProcess, name: &str) -> (ClientProcess, PathBuf) {
+    let dump = s.new_path(name);
+    let arg = dump.display().to_string();
+    let tail = ClientProcess::tail(
         None,
         &mirror.endpoint(),
-        &["--port", "5201", "--dump-dir", &dump],
-    )
+        &["--port", "5201", "--dump-dir", &arg],
+    );
+    (tail, dump)
 }
 
-fn stderr_of(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// Waits for a tail that got every stream of `transfer` to exit, and
+/// checks that it did so successfully with each stream in `dump` whole;
+/// returns its stderr.
+fn assert_tail_got_all(
+    s: &TestBed,
+    tail: ClientProcess,
+    dump: &Path,
+    transfer: &Transfer,
+    what: &str,
+) -> String {
+    let (status, stderr) = tail.wait(Duration::from_secs(30));
+    assert!(status.success(), "{what}: {stderr}");
+    s.assert_dumped_whole(dump, &transfer.files, PORT, what);
+    stderr
 }
 
 #[test]
 fn two_clients_get_whole_streams_and_a_killed_one_harms_nothing() {
     needs_root!();
     let s = TestBed::new();
-    let (a_dump, b_dump) = (s.new_path("a"), s.new_path("b"));
-    let received = s.path("received");
-    let files = random_files(&s.path("send"), 42000, 4, 6 * MIB, 8 * MIB);
-    shape(&s.client, "cli0", "400mbit");
-    let _server = start_server(&s.server, PORT, &received);
-    let mirror = MirrorProcess::start_quiet(&s.server, &["--iface", "srv0", "--port", "5201"]);
-    let a = tail_into(&mirror, &a_dump);
-    let b = tail_into(&mirror, &b_dump);
+    let (load, mirror) = mirrored_load(&s, (42000, 4, 6 * MIB, 8 * MIB), "400mbit", &[]);
+    let (a, a_dump) = tail_into(&s, &mirror, "a");
+    let (b, b_dump) = tail_into(&s, &mirror, "b");
 
-    let senders = start_sending(&s.client, SERVER, PORT, &files);
+    let senders = load.start_sending();
     // Mid-stream: 28 MiB at 400 Mbit/s take about 0.6 s.
     thread::sleep(Duration::from_millis(200));
     drop(b);
-    finish_sending(senders, &files, &received);
+    load.finish_sending(senders);
     // The mirror keeps serving: another client gets an answer.
     let listed = run_mirror(None, &["ports", "list", "--connect", &mirror.endpoint()]);
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
+    assert_success(&listed);
 
     let output = mirror.stop();
-    let (status, stderr) = a.wait(Duration::from_secs(30));
-    assert!(status.success(), "tail a: {stderr}");
-    s.assert_dumped_whole(&a_dump, &files, PORT, "client a");
+    let stderr = assert_tail_got_all(&s, a, &a_dump, &load, "client a");
     // What it says it received, at exit, is what the server received.
     let totals = tail_totals(&stderr);
-    let sent: usize = files.iter().map(|f| f.len).sum();
     assert_eq!(
         (totals.connections, totals.data_bytes),
-        (4, sent as u64),
+        (4, load.bytes()),
         "{stderr}"
     );
     assert_eq!(totals.closed(CloseReason::Fin), 4, "{stderr}");
     // b got whole connections up to its death and nothing wrong after.
-    for file in &files {
-        for (stream, meta) in s.dumped(&b_dump, file, PORT) {
-            assert!(
-                file.bytes().starts_with(&stream),
-                "client b: a prefix ({meta})"
-            );
-        }
-    }
+    s.assert_dumped_prefixes(&b_dump, &load.files, PORT, "client b");
     output.assert_counters(&[
         ("kernel.ring_full", 0),
         ("connections.closed.fin", 4),
@@ -137,25 +159,15 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
     needs_root!();
     let s = TestBed::new();
     let dump = s.new_path("dump");
-    let dump_arg = dump.display().to_string();
-    let received = s.path("received");
-    let other = s.path("received-5301");
-    shape(&s.client, "cli0", "200mbit");
-    let _server = start_server(&s.server, PORT, &received);
-    let _other_server = start_server(&s.server, 5301, &other);
-    let mirror = MirrorProcess::start_quiet(
-        &s.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "5201",
-            "--allow-ports",
-            "5300-5310",
-            "--dump-dir",
-            &dump_arg,
-        ],
-    );
+    let args = [
+        "--allow-ports",
+        "5300-5310",
+        "--dump-dir",
+        dump.to_str().unwrap(),
+    ];
+    // A transfer on the command-line port runs through all the changes.
+    let (long, mirror) = mirrored_load(&s, (43000, 1, 16 * MIB, 16 * MIB), "200mbit", &args);
+    let other = s.transfer(5301, Vec::new());
     let endpoint = mirror.endpoint();
     let ports = |args: &[&str]| {
         let mut all = vec!["ports"];
@@ -169,18 +181,16 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
         )
     };
 
-    // A transfer on the command-line port runs through all the changes.
-    let long = random_files(&s.path("send"), 43000, 1, 16 * MIB, 16 * MIB);
-    let long_sender = start_sending(&s.client, SERVER, PORT, &long);
+    let long_sender = long.start_sending();
 
-    let before = random_files(&s.path("send"), 43100, 1, 256 << 10, 256 << 10);
-    send_all(&s.client, SERVER, 5301, &before, &other);
+    let before = s.random_files(43100, 1, 256 << 10, 256 << 10);
+    other.send(&before);
     let (ok, _, stderr) = ports(&["add", "5301"]);
     assert!(ok, "{stderr}");
     let (_, listed, _) = ports(&["list"]);
     assert!(listed.contains("5301  ports add"), "{listed}");
-    let during = random_files(&s.path("send"), 43200, 2, 256 << 10, MIB);
-    send_all(&s.client, SERVER, 5301, &during, &other);
+    let during = s.random_files(43200, 2, 256 << 10, MIB);
+    other.send(&during);
     // The server holding the bytes does not mean the mirror has passed
     // their FINs on yet: wait for both ends (the long transfer on 5201 is
     // still running), then for the hub's batch delay.
@@ -193,11 +203,11 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
     thread::sleep(Duration::from_millis(100));
     let (ok, _, stderr) = ports(&["remove", "5301"]);
     assert!(ok, "{stderr}");
-    let after = random_files(&s.path("send"), 43300, 1, 256 << 10, 256 << 10);
-    send_all(&s.client, SERVER, 5301, &after, &other);
+    let after = s.random_files(43300, 1, 256 << 10, 256 << 10);
+    other.send(&after);
     let (ok, _, stderr) = ports(&["remove", "5201"]);
     assert!(!ok && stderr.contains("command line"), "{stderr}");
-    finish_sending(long_sender, &long, &received);
+    long.finish_sending(long_sender);
 
     let output = mirror.stop();
     s.assert_dumped_whole(&dump, &during, 5301, "after ports add");
@@ -208,7 +218,7 @@ fn ports_added_and_removed_live_change_what_is_mirrored() {
             file.client_port
         );
     }
-    s.assert_dumped_whole(&dump, &long, PORT, "the command-line port, all along");
+    s.assert_dumped_whole(&dump, &long.files, PORT, "the command-line port, all along");
     assert_eq!(output.kernel("ring_full"), 0, "{output}");
 }
 
@@ -221,8 +231,7 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
     let wrong = s.path("secret").join("wrong");
     write_token(&wrong, "wrong-token");
     let (token_arg, wrong_arg) = (token.display().to_string(), wrong.display().to_string());
-    let socket = s.path("sock").join("m.sock");
-    let unix = format!("unix:{}", socket.display());
+    let (socket, unix) = s.socket();
     let tcp = "127.0.0.1:7010";
 
     // TCP without a token is refused at start.
@@ -230,11 +239,7 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
         Some(&s.server),
         &["run", "-i", "srv0", "-p", "5201", "--listen", tcp],
     );
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("needs a token"),
-        "{out:?}"
-    );
+    assert_refused(&out, "needs a token");
 
     let mirror = start_with_token(&s, &unix, tcp, &token, &["--allow-ports", "9000"]);
     let tail = |args: &[&str]| {
@@ -244,26 +249,16 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
     };
     // Another token: the client finds that the server's proof is not
     // made with it, and leaves without proving anything.
-    let refused = tail(&["--port", "5201", "--token-file", &wrong_arg]);
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains(&format!(
+    assert_refused(
+        &tail(&["--port", "5201", "--token-file", &wrong_arg]),
+        &format!(
             "the server at {tcp} does not know the token: it is not the mirror you meant, or it was started with another token file"
-        )),
-        "{refused:?}"
+        ),
     );
-    let no_token = tail(&["--port", "5201"]);
-    assert!(!no_token.status.success());
-    assert!(
-        String::from_utf8_lossy(&no_token.stderr).contains("needs its token"),
-        "{no_token:?}"
-    );
-    let not_allowed = tail(&["--port", "22", "--token-file", &token_arg]);
-    assert!(!not_allowed.status.success());
-    assert!(
-        String::from_utf8_lossy(&not_allowed.stderr)
-            .contains("not in the mirror's --allow-ports (9000)"),
-        "{not_allowed:?}"
+    assert_refused(&tail(&["--port", "5201"]), "needs its token");
+    assert_refused(
+        &tail(&["--port", "22", "--token-file", &token_arg]),
+        "not in the mirror's --allow-ports (9000)",
     );
     let good = ClientProcess::tail(
         Some(&s.server),
@@ -272,12 +267,7 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
     );
 
     // Below the CLI: a wrong version, then garbage, on raw sockets.
-    let hello = ClientFrame::Hello {
-        version: 99,
-        name: "raw".into(),
-        nonce: [0; NONCE_LEN],
-    };
-    let answer = raw_exchange(&socket, &encode(|b| hello.encode(b)));
+    let answer = raw_exchange(&socket, &hello(99, "raw"));
     assert_fatal(&answer, ErrorCode::UnsupportedVersion);
     // A hello of this version that ends after its version.
     let answer = raw_exchange(&socket, &[0, 0, 0, 3, 0x01, 0x00, VERSION as u8]);
@@ -300,9 +290,15 @@ fn bad_clients_are_refused_and_the_server_keeps_serving() {
     assert!(output.counter("server.bad_frames") >= 2, "{output}");
 }
 
-fn encode(frame: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
+/// A hello of protocol `version` from a client called `name`, framed.
+fn hello(version: u16, name: &str) -> Vec<u8> {
     let mut body = BytesMut::new();
-    frame(&mut body);
+    ClientFrame::Hello {
+        version,
+        name: name.to_owned(),
+        nonce: [0; NONCE_LEN],
+    }
+    .encode(&mut body);
     let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
     bytes.extend_from_slice(&body);
     bytes
@@ -334,41 +330,24 @@ fn raw_exchange(socket: &Path, bytes: &[u8]) -> ServerFrame {
 fn a_client_that_stops_reading_gets_lagged_closes_when_it_resumes() {
     needs_root!();
     let s = TestBed::new();
-    let (a_dump, b_dump) = (s.new_path("a"), s.new_path("b"));
-    let received = s.path("received");
-    let files = random_files(&s.path("send"), 44000, 6, 4 * MIB, 6 * MIB);
-    shape(&s.client, "cli0", "1gbit");
-    let _server = start_server(&s.server, PORT, &received);
     // 8 MiB of channel: less than the 30 MiB sent while b sleeps.
-    let mirror = MirrorProcess::start_quiet(
-        &s.server,
-        &["--iface", "srv0", "--port", "5201", "--channel-bytes", "8M"],
-    );
-    let a = tail_into(&mirror, &a_dump);
-    let b = tail_into(&mirror, &b_dump);
+    let files = (44000, 6, 4 * MIB, 6 * MIB);
+    let (load, mirror, (a, a_dump)) = with_a_reader(&s, files, &["--channel-bytes", "8M"]);
+    let (b, b_dump) = tail_into(&s, &mirror, "b");
     b.signal(libc::SIGSTOP);
-    send_all(&s.client, SERVER, PORT, &files, &received);
+    load.send_all();
     b.signal(libc::SIGCONT);
     thread::sleep(Duration::from_secs(1));
 
     let output = mirror.stop();
-    let (a_status, a_stderr) = a.wait(Duration::from_secs(30));
+    assert_tail_got_all(&s, a, &a_dump, &load, "the reading client");
     let (b_status, b_stderr) = b.wait(Duration::from_secs(30));
-    assert!(a_status.success(), "{a_stderr}");
     assert!(b_status.success(), "{b_stderr}");
-    s.assert_dumped_whole(&a_dump, &files, PORT, "the reading client");
-    let mut lagged = 0;
-    for file in &files {
-        for (stream, meta) in s.dumped(&b_dump, file, PORT) {
-            assert!(
-                file.bytes().starts_with(&stream),
-                "the stopped client: a prefix ({meta})"
-            );
-            if meta["reason"] == "lagged" {
-                lagged += 1;
-            }
-        }
-    }
+    let lagged = s
+        .assert_dumped_prefixes(&b_dump, &load.files, PORT, "the stopped client")
+        .iter()
+        .filter(|meta| meta["reason"] == "lagged")
+        .count() as u64;
     assert!(
         lagged > 0,
         "the stopped client's connections ended as lagged\n{output}"
@@ -390,30 +369,15 @@ fn a_client_that_stops_reading_gets_lagged_closes_when_it_resumes() {
 fn a_client_asleep_past_its_budget_is_disconnected() {
     needs_root!();
     let s = TestBed::new();
-    let a_dump = s.new_path("a");
-    let received = s.path("received");
-    let files = random_files(&s.path("send"), 45000, 4, 4 * MIB, 4 * MIB);
-    shape(&s.client, "cli0", "1gbit");
-    let _server = start_server(&s.server, PORT, &received);
-    let mirror = MirrorProcess::start_quiet(
-        &s.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "5201",
-            "--client-timeout",
-            "1s",
-        ],
-    );
-    let a = tail_into(&mirror, &a_dump);
+    let files = (45000, 4, 4 * MIB, 4 * MIB);
+    let (load, mirror, (a, a_dump)) = with_a_reader(&s, files, &["--client-timeout", "1s"]);
     let sleeper = ClientProcess::tail(
         None,
         &mirror.endpoint(),
         &["--port", "5201", "--format", "hex"],
     );
     sleeper.signal(libc::SIGSTOP);
-    send_all(&s.client, SERVER, PORT, &files, &received);
+    load.send_all();
     thread::sleep(Duration::from_secs(2));
     sleeper.signal(libc::SIGCONT);
     // Disconnected, it reads what its socket still held, then exits.
@@ -421,9 +385,7 @@ fn a_client_asleep_past_its_budget_is_disconnected() {
     assert!(status.code().is_some(), "it exited by itself: {stderr}");
 
     let output = mirror.interrupt();
-    let (a_status, a_stderr) = a.wait(Duration::from_secs(30));
-    assert!(a_status.success(), "{a_stderr}");
-    s.assert_dumped_whole(&a_dump, &files, PORT, "the reading client");
+    assert_tail_got_all(&s, a, &a_dump, &load, "the reading client");
     assert_eq!(output.counter("server.too_slow"), 1, "{output}");
 }
 
@@ -442,8 +404,7 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
         &long,
         &"t".repeat(mirror_user::server::protocol::MAX_TOKEN + 1),
     );
-    let socket = s.path("sock").join("m.sock");
-    let unix = format!("unix:{}", socket.display());
+    let (socket, unix) = s.socket();
     let tcp = "127.0.0.1:7012";
     let run = |token: &Path| {
         run_mirror(
@@ -463,59 +424,26 @@ fn token_files_that_are_not_secret_are_refused_on_both_sides() {
             ],
         )
     };
-    let out = run(&exposed);
-    assert!(!out.status.success());
     let expected = format!("chmod 600 {}", exposed.display());
-    assert!(stderr_of(&out).contains(&expected), "{}", stderr_of(&out));
-    let out = run(&empty);
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("holds no token"),
-        "{}",
-        stderr_of(&out)
-    );
-    let out = run(&long);
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("longer than 256 bytes"),
-        "{}",
-        stderr_of(&out)
-    );
+    let refusals = [
+        (&exposed, expected.as_str()),
+        (&empty, "holds no token"),
+        (&long, "longer than 256 bytes"),
+    ];
+    for (token, says) in refusals {
+        assert_refused(&run(token), says);
+    }
     assert!(!socket.exists(), "the mirror stopped before listening");
 
     // The clients apply the same rules, before they connect.
     let good = dir.join("good");
     write_token(&good, "a-token");
     let mirror = start_with_token(&s, &unix, tcp, &good, &[]);
-    for (token, says) in [
-        (&exposed, expected.as_str()),
-        (&empty, "holds no token"),
-        (&long, "longer than 256 bytes"),
-    ] {
-        let out = run_mirror(
-            Some(&s.server),
-            &[
-                "stats",
-                "--connect",
-                tcp,
-                "--token-file",
-                &token.display().to_string(),
-            ],
-        );
-        assert!(!out.status.success());
-        assert!(stderr_of(&out).contains(says), "{}", stderr_of(&out));
+    for (token, says) in refusals {
+        assert_refused(&stats_with_token(&s, tcp, token, &[]), says);
     }
-    let out = run_mirror(
-        Some(&s.server),
-        &[
-            "stats",
-            "--connect",
-            tcp,
-            "--token-file",
-            &good.display().to_string(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = stats_with_token(&s, tcp, &good, &[]);
+    assert_success(&out);
     let output = mirror.stop();
     assert_eq!(output.counter("server.refused"), 0, "{output}");
     assert_eq!(output.counter("server.accepted"), 1, "{output}");
@@ -554,6 +482,21 @@ fn closed_by<S: Read>(
     }
 }
 
+/// Asserts that the peer closed every one of `streams` by `deadline`.
+fn assert_all_closed_by<S: Read>(
+    streams: &mut [S],
+    deadline: Instant,
+    set_timeout: impl Fn(&S, Duration),
+    what: &str,
+) {
+    for (i, stream) in streams.iter_mut().enumerate() {
+        assert!(
+            closed_by(stream, deadline, &set_timeout),
+            "{what} connection {i} still open"
+        );
+    }
+}
+
 #[test]
 fn silent_connections_do_not_lock_out_a_client_with_the_token() {
     needs_root!();
@@ -561,9 +504,7 @@ fn silent_connections_do_not_lock_out_a_client_with_the_token() {
     let s = TestBed::new();
     let token = s.path("secret").join("token");
     write_token(&token, "the-token");
-    let token_arg = token.display().to_string();
-    let socket = s.path("sock").join("m.sock");
-    let unix = format!("unix:{}", socket.display());
+    let (socket, unix) = s.socket();
     let tcp = "127.0.0.1:7013";
     let mirror = start_with_token(&s, &unix, tcp, &token, &["--max-clients", "2"]);
     // 64 silent connections on each listener, four times the number that
@@ -577,18 +518,8 @@ fn silent_connections_do_not_lock_out_a_client_with_the_token() {
     // A client with the token is served at once, on either listener,
     // without waiting for the silent ones to time out.
     let started = Instant::now();
-    let stats = run_mirror(
-        Some(&s.server),
-        &[
-            "stats",
-            "--connect",
-            tcp,
-            "--token-file",
-            &token_arg,
-            "--json",
-        ],
-    );
-    assert!(stats.status.success(), "{}", stderr_of(&stats));
+    let stats = stats_with_token(&s, tcp, &token, &["--json"]);
+    assert_success(&stats);
     let tail = ClientProcess::tail(None, &unix, &["--port", "5201"]);
     let served_in = started.elapsed();
     assert!(
@@ -600,22 +531,10 @@ fn silent_connections_do_not_lock_out_a_client_with_the_token() {
     // once, to make room; the last 16 of each listener when their time is
     // up).
     let deadline = opened + HELLO_TIMEOUT + Duration::from_secs(3);
-    for (i, stream) in tcp_silent.iter_mut().enumerate() {
-        assert!(
-            closed_by(stream, deadline, |s, t| s
-                .set_read_timeout(Some(t))
-                .unwrap()),
-            "TCP connection {i} still open"
-        );
-    }
-    for (i, stream) in unix_silent.iter_mut().enumerate() {
-        assert!(
-            closed_by(stream, deadline, |s, t| s
-                .set_read_timeout(Some(t))
-                .unwrap()),
-            "Unix connection {i} still open"
-        );
-    }
+    let tcp_timeout = |s: &TcpStream, t| s.set_read_timeout(Some(t)).unwrap();
+    assert_all_closed_by(&mut tcp_silent, deadline, tcp_timeout, "TCP");
+    let unix_timeout = |s: &UnixStream, t| s.set_read_timeout(Some(t)).unwrap();
+    assert_all_closed_by(&mut unix_silent, deadline, unix_timeout, "Unix");
     let running = mirror_tests::mirror_process::running_counters(&unix);
     assert_eq!(
         running["server.hello_evicted"] + running["server.hello_timeouts"],
@@ -634,12 +553,7 @@ fn silent_connections_do_not_lock_out_a_client_with_the_token() {
 
 /// Says hello on `socket` as `name` and reads the welcome.
 fn short_session(socket: &Path, name: &str) {
-    let hello = ClientFrame::Hello {
-        version: VERSION,
-        name: name.to_owned(),
-        nonce: [0; NONCE_LEN],
-    };
-    let answer = raw_exchange(socket, &encode(|b| hello.encode(b)));
+    let answer = raw_exchange(socket, &hello(VERSION, name));
     assert!(matches!(answer, ServerFrame::Welcome { .. }), "{answer:?}");
 }
 
@@ -649,19 +563,9 @@ fn twenty_thousand_sessions_leave_small_counters() {
     const THREADS: usize = 16;
     const SESSIONS: usize = 20_000;
     let s = TestBed::new();
-    let mirror = MirrorProcess::start_quiet(
-        &s.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "5201",
-            // The server may notice a closed session a little after the
-            // next one of the same thread says hello.
-            "--max-clients",
-            "1000",
-        ],
-    );
+    // The server may notice a closed session a little after the next one
+    // of the same thread says hello.
+    let mirror = s.mirror(PORT, &["--max-clients", "1000"], MirrorProcess::start_quiet);
     let unix = mirror.endpoint();
     let socket = PathBuf::from(unix.strip_prefix("unix:").expect("a Unix socket"));
     let started = Instant::now();
@@ -685,12 +589,7 @@ fn twenty_thousand_sessions_leave_small_counters() {
     // connected while the counters are read.
     let forged = "x\nkernel: seen=4242\n\u{1b}[2J";
     let mut lingering = UnixStream::connect(&socket).unwrap();
-    let hello = ClientFrame::Hello {
-        version: VERSION,
-        name: forged.to_owned(),
-        nonce: [0; NONCE_LEN],
-    };
-    lingering.write_all(&encode(|b| hello.encode(b))).unwrap();
+    lingering.write_all(&hello(VERSION, forged)).unwrap();
     lingering
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -706,7 +605,7 @@ fn twenty_thousand_sessions_leave_small_counters() {
         past >= SESSIONS as u64 && past + get("server.active") == get("server.accepted")
     });
     let out = run_mirror(None, &["stats", "--connect", &unix, "--json"]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_success(&out);
     let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert!(all_ended, "{json}");
     assert!(
@@ -730,7 +629,7 @@ fn twenty_thousand_sessions_leave_small_counters() {
 
     // The text form: one `name value` per line, nothing that a name forged.
     let out = run_mirror(None, &["stats", "--connect", &unix]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_success(&out);
     let text = String::from_utf8(out.stdout).expect("text");
     for line in text.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();

@@ -3,6 +3,8 @@
 
 use std::{
     env, fs,
+    io::{ErrorKind, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -41,6 +43,17 @@ const PACKAGES: [(&str, &str); 20] = [
         "/usr/include/x86_64-linux-gnu/asm/types.h",
         "linux-libc-dev",
     ),
+];
+
+/// Commands whose Debian package starts a daemon when it is installed
+/// (its service is named after the package): Prometheus would listen on
+/// :9090 on the node for good. These are installed with service starts
+/// denied and are not enabled at boot; the tests start their own.
+const DAEMON_PACKAGES: [(&str, &str); 2] = [
+    // The metrics test scrapes the mirror with a real Prometheus and
+    // lints its text with promtool.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 pub fn all(root: &Path) -> Result<()> {
@@ -186,7 +199,50 @@ fn tools_dir() -> PathBuf {
 
 /// Installs the Debian packages of missing commands.
 pub fn packages() -> Result<()> {
-    let mut missing: Vec<&str> = PACKAGES
+    if is_root() {
+        PolicyRcD::system().recover()?;
+    }
+    let plain = missing_packages(&PACKAGES);
+    let daemons = missing_packages(&DAEMON_PACKAGES);
+    if plain.is_empty() && daemons.is_empty() {
+        return Ok(());
+    }
+    let all = [plain.as_slice(), daemons.as_slice()].concat().join(" ");
+    if !is_root() {
+        bail!(
+            "these packages are missing: {all}; install them with `sudo apt-get install {all}` or run as root"
+        );
+    }
+    if find_command("apt-get").is_none() {
+        bail!("these packages are missing and this is not a Debian-like system: {all}");
+    }
+    let apt = |args: &[&str]| {
+        let mut command = Command::new("apt-get");
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    let install = ["install", "-y", "-q", "--no-install-recommends"];
+    // A stale package index makes installs fail with 404s.
+    run(&mut apt(&["update", "-q"]))?;
+    if !plain.is_empty() {
+        run(apt(&install).args(&plain))?;
+    }
+    if !daemons.is_empty() {
+        let denied = PolicyRcD::system().deny_starts()?;
+        let installed = run(apt(&install).args(&daemons));
+        denied.restore()?;
+        installed?;
+        for service in &daemons {
+            disable_at_boot(service)?;
+        }
+    }
+    Ok(())
+}
+
+/// The packages of the commands (or files) in `wanted` that are missing,
+/// sorted, each once.
+fn missing_packages<'a>(wanted: &[(&str, &'a str)]) -> Vec<&'a str> {
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(command, _)| {
             if command.starts_with('/') {
@@ -199,30 +255,158 @@ pub fn packages() -> Result<()> {
         .collect();
     missing.sort_unstable();
     missing.dedup();
-    if missing.is_empty() {
-        return Ok(());
+    missing
+}
+
+/// Keeps a freshly installed daemon from starting at the next boot, under
+/// systemd and under SysV init (its package enabled it for both); starts
+/// and stops nothing. `systemctl disable` works without a running systemd
+/// too, and a later upgrade of the package leaves the service disabled.
+fn disable_at_boot(service: &str) -> Result<()> {
+    if find_command("systemctl").is_some()
+        && Path::new("/lib/systemd/system")
+            .join(format!("{service}.service"))
+            .exists()
+    {
+        run(Command::new("systemctl").args(["--quiet", "disable", &format!("{service}.service")]))?;
     }
-    if !is_root() {
-        bail!(
-            "these packages are missing: {0}; install them with `sudo apt-get install {0}` or run as root",
-            missing.join(" ")
-        );
+    if find_command("update-rc.d").is_some() && Path::new("/etc/init.d").join(service).exists() {
+        run(Command::new("update-rc.d").args([service, "disable"]))?;
     }
-    if find_command("apt-get").is_none() {
-        bail!(
-            "these packages are missing and this is not a Debian-like system: {}",
-            missing.join(" ")
-        );
-    }
-    let apt = |args: &[&str]| {
-        let mut command = Command::new("apt-get");
-        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        command
-    };
-    // A stale package index makes installs fail with 404s.
-    run(&mut apt(&["update", "-q"]))?;
-    run(apt(&["install", "-y", "-q", "--no-install-recommends"]).args(&missing))?;
     Ok(())
+}
+
+/// Debian's policy layer for maintainer scripts: `invoke-rc.d` and
+/// `deb-systemd-invoke` start or restart no service while
+/// `/usr/sbin/policy-rc.d` exits 101 (there is no environment variable
+/// for it in bookworm's init-system-helpers). Docker images ship one
+/// that denies everything; a node usually has none.
+struct PolicyRcD {
+    path: PathBuf,
+    /// Where the node's own policy waits while ours is in place.
+    saved: PathBuf,
+}
+
+/// Our policy, recognised by its text if a killed setup left it behind.
+const DENY_ALL: &str = "#!/bin/sh
+# mirror: cargo xtask setup installs a package; no service may start.
+exit 101
+";
+
+impl PolicyRcD {
+    fn system() -> Self {
+        Self::at(Path::new("/usr/sbin/policy-rc.d"))
+    }
+
+    fn at(path: &Path) -> Self {
+        let mut saved = path.as_os_str().to_owned();
+        saved.push(".saved-by-mirror-setup");
+        Self {
+            path: path.to_owned(),
+            saved: saved.into(),
+        }
+    }
+
+    /// Puts a policy in place that denies every start, the node's own
+    /// moved aside, until [`PolicyRcDenied::restore`] (or drop).
+    fn deny_starts(self) -> Result<PolicyRcDenied> {
+        self.recover()?;
+        let had_own = match fs::rename(&self.path, &self.saved) {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::NotFound => false,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot move {} aside", self.path.display()));
+            }
+        };
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(&self.path)
+            .and_then(|mut file| file.write_all(DENY_ALL.as_bytes()));
+        let denied = PolicyRcDenied {
+            policy: self,
+            had_own,
+            restored: false,
+        };
+        match written {
+            Ok(()) => Ok(denied),
+            Err(e) => {
+                let path = denied.policy.path.display().to_string();
+                // Dropping `denied` puts the node's policy back.
+                Err(e).with_context(|| format!("cannot write {path}"))
+            }
+        }
+    }
+
+    /// Undoes what a setup killed during an install left: puts the node's
+    /// policy back, or removes ours.
+    fn recover(&self) -> Result<()> {
+        let ours = || fs::read_to_string(&self.path).is_ok_and(|text| text == DENY_ALL);
+        if self.saved.exists() {
+            if self.path.exists() && !ours() {
+                bail!(
+                    "both {} and {} exist (an interrupted `cargo xtask setup` left the second): keep the policy you want as {} and remove the other",
+                    self.path.display(),
+                    self.saved.display(),
+                    self.path.display()
+                );
+            }
+            return fs::rename(&self.saved, &self.path).with_context(|| {
+                format!(
+                    "cannot put {} back as {}",
+                    self.saved.display(),
+                    self.path.display()
+                )
+            });
+        }
+        if ours() {
+            fs::remove_file(&self.path)
+                .with_context(|| format!("cannot remove {}", self.path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Our deny-all policy in place; the node's own comes back on
+/// [`Self::restore`], or on drop after an error.
+struct PolicyRcDenied {
+    policy: PolicyRcD,
+    had_own: bool,
+    restored: bool,
+}
+
+impl PolicyRcDenied {
+    fn restore(mut self) -> Result<()> {
+        self.restored = true;
+        self.undo()
+    }
+
+    fn undo(&self) -> Result<()> {
+        let PolicyRcD { path, saved } = &self.policy;
+        if self.had_own {
+            fs::rename(saved, path).with_context(|| {
+                format!("cannot put {} back as {}", saved.display(), path.display())
+            })
+        } else if fs::read_to_string(path).is_ok_and(|text| DENY_ALL.starts_with(&text)) {
+            // Ours, possibly cut short by a failed write; a file someone
+            // else created meanwhile stays.
+            fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for PolicyRcDenied {
+    fn drop(&mut self) {
+        if !self.restored
+            && let Err(error) = self.undo()
+        {
+            eprintln!("xtask: {error:#}");
+        }
+    }
 }
 
 fn find_command(name: &str) -> Option<PathBuf> {
@@ -245,4 +429,93 @@ pub fn is_root() -> bool {
             uids.split_whitespace().nth(1).map(|euid| euid == "0")
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    /// A directory of its own under the system's temporary directory,
+    /// removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("mkdir");
+            Self(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// What invoke-rc.d would learn from the policy at `path`.
+    fn verdict(path: &Path) -> Option<i32> {
+        Command::new(path)
+            .args(["prometheus", "start"])
+            .status()
+            .expect("run the policy")
+            .code()
+    }
+
+    #[test]
+    fn denies_starts_then_removes_its_policy() {
+        let scratch = Scratch::new("policy-none");
+        let path = scratch.0.join("policy-rc.d");
+        let denied = PolicyRcD::at(&path).deny_starts().expect("deny");
+        assert_eq!(verdict(&path), Some(101));
+        denied.restore().expect("restore");
+        assert!(!path.exists(), "no policy was there before");
+    }
+
+    #[test]
+    fn puts_the_nodes_own_policy_back() {
+        let scratch = Scratch::new("policy-own");
+        let path = scratch.0.join("policy-rc.d");
+        let own = "#!/bin/sh\nexit 0\n";
+        fs::write(&path, own).expect("write");
+        let policy = PolicyRcD::at(&path);
+        let saved = policy.saved.clone();
+        let denied = policy.deny_starts().expect("deny");
+        assert_eq!(verdict(&path), Some(101));
+        // An install that failed: the guard is dropped without restore.
+        drop(denied);
+        assert_eq!(fs::read_to_string(&path).expect("read"), own);
+        assert!(!saved.exists());
+    }
+
+    #[test]
+    fn recovers_from_a_killed_setup() {
+        let scratch = Scratch::new("policy-killed");
+        let path = scratch.0.join("policy-rc.d");
+        let own = "#!/bin/sh\nexit 0\n";
+        fs::write(&path, own).expect("write");
+        // As if setup died during the install, guard never dropped.
+        std::mem::forget(PolicyRcD::at(&path).deny_starts().expect("deny"));
+        PolicyRcD::at(&path).recover().expect("recover");
+        assert_eq!(fs::read_to_string(&path).expect("read"), own);
+
+        fs::remove_file(&path).expect("rm");
+        std::mem::forget(PolicyRcD::at(&path).deny_starts().expect("deny"));
+        PolicyRcD::at(&path).recover().expect("recover");
+        assert!(!path.exists(), "only ours was there");
+
+        // The owner wrote a new policy since: neither is touched.
+        fs::write(&path, own).expect("write");
+        let saved = PolicyRcD::at(&path).saved;
+        fs::write(&saved, "#!/bin/sh\nexit 104\n").expect("write");
+        let error = PolicyRcD::at(&path).recover().expect_err("ambiguous");
+        assert!(
+            error.to_string().contains("keep the policy you want"),
+            "{error}"
+        );
+        assert_eq!(fs::read_to_string(&path).expect("read"), own);
+    }
 }

@@ -95,6 +95,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "USER", default_value = None)]
     pub user: Option<String>,
 
+    /// Serve the counters at http://IP:PORT/metrics for Prometheus (and
+    /// /healthz), e.g. 127.0.0.1:9464. Anyone who can reach the address
+    /// reads the counters: bind a local or a management address.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub streams: StreamArgs,
 
@@ -433,6 +439,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> SetupConfig {
             name: format!("mirror {} on {}", env!("CARGO_PKG_VERSION"), args.iface),
         },
         token_file: args.server.token_file.clone(),
+        metrics: args.metrics,
     }
 }
 

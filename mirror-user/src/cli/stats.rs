@@ -3,7 +3,7 @@
 use std::io::Write as _;
 
 use clap::Args;
-use mirror_user::telemetry::counters;
+use mirror_user::telemetry::registry::Document;
 
 use crate::cli::{ConnectArgs, connect};
 
@@ -34,7 +34,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
             // Home and clear: the table is redrawn in place.
             write!(out, "\x1b[H\x1b[2J")?;
         }
-        for (name, value) in counters::flatten(&json) {
+        for (name, value) in Document::from_json(&json).flatten() {
             writeln!(out, "{name:<48} {value}")?;
         }
         out.flush()?;

@@ -3,19 +3,22 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
 };
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::{
-    fanout::subscription::{ConsumerStats, EndGuard, EventBatch, PortFeed, Subscription},
+    fanout::{
+        counters::{
+            ConsumerCounters, ConsumerSnapshot, HubSnapshot, PastSessions, PortCounters,
+            PortSnapshot,
+        },
+        subscription::{EndGuard, EventBatch, PortFeed, Subscription},
+    },
     flow::model::StreamEvent,
-    telemetry::counters::{ConsumerSnapshot, PastSessions, PortTotals},
+    telemetry::registry::Stage,
     text::printable,
 };
 
@@ -48,17 +51,9 @@ impl HubConfig {
     }
 }
 
-/// Totals of one port.
-#[derive(Debug, Default)]
-pub struct PortStats {
-    pub connections: AtomicU64,
-    pub bytes: AtomicU64,
-    pub batches: AtomicU64,
-}
-
 struct PortChannel {
     sender: broadcast::Sender<EventBatch>,
-    stats: PortStats,
+    stats: PortCounters,
 }
 
 /// The hub's consumers: in-process ones for the life of the mirror, and
@@ -66,7 +61,7 @@ struct PortChannel {
 #[derive(Debug, Default)]
 struct Consumers {
     /// In subscription order.
-    live: BTreeMap<u64, Arc<ConsumerStats>>,
+    live: BTreeMap<u64, Arc<ConsumerCounters>>,
     next: u64,
     /// Ended sessions, summed: the counters stay bounded however many
     /// sessions come and go.
@@ -81,7 +76,7 @@ pub struct Hub {
     consumers: Arc<Mutex<Consumers>>,
     /// Totals of channels closed while the mirror ran, one entry per port
     /// however often it was closed.
-    pub(super) closed_ports: Mutex<BTreeMap<u16, PortTotals>>,
+    pub(super) closed_ports: Mutex<BTreeMap<u16, PortSnapshot>>,
 }
 
 impl Hub {
@@ -110,7 +105,7 @@ impl Hub {
             .entry(port)
             .or_insert_with(|| PortChannel {
                 sender: broadcast::channel(self.config.effective_capacity()).0,
-                stats: PortStats::default(),
+                stats: PortCounters::default(),
             })
             .sender
             .subscribe()
@@ -126,9 +121,9 @@ impl Hub {
             let mut closed = self.closed_ports.lock();
             closed
                 .entry(port)
-                .or_insert(PortTotals {
+                .or_insert(PortSnapshot {
                     port,
-                    ..PortTotals::default()
+                    ..PortSnapshot::default()
                 })
                 .add(&totals(port, &channel.stats));
         }
@@ -206,7 +201,7 @@ impl Hub {
         client: Option<String>,
         session: bool,
     ) -> (PortFeed, Subscription) {
-        let stats = Arc::new(ConsumerStats::new(name, client));
+        let stats = Arc::new(ConsumerCounters::new(name, client));
         let key = {
             let mut consumers = self.consumers.lock();
             let key = consumers.next;
@@ -225,14 +220,14 @@ impl Hub {
 
     /// Totals of every port, open or closed, in port order (at most one
     /// entry per port).
-    pub fn port_totals(&self) -> Vec<PortTotals> {
+    pub fn port_totals(&self) -> Vec<PortSnapshot> {
         let mut by_port = self.closed_ports.lock().clone();
         for (port, channel) in self.channels.read().iter() {
             by_port
                 .entry(*port)
-                .or_insert(PortTotals {
+                .or_insert(PortSnapshot {
                     port: *port,
-                    ..PortTotals::default()
+                    ..PortSnapshot::default()
                 })
                 .add(&totals(*port, &channel.stats));
         }
@@ -253,12 +248,17 @@ impl Hub {
     }
 }
 
-fn totals(port: u16, stats: &PortStats) -> PortTotals {
-    PortTotals {
-        port,
-        connections: stats.connections.load(Ordering::Relaxed),
-        bytes: stats.bytes.load(Ordering::Relaxed),
-        batches: stats.batches.load(Ordering::Relaxed),
+fn totals(port: u16, counters: &PortCounters) -> PortSnapshot {
+    PortSnapshot::new(port, counters.snapshot())
+}
+
+/// The `ports`, `consumers` and `truncated` sections.
+impl Stage for Hub {
+    type Snapshot = HubSnapshot;
+
+    fn snapshot(&self) -> HubSnapshot {
+        let (consumers, past) = self.consumer_totals();
+        HubSnapshot::listed(self.port_totals(), consumers, past)
     }
 }
 

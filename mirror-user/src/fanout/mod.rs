@@ -12,6 +12,7 @@
 //! connections it had open on a port it leaves end as `shutdown`.
 
 pub mod batcher;
+pub mod counters;
 pub mod hub;
 pub mod subscription;
 #[cfg(test)]

@@ -5,10 +5,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
 };
 
 use tokio::sync::{broadcast, mpsc};
@@ -18,52 +15,12 @@ use tokio_stream::{
 };
 
 use crate::{
+    fanout::counters::ConsumerCounters,
     flow::model::{CloseReason, ConnId, StreamEvent},
-    telemetry::counters::ConsumerSnapshot,
 };
 
 /// Events of one port, published together.
 pub type EventBatch = Arc<[StreamEvent]>;
-
-/// Totals of one consumer.
-#[derive(Debug)]
-pub struct ConsumerStats {
-    pub name: String,
-    /// For a subscriber session: the name its client gave, cut and escaped
-    /// (see [`Hub::subscribe_session`]).
-    pub client: Option<String>,
-    pub events: AtomicU64,
-    pub bytes: AtomicU64,
-    /// Times the consumer fell behind a channel.
-    pub lags: AtomicU64,
-    /// Connections closed for it as `lagged`.
-    pub lagged_connections: AtomicU64,
-}
-
-impl ConsumerStats {
-    pub(super) fn new(name: String, client: Option<String>) -> Self {
-        Self {
-            name,
-            client,
-            events: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            lags: AtomicU64::new(0),
-            lagged_connections: AtomicU64::new(0),
-        }
-    }
-
-    /// Its counters, now.
-    pub fn snapshot(&self) -> ConsumerSnapshot {
-        ConsumerSnapshot {
-            name: self.name.clone(),
-            client: self.client.clone(),
-            events: self.events.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            lags: self.lags.load(Ordering::Relaxed),
-            lagged_connections: self.lagged_connections.load(Ordering::Relaxed),
-        }
-    }
-}
 
 /// Adds ports to, or removes them from, a subscription from another task.
 #[derive(Clone)]
@@ -113,7 +70,7 @@ pub struct Subscription {
     /// Connections this consumer has seen open and not yet close.
     open: HashMap<ConnId, u16>,
     queue: VecDeque<StreamEvent>,
-    stats: Arc<ConsumerStats>,
+    stats: Arc<ConsumerCounters>,
     /// Dropped with the subscription: a subscriber session's totals move
     /// into the past sessions' then.
     _end: Option<EndGuard>,
@@ -124,7 +81,7 @@ pub(super) type EndGuard = Box<dyn Send + Sync>;
 
 impl Subscription {
     /// A subscription with no port yet, and the feed that adds ports.
-    pub(super) fn new(stats: Arc<ConsumerStats>, end: Option<EndGuard>) -> (PortFeed, Self) {
+    pub(super) fn new(stats: Arc<ConsumerCounters>, end: Option<EndGuard>) -> (PortFeed, Self) {
         let (feed, changes) = mpsc::unbounded_channel();
         let subscription = Self {
             streams: StreamMap::new(),
@@ -196,7 +153,7 @@ impl Subscription {
         self.queue.len()
     }
 
-    pub fn stats(&self) -> &ConsumerStats {
+    pub fn stats(&self) -> &ConsumerCounters {
         &self.stats
     }
 

@@ -12,8 +12,8 @@ use super::{
     subscription::Subscription,
 };
 use crate::{
+    fanout::counters::{PastSessions, PortSnapshot},
     flow::model::{CloseReason, ConnId, EventSink as _, StreamEvent},
-    telemetry::counters::{PastSessions, PortTotals},
 };
 
 const CONFIG: HubConfig = HubConfig {
@@ -178,7 +178,7 @@ fn a_port_opened_and_closed_again_keeps_one_entry() {
     hub.publish(9000, vec![opened(2)]);
     assert_eq!(
         hub.port_totals(),
-        [PortTotals {
+        [PortSnapshot {
             port: 9000,
             connections: 1001,
             bytes: 0,

@@ -59,9 +59,11 @@ pub struct TableLimits {
 /// usable again after this long. Capped by the idle timeout.
 pub const SYN_QUIET_NS: u64 = 5_000_000_000;
 
-/// What a table did, for the counters.
+/// What a table did, and holds now: the flow stage's counters. Plain
+/// numbers: a table belongs to one shard, which publishes a copy (summed
+/// over shards by the pipeline).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TableStats {
+pub struct TableCounters {
     /// Connections announced to consumers.
     pub opened: u64,
     pub opened_midstream: u64,
@@ -81,9 +83,13 @@ pub struct TableStats {
     /// nor quiet.
     pub ignored_syns: u64,
     pub delivered_bytes: u64,
+    /// Connections tracked now (a gauge).
+    pub open: u64,
+    /// Memory held in reorder buffers and SYN waits now (a gauge).
+    pub held_bytes: u64,
 }
 
-impl TableStats {
+impl TableCounters {
     pub fn closed(&self, reason: CloseReason) -> u64 {
         self.closed[reason as usize]
     }
@@ -100,6 +106,40 @@ impl TableStats {
         self.ignored_rsts += other.ignored_rsts;
         self.ignored_syns += other.ignored_syns;
         self.delivered_bytes += other.delivered_bytes;
+        self.open += other.open;
+        self.held_bytes += other.held_bytes;
+    }
+}
+
+/// The `connections` section of the counters document.
+impl serde::Serialize for TableCounters {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        struct Closed<'a>(&'a TableCounters);
+        impl serde::Serialize for Closed<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut map = serializer.serialize_map(Some(CloseReason::ALL.len()))?;
+                for reason in CloseReason::ALL {
+                    map.serialize_entry(reason.as_str(), &self.0.closed(reason))?;
+                }
+                map.end()
+            }
+        }
+
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("opened", &self.opened)?;
+        map.serialize_entry("midstream", &self.opened_midstream)?;
+        map.serialize_entry("untracked_segments", &self.untracked)?;
+        map.serialize_entry("silent", &self.silent)?;
+        map.serialize_entry("ignored_rsts", &self.ignored_rsts)?;
+        map.serialize_entry("ignored_syns", &self.ignored_syns)?;
+        map.serialize_entry("delivered_bytes", &self.delivered_bytes)?;
+        map.serialize_entry("missing_bytes", &self.missing_bytes)?;
+        map.serialize_entry("closed", &Closed(self))?;
+        map.serialize_entry("open", &self.open)?;
+        map.serialize_entry("held_bytes", &self.held_bytes)?;
+        map.end()
     }
 }
 
@@ -201,7 +241,7 @@ pub struct ConnectionTable {
     buffered: usize,
     limits: TableLimits,
     ids: ConnIds,
-    stats: TableStats,
+    stats: TableCounters,
     scratch: Vec<Bytes>,
 }
 
@@ -217,7 +257,7 @@ impl ConnectionTable {
             buffered: 0,
             limits,
             ids,
-            stats: TableStats::default(),
+            stats: TableCounters::default(),
             scratch: Vec::new(),
         }
     }
@@ -235,8 +275,17 @@ impl ConnectionTable {
         self.buffered
     }
 
-    pub fn stats(&self) -> &TableStats {
+    pub fn stats(&self) -> &TableCounters {
         &self.stats
+    }
+
+    /// Its counters now, with the gauges filled in.
+    pub fn counters(&self) -> TableCounters {
+        TableCounters {
+            open: self.conns.len() as u64,
+            held_bytes: self.buffered as u64,
+            ..self.stats
+        }
     }
 
     /// Takes one segment of the client-to-server direction.

@@ -14,7 +14,19 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{kernel::loader::CpuRing, kernel::record::Record, telemetry::counters::DrainCounters};
+use crate::{kernel::loader::CpuRing, kernel::record::Record, telemetry::counters};
+
+counters! {
+    /// Userspace side of the ring stage, shared by the drain tasks.
+    pub struct DrainCounters => DrainSnapshot {
+        /// Records read out of the rings.
+        records,
+        /// Packet bytes in those records.
+        bytes,
+        /// Records that could not be decoded (a bug, never bad traffic).
+        undecodable,
+    }
+}
 
 /// Consumer of the records of one ring.
 pub trait RecordSink: Send + 'static {

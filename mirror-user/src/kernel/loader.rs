@@ -8,16 +8,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, ArrayOfMaps, Map, MapData, MapError, MapType, PerCpuArray, RingBuf},
+    maps::{Array, ArrayOfMaps, Map, MapData, MapError, MapType, RingBuf},
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use aya_log::EbpfLogger;
 use mirror_common::{
-    COUNTER_COUNT, Counter, GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow, MAP_COUNTERS,
-    MAP_LOST_FLOWS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
+    GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow, MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS,
+    MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
 };
 
-use crate::{flow::model::FlowKey, telemetry::counters::KernelCounters};
+use std::sync::Arc;
+
+use crate::{
+    flow::model::FlowKey,
+    kernel::counters::{KernelCounters, KernelSnapshot},
+};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so that one
 /// file is deployed; empty in a build that had none (see build.rs).
@@ -110,7 +115,7 @@ pub struct CpuRing {
 pub struct Mirror {
     ebpf: Ebpf,
     ports: Array<MapData, u8>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: Arc<KernelCounters>,
     rings: Vec<CpuRing>,
     lost_flows: Option<LostFlows>,
     kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
@@ -149,7 +154,7 @@ impl Mirror {
             });
 
         let ports = take_map(&mut ebpf, MAP_PORTS)?;
-        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let counters = Arc::new(KernelCounters::new(take_map(&mut ebpf, MAP_COUNTERS)?));
         let lost_flows = Some(LostFlows {
             map: take_map(&mut ebpf, MAP_LOST_FLOWS)?,
         });
@@ -224,13 +229,13 @@ impl Mirror {
     }
 
     /// Sum over CPUs of the kernel's counters.
-    pub fn counters(&self) -> Result<KernelCounters, MapError> {
-        let mut sums = [0u64; COUNTER_COUNT as usize];
-        for counter in Counter::ALL {
-            let per_cpu = self.counters.get(&(counter as u32), 0)?;
-            sums[counter as usize] = per_cpu.iter().sum();
-        }
-        Ok(KernelCounters::from_sums(sums))
+    pub fn counters(&self) -> Result<KernelSnapshot, MapError> {
+        self.counters.read()
+    }
+
+    /// The counters, for the registry.
+    pub fn kernel_counters(&self) -> Arc<KernelCounters> {
+        Arc::clone(&self.counters)
     }
 
     /// Hands the rings to their drain tasks (once).

@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod clock;
+pub mod counters;
 pub mod drain;
 pub mod loader;
 pub mod privileged_helper;

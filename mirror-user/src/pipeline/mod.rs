@@ -16,14 +16,10 @@ pub mod shards;
 use std::{
     io,
     os::fd::BorrowedFd,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use aya::maps::MapError;
 use tokio::{
     sync::{mpsc, watch},
     task::{JoinError, JoinHandle, JoinSet},
@@ -38,29 +34,29 @@ use crate::{
     kernel::{
         attach::{self, AUTO_REASON, AttachError, AttachMode, Attachment},
         clock::WallClock,
-        drain::{RecordSink, drain_ring, register_readable},
+        drain::{DrainCounters, RecordSink, drain_ring, register_readable},
         loader::Mirror,
         privileged_helper::Helper,
         record::Record,
     },
     pipeline::{
-        report::{Report, Stages},
+        report::Report,
         setup::Setup,
         shards::{SegmentRouter, ShardConfig, Shards},
     },
     server::{
-        ServerStats,
+        ServerCounters,
         listener::{self, SendBufferForcer},
         session::SessionContext,
     },
     sinks::{
         dump::dump_events,
-        forward::{ForwardConfig, ForwardStats, ForwardTarget, forward},
+        forward::{ForwardConfig, ForwardCounters, ForwardTarget, ForwardTargets, forward},
         pcap::{self, PcapSink},
         print::{PrintFormat, print_events},
         print_packets::{PacketFormat, PacketPrinter},
     },
-    telemetry::counters::DrainCounters,
+    telemetry::{endpoint, registry::Registry},
 };
 
 /// How often the flows that lost packets to a full ring are collected.
@@ -94,8 +90,6 @@ pub enum PipelineError {
     DetachClsact(#[source] io::Error),
     #[error(transparent)]
     Detach(#[from] AttachError),
-    #[error("cannot read the kernel counters")]
-    KernelCounters(#[source] MapError),
 }
 
 /// The privileged helper is how the server enlarges a local client's
@@ -125,6 +119,7 @@ impl Pipeline {
             dump_dir,
             pcap,
             helper,
+            metrics,
         } = setup;
 
         // The consumers follow the ports `ports add` adds.
@@ -144,9 +139,9 @@ impl Pipeline {
         }
         let mut forwards = Vec::new();
         for target in &config.forward {
-            let (feed, subscription) = hub.subscribe(&ports, &format!("forward {target}"));
+            let (feed, subscription) = hub.subscribe(&ports, &format!("forward-{target}"));
             control.follow_own_ports(feed);
-            let stats = Arc::new(ForwardStats::default());
+            let stats = Arc::new(ForwardCounters::default());
             consumers.spawn(forward(
                 subscription,
                 *target,
@@ -161,7 +156,8 @@ impl Pipeline {
 
         let (control_tx, control_rx) = mpsc::channel(64);
         let (server_stop_tx, server_stop_rx) = watch::channel(false);
-        let server_stats = Arc::new(ServerStats::default());
+        let server_stop_rx_metrics = server_stop_rx.clone();
+        let server_stats = Arc::new(ServerCounters::default());
         let server_task = tokio::spawn(listener::serve(
             listeners,
             SessionContext {
@@ -212,10 +208,10 @@ impl Pipeline {
                 stop_rx.clone(),
             ));
         }
-        let ring_lost_flows = Arc::new(AtomicU64::new(0));
+        let shard_counters = shards.counters();
         let lost_task = mirror.take_lost_flows().map(|mut lost| {
             let shards_lost = shards.lost_reporter();
-            let counter = Arc::clone(&ring_lost_flows);
+            let counters = Arc::clone(&shard_counters);
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let mut poll = tokio::time::interval(LOST_FLOWS_POLL);
@@ -225,7 +221,9 @@ impl Pipeline {
                         _ = stop.changed() => true,
                     };
                     let flows = lost.take();
-                    counter.fetch_add(flows.len() as u64, Ordering::Relaxed);
+                    counters
+                        .ring_lost_flows
+                        .fetch_add(flows.len() as u64, Ordering::Relaxed);
                     shards_lost.report(flows);
                     if stopping {
                         break;
@@ -247,15 +245,32 @@ impl Pipeline {
 
         // The drain tasks hold the capture's only handles now: it ends with them.
         drop(pcap_sink);
-        let stages = Stages {
-            drain: drain_counters,
-            shards: shards.counters(),
-            ring_lost_flows,
-            hub: Arc::clone(&hub),
-            server: server_stats,
-            forwards,
-            pcap: pcap_counters,
-        };
+        // Every stage's counters, in data-path order: what the report,
+        // STATS and the metrics endpoint read.
+        let mut registry = Registry::new();
+        registry.register("kernel", mirror.kernel_counters());
+        registry.register("drain", drain_counters);
+        registry.register("shards", shard_counters);
+        registry.register("connections", shards.connection_counters());
+        registry.register_sections(Arc::clone(&hub));
+        registry.register("server", server_stats);
+        registry.register("forward", Arc::new(ForwardTargets(forwards)));
+        if let Some(pcap) = pcap_counters {
+            registry.register("pcap", pcap);
+        }
+        let registry = Arc::new(registry);
+        let metrics_task = metrics.map(|listener| {
+            let registry = Arc::clone(&registry);
+            let mut stop = server_stop_rx_metrics;
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                };
+                if let Err(error) = endpoint::serve(listener, registry, stopped).await {
+                    tracing::warn!("the metrics endpoint stopped: {error}");
+                }
+            })
+        });
         Running {
             mirror,
             attachment,
@@ -271,7 +286,8 @@ impl Pipeline {
             shards,
             server_task,
             server_stop_tx,
-            stages,
+            registry,
+            metrics_task,
             early_end: None,
         }
     }
@@ -297,7 +313,9 @@ pub struct Running {
     shards: Shards,
     server_task: JoinHandle<()>,
     server_stop_tx: watch::Sender<bool>,
-    stages: Stages,
+    registry: Arc<Registry>,
+    /// Serves `--metrics` until the server stops.
+    metrics_task: Option<JoinHandle<()>>,
     /// A drain or consumer that ended before the stop.
     early_end: Option<Ended>,
 }
@@ -316,12 +334,7 @@ impl Running {
                 ended = self.consumers.join_next(), if !self.consumers.is_empty() => break ended,
                 Some(request) = self.control_rx.recv() => match request {
                     Request::Stats { reply } => {
-                        let json = self
-                            .mirror
-                            .counters()
-                            .map(|kernel| self.stages.json(kernel, self.shards.table_stats()))
-                            .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}));
-                        let _ = reply.send(json.to_string());
+                        let _ = reply.send(self.registry.document().to_json().to_string());
                     }
                     Request::Ports(request) => self.control.handle(request, &mut self.mirror),
                 },
@@ -351,7 +364,8 @@ impl Running {
             shards,
             server_task,
             server_stop_tx,
-            stages,
+            registry,
+            metrics_task,
             early_end,
         } = self;
         // Requests still in flight get "the mirror is stopping".
@@ -374,23 +388,24 @@ impl Running {
             // The drains are done: the writer finishes what it was given.
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
-        let table = shards.finish().await;
-        let kernel = mirror.counters().map_err(PipelineError::KernelCounters)?;
+        shards.finish().await;
         // The shards are gone; with the channels closed, the consumers and the
         // sessions see their ends once they have read everything.
         hub.close_all();
         let _ = server_stop_tx.send(true);
         let _ = server_task.await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
         drop(control);
         drop(hub);
         while let Some(ended) = consumers.join_next().await {
             failure = failure.or(task_failure(ended));
         }
         detached?;
+        // Every stage has stopped: the counters are final.
         Ok(Report {
-            stages,
-            kernel,
-            table,
+            counters: registry.document(),
             failure,
         })
     }

@@ -5,7 +5,12 @@
 //! giving up root covers every thread the mirror will ever have
 //! (no_new_privs and the bounding set are per thread).
 
-use std::{io, path::PathBuf, sync::Arc};
+use std::{
+    io,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use aya::maps::MapError;
 
@@ -23,6 +28,7 @@ use crate::{
         listener::{self, BoundListener, ServerError},
     },
     sinks::pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
+    telemetry::endpoint,
 };
 
 /// What the privileged start needs.
@@ -43,6 +49,8 @@ pub struct SetupConfig {
     /// while the file is still readable.
     pub server: ServerConfig,
     pub token_file: Option<PathBuf>,
+    /// `--metrics`: where Prometheus scrapes the counters.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Why the privileged start failed (each error says what to do).
@@ -68,6 +76,8 @@ pub enum SetupError {
     },
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    Metrics(#[from] endpoint::BindError),
     #[error("cannot start the mirror's privileged helper")]
     Helper(#[source] io::Error),
 }
@@ -86,6 +96,7 @@ pub struct Setup {
     pub(super) dump_dir: Option<OutputDir>,
     pub(super) pcap: Option<(PcapConfig, PcapOutput)>,
     pub(super) helper: Arc<Helper>,
+    pub(super) metrics: Option<TcpListener>,
 }
 
 impl Setup {
@@ -135,6 +146,7 @@ impl Setup {
             ..config.server
         });
         let listeners = listener::bind(&server_config)?;
+        let metrics = config.metrics.map(endpoint::bind).transpose()?;
 
         // Ports next: the program mirrors from the first packet it sees.
         for port in &config.ports {
@@ -186,6 +198,7 @@ impl Setup {
             dump_dir,
             pcap,
             helper: Arc::new(helper),
+            metrics,
         })
     }
 }

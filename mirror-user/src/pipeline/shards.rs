@@ -9,7 +9,7 @@ use std::{
     io,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -19,7 +19,7 @@ use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
     fanout::{batcher::Batcher, hub::Hub},
-    flow::conntrack::{ConnectionTable, TableLimits, TableStats},
+    flow::conntrack::{ConnectionTable, TableCounters, TableLimits},
     flow::model::CloseReason,
     flow::{
         model::{ConnIds, FlowKey},
@@ -27,6 +27,7 @@ use crate::{
     },
     kernel::drain::RecordSink,
     kernel::record::Record,
+    telemetry::{counters, registry::Stage},
 };
 
 /// Sizes of the shard stage.
@@ -51,24 +52,43 @@ const TICK: Duration = Duration::from_millis(50);
 /// whole table (closes every connection as `gap`).
 const MAX_LOST_FLOWS: usize = 65536;
 
-/// Counters of the shard stage, shared by drain tasks and shards.
-#[derive(Debug, Default)]
-pub struct ShardCounters {
-    pub segments: AtomicU64,
-    /// Segments dropped because a shard's queue was full.
-    pub queue_drops: AtomicU64,
-    /// Records that did not decode as TCP segments.
-    pub undecodable: AtomicU64,
+counters! {
+    /// Counters of the shard stage, shared by drain tasks and shards.
+    pub struct ShardCounters => ShardSnapshot {
+        segments,
+        /// Segments dropped because a shard's queue was full.
+        queue_drops,
+        /// Records that did not decode as TCP segments.
+        undecodable,
+        /// Flows the kernel reported as having lost packets to a full ring.
+        ring_lost_flows,
+    }
 }
 
-impl ShardCounters {
-    /// `(segments, queue_drops, undecodable)`.
-    pub fn snapshot(&self) -> (u64, u64, u64) {
-        (
-            self.segments.load(Ordering::Relaxed),
-            self.queue_drops.load(Ordering::Relaxed),
-            self.undecodable.load(Ordering::Relaxed),
-        )
+/// The shards' connection tables: the `connections` section of the
+/// counters. Each shard publishes a copy of its table's counters every
+/// tick (a lock taken once per tick, never per segment).
+#[derive(Debug, Default)]
+pub struct ConnectionCounters {
+    tables: Vec<Arc<Mutex<TableCounters>>>,
+}
+
+impl ConnectionCounters {
+    /// Summed over shards.
+    pub fn total(&self) -> TableCounters {
+        let mut total = TableCounters::default();
+        for table in &self.tables {
+            total.add(&table.lock());
+        }
+        total
+    }
+}
+
+impl Stage for ConnectionCounters {
+    type Snapshot = TableCounters;
+
+    fn snapshot(&self) -> TableCounters {
+        self.total()
     }
 }
 
@@ -139,7 +159,7 @@ pub struct Shards {
     queued: Vec<Arc<AtomicUsize>>,
     lost: Vec<Arc<LostFlows>>,
     counters: Arc<ShardCounters>,
-    stats: Vec<Arc<Mutex<TableStats>>>,
+    tables: Arc<ConnectionCounters>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -156,13 +176,14 @@ impl Shards {
             queued: Vec::with_capacity(count),
             lost: Vec::with_capacity(count),
             counters: Arc::new(ShardCounters::default()),
-            stats: Vec::with_capacity(count),
+            tables: Arc::default(),
             tasks: Vec::with_capacity(count),
         };
+        let mut tables = Vec::with_capacity(count);
         for _ in 0..count {
             let (sender, receiver) = mpsc::channel(config.queue_batches.max(1));
             let lost = Arc::new(LostFlows::default());
-            let stats = Arc::new(Mutex::new(TableStats::default()));
+            let stats = Arc::new(Mutex::new(TableCounters::default()));
             let table = ConnectionTable::new(config.table, ids.clone());
             let queued = Arc::new(AtomicUsize::new(0));
             let shard = Shard {
@@ -178,8 +199,9 @@ impl Shards {
             shards.senders.push(sender);
             shards.queued.push(queued);
             shards.lost.push(lost);
-            shards.stats.push(stats);
+            tables.push(stats);
         }
+        shards.tables = Arc::new(ConnectionCounters { tables });
         shards
     }
 
@@ -206,18 +228,19 @@ impl Shards {
         Arc::clone(&self.counters)
     }
 
-    /// Table statistics summed over shards (refreshed every tick).
-    pub fn table_stats(&self) -> TableStats {
-        let mut total = TableStats::default();
-        for stats in &self.stats {
-            total.add(&stats.lock());
-        }
-        total
+    /// The connection tables' counters (refreshed every tick).
+    pub fn connection_counters(&self) -> Arc<ConnectionCounters> {
+        Arc::clone(&self.tables)
+    }
+
+    /// The connection tables' counters summed over shards now.
+    pub fn table_stats(&self) -> TableCounters {
+        self.tables.total()
     }
 
     /// Stops the shards once every router is dropped: each closes its
     /// remaining connections as `shutdown` and publishes the last events.
-    pub async fn finish(mut self) -> TableStats {
+    pub async fn finish(mut self) -> TableCounters {
         self.senders.clear();
         for task in self.tasks.drain(..) {
             if let Err(error) = task.await {
@@ -233,7 +256,7 @@ struct Shard {
     receiver: mpsc::Receiver<Vec<Segment>>,
     queued: Arc<AtomicUsize>,
     lost: Arc<LostFlows>,
-    stats: Arc<Mutex<TableStats>>,
+    stats: Arc<Mutex<TableCounters>>,
     batcher: Batcher,
     epoch: Instant,
 }
@@ -272,7 +295,7 @@ impl Shard {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.table.tick(self.table_ns(now), &mut self.batcher.at(now));
-                    *self.stats.lock() = *self.table.stats();
+                    *self.stats.lock() = self.table.counters();
                 }
                 _ = &mut publish, if publish_by.is_some() => {}
             }
@@ -285,7 +308,7 @@ impl Shard {
         self.table
             .close_all(CloseReason::Shutdown, &mut self.batcher.at(now));
         self.batcher.flush();
-        *self.stats.lock() = *self.table.stats();
+        *self.stats.lock() = self.table.counters();
     }
 
     fn apply_losses(&mut self, now: Instant) {
@@ -383,10 +406,7 @@ mod tests {
     use super::*;
     use crate::{
         fanout::hub::HubConfig,
-        flow::{
-            conntrack::TableLimits, model::StreamEvent, reassembly::ReorderLimits,
-            segment::TcpFlags,
-        },
+        flow::{model::StreamEvent, segment::TcpFlags},
     };
 
     #[test]
@@ -408,15 +428,7 @@ mod tests {
                 shards: 1,
                 // Far more batches than the bytes allow.
                 queue_batches: 1000,
-                table: TableLimits {
-                    max_connections: 16,
-                    max_buffered_bytes: 1 << 20,
-                    idle_timeout_ns: u64::MAX,
-                    reorder: ReorderLimits {
-                        max_bytes: 1 << 20,
-                        max_wait_ns: u64::MAX,
-                    },
-                },
+                table: super::stage_tests::limits(16),
             };
             let shards = Shards::start(config, &Arc::new(hub));
             let mut router = shards.router();
@@ -440,7 +452,11 @@ mod tests {
                 router.pending[0] = batch.clone();
                 router.send(0);
             }
-            let (segments, drops, _) = shards.counters().snapshot();
+            let ShardSnapshot {
+                segments,
+                queue_drops: drops,
+                ..
+            } = shards.counters().snapshot();
             assert_eq!(segments, (fit * SEGMENTS_PER_BATCH) as u64);
             assert_eq!(drops, (3 * SEGMENTS_PER_BATCH) as u64);
             assert_eq!(
@@ -470,15 +486,7 @@ mod tests {
         let config = ShardConfig {
             shards: 4,
             queue_batches: 16,
-            table: TableLimits {
-                max_connections: 64,
-                max_buffered_bytes: 1 << 20,
-                idle_timeout_ns: u64::MAX,
-                reorder: ReorderLimits {
-                    max_bytes: 1 << 20,
-                    max_wait_ns: u64::MAX,
-                },
-            },
+            table: super::stage_tests::limits(64),
         };
         let shards = Shards::start(config, &hub);
         let mut router = shards.router();
@@ -523,3 +531,7 @@ mod tests {
         shards.finish().await;
     }
 }
+
+#[cfg(test)]
+#[path = "shards_tests.rs"]
+mod stage_tests;

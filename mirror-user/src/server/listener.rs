@@ -22,7 +22,7 @@ use crate::{
     files::OutputDir,
     kernel::privileged_helper::{self, SocketFile},
     server::{
-        Endpoint, ServerConfig, ServerStats,
+        Endpoint, ServerConfig, ServerCounters,
         session::{Accepted, AwaitingHello, SessionContext, session},
         wire::Connection,
     },
@@ -311,7 +311,7 @@ fn start_listener(listener: BoundListener) -> io::Result<Listener> {
 async fn accept_loop(
     listener: Listener,
     accepted: mpsc::Sender<Accepted>,
-    stats: Arc<ServerStats>,
+    stats: Arc<ServerCounters>,
     send_buffer: Option<Arc<dyn SendBufferForcer>>,
 ) {
     let awaiting = Arc::new(AwaitingHello::default());

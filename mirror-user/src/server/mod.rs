@@ -23,14 +23,9 @@ pub mod session;
 mod tests;
 pub mod wire;
 
-use std::{
-    fmt,
-    net::SocketAddr,
-    path::PathBuf,
-    str::FromStr,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use crate::telemetry::counters;
 
 /// Where `mirror run` listens by default, and `mirror tail` connects.
 pub const DEFAULT_SOCKET: &str = "/run/mirror/mirror.sock";
@@ -87,66 +82,30 @@ pub struct ServerConfig {
     pub name: String,
 }
 
-/// Counters of the server.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Connections waiting for their hello now.
-    pub awaiting_hello: AtomicU64,
-    /// Clients served now (their hello passed).
-    pub active: AtomicU64,
-    /// Refused at hello: wrong proof of the token, version, or too many
-    /// clients.
-    pub refused: AtomicU64,
-    /// Left after the server's challenge without answering it: most often
-    /// a client with another token, which refuses a server whose proof
-    /// does not match its token.
-    pub unanswered_challenges: AtomicU64,
-    /// Closed before their hello to make room for a newer connection
-    /// ([`MAX_AWAITING_HELLO`]).
-    pub hello_evicted: AtomicU64,
-    /// Closed for sending no hello within [`HELLO_TIMEOUT`].
-    pub hello_timeouts: AtomicU64,
-    /// Closed because they stopped reading for longer than the budget.
-    pub too_slow: AtomicU64,
-    /// Closed for a malformed frame.
-    pub bad_frames: AtomicU64,
-}
-
-impl ServerStats {
-    /// `(name, value)` of every counter.
-    pub fn fields(&self) -> [(&'static str, u64); 9] {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        [
-            ("accepted", get(&self.accepted)),
-            ("awaiting_hello", get(&self.awaiting_hello)),
-            ("active", get(&self.active)),
-            ("refused", get(&self.refused)),
-            ("unanswered_challenges", get(&self.unanswered_challenges)),
-            ("hello_evicted", get(&self.hello_evicted)),
-            ("hello_timeouts", get(&self.hello_timeouts)),
-            ("too_slow", get(&self.too_slow)),
-            ("bad_frames", get(&self.bad_frames)),
-        ]
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        self.fields()
-            .iter()
-            .map(|(name, value)| ((*name).to_owned(), serde_json::Value::from(*value)))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    }
-}
-
-impl fmt::Display for ServerStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let fields: Vec<String> = self
-            .fields()
-            .iter()
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect();
-        f.write_str(&fields.join(" "))
+counters! {
+    /// Counters of the server.
+    pub struct ServerCounters => ServerSnapshot {
+        /// Connections accepted.
+        accepted,
+        /// Connections waiting for their hello now.
+        awaiting_hello,
+        /// Clients served now (their hello passed).
+        active,
+        /// Refused at hello: wrong proof of the token, version, or too many
+        /// clients.
+        refused,
+        /// Left after the server's challenge without answering it: most often
+        /// a client with another token, which refuses a server whose proof
+        /// does not match its token.
+        unanswered_challenges,
+        /// Closed before their hello to make room for a newer connection
+        /// ([`session::MAX_AWAITING_HELLO`]).
+        hello_evicted,
+        /// Closed for sending no hello within [`session::HELLO_TIMEOUT`].
+        hello_timeouts,
+        /// Closed because they stopped reading for longer than the budget.
+        too_slow,
+        /// Closed for a malformed frame.
+        bad_frames,
     }
 }

@@ -715,10 +715,11 @@ mod tests {
 
     use super::*;
     use crate::{
-        telemetry::counters::{
-            ConsumerSnapshot, DrainSnapshot, KernelCounters, MAX_LISTED_CONSUMERS,
-            MAX_LISTED_PORTS, PastSessions, PortTotals, StreamSummary, Summary, flatten,
+        fanout::counters::{
+            ConsumerSnapshot, HubSnapshot, MAX_LISTED_CONSUMERS, MAX_LISTED_PORTS, PastSessions,
+            PortSnapshot,
         },
+        telemetry::registry::{Document, Registry, Stage},
         text::printable,
     };
 
@@ -886,8 +887,8 @@ mod tests {
     /// in-process consumers and the busiest ports.
     #[test]
     fn the_document_is_bounded() {
-        let ports: Vec<PortTotals> = (1..=u16::MAX)
-            .map(|port| PortTotals {
+        let ports: Vec<PortSnapshot> = (1..=u16::MAX)
+            .map(|port| PortSnapshot {
                 port,
                 connections: u64::MAX,
                 bytes: if port == 7 { u64::MAX } else { u64::from(port) },
@@ -909,19 +910,22 @@ mod tests {
             (0..20_000u64)
                 .map(|id| snapshot(format!("client-{}", u64::MAX - id), Some(worst.clone()))),
         );
-        let summary = Summary {
-            kernel: KernelCounters::default(),
-            drain: DrainSnapshot::default(),
-            streams: StreamSummary {
-                ports,
-                consumers,
-                past_sessions: PastSessions {
-                    sessions: 1_000_000,
-                    ..PastSessions::default()
-                },
-                ..StreamSummary::default()
-            },
+        struct Worst(HubSnapshot);
+        impl Stage for Worst {
+            type Snapshot = HubSnapshot;
+            fn snapshot(&self) -> HubSnapshot {
+                self.0.clone()
+            }
+        }
+        let past = PastSessions {
+            sessions: 1_000_000,
+            ..PastSessions::default()
         };
+        let mut registry = Registry::new();
+        registry.register_sections(std::sync::Arc::new(Worst(HubSnapshot::listed(
+            ports, consumers, past,
+        ))));
+        let summary = registry.document();
         let json = summary.to_json();
         let document = json.to_string();
         assert!(document.len() < MAX_FRAME / 4, "{} bytes", document.len());
@@ -938,7 +942,7 @@ mod tests {
             json["truncated"]["consumers"],
             20_001 - MAX_LISTED_CONSUMERS
         );
-        let flat = flatten(&json);
+        let flat = Document::from_json(&json).flatten();
         assert_eq!(flat["consumers.past_sessions.sessions"], 1_000_000);
         assert!(flat.contains_key("consumers.print.events"));
         assert!(
@@ -957,11 +961,14 @@ mod tests {
             text.contains("consumer past_sessions: sessions=1000000 "),
             "{text}"
         );
-        assert!(text.contains(&format!(
-            "truncated: ports={} consumers={}",
-            usize::from(u16::MAX) - MAX_LISTED_PORTS,
-            20_001 - MAX_LISTED_CONSUMERS
-        )));
+        assert!(
+            text.contains(&format!(
+                "truncated: ports={} consumers={}",
+                usize::from(u16::MAX) - MAX_LISTED_PORTS,
+                20_001 - MAX_LISTED_CONSUMERS,
+            )),
+            "{text}"
+        );
     }
 
     /// The example in docs/protocol.md, frame by frame, length included:

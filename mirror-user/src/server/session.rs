@@ -28,7 +28,7 @@ use crate::{
     fanout::{hub::Hub, subscription::Subscription},
     flow::model::StreamEvent,
     server::{
-        ServerConfig, ServerStats,
+        ServerConfig, ServerCounters,
         protocol::{
             ClientFrame, ErrorCode, FRAME_BUFFER, MAX_FRAME, MAX_HELLO_FRAME, Nonce, ServerFrame,
             VERSION, client_name, client_proof_holds, codec, hello_version, new_nonce,
@@ -58,7 +58,7 @@ pub const MAX_AWAITING_HELLO: usize = 16;
 pub struct SessionContext {
     pub control: mpsc::Sender<Request>,
     pub hub: Arc<Hub>,
-    pub stats: Arc<ServerStats>,
+    pub stats: Arc<ServerCounters>,
     pub config: Arc<ServerConfig>,
 }
 
@@ -85,7 +85,7 @@ struct AwaitingQueue {
 impl AwaitingHello {
     /// A place for a new connection; when [`MAX_AWAITING_HELLO`] wait
     /// already, the oldest is told to go.
-    pub(super) fn admit(self: &Arc<Self>, stats: &Arc<ServerStats>) -> HelloTicket {
+    pub(super) fn admit(self: &Arc<Self>, stats: &Arc<ServerCounters>) -> HelloTicket {
         let (evict, evicted) = oneshot::channel();
         let mut queue = self.0.lock();
         if queue.waiting.len() >= MAX_AWAITING_HELLO
@@ -113,7 +113,7 @@ pub(super) struct HelloTicket {
     id: u64,
     /// Completes when a newer connection took the place.
     evicted: oneshot::Receiver<()>,
-    stats: Arc<ServerStats>,
+    stats: Arc<ServerCounters>,
 }
 
 impl Drop for HelloTicket {
@@ -127,11 +127,11 @@ impl Drop for HelloTicket {
 /// A client's place among the `--max-clients`; given back when dropped.
 struct ClientSlot {
     _permit: OwnedSemaphorePermit,
-    stats: Arc<ServerStats>,
+    stats: Arc<ServerCounters>,
 }
 
 impl ClientSlot {
-    fn take(clients: &Arc<Semaphore>, stats: &Arc<ServerStats>) -> Option<Self> {
+    fn take(clients: &Arc<Semaphore>, stats: &Arc<ServerCounters>) -> Option<Self> {
         let permit = Arc::clone(clients).try_acquire_owned().ok()?;
         stats.active.fetch_add(1, Ordering::Relaxed);
         Some(Self {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
     task::JoinHandle,
 };
@@ -35,7 +35,7 @@ use crate::{
     server::protocol::{
         MAX_CLIENT_NAME, MAX_TOKEN, NONCE_LEN, Proof, client_proof, server_proof_holds,
     },
-    telemetry::counters::{StreamSummary, Summary},
+    telemetry::registry::{Document, Registry},
 };
 
 const TOKEN: &str = "s3cret-token";
@@ -54,7 +54,7 @@ impl PortMap for NoMap {
 struct Harness {
     endpoint: Endpoint,
     unix: Option<(Endpoint, tempfile::TempDir)>,
-    stats: Arc<ServerStats>,
+    stats: Arc<ServerCounters>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
 }
@@ -84,28 +84,18 @@ impl Harness {
                 batch_bytes: 1 << 16,
             },
         ));
-        let stats = Arc::new(ServerStats::default());
+        let stats = Arc::new(ServerCounters::default());
         let (control_tx, mut control_rx) = mpsc::channel(64);
         let registry = PortRegistry::new(&[80], AllowList::parse("9000").unwrap(), 4);
         let mut control = Control::new(registry, Arc::clone(&hub));
-        let (counters_hub, counters_server) = (Arc::clone(&hub), Arc::clone(&stats));
+        let mut counters = Registry::new();
+        counters.register_sections(Arc::clone(&hub));
+        counters.register("server", Arc::clone(&stats));
         tokio::spawn(async move {
             while let Some(request) = control_rx.recv().await {
                 match request {
                     Request::Stats { reply } => {
-                        let (consumers, past_sessions) = counters_hub.consumer_totals();
-                        let mut json = Summary {
-                            kernel: Default::default(),
-                            drain: Default::default(),
-                            streams: StreamSummary {
-                                consumers,
-                                past_sessions,
-                                ..StreamSummary::default()
-                            },
-                        }
-                        .to_json();
-                        json["server"] = counters_server.to_json();
-                        let _ = reply.send(json.to_string());
+                        let _ = reply.send(counters.document().to_json().to_string());
                     }
                     Request::Ports(request) => control.handle(request, &mut NoMap),
                 }
@@ -146,24 +136,34 @@ impl Harness {
         }
     }
 
+    /// The Unix listener ([`Self::start_with`] with `with_unix`), and the
+    /// path of its socket.
+    fn unix(&self) -> (&Endpoint, &std::path::Path) {
+        match &self.unix {
+            Some((endpoint @ Endpoint::Unix(path), _)) => (endpoint, path),
+            _ => unreachable!("started without a Unix listener"),
+        }
+    }
+
     async fn client(&self, name: &str) -> Result<Client, ClientError> {
         Client::connect(&self.endpoint, Some(TOKEN), name).await
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.stats
-            .fields()
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .unwrap()
+        serde_json::to_value(self.stats.snapshot()).unwrap()[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no server counter {name}"))
     }
 
     /// Waits (at most 10 s) until `done` holds.
     async fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done(self) {
-            assert!(Instant::now() < deadline, "{what}: {}", self.stats);
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}",
+                self.stats.snapshot()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -236,7 +236,7 @@ async fn raw_hello(stream: &mut TcpStream, name: &str) -> Option<ServerFrame> {
 }
 
 /// Reads one frame, or `None` at the end of the stream.
-async fn read_frame(stream: &mut TcpStream) -> Option<ServerFrame> {
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> Option<ServerFrame> {
     let mut length = [0u8; 4];
     stream.read_exact(&mut length).await.ok()?;
     let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
@@ -245,7 +245,7 @@ async fn read_frame(stream: &mut TcpStream) -> Option<ServerFrame> {
 }
 
 /// Reads until the server closes the connection; returns the frames.
-async fn until_closed(stream: &mut TcpStream, within: Duration) -> Vec<ServerFrame> {
+async fn until_closed(stream: &mut (impl AsyncRead + Unpin), within: Duration) -> Vec<ServerFrame> {
     let mut frames = Vec::new();
     tokio::time::timeout(within, async {
         while let Some(frame) = read_frame(stream).await {
@@ -255,6 +255,17 @@ async fn until_closed(stream: &mut TcpStream, within: Duration) -> Vec<ServerFra
     .await
     .expect("the server closes the connection in time");
     frames
+}
+
+/// Asserts that the server closes the connection (within `within`) after
+/// one fatal error `code`.
+async fn assert_ends_with(
+    stream: &mut (impl AsyncRead + Unpin),
+    code: ErrorCode,
+    within: Duration,
+) {
+    let frames = until_closed(stream, within).await;
+    assert_eq!(fatal_code(&frames), Some(code), "{frames:?}");
 }
 
 fn fatal_code(frames: &[ServerFrame]) -> Option<ErrorCode> {
@@ -286,11 +297,11 @@ fn the_documented_limits_are_the_code() {
         ),
         format!(
             "at most {} ports",
-            crate::telemetry::counters::MAX_LISTED_PORTS
+            crate::fanout::counters::MAX_LISTED_PORTS
         ),
         format!(
             "and {} consumers",
-            crate::telemetry::counters::MAX_LISTED_CONSUMERS
+            crate::fanout::counters::MAX_LISTED_CONSUMERS
         ),
         format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
         format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
@@ -351,7 +362,12 @@ async fn silent_connections_take_no_client_slot_and_are_closed() {
     assert!(started.elapsed() >= HELLO_TIMEOUT / 2);
     // The holder's connection pushed the oldest out; the refused one
     // took the place the holder left.
-    assert_eq!(timed_out, MAX_AWAITING_HELLO - 1, "{}", server.stats);
+    assert_eq!(
+        timed_out,
+        MAX_AWAITING_HELLO - 1,
+        "{:?}",
+        server.stats.snapshot()
+    );
     assert_eq!(evicted + timed_out, 40);
     server
         .wait_until("counted", |s| s.counter("awaiting_hello") == 0)
@@ -375,8 +391,12 @@ async fn a_slow_hello_is_cut_at_the_deadline() {
     let bytes = hello("slow", [0; NONCE_LEN]);
     stream.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
     let started = Instant::now();
-    let frames = until_closed(&mut stream, HELLO_TIMEOUT + Duration::from_secs(2)).await;
-    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert_ends_with(
+        &mut stream,
+        ErrorCode::BadFrame,
+        HELLO_TIMEOUT + Duration::from_secs(2),
+    )
+    .await;
     assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_millis(100));
     server.stop().await;
 }
@@ -389,8 +409,7 @@ async fn before_its_hello_a_connection_may_send_no_more_than_a_hello() {
     // before its body arrives.
     let length = (crate::server::protocol::MAX_HELLO_FRAME as u32 + 1).to_be_bytes();
     stream.write_all(&length).await.unwrap();
-    let frames = until_closed(&mut stream, Duration::from_secs(2)).await;
-    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert_ends_with(&mut stream, ErrorCode::BadFrame, Duration::from_secs(2)).await;
     // The longest hello passes, and larger frames are allowed after it.
     let mut client = Client::connect(
         &server.endpoint,
@@ -482,8 +501,7 @@ async fn a_client_with_another_token_is_refused_and_counted() {
     let (server_nonce, _) = challenged(&mut stream, nonce).await;
     let wrong = client_proof(b"s3cret-tokenX", &server_nonce, &nonce);
     stream.write_all(&auth(wrong)).await.unwrap();
-    let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    assert_ends_with(&mut stream, ErrorCode::BadToken, Duration::from_secs(5)).await;
     // No token, or one longer than any the mirror accepts: the client
     // library refuses before it connects.
     assert!(matches!(
@@ -528,20 +546,17 @@ async fn a_recorded_or_reflected_proof_fails_on_another_connection() {
     let (replay_server_nonce, _) = challenged(&mut replay, nonce).await;
     assert_ne!(replay_server_nonce, first_server_nonce);
     replay.write_all(&auth(recorded)).await.unwrap();
-    let frames = until_closed(&mut replay, Duration::from_secs(5)).await;
-    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    assert_ends_with(&mut replay, ErrorCode::BadToken, Duration::from_secs(5)).await;
     // The server's own proof sent back to it, on this connection or on
     // one whose hello carries the first connection's server nonce.
     let mut reflect = TcpStream::connect(server.addr()).await.unwrap();
     let (_, own_proof) = challenged(&mut reflect, nonce).await;
     reflect.write_all(&auth(own_proof)).await.unwrap();
-    let frames = until_closed(&mut reflect, Duration::from_secs(5)).await;
-    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    assert_ends_with(&mut reflect, ErrorCode::BadToken, Duration::from_secs(5)).await;
     let mut swapped = TcpStream::connect(server.addr()).await.unwrap();
     challenged(&mut swapped, first_server_nonce).await;
     swapped.write_all(&auth(first_server_proof)).await.unwrap();
-    let frames = until_closed(&mut swapped, Duration::from_secs(5)).await;
-    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadToken), "{frames:?}");
+    assert_ends_with(&mut swapped, ErrorCode::BadToken, Duration::from_secs(5)).await;
     server
         .wait_until("counted", |s| s.counter("refused") == 3)
         .await;
@@ -562,12 +577,12 @@ async fn a_challenged_connection_keeps_its_waiting_place_until_it_answers() {
     for _ in 0..MAX_AWAITING_HELLO {
         silent.push(TcpStream::connect(server.addr()).await.unwrap());
     }
-    let frames = until_closed(&mut challenged_only, Duration::from_secs(2)).await;
-    assert_eq!(
-        fatal_code(&frames),
-        Some(ErrorCode::TooManyClients),
-        "{frames:?}"
-    );
+    assert_ends_with(
+        &mut challenged_only,
+        ErrorCode::TooManyClients,
+        Duration::from_secs(2),
+    )
+    .await;
     server
         .wait_until("evicted", |s| s.counter("hello_evicted") == 1)
         .await;
@@ -576,8 +591,12 @@ async fn a_challenged_connection_keeps_its_waiting_place_until_it_answers() {
     let mut late = TcpStream::connect(server.addr()).await.unwrap();
     let started = Instant::now();
     challenged(&mut late, new_nonce().unwrap()).await;
-    let frames = until_closed(&mut late, HELLO_TIMEOUT + Duration::from_secs(2)).await;
-    assert_eq!(fatal_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert_ends_with(
+        &mut late,
+        ErrorCode::BadFrame,
+        HELLO_TIMEOUT + Duration::from_secs(2),
+    )
+    .await;
     assert!(started.elapsed() >= HELLO_TIMEOUT - Duration::from_millis(100));
     server
         .wait_until("timed out", |s| s.counter("hello_timeouts") == 1)
@@ -595,22 +614,32 @@ async fn another_version_is_told_so_whatever_its_hello_holds() {
     v1.extend_from_slice(b"v1");
     let mut framed = (v1.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&v1);
-    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
-    stream.write_all(&framed).await.unwrap();
-    let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert_eq!(
-        fatal_code(&frames),
-        Some(ErrorCode::UnsupportedVersion),
-        "{frames:?}"
-    );
-    let [ServerFrame::Error { message, .. }] = &frames[..] else {
-        unreachable!("one error");
-    };
-    assert!(
-        message.starts_with("this mirror speaks protocol version 2, the client 1"),
-        "{message}"
-    );
-    assert_eq!(server.counter("refused"), 1);
+    // And a newer one, in this version's layout.
+    let newer = wire(&ClientFrame::Hello {
+        version: VERSION + 1,
+        name: "newer".to_owned(),
+        nonce: [0; NONCE_LEN],
+    });
+    for (hello, version) in [(framed, 1), (newer, VERSION + 1)] {
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        stream.write_all(&hello).await.unwrap();
+        let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(
+            fatal_code(&frames),
+            Some(ErrorCode::UnsupportedVersion),
+            "{frames:?}"
+        );
+        let [ServerFrame::Error { message, .. }] = &frames[..] else {
+            unreachable!("one error");
+        };
+        let says = format!("this mirror speaks protocol version {VERSION}, the client {version}");
+        assert!(message.starts_with(&says), "{message}");
+    }
+    assert_eq!(VERSION, 2, "the version 1 hello above is the one before");
+    server
+        .wait_until("counted", |s| s.counter("refused") == 2)
+        .await;
+    assert_eq!(server.counter("bad_frames"), 0);
     server.stop().await;
 }
 
@@ -618,10 +647,7 @@ async fn another_version_is_told_so_whatever_its_hello_holds() {
 async fn a_unix_socket_session_has_no_challenge() {
     use tokio::net::UnixStream;
     let server = Harness::start_with(4, true).await;
-    let (unix, _dir) = server.unix.as_ref().expect("a Unix listener");
-    let Endpoint::Unix(path) = unix else {
-        unreachable!("a Unix endpoint")
-    };
+    let (unix, path) = server.unix();
     let mut stream = UnixStream::connect(path).await.unwrap();
     stream
         .write_all(&hello("local", [0; NONCE_LEN]))
@@ -672,7 +698,8 @@ async fn ended_sessions_leave_only_their_totals() {
     }
     let mut client = server.client("observer").await.unwrap();
     let past = |json: &serde_json::Value| {
-        crate::telemetry::counters::flatten(json)
+        Document::from_json(json)
+            .flatten()
             .get("consumers.past_sessions.sessions")
             .copied()
     };
@@ -721,9 +748,202 @@ async fn client_names_are_cut_and_escaped() {
     let kept = crate::server::protocol::client_name(&forged);
     assert_eq!(kept.len(), MAX_CLIENT_NAME - 1);
     assert!(name.ends_with(&"é".repeat(18)) && !name.ends_with(&"é".repeat(19)));
-    for key in crate::telemetry::counters::flatten(&json).keys() {
+    for key in Document::from_json(&json).flatten().keys() {
         assert!(key.chars().all(|c| !c.is_control()), "{key:?}");
     }
     drop(stream);
+    server.stop().await;
+}
+
+/// A welcomed raw session on TCP.
+async fn welcomed(server: &Harness, name: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    let answer = raw_hello(&mut stream, name).await;
+    assert!(
+        matches!(answer, Some(ServerFrame::Welcome { .. })),
+        "{answer:?}"
+    );
+    stream
+}
+
+/// Asserts that `answer` is an error `code`, fatal or not, whose message
+/// says `says`.
+#[track_caller]
+fn assert_error(answer: Option<ServerFrame>, code: ErrorCode, fatal: bool, says: &str) {
+    match answer {
+        Some(ServerFrame::Error {
+            code: got,
+            fatal: got_fatal,
+            message,
+        }) if got == code && got_fatal == fatal => {
+            assert!(message.contains(says), "{message:?} should say {says:?}");
+        }
+        other => panic!("an error {code:?} (fatal: {fatal}): {other:?}"),
+    }
+}
+
+/// Says hello again on a welcomed raw session: an error the session
+/// survives (it still answers a request).
+async fn hello_again(stream: &mut (impl AsyncRead + AsyncWrite + Unpin)) {
+    stream
+        .write_all(&hello("again", new_nonce().unwrap()))
+        .await
+        .unwrap();
+    assert_error(
+        read_frame(stream).await,
+        ErrorCode::BadFrame,
+        false,
+        "hello was already sent",
+    );
+    stream.write_all(&wire(&ClientFrame::Stats)).await.unwrap();
+    let answer = read_frame(stream).await;
+    assert!(
+        matches!(answer, Some(ServerFrame::Stats { .. })),
+        "still served: {answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_hello_is_out_of_turn_whenever_it_comes() {
+    let server = Harness::start_with(4, true).await;
+    // Past the welcome, on TCP: an error the session survives.
+    let mut stream = welcomed(&server, "twice").await;
+    hello_again(&mut stream).await;
+    // The same on a Unix socket, which has no challenge.
+    let mut local = tokio::net::UnixStream::connect(server.unix().1)
+        .await
+        .unwrap();
+    local
+        .write_all(&hello("local", [0; NONCE_LEN]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_frame(&mut local).await,
+        Some(ServerFrame::Welcome { .. })
+    ));
+    hello_again(&mut local).await;
+    // In place of the answer to the challenge: the hello fails.
+    let mut early = TcpStream::connect(server.addr()).await.unwrap();
+    challenged(&mut early, new_nonce().unwrap()).await;
+    early
+        .write_all(&hello("again", new_nonce().unwrap()))
+        .await
+        .unwrap();
+    assert_ends_with(&mut early, ErrorCode::BadFrame, Duration::from_secs(5)).await;
+    server
+        .wait_until("counted", |s| s.counter("bad_frames") == 1)
+        .await;
+    assert_eq!(server.counter("active"), 2, "the two welcomed sessions");
+    assert_eq!(server.counter("refused"), 0);
+    server.stop().await;
+}
+
+/// Anything but a whole hello as the first frame ends the connection with
+/// a fatal error, counted, and costs the clients nothing.
+#[tokio::test]
+async fn a_first_frame_that_is_not_a_hello_is_refused_and_counted() {
+    let server = Harness::start(1).await;
+    let framed = |body: &[u8]| {
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    let first_frames = [
+        ("a request", wire(&ClientFrame::Stats)),
+        (
+            "an auth",
+            wire(&ClientFrame::Auth {
+                proof: client_proof(TOKEN.as_bytes(), &[0; NONCE_LEN], &[0; NONCE_LEN]),
+            }),
+        ),
+        ("an unknown type", framed(&[0x7f, 1, 2, 3])),
+        (
+            "a hello cut after its version",
+            framed(&[0x01, 0x00, VERSION as u8]),
+        ),
+        ("an empty frame", framed(&[])),
+    ];
+    for (what, bytes) in &first_frames {
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let frames = until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(
+            fatal_code(&frames),
+            Some(ErrorCode::BadFrame),
+            "{what}: {frames:?}"
+        );
+    }
+    server
+        .wait_until("all counted", |s| {
+            s.counter("bad_frames") == first_frames.len() as u64 && s.counter("awaiting_hello") == 0
+        })
+        .await;
+    assert_eq!(server.counter("refused"), 0);
+    assert_eq!(server.counter("active"), 0, "no client slot was taken");
+    // The one client slot is free.
+    let mut client = server.client("after them").await.expect("served");
+    client.stats().await.expect("stats");
+    server.stop().await;
+}
+
+/// Past its hello, a frame the server cannot read ends that session alone.
+#[tokio::test]
+async fn a_bad_frame_after_the_hello_ends_only_its_session() {
+    let server = Harness::start(4).await;
+    let mut bystander = server.client("bystander").await.expect("served");
+    let mut unknown = welcomed(&server, "unknown type").await;
+    unknown.write_all(&[0, 0, 0, 2, 0x7f, 0]).await.unwrap();
+    assert_ends_with(&mut unknown, ErrorCode::BadFrame, Duration::from_secs(5)).await;
+    // A frame announced longer than any the server takes: refused before
+    // its body arrives.
+    let mut huge = welcomed(&server, "huge").await;
+    let length = (MAX_FRAME as u32 + 1).to_be_bytes();
+    huge.write_all(&length).await.unwrap();
+    assert_ends_with(&mut huge, ErrorCode::BadFrame, Duration::from_secs(5)).await;
+    server
+        .wait_until("counted", |s| {
+            s.counter("bad_frames") == 2 && s.counter("active") == 1
+        })
+        .await;
+    bystander
+        .stats()
+        .await
+        .expect("the other session is still served");
+    server.stop().await;
+}
+
+/// `--max-clients` counts welcomed clients over every listener; a refused
+/// client is told the limit, and a slot that is given back serves the
+/// next one.
+#[tokio::test]
+async fn max_clients_refuses_the_next_client_until_a_slot_is_free() {
+    let server = Harness::start_with(2, true).await;
+    let (unix, _) = server.unix();
+    let first = server.client("first").await.expect("served");
+    let mut second = Client::connect(unix, None, "second").await.expect("served");
+    // Over TCP the refusal comes after the token was proved.
+    let mut refused = TcpStream::connect(server.addr()).await.unwrap();
+    assert_error(
+        raw_hello(&mut refused, "third").await,
+        ErrorCode::TooManyClients,
+        true,
+        "the mirror serves at most 2 clients at once",
+    );
+    assert!(matches!(
+        Client::connect(unix, None, "fourth").await,
+        Err(ClientError::TooMany(_))
+    ));
+    server
+        .wait_until("counted", |s| s.counter("refused") == 2)
+        .await;
+    assert_eq!(server.counter("active"), 2);
+    drop(first);
+    server
+        .wait_until("the first left", |s| s.counter("active") == 1)
+        .await;
+    let mut next = server.client("next").await.expect("served in its place");
+    next.stats().await.expect("stats");
+    second.stats().await.expect("still served");
+    assert_eq!(server.counter("refused"), 2);
     server.stop().await;
 }

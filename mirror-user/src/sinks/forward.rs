@@ -35,6 +35,7 @@ use tokio::{
 use crate::{
     fanout::subscription::Subscription,
     flow::model::{CloseReason, ConnId, StreamEvent},
+    telemetry::registry::Stage,
 };
 
 /// Events queued per shadow connection before it is aborted as too slow.
@@ -112,7 +113,7 @@ pub struct ForwardConfig {
 
 /// Counters of one target.
 #[derive(Debug, Default)]
-pub struct ForwardStats {
+pub struct ForwardCounters {
     /// Shadow connections established.
     pub opened: AtomicU64,
     /// Ended with the client's FIN, every byte written.
@@ -132,30 +133,81 @@ pub struct ForwardStats {
     pub bytes_written: AtomicU64,
 }
 
-impl ForwardStats {
-    pub fn to_json(&self, target: &ForwardTarget) -> serde_json::Value {
+impl ForwardCounters {
+    /// The target's entry in the `forward` section.
+    pub fn snapshot(&self, target: &ForwardTarget) -> ForwardSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut aborted = serde_json::Map::new();
-        for reason in CloseReason::ALL {
-            aborted.insert(
-                reason.as_str().to_owned(),
-                get(&self.aborted[reason as usize]).into(),
-            );
-        }
-        aborted.insert("target".to_owned(), get(&self.aborted_target).into());
-        serde_json::json!({
-            "name": target.to_string(),
-            "opened": get(&self.opened),
-            "completed": get(&self.completed),
-            "failed": get(&self.failed),
-            "aborted": aborted,
-            "skipped": {
-                "sample": get(&self.skipped_sample),
-                "limit": get(&self.skipped_limit),
-                "midstream": get(&self.skipped_midstream),
+        ForwardSnapshot {
+            name: target.to_string(),
+            opened: get(&self.opened),
+            completed: get(&self.completed),
+            failed: get(&self.failed),
+            aborted: Aborted {
+                by_reason: CloseReason::ALL.map(|reason| get(&self.aborted[reason as usize])),
+                target: get(&self.aborted_target),
             },
-            "bytes_written": get(&self.bytes_written),
-        })
+            skipped: Skipped {
+                sample: get(&self.skipped_sample),
+                limit: get(&self.skipped_limit),
+                midstream: get(&self.skipped_midstream),
+            },
+            bytes_written: get(&self.bytes_written),
+        }
+    }
+}
+
+/// [`ForwardCounters`] of one target at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ForwardSnapshot {
+    /// The target, `IP:PORT`.
+    pub name: String,
+    pub opened: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub aborted: Aborted,
+    pub skipped: Skipped,
+    pub bytes_written: u64,
+}
+
+/// Aborted shadow connections: by the mirrored connection's close reason,
+/// and `target` for the target's own failures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aborted {
+    pub by_reason: [u64; CloseReason::ALL.len()],
+    pub target: u64,
+}
+
+impl serde::Serialize for Aborted {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(CloseReason::ALL.len() + 1))?;
+        for (reason, count) in CloseReason::ALL.iter().zip(self.by_reason) {
+            map.serialize_entry(reason.as_str(), &count)?;
+        }
+        map.serialize_entry("target", &self.target)?;
+        map.end()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    pub sample: u64,
+    pub limit: u64,
+    pub midstream: u64,
+}
+
+/// Every target's counters: the `forward` section.
+#[derive(Debug, Default)]
+pub struct ForwardTargets(pub Vec<(ForwardTarget, Arc<ForwardCounters>)>);
+
+impl Stage for ForwardTargets {
+    type Snapshot = Vec<ForwardSnapshot>;
+
+    fn snapshot(&self) -> Vec<ForwardSnapshot> {
+        self.0
+            .iter()
+            .map(|(target, counters)| counters.snapshot(target))
+            .collect()
     }
 }
 
@@ -229,7 +281,7 @@ pub async fn forward(
     mut subscription: Subscription,
     target: ForwardTarget,
     config: ForwardConfig,
-    stats: Arc<ForwardStats>,
+    stats: Arc<ForwardCounters>,
 ) -> std::io::Result<()> {
     let health = Arc::new(Mutex::new(Health::default()));
     let active = Arc::new(AtomicUsize::new(0));
@@ -310,7 +362,7 @@ async fn shadow(
     addr: SocketAddr,
     mut queue: mpsc::Receiver<Command>,
     queued: Arc<Queued>,
-    stats: Arc<ForwardStats>,
+    stats: Arc<ForwardCounters>,
     health: Arc<Mutex<Health>>,
     active: Arc<AtomicUsize>,
 ) {
@@ -484,7 +536,7 @@ mod tests {
             },
         );
         let (_, subscription) = hub.subscribe(&[80], "forward");
-        let stats = Arc::new(ForwardStats::default());
+        let stats = Arc::new(ForwardCounters::default());
         let config = ForwardConfig {
             max_connections: 8,
             sample_percent: 100,
@@ -613,7 +665,7 @@ mod tests {
             },
         );
         let (_, subscription) = hub.subscribe(&[80], "forward");
-        let stats = Arc::new(ForwardStats::default());
+        let stats = Arc::new(ForwardCounters::default());
         let config = ForwardConfig {
             max_connections: 8,
             sample_percent: 100,

@@ -32,7 +32,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TrySendError},
     },
     thread::JoinHandle,
@@ -57,6 +57,7 @@ use crate::{
     flow::segment::PayloadPool,
     kernel::clock::WallClock,
     kernel::record::Record,
+    telemetry::counters,
 };
 
 /// Packets queued for the writer before new ones are dropped.
@@ -98,26 +99,15 @@ pub struct PcapConfig {
     pub snaplen: u32,
 }
 
-/// Counters of the capture.
-#[derive(Debug, Default)]
-pub struct PcapCounters {
-    pub written: AtomicU64,
-    /// Dropped because the writer's queue was full (a slow disk).
-    pub dropped: AtomicU64,
-    /// Not written because the sink had stopped on an error.
-    pub failed: AtomicU64,
-    pub files: AtomicU64,
-}
-
-impl PcapCounters {
-    pub fn fields(&self) -> [(&'static str, u64); 4] {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        [
-            ("written", get(&self.written)),
-            ("dropped", get(&self.dropped)),
-            ("failed", get(&self.failed)),
-            ("files", get(&self.files)),
-        ]
+counters! {
+    /// Counters of the capture.
+    pub struct PcapCounters => PcapSnapshot {
+        written,
+        /// Dropped because the writer's queue was full (a slow disk).
+        dropped,
+        /// Not written because the sink had stopped on an error.
+        failed,
+        files,
     }
 }
 
