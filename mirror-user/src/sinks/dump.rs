@@ -39,21 +39,17 @@ const MAX_SUFFIX: u32 = 10_000;
 /// (IPv4 octets and ports zero-padded; IPv6 as eight 4-digit groups).
 pub fn tcpflow_name(src: SocketAddr, dst: SocketAddr) -> String {
     fn end(addr: SocketAddr) -> String {
-        let ip = match addr.ip() {
-            IpAddr::V4(v4) => v4
-                .octets()
-                .iter()
-                .map(|o| format!("{o:03}"))
-                .collect::<Vec<_>>()
-                .join("."),
-            IpAddr::V6(v6) => v6
-                .segments()
-                .iter()
-                .map(|s| format!("{s:04x}"))
-                .collect::<Vec<_>>()
-                .join(":"),
-        };
-        format!("{ip}.{:05}", addr.port())
+        let port = addr.port();
+        match addr.ip() {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                format!("{a:03}.{b:03}.{c:03}.{d:03}.{port:05}")
+            }
+            IpAddr::V6(v6) => {
+                let [a, b, c, d, e, f, g, h] = v6.segments();
+                format!("{a:04x}:{b:04x}:{c:04x}:{d:04x}:{e:04x}:{f:04x}:{g:04x}:{h:04x}.{port:05}")
+            }
+        }
     }
     format!("{}-{}", end(src), end(dst))
 }
