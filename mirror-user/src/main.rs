@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{Cli, Command};
+use tokio::runtime::Builder;
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
 fn main() -> ExitCode {
@@ -24,13 +25,13 @@ fn main() -> ExitCode {
         // The privileged part of `run` happens before the runtime starts
         // any thread, so that giving up root covers them all.
         Command::Run(args) => cli::run::prepare(*args, max_level)
-            .and_then(|prepared| block_on(cli::run::run(prepared))),
+            .and_then(|prepared| block_on(Builder::new_multi_thread(), cli::run::run(prepared))),
         // No-new-privileges and the bounding set are per thread: `tail`
         // gives up root on its only thread, so that every thread made
         // later (tokio's blocking pool) is a copy of the unprivileged one.
-        Command::Tail(args) => block_on_one_thread(cli::tail::run(args)),
-        Command::Ports(args) => block_on(cli::ports::run(args)),
-        Command::Stats(args) => block_on(cli::stats::run(args)),
+        Command::Tail(args) => block_on(Builder::new_current_thread(), cli::tail::run(args)),
+        Command::Ports(args) => block_on(Builder::new_multi_thread(), cli::ports::run(args)),
+        Command::Stats(args) => block_on(Builder::new_multi_thread(), cli::stats::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,16 +47,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| anyhow::anyhow!("cannot start the async runtime: {error}"))?
-        .block_on(work)
-}
-
-fn block_on_one_thread(work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread()
+/// Runs `work` on a runtime built by `runtime` (multi-threaded, or on this
+/// thread only).
+fn block_on(
+    mut runtime: Builder,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    runtime
         .enable_all()
         .build()
         .map_err(|error| anyhow::anyhow!("cannot start the async runtime: {error}"))?

@@ -593,6 +593,21 @@ mod tests {
         (endpoint, task)
     }
 
+    /// Connects to a fake server that answers with `answer`: the client
+    /// must refuse it, and the fake server must have received nothing of
+    /// the token. Returns the fake server's address and the refusal.
+    async fn refused_by_fake_server(
+        answer: impl FnOnce(&ClientFrame) -> Vec<u8> + Send + 'static,
+    ) -> (Endpoint, ClientError) {
+        let (endpoint, fake) = fake_tcp_server(answer).await;
+        let error = Client::connect(&endpoint, Some(TOKEN), "victim")
+            .await
+            .err()
+            .expect("refused");
+        fake.await.unwrap().assert_nothing_of_the_token();
+        (endpoint, error)
+    }
+
     fn framed(frame: &ServerFrame) -> Vec<u8> {
         let mut out = BytesMut::new();
         let payload = frame.encode_wire(&mut out);
@@ -603,31 +618,26 @@ mod tests {
     #[tokio::test]
     async fn a_fake_server_gets_nothing_of_the_token_and_is_refused() {
         // A random challenge: the fake server cannot make the proof.
-        let (endpoint, fake) = fake_tcp_server(|_| {
+        let (endpoint, error) = refused_by_fake_server(|_| {
             framed(&ServerFrame::Challenge {
                 nonce: new_nonce().unwrap(),
                 proof: new_nonce().unwrap(),
             })
         })
         .await;
-        let error = Client::connect(&endpoint, Some(TOKEN), "victim")
-            .await
-            .err()
-            .expect("refused");
         assert_eq!(
             error.to_string(),
             format!(
                 "the server at {endpoint} does not know the token: it is not the mirror you meant, or it was started with another token file"
             )
         );
-        fake.await.unwrap().assert_nothing_of_the_token();
     }
 
     #[tokio::test]
     async fn a_replayed_challenge_or_a_welcome_without_one_is_refused() {
         // A challenge a real mirror made for another connection (another
         // client nonce), replayed.
-        let (endpoint, fake) = fake_tcp_server(|_| {
+        let (_, refused) = refused_by_fake_server(|_| {
             let (old_client_nonce, server_nonce) = ([7; NONCE_LEN], [9; NONCE_LEN]);
             framed(&ServerFrame::Challenge {
                 nonce: server_nonce,
@@ -639,28 +649,22 @@ mod tests {
             })
         })
         .await;
-        let refused = Client::connect(&endpoint, Some(TOKEN), "victim").await;
         assert!(
-            matches!(refused, Err(ClientError::ServerUnknown { .. })),
-            "{:?}",
-            refused.err()
+            matches!(refused, ClientError::ServerUnknown { .. }),
+            "{refused:?}"
         );
-        fake.await.unwrap().assert_nothing_of_the_token();
         // A welcome at once: that server proved nothing.
-        let (endpoint, fake) = fake_tcp_server(|_| {
+        let (_, refused) = refused_by_fake_server(|_| {
             framed(&ServerFrame::Welcome {
                 version: VERSION,
                 server: "fake".into(),
             })
         })
         .await;
-        let refused = Client::connect(&endpoint, Some(TOKEN), "victim").await;
         assert!(
-            matches!(refused, Err(ClientError::ServerUnknown { .. })),
-            "{:?}",
-            refused.err()
+            matches!(refused, ClientError::ServerUnknown { .. }),
+            "{refused:?}"
         );
-        fake.await.unwrap().assert_nothing_of_the_token();
     }
 
     #[tokio::test]

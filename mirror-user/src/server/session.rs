@@ -452,6 +452,24 @@ async fn ask<T>(
     answer.await.ok()
 }
 
+/// Asks the main task for a port change (`ADD_PORT`, `REMOVE_PORT`) and
+/// answers `OK`, the policy's refusal, or that the mirror is stopping.
+async fn change_port(
+    context: &SessionContext,
+    request: impl FnOnce(oneshot::Sender<Result<(), PolicyError>>) -> PortRequest,
+) -> ServerFrame {
+    match ask(context, |reply| Request::Ports(request(reply))).await {
+        Some(Ok(())) => ServerFrame::Ok,
+        Some(Err(policy)) => policy_error(&policy),
+        None => unavailable(),
+    }
+}
+
+/// The answer when the main task no longer takes requests.
+fn unavailable() -> ServerFrame {
+    error(ErrorCode::Internal, false, "the mirror is stopping")
+}
+
 fn policy_error(error: &PolicyError) -> ServerFrame {
     let code = match error {
         PolicyError::NotAllowed { .. } | PolicyError::CommandLine(_) | PolicyError::NotAdded(_) => {
@@ -543,7 +561,6 @@ async fn handle(
     subscription: &mut Subscription,
     context: &SessionContext,
 ) -> ServerFrame {
-    let unavailable = || error(ErrorCode::Internal, false, "the mirror is stopping");
     match request {
         ClientFrame::Hello { .. } => error(ErrorCode::BadFrame, false, "hello was already sent"),
         ClientFrame::Auth { .. } => error(
@@ -614,26 +631,10 @@ async fn handle(
             None => unavailable(),
         },
         ClientFrame::AddPort { port } => {
-            match ask(context, |reply| {
-                Request::Ports(PortRequest::AddPort { port, reply })
-            })
-            .await
-            {
-                Some(Ok(())) => ServerFrame::Ok,
-                Some(Err(policy)) => policy_error(&policy),
-                None => unavailable(),
-            }
+            change_port(context, |reply| PortRequest::AddPort { port, reply }).await
         }
         ClientFrame::RemovePort { port } => {
-            match ask(context, |reply| {
-                Request::Ports(PortRequest::RemovePort { port, reply })
-            })
-            .await
-            {
-                Some(Ok(())) => ServerFrame::Ok,
-                Some(Err(policy)) => policy_error(&policy),
-                None => unavailable(),
-            }
+            change_port(context, |reply| PortRequest::RemovePort { port, reply }).await
         }
     }
 }

@@ -39,21 +39,17 @@ const MAX_SUFFIX: u32 = 10_000;
 /// (IPv4 octets and ports zero-padded; IPv6 as eight 4-digit groups).
 pub fn tcpflow_name(src: SocketAddr, dst: SocketAddr) -> String {
     fn end(addr: SocketAddr) -> String {
-        let ip = match addr.ip() {
-            IpAddr::V4(v4) => v4
-                .octets()
-                .iter()
-                .map(|o| format!("{o:03}"))
-                .collect::<Vec<_>>()
-                .join("."),
-            IpAddr::V6(v6) => v6
-                .segments()
-                .iter()
-                .map(|s| format!("{s:04x}"))
-                .collect::<Vec<_>>()
-                .join(":"),
-        };
-        format!("{ip}.{:05}", addr.port())
+        let port = addr.port();
+        match addr.ip() {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                format!("{a:03}.{b:03}.{c:03}.{d:03}.{port:05}")
+            }
+            IpAddr::V6(v6) => {
+                let [a, b, c, d, e, f, g, h] = v6.segments();
+                format!("{a:04x}:{b:04x}:{c:04x}:{d:04x}:{e:04x}:{f:04x}:{g:04x}:{h:04x}.{port:05}")
+            }
+        }
     }
     format!("{}-{}", end(src), end(dst))
 }
@@ -260,11 +256,31 @@ pub async fn dump_events(mut subscription: Subscription, dir: OutputDir) -> io::
 
 #[cfg(test)]
 mod tests {
-    use std::fs;
-
-    use bytes::Bytes;
+    use std::{
+        fs,
+        path::{Path, PathBuf},
+    };
 
     use super::*;
+    use crate::sinks::test_events::{closed, data, opened, opened_midstream};
+
+    fn writer_in(dir: &Path) -> DumpWriter {
+        DumpWriter::new(OutputDir::open_or_create(dir, None).unwrap())
+    }
+
+    /// The sidecar `name` in `dir`, parsed.
+    fn sidecar(dir: &Path, name: &str) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(dir.join(name)).unwrap()).unwrap()
+    }
+
+    /// A file outside the dump directory, holding `precious`, for planted
+    /// links to point to; the directory goes when the first value drops.
+    fn victim_elsewhere() -> (tempfile::TempDir, PathBuf) {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        (elsewhere, victim)
+    }
 
     #[test]
     fn names_follow_tcpflow() {
@@ -287,42 +303,17 @@ mod tests {
     #[test]
     fn writes_streams_and_sidecars() {
         let dir = tempfile::tempdir().unwrap();
-        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
+        let mut writer = writer_in(dir.path());
         let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let events = [
-            StreamEvent::Opened {
-                conn: 1,
-                src,
-                dst,
-                midstream: false,
-            },
-            StreamEvent::Data {
-                conn: 1,
-                bytes: Bytes::from_static(b"hello "),
-            },
-            StreamEvent::Opened {
-                conn: 2,
-                src,
-                dst,
-                midstream: true,
-            },
-            StreamEvent::Data {
-                conn: 1,
-                bytes: Bytes::from_static(b"world"),
-            },
-            StreamEvent::Data {
-                conn: 2,
-                bytes: Bytes::from_static(b"tail"),
-            },
-            StreamEvent::Closed {
-                conn: 1,
-                reason: CloseReason::Fin,
-            },
-            StreamEvent::Closed {
-                conn: 2,
-                reason: CloseReason::Gap,
-            },
+            opened(1, src, dst),
+            data(1, b"hello "),
+            opened_midstream(2, src, dst),
+            data(1, b"world"),
+            data(2, b"tail"),
+            closed(1, CloseReason::Fin),
+            closed(2, CloseReason::Gap),
         ];
         for event in &events {
             writer.handle(event).unwrap();
@@ -333,15 +324,11 @@ mod tests {
             fs::read(dir.path().join(format!("{name}c1"))).unwrap(),
             b"tail"
         );
-        let meta: serde_json::Value =
-            serde_json::from_slice(&fs::read(dir.path().join(format!("{name}.meta"))).unwrap())
-                .unwrap();
+        let meta = sidecar(dir.path(), &format!("{name}.meta"));
         assert_eq!(meta["reason"], "fin");
         assert_eq!(meta["complete"], true);
         assert_eq!(meta["bytes"], 11);
-        let meta: serde_json::Value =
-            serde_json::from_slice(&fs::read(dir.path().join(format!("{name}c1.meta"))).unwrap())
-                .unwrap();
+        let meta = sidecar(dir.path(), &format!("{name}c1.meta"));
         assert_eq!(meta["reason"], "gap");
         assert_eq!(meta["complete"], false);
     }
@@ -349,33 +336,16 @@ mod tests {
     #[test]
     fn more_connections_than_open_files() {
         let dir = tempfile::tempdir().unwrap();
-        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
+        let mut writer = writer_in(dir.path());
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let count = OPEN_FILES as u64 + 10;
         for conn in 0..count {
             let src = SocketAddr::from(([198, 18, 0, 1], 10000 + conn as u16));
-            writer
-                .handle(&StreamEvent::Opened {
-                    conn,
-                    src,
-                    dst,
-                    midstream: false,
-                })
-                .unwrap();
+            writer.handle(&opened(conn, src, dst)).unwrap();
         }
         for conn in 0..count {
-            writer
-                .handle(&StreamEvent::Data {
-                    conn,
-                    bytes: Bytes::from_static(b"ab"),
-                })
-                .unwrap();
-            writer
-                .handle(&StreamEvent::Data {
-                    conn,
-                    bytes: Bytes::from_static(b"cd"),
-                })
-                .unwrap();
+            writer.handle(&data(conn, b"ab")).unwrap();
+            writer.handle(&data(conn, b"cd")).unwrap();
         }
         let src = SocketAddr::from(([198, 18, 0, 1], 10000));
         assert_eq!(
@@ -385,36 +355,11 @@ mod tests {
         assert!(writer.open.len() <= OPEN_FILES);
     }
 
-    fn opened(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
-        StreamEvent::Opened {
-            conn,
-            src,
-            dst,
-            midstream: false,
-        }
-    }
-
-    fn data(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
-        StreamEvent::Data {
-            conn,
-            bytes: Bytes::from_static(bytes),
-        }
-    }
-
-    fn closed(conn: ConnId) -> StreamEvent {
-        StreamEvent::Closed {
-            conn,
-            reason: CloseReason::Fin,
-        }
-    }
-
     #[test]
     fn planted_names_are_skipped_and_never_followed() {
         use std::os::unix::fs::symlink;
         let dir = tempfile::tempdir().unwrap();
-        let elsewhere = tempfile::tempdir().unwrap();
-        let victim = elsewhere.path().join("victim");
-        fs::write(&victim, b"precious").unwrap();
+        let (elsewhere, victim) = victim_elsewhere();
         let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let name = tcpflow_name(src, dst);
@@ -425,8 +370,12 @@ mod tests {
         symlink(&victim, dir.path().join(format!("{name}.meta"))).unwrap();
         symlink(&victim, dir.path().join(format!("{name}c1.meta"))).unwrap();
 
-        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
-        for event in [opened(1, src, dst), data(1, b"stream"), closed(1)] {
+        let mut writer = writer_in(dir.path());
+        for event in [
+            opened(1, src, dst),
+            data(1, b"stream"),
+            closed(1, CloseReason::Fin),
+        ] {
             writer.handle(&event).unwrap();
         }
 
@@ -445,9 +394,7 @@ mod tests {
         );
         let file = dir.path().join(format!("{name}c2"));
         assert_eq!(fs::read(&file).unwrap(), b"stream");
-        let meta: serde_json::Value =
-            serde_json::from_slice(&fs::read(dir.path().join(format!("{name}c2.meta"))).unwrap())
-                .unwrap();
+        let meta = sidecar(dir.path(), &format!("{name}c2.meta"));
         assert_eq!(meta["reason"], "fin");
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(
@@ -473,10 +420,8 @@ mod tests {
     fn a_file_swapped_after_eviction_is_not_followed() {
         use std::os::unix::fs::symlink;
         let dir = tempfile::tempdir().unwrap();
-        let elsewhere = tempfile::tempdir().unwrap();
-        let victim = elsewhere.path().join("victim");
-        fs::write(&victim, b"precious").unwrap();
-        let mut writer = DumpWriter::new(OutputDir::open_or_create(dir.path(), None).unwrap());
+        let (_elsewhere, victim) = victim_elsewhere();
+        let mut writer = writer_in(dir.path());
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let src = |conn: u64| SocketAddr::from(([198, 18, 0, 1], 10000 + conn as u16));
         let count = OPEN_FILES as u64 + 1;
@@ -494,7 +439,7 @@ mod tests {
         fs::write(&second, b"planted").unwrap();
         for conn in 0..count {
             writer.handle(&data(conn, b"cd")).unwrap();
-            writer.handle(&closed(conn)).unwrap();
+            writer.handle(&closed(conn, CloseReason::Fin)).unwrap();
         }
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(fs::read(&second).unwrap(), b"planted");

@@ -474,7 +474,65 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::fanout::hub::{Hub, HubConfig};
+    use crate::{
+        fanout::hub::{Hub, HubConfig},
+        sinks::test_events::{closed, data, opened, opened_midstream},
+    };
+
+    /// A listening target, and its `--forward` value.
+    async fn listening_target() -> (TcpListener, ForwardTarget) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = ForwardTarget {
+            port: None,
+            addr: listener.local_addr().unwrap(),
+        };
+        (listener, target)
+    }
+
+    /// A forwarder to `target` of every connection (up to eight at once)
+    /// that the returned hub publishes on port 80; its channel holds
+    /// `capacity` events.
+    fn start_forward(
+        target: ForwardTarget,
+        capacity: usize,
+    ) -> (
+        Hub,
+        Arc<ForwardCounters>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let hub = Hub::new(
+            &[80],
+            HubConfig {
+                capacity,
+                max_bytes: 1 << 30,
+                batch_bytes: 1 << 16,
+            },
+        );
+        let (_, subscription) = hub.subscribe(&[80], "forward");
+        let stats = Arc::new(ForwardCounters::default());
+        let config = ForwardConfig {
+            max_connections: 8,
+            sample_percent: 100,
+        };
+        let task = tokio::spawn(forward(subscription, target, config, Arc::clone(&stats)));
+        (hub, stats, task)
+    }
+
+    /// Closes the hub's channels; the forwarder must then end cleanly.
+    async fn stop_forward(hub: Hub, task: tokio::task::JoinHandle<std::io::Result<()>>) {
+        hub.close_all();
+        drop(hub);
+        task.await.unwrap().unwrap();
+    }
+
+    /// Waits (at most `limit`) until `done`; panics with `what` otherwise.
+    async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     #[test]
     fn targets_parse() {
@@ -510,11 +568,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn streams_are_replayed_and_ends_honoured() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = ForwardTarget {
-            port: None,
-            addr: listener.local_addr().unwrap(),
-        };
+        let (listener, target) = listening_target().await;
         // The target keeps what each connection sends, and how it ended.
         let server = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -527,55 +581,20 @@ mod tests {
             got.sort();
             got
         });
-        let hub = Hub::new(
-            &[80],
-            HubConfig {
-                capacity: 64,
-                max_bytes: 1 << 30,
-                batch_bytes: 1 << 16,
-            },
-        );
-        let (_, subscription) = hub.subscribe(&[80], "forward");
-        let stats = Arc::new(ForwardCounters::default());
-        let config = ForwardConfig {
-            max_connections: 8,
-            sample_percent: 100,
-        };
-        let task = tokio::spawn(forward(subscription, target, config, Arc::clone(&stats)));
+        let (hub, stats, task) = start_forward(target, 64);
         let src = |port| SocketAddr::from(([198, 18, 0, 1], port));
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
-        let opened = |conn, port| StreamEvent::Opened {
-            conn,
-            src: src(port),
-            dst,
-            midstream: false,
-        };
-        let data = |conn, text: &'static str| StreamEvent::Data {
-            conn,
-            bytes: Bytes::from_static(text.as_bytes()),
-        };
         hub.publish(
             80,
             vec![
-                opened(1, 1000),
-                opened(2, 1001),
-                StreamEvent::Opened {
-                    conn: 3,
-                    src: src(1002),
-                    dst,
-                    midstream: true,
-                },
-                data(1, "GET /a HTTP/1.1\r\n"),
-                data(2, "GET /b"),
-                data(1, "\r\n"),
-                StreamEvent::Closed {
-                    conn: 1,
-                    reason: CloseReason::Fin,
-                },
-                StreamEvent::Closed {
-                    conn: 2,
-                    reason: CloseReason::Gap,
-                },
+                opened(1, src(1000), dst),
+                opened(2, src(1001), dst),
+                opened_midstream(3, src(1002), dst),
+                data(1, b"GET /a HTTP/1.1\r\n"),
+                data(2, b"GET /b"),
+                data(1, b"\r\n"),
+                closed(1, CloseReason::Fin),
+                closed(2, CloseReason::Gap),
             ],
         );
         let got = tokio::time::timeout(Duration::from_secs(10), server)
@@ -592,22 +611,19 @@ mod tests {
             !got.iter().any(|(bytes, ok)| bytes == b"GET /b" && *ok),
             "{got:?}"
         );
-        hub.close_all();
-        drop(hub);
-        task.await.unwrap().unwrap();
+        stop_forward(hub, task).await;
         // The shadow tasks count their end after the target closes its
         // side, which may come after the forwarder's own end.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while stats.completed.load(Ordering::Relaxed)
-            + stats.aborted[CloseReason::Gap as usize].load(Ordering::Relaxed)
-            < 2
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the shadow connections never ended"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(
+            Duration::from_secs(10),
+            "the shadow connections never ended",
+            || {
+                stats.completed.load(Ordering::Relaxed)
+                    + stats.aborted[CloseReason::Gap as usize].load(Ordering::Relaxed)
+                    >= 2
+            },
+        )
+        .await;
         assert_eq!(stats.completed.load(Ordering::Relaxed), 1);
         assert_eq!(
             stats.aborted[CloseReason::Gap as usize].load(Ordering::Relaxed),
@@ -650,35 +666,16 @@ mod tests {
         // It accepts, then reads nothing: the socket buffers fill, writes
         // wait, and the queue grows by bytes (few, large events: far below
         // the event count budget).
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = ForwardTarget {
-            port: None,
-            addr: listener.local_addr().unwrap(),
-        };
+        let (listener, target) = listening_target().await;
         let server = tokio::spawn(async move { listener.accept().await.unwrap() });
-        let hub = Hub::new(
-            &[80],
-            HubConfig {
-                capacity: 128,
-                max_bytes: 1 << 30,
-                batch_bytes: 1 << 16,
-            },
-        );
-        let (_, subscription) = hub.subscribe(&[80], "forward");
-        let stats = Arc::new(ForwardCounters::default());
-        let config = ForwardConfig {
-            max_connections: 8,
-            sample_percent: 100,
-        };
-        let task = tokio::spawn(forward(subscription, target, config, Arc::clone(&stats)));
+        let (hub, stats, task) = start_forward(target, 128);
         hub.publish(
             80,
-            vec![StreamEvent::Opened {
-                conn: 1,
-                src: "198.18.0.1:1000".parse().unwrap(),
-                dst: "198.18.0.2:80".parse().unwrap(),
-                midstream: false,
-            }],
+            vec![opened(
+                1,
+                "198.18.0.1:1000".parse().unwrap(),
+                "198.18.0.2:80".parse().unwrap(),
+            )],
         );
         let _accepted = tokio::time::timeout(Duration::from_secs(10), server)
             .await
@@ -697,22 +694,18 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while stats.aborted_target.load(Ordering::Relaxed) == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the shadow connection was never aborted"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(
+            Duration::from_secs(20),
+            "the shadow connection was never aborted",
+            || stats.aborted_target.load(Ordering::Relaxed) > 0,
+        )
+        .await;
         let written = stats.bytes_written.load(Ordering::Relaxed);
         assert!(
             written < (chunks << 20) as u64,
             "{written} bytes written: the target stopped reading"
         );
-        hub.close_all();
-        drop(hub);
-        task.await.unwrap().unwrap();
+        stop_forward(hub, task).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

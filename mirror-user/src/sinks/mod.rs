@@ -5,3 +5,5 @@ pub mod forward;
 pub mod pcap;
 pub mod print;
 pub mod print_packets;
+#[cfg(test)]
+mod test_events;

@@ -249,6 +249,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::sinks::test_events::{closed, data, opened, opened_midstream};
 
     fn line(event: &StreamEvent, format: PrintFormat) -> String {
         let mut out = String::new();
@@ -260,24 +261,14 @@ mod tests {
     fn totals_count_connections_bytes_and_each_close_reason() {
         let mut totals = EventTotals::default();
         let events = [
-            StreamEvent::Opened {
-                conn: 1,
-                src: "198.18.0.1:40000".parse().unwrap(),
-                dst: "198.18.0.2:80".parse().unwrap(),
-                midstream: false,
-            },
-            StreamEvent::Data {
-                conn: 1,
-                bytes: Bytes::from_static(b"hello"),
-            },
-            StreamEvent::Data {
-                conn: 1,
-                bytes: Bytes::from_static(b"!"),
-            },
-            StreamEvent::Closed {
-                conn: 1,
-                reason: CloseReason::Lagged,
-            },
+            opened(
+                1,
+                "198.18.0.1:40000".parse().unwrap(),
+                "198.18.0.2:80".parse().unwrap(),
+            ),
+            data(1, b"hello"),
+            data(1, b"!"),
+            closed(1, CloseReason::Lagged),
         ];
         for event in &events {
             totals.count(event);
@@ -298,12 +289,11 @@ mod tests {
 
     #[test]
     fn json_lines_have_the_documented_keys() {
-        let opened = StreamEvent::Opened {
-            conn: 7,
-            src: "198.18.0.1:40000".parse().unwrap(),
-            dst: "[2001:db8::2]:80".parse().unwrap(),
-            midstream: true,
-        };
+        let opened = opened_midstream(
+            7,
+            "198.18.0.1:40000".parse().unwrap(),
+            "[2001:db8::2]:80".parse().unwrap(),
+        );
         let json: serde_json::Value =
             serde_json::from_str(&line(&opened, PrintFormat::Json)).unwrap();
         assert_eq!(
@@ -311,20 +301,14 @@ mod tests {
             serde_json::json!({"event": "opened", "conn": 7, "src": "198.18.0.1:40000",
                                "dst": "[2001:db8::2]:80", "midstream": true})
         );
-        let data = StreamEvent::Data {
-            conn: 7,
-            bytes: Bytes::from_static(b"hi\x00"),
-        };
+        let data = data(7, b"hi\x00");
         let json: serde_json::Value =
             serde_json::from_str(&line(&data, PrintFormat::Json)).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"event": "data", "conn": 7, "len": 3, "data": "aGkA"})
         );
-        let closed = StreamEvent::Closed {
-            conn: 7,
-            reason: CloseReason::Lagged,
-        };
+        let closed = closed(7, CloseReason::Lagged);
         let json: serde_json::Value =
             serde_json::from_str(&line(&closed, PrintFormat::Json)).unwrap();
         assert_eq!(
@@ -335,10 +319,7 @@ mod tests {
 
     #[test]
     fn hex_lines_dump_every_byte() {
-        let data = StreamEvent::Data {
-            conn: 2,
-            bytes: Bytes::from_static(b"GET / HTTP/1.1\r\nHost: x\r\n"),
-        };
+        let data = data(2, b"GET / HTTP/1.1\r\nHost: x\r\n");
         let text = line(&data, PrintFormat::Hex);
         assert_eq!(
             text,
@@ -352,10 +333,7 @@ mod tests {
 
     #[test]
     fn text_lines_show_a_preview_of_the_data() {
-        let data = StreamEvent::Data {
-            conn: 1,
-            bytes: Bytes::from_static(b"GET / HTTP/1.1\r\n"),
-        };
+        let data = data(1, b"GET / HTTP/1.1\r\n");
         assert_eq!(
             line(&data, PrintFormat::Text),
             "conn 1 data 16 bytes: \"GET / HTTP/1.1\\r\\n\"\n"

@@ -1,0 +1,38 @@
+//! Stream events for the sinks' tests.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use crate::flow::model::{CloseReason, ConnId, StreamEvent};
+
+/// A connection seen from its SYN.
+pub fn opened(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
+    StreamEvent::Opened {
+        conn,
+        src,
+        dst,
+        midstream: false,
+    }
+}
+
+/// A connection picked up midstream.
+pub fn opened_midstream(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
+    StreamEvent::Opened {
+        conn,
+        src,
+        dst,
+        midstream: true,
+    }
+}
+
+pub fn data(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
+    StreamEvent::Data {
+        conn,
+        bytes: Bytes::from_static(bytes),
+    }
+}
+
+pub fn closed(conn: ConnId, reason: CloseReason) -> StreamEvent {
+    StreamEvent::Closed { conn, reason }
+}
