@@ -11,6 +11,7 @@ use mirror_tests::{needs_root, root_tests};
 use mirror_user::{
     kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind},
     kernel::record::Record,
+    telemetry::registry::Stage as _,
 };
 
 const PORT: u16 = 8080;
@@ -660,6 +661,21 @@ fn a_full_ring_is_counted_and_the_packet_still_passes() {
         full += delta.get(Counter::RingFull);
     }
     assert!(full >= 1, "a 4 KiB ring cannot hold three 2 KiB records");
+    // The ring's fill gauge sees the unread records: one or more 2 KiB
+    // classes of the 4 KiB ring.
+    let fill = |mirror: &Mirror| -> u64 {
+        mirror
+            .ring_fills()
+            .snapshot()
+            .iter()
+            .map(|ring| ring.fill_bytes)
+            .sum()
+    };
+    let unread = fill(&mirror);
+    assert!(
+        (1400..=4096).contains(&unread),
+        "{unread} bytes unread in the rings"
+    );
     // The flow of the lost packets is reported, once, for its `gap` close.
     let mut lost = mirror.take_lost_flows().expect("lost-flow map");
     let flows = lost.take();
@@ -678,6 +694,7 @@ fn a_full_ring_is_counted_and_the_packet_still_passes() {
         3 - full,
         "every record that was not counted as lost arrived"
     );
+    assert_eq!(fill(&mirror), 0, "read records leave the fill gauge");
 }
 
 /// Frames up to the largest IP packet behind Ethernet and two VLAN tags are

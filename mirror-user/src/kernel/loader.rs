@@ -21,7 +21,10 @@ use std::sync::Arc;
 
 use crate::{
     flow::model::FlowKey,
-    kernel::counters::{KernelCounters, KernelSnapshot},
+    kernel::{
+        counters::{KernelCounters, KernelSnapshot},
+        ring_fill::{RingFill, RingFills},
+    },
 };
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so that one
@@ -117,6 +120,7 @@ pub struct Mirror {
     ports: Array<MapData, u8>,
     counters: Arc<KernelCounters>,
     rings: Vec<CpuRing>,
+    ring_fills: Arc<RingFills>,
     lost_flows: Option<LostFlows>,
     kernel_log: Option<EbpfLogger<&'static dyn log::Log>>,
 }
@@ -170,11 +174,25 @@ impl Mirror {
                 .collect::<Result<Vec<_>, _>>()?
         };
 
+        let ring_fills = rings
+            .iter()
+            .filter_map(|ring| {
+                RingFill::new(ring.cpu, &ring.ring, options.ring_size)
+                    .inspect_err(|error| {
+                        tracing::warn!(
+                            "the fill of CPU {}'s ring cannot be read: {error}",
+                            ring.cpu
+                        );
+                    })
+                    .ok()
+            })
+            .collect();
         Ok(Self {
             ebpf,
             ports,
             counters,
             rings,
+            ring_fills: Arc::new(RingFills(ring_fills)),
             lost_flows,
             kernel_log,
         })
@@ -231,6 +249,11 @@ impl Mirror {
     /// Sum over CPUs of the kernel's counters.
     pub fn counters(&self) -> Result<KernelSnapshot, MapError> {
         self.counters.read()
+    }
+
+    /// How full each ring is, for the registry.
+    pub fn ring_fills(&self) -> Arc<RingFills> {
+        Arc::clone(&self.ring_fills)
     }
 
     /// The counters, for the registry.

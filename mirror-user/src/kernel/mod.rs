@@ -8,3 +8,4 @@ pub mod loader;
 pub mod privileged_helper;
 pub mod privileges;
 pub mod record;
+pub mod ring_fill;

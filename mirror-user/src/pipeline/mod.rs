@@ -249,6 +249,7 @@ impl Pipeline {
         // STATS and the metrics endpoint read.
         let mut registry = Registry::new();
         registry.register("kernel", mirror.kernel_counters());
+        registry.register("rings", mirror.ring_fills());
         registry.register("drain", drain_counters);
         registry.register("shards", shard_counters);
         registry.register("connections", shards.connection_counters());

@@ -39,6 +39,7 @@ const LABELLED: &[(&str, &str, &str)] = &[
 
 /// The label a list's entries carry: (list, label).
 const LIST_LABELS: &[(&str, &str)] = &[
+    ("rings", "cpu"),
     ("ports", "port"),
     ("consumers", "consumer"),
     ("forward", "target"),
@@ -46,6 +47,8 @@ const LIST_LABELS: &[(&str, &str)] = &[
 
 /// Paths that are levels now rather than counts since the start.
 const GAUGES: &[&str] = &[
+    "rings.fill_bytes",
+    "rings.size_bytes",
     "connections.open",
     "connections.held_bytes",
     "shards.queued_bytes",
@@ -65,6 +68,10 @@ const HELP: &[(&str, &str)] = &[
     ("connections_opened", "Connections announced to consumers"),
     ("connections_closed", "Connections ended, by close reason"),
     ("connections_open", "Connections open now"),
+    (
+        "ring_fill_bytes",
+        "Bytes written to a CPU's ring and not yet read",
+    ),
     (
         "connections_held_bytes",
         "Memory held in reorder buffers and SYN waits now",

@@ -86,15 +86,17 @@ pub struct Document {
 /// in text: `ports` by `port` (`port 80: ...`), `consumers` and `forward`
 /// by `name`.
 pub(super) const LISTS: &[(&str, &str, &str)] = &[
+    ("rings", "cpu", "ring"),
     ("ports", "port", "port"),
     ("consumers", "name", "consumer"),
     ("forward", "name", "forward"),
 ];
 
-/// The key of a list entry: its port or its (escaped) name.
+/// The key of a list entry: its CPU, its port or its (escaped) name.
 pub(super) fn entry_key(item: &Value) -> String {
     item["port"]
         .as_u64()
+        .or_else(|| item["cpu"].as_u64())
         .map(|p| p.to_string())
         .or_else(|| item["name"].as_str().map(|n| printable(n).into_owned()))
         .unwrap_or_default()
@@ -185,10 +187,13 @@ fn walk(prefix: &str, value: &Value, leaf: &mut impl FnMut(String, u64)) {
     }
 }
 
-/// A list entry's numbers, but its key (a port is not a counter).
+/// A list entry's numbers, but its key (a port or a CPU is not a counter).
 fn walk_entry(prefix: &str, item: &Value, leaf: &mut impl FnMut(String, u64)) {
     if let Value::Object(map) = item {
-        for (key, value) in map.iter().filter(|(key, _)| *key != "port") {
+        for (key, value) in map
+            .iter()
+            .filter(|(key, _)| *key != "port" && *key != "cpu")
+        {
             walk(&format!("{prefix}.{key}"), value, leaf);
         }
     }
