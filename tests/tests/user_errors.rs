@@ -80,17 +80,19 @@ fn busy_xdp_slot() {
         &b,
         &["--iface", "b0", "--port", "80", "--attach", "xdp-drv"],
     );
+    // No server: the default socket is the machine's, which another mirror
+    // may hold; the refusal tested here is the XDP slot's.
     let out = run_mirror(
         Some(&b),
         &[
-            "run", "--iface", "b0", "--port", "81", "--attach", "xdp-drv",
+            "run", "--iface", "b0", "--port", "81", "--attach", "xdp-drv", "--listen", "none",
         ],
     );
     assert_clear_failure(&out, "b0 already has an XDP program attached");
     let out = run_mirror(
         Some(&b),
         &[
-            "run", "--iface", "b0", "--port", "81", "--attach", "xdp-skb",
+            "run", "--iface", "b0", "--port", "81", "--attach", "xdp-skb", "--listen", "none",
         ],
     );
     assert_clear_failure(&out, "b0 already has an XDP program attached");
@@ -108,7 +110,7 @@ fn no_native_xdp_on_loopback() {
     let out = run_mirror(
         Some(&ns),
         &[
-            "run", "--iface", "lo", "--port", "80", "--attach", "xdp-drv",
+            "run", "--iface", "lo", "--port", "80", "--attach", "xdp-drv", "--listen", "none",
         ],
     );
     assert_clear_failure(&out, "the driver of lo has no native XDP support");
