@@ -177,7 +177,10 @@ struct Murmur3(u32);
 impl Murmur3 {
     #[inline(always)]
     fn word(&mut self, k: u32) {
-        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
         self.0 = (self.0 ^ k)
             .rotate_left(13)
             .wrapping_mul(5)
@@ -302,7 +305,10 @@ mod tests {
         assert_eq!(murmur(0, &[]), 0);
         assert_eq!(murmur(1, &[]), 0x514e_28b7);
         assert_eq!(murmur(0, &[u32::from_le_bytes(*b"test")]), 0xba6b_d213);
-        assert_eq!(murmur(0x9747_b28c, &[u32::from_le_bytes(*b"aaaa")]), 0x5a97_808a);
+        assert_eq!(
+            murmur(0x9747_b28c, &[u32::from_le_bytes(*b"aaaa")]),
+            0x5a97_808a
+        );
     }
 
     fn v4(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> LostFlow {

@@ -539,7 +539,13 @@ mod tests {
         let args = run_args(&["-i", "lo", "-p", "80", "--sample", "10"]).unwrap();
         assert_eq!(args.sample, 10);
         let seeds: Vec<u32> = (0..4)
-            .map(|_| setup_config(&args, LevelFilter::OFF).unwrap().load.sample.seed)
+            .map(|_| {
+                setup_config(&args, LevelFilter::OFF)
+                    .unwrap()
+                    .load
+                    .sample
+                    .seed
+            })
             .collect();
         assert!(
             seeds.iter().any(|seed| *seed != seeds[0]),
