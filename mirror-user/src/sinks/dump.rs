@@ -470,6 +470,8 @@ mod tests {
         path::{Path, PathBuf},
     };
 
+    use std::time::Duration;
+
     use super::*;
     use crate::sinks::test_events::{closed, data, opened, opened_midstream};
 
@@ -489,6 +491,133 @@ mod tests {
         let victim = elsewhere.path().join("victim");
         fs::write(&victim, b"precious").unwrap();
         (elsewhere, victim)
+    }
+
+    /// A sink that writes nothing until `release` is sent to or dropped,
+    /// then records what it was given.
+    struct Blocked {
+        release: std::sync::mpsc::Receiver<()>,
+        seen: Arc<std::sync::Mutex<Vec<StreamEvent>>>,
+    }
+
+    impl BatchSink for Blocked {
+        fn write_batch(&mut self, events: &[StreamEvent]) -> io::Result<()> {
+            let _ = self.release.recv();
+            self.seen.lock().unwrap().extend(events.iter().cloned());
+            Ok(())
+        }
+    }
+
+    fn consumer(
+        hub: &crate::fanout::hub::Hub,
+        name: &str,
+    ) -> crate::fanout::counters::ConsumerSnapshot {
+        let (consumers, _) = hub.consumer_totals();
+        consumers.into_iter().find(|c| c.name == name).unwrap()
+    }
+
+    /// A writer that does not write (a hung disk) makes the dump lag alone:
+    /// its task goes on taking events, so the hub never drops any for the
+    /// other consumer, which gets every byte; the dump's connections that
+    /// did not fit the queue end as `lagged`, counted, and nothing of theirs
+    /// is written after the gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_writer_makes_only_the_dump_lag() {
+        use crate::fanout::hub::{Hub, HubConfig};
+        let hub = Hub::new(
+            &[80],
+            HubConfig {
+                capacity: 4,
+                max_bytes: 64 << 20,
+                batch_bytes: 1 << 10,
+            },
+        );
+        let (dump_feed, dump) = hub.subscribe(&[80], "dump-dir");
+        let (print_feed, mut print) = hub.subscribe(&[80], "print");
+        let (release, blocked) = std::sync::mpsc::channel();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Blocked {
+            release: blocked,
+            seen: Arc::clone(&seen),
+        };
+        let limits = QueueLimits {
+            bytes: 10 << 10,
+            events: 100,
+        };
+        let dumping = tokio::spawn(feed_writer(dump, sink, limits));
+
+        // 40 connections of 4 KiB each, in 240 batches: far more than the
+        // hub's 4 slots, so a consumer that stopped taking would lag there.
+        // Each batch is taken by both consumers before the next is sent.
+        let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let chunk = bytes::Bytes::from(vec![b'x'; 1 << 10]);
+        let mut printed = 0;
+        let mut sent = 0;
+        for conn in 0..40 {
+            let mut events = vec![opened(conn, src, dst)];
+            events.extend((0..4).map(|_| StreamEvent::Data {
+                conn,
+                bytes: chunk.clone(),
+            }));
+            events.push(closed(conn, CloseReason::Fin));
+            for event in events {
+                hub.publish(80, vec![event]);
+                sent += 1;
+                if let StreamEvent::Data { bytes, .. } = print.next().await.unwrap() {
+                    printed += bytes.len();
+                }
+                let taken = tokio::time::timeout(Duration::from_secs(5), async {
+                    while consumer(&hub, "dump-dir").events < sent {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+                .await;
+                assert!(taken.is_ok(), "the dump's task stopped taking events");
+            }
+        }
+        hub.close_all();
+        drop((dump_feed, print_feed));
+        assert!(print.next().await.is_none());
+        assert_eq!(printed, 40 * 4 << 10, "the other consumer got every byte");
+        let other = consumer(&hub, "print");
+        assert_eq!((other.lags, other.lagged_connections), (0, 0));
+
+        // The writer is still blocked, yet the dump's task took everything:
+        // at most 10 KiB fit the queue, the rest was closed as lagged.
+        let stats = consumer(&hub, "dump-dir");
+        assert_eq!(stats.bytes, 40 * 4 << 10, "the hub dropped nothing for it");
+        assert!(stats.lags >= 1, "{stats:?}");
+        assert!(
+            (37..=40).contains(&stats.lagged_connections),
+            "{stats:?}: no more than 3 connections fit 10 KiB"
+        );
+
+        drop(release);
+        dumping.await.unwrap().unwrap();
+        let seen = seen.lock().unwrap();
+        let mut lagged = 0;
+        let mut written = HashMap::<ConnId, usize>::new();
+        for event in seen.iter() {
+            match event {
+                StreamEvent::Data { conn, bytes } => {
+                    *written.entry(*conn).or_default() += bytes.len();
+                }
+                StreamEvent::Closed { conn, reason } => {
+                    let bytes = written.get(conn).copied().unwrap_or(0);
+                    if *reason == CloseReason::Lagged {
+                        lagged += 1;
+                        assert!(bytes < 4 << 10, "connection {conn} lagged with every byte");
+                    } else {
+                        assert_eq!(bytes, 4 << 10, "connection {conn} closed as {reason:?}");
+                    }
+                }
+                StreamEvent::Opened { .. } => {}
+            }
+        }
+        let total: usize = written.values().sum();
+        assert!(total <= 10 << 10, "{total} bytes queued past the limit");
+        assert!(lagged >= 1, "a lagged connection's file says so");
     }
 
     #[test]
@@ -511,21 +640,35 @@ mod tests {
 
     #[test]
     fn writes_streams_and_sidecars() {
+        writes_streams_and_sidecars_by(false);
+    }
+
+    #[test]
+    fn writes_streams_and_sidecars_in_batches() {
+        writes_streams_and_sidecars_by(true);
+    }
+
+    fn writes_streams_and_sidecars_by(batch: bool) {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = writer_in(dir.path());
         let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let events = [
             opened(1, src, dst),
-            data(1, b"hello "),
+            data(1, b"hel"),
+            data(1, b"lo "),
             opened_midstream(2, src, dst),
             data(1, b"world"),
             data(2, b"tail"),
             closed(1, CloseReason::Fin),
             closed(2, CloseReason::Gap),
         ];
-        for event in &events {
-            writer.handle(event).unwrap();
+        if batch {
+            writer.handle_batch(&events).unwrap();
+        } else {
+            for event in &events {
+                writer.handle(event).unwrap();
+            }
         }
         let name = tcpflow_name(src, dst);
         assert_eq!(fs::read(dir.path().join(&name)).unwrap(), b"hello world");
@@ -540,6 +683,24 @@ mod tests {
         let meta = sidecar(dir.path(), &format!("{name}c1.meta"));
         assert_eq!(meta["reason"], "gap");
         assert_eq!(meta["complete"], false);
+    }
+
+    #[test]
+    fn a_run_longer_than_one_writev_is_written_in_order() {
+        const DIGITS: &[u8] = b"0123456789";
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer_in(dir.path());
+        let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let mut events = vec![opened(1, src, dst)];
+        events.extend((0..3 * MAX_IOVECS + 5).map(|n| data(1, &DIGITS[n % 10..n % 10 + 1])));
+        events.push(closed(1, CloseReason::Fin));
+        writer.handle_batch(&events).unwrap();
+        let expected: Vec<u8> = (0..3 * MAX_IOVECS + 5).map(|n| DIGITS[n % 10]).collect();
+        let name = tcpflow_name(src, dst);
+        assert_eq!(fs::read(dir.path().join(&name)).unwrap(), expected);
+        let meta = sidecar(dir.path(), &format!("{name}.meta"));
+        assert_eq!(meta["bytes"], expected.len());
     }
 
     #[test]
