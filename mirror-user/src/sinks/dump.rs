@@ -579,14 +579,18 @@ mod tests {
         hub.close_all();
         drop((dump_feed, print_feed));
         assert!(print.next().await.is_none());
-        assert_eq!(printed, 40 * 4 << 10, "the other consumer got every byte");
+        assert_eq!(printed, (40 * 4) << 10, "the other consumer got every byte");
         let other = consumer(&hub, "print");
         assert_eq!((other.lags, other.lagged_connections), (0, 0));
 
         // The writer is still blocked, yet the dump's task took everything:
         // at most 10 KiB fit the queue, the rest was closed as lagged.
         let stats = consumer(&hub, "dump-dir");
-        assert_eq!(stats.bytes, 40 * 4 << 10, "the hub dropped nothing for it");
+        assert_eq!(
+            stats.bytes,
+            (40 * 4) << 10,
+            "the hub dropped nothing for it"
+        );
         assert!(stats.lags >= 1, "{stats:?}");
         assert!(
             (37..=40).contains(&stats.lagged_connections),
