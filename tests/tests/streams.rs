@@ -40,10 +40,9 @@ fn twenty_concurrent_connections_are_dumped_byte_identical() {
     needs_root!();
     let s = TestBed::new();
     shape(&s.client, "cli0", "2gbit");
-    // This test is about twenty interleaved streams, not about lag: the
-    // dump consumer writes on a runtime worker, and on a busy 2-core
-    // machine it fell behind the default channel budget once (CI). A
-    // second of slack at 2 Gbit/s keeps it on topic.
+    // This test is about twenty interleaved streams, not about lag: on a
+    // busy 2-core machine the dump consumer fell behind the default channel
+    // budget once (CI). A second of slack at 2 Gbit/s keeps it on topic.
     let (transfer, dump, output) = mirrored(
         &s,
         (20, MIB, 20 * MIB),
