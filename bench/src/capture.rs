@@ -180,7 +180,9 @@ fn render(results: &Results, options: &Options) -> Section {
          (both directions for xdpdump, which has no filter), from their own counters. *CPU* is \
          the watcher's processes (mirror and consumer) only: the in-kernel cost is charged to \
          the service and shows in its throughput and in the kernel section. Losses are each \
-         watcher's own counters, summed over all runs.\n",
+         watcher's own counters, summed over all runs. With `--sample 10` the kernel copies a \
+         tenth of the connections (whole ones, by hash): its completeness is the share of the \
+         traffic those connections carried, near 0.1 with many connections, 0 or 1 with one.\n",
         options.rounds, options.seconds
     );
     for (t, traffic) in Traffic::ALL.iter().enumerate() {
@@ -250,7 +252,7 @@ fn render(results: &Results, options: &Options) -> Section {
             );
             let kind = match watcher {
                 Watcher::Nothing => Kind::Baseline,
-                Watcher::Mirror { .. } => Kind::Mirror,
+                Watcher::Mirror { .. } | Watcher::MirrorSampled { .. } => Kind::Mirror,
                 _ => Kind::Peer,
             };
             if let Some(ratio) = figures.ratio {
@@ -437,9 +439,10 @@ fn verdict(
             "; xdpdump's fentry mode was refused by this kernel".to_owned()
         });
     format!(
-        "**{}**: beside the mirror (tc, as `--attach auto` picks on veth, with one consumer reading every stream) the service keeps {} ({standing}); beside the peers: {}{fentry}.",
+        "**{}**: beside the mirror (tc, as `--attach auto` picks on veth, with one consumer reading every stream) the service keeps {} ({standing}); with `--sample 10` {}; beside the peers: {}{fentry}.",
         traffic.name(),
         describe(mirror).unwrap_or_else(|| "-".to_owned()),
+        describe(Watcher::MirrorSampled { percent: 10 }).unwrap_or_else(|| "-".to_owned()),
         figures.join("; "),
     )
 }

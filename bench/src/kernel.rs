@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions, loaded_programs};
 use etherparse::PacketBuilder;
 use mirror_common::{Counter, PROG_TC, PROG_XDP};
 use mirror_tests::mirror_process::MirrorProcess;
-use mirror_user::kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind};
+use mirror_user::kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind, Sample};
 
 use crate::{
     Options,
@@ -234,6 +234,7 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
         snaplen: mirror_common::MAX_SNAPLEN,
         ring_size: 16 << 20,
         kernel_log_level: 0,
+        sample: Sample::ALL,
     })
     .expect("load the mirror's programs");
     mirror.set_port(SUBSCRIBED, true).expect("subscribe");

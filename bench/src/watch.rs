@@ -26,6 +26,12 @@ pub enum Watcher {
         attach: &'static str,
         subscribed: bool,
     },
+    /// `mirror run --attach tc --sample PERCENT` on the traffic's port,
+    /// with a `mirror tail` consumer: the kernel copies only that share of
+    /// the connections.
+    MirrorSampled {
+        percent: u8,
+    },
     /// tcpdump -B 65536 -w /dev/null, filtered on the port.
     Tcpdump,
     /// netsniff-ng --out /dev/null, filtered on the port.
@@ -39,7 +45,7 @@ pub enum Watcher {
 }
 
 impl Watcher {
-    pub const CASES: [Self; 12] = [
+    pub const CASES: [Self; 13] = [
         Self::Nothing,
         Self::Mirror {
             attach: "tc",
@@ -65,6 +71,7 @@ impl Watcher {
             attach: "xdp-drv",
             subscribed: true,
         },
+        Self::MirrorSampled { percent: 10 },
         Self::Tcpdump,
         Self::Netsniff,
         Self::XdpdumpPcap,
@@ -86,6 +93,9 @@ impl Watcher {
                 } else {
                     format!("mirror {mode}, port not subscribed")
                 }
+            }
+            Self::MirrorSampled { percent } => {
+                format!("mirror tc, --sample {percent}, 1 consumer")
             }
             Self::Tcpdump => "tcpdump -B 65536, port filter".to_owned(),
             Self::Netsniff => "netsniff-ng, port filter".to_owned(),
@@ -115,6 +125,7 @@ impl Watcher {
                 attach: "xdp-skb", ..
             } => "mirror xdp-skb",
             Self::Mirror { .. } => "mirror xdp-drv",
+            Self::MirrorSampled { .. } => "mirror tc, sampled",
             Self::Tcpdump => "tcpdump",
             Self::Netsniff => "netsniff-ng",
             Self::XdpdumpPcap => "xdpdump pcap",
@@ -197,6 +208,21 @@ impl Watching {
                         &["--port", &port, "--format", "text"],
                     ));
                 }
+                watching.mirror = Some(mirror);
+            }
+            Watcher::MirrorSampled { percent } => {
+                let percent = percent.to_string();
+                let mirror = MirrorProcess::start_quiet(
+                    ns,
+                    &[
+                        "--iface", iface, "--port", &port, "--attach", "tc", "--sample", &percent,
+                    ],
+                );
+                watching.consumer = Some(ClientProcess::tail(
+                    None,
+                    &mirror.endpoint(),
+                    &["--port", &port, "--format", "text"],
+                ));
                 watching.mirror = Some(mirror);
             }
             Watcher::Tcpdump => {

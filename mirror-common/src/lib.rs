@@ -32,6 +32,12 @@ pub const GLOBAL_SNAPLEN: &str = "MIRROR_SNAPLEN";
 /// Read-only global: unread bytes in a ring at which the kernel wakes its
 /// reader (0: the kernel's default, wake whenever the reader caught up).
 pub const GLOBAL_WAKEUP_BYTES: &str = "MIRROR_WAKEUP_BYTES";
+/// Read-only global: percentage (1..=100) of connections mirrored, chosen
+/// by [`LostFlow::sample_hash`]; 100 mirrors all without hashing.
+pub const GLOBAL_SAMPLE_PERCENT: &str = "MIRROR_SAMPLE_PERCENT";
+/// Read-only global: seed of [`LostFlow::sample_hash`], random per load so
+/// that nobody can pick the source ports of connections the mirror skips.
+pub const GLOBAL_SAMPLE_SEED: &str = "MIRROR_SAMPLE_SEED";
 
 /// Entries of the port map: every TCP port.
 pub const PORT_MAP_LEN: u32 = 1 << 16;
@@ -128,6 +134,70 @@ pub struct LostFlow {
 
 const _: () = assert!(size_of::<LostFlow>() == 40);
 
+impl LostFlow {
+    /// A 32-bit hash of the 4-tuple (MurmurHash3 x86_32 over its words:
+    /// addresses, then both ports in one word), the same for every packet of
+    /// a connection on every CPU. IPv4 hashes only its 4-byte addresses.
+    #[inline(always)]
+    pub fn sample_hash(&self, seed: u32) -> u32 {
+        let word = |bytes: &[u8; 16], i: usize| {
+            u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]])
+        };
+        let ports = (u32::from(self.src_port) << 16) | u32::from(self.dst_port);
+        let mut hash = Murmur3(seed);
+        if self.ip_version == 6 {
+            for i in [0, 4, 8, 12] {
+                hash.word(word(&self.src_addr, i));
+            }
+            for i in [0, 4, 8, 12] {
+                hash.word(word(&self.dst_addr, i));
+            }
+            hash.word(ports);
+            hash.finish(36)
+        } else {
+            hash.word(word(&self.src_addr, 0));
+            hash.word(word(&self.dst_addr, 0));
+            hash.word(ports);
+            hash.finish(12)
+        }
+    }
+}
+
+/// Whether a connection whose [`LostFlow::sample_hash`] is `hash` belongs to
+/// a `percent` sample: the hash scaled onto 0..100 (a multiply, no division).
+#[inline(always)]
+pub const fn in_sample(hash: u32, percent: u32) -> bool {
+    ((hash as u64 * 100) >> 32) < percent as u64
+}
+
+/// MurmurHash3 x86_32, by words: a few multiplies and rotates per word, no
+/// table, no loop the verifier has to bound.
+struct Murmur3(u32);
+
+impl Murmur3 {
+    #[inline(always)]
+    fn word(&mut self, k: u32) {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        self.0 = (self.0 ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
+    }
+
+    #[inline(always)]
+    fn finish(self, len: u32) -> u32 {
+        let mut h = self.0 ^ len;
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+}
+
 /// Bits of [`RecordHeader::flags`].
 pub mod record_flags {
     /// `cap_len < wire_len`: the packet was cut at the snap length.
@@ -142,7 +212,7 @@ pub mod record_flags {
 ///
 /// Every packet the program sees moves `Seen` and exactly one of the outcome
 /// counters `NotTcp`, `NotSubscribed`, `Unparseable`, `Unsupported`,
-/// `Mirrored`, `RingFull`, `CopyFailed`. `Truncated` additionally counts
+/// `Mirrored`, `RingFull`, `CopyFailed`, `NotSampled`. `Truncated` additionally counts
 /// mirrored packets cut at the snap length.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,10 +232,12 @@ pub enum Counter {
     /// The kernel refused to copy the packet into its reserved record (a
     /// helper limit the program does not know of: a bug if not 0).
     CopyFailed = 8,
+    /// TCP to a mirrored port, of a connection outside the `--sample`.
+    NotSampled = 9,
 }
 
 /// Number of entries of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
 
 impl Counter {
     /// All counters in index order.
@@ -179,6 +251,7 @@ impl Counter {
         Self::RingFull,
         Self::Truncated,
         Self::CopyFailed,
+        Self::NotSampled,
     ];
 
     /// Stable snake_case name used in user-facing output.
@@ -193,6 +266,7 @@ impl Counter {
             Self::RingFull => "ring_full",
             Self::Truncated => "truncated",
             Self::CopyFailed => "copy_failed",
+            Self::NotSampled => "not_sampled",
         }
     }
 }
@@ -216,6 +290,88 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{} out of place", c.name());
         }
+    }
+
+    /// MurmurHash3 x86_32 reference values (seed, input bytes) -> hash.
+    #[test]
+    fn murmur3_matches_the_reference() {
+        let murmur = |seed: u32, words: &[u32]| {
+            let mut hash = Murmur3(seed);
+            for w in words {
+                hash.word(*w);
+            }
+            hash.finish(4 * words.len() as u32)
+        };
+        assert_eq!(murmur(0, &[]), 0);
+        assert_eq!(murmur(1, &[]), 0x514e_28b7);
+        assert_eq!(murmur(0, &[u32::from_le_bytes(*b"test")]), 0xba6b_d213);
+        assert_eq!(
+            murmur(0x9747_b28c, &[u32::from_le_bytes(*b"aaaa")]),
+            0x5a97_808a
+        );
+    }
+
+    fn v4(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> LostFlow {
+        let mut flow = LostFlow {
+            src_port,
+            dst_port,
+            ip_version: 4,
+            ..LostFlow::default()
+        };
+        flow.src_addr[..4].copy_from_slice(&src);
+        flow.dst_addr[..4].copy_from_slice(&dst);
+        flow
+    }
+
+    #[test]
+    fn samples_spread_evenly_over_source_ports() {
+        // One client, one server, successive ephemeral ports: the worst
+        // case for a weak hash.
+        for (seed, percent) in [(0, 10), (7, 50), (0xdead_beef, 25), (1, 1)] {
+            let n = 20_000u32;
+            let hits = (0..n)
+                .filter(|i| {
+                    let flow = v4([198, 18, 0, 1], [198, 18, 0, 2], 32768 + *i as u16, 80);
+                    in_sample(flow.sample_hash(seed), percent)
+                })
+                .count() as u32;
+            let expected = n * percent / 100;
+            let slack = expected / 10 + 20;
+            assert!(
+                hits.abs_diff(expected) <= slack,
+                "seed {seed}, {percent} %: {hits} of {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_sample_depends_on_every_part_of_the_tuple_and_the_seed() {
+        let base = v4([198, 18, 0, 1], [198, 18, 0, 2], 40000, 80);
+        let hash = base.sample_hash(3);
+        let mut other = base;
+        other.dst_port = 81;
+        assert_ne!(other.sample_hash(3), hash);
+        other = base;
+        other.src_addr[3] = 9;
+        assert_ne!(other.sample_hash(3), hash);
+        other = base;
+        other.dst_addr[0] = 10;
+        assert_ne!(other.sample_hash(3), hash);
+        assert_ne!(base.sample_hash(4), hash);
+        let mut v6 = base;
+        v6.ip_version = 6;
+        assert_ne!(v6.sample_hash(3), hash);
+        v6.src_addr[15] = 1;
+        assert_ne!(v6.sample_hash(3), base.sample_hash(3));
+    }
+
+    #[test]
+    fn percent_bounds() {
+        assert!(in_sample(u32::MAX, 100));
+        assert!(!in_sample(0, 0));
+        assert!(in_sample(0, 1));
+        assert!(!in_sample(u32::MAX / 100 + 1, 1));
+        assert!(in_sample(u32::MAX / 100 - 1, 1));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use mirror_common::{
     COUNTER_COUNT, Counter, LOST_FLOWS_CAPACITY, LostFlow, MAX_CPUS, MAX_SNAPLEN, PORT_MAP_LEN,
-    RecordHeader, record_flags,
+    RecordHeader, in_sample, record_flags,
 };
 
 use crate::{
@@ -54,6 +54,14 @@ static MIRROR_SNAPLEN: u32 = MAX_SNAPLEN;
 /// set by the loader.
 #[unsafe(no_mangle)]
 static MIRROR_WAKEUP_BYTES: u64 = 0;
+
+/// Percentage of connections mirrored (`--sample`); set by the loader.
+#[unsafe(no_mangle)]
+static MIRROR_SAMPLE_PERCENT: u32 = 100;
+
+/// Seed of the sample hash; set by the loader.
+#[unsafe(no_mangle)]
+static MIRROR_SAMPLE_SEED: u32 = 0;
 
 #[xdp(frags)]
 pub fn mirror_xdp(ctx: XdpContext) -> u32 {
@@ -97,6 +105,17 @@ fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
     match MIRROR_PORTS.get(u32::from(parsed.dst_port)) {
         Some(subscribed) if *subscribed != 0 => {}
         _ => return Err(Counter::NotSubscribed),
+    }
+    // SAFETY: a plain read of a global the loader may have rewritten.
+    let percent = unsafe { core::ptr::read_volatile(&MIRROR_SAMPLE_PERCENT) };
+    // A constant to the verifier: at 100 it prunes the hash away.
+    if percent < 100 {
+        let flow = flow(pkt, &parsed).ok_or(Counter::Unparseable)?;
+        // SAFETY: as above.
+        let seed = unsafe { core::ptr::read_volatile(&MIRROR_SAMPLE_SEED) };
+        if !in_sample(flow.sample_hash(seed), percent) {
+            return Err(Counter::NotSampled);
+        }
     }
 
     let wire_len = pkt.len();
@@ -148,6 +167,25 @@ fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
 /// ends as `gap` in userspace instead of silently missing bytes.
 #[inline(never)]
 fn record_loss<P: Packet>(pkt: &P, parsed: &Parsed) {
+    let Some(key) = flow(pkt, parsed) else {
+        return;
+    };
+    match MIRROR_LOST.get_ptr_mut(key) {
+        // Only the entry's presence matters; the count is for the logs and
+        // may miss an increment when two CPUs race.
+        // SAFETY: a map value of this program, valid for this run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            // Full map: the least recently used entry makes room (LRU).
+            let _ = MIRROR_LOST.insert(key, 1u64, 0);
+        }
+    }
+}
+
+/// The 4-tuple of a parsed packet (`None`: its addresses cannot be read,
+/// which the parser's checks rule out).
+#[inline(always)]
+fn flow<P: Packet>(pkt: &P, parsed: &Parsed) -> Option<LostFlow> {
     let mut key = LostFlow {
         src_port: parsed.src_port,
         dst_port: parsed.dst_port,
@@ -169,19 +207,7 @@ fn record_loss<P: Packet>(pkt: &P, parsed: &Parsed) {
         key.dst_addr[..4].copy_from_slice(&dst);
         ok
     };
-    if !ok {
-        return;
-    }
-    match MIRROR_LOST.get_ptr_mut(key) {
-        // Only the entry's presence matters; the count is for the logs and
-        // may miss an increment when two CPUs race.
-        // SAFETY: a map value of this program, valid for this run.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            // Full map: the least recently used entry makes room (LRU).
-            let _ = MIRROR_LOST.insert(key, 1u64, 0);
-        }
-    }
+    ok.then_some(key)
 }
 
 #[inline(always)]

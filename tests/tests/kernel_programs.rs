@@ -6,10 +6,10 @@
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, err::packet::BuildWriteError};
-use mirror_common::{Counter, RecordHeader, record_flags};
+use mirror_common::{Counter, LostFlow, RecordHeader, record_flags};
 use mirror_tests::{needs_root, root_tests};
 use mirror_user::{
-    kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind},
+    kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind, Sample},
     kernel::record::Record,
     telemetry::registry::Stage as _,
 };
@@ -35,6 +35,7 @@ fn mirror(snaplen: u32) -> (Mirror, Vec<CpuRing>) {
         snaplen,
         ring_size: 1 << 20,
         kernel_log_level: 0,
+        sample: Sample::ALL,
     })
     .expect("load the mirror");
     mirror.set_port(PORT, true).expect("subscribe");
@@ -626,6 +627,7 @@ fn a_full_ring_is_counted_and_the_packet_still_passes() {
         snaplen: mirror_common::MAX_SNAPLEN,
         ring_size: 4096,
         kernel_log_level: 0,
+        sample: Sample::ALL,
     })
     .expect("load");
     mirror.set_port(PORT, true).unwrap();
@@ -763,4 +765,160 @@ fn unsubscribing_stops_mirroring_at_once() {
     assert_eq!(mirror.ports().unwrap(), Vec::<u16>::new());
     mirror.set_port(OTHER_PORT, true).unwrap();
     assert_eq!(mirror.ports().unwrap(), [OTHER_PORT]);
+}
+
+/// A mirror of `PORT` that keeps `sample`'s connections only.
+fn sampled_mirror(sample: Sample) -> (Mirror, Vec<CpuRing>) {
+    let mut mirror = Mirror::load(&LoadOptions {
+        snaplen: mirror_common::MAX_SNAPLEN,
+        ring_size: 1 << 20,
+        kernel_log_level: 0,
+        sample,
+    })
+    .expect("load the mirror");
+    mirror.set_port(PORT, true).expect("subscribe");
+    let rings = mirror.take_rings();
+    (mirror, rings)
+}
+
+/// Connection `i` of many distinct ones (source address and port vary,
+/// every eighth is IPv6), its key and three of its packets: SYN, data, FIN.
+fn connection(i: u16) -> (LostFlow, [Vec<u8>; 3]) {
+    let src_port = 20000 + i;
+    let mut flow = LostFlow {
+        src_port,
+        dst_port: PORT,
+        ..LostFlow::default()
+    };
+    let ipv6 = i % 8 == 7;
+    let step = |build: &dyn Fn(PacketBuilderStep<IpHeaders>) -> Vec<u8>| {
+        if ipv6 {
+            let mut src = IP6_A;
+            src[14..16].copy_from_slice(&i.to_be_bytes());
+            build(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src, IP6_B, 64))
+        } else {
+            let src = [198, 18, (i >> 8) as u8 | 0x80, i as u8];
+            build(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, IP_B, 64))
+        }
+    };
+    if ipv6 {
+        flow.ip_version = 6;
+        flow.src_addr = IP6_A;
+        flow.src_addr[14..16].copy_from_slice(&i.to_be_bytes());
+        flow.dst_addr = IP6_B;
+    } else {
+        flow.ip_version = 4;
+        flow.src_addr[..4].copy_from_slice(&[198, 18, (i >> 8) as u8 | 0x80, i as u8]);
+        flow.dst_addr[..4].copy_from_slice(&IP_B);
+    }
+    let syn = step(&|ip| built(|f| ip.tcp(src_port, PORT, 1, 64240).syn().write(f, &[])));
+    let data = step(&|ip| {
+        built(|f| {
+            ip.tcp(src_port, PORT, 2, 64240)
+                .ack(1)
+                .psh()
+                .write(f, b"GET / HTTP/1.1\r\n\r\n")
+        })
+    });
+    let fin = step(&|ip| built(|f| ip.tcp(src_port, PORT, 20, 64240).ack(1).fin().write(f, &[])));
+    (flow, [syn, data, fin])
+}
+
+/// With `--sample 50` about half of many connections are mirrored, each
+/// whole or not at all, exactly those the userspace hash predicts; the
+/// others move `not_sampled`, and every verdict and frame is unchanged.
+#[test]
+fn sampling_keeps_or_skips_whole_connections() {
+    needs_root!();
+    let sample = Sample {
+        percent: 50,
+        seed: 0x5eed_0001,
+    };
+    let (mut mirror, mut rings) = sampled_mirror(sample);
+    let connections = 400u16;
+    let mut kept = 0;
+    for i in 0..connections {
+        let (flow, frames) = connection(i);
+        let expected = sample.includes(&flow);
+        kept += u32::from(expected);
+        for kind in [ProgramKind::Xdp, ProgramKind::Tc] {
+            for (n, frame) in frames.iter().enumerate() {
+                let what = format!("connection {i} ({flow:?}) packet {n} through {kind:?}");
+                let outcome = run(&mut mirror, &mut rings, kind, frame).expect("runs");
+                assert_eq!(outcome.verdict, pass(kind), "{what}: verdict");
+                assert_eq!(&outcome.returned, frame, "{what}: untouched");
+                if expected {
+                    assert_eq!(
+                        outcome.moved,
+                        [(Counter::Seen, 1), (Counter::Mirrored, 1)],
+                        "{what}: sampled"
+                    );
+                    assert_eq!(outcome.records.len(), 1, "{what}");
+                    assert_eq!(&outcome.records[0].1, frame, "{what}");
+                } else {
+                    assert_eq!(
+                        outcome.moved,
+                        [(Counter::Seen, 1), (Counter::NotSampled, 1)],
+                        "{what}: not sampled"
+                    );
+                    assert!(outcome.records.is_empty(), "{what}: no record");
+                }
+            }
+        }
+    }
+    let share = f64::from(kept) / f64::from(connections);
+    assert!(
+        (0.4..=0.6).contains(&share),
+        "{kept} of {connections} connections in a 50 % sample"
+    );
+    // Unsubscribed traffic is not hashed: it stays `not_subscribed`.
+    let outcome = run(
+        &mut mirror,
+        &mut rings,
+        ProgramKind::Tc,
+        &ipv4_tcp(OTHER_PORT, b"x"),
+    )
+    .expect("runs");
+    assert_eq!(
+        outcome.moved,
+        [(Counter::Seen, 1), (Counter::NotSubscribed, 1)]
+    );
+    let totals = mirror.counters().expect("counters");
+    assert_eq!(
+        totals.get(Counter::NotSampled),
+        u64::from(connections - kept as u16) * 6,
+        "three packets through two programs per skipped connection"
+    );
+}
+
+/// A different seed picks a different sample; 100 % mirrors everything
+/// whatever the seed.
+#[test]
+fn the_seed_changes_the_sample_and_100_keeps_all() {
+    needs_root!();
+    let decisions = |sample: Sample| -> Vec<bool> {
+        let (mut mirror, mut rings) = sampled_mirror(sample);
+        (0..64)
+            .map(|i| {
+                let (_, frames) = connection(i);
+                let outcome =
+                    run(&mut mirror, &mut rings, ProgramKind::Tc, &frames[1]).expect("runs");
+                outcome.records.len() == 1
+            })
+            .collect()
+    };
+    let one = decisions(Sample {
+        percent: 50,
+        seed: 1,
+    });
+    let two = decisions(Sample {
+        percent: 50,
+        seed: 2,
+    });
+    assert_ne!(one, two, "the seed decides which connections are kept");
+    let all = decisions(Sample {
+        percent: 100,
+        seed: 3,
+    });
+    assert!(all.iter().all(|kept| *kept), "100 % keeps every connection");
 }

@@ -13,7 +13,7 @@ use mirror_user::{
     flow::{conntrack::TableLimits, reassembly::ReorderLimits},
     kernel::{
         attach::AttachMode,
-        loader::{self, LoadOptions},
+        loader::{self, LoadOptions, Sample},
     },
     pipeline::{
         Pipeline, PipelineConfig,
@@ -69,6 +69,13 @@ pub struct RunArgs {
     /// 64 KiB GSO/GRO super-packets.
     #[arg(long, value_name = "N", default_value_t = MAX_SNAPLEN, value_parser = parse_snaplen)]
     pub snaplen: u32,
+
+    /// Percentage of connections to mirror: whole connections, chosen in
+    /// the kernel by a hash of their addresses and ports (seeded at random
+    /// on every start), so the others are never copied. `--forward-sample`
+    /// applies on top, to the connections mirrored.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub sample: u8,
 
     /// Print stream events to standard output: each connection opening,
     /// its bytes in order, and its end with a reason (fin, rst, idle, gap,
@@ -378,7 +385,7 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
             "--pcap - writes the capture to standard output, so --print and --print-packets cannot be used with it"
         );
     }
-    let setup = Setup::privileged(setup_config(&args, log_level))?;
+    let setup = Setup::privileged(setup_config(&args, log_level)?)?;
     Ok(Prepared {
         setup,
         config: pipeline_config(&args),
@@ -410,8 +417,13 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     report.failure.map_or(Ok(()), |failure| Err(failure.into()))
 }
 
-fn setup_config(args: &RunArgs, log_level: LevelFilter) -> SetupConfig {
-    SetupConfig {
+fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupConfig> {
+    let sample = if args.sample >= 100 {
+        Sample::ALL
+    } else {
+        Sample::random(args.sample).context("cannot draw a random seed for --sample")?
+    };
+    Ok(SetupConfig {
         iface: args.iface.clone(),
         ports: args.ports.iter().map(|p| p.get()).collect(),
         attach: args.attach,
@@ -421,6 +433,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> SetupConfig {
             snaplen: args.snaplen,
             ring_size: args.ring_size.unwrap_or_else(loader::default_ring_size),
             kernel_log_level: aya_log_level(log_level),
+            sample,
         },
         dump_dir: args.dump_dir.clone(),
         pcap: args.sinks.pcap.as_ref().map(|path| PcapConfig {
@@ -440,7 +453,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> SetupConfig {
         },
         token_file: args.server.token_file.clone(),
         metrics: args.metrics,
-    }
+    })
 }
 
 fn pipeline_config(args: &RunArgs) -> PipelineConfig {
@@ -515,6 +528,35 @@ mod tests {
             Command::Run(run) => *run,
             other => panic!("not run: {other:?}"),
         })
+    }
+
+    #[test]
+    fn sample_percent_bounds_and_seed() {
+        let args = run_args(&["-i", "lo", "-p", "80"]).unwrap();
+        assert_eq!(args.sample, 100);
+        let config = setup_config(&args, LevelFilter::OFF).unwrap();
+        assert_eq!(config.load.sample, Sample::ALL, "no hashing by default");
+        let args = run_args(&["-i", "lo", "-p", "80", "--sample", "10"]).unwrap();
+        assert_eq!(args.sample, 10);
+        let seeds: Vec<u32> = (0..4)
+            .map(|_| {
+                setup_config(&args, LevelFilter::OFF)
+                    .unwrap()
+                    .load
+                    .sample
+                    .seed
+            })
+            .collect();
+        assert!(
+            seeds.iter().any(|seed| *seed != seeds[0]),
+            "a new seed each start: {seeds:?}"
+        );
+        for bad in ["0", "101", "-1", "ten", "50.5"] {
+            assert!(
+                run_args(&["-i", "lo", "-p", "80", "--sample", bad]).is_err(),
+                "--sample {bad}"
+            );
+        }
     }
 
     #[test]

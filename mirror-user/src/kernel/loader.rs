@@ -13,8 +13,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use mirror_common::{
-    GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow, MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS,
-    MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
+    GLOBAL_SAMPLE_PERCENT, GLOBAL_SAMPLE_SEED, GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow,
+    MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
 };
 
 use std::sync::Arc;
@@ -44,6 +44,41 @@ pub struct LoadOptions {
     /// Most verbose kernel log level that reaches userspace
     /// (0 off, 1 error ... 5 trace, as aya-log numbers them).
     pub kernel_log_level: u8,
+    /// Whole connections mirrored, in percent (1..=100; 100: all).
+    pub sample: Sample,
+}
+
+/// Which connections the kernel mirrors: those whose 4-tuple hashes into
+/// the first `percent` of the hash range ([`mirror_common::in_sample`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub percent: u8,
+    pub seed: u32,
+}
+
+impl Sample {
+    /// Every connection.
+    pub const ALL: Self = Self {
+        percent: 100,
+        seed: 0,
+    };
+
+    /// `percent` of the connections, chosen with a random seed: which
+    /// connections are skipped cannot be known (or chosen) from outside.
+    pub fn random(percent: u8) -> Result<Self, getrandom::Error> {
+        let mut seed = [0u8; 4];
+        getrandom::fill(&mut seed)?;
+        Ok(Self {
+            percent: percent.clamp(1, 100),
+            seed: u32::from_ne_bytes(seed),
+        })
+    }
+
+    /// Whether the kernel mirrors the connection `flow`.
+    pub fn includes(&self, flow: &LostFlow) -> bool {
+        self.percent >= 100
+            || mirror_common::in_sample(flow.sample_hash(self.seed), u32::from(self.percent))
+    }
 }
 
 /// Which of the two entry points.
@@ -142,6 +177,12 @@ impl Mirror {
             .override_global(GLOBAL_SNAPLEN, &options.snaplen, true)
             .override_global(aya_log::LEVEL, &options.kernel_log_level, false)
             .override_global(GLOBAL_WAKEUP_BYTES, &wakeup_bytes(options.ring_size), true)
+            .override_global(
+                GLOBAL_SAMPLE_PERCENT,
+                &u32::from(options.sample.percent.clamp(1, 100)),
+                true,
+            )
+            .override_global(GLOBAL_SAMPLE_SEED, &options.sample.seed, true)
             .map_max_entries(MAP_RINGS, ring_slots)
             .load(EBPF_OBJECT)
             .map_err(classify_ebpf_error)?;

@@ -14,16 +14,20 @@ use std::{
     collections::HashMap,
     ffi::{OsStr, OsString},
     fs::File,
-    io::{self, Write as _},
+    io::{self, IoSlice, Write as _},
     net::{IpAddr, SocketAddr},
     num::NonZeroUsize,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use lru::LruCache;
 use serde::Serialize;
 
 use crate::{
-    fanout::subscription::Subscription,
+    fanout::{counters::ConsumerCounters, subscription::Subscription},
     files::{FileId, OutputDir},
     flow::model::{CloseReason, ConnId, StreamEvent},
 };
@@ -34,6 +38,10 @@ const OPEN_FILES: usize = 256;
 /// dumped (a directory full of planted names, or a 4-tuple reused
 /// thousands of times).
 const MAX_SUFFIX: u32 = 10_000;
+/// Events of one connection written with one `writev`.
+const MAX_IOVECS: usize = 128;
+/// Batches handed to the writer thread and not yet taken.
+const BATCHES_IN_FLIGHT: usize = 8;
 
 /// tcpflow's name for a flow: `198.018.000.001.40000-198.018.000.002.00080`
 /// (IPv4 octets and ports zero-padded; IPv6 as eight 4-digit groups).
@@ -121,30 +129,7 @@ impl DumpWriter {
                 dst,
                 midstream,
             } => self.open_flow(*conn, *src, *dst, *midstream),
-            StreamEvent::Data { conn, bytes } => {
-                let Some(flow) = self.flows.get_mut(conn) else {
-                    return Ok(());
-                };
-                if flow.abandoned {
-                    return Ok(());
-                }
-                if self.open.get(conn).is_none() {
-                    match self.dir.reopen(&flow.name, flow.id, false) {
-                        Ok(file) => {
-                            self.open.put(*conn, file);
-                        }
-                        Err(error) => {
-                            abandon(&self.dir, flow, &error);
-                            return Ok(());
-                        }
-                    }
-                }
-                if let Some(file) = self.open.get_mut(conn) {
-                    file.write_all(bytes)?;
-                }
-                flow.bytes += bytes.len() as u64;
-                Ok(())
-            }
+            StreamEvent::Data { conn, bytes } => self.write_data(*conn, &[IoSlice::new(bytes)]),
             StreamEvent::Closed { conn, reason } => {
                 self.open.pop(conn);
                 match self.flows.remove(conn) {
@@ -153,6 +138,61 @@ impl DumpWriter {
                 }
             }
         }
+    }
+
+    /// Writes a batch of events: each run of one connection's data goes
+    /// to its file in one `writev` (up to [`MAX_IOVECS`] events), not one
+    /// `write` per event.
+    pub fn handle_batch(&mut self, events: &[StreamEvent]) -> io::Result<()> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut rest = events;
+        while let Some(first) = rest.first() {
+            let StreamEvent::Data { conn, .. } = first else {
+                self.handle(first)?;
+                rest = &rest[1..];
+                continue;
+            };
+            let mut count = 0;
+            for event in rest.iter().take(MAX_IOVECS) {
+                match event {
+                    StreamEvent::Data { conn: next, bytes } if next == conn => {
+                        slices[count] = IoSlice::new(bytes);
+                        count += 1;
+                    }
+                    _ => break,
+                }
+            }
+            self.write_data(*conn, &slices[..count])?;
+            rest = &rest[count..];
+        }
+        Ok(())
+    }
+
+    /// Appends `bytes` to the connection's file, reopening it (safely) if
+    /// it left the open-file cache.
+    fn write_data(&mut self, conn: ConnId, bytes: &[IoSlice<'_>]) -> io::Result<()> {
+        let Some(flow) = self.flows.get_mut(&conn) else {
+            return Ok(());
+        };
+        if flow.abandoned {
+            return Ok(());
+        }
+        if self.open.get(&conn).is_none() {
+            match self.dir.reopen(&flow.name, flow.id, false) {
+                Ok(file) => {
+                    self.open.put(conn, file);
+                }
+                Err(error) => {
+                    abandon(&self.dir, flow, &error);
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(file) = self.open.get_mut(&conn) {
+            write_all_vectored(file, bytes)?;
+        }
+        flow.bytes += bytes.iter().map(|slice| slice.len() as u64).sum::<u64>();
+        Ok(())
     }
 
     /// Creates the connection's file and its sidecar under the first
@@ -225,6 +265,23 @@ impl DumpWriter {
     }
 }
 
+/// `write_all` for several buffers (std's `write_all_vectored` is not
+/// stable yet).
+fn write_all_vectored(file: &mut File, slices: &[IoSlice<'_>]) -> io::Result<()> {
+    let mut owned = [IoSlice::new(&[]); MAX_IOVECS];
+    owned[..slices.len()].copy_from_slice(slices);
+    let mut rest = &mut owned[..slices.len()];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut rest, written),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
 /// Stops writing a connection whose file is no longer the one the mirror
 /// created (replaced or removed by someone else).
 fn abandon(dir: &OutputDir, flow: &mut Flow, error: &io::Error) {
@@ -235,23 +292,175 @@ fn abandon(dir: &OutputDir, flow: &mut Flow, error: &io::Error) {
     );
 }
 
+/// What the writer thread does with a batch of events: [`DumpWriter`], or
+/// a test's sink.
+pub trait BatchSink: Send + 'static {
+    fn write_batch(&mut self, events: &[StreamEvent]) -> io::Result<()>;
+}
+
+impl BatchSink for DumpWriter {
+    fn write_batch(&mut self, events: &[StreamEvent]) -> io::Result<()> {
+        self.handle_batch(events)
+    }
+}
+
+/// How much the writer thread may have queued and not yet written before
+/// connections are closed as `lagged` for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Payload bytes.
+    pub bytes: usize,
+    /// Events (`Opened` and `Data`; a `Closed` is always queued, one per
+    /// connection queued).
+    pub events: usize,
+}
+
+impl QueueLimits {
+    pub const DEFAULT: Self = Self {
+        bytes: 64 << 20,
+        events: 1 << 16,
+    };
+}
+
+/// Payload bytes and events queued for the writer thread and not yet
+/// written: the consumer task adds, the thread subtracts.
+#[derive(Default)]
+struct Queued {
+    bytes: AtomicUsize,
+    events: AtomicUsize,
+}
+
 /// Writes every event of `subscription` into `dir` until the mirror stops.
-/// A slow disk makes this consumer lag (its connections end as `lagged`);
-/// it never slows the mirror.
-pub async fn dump_events(mut subscription: Subscription, dir: OutputDir) -> io::Result<()> {
-    let mut writer = DumpWriter::new(dir);
-    let mut batch = Vec::new();
-    while let Some(event) = subscription.next().await {
-        batch.push(event);
-        while subscription.queued() > 0 {
-            if let Some(event) = subscription.next().await {
-                batch.push(event);
+/// The files are written by a thread of their own; a slow disk makes only
+/// this consumer lag (see [`feed_writer`]), it never slows the mirror.
+pub async fn dump_events(subscription: Subscription, dir: OutputDir) -> io::Result<()> {
+    feed_writer(subscription, DumpWriter::new(dir), QueueLimits::DEFAULT).await
+}
+
+/// Hands the events of `subscription` to `sink` on a thread of its own,
+/// in batches, through a queue bounded by `limits`. This task never waits
+/// for the thread: when the queue is full, the connections whose events
+/// cannot be queued are closed for the sink as `lagged` (counted in the
+/// consumer's `lags` and `lagged_connections`), and their later events are
+/// dropped. Ends when the subscription ends and the thread has written
+/// everything, with the thread's error if it failed.
+pub async fn feed_writer<S: BatchSink>(
+    mut subscription: Subscription,
+    mut sink: S,
+    limits: QueueLimits,
+) -> io::Result<()> {
+    let (batches, mut taken) = tokio::sync::mpsc::channel::<Vec<StreamEvent>>(BATCHES_IN_FLIGHT);
+    // Written batches come back to be filled again: no allocation per batch
+    // once the pool is warm.
+    let (give_back, pool) =
+        std::sync::mpsc::sync_channel::<Vec<StreamEvent>>(BATCHES_IN_FLIGHT + 2);
+    let (done_tx, done) = tokio::sync::oneshot::channel::<io::Result<()>>();
+    let queued = Arc::new(Queued::default());
+    let thread_queued = Arc::clone(&queued);
+    std::thread::Builder::new()
+        .name("mirror-dump".into())
+        .spawn(move || {
+            let mut result = Ok(());
+            while let Some(mut batch) = taken.blocking_recv() {
+                result = sink.write_batch(&batch);
+                let bytes: usize = batch.iter().map(StreamEvent::data_len).sum();
+                let events = batch
+                    .iter()
+                    .filter(|event| !matches!(event, StreamEvent::Closed { .. }))
+                    .count();
+                thread_queued.bytes.fetch_sub(bytes, Ordering::Relaxed);
+                thread_queued.events.fetch_sub(events, Ordering::Relaxed);
+                batch.clear();
+                let _ = give_back.try_send(batch);
+                if result.is_err() {
+                    break;
+                }
+            }
+            let _ = done_tx.send(result);
+        })?;
+
+    let mut feeder = Feeder {
+        limits,
+        queued,
+        batch: Vec::new(),
+        dropped: std::collections::HashSet::new(),
+        lagging: false,
+    };
+    loop {
+        tokio::select! {
+            permit = batches.reserve(), if !feeder.batch.is_empty() => {
+                let Ok(permit) = permit else { break };
+                let next = pool.try_recv().unwrap_or_default();
+                permit.send(std::mem::replace(&mut feeder.batch, next));
+            }
+            event = subscription.next() => {
+                let Some(event) = event else { break };
+                feeder.admit(event, subscription.stats());
+                while subscription.queued() > 0 {
+                    if let Some(event) = subscription.next().await {
+                        feeder.admit(event, subscription.stats());
+                    }
+                }
             }
         }
-        // File writes block: let the runtime move other tasks elsewhere.
-        tokio::task::block_in_place(|| batch.drain(..).try_for_each(|e| writer.handle(&e)))?;
     }
-    Ok(())
+    if !feeder.batch.is_empty() {
+        // The thread may have failed: its result says why.
+        let _ = batches.send(std::mem::take(&mut feeder.batch)).await;
+    }
+    drop(batches);
+    done.await
+        .unwrap_or_else(|_| Err(io::Error::other("the dump's writer thread panicked")))
+}
+
+/// The consumer task's side of the writer's queue.
+struct Feeder {
+    limits: QueueLimits,
+    queued: Arc<Queued>,
+    /// Events not yet handed to the thread.
+    batch: Vec<StreamEvent>,
+    /// Connections closed as `lagged` here, until their `Closed` comes.
+    dropped: std::collections::HashSet<ConnId>,
+    /// The last event was refused: one lag until one is queued again.
+    lagging: bool,
+}
+
+impl Feeder {
+    fn admit(&mut self, event: StreamEvent, stats: &ConsumerCounters) {
+        let conn = event.conn();
+        if !self.dropped.is_empty() && self.dropped.contains(&conn) {
+            if matches!(event, StreamEvent::Closed { .. }) {
+                self.dropped.remove(&conn);
+            }
+            return;
+        }
+        if matches!(event, StreamEvent::Closed { .. }) {
+            self.batch.push(event);
+            return;
+        }
+        let len = event.data_len();
+        let bytes = self.queued.bytes.load(Ordering::Relaxed);
+        let events = self.queued.events.load(Ordering::Relaxed);
+        if bytes + len > self.limits.bytes || events >= self.limits.events {
+            if !self.lagging {
+                self.lagging = true;
+                stats.lags.fetch_add(1, Ordering::Relaxed);
+            }
+            stats.lagged_connections.fetch_add(1, Ordering::Relaxed);
+            self.dropped.insert(conn);
+            if matches!(event, StreamEvent::Data { .. }) {
+                self.batch.push(StreamEvent::Closed {
+                    conn,
+                    reason: CloseReason::Lagged,
+                });
+            }
+            return;
+        }
+        self.lagging = false;
+        self.queued.bytes.fetch_add(len, Ordering::Relaxed);
+        self.queued.events.fetch_add(1, Ordering::Relaxed);
+        self.batch.push(event);
+    }
 }
 
 #[cfg(test)]
@@ -260,6 +469,8 @@ mod tests {
         fs,
         path::{Path, PathBuf},
     };
+
+    use std::time::Duration;
 
     use super::*;
     use crate::sinks::test_events::{closed, data, opened, opened_midstream};
@@ -282,6 +493,137 @@ mod tests {
         (elsewhere, victim)
     }
 
+    /// A sink that writes nothing until `release` is sent to or dropped,
+    /// then records what it was given.
+    struct Blocked {
+        release: std::sync::mpsc::Receiver<()>,
+        seen: Arc<std::sync::Mutex<Vec<StreamEvent>>>,
+    }
+
+    impl BatchSink for Blocked {
+        fn write_batch(&mut self, events: &[StreamEvent]) -> io::Result<()> {
+            let _ = self.release.recv();
+            self.seen.lock().unwrap().extend(events.iter().cloned());
+            Ok(())
+        }
+    }
+
+    fn consumer(
+        hub: &crate::fanout::hub::Hub,
+        name: &str,
+    ) -> crate::fanout::counters::ConsumerSnapshot {
+        let (consumers, _) = hub.consumer_totals();
+        consumers.into_iter().find(|c| c.name == name).unwrap()
+    }
+
+    /// A writer that does not write (a hung disk) makes the dump lag alone:
+    /// its task goes on taking events, so the hub never drops any for the
+    /// other consumer, which gets every byte; the dump's connections that
+    /// did not fit the queue end as `lagged`, counted, and nothing of theirs
+    /// is written after the gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_writer_makes_only_the_dump_lag() {
+        use crate::fanout::hub::{Hub, HubConfig};
+        let hub = Hub::new(
+            &[80],
+            HubConfig {
+                capacity: 4,
+                max_bytes: 64 << 20,
+                batch_bytes: 1 << 10,
+            },
+        );
+        let (dump_feed, dump) = hub.subscribe(&[80], "dump-dir");
+        let (print_feed, mut print) = hub.subscribe(&[80], "print");
+        let (release, blocked) = std::sync::mpsc::channel();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Blocked {
+            release: blocked,
+            seen: Arc::clone(&seen),
+        };
+        let limits = QueueLimits {
+            bytes: 10 << 10,
+            events: 100,
+        };
+        let dumping = tokio::spawn(feed_writer(dump, sink, limits));
+
+        // 40 connections of 4 KiB each, in 240 batches: far more than the
+        // hub's 4 slots, so a consumer that stopped taking would lag there.
+        // Each batch is taken by both consumers before the next is sent.
+        let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let chunk = bytes::Bytes::from(vec![b'x'; 1 << 10]);
+        let mut printed = 0;
+        let mut sent = 0;
+        for conn in 0..40 {
+            let mut events = vec![opened(conn, src, dst)];
+            events.extend((0..4).map(|_| StreamEvent::Data {
+                conn,
+                bytes: chunk.clone(),
+            }));
+            events.push(closed(conn, CloseReason::Fin));
+            for event in events {
+                hub.publish(80, vec![event]);
+                sent += 1;
+                if let StreamEvent::Data { bytes, .. } = print.next().await.unwrap() {
+                    printed += bytes.len();
+                }
+                let taken = tokio::time::timeout(Duration::from_secs(5), async {
+                    while consumer(&hub, "dump-dir").events < sent {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+                .await;
+                assert!(taken.is_ok(), "the dump's task stopped taking events");
+            }
+        }
+        hub.close_all();
+        drop((dump_feed, print_feed));
+        assert!(print.next().await.is_none());
+        assert_eq!(printed, (40 * 4) << 10, "the other consumer got every byte");
+        let other = consumer(&hub, "print");
+        assert_eq!((other.lags, other.lagged_connections), (0, 0));
+
+        // The writer is still blocked, yet the dump's task took everything:
+        // at most 10 KiB fit the queue, the rest was closed as lagged.
+        let stats = consumer(&hub, "dump-dir");
+        assert_eq!(
+            stats.bytes,
+            (40 * 4) << 10,
+            "the hub dropped nothing for it"
+        );
+        assert!(stats.lags >= 1, "{stats:?}");
+        assert!(
+            (37..=40).contains(&stats.lagged_connections),
+            "{stats:?}: no more than 3 connections fit 10 KiB"
+        );
+
+        drop(release);
+        dumping.await.unwrap().unwrap();
+        let seen = seen.lock().unwrap();
+        let mut lagged = 0;
+        let mut written = HashMap::<ConnId, usize>::new();
+        for event in seen.iter() {
+            match event {
+                StreamEvent::Data { conn, bytes } => {
+                    *written.entry(*conn).or_default() += bytes.len();
+                }
+                StreamEvent::Closed { conn, reason } => {
+                    let bytes = written.get(conn).copied().unwrap_or(0);
+                    if *reason == CloseReason::Lagged {
+                        lagged += 1;
+                        assert!(bytes < 4 << 10, "connection {conn} lagged with every byte");
+                    } else {
+                        assert_eq!(bytes, 4 << 10, "connection {conn} closed as {reason:?}");
+                    }
+                }
+                StreamEvent::Opened { .. } => {}
+            }
+        }
+        let total: usize = written.values().sum();
+        assert!(total <= 10 << 10, "{total} bytes queued past the limit");
+        assert!(lagged >= 1, "a lagged connection's file says so");
+    }
+
     #[test]
     fn names_follow_tcpflow() {
         assert_eq!(
@@ -302,21 +644,35 @@ mod tests {
 
     #[test]
     fn writes_streams_and_sidecars() {
+        writes_streams_and_sidecars_by(false);
+    }
+
+    #[test]
+    fn writes_streams_and_sidecars_in_batches() {
+        writes_streams_and_sidecars_by(true);
+    }
+
+    fn writes_streams_and_sidecars_by(batch: bool) {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = writer_in(dir.path());
         let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
         let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
         let events = [
             opened(1, src, dst),
-            data(1, b"hello "),
+            data(1, b"hel"),
+            data(1, b"lo "),
             opened_midstream(2, src, dst),
             data(1, b"world"),
             data(2, b"tail"),
             closed(1, CloseReason::Fin),
             closed(2, CloseReason::Gap),
         ];
-        for event in &events {
-            writer.handle(event).unwrap();
+        if batch {
+            writer.handle_batch(&events).unwrap();
+        } else {
+            for event in &events {
+                writer.handle(event).unwrap();
+            }
         }
         let name = tcpflow_name(src, dst);
         assert_eq!(fs::read(dir.path().join(&name)).unwrap(), b"hello world");
@@ -331,6 +687,24 @@ mod tests {
         let meta = sidecar(dir.path(), &format!("{name}c1.meta"));
         assert_eq!(meta["reason"], "gap");
         assert_eq!(meta["complete"], false);
+    }
+
+    #[test]
+    fn a_run_longer_than_one_writev_is_written_in_order() {
+        const DIGITS: &[u8] = b"0123456789";
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer_in(dir.path());
+        let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let mut events = vec![opened(1, src, dst)];
+        events.extend((0..3 * MAX_IOVECS + 5).map(|n| data(1, &DIGITS[n % 10..n % 10 + 1])));
+        events.push(closed(1, CloseReason::Fin));
+        writer.handle_batch(&events).unwrap();
+        let expected: Vec<u8> = (0..3 * MAX_IOVECS + 5).map(|n| DIGITS[n % 10]).collect();
+        let name = tcpflow_name(src, dst);
+        assert_eq!(fs::read(dir.path().join(&name)).unwrap(), expected);
+        let meta = sidecar(dir.path(), &format!("{name}.meta"));
+        assert_eq!(meta["bytes"], expected.len());
     }
 
     #[test]

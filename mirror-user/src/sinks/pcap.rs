@@ -28,7 +28,7 @@ use std::{
     collections::{BinaryHeap, VecDeque},
     ffi::OsString,
     fs::File,
-    io::{self, BufWriter, Write},
+    io::{self, BufWriter, IoSlice, Write},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -72,6 +72,11 @@ const ORDER_HELD: usize = 16384;
 /// Most bytes waiting; beyond, the oldest is written at once (at 1 GB/s
 /// the window alone would hold 100 MB).
 const ORDER_HELD_BYTES: usize = 64 << 20;
+/// How long the writer sleeps between rounds while packets come: the
+/// queue fills at most this long between rounds (at 10 Gbit/s, 1.25 MB).
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// Empty rounds before the writer waits in the channel instead.
+const IDLE_POLLS: u32 = 20;
 /// What a queued packet costs beyond its bytes: its handle and timestamps.
 const PACKET_OVERHEAD: usize = std::mem::size_of::<Packet>();
 
@@ -390,6 +395,13 @@ impl Inbox {
         Ok(packet)
     }
 
+    fn try_recv(&self) -> Result<Packet, mpsc::TryRecvError> {
+        let packet = self.packets.try_recv()?;
+        self.queued_bytes
+            .fetch_sub(packet.cost(), Ordering::Relaxed);
+        Ok(packet)
+    }
+
     fn recv(&self) -> Option<Packet> {
         let packet = self.packets.recv().ok()?;
         self.queued_bytes
@@ -411,36 +423,88 @@ fn write_all(config: &PcapConfig, output: PcapOutput, packets: &Inbox, counters:
     let mut order = Reorder::new();
     let mut in_file = 0u64;
     let mut open = true;
+    let mut idle_polls = 0;
+    let mut ready = Vec::with_capacity(WRITE_BATCH);
     while open {
-        // Wake up now and then even without packets, to release the ones
-        // that aged out of the window.
-        match packets.recv_timeout(ORDER_WINDOW / 4) {
-            Ok(packet) => order.push(packet),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+        // While packets come, take what is queued and sleep between rounds
+        // rather than wait in `recv`: a receiver blocked in the channel costs
+        // each drain's `try_send` a wake-up (a futex call and a context
+        // switch per packet, measured at about a tenth of the capture's
+        // CPU on bulk traffic). Once idle, wait in the channel again.
+        let mut taken = false;
+        loop {
+            match packets.try_recv() {
+                Ok(packet) => {
+                    order.push(packet);
+                    taken = true;
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if taken {
+            idle_polls = 0;
+        } else if open && idle_polls < IDLE_POLLS {
+            idle_polls += 1;
+            std::thread::sleep(POLL_INTERVAL);
+        } else if open {
+            // Wake up now and then even without packets, to release the
+            // ones that aged out of the window.
+            match packets.recv_timeout(ORDER_WINDOW / 4) {
+                Ok(packet) => {
+                    order.push(packet);
+                    idle_polls = 0;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+            }
         }
         let now = now_unix_ns();
         loop {
-            let next = if open {
-                order.pop_ready(now)
-            } else {
-                order.pop_any()
-            };
-            let Some(packet) = next else { break };
-            if let Err(error) = write_one(
+            // The packets written together: up to WRITE_BATCH, and none past
+            // the current file's end when files rotate.
+            let room = config
+                .rotate_size
+                .map_or(u64::MAX, |limit| limit.saturating_sub(in_file));
+            let mut batch_bytes = 0u64;
+            while ready.len() < WRITE_BATCH && (ready.is_empty() || batch_bytes < room) {
+                let next = if open {
+                    order.pop_ready(now)
+                } else {
+                    order.pop_any()
+                };
+                let Some(packet) = next else { break };
+                batch_bytes += packet.data.len() as u64;
+                ready.push(packet);
+            }
+            if ready.is_empty() {
+                break;
+            }
+            let written = write_batch(
                 &mut writer,
                 &mut files,
                 &mut in_file,
-                &packet,
+                &ready,
                 config,
                 counters,
-            ) {
-                report(config, &error);
-                counters
-                    .failed
-                    .fetch_add(1 + order.held.len() as u64, Ordering::Relaxed);
-                fail_rest(packets, counters);
-                return;
+            );
+            let count = ready.len() as u64;
+            ready.clear();
+            match written {
+                Ok(written) => {
+                    counters.written.fetch_add(written, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    report(config, &error);
+                    counters
+                        .failed
+                        .fetch_add(count + order.held.len() as u64, Ordering::Relaxed);
+                    fail_rest(packets, counters);
+                    return;
+                }
             }
         }
     }
@@ -449,24 +513,23 @@ fn write_all(config: &PcapConfig, output: PcapOutput, packets: &Inbox, counters:
     }
 }
 
-/// Writes one packet, starting the next file first when the current one
-/// is full.
-fn write_one(
+/// Writes packets, starting the next file first when the current one is
+/// full; returns how many were written.
+fn write_batch(
     writer: &mut Writer,
     files: &mut Rotation,
     in_file: &mut u64,
-    packet: &Packet,
+    packets: &[Packet],
     config: &PcapConfig,
     counters: &PcapCounters,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     if config.rotate_size.is_some_and(|limit| *in_file >= limit) {
         let next = files.next_writer(config, counters)?;
         std::mem::replace(writer, next).finish()?;
         *in_file = 0;
     }
-    *in_file += writer.write(packet)? as u64;
-    counters.written.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    *in_file += writer.write_batch(packets)? as u64;
+    Ok(packets.len() as u64)
 }
 
 fn report(config: &PcapConfig, error: &io::Error) {
@@ -561,6 +624,59 @@ enum Writer {
     PcapNg(PcapNgWriter<BufWriter<Box<dyn Write + Send>>>),
 }
 
+/// Packets written by one `writev` (three buffers each; IOV_MAX is 1024).
+const WRITE_BATCH: usize = 256;
+/// pcapng's enhanced packet block (type 6), in the section's byte order:
+/// the native one, as `PcapNgWriter::new` writes the section header.
+const ENHANCED_PACKET_BLOCK: u32 = 6;
+
+/// Writes `packets` as pcapng enhanced packet blocks on interface 0 (no
+/// options), byte for byte as `pcap-file` writes them.
+fn write_packet_blocks(out: &mut impl Write, packets: &[Packet]) -> io::Result<usize> {
+    let mut heads = [[0u8; 28]; WRITE_BATCH];
+    let mut tails = [[0u8; 7]; WRITE_BATCH];
+    let mut tail_lens = [0usize; WRITE_BATCH];
+    let mut total = 0;
+    for (index, packet) in packets.iter().enumerate().take(WRITE_BATCH) {
+        let len = packet.data.len();
+        let pad = (4 - len % 4) % 4;
+        let block_len = 32 + len + pad;
+        let fields = [
+            ENHANCED_PACKET_BLOCK,
+            block_len as u32,
+            0,
+            (packet.unix_ns >> 32) as u32,
+            packet.unix_ns as u32,
+            len as u32,
+            packet.wire_len,
+        ];
+        for (slot, field) in heads[index].chunks_exact_mut(4).zip(fields) {
+            slot.copy_from_slice(&field.to_ne_bytes());
+        }
+        tails[index][pad..pad + 4].copy_from_slice(&(block_len as u32).to_ne_bytes());
+        tail_lens[index] = pad + 4;
+        total += block_len;
+    }
+    let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH];
+    let count = packets.len().min(WRITE_BATCH);
+    for (index, packet) in packets.iter().take(count).enumerate() {
+        slices[3 * index] = IoSlice::new(&heads[index]);
+        slices[3 * index + 1] = IoSlice::new(&packet.data);
+        // The padding's zeros, then the length again.
+        slices[3 * index + 2] = IoSlice::new(&tails[index][..tail_lens[index]]);
+    }
+    let mut rest = &mut slices[..3 * count];
+    while !rest.is_empty() {
+        match out.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut rest, written),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(total)
+}
+
 fn pcap_error(error: pcap_file::PcapError) -> io::Error {
     match error {
         pcap_file::PcapError::IoError(io) => io,
@@ -614,6 +730,25 @@ impl Writer {
                     options: Vec::new(),
                 })
                 .map_err(pcap_error),
+        }
+    }
+
+    /// Writes packets in order; returns the bytes written. pcapng's
+    /// packet blocks are written here rather than by `pcap-file`, which
+    /// copies each packet into the buffer with a write per field: each
+    /// packet's header, bytes and trailer go out in one `writev` for the
+    /// batch (profiled: the copy was a quarter of the capture's CPU on
+    /// bulk traffic).
+    fn write_batch(&mut self, packets: &[Packet]) -> io::Result<usize> {
+        match self {
+            Self::Pcap(_) => {
+                let mut written = 0;
+                for packet in packets {
+                    written += self.write(packet)?;
+                }
+                Ok(written)
+            }
+            Self::PcapNg(writer) => write_packet_blocks(writer.get_mut(), packets),
         }
     }
 
@@ -722,6 +857,44 @@ mod tests {
             open_output(&config, None),
             Err(PcapOpenError::Exists(_))
         ));
+    }
+
+    /// The packet blocks written by hand are byte for byte those of
+    /// `pcap-file`, for every padding, in batches larger than one `writev`.
+    #[test]
+    fn packet_blocks_are_those_of_pcap_file() {
+        let packets: Vec<Packet> = (0..WRITE_BATCH + 9)
+            .map(|n| Packet {
+                unix_ns: 1_700_000_000_123_456_789 + n as u64 * 4_321,
+                wire_len: (n % 7) as u32 + 60,
+                data: Bytes::from(vec![n as u8; n % 7]),
+            })
+            .collect();
+        let mut ours = Vec::new();
+        for batch in packets.chunks(WRITE_BATCH) {
+            write_packet_blocks(&mut ours, batch).unwrap();
+        }
+        let mut theirs = PcapNgWriter::new(Vec::new()).unwrap();
+        theirs
+            .write_pcapng_block(InterfaceDescriptionBlock {
+                linktype: DataLink::ETHERNET,
+                snaplen: 0,
+                options: Vec::new(),
+            })
+            .unwrap();
+        let header_len = theirs.get_mut().len();
+        for packet in &packets {
+            theirs
+                .write_pcapng_block(EnhancedPacketBlock {
+                    interface_id: 0,
+                    timestamp: Duration::from_nanos(packet.unix_ns),
+                    original_len: packet.wire_len,
+                    data: Cow::Borrowed(&packet.data),
+                    options: Vec::new(),
+                })
+                .unwrap();
+        }
+        assert_eq!(ours, theirs.get_mut()[header_len..]);
     }
 
     #[test]
