@@ -39,8 +39,9 @@ impl Stage for KernelCounters {
     }
 }
 
-/// The kernel counters at one moment: `{"seen": 7, "mirrored": 5, ...}`
-/// (with `"error"` when they could not be read).
+/// The kernel counters at one moment: `{"seen": 7, "mirrored": 5, ...}`,
+/// or `{"error": "..."}` alone when they could not be read (zeros would
+/// look like a counter reset to Prometheus).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelSnapshot {
     sums: [u64; COUNTER_COUNT as usize],
@@ -75,11 +76,13 @@ impl KernelSnapshot {
 impl Serialize for KernelSnapshot {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(None)?;
-        for (name, value) in self.iter() {
-            map.serialize_entry(name, &value)?;
-        }
-        if let Some(error) = &self.error {
-            map.serialize_entry("error", error)?;
+        match &self.error {
+            Some(error) => map.serialize_entry("error", error)?,
+            None => {
+                for (name, value) in self.iter() {
+                    map.serialize_entry(name, &value)?;
+                }
+            }
         }
         map.end()
     }
@@ -112,5 +115,18 @@ mod tests {
         }
         assert_eq!(json["ring_full"], 4);
         assert!(json.get("error").is_none());
+    }
+
+    #[test]
+    fn unreadable_counters_carry_no_numbers() {
+        let snapshot = KernelSnapshot {
+            error: Some("cannot read the kernel counters: gone".to_owned()),
+            ..KernelSnapshot::default()
+        };
+        let json = serde_json::to_value(&snapshot).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": "cannot read the kernel counters: gone"})
+        );
     }
 }
