@@ -31,6 +31,12 @@ impl Default for WallClock {
     }
 }
 
+/// `CLOCK_BOOTTIME` now, in nanoseconds: the clock of the records'
+/// timestamps (`bpf_ktime_get_boot_ns`).
+pub fn boot_ns() -> u64 {
+    clock_ns(ClockId::CLOCK_BOOTTIME).max(0) as u64
+}
+
 fn clock_ns(clock: ClockId) -> i128 {
     // Both clocks exist on every Linux the mirror runs on.
     let ts = clock_gettime(clock).expect("CLOCK_BOOTTIME and CLOCK_REALTIME exist");

@@ -147,6 +147,8 @@ pub enum LoadError {
 pub struct CpuRing {
     pub cpu: u32,
     pub ring: RingBuf<MapData>,
+    /// Bytes of the ring's data area.
+    pub size: u32,
 }
 
 /// The loaded kernel side of the mirror.
@@ -445,7 +447,7 @@ fn create_ring(
     )?;
     ring_array.set(cpu, &data, 0).map_err(ring_error)?;
     let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(ring_error)?;
-    Ok(CpuRing { cpu, ring })
+    Ok(CpuRing { cpu, ring, size })
 }
 
 fn check_kernel_features() -> Result<(), LoadError> {

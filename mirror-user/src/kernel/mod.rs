@@ -9,3 +9,4 @@ pub mod privileged_helper;
 pub mod privileges;
 pub mod record;
 pub mod ring_fill;
+pub mod ring_reader;

@@ -5,7 +5,7 @@
 //! ([`Running::shutdown`]):
 //!
 //! ```text
-//! kernel rings -> drain tasks -> flow shards -> hub -> print, dump, forward,
+//! kernel rings -> drain (merge) -> flow shards -> hub -> print, dump, forward,
 //!                            \-> packet print, pcap        subscriber sessions
 //! ```
 
@@ -34,7 +34,7 @@ use crate::{
     kernel::{
         attach::{self, AUTO_REASON, AttachError, AttachMode, Attachment},
         clock::WallClock,
-        drain::{DrainCounters, RecordSink, drain_ring, register_readable},
+        drain::{DrainCounters, RecordSink, drain_rings, register_readable},
         loader::Mirror,
         privileged_helper::Helper,
         record::Record,
@@ -193,21 +193,19 @@ impl Pipeline {
             Some((sink, counters, writer)) => (Some(sink), Some(counters), Some(writer)),
             None => (None, None, None),
         };
-        for ring in mirror.take_rings() {
-            let sink = RunSink {
-                router: shards.router(),
-                packets: config
-                    .print_packets
-                    .map(|format| PacketPrinter::new(format, &iface, clock)),
-                pcap: pcap_sink.clone(),
-            };
-            drains.spawn(drain_ring(
-                ring,
-                sink,
-                Arc::clone(&drain_counters),
-                stop_rx.clone(),
-            ));
-        }
+        let sink = RunSink {
+            router: shards.router(),
+            packets: config
+                .print_packets
+                .map(|format| PacketPrinter::new(format, &iface, clock)),
+            pcap: pcap_sink.clone(),
+        };
+        drains.spawn(drain_rings(
+            mirror.take_rings(),
+            sink,
+            Arc::clone(&drain_counters),
+            stop_rx.clone(),
+        ));
         let shard_counters = shards.counters();
         let lost_task = mirror.take_lost_flows().map(|mut lost| {
             let shards_lost = shards.lost_reporter();
@@ -243,7 +241,7 @@ impl Pipeline {
             });
         }
 
-        // The drain tasks hold the capture's only handles now: it ends with them.
+        // The drain holds the capture's only handle now: it ends with it.
         drop(pcap_sink);
         // Every stage's counters, in data-path order: what the report,
         // STATS and the metrics endpoint read.
@@ -307,7 +305,7 @@ pub struct Running {
     control_rx: mpsc::Receiver<Request>,
     consumers: JoinSet<io::Result<()>>,
     drains: JoinSet<io::Result<()>>,
-    /// Tells the drain tasks (and the lost-flows task) to stop.
+    /// Tells the drain (and the lost-flows task) to stop.
     stop_tx: watch::Sender<bool>,
     lost_task: Option<JoinHandle<()>>,
     pcap_writer: Option<std::thread::JoinHandle<()>>,
@@ -412,7 +410,7 @@ impl Running {
     }
 }
 
-/// What each drain task feeds: the shards, the packet printer, the capture.
+/// What the drain feeds: the shards, the packet printer, the capture.
 struct RunSink {
     router: SegmentRouter,
     packets: Option<PacketPrinter>,
