@@ -1,6 +1,8 @@
 //! The test bed every live scenario runs on: the privileged tests' client
 //! and server namespaces on a veth pair (default offloads on), with an
-//! iperf3 server and an nginx on the server side. Removed on drop.
+//! iperf3 server and an nginx on the server side; with
+//! [`Bed::with_shadow`], a third namespace behind the server with a
+//! discarding sink for the forwarder. Removed on drop.
 
 use std::process::Stdio;
 
@@ -16,10 +18,17 @@ use crate::load::{BULK_PORT, SERVER_IP};
 /// The server's interface, where every watcher attaches.
 pub const IFACE: &str = "srv0";
 
+/// The discarding sink in the shadow namespace (reads every connection to
+/// its end, answers nothing), where `--forward` sends.
+pub const SHADOW_SINK: &str = "198.18.1.2:9";
+
 pub struct Bed {
     pub client: String,
     pub server: String,
     pub web: Nginx,
+    /// [`SHADOW_SINK`] when the bed has a shadow namespace.
+    pub shadow_sink: Option<&'static str>,
+    _sink: Option<KillOnDrop>,
     _iperf: KillOnDrop,
     // Last: the namespaces and the scratch directory go after the
     // processes that use them.
@@ -28,7 +37,16 @@ pub struct Bed {
 
 impl Bed {
     pub fn new() -> Self {
-        let bed = TestBed::new();
+        Self::build(false)
+    }
+
+    /// The bed plus the shadow namespace and its sink.
+    pub fn with_shadow() -> Self {
+        Self::build(true)
+    }
+
+    fn build(shadow: bool) -> Self {
+        let mut bed = TestBed::new();
         assert_eq!((bed.iface, bed.server_ip), (IFACE, SERVER_IP));
         let (client, server) = (bed.client.clone(), bed.server.clone());
         // wrk with `Connection: close` opens ~15 k connections a second:
@@ -51,10 +69,26 @@ impl Bed {
         );
         wait_listening(&server, BULK_PORT);
         let web = Nginx::start(&server, SERVER_IP, &bed.path("nginx"));
+        let sink = shadow.then(|| {
+            let ns = bed.add_shadow();
+            let (_, port) = SHADOW_SINK.rsplit_once(':').expect("IP:PORT");
+            // Large reads: the sink shares the 2 cores with everything else.
+            let sink = spawn(in_ns(&ns, "socat").args([
+                "-u",
+                "-b",
+                "1048576",
+                &format!("TCP-LISTEN:{port},reuseaddr,fork"),
+                "OPEN:/dev/null",
+            ]));
+            wait_listening(&ns, port.parse().expect("a port"));
+            sink
+        });
         Self {
             client,
             server,
             web,
+            shadow_sink: shadow.then_some(SHADOW_SINK),
+            _sink: sink,
             _iperf: iperf,
             _bed: bed,
         }

@@ -7,13 +7,13 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 
 use crate::{
     Options,
-    bed::{Bed, IFACE},
+    bed::Bed,
     load::{self, Load, Traffic},
     plot::{self, Bar, Kind, Panel},
     procstat::{cpu_seconds, peak_rss_mib},
     report::Section,
     stats::{Spread, cell, spread_cell},
-    watch::{Delivered, Watcher, Watching},
+    watch::{Consumer, Delivered, Watcher, Watching, command},
 };
 
 /// One run of one case.
@@ -39,7 +39,7 @@ struct Results {
 }
 
 pub fn run(options: &Options) -> Section {
-    let bed = Bed::new();
+    let bed = Bed::with_shadow();
     let mut results = Results::default();
     for round in 1..=options.rounds {
         let mut order: Vec<usize> = (0..Watcher::CASES.len()).collect();
@@ -48,10 +48,10 @@ pub fn run(options: &Options) -> Section {
         }
         for (t, traffic) in Traffic::ALL.iter().enumerate() {
             for &w in &order {
-                if results.refused.contains_key(&w) {
+                let watcher = Watcher::CASES[w];
+                if results.refused.contains_key(&w) || !watcher.applies_to(*traffic) {
                     continue;
                 }
-                let watcher = Watcher::CASES[w];
                 match measure(&bed, *traffic, watcher, options.seconds) {
                     Ok(sample) => {
                         eprintln!(
@@ -78,7 +78,7 @@ pub fn run(options: &Options) -> Section {
 
 fn measure(bed: &Bed, traffic: Traffic, watcher: Watcher, seconds: u32) -> Result<Sample, String> {
     let before = bed.counters();
-    let watching = Watching::start(watcher, &bed.server, IFACE, traffic.port())?;
+    let watching = Watching::start(watcher, bed, traffic.port())?;
     let pids = watching.pids();
     let cpu = || pids.iter().map(|pid| cpu_seconds(*pid)).sum::<f64>();
     let cpu_before = cpu();
@@ -167,6 +167,7 @@ fn render(results: &Results, options: &Options) -> Section {
     let mut throughput_panels = Vec::new();
     let mut completeness_panels = Vec::new();
     let mut verdicts = Vec::new();
+    let mut consumers = String::new();
     let _ = writeln!(
         md,
         "## Capture: the service beside each way of watching it\n\n\
@@ -175,8 +176,8 @@ fn render(results: &Results, options: &Options) -> Section {
          per case, cases alternating (forwards, then backwards); medians with min-max. \
          *Ratio* is the service's throughput over the baseline's median in the same run. \
          *Completeness*: for the mirror, stream bytes its consumer (`mirror tail --format text \
-         > /dev/null`, a separate process on the Unix socket) received over the bytes the \
-         server received; for the tools, packets captured over packets the interface received \
+         > /dev/null`, a separate process on the Unix socket; the other kinds of consumer are \
+         described with their table) received over the bytes the server received; for the tools, packets captured over packets the interface received \
          (both directions for xdpdump, which has no filter), from their own counters. *CPU* is \
          the watcher's processes (mirror and consumer) only: the in-kernel cost is charged to \
          the service and shows in its throughput and in the kernel section. Losses are each \
@@ -204,6 +205,9 @@ fn render(results: &Results, options: &Options) -> Section {
         let mut completeness_bars = Vec::new();
         let mut row_figures = Vec::new();
         for (w, watcher) in Watcher::CASES.iter().enumerate() {
+            if !watcher.applies_to(*traffic) {
+                continue;
+            }
             if let Some(why) = results.refused.get(&w) {
                 let _ = writeln!(
                     md,
@@ -252,7 +256,9 @@ fn render(results: &Results, options: &Options) -> Section {
             );
             let kind = match watcher {
                 Watcher::Nothing => Kind::Baseline,
-                Watcher::Mirror { .. } | Watcher::MirrorSampled { .. } => Kind::Mirror,
+                Watcher::Mirror { .. } | Watcher::MirrorSampled { .. } | Watcher::Consumer(_) => {
+                    Kind::Mirror
+                }
                 _ => Kind::Peer,
             };
             if let Some(ratio) = figures.ratio {
@@ -272,6 +278,9 @@ fn render(results: &Results, options: &Options) -> Section {
             row_figures.push((*watcher, figures));
         }
         md.push('\n');
+        if traffic.is_bulk() {
+            consumer_rows(&mut consumers, *traffic, &row_figures);
+        }
         verdicts.push(verdict(*traffic, &row_figures, &results.refused));
         throughput_panels.push(Panel {
             title: traffic.name().to_owned(),
@@ -288,7 +297,21 @@ fn render(results: &Results, options: &Options) -> Section {
     }
     let _ = writeln!(
         summary,
-        "\n![throughput](capture-throughput.svg)\n\n![completeness](capture-completeness.svg)\n"
+        "\n### Each kind of consumer beside tcpdump\n\n\
+         The mirror (tc) with one consumer of each kind, and tcpdump, on the same bulk traffic \
+         in the same run. *Service ratio*: iperf3's throughput beside it over nothing attached. \
+         *c*: CPU-seconds of the watcher's processes (`/proc/PID/stat`, the mirror with its \
+         writer threads, plus `mirror tail` where there is one; not the forwarder's sink) per \
+         GB the server received. *Completeness*: stream bytes the consumer delivered (the \
+         tail's count, the dump sidecars' byte counts, the forwarder's bytes written to the \
+         sink) over bytes the server received; for the capture files, packets written over \
+         packets the interface received. Losses summed over the runs: `gap` closes, `lagged` \
+         closes (the consumer fell behind), `ring_full` records, then the consumer's own. The \
+         dump case empties its stream files every 100 ms (a tmpfs holds them in memory), the \
+         sidecars keep the counts.\n\n\
+         | consumer | command | traffic | service ratio | c (CPU s/GB) | completeness | gap / lagged / ring_full | other losses |\n\
+         |---|---|---|---:|---:|---:|---|---|\n{consumers}\n\
+         ![throughput](capture-throughput.svg)\n\n![completeness](capture-completeness.svg)\n"
     );
     // The summary first, the tables after it.
     let (heading, tables) = md.split_once('\n').unwrap_or((&md, ""));
@@ -318,6 +341,72 @@ fn render(results: &Results, options: &Options) -> Section {
             ),
         ],
         missing,
+    }
+}
+
+/// The consumer kinds' rows of one bulk traffic, with tcpdump's.
+fn consumer_rows(out: &mut String, traffic: Traffic, rows: &[(Watcher, Figures)]) {
+    let kinds = std::iter::once(Watcher::Mirror {
+        attach: "tc",
+        subscribed: true,
+    })
+    .chain(Consumer::ALL.map(Watcher::Consumer))
+    .chain([Watcher::Tcpdump]);
+    for watcher in kinds {
+        let Some((_, figures)) = rows.iter().find(|(w, _)| *w == watcher) else {
+            continue;
+        };
+        let loss = |name: &str| {
+            figures
+                .losses
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or_else(|| "-".to_owned(), |(_, count)| count.to_string())
+        };
+        let mirror = watcher != Watcher::Tcpdump;
+        let others = figures
+            .losses
+            .iter()
+            .filter(|(name, _)| !["gap closes", "lagged", "ring full"].contains(name))
+            .map(|(name, count)| format!("{name} {count}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let packets = matches!(
+            watcher,
+            Watcher::Tcpdump | Watcher::Consumer(Consumer::Pcap)
+        );
+        let label = if watcher == Watcher::Tcpdump {
+            "tcpdump -B 65536".to_owned()
+        } else if mirror && !matches!(watcher, Watcher::Consumer(_)) {
+            "mirror tail, Unix socket".to_owned()
+        } else {
+            watcher.name().trim_start_matches("mirror tc, ").to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | {} | {}{} | {} | {} |",
+            command(watcher),
+            traffic.name(),
+            cell(figures.ratio.map(|s| s.median), 2),
+            cell(figures.cpu_per_gb.map(|s| s.median), 2),
+            spread_cell(figures.completeness, 4),
+            if packets { " (packets)" } else { "" },
+            if mirror {
+                format!(
+                    "{} / {} / {}",
+                    loss("gap closes"),
+                    loss("lagged"),
+                    loss("ring full")
+                )
+            } else {
+                "- / - / -".to_owned()
+            },
+            if others.is_empty() {
+                "-".to_owned()
+            } else {
+                others
+            },
+        );
     }
 }
 

@@ -5,6 +5,8 @@
 //! Scenarios:
 //! - `capture`: bulk, small-request and short-connection traffic beside
 //!   every watcher: throughput ratio, p99, completeness, CPU, memory, loss;
+//!   on bulk traffic also each kind of consumer (`mirror tail` over Unix
+//!   and TCP, `--dump-dir`, `--pcap`, `--forward`) beside tcpdump;
 //! - `kernel`: the kernel program's cost per packet (bpf_stats on live
 //!   traffic, BPF_PROG_TEST_RUN on crafted frames);
 //! - `isolation`: a stalled consumer beside a reading one;
@@ -25,6 +27,7 @@ mod plot;
 mod procstat;
 mod report;
 mod stats;
+mod tmpfs;
 mod tools;
 mod watch;
 
@@ -155,6 +158,7 @@ fn clean_up_on_signal() {
         // SAFETY: a blocking read of one byte into a local.
         while unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) } < 0 {}
         eprintln!("bench: interrupted; removing the test bed");
+        tmpfs::unmount_all();
         mirror_tests::bed::remove_own_leftovers();
         std::process::exit(130);
     });

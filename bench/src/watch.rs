@@ -1,21 +1,45 @@
 //! Each way of watching the service: nothing, the mirror (not subscribed,
-//! or subscribed with one consumer reading every stream), tcpdump,
-//! netsniff-ng and xdpdump, started, settled and stopped alike, and what
-//! each says it captured and lost.
+//! or subscribed with one consumer of each kind), tcpdump, netsniff-ng and
+//! xdpdump, started, settled and stopped alike, and what each says it
+//! captured and lost.
 
 use std::{
+    collections::BTreeMap,
+    fs,
+    io::Read as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
 use mirror_tests::mirror_process::{ClientProcess, MirrorProcess, running_counters, tail_totals};
 use mirror_user::flow::model::CloseReason;
+use serde_json::Value;
+use tempfile::TempDir;
 
-use crate::tools::{Tool, count_before, error_line};
+use crate::{
+    bed::{Bed, IFACE},
+    load::Traffic,
+    tmpfs::{Emptier, Tmpfs},
+    tools::{Tool, count_before, error_line},
+};
 
 /// A port no traffic goes to: the mirror attached, filtering everything
 /// out in the kernel.
 const UNSUBSCRIBED_PORT: &str = "5999";
+
+/// Where the mirror listens for `mirror tail` over TCP, on the server
+/// namespace's loopback.
+const TCP_LISTEN: &str = "127.0.0.1:7000";
+
+/// The tmpfs of the file-writing cases: what the dump emptier lets pile up
+/// between two passes, or the capture's two kept files and the current one.
+const TMPFS_MIB: u64 = 2048;
+
+/// Capture files rotate at this size, two kept: a bulk case writes
+/// gigabytes.
+const PCAP_ROTATE: &str = "256M";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Watcher {
@@ -32,6 +56,10 @@ pub enum Watcher {
     MirrorSampled {
         percent: u8,
     },
+    /// `mirror run --attach tc` on the traffic's port with one consumer of
+    /// another kind than `mirror tail` on the Unix socket (which is
+    /// `Mirror { attach: "tc", subscribed: true }`).
+    Consumer(Consumer),
     /// tcpdump -B 65536 -w /dev/null, filtered on the port.
     Tcpdump,
     /// netsniff-ng --out /dev/null, filtered on the port.
@@ -45,7 +73,7 @@ pub enum Watcher {
 }
 
 impl Watcher {
-    pub const CASES: [Self; 13] = [
+    pub const CASES: [Self; 17] = [
         Self::Nothing,
         Self::Mirror {
             attach: "tc",
@@ -72,6 +100,10 @@ impl Watcher {
             subscribed: true,
         },
         Self::MirrorSampled { percent: 10 },
+        Self::Consumer(Consumer::TailTcp),
+        Self::Consumer(Consumer::DumpDir),
+        Self::Consumer(Consumer::Pcap),
+        Self::Consumer(Consumer::Forward),
         Self::Tcpdump,
         Self::Netsniff,
         Self::XdpdumpPcap,
@@ -97,6 +129,7 @@ impl Watcher {
             Self::MirrorSampled { percent } => {
                 format!("mirror tc, --sample {percent}, 1 consumer")
             }
+            Self::Consumer(consumer) => format!("mirror tc, {}", consumer.name()),
             Self::Tcpdump => "tcpdump -B 65536, port filter".to_owned(),
             Self::Netsniff => "netsniff-ng, port filter".to_owned(),
             Self::XdpdumpPcap => "xdpdump, pcap mode (no filter)".to_owned(),
@@ -126,6 +159,7 @@ impl Watcher {
             } => "mirror xdp-skb",
             Self::Mirror { .. } => "mirror xdp-drv",
             Self::MirrorSampled { .. } => "mirror tc, sampled",
+            Self::Consumer(consumer) => consumer.label(),
             Self::Tcpdump => "tcpdump",
             Self::Netsniff => "netsniff-ng",
             Self::XdpdumpPcap => "xdpdump pcap",
@@ -144,6 +178,70 @@ impl Watcher {
                     ..
                 }
         )
+    }
+
+    /// Whether the case runs on `traffic`: the other consumer kinds are
+    /// measured where they cost most, on bulk traffic.
+    pub fn applies_to(self, traffic: Traffic) -> bool {
+        !matches!(self, Self::Consumer(_)) || traffic.is_bulk()
+    }
+}
+
+/// The consumers of `mirror run` besides `mirror tail` on the Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consumer {
+    /// `mirror tail` over a TCP listener on loopback, with the token.
+    TailTcp,
+    /// `--dump-dir` on a tmpfs, in the mirror's process.
+    DumpDir,
+    /// `--pcap` to a rotating file on a tmpfs.
+    Pcap,
+    /// `--forward` to a discarding sink in a namespace behind the server.
+    Forward,
+}
+
+impl Consumer {
+    pub const ALL: [Self; 4] = [Self::TailTcp, Self::DumpDir, Self::Pcap, Self::Forward];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::TailTcp => "mirror tail over TCP (token)",
+            Self::DumpDir => "--dump-dir on a tmpfs",
+            Self::Pcap => "--pcap to a file on a tmpfs",
+            Self::Forward => "--forward to a discarding sink",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::TailTcp => "mirror tail tcp",
+            Self::DumpDir => "mirror dump-dir",
+            Self::Pcap => "mirror pcap",
+            Self::Forward => "mirror forward",
+        }
+    }
+}
+
+/// The command lines of the mirror's consumer kinds and of tcpdump, as a
+/// user would type them for the traffic's port `P`.
+pub fn command(watcher: Watcher) -> &'static str {
+    match watcher {
+        Watcher::Mirror {
+            attach: "tc",
+            subscribed: true,
+        } => {
+            "`mirror run --iface IF --port P --attach tc` + `mirror tail --port P --format text > /dev/null`"
+        }
+        Watcher::Consumer(Consumer::TailTcp) => {
+            "`mirror run ... --listen 127.0.0.1:7000 --token-file F` + `mirror tail --connect 127.0.0.1:7000 --token-file F --port P --format text > /dev/null`"
+        }
+        Watcher::Consumer(Consumer::DumpDir) => "`mirror run ... --dump-dir TMPFS`",
+        Watcher::Consumer(Consumer::Pcap) => {
+            "`mirror run ... --pcap TMPFS/capture.pcapng --pcap-rotate-size 256M --pcap-keep 2`"
+        }
+        Watcher::Consumer(Consumer::Forward) => "`mirror run ... --forward SINK_IP:9`",
+        Watcher::Tcpdump => "`tcpdump -i IF -B 65536 -s 0 -w /dev/null tcp dst port P`",
+        _ => "",
     }
 }
 
@@ -170,21 +268,33 @@ pub struct Observed {
 
 /// A watcher running on the server's interface.
 pub struct Watching {
-    mirror: Option<MirrorProcess>,
+    watcher: Watcher,
+    // Declared (so dropped) before what they use: the files, the socket.
     consumer: Option<ClientProcess>,
+    mirror: Option<MirrorProcess>,
     tool: Option<(Watcher, Tool)>,
+    emptier: Option<Emptier>,
+    tmpfs: Option<Tmpfs>,
+    /// The Unix endpoint of a mirror given `--listen` by the case, and the
+    /// directory of its socket (and of the token file).
+    own_listener: Option<(String, TempDir)>,
 }
 
 impl Watching {
-    /// Starts `watcher` on `iface` in `ns` for traffic to `port`; `Err`
-    /// holds why a tool refused to run.
-    pub fn start(watcher: Watcher, ns: &str, iface: &str, port: u16) -> Result<Self, String> {
+    /// Starts `watcher` on the bed server's interface for traffic to
+    /// `port`; `Err` holds why a tool refused to run.
+    pub fn start(watcher: Watcher, bed: &Bed, port: u16) -> Result<Self, String> {
+        let (ns, iface) = (bed.server.as_str(), IFACE);
         let port = port.to_string();
         let filter = format!("tcp dst port {port}");
         let mut watching = Self {
-            mirror: None,
+            watcher,
             consumer: None,
+            mirror: None,
             tool: None,
+            emptier: None,
+            tmpfs: None,
+            own_listener: None,
         };
         let tool = |program: &str, args: &[&str], ready: &str| {
             Tool::start(ns, program, args, ready).map(|tool| Some((watcher, tool)))
@@ -225,6 +335,7 @@ impl Watching {
                 ));
                 watching.mirror = Some(mirror);
             }
+            Watcher::Consumer(consumer) => watching.start_consumer(consumer, bed, &port),
             Watcher::Tcpdump => {
                 watching.tool = tool(
                     "tcpdump",
@@ -291,6 +402,77 @@ impl Watching {
         Ok(watching)
     }
 
+    /// `mirror run --attach tc` on `port` with `consumer`.
+    fn start_consumer(&mut self, consumer: Consumer, bed: &Bed, port: &str) {
+        let ns = bed.server.as_str();
+        // The case's own Unix listener, for `mirror stats`: a mirror given
+        // any --listen gets no default one.
+        let dir = mirror_tests::bed::scratch_dir();
+        let endpoint = format!("unix:{}", dir.path().join("mirror.sock").display());
+        let mut args: Vec<String> = [
+            "--iface", IFACE, "--port", port, "--attach", "tc", "--listen", &endpoint,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let token = dir.path().join("token");
+        match consumer {
+            Consumer::TailTcp => {
+                write_token(&token);
+                let token = token.display().to_string();
+                args.extend(["--listen", TCP_LISTEN, "--token-file", &token].map(str::to_owned));
+            }
+            Consumer::DumpDir | Consumer::Pcap => {
+                let tmpfs = Tmpfs::mount(TMPFS_MIB, nobody());
+                let path = tmpfs.path().display().to_string();
+                if consumer == Consumer::DumpDir {
+                    args.extend(["--dump-dir".to_owned(), path]);
+                    self.emptier = Some(Emptier::start(tmpfs.path()));
+                } else {
+                    args.extend(
+                        [
+                            "--pcap",
+                            &format!("{path}/capture.pcapng"),
+                            "--pcap-rotate-size",
+                            PCAP_ROTATE,
+                            "--pcap-keep",
+                            "2",
+                        ]
+                        .map(str::to_owned),
+                    );
+                }
+                self.tmpfs = Some(tmpfs);
+            }
+            Consumer::Forward => {
+                let sink = bed
+                    .shadow_sink
+                    .expect("the capture bed has a shadow namespace");
+                args.extend(["--forward", sink].map(str::to_owned));
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mirror = MirrorProcess::start_quiet(ns, &args);
+        if consumer == Consumer::TailTcp {
+            // Over TCP from the mirror's namespace, as a client on the
+            // node would connect.
+            let token = token.display().to_string();
+            self.consumer = Some(ClientProcess::tail(
+                Some(ns),
+                TCP_LISTEN,
+                &["--token-file", &token, "--port", port, "--format", "text"],
+            ));
+        }
+        self.mirror = Some(mirror);
+        self.own_listener = Some((endpoint, dir));
+    }
+
+    /// Where `mirror stats` reaches the running mirror.
+    fn endpoint(&self) -> Option<String> {
+        match &self.own_listener {
+            Some((endpoint, _)) => Some(endpoint.clone()),
+            None => self.mirror.as_ref().map(MirrorProcess::endpoint),
+        }
+    }
+
     /// Every process doing the watching (the mirror and its consumer).
     pub fn pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();
@@ -304,12 +486,14 @@ impl Watching {
     /// the consumer (its count stops moving), so that a watcher is not
     /// stopped with data still on its way.
     pub fn settle(&self) {
-        let Some(mirror) = &self.mirror else {
+        if self.mirror.is_none() {
             thread::sleep(Duration::from_millis(500));
             return;
-        };
-        if self.consumer.is_some() {
-            settle_consumers(&mirror.endpoint());
+        }
+        if (self.consumer.is_some() || matches!(self.watcher, Watcher::Consumer(_)))
+            && let Some(endpoint) = self.endpoint()
+        {
+            settle_consumers(&endpoint);
         }
     }
 
@@ -364,23 +548,139 @@ impl Watching {
         if let Some(mirror) = self.mirror {
             let output = mirror.interrupt();
             assert!(output.status.success(), "mirror failed: {}", output.stderr);
-            if observed
-                .delivered
-                .is_some_and(|d| matches!(d, Delivered::Bytes(_)))
-            {
-                let stage = |name: &'static str, counter: &str| (name, output.counter(counter));
-                let mut losses = vec![
-                    stage("ring full", "kernel.ring_full"),
-                    stage("queue drops", "shards.queue_drops"),
-                    stage("gap closes", "connections.closed.gap"),
-                ];
-                losses.append(&mut observed.losses);
-                losses.push(stage("too slow", "server.too_slow"));
+            let stage = |name: &'static str, counter: &str| (name, output.counter(counter));
+            // Counters of every entry of a list (`forward.<target>.*`,
+            // `consumers.<name>.*`) whose name starts with `prefix` and
+            // ends with `suffix`, summed.
+            let sum = |prefix: &str, suffix: &str| -> u64 {
+                output
+                    .counters
+                    .iter()
+                    .filter(|(name, _)| name.starts_with(prefix) && name.ends_with(suffix))
+                    .map(|(_, value)| value)
+                    .sum()
+            };
+            let mut losses = vec![
+                stage("ring full", "kernel.ring_full"),
+                stage("queue drops", "shards.queue_drops"),
+                stage("gap closes", "connections.closed.gap"),
+            ];
+            match self.watcher {
+                Watcher::Consumer(Consumer::DumpDir) => {
+                    drop(self.emptier);
+                    let tmpfs = self.tmpfs.as_ref().expect("the dump case has a tmpfs");
+                    let dumped = Dumped::read(tmpfs.path());
+                    observed.delivered = Some(Delivered::Bytes(dumped.bytes));
+                    losses.push(("lagged", dumped.reasons.get("lagged").copied().unwrap_or(0)));
+                    losses.push((
+                        "files not closed",
+                        dumped.reasons.get("open").copied().unwrap_or(0),
+                    ));
+                }
+                Watcher::Consumer(Consumer::Pcap) => {
+                    observed.delivered = Some(Delivered::Packets {
+                        captured: output.counter("pcap.written"),
+                        both_directions: false,
+                    });
+                    losses.push(stage("pcap dropped", "pcap.dropped"));
+                    losses.push(stage("pcap failed", "pcap.failed"));
+                }
+                Watcher::Consumer(Consumer::Forward) => {
+                    observed.delivered = Some(Delivered::Bytes(sum("forward.", ".bytes_written")));
+                    losses.push(("lagged", sum("consumers.forward", ".lagged_connections")));
+                    losses.push((
+                        "shadow aborted",
+                        output
+                            .counters
+                            .iter()
+                            .filter(|(name, _)| {
+                                name.starts_with("forward.") && name.contains(".aborted.")
+                            })
+                            .map(|(_, value)| value)
+                            .sum(),
+                    ));
+                    losses.push(("shadow failed", sum("forward.", ".failed")));
+                }
+                _ if observed
+                    .delivered
+                    .is_some_and(|d| matches!(d, Delivered::Bytes(_))) =>
+                {
+                    losses.append(&mut observed.losses);
+                    losses.push(stage("too slow", "server.too_slow"));
+                }
+                _ => losses.clear(),
+            }
+            if !losses.is_empty() {
                 observed.losses = losses;
             }
         }
         observed
     }
+}
+
+/// What a dump directory holds once the mirror has stopped, from the
+/// sidecars (the stream files themselves were emptied as they grew).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Dumped {
+    /// Stream bytes written, summed over the connections.
+    bytes: u64,
+    /// Connections by close reason (`open` for a sidecar without one).
+    reasons: BTreeMap<String, u64>,
+}
+
+impl Dumped {
+    fn read(dir: &Path) -> Self {
+        let mut dumped = Self::default();
+        for entry in fs::read_dir(dir).expect("the dump directory").flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "meta") {
+                continue;
+            }
+            let mut text = String::new();
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+                .and_then(|mut file| file.read_to_string(&mut text))
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            dumped.add(&text);
+        }
+        dumped
+    }
+
+    fn add(&mut self, meta: &str) {
+        let meta: Value = serde_json::from_str(meta)
+            .unwrap_or_else(|e| panic!("a sidecar that is not JSON ({e}): {meta}"));
+        self.bytes += meta["bytes"]
+            .as_u64()
+            .expect("a sidecar with its byte count");
+        let reason = meta["reason"].as_str().unwrap_or("open").to_owned();
+        *self.reasons.entry(reason).or_default() += 1;
+    }
+}
+
+/// A token file for a TCP listener: random, owned by root, mode 0600.
+fn write_token(path: &Path) {
+    let mut random = [0u8; 24];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut urandom| urandom.read_exact(&mut random))
+        .expect("read /dev/urandom");
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    std::io::Write::write_all(&mut file, token.as_bytes()).expect("write the token");
+}
+
+/// The user `mirror run` becomes by default (`--user nobody`).
+fn nobody() -> u32 {
+    nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .map_or(65534, |user| user.uid.as_raw())
 }
 
 /// Waits (10 s at most) until the bytes the mirror at `endpoint` has
@@ -397,11 +697,36 @@ pub fn settle_consumers(endpoint: &str) {
     }
 }
 
-/// Stream bytes the mirror has handed to its consumers so far.
+/// Stream bytes the mirror has handed to its consumers so far, and packets
+/// written to its capture file.
 fn delivered_to_consumers(endpoint: &str) -> u64 {
     running_counters(endpoint)
         .iter()
-        .filter(|(name, _)| name.starts_with("consumers.") && name.ends_with(".bytes"))
-        .map(|(_, bytes)| bytes)
+        .filter(|(name, _)| {
+            (name.starts_with("consumers.") && name.ends_with(".bytes")) || *name == "pcap.written"
+        })
+        .map(|(_, count)| count)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecars_are_summed_by_reason() {
+        let mut dumped = Dumped::default();
+        dumped.add(r#"{"conn":1,"src":"a","dst":"b","midstream":false,"bytes":10,"reason":"fin","complete":true}"#);
+        dumped.add(r#"{"conn":2,"src":"a","dst":"b","midstream":false,"bytes":5,"reason":"lagged","complete":false}"#);
+        dumped.add(r#"{"conn":3,"src":"a","dst":"b","midstream":false,"bytes":0,"reason":null,"complete":false}"#);
+        assert_eq!(dumped.bytes, 15);
+        assert_eq!(
+            dumped.reasons,
+            BTreeMap::from([
+                ("fin".to_owned(), 1),
+                ("lagged".to_owned(), 1),
+                ("open".to_owned(), 1)
+            ])
+        );
+    }
 }
