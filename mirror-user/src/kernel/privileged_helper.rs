@@ -417,10 +417,14 @@ fn handle(message: &[u8], fds: Vec<OwnedFd>, plan: &mut Cleanup) -> io::Result<(
             let bytes = u64::from_le_bytes(size.try_into().expect("8 bytes"));
             force_send_buffer(socket, bytes)
         }
-        ([DETACH], []) => std::mem::take(&mut plan.clsact)
-            .into_iter()
-            .map(clsact::remove)
-            .fold(Ok(()), |done, removed| done.and(removed)),
+        ([DETACH], []) => {
+            // Every filter goes, whatever became of the one before.
+            let mut result = Ok(());
+            for filter in std::mem::take(&mut plan.clsact) {
+                result = result.and(clsact::remove(filter));
+            }
+            result
+        }
         _ => Err(io::Error::other("unknown request")),
     }
 }
