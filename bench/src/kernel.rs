@@ -261,6 +261,9 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
                     let result = match kind {
                         ProgramKind::Tc => mirror.tc().expect("tc").test_run(options),
                         ProgramKind::Xdp => mirror.xdp().expect("xdp").test_run(options),
+                        ProgramKind::TcEgress => {
+                            mirror.tc_egress().expect("tc egress").test_run(options)
+                        }
                     }
                     .expect("test run");
                     per_run.push(result.duration.as_nanos() as f64);
@@ -276,6 +279,7 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
                 let program = match kind {
                     ProgramKind::Tc => "tc",
                     ProgramKind::Xdp => "xdp",
+                    ProgramKind::TcEgress => "tc-egress",
                 };
                 if moved.get(counter) != expected {
                     missing.push(format!(

@@ -13,9 +13,15 @@ use core::mem::size_of;
 pub const PROG_XDP: &str = "mirror_xdp";
 /// TC (clsact ingress / TCX ingress) entry point.
 pub const PROG_TC: &str = "mirror_tc";
+/// TC egress (clsact egress / TCX egress) entry point: the server's
+/// answers (`--directions both`). At most 15 bytes, the kernel's limit on
+/// program names, so that the name a filter shows is this one whole.
+pub const PROG_TC_EGRESS: &str = "mirror_egress";
+const _: () = assert!(PROG_TC_EGRESS.len() <= 15);
 
 /// `Array<u8, 65536>`: a non-zero value at index P mirrors TCP packets whose
-/// destination port is P.
+/// destination port is P (at ingress, the client's) or, at egress, whose
+/// source port is P (the server's answers).
 pub const MAP_PORTS: &str = "MIRROR_PORTS";
 /// `ArrayOfMaps<RingBuf>`: one BPF ring buffer per CPU, indexed by CPU id.
 pub const MAP_RINGS: &str = "MIRROR_RINGS";
@@ -117,7 +123,8 @@ const _: () = assert!(RECORD_HEADER_LEN == 32);
 // 8-byte aligned too.
 const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(8));
 
-/// Key of [`MAP_LOST_FLOWS`]: the client-to-server 4-tuple of a flow.
+/// Key of [`MAP_LOST_FLOWS`]: the client-to-server 4-tuple of a flow, and
+/// which direction lost a packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LostFlow {
@@ -129,7 +136,10 @@ pub struct LostFlow {
     pub dst_port: u16,
     /// 4 or 6.
     pub ip_version: u8,
-    pub _pad: [u8; 3],
+    /// 1: the lost packet went from the server to the client; 0: from the
+    /// client to the server. Not part of [`Self::sample_hash`].
+    pub server_to_client: u8,
+    pub _pad: [u8; 2],
 }
 
 const _: () = assert!(size_of::<LostFlow>() == 40);
@@ -204,8 +214,13 @@ pub mod record_flags {
     pub const TRUNCATED: u32 = 1 << 0;
     /// The network layer is IPv6 (else IPv4).
     pub const IPV6: u32 = 1 << 1;
-    /// Seen by the XDP program (else by the TC program).
+    /// Seen by the XDP program (else by a TC program).
     pub const XDP: u32 = 1 << 2;
+    /// The packet went from the server (the subscribed port is its source)
+    /// to the client; else from the client to the server.
+    pub const SERVER_TO_CLIENT: u32 = 1 << 3;
+    /// Seen by the TC egress program (else at ingress, TC or XDP).
+    pub const EGRESS: u32 = 1 << 4;
 }
 
 /// Index of each per-CPU counter in [`MAP_COUNTERS`].

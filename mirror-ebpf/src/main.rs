@@ -1,7 +1,16 @@
-//! Kernel side of the mirror: an XDP and a TC program that share one
-//! parse-and-filter core, copy subscribed TCP packets into the ring of the
-//! CPU they run on, and always let every packet through untouched: XDP
-//! passes it, TC hands it on to whatever comes next on the interface.
+//! Kernel side of the mirror: an XDP and two TC programs (ingress and
+//! egress) that share one parse-and-filter core, copy subscribed TCP
+//! packets into the ring of the CPU they run on, and always let every
+//! packet through untouched: XDP passes it, TC hands it on to whatever
+//! comes next on the interface.
+//!
+//! Which packets: at ingress (TC or XDP) those whose destination port is
+//! subscribed (client to server); at TC egress those whose source port is
+//! subscribed (server to client). On `lo` every packet passes both hooks,
+//! egress first: the rule alone already keeps a client's packet to the
+//! ingress record and a server's answer to the egress one, except for a
+//! packet whose two ports are both subscribed, which egress leaves to
+//! ingress there. No packet is ever recorded twice.
 #![no_std]
 #![no_main]
 
@@ -23,13 +32,18 @@ use mirror_common::{
     RecordHeader, in_sample, record_flags,
 };
 
+/// The index of `lo` in every network namespace (the kernel's
+/// `LOOPBACK_IFINDEX`).
+const LOOPBACK_IFINDEX: u32 = 1;
+
 use crate::{
     emit::{Ring, emit},
     packet::Packet,
     parse::{Parsed, parse},
 };
 
-/// Non-zero at index P: mirror TCP packets to destination port P.
+/// Non-zero at index P: mirror TCP packets to destination port P at
+/// ingress, from source port P at egress.
 #[btf_map]
 static MIRROR_PORTS: Array<u8, { PORT_MAP_LEN as usize }> = Array::new();
 
@@ -65,7 +79,7 @@ static MIRROR_SAMPLE_SEED: u32 = 0;
 
 #[xdp(frags)]
 pub fn mirror_xdp(ctx: XdpContext) -> u32 {
-    observe(&ctx);
+    observe::<_, false>(&ctx);
     xdp_action::XDP_PASS
 }
 
@@ -76,16 +90,25 @@ pub fn mirror_xdp(ctx: XdpContext) -> u32 {
 /// CNI program behind the mirror.
 #[classifier]
 pub fn mirror_tc(ctx: TcContext) -> i32 {
-    observe(&ctx);
+    observe::<_, false>(&ctx);
+    TC_ACT_UNSPEC
+}
+
+/// The TC egress program: the server's answers. Same verdict as at
+/// ingress: no verdict, so that every egress filter, shaper or CNI program
+/// behind it decides as if the mirror were not attached.
+#[classifier]
+pub fn mirror_egress(ctx: TcContext) -> i32 {
+    observe::<_, true>(&ctx);
     TC_ACT_UNSPEC
 }
 
 /// Counts the packet and mirrors it when subscribed. Never fails and never
 /// touches the packet: the caller passes it on whatever happens here.
 #[inline(always)]
-fn observe<P: Packet + EbpfContext>(pkt: &P) {
+fn observe<P: Packet + EbpfContext, const EGRESS: bool>(pkt: &P) {
     count(Counter::Seen);
-    let outcome = match mirror(pkt) {
+    let outcome = match mirror::<P, EGRESS>(pkt) {
         Ok(truncated) => {
             if truncated {
                 count(Counter::Truncated);
@@ -97,20 +120,35 @@ fn observe<P: Packet + EbpfContext>(pkt: &P) {
     count(outcome);
 }
 
-/// Mirrors `pkt` if it is TCP to a subscribed port; `Ok(true)` when it was
-/// cut at the snap length.
+/// Whether TCP port `port` is mirrored.
 #[inline(always)]
-fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
+fn subscribed(port: u16) -> bool {
+    matches!(MIRROR_PORTS.get(u32::from(port)), Some(value) if *value != 0)
+}
+
+/// Mirrors `pkt` if it is TCP to a subscribed port (ingress) or from one
+/// (egress); `Ok(true)` when it was cut at the snap length.
+#[inline(always)]
+fn mirror<P: Packet + EbpfContext, const EGRESS: bool>(pkt: &P) -> Result<bool, Counter> {
     let parsed = parse(pkt)?;
-    match MIRROR_PORTS.get(u32::from(parsed.dst_port)) {
-        Some(subscribed) if *subscribed != 0 => {}
-        _ => return Err(Counter::NotSubscribed),
+    if EGRESS {
+        // On lo the packet comes back through ingress right after, where a
+        // subscribed destination port has it recorded (as client to
+        // server, which is what two subscribed ports have always meant).
+        if !subscribed(parsed.src_port)
+            || (pkt.ifindex() == LOOPBACK_IFINDEX && subscribed(parsed.dst_port))
+        {
+            return Err(Counter::NotSubscribed);
+        }
+    } else if !subscribed(parsed.dst_port) {
+        return Err(Counter::NotSubscribed);
     }
     // SAFETY: a plain read of a global the loader may have rewritten.
     let percent = unsafe { core::ptr::read_volatile(&MIRROR_SAMPLE_PERCENT) };
     // A constant to the verifier: at 100 it prunes the hash away.
     if percent < 100 {
-        let flow = flow(pkt, &parsed).ok_or(Counter::Unparseable)?;
+        // Both directions of a connection hash alike: as client to server.
+        let flow = flow::<P, EGRESS>(pkt, &parsed).ok_or(Counter::Unparseable)?;
         // SAFETY: as above.
         let seed = unsafe { core::ptr::read_volatile(&MIRROR_SAMPLE_SEED) };
         if !in_sample(flow.sample_hash(seed), percent) {
@@ -137,6 +175,9 @@ fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
     };
 
     let mut flags = P::FLAGS;
+    if EGRESS {
+        flags |= record_flags::EGRESS | record_flags::SERVER_TO_CLIENT;
+    }
     if parsed.ipv6 {
         flags |= record_flags::IPV6;
     }
@@ -156,7 +197,7 @@ fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
     };
     if let Err(reason) = emit(ring, pkt, &header) {
         if reason == Counter::RingFull && parsed.matters_to_the_stream() {
-            record_loss(pkt, &parsed);
+            record_loss::<P, EGRESS>(pkt, &parsed);
         }
         return Err(reason);
     }
@@ -166,8 +207,8 @@ fn mirror<P: Packet + EbpfContext>(pkt: &P) -> Result<bool, Counter> {
 /// Notes the flow of a packet the ring could not take, so that its stream
 /// ends as `gap` in userspace instead of silently missing bytes.
 #[inline(never)]
-fn record_loss<P: Packet>(pkt: &P, parsed: &Parsed) {
-    let Some(key) = flow(pkt, parsed) else {
+fn record_loss<P: Packet, const EGRESS: bool>(pkt: &P, parsed: &Parsed) {
+    let Some(key) = flow::<P, EGRESS>(pkt, parsed) else {
         return;
     };
     match MIRROR_LOST.get_ptr_mut(key) {
@@ -182,10 +223,11 @@ fn record_loss<P: Packet>(pkt: &P, parsed: &Parsed) {
     }
 }
 
-/// The 4-tuple of a parsed packet (`None`: its addresses cannot be read,
-/// which the parser's checks rule out).
+/// The client-to-server 4-tuple of a parsed packet's connection: the
+/// packet's own at ingress, swapped at egress (`None`: its addresses cannot
+/// be read, which the parser's checks rule out).
 #[inline(always)]
-fn flow<P: Packet>(pkt: &P, parsed: &Parsed) -> Option<LostFlow> {
+fn flow<P: Packet, const EGRESS: bool>(pkt: &P, parsed: &Parsed) -> Option<LostFlow> {
     let mut key = LostFlow {
         src_port: parsed.src_port,
         dst_port: parsed.dst_port,
@@ -207,6 +249,11 @@ fn flow<P: Packet>(pkt: &P, parsed: &Parsed) -> Option<LostFlow> {
         key.dst_addr[..4].copy_from_slice(&dst);
         ok
     };
+    if EGRESS {
+        core::mem::swap(&mut key.src_addr, &mut key.dst_addr);
+        core::mem::swap(&mut key.src_port, &mut key.dst_port);
+        key.server_to_client = 1;
+    }
     ok.then_some(key)
 }
 

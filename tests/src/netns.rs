@@ -255,6 +255,7 @@ pub fn attached_programs(ns: &str, iface: &str) -> String {
     for (program, args) in [
         ("ip", vec!["-d", "link", "show", "dev", iface]),
         ("tc", vec!["filter", "show", "dev", iface, "ingress"]),
+        ("tc", vec!["filter", "show", "dev", iface, "egress"]),
         ("bpftool", vec!["net", "show", "dev", iface]),
     ] {
         let out = run_in(ns, program, &args);

@@ -130,10 +130,15 @@ impl Host {
 
     /// `tc filter show` of the server's ingress, one line per filter.
     fn clsact_filters(&self) -> Vec<String> {
+        self.filters_at("ingress")
+    }
+
+    /// `tc filter show` of the server's `hook`, one line per filter.
+    fn filters_at(&self, hook: &str) -> Vec<String> {
         let out = run_in(
             &self.bed.server,
             "tc",
-            &["filter", "show", "dev", IFACE, "ingress"],
+            &["filter", "show", "dev", IFACE, hook],
         );
         String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -674,4 +679,121 @@ fn a_clsact_qdisc_the_mirror_added_stays_while_someone_uses_it() {
         !host.ping_passes(),
         "the egress filter still drops the replies"
     );
+}
+
+/// The names of the programs of `filters` (lines of `tc filter show`), in
+/// the order they run.
+fn filter_names(filters: &[String]) -> Vec<String> {
+    filters
+        .iter()
+        .map(|line| {
+            line.split(" name ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .unwrap_or_else(|| panic!("a named filter: {line}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// With `--directions both` the mirror's egress program takes its place
+/// at the egress hook under the ingress rules: a firewall there (a clsact
+/// filter that drops the echo replies and ends the chain for the rest)
+/// drops while the mirror runs, after it stops and after it is killed; the
+/// mirror runs before it and sees the answers it lets through; only the
+/// firewall's filter is left.
+fn egress_firewall_keeps_working(mode: Mode) {
+    let host = Host::new();
+    run_in(
+        &host.bed.server,
+        "tc",
+        &["qdisc", "add", "dev", IFACE, "clsact"],
+    );
+    let _qdisc = ClsactFilter {
+        ns: host.bed.server.clone(),
+    };
+    host.drop_icmp_filter(&["add", "dev", IFACE, "egress", "prio", "1"]);
+    assert!(!host.ping_passes(), "the egress firewall drops the replies");
+    let only_the_firewall = |after: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // After SIGKILL the helper needs a moment to remove the filter.
+        while host.filters_at("egress").len() > 1 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            filter_names(&host.filters_at("egress")),
+            ["drop"],
+            "{after}: only the firewall's egress filter"
+        );
+        host.bed.assert_nothing_attached(after);
+        assert!(!host.ping_passes(), "{after}: the firewall still drops");
+    };
+    let start = || {
+        let mut args = vec![
+            "--iface",
+            IFACE,
+            "--port",
+            "5301",
+            "--dump-dir",
+            &host.dump,
+            "--directions",
+            "both",
+        ];
+        args.extend(mode.args());
+        MirrorProcess::start(&host.bed.server, &args)
+    };
+
+    let mirror = start();
+    match mode {
+        Mode::Tcx => assert_eq!(
+            tcx_programs(&host.bed.server, IFACE),
+            ["mirror_tc", "mirror_egress"]
+        ),
+        Mode::Clsact => assert_eq!(
+            filter_names(&host.filters_at("egress")),
+            ["mirror_egress", "drop"],
+            "the mirror runs first at egress"
+        ),
+    }
+    assert!(
+        !host.ping_passes(),
+        "the firewall drops with the mirror attached"
+    );
+    let files = random_files(&host.path("send"), CLIENT_PORT, 1, MIB, MIB);
+    let received = host.path("received");
+    let server = start_server(&host.bed.server, PORT, &received);
+    send_all(&host.bed.client, SERVER, PORT, &files, &received);
+    let output = mirror.stop();
+    drop(server);
+    host.bed
+        .assert_dumped_whole(Path::new(&host.dump), &files, PORT, &output);
+    let answers = output
+        .packets
+        .iter()
+        .filter(|packet| packet["src"] == format!("{SERVER}:{PORT}"))
+        .count() as u64;
+    assert!(answers > 0, "the server's answers are mirrored: {output}");
+    assert_eq!(output.counter("drain.server_records"), answers);
+    only_the_firewall("after SIGINT");
+
+    start().kill();
+    only_the_firewall("after SIGKILL");
+
+    if mode == Mode::Clsact {
+        // Killed with its helper, the mirror leaves its egress filter; the
+        // next one removes that one only.
+        start().kill_with_helper();
+        assert_eq!(
+            filter_names(&host.filters_at("egress")),
+            ["mirror_egress", "drop"]
+        );
+        let output = start().stop();
+        assert!(output.stderr.contains("left behind"), "{}", output.stderr);
+        only_the_firewall("after a leftover was removed");
+    }
+}
+
+root_tests! {
+    egress_firewall_and_tcx_mirror => egress_firewall_keeps_working(Mode::Tcx);
+    egress_firewall_and_clsact_mirror => egress_firewall_keeps_working(Mode::Clsact);
 }

@@ -1,13 +1,16 @@
 //! End to end: real servers and clients in network namespaces, default
 //! offloads on, the real `mirror` binary attached to the server side.
 
-use std::{fs, process::Stdio, time::Duration};
+use std::{collections::HashSet, fs, process::Stdio, time::Duration};
 
 use mirror_tests::{
     bed::TestBed,
     mirror_process::MirrorProcess,
     needs_root,
-    netns::{attached_programs, in_ns, run_in, shows_attachment, spawn, wait_listening},
+    netns::{
+        attached_programs, in_ns, run_in, run_ok, shows_attachment, spawn, tcx_programs,
+        wait_listening,
+    },
     root_tests,
     streams::unique_payload_by_source,
     traffic::{random_files, send_all, start_server},
@@ -246,4 +249,147 @@ fn leftover_clsact_filter_is_removed_at_the_next_start() {
         output.stderr
     );
     hosts.assert_nothing_attached("after SIGINT");
+}
+
+/// `--directions both`: the server's packets (at TC egress) come with the
+/// client's (at ingress), each packet once, on a veth pair and on lo where
+/// every packet passes both hooks; the capture file holds both directions
+/// as tcpdump reads it; the client's stream is dumped as before; nothing
+/// stays attached.
+fn both_directions(hosts: &TestBed, extra: &[&str]) {
+    let files = random_files(&hosts.path("send"), CLIENT_PORT, 1, 256 << 10, 256 << 10);
+    let dump = hosts.new_path("dump");
+    let dump_arg = dump.display().to_string();
+    let pcap = hosts.new_path("capture.pcap");
+    let pcap_arg = pcap.display().to_string();
+    let mut args = vec![
+        "--directions",
+        "both",
+        "--ring-size",
+        RING_SIZE,
+        "--dump-dir",
+        &dump_arg,
+        "--pcap",
+        &pcap_arg,
+    ];
+    args.extend(extra);
+    let mirror = hosts.mirror(PORT, &args, MirrorProcess::start);
+    let received = hosts.path("received");
+    let server = start_server(&hosts.server, PORT, &received);
+    send_all(&hosts.client, hosts.server_ip, PORT, &files, &received);
+    drop(server);
+    let output = mirror.stop();
+    output.assert_counters(&[
+        ("kernel.ring_full", 0),
+        ("connections.closed.gap", 0),
+        ("pcap.dropped", 0),
+    ]);
+
+    let server_addr = format!("{}:{PORT}", hosts.server_ip);
+    let (answers, requests): (Vec<_>, Vec<_>) = output
+        .packets
+        .iter()
+        .partition(|packet| packet["src"] == server_addr.as_str());
+    for packet in &requests {
+        assert_eq!(packet["dst"], server_addr.as_str(), "{packet}");
+    }
+    assert!(
+        answers.iter().any(|packet| packet["flags"] == "S."),
+        "the server's SYN-ACK is there: {answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .any(|packet| packet["flags"].as_str().unwrap().contains('F')),
+        "and its FIN: {answers:?}"
+    );
+    assert!(requests.iter().any(|packet| packet["flags"] == "S"));
+    assert_eq!(
+        output.counter("drain.server_records"),
+        answers.len() as u64,
+        "{output}"
+    );
+    assert_eq!(output.kernel("mirrored"), output.packets.len() as u64);
+    // The client's stream is what it was with one direction.
+    hosts.assert_dumped_whole(&dump, &files, PORT, &output);
+
+    let text = String::from_utf8_lossy(
+        &run_ok(
+            std::process::Command::new("tcpdump")
+                .args(["-nn", "-r"])
+                .arg(&pcap),
+        )
+        .stdout,
+    )
+    .into_owned();
+    let server_dotted = format!("{}.{PORT}", hosts.server_ip);
+    let from_server = text
+        .lines()
+        .filter(|line| line.contains(&format!(" {server_dotted} > ")))
+        .count();
+    let to_server = text
+        .lines()
+        .filter(|line| line.contains(&format!(" > {server_dotted}:")))
+        .count();
+    assert_eq!(
+        (from_server, to_server),
+        (answers.len(), requests.len()),
+        "tcpdump reads both directions from the capture:\n{text}"
+    );
+    // A packet recorded twice would show twice with the same IP id, TCP
+    // timestamps and window (two window updates differ there).
+    let verbose = String::from_utf8_lossy(
+        &run_ok(
+            std::process::Command::new("tcpdump")
+                .args(["-nn", "-t", "-v", "-r"])
+                .arg(&pcap),
+        )
+        .stdout,
+    )
+    .into_owned();
+    let mut packets: Vec<String> = Vec::new();
+    for line in verbose.lines() {
+        match packets.last_mut() {
+            Some(packet) if line.starts_with(' ') => packet.push_str(line),
+            _ => packets.push(line.to_owned()),
+        }
+    }
+    let distinct: HashSet<&String> = packets.iter().collect();
+    assert_eq!(packets.len(), output.packets.len(), "{verbose}");
+    assert_eq!(
+        distinct.len(),
+        packets.len(),
+        "no packet is recorded twice:\n{verbose}"
+    );
+
+    hosts.assert_nothing_attached("after SIGINT");
+    let mut kill_args = vec!["--directions", "both"];
+    kill_args.extend(extra);
+    let mirror = hosts.mirror(PORT, &kill_args, MirrorProcess::start);
+    let report = attached_programs(&hosts.server, hosts.iface);
+    assert!(
+        report.contains("mirror_egress"),
+        "the egress program is attached:\n{report}"
+    );
+    if extra.is_empty() {
+        assert_eq!(
+            tcx_programs(&hosts.server, hosts.iface),
+            ["mirror_tc", "mirror_egress"]
+        );
+    }
+    mirror.kill();
+    // A clsact filter goes through the privileged helper, right after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shows_attachment(&attached_programs(&hosts.server, hosts.iface))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    hosts.assert_nothing_attached("after SIGKILL");
+}
+
+root_tests! {
+    veth_both_directions => both_directions(&TestBed::new(), &[]);
+    veth_both_directions_clsact => both_directions(&TestBed::new(), &["--tc-netlink"]);
+    loopback_both_directions => both_directions(&TestBed::loopback(), &[]);
 }

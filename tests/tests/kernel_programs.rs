@@ -1,4 +1,4 @@
-//! Both kernel programs (XDP and TC) run on crafted frames through
+//! The kernel programs (XDP, TC ingress, TC egress) run on crafted frames through
 //! BPF_PROG_TEST_RUN: the verdict is always XDP_PASS for XDP and "no
 //! verdict" (TC_ACT_UNSPEC) for TC, the frame comes back
 //! byte-identical, a record appears in the ring exactly when it should,
@@ -25,7 +25,7 @@ const TC_ACT_UNSPEC: u32 = (-1i32).cast_unsigned();
 const fn pass(kind: ProgramKind) -> u32 {
     match kind {
         ProgramKind::Xdp => XDP_PASS,
-        ProgramKind::Tc => TC_ACT_UNSPEC,
+        ProgramKind::Tc | ProgramKind::TcEgress => TC_ACT_UNSPEC,
     }
 }
 
@@ -79,8 +79,12 @@ fn run(
     let result = match kind {
         ProgramKind::Xdp => mirror.xdp().expect("load xdp").test_run(options),
         ProgramKind::Tc => mirror.tc().expect("load tc").test_run(options),
+        ProgramKind::TcEgress => mirror
+            .tc_egress()
+            .expect("load tc egress")
+            .test_run(options),
     };
-    let refused = kind == ProgramKind::Tc && skb_test_run_refuses(frame);
+    let refused = kind != ProgramKind::Xdp && skb_test_run_refuses(frame);
     let result = match result {
         Ok(result) => {
             assert!(
@@ -921,4 +925,272 @@ fn the_seed_changes_the_sample_and_100_keeps_all() {
         seed: 3,
     });
     assert!(all.iter().all(|kept| *kept), "100 % keeps every connection");
+}
+
+// ---- both directions -------------------------------------------------------
+
+/// A server's answer: from B's `src_port` to A's port 40000.
+fn ipv4_answer(src_port: u16, payload: &[u8]) -> Vec<u8> {
+    built(|frame| {
+        PacketBuilder::ethernet2(MAC_B, MAC_A)
+            .ipv4(IP_B, IP_A, 64)
+            .tcp(src_port, 40000, 5000, 64240)
+            .ack(1001)
+            .psh()
+            .write(frame, payload)
+    })
+}
+
+fn ipv6_answer(src_port: u16, payload: &[u8]) -> Vec<u8> {
+    built(|frame| {
+        PacketBuilder::ethernet2(MAC_B, MAC_A)
+            .ipv6(IP6_B, IP6_A, 64)
+            .tcp(src_port, 40000, 5000, 64240)
+            .ack(1001)
+            .write(frame, payload)
+    })
+}
+
+/// Runs `frame` through `kind` and checks that it came back untouched
+/// with the pass verdict; returns what it produced.
+fn run_untouched(
+    mirror: &mut Mirror,
+    rings: &mut [CpuRing],
+    kind: ProgramKind,
+    frame: &[u8],
+    what: &str,
+) -> Outcome {
+    let outcome = run(mirror, rings, kind, frame).expect("runs");
+    assert_eq!(outcome.verdict, pass(kind), "{what}: verdict");
+    assert_eq!(outcome.returned, frame, "{what}: untouched");
+    outcome
+}
+
+/// The egress program mirrors what leaves a subscribed port, flagged as
+/// egress and server to client, and nothing else; the ingress programs
+/// leave those answers alone.
+#[test]
+fn the_egress_program_mirrors_the_answers_of_subscribed_ports() {
+    needs_root!();
+    let (mut mirror, mut rings) = mirror(mirror_common::MAX_SNAPLEN);
+    for (answer, ipv6, l4) in [
+        (ipv4_answer(PORT, b"HTTP/1.1 200 OK\r\n"), false, 34),
+        (ipv6_answer(PORT, b"HTTP/1.1 200 OK\r\n"), true, 54),
+        (ipv4_answer(PORT, &[]), false, 34),
+    ] {
+        let what = format!("answer (ipv6: {ipv6}, {} bytes) at egress", answer.len());
+        let outcome = run_untouched(
+            &mut mirror,
+            &mut rings,
+            ProgramKind::TcEgress,
+            &answer,
+            &what,
+        );
+        assert_eq!(
+            outcome.moved,
+            [(Counter::Seen, 1), (Counter::Mirrored, 1)],
+            "{what}: counters"
+        );
+        assert_eq!(outcome.records.len(), 1, "{what}: one record");
+        let (header, packet) = &outcome.records[0];
+        assert_eq!(packet, &answer, "{what}: the record holds the frame");
+        assert_eq!((header.l3_offset, header.l4_offset), (14, l4), "{what}");
+        let mut flags = record_flags::EGRESS | record_flags::SERVER_TO_CLIENT;
+        if ipv6 {
+            flags |= record_flags::IPV6;
+        }
+        assert_eq!(header.flags, flags, "{what}: flags");
+        let raw = Record::encode(header, packet);
+        let record = Record::decode(&raw).unwrap();
+        assert!(record.server_to_client() && record.egress(), "{what}");
+        assert_eq!(record.tcp().unwrap().src.port(), PORT, "{what}");
+
+        for kind in [ProgramKind::Xdp, ProgramKind::Tc] {
+            let what = format!("answer (ipv6: {ipv6}) at ingress through {kind:?}");
+            let outcome = run_untouched(&mut mirror, &mut rings, kind, &answer, &what);
+            assert_eq!(
+                outcome.moved,
+                [(Counter::Seen, 1), (Counter::NotSubscribed, 1)],
+                "{what}: counters"
+            );
+            assert!(outcome.records.is_empty(), "{what}");
+        }
+    }
+    // What a client sends, and answers from other ports, are not egress's.
+    for (name, frame) in [
+        ("request", ipv4_tcp(PORT, b"GET /")),
+        ("answer from another port", ipv4_answer(OTHER_PORT, b"x")),
+        ("non-TCP", arp()),
+    ] {
+        let what = format!("{name} at egress");
+        let outcome = run_untouched(
+            &mut mirror,
+            &mut rings,
+            ProgramKind::TcEgress,
+            &frame,
+            &what,
+        );
+        assert!(outcome.records.is_empty(), "{what}: {:?}", outcome.moved);
+        assert_eq!(
+            outcome.moved.len(),
+            2,
+            "{what}: seen and one outcome: {:?}",
+            outcome.moved
+        );
+    }
+    // The request is ingress's, from the client to the server.
+    let request = ipv4_tcp(PORT, b"GET /");
+    let outcome = run_untouched(
+        &mut mirror,
+        &mut rings,
+        ProgramKind::Tc,
+        &request,
+        "request",
+    );
+    assert_eq!(outcome.records.len(), 1);
+    assert_eq!(outcome.records[0].0.flags, 0, "ingress, client to server");
+}
+
+/// On lo every packet passes egress, then ingress (test runs are on lo):
+/// a packet between two subscribed ports is recorded once, at ingress.
+#[test]
+fn a_packet_between_two_subscribed_ports_is_recorded_once_on_lo() {
+    needs_root!();
+    let (mut mirror, mut rings) = mirror(mirror_common::MAX_SNAPLEN);
+    mirror.set_port(OTHER_PORT, true).unwrap();
+    let frame = ipv4_answer(OTHER_PORT, b"both");
+    // Destination port 40000 is not subscribed: egress takes it.
+    let outcome = run_untouched(
+        &mut mirror,
+        &mut rings,
+        ProgramKind::TcEgress,
+        &frame,
+        "egress",
+    );
+    assert_eq!(outcome.records.len(), 1);
+    mirror.set_port(40000, true).unwrap();
+    let outcome = run_untouched(
+        &mut mirror,
+        &mut rings,
+        ProgramKind::TcEgress,
+        &frame,
+        "egress",
+    );
+    assert_eq!(
+        outcome.moved,
+        [(Counter::Seen, 1), (Counter::NotSubscribed, 1)],
+        "left to ingress"
+    );
+    let outcome = run_untouched(&mut mirror, &mut rings, ProgramKind::Tc, &frame, "ingress");
+    assert_eq!(outcome.records.len(), 1, "recorded at ingress");
+    assert_eq!(outcome.records[0].0.flags, 0, "as client to server");
+}
+
+/// `--sample` keeps or skips a connection's answers with its requests:
+/// the egress program hashes the connection as ingress does.
+#[test]
+fn answers_are_sampled_with_their_connection() {
+    needs_root!();
+    let sample = Sample {
+        percent: 50,
+        seed: 0x5eed_0002,
+    };
+    let (mut mirror, mut rings) = sampled_mirror(sample);
+    let mut kept = 0;
+    for i in 0..200u16 {
+        let (flow, _) = connection(i);
+        let src_port = flow.src_port;
+        let answer = if flow.ip_version == 6 {
+            let mut dst = IP6_A;
+            dst[14..16].copy_from_slice(&i.to_be_bytes());
+            built(|f| {
+                PacketBuilder::ethernet2(MAC_B, MAC_A)
+                    .ipv6(IP6_B, dst, 64)
+                    .tcp(PORT, src_port, 9, 64240)
+                    .ack(20)
+                    .write(f, b"answer")
+            })
+        } else {
+            let dst = [198, 18, (i >> 8) as u8 | 0x80, i as u8];
+            built(|f| {
+                PacketBuilder::ethernet2(MAC_B, MAC_A)
+                    .ipv4(IP_B, dst, 64)
+                    .tcp(PORT, src_port, 9, 64240)
+                    .ack(20)
+                    .write(f, b"answer")
+            })
+        };
+        let expected = sample.includes(&flow);
+        kept += u32::from(expected);
+        let what = format!("answer of connection {i}");
+        let outcome = run_untouched(
+            &mut mirror,
+            &mut rings,
+            ProgramKind::TcEgress,
+            &answer,
+            &what,
+        );
+        let outcome_counter = if expected {
+            Counter::Mirrored
+        } else {
+            Counter::NotSampled
+        };
+        assert_eq!(
+            outcome.moved,
+            [(Counter::Seen, 1), (outcome_counter, 1)],
+            "{what} (in the sample: {expected})"
+        );
+    }
+    assert!((60..=140).contains(&kept), "{kept} of 200 in a 50 % sample");
+}
+
+/// A server's answer the ring cannot take is not reported as a loss of
+/// the client's stream (the flow shards do not follow answers yet), and
+/// still passes untouched.
+#[test]
+fn a_lost_answer_does_not_end_the_clients_stream() {
+    needs_root!();
+    let mut mirror = Mirror::load(&LoadOptions {
+        snaplen: mirror_common::MAX_SNAPLEN,
+        ring_size: 4096,
+        kernel_log_level: 0,
+        sample: Sample::ALL,
+    })
+    .expect("load");
+    mirror.set_port(PORT, true).unwrap();
+    let mut rings = mirror.take_rings();
+    pin_to_current_cpu();
+    let answer = ipv4_answer(PORT, &[1; 1400]);
+    let mut full = 0;
+    for n in 0..3 {
+        let outcome = run_untouched(
+            &mut mirror,
+            &mut rings[..0],
+            ProgramKind::TcEgress,
+            &answer,
+            &format!("answer {n}"),
+        );
+        full += outcome
+            .moved
+            .iter()
+            .filter(|(c, _)| *c == Counter::RingFull)
+            .count();
+    }
+    assert!(full >= 1, "a 4 KiB ring cannot hold three 2 KiB records");
+    let mut lost = mirror.take_lost_flows().expect("lost-flow map");
+    assert!(
+        lost.take().is_empty(),
+        "answers' losses are not the client's"
+    );
+    // The client's own loss still is.
+    let request = ipv4_tcp(PORT, &[2; 1400]);
+    let outcome = run_untouched(
+        &mut mirror,
+        &mut rings[..0],
+        ProgramKind::Tc,
+        &request,
+        "request",
+    );
+    assert_eq!(outcome.moved, [(Counter::Seen, 1), (Counter::RingFull, 1)]);
+    assert_eq!(lost.take().len(), 1);
 }

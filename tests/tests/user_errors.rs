@@ -115,3 +115,36 @@ fn no_native_xdp_on_loopback() {
     );
     assert_clear_failure(&out, "the driver of lo has no native XDP support");
 }
+
+/// XDP has no egress hook: `--directions both` with an XDP mode is refused
+/// before anything is loaded, with what to use instead.
+#[test]
+fn xdp_refuses_both_directions() {
+    needs_root!();
+    let mut net = TestNet::new();
+    let ns = net.namespace("host");
+    for mode in ["xdp", "xdp-skb", "xdp-drv"] {
+        let out = run_mirror(
+            Some(&ns),
+            &[
+                "run",
+                "--iface",
+                "lo",
+                "--port",
+                "80",
+                "--attach",
+                mode,
+                "--directions",
+                "both",
+                "--listen",
+                "none",
+            ],
+        );
+        assert_clear_failure(
+            &out,
+            &format!(
+                "XDP has no egress hook, so --attach {mode} captures only what the client sends: use --directions client with it, or --attach tc (or auto) for both directions"
+            ),
+        );
+    }
+}

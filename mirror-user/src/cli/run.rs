@@ -12,7 +12,7 @@ use mirror_user::{
     fanout::hub::HubConfig,
     flow::{conntrack::TableLimits, reassembly::ReorderLimits},
     kernel::{
-        attach::AttachMode,
+        attach::{self, AttachMode, Directions},
         loader::{self, LoadOptions, Sample},
     },
     pipeline::{
@@ -63,6 +63,13 @@ pub struct RunArgs {
     /// the watched traffic least on this interface (TC).
     #[arg(long, value_parser = one_of(ATTACH_MODES), default_value = "auto")]
     pub attach: AttachMode,
+
+    /// Which directions of each connection to capture: `client` (what
+    /// clients send, at ingress) or `both` (also the servers' answers, at
+    /// TC egress; XDP has no egress hook). The servers' packets reach
+    /// --pcap and --print-packets; streams carry the client's bytes.
+    #[arg(long, value_parser = one_of(DIRECTIONS), default_value = "client")]
+    pub directions: Directions,
 
     /// Bytes of each packet to keep, from the start of the Ethernet header
     /// (headers up to TCP are always kept). Default: the whole packet, up to
@@ -314,6 +321,20 @@ const ATTACH_MODES: &[Choice<AttachMode>] = &[
     ),
 ];
 
+/// `--directions`.
+const DIRECTIONS: &[Choice<Directions>] = &[
+    (
+        "client",
+        "What clients send to the ports (ingress)",
+        Directions::Client,
+    ),
+    (
+        "both",
+        "Also what the servers answer (TC egress; not with XDP)",
+        Directions::Both,
+    ),
+];
+
 /// `--print`.
 const PRINT_FORMATS: &[Choice<PrintFormat>] = &[
     ("text", "tcpdump-like text", PrintFormat::Text),
@@ -385,6 +406,8 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
             "--pcap - writes the capture to standard output, so --print and --print-packets cannot be used with it"
         );
     }
+    // Before anything is loaded: a mistake costs nothing.
+    attach::check_directions(args.attach, args.directions)?;
     let setup = Setup::privileged(setup_config(&args, log_level)?)?;
     Ok(Prepared {
         setup,
@@ -427,6 +450,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
         iface: args.iface.clone(),
         ports: args.ports.iter().map(|p| p.get()).collect(),
         attach: args.attach,
+        directions: args.directions,
         tc_netlink: args.tc_netlink,
         user: args.user.clone(),
         load: LoadOptions {
@@ -635,6 +659,7 @@ mod tests {
         assert_eq!(args.iface, "lo");
         assert_eq!(args.ports, [NonZeroU16::new(8080).unwrap()]);
         assert_eq!(args.attach, AttachMode::Auto);
+        assert_eq!(args.directions, Directions::Client);
         assert_eq!(args.snaplen, MAX_SNAPLEN);
         assert_eq!(args.print, None);
         assert_eq!(args.print_packets, None);
@@ -689,6 +714,11 @@ mod tests {
             assert_eq!(args.attach, mode, "{name}");
         }
         assert!(run_args(&["-i", "lo", "-p", "1", "--attach", "ebpf"]).is_err());
+        for (name, directions) in [("client", Directions::Client), ("both", Directions::Both)] {
+            let args = run_args(&["-i", "lo", "-p", "1", "--directions", name]).unwrap();
+            assert_eq!(args.directions, directions, "{name}");
+        }
+        assert!(run_args(&["-i", "lo", "-p", "1", "--directions", "server"]).is_err());
     }
 
     #[test]

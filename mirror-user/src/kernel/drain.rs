@@ -36,6 +36,9 @@ counters! {
         /// held up longer than the merge's slack): the flow shards get
         /// them out of kernel order.
         behind_watermark,
+        /// Records of the server's answers (`--directions both`): they
+        /// reach --pcap and --print-packets, not yet the flow shards.
+        server_records,
     }
 }
 

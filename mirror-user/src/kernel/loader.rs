@@ -14,7 +14,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use mirror_common::{
     GLOBAL_SAMPLE_PERCENT, GLOBAL_SAMPLE_SEED, GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow,
-    MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC, PROG_XDP,
+    MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC, PROG_TC_EGRESS,
+    PROG_XDP,
 };
 
 use std::sync::Arc;
@@ -81,11 +82,14 @@ impl Sample {
     }
 }
 
-/// Which of the two entry points.
+/// Which of the entry points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgramKind {
     Xdp,
+    /// TC ingress.
     Tc,
+    /// TC egress.
+    TcEgress,
 }
 
 impl ProgramKind {
@@ -93,6 +97,7 @@ impl ProgramKind {
         match self {
             Self::Xdp => PROG_XDP,
             Self::Tc => PROG_TC,
+            Self::TcEgress => PROG_TC_EGRESS,
         }
     }
 }
@@ -247,9 +252,15 @@ impl Mirror {
         Ok(program)
     }
 
-    /// The TC entry point, loaded into the kernel.
+    /// The TC ingress entry point, loaded into the kernel.
     pub fn tc(&mut self) -> Result<&mut SchedClassifier, LoadError> {
         let program: &mut SchedClassifier = self.program(ProgramKind::Tc)?;
+        Ok(program)
+    }
+
+    /// The TC egress entry point, loaded into the kernel.
+    pub fn tc_egress(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        let program: &mut SchedClassifier = self.program(ProgramKind::TcEgress)?;
         Ok(program)
     }
 
@@ -360,13 +371,18 @@ pub struct LostFlows {
 }
 
 impl LostFlows {
-    /// Takes every flow out of the map.
+    /// Takes every flow out of the map: those that lost a packet from the
+    /// client (losses of the server's answers are taken out and dropped:
+    /// the flow shards do not follow that direction yet).
     pub fn take(&mut self) -> Vec<FlowKey> {
         let keys: Vec<LostFlow> = self.map.keys().filter_map(Result::ok).collect();
         keys.iter()
             .filter_map(|key| {
                 // Gone already (LRU) is as good as taken.
                 let _ = self.map.remove(key);
+                if key.server_to_client != 0 {
+                    return None;
+                }
                 flow_key(key)
             })
             .collect()

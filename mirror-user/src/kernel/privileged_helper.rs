@@ -7,7 +7,7 @@
 //! - enlarges a new local client's socket send buffer past
 //!   `net.core.wmem_max` (SO_SNDBUFFORCE: a `mirror tail` on the same CPUs
 //!   as the traffic needs megabytes of slack, see `server`);
-//! - removes the mirror's clsact filter (the TC fallback on kernels
+//! - removes the mirror's clsact filters (the TC fallback on kernels
 //!   without TCX: a filter outlives its process, a TCX link does not), and
 //!   the clsact qdisc if the mirror added it and nothing else uses it;
 //! - removes the subscriber socket files, which live in directories only
@@ -135,7 +135,8 @@ impl SocketFile {
 /// What the helper cleans up when the mirror ends.
 #[derive(Debug, Default)]
 pub struct Plan<'a> {
-    pub clsact: Option<ClsactFilter>,
+    /// In the order they are removed.
+    pub clsact: Vec<ClsactFilter>,
     pub sockets: Vec<&'a SocketFile>,
 }
 
@@ -145,7 +146,7 @@ pub struct Plan<'a> {
 /// path up, so nothing the mirror does afterwards changes what it removes.
 #[derive(Debug, Serialize, Deserialize)]
 struct PlanMessage {
-    clsact: Option<ClsactFilter>,
+    clsact: Vec<ClsactFilter>,
     sockets: Vec<SocketName>,
 }
 
@@ -166,7 +167,7 @@ impl Plan<'_> {
             )));
         }
         let message = PlanMessage {
-            clsact: self.clsact,
+            clsact: self.clsact.clone(),
             sockets: self
                 .sockets
                 .iter()
@@ -189,7 +190,7 @@ impl Plan<'_> {
 /// What the helper removes: the plan it received.
 #[derive(Debug, Default)]
 struct Cleanup {
-    clsact: Option<ClsactFilter>,
+    clsact: Vec<ClsactFilter>,
     sockets: Vec<SocketFile>,
 }
 
@@ -284,7 +285,7 @@ impl Helper {
         self.ask(&message, &[socket])
     }
 
-    /// Removes the clsact filter of the plan now (the mirror stops).
+    /// Removes the clsact filters of the plan now (the mirror stops).
     pub fn detach_clsact(&self) -> io::Result<()> {
         self.ask(&[DETACH], &[])
     }
@@ -393,7 +394,7 @@ fn serve_on(socket: &OwnedFd) -> io::Result<()> {
         }
     }
     // The mirror ended (or closed the socket): clean up what is left.
-    if let Some(filter) = plan.clsact.take() {
+    for filter in std::mem::take(&mut plan.clsact) {
         match clsact::remove(filter) {
             Ok(()) => tracing::info!("removed the mirror's TC filter (the mirror has ended)"),
             Err(error) => tracing::debug!("the mirror's TC filter is gone already: {error}"),
@@ -416,7 +417,14 @@ fn handle(message: &[u8], fds: Vec<OwnedFd>, plan: &mut Cleanup) -> io::Result<(
             let bytes = u64::from_le_bytes(size.try_into().expect("8 bytes"));
             force_send_buffer(socket, bytes)
         }
-        ([DETACH], []) => plan.clsact.take().map_or(Ok(()), clsact::remove),
+        ([DETACH], []) => {
+            // Every filter goes, whatever became of the one before.
+            let mut result = Ok(());
+            for filter in std::mem::take(&mut plan.clsact) {
+                result = result.and(clsact::remove(filter));
+            }
+            result
+        }
         _ => Err(io::Error::other("unknown request")),
     }
 }
@@ -608,7 +616,7 @@ mod tests {
         let client = std::os::unix::net::UnixStream::connect(file.path()).unwrap();
         let (mirror, helper) = pair();
         let plan = Plan {
-            clsact: None,
+            clsact: Vec::new(),
             sockets: vec![&file],
         };
         // The plan and a request, then the mirror is gone before any answer.
@@ -637,7 +645,7 @@ mod tests {
         send_plan(
             &mirror,
             &Plan {
-                clsact: None,
+                clsact: Vec::new(),
                 sockets: vec![&first, &second],
             },
         );
@@ -659,7 +667,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_listener, file) = bound_socket(dir.path());
         let (message, _) = Plan {
-            clsact: None,
+            clsact: Vec::new(),
             sockets: vec![&file],
         }
         .encode()

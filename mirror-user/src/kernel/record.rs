@@ -61,6 +61,17 @@ impl<'a> Record<'a> {
         Ok(Self { header, packet })
     }
 
+    /// Whether the packet went from the server (its source port is the
+    /// subscribed one) to the client: seen at TC egress.
+    pub fn server_to_client(&self) -> bool {
+        self.header.flags & record_flags::SERVER_TO_CLIENT != 0
+    }
+
+    /// Whether the TC egress program saw the packet (else an ingress one).
+    pub fn egress(&self) -> bool {
+        self.header.flags & record_flags::EGRESS != 0
+    }
+
     /// Decodes the TCP/IP headers of the packet.
     pub fn tcp(&self) -> Result<TcpPacket<'a>, RecordError> {
         TcpPacket::parse(&self.header, self.packet)
@@ -210,6 +221,7 @@ mod tests {
         assert_eq!(record.header, header);
         assert_eq!(record.packet, &frame[..]);
 
+        assert!(!record.server_to_client() && !record.egress());
         let tcp = record.tcp().unwrap();
         assert_eq!(tcp.src, "198.18.0.1:40000".parse().unwrap());
         assert_eq!(tcp.dst, "198.18.0.2:8080".parse().unwrap());
@@ -218,6 +230,17 @@ mod tests {
         assert_eq!(tcp.flags.to_string(), "P.");
         assert_eq!(tcp.payload_len, 5);
         assert_eq!(tcp.payload, b"hello");
+    }
+
+    #[test]
+    fn the_direction_and_hook_bits_are_read() {
+        let frame = ipv4_frame(b"answer");
+        let flags = record_flags::SERVER_TO_CLIENT | record_flags::EGRESS;
+        let header = header_for(&frame, frame.len() as u32, flags, 14, 34);
+        let raw = raw_record(header, &frame, 0);
+        let record = Record::decode(&raw).unwrap();
+        assert!(record.server_to_client() && record.egress());
+        assert_eq!(record.tcp().unwrap().payload, b"answer");
     }
 
     #[test]

@@ -171,14 +171,14 @@ impl Pipeline {
         ));
 
         if attach_mode == AttachMode::Auto {
-            tracing::info!("attach auto: {} ({AUTO_REASON})", attachment.point);
+            tracing::info!("attach auto: {attachment} ({AUTO_REASON})");
         }
         let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
         tracing::info!(
             "mirroring TCP to port {} on {} at {}; stop with Ctrl-C",
             port_list.join(", "),
             iface,
-            attachment.point
+            attachment
         );
         for endpoint in &server_config.endpoints {
             tracing::info!(
@@ -194,6 +194,7 @@ impl Pipeline {
             None => (None, None, None),
         };
         let sink = RunSink {
+            counters: Arc::clone(&drain_counters),
             router: shards.router(),
             packets: config
                 .print_packets
@@ -370,10 +371,11 @@ impl Running {
         // Requests still in flight get "the mirror is stopping".
         drop(control_rx);
 
-        let detached = match attachment.clsact_filter() {
-            // A filter needs CAP_NET_ADMIN to go: the helper removes it.
-            Some(_) => helper.detach_clsact().map_err(PipelineError::DetachClsact),
-            None => attach::detach(&mut mirror, attachment).map_err(PipelineError::from),
+        let detached = if attachment.clsact_filters().is_empty() {
+            attach::detach(&mut mirror, attachment).map_err(PipelineError::from)
+        } else {
+            // A filter needs CAP_NET_ADMIN to go: the helper removes them.
+            helper.detach_clsact().map_err(PipelineError::DetachClsact)
         };
         let _ = stop_tx.send(true);
         let mut failure = early_end.and_then(task_failure);
@@ -412,6 +414,7 @@ impl Running {
 
 /// What the drain feeds: the shards, the packet printer, the capture.
 struct RunSink {
+    counters: Arc<DrainCounters>,
     router: SegmentRouter,
     packets: Option<PacketPrinter>,
     pcap: Option<PcapSink>,
@@ -424,6 +427,12 @@ impl RecordSink for RunSink {
         }
         if let Some(pcap) = &mut self.pcap {
             pcap.offer(record);
+        }
+        // The server's answers (`--directions both`) go to the packet tier
+        // only until the flow shards follow that direction.
+        if record.server_to_client() {
+            self.counters.server_records.fetch_add(1, Ordering::Relaxed);
+            return;
         }
         self.router.record(record);
     }

@@ -17,7 +17,7 @@ use aya::maps::MapError;
 use crate::{
     files::{OutputDir, OutputDirError},
     kernel::{
-        attach::{self, AttachError, AttachMode, Attachment},
+        attach::{self, AttachError, AttachMode, Attachment, Directions},
         loader::{LoadError, LoadOptions, Mirror},
         privileged_helper::{Helper, Plan as HelperPlan},
         privileges::{self, Identity, PrivilegeError},
@@ -38,6 +38,8 @@ pub struct SetupConfig {
     /// Ports mirrored from the first packet on.
     pub ports: Vec<u16>,
     pub attach: AttachMode,
+    /// `--directions`: with `Both`, TC egress too.
+    pub directions: Directions,
     /// Attach TC through a clsact filter even where TCX links exist.
     pub tc_netlink: bool,
     /// Who the mirror becomes (`None`: nobody).
@@ -157,14 +159,19 @@ impl Setup {
                     source,
                 })?;
         }
-        let attachment =
-            attach::attach(&mut mirror, &config.iface, config.attach, config.tc_netlink)?;
+        let attachment = attach::attach(
+            &mut mirror,
+            &config.iface,
+            config.attach,
+            config.directions,
+            config.tc_netlink,
+        )?;
         // From here on an error must leave nothing attached. TCX and XDP links
         // go with the process; a clsact filter stays: the helper removes it
         // once it runs (also when a later step fails), before that the mirror,
         // which still may.
         let helper = match Helper::spawn(&HelperPlan {
-            clsact: attachment.clsact_filter(),
+            clsact: attachment.clsact_filters(),
             sockets: listeners
                 .iter()
                 .filter_map(BoundListener::socket_file)

@@ -44,17 +44,64 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use serde::{Deserialize, Serialize};
 
 /// The clsact filter the mirror attached (priority and handle identify it
-/// among the interface's filters; the program id tells whether it is still
-/// the mirror's).
+/// among the interface's filters at its hook; the program id tells whether
+/// it is still the mirror's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClsactFilter {
     pub ifindex: u32,
+    /// Ingress or egress.
+    #[serde(default)]
+    pub hook: Hook,
     pub priority: u16,
     pub handle: u32,
     pub program_id: u32,
     /// The mirror added the interface's clsact qdisc (there was none): it
     /// goes too, once nothing else uses it.
     pub added_qdisc: bool,
+}
+
+/// The two hooks of a clsact qdisc (and of TCX). The clsact egress hook
+/// runs its filters exactly as ingress does (by priority, one kind and
+/// protocol per priority, the newest `bpf` filter of a priority first), so
+/// the mirror takes the same place at both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hook {
+    #[default]
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    pub const fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::Ingress => TcAttachType::Ingress,
+            Self::Egress => TcAttachType::Egress,
+        }
+    }
+
+    /// As `tc` spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+
+    const fn parent(self) -> TcHandle {
+        TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: match self {
+                Self::Ingress => TcHandle::MIN_INGRESS,
+                Self::Egress => TcHandle::MIN_EGRESS,
+            },
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The priority of the mirror's filter: the first one.
@@ -84,7 +131,7 @@ const QDISC_HANDLE: TcHandle = TcHandle {
 };
 const QDISC_KIND: &str = "clsact";
 
-/// A filter in chain 0 of clsact ingress, as the kernel lists it (every
+/// A filter in chain 0 of a clsact hook, as the kernel lists it (every
 /// priority also shows once with handle 0: the classifier instance).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
@@ -159,7 +206,7 @@ enum Found {
 }
 
 fn find(filter: &ClsactFilter) -> io::Result<Found> {
-    let filters = ingress_filters(filter.ifindex)?;
+    let filters = filters(filter.ifindex, filter.hook)?;
     let same = filters
         .iter()
         .find(|f| f.priority == filter.priority && f.handle == filter.handle);
@@ -188,20 +235,24 @@ pub fn remove(filter: ClsactFilter) -> io::Result<()> {
         Found::Ours => {}
         Found::Replaced => {
             tracing::warn!(
-                "the mirror's TC filter on {iface} (priority {}, handle {:#x}) was replaced by another one; leaving that one in place",
+                "the mirror's TC {} filter on {iface} (priority {}, handle {:#x}) was replaced by another one; leaving that one in place",
+                filter.hook,
                 filter.priority,
                 filter.handle
             );
             return Ok(());
         }
         Found::Gone => {
-            tracing::debug!("the mirror's TC filter on {iface} is gone already");
+            tracing::debug!(
+                "the mirror's TC {} filter on {iface} is gone already",
+                filter.hook
+            );
             return Ok(());
         }
     }
     SchedClassifierLink::attached(
         &iface,
-        TcAttachType::Ingress,
+        filter.hook.attach_type(),
         filter.priority,
         aya::programs::tc::TcHandle::from(filter.handle),
         None,
@@ -257,11 +308,8 @@ pub enum QdiscRemoval {
 /// add must reckon with its owner deleting it, before or after their add.
 pub fn remove_qdisc_if_unused(ifindex: u32) -> io::Result<QdiscRemoval> {
     let socket = route_socket()?;
-    for minor in [TcHandle::MIN_INGRESS, TcHandle::MIN_EGRESS] {
-        let parent = TcHandle {
-            major: TcHandle::CLSACT.major,
-            minor,
-        };
+    for hook in [Hook::Ingress, Hook::Egress] {
+        let parent = hook.parent();
         let filters = dump(
             &socket,
             RouteNetlinkMessage::GetTrafficFilter(tc_message(ifindex, parent)?),
@@ -293,12 +341,13 @@ pub fn remove_qdisc_if_unused(ifindex: u32) -> io::Result<QdiscRemoval> {
     }
 }
 
-/// Filters that mirrors killed together with their helper left behind:
-/// `bpf` filters running a program named `name` that no process holds. A
-/// running mirror holds its program, so its filter is never taken for a
-/// leftover, whoever else watches the same interface.
+/// Filters that mirrors killed together with their helper left behind at
+/// `hook`: `bpf` filters running a program named `name` that no process
+/// holds. A running mirror holds its program, so its filter is never taken
+/// for a leftover, whoever else watches the same interface.
 pub fn leftovers(
     ifindex: u32,
+    hook: Hook,
     filters: &[Filter],
     name: &str,
     held: &HashSet<u32>,
@@ -310,6 +359,7 @@ pub fn leftovers(
             let program_id = f.program_id.filter(|id| !held.contains(id))?;
             Some(ClsactFilter {
                 ifindex,
+                hook,
                 priority: f.priority,
                 handle: f.handle,
                 program_id,
@@ -360,15 +410,11 @@ pub fn held_programs() -> HashSet<u32> {
     held
 }
 
-/// The filters in chain 0 of clsact ingress on `ifindex` (the chain where
+/// The filters in chain 0 of clsact `hook` on `ifindex` (the chain where
 /// classification starts; other chains run only when a filter there sends
 /// a packet to them).
-pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<Filter>> {
-    let parent = TcHandle {
-        major: TcHandle::CLSACT.major,
-        minor: TcHandle::MIN_INGRESS,
-    };
-    let request = RouteNetlinkMessage::GetTrafficFilter(tc_message(ifindex, parent)?);
+pub fn filters(ifindex: u32, hook: Hook) -> io::Result<Vec<Filter>> {
+    let request = RouteNetlinkMessage::GetTrafficFilter(tc_message(ifindex, hook.parent())?);
     Ok(dump(&route_socket()?, request, RTM_NEWTFILTER)?
         .iter()
         .filter_map(|payload| filter(payload))
@@ -604,15 +650,29 @@ mod tests {
         ];
         let held = HashSet::from([11]);
         assert_eq!(
-            leftovers(7, &filters, "mirror_tc", &held),
+            leftovers(7, Hook::Egress, &filters, "mirror_tc", &held),
             [ClsactFilter {
                 ifindex: 7,
+                hook: Hook::Egress,
                 priority: 1,
                 handle: HANDLE_BASE,
                 program_id: 10,
                 added_qdisc: false,
             }]
         );
+    }
+
+    #[test]
+    fn a_filter_of_an_older_plan_is_an_ingress_one() {
+        let old = r#"{"ifindex":3,"priority":1,"handle":1,"program_id":9,"added_qdisc":true}"#;
+        let filter: ClsactFilter = serde_json::from_str(old).unwrap();
+        assert_eq!(filter.hook, Hook::Ingress);
+        let egress = ClsactFilter {
+            hook: Hook::Egress,
+            ..filter
+        };
+        let text = serde_json::to_string(&egress).unwrap();
+        assert_eq!(serde_json::from_str::<ClsactFilter>(&text).unwrap(), egress);
     }
 
     #[test]
