@@ -196,6 +196,13 @@ pub struct ServerArgs {
     /// (its connections already ended as "lagged" meanwhile).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub client_timeout: Duration,
+
+    /// Shared memory for payloads, which local clients (`mirror tail` over
+    /// the Unix socket) read in place instead of receiving copies; memory is
+    /// taken only as it is used. Whole MiB; 0: no arena, every client gets
+    /// bytes.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_arena_size)]
+    pub arena_size: u64,
 }
 
 impl ServerArgs {
@@ -355,6 +362,15 @@ const MIN_RING_SIZE: u64 = 4096;
 /// Rings are allocated per CPU; 1 GiB each is far beyond any useful size.
 const MAX_RING_SIZE: u64 = 1 << 30;
 
+fn parse_arena_size(text: &str) -> Result<u64, String> {
+    match parse_size(text) {
+        Ok(n) if n % (1 << 20) == 0 && n <= 64 << 30 => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not an arena size: use whole MiB up to 64G, such as 256M, or 0 for none"
+        )),
+    }
+}
+
 fn parse_ring_size(text: &str) -> Result<u32, String> {
     match parse_size(text) {
         Ok(n) if n.is_power_of_two() && (MIN_RING_SIZE..=MAX_RING_SIZE).contains(&n) => {
@@ -469,6 +485,7 @@ fn pipeline_config(args: &RunArgs) -> PipelineConfig {
         },
         allow: args.server.allow(),
         max_client_ports: args.server.max_client_ports,
+        arena_size: args.server.arena_size as usize,
     }
 }
 

@@ -79,6 +79,15 @@ pub enum ClientFrame {
     RemovePort {
         port: u16,
     },
+    /// Asks for the payload arena (Unix sockets only): answered
+    /// [`ServerFrame::Arena`] with the memfd attached, or a non-fatal
+    /// `ERROR(9)`, after which data keeps coming as bytes.
+    MapArena,
+    /// Returns the oldest `count` [`ServerFrame::DataRef`]s not yet
+    /// returned: the client is done with their bytes.
+    Credit {
+        count: u32,
+    },
 }
 
 /// A frame the server sends.
@@ -104,6 +113,12 @@ pub enum ServerFrame {
         fatal: bool,
         message: String,
     },
+    /// Reply to `MapArena`: the arena's size; its memfd travels with the
+    /// frame's first byte (`SCM_RIGHTS`).
+    Arena { size: u64 },
+    /// Data of a connection, as `len` bytes at `offset` in the arena; the
+    /// client returns it with a `Credit`.
+    DataRef { conn: u64, offset: u64, len: u32 },
 }
 
 /// Why a request or session failed.
@@ -119,6 +134,9 @@ pub enum ErrorCode {
     /// The session stopped reading for longer than its budget.
     TooSlow,
     Internal,
+    /// The arena is not offered here (a TCP listener, or a mirror without
+    /// one): data comes as bytes.
+    NoArena,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -134,6 +152,7 @@ impl ErrorCode {
             Self::TooManyClients => 6,
             Self::TooSlow => 7,
             Self::Internal => 8,
+            Self::NoArena => 9,
             Self::Other(code) => code,
         }
     }
@@ -148,6 +167,7 @@ impl ErrorCode {
             6 => Self::TooManyClients,
             7 => Self::TooSlow,
             8 => Self::Internal,
+            9 => Self::NoArena,
             other => Self::Other(other),
         }
     }
@@ -190,6 +210,8 @@ mod kind {
     pub const ADD_PORT: u8 = 0x06;
     pub const REMOVE_PORT: u8 = 0x07;
     pub const AUTH: u8 = 0x08;
+    pub const MAP_ARENA: u8 = 0x09;
+    pub const CREDIT: u8 = 0x0a;
 
     pub const WELCOME: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
@@ -200,6 +222,8 @@ mod kind {
     pub const PORTS: u8 = 0x87;
     pub const ERROR: u8 = 0x88;
     pub const CHALLENGE: u8 = 0x89;
+    pub const ARENA: u8 = 0x8a;
+    pub const DATA_REF: u8 = 0x8b;
 }
 
 const REASON_CODES: [(CloseReason, u8); 7] = [
@@ -251,6 +275,11 @@ impl ClientFrame {
                 out.put_u8(kind::REMOVE_PORT);
                 out.put_u16(*port);
             }
+            Self::MapArena => out.put_u8(kind::MAP_ARENA),
+            Self::Credit { count } => {
+                out.put_u8(kind::CREDIT);
+                out.put_u32(*count);
+            }
         }
     }
 
@@ -274,6 +303,10 @@ impl ClientFrame {
             },
             kind::REMOVE_PORT => Self::RemovePort {
                 port: r.u16("port")?,
+            },
+            kind::MAP_ARENA => Self::MapArena,
+            kind::CREDIT => Self::Credit {
+                count: r.u32("count")?,
             },
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -372,6 +405,16 @@ impl ServerFrame {
                 out.put_u8(u8::from(*fatal));
                 out.put_slice(message.as_bytes());
             }
+            Self::Arena { size } => {
+                out.put_u8(kind::ARENA);
+                out.put_u64(*size);
+            }
+            Self::DataRef { conn, offset, len } => {
+                out.put_u8(kind::DATA_REF);
+                out.put_u64(*conn);
+                out.put_u64(*offset);
+                out.put_u32(*len);
+            }
         }
     }
 
@@ -434,6 +477,14 @@ impl ServerFrame {
                 code: ErrorCode::from_u16(r.u16("code")?),
                 fatal: r.flag("fatal")?,
                 message: r.rest_str("message")?,
+            },
+            kind::ARENA => Self::Arena {
+                size: r.u64("size")?,
+            },
+            kind::DATA_REF => Self::DataRef {
+                conn: r.u64("conn")?,
+                offset: r.u64("offset")?,
+                len: r.u32("len")?,
             },
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -765,6 +816,8 @@ mod tests {
         client_round_trip(ClientFrame::ListPorts);
         client_round_trip(ClientFrame::AddPort { port: 8080 });
         client_round_trip(ClientFrame::RemovePort { port: 1 });
+        client_round_trip(ClientFrame::MapArena);
+        client_round_trip(ClientFrame::Credit { count: u32::MAX });
     }
 
     #[test]
@@ -795,6 +848,12 @@ mod tests {
             server_round_trip(ServerFrame::Event(StreamEvent::Closed { conn: 3, reason }));
         }
         server_round_trip(ServerFrame::Ok);
+        server_round_trip(ServerFrame::Arena { size: 256 << 20 });
+        server_round_trip(ServerFrame::DataRef {
+            conn: 9,
+            offset: (1 << 20) + 5,
+            len: 65_483,
+        });
         server_round_trip(ServerFrame::Stats {
             json: r#"{"kind":"counters"}"#.into(),
         });
@@ -823,6 +882,7 @@ mod tests {
             ErrorCode::TooManyClients,
             ErrorCode::TooSlow,
             ErrorCode::Internal,
+            ErrorCode::NoArena,
             ErrorCode::Other(999),
         ] {
             server_round_trip(ServerFrame::Error {

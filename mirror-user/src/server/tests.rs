@@ -116,6 +116,7 @@ impl Harness {
                 hub,
                 stats: Arc::clone(&stats),
                 config: Arc::new(config),
+                arena: None,
             },
             None,
             stop_rx,

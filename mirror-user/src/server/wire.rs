@@ -7,18 +7,39 @@
 //! `mirror tail`: encoding each frame into a buffer and then into the
 //! codec's buffer took two copies and a third of the mirror's CPU time.
 
-use std::{collections::VecDeque, io, io::IoSlice};
+use std::{
+    collections::VecDeque,
+    io,
+    io::IoSlice,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, DuplexStream, Interest},
+    net::{TcpStream, UnixStream},
+};
 use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::server::protocol::ServerFrame;
 
 /// A client's byte stream, over either kind of socket.
-pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The Unix socket under it, over which descriptors can pass.
+    fn unix(&self) -> Option<&UnixStream> {
+        None
+    }
+}
+
+impl Connection for UnixStream {
+    fn unix(&self) -> Option<&UnixStream> {
+        Some(self)
+    }
+}
+impl Connection for TcpStream {}
+impl Connection for DuplexStream {}
 
 /// Slices handed to one `writev`.
 const MAX_SLICES: usize = 64;
@@ -67,6 +88,39 @@ impl SessionWire {
             self.queued_bytes += payload.len();
             self.queue.push_back(payload);
         }
+    }
+
+    /// Whether descriptors can be passed to the client (a Unix socket).
+    pub fn is_unix(&self) -> bool {
+        self.framed.get_ref().unix().is_some()
+    }
+
+    /// Writes everything queued, then `frame` with `fd` attached to its
+    /// first byte (`SCM_RIGHTS`).
+    pub async fn send_with_fd(&mut self, frame: &ServerFrame, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.flush().await?;
+        let mut bytes = BytesMut::new();
+        let payload = frame.encode_wire(&mut bytes);
+        debug_assert!(payload.is_none(), "a frame with a descriptor has no payload");
+        let io = self.framed.get_mut();
+        let socket = io.unix().ok_or(io::ErrorKind::Unsupported)?;
+        let fds = [fd.as_raw_fd()];
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    socket.as_raw_fd(),
+                    &[IoSlice::new(&bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(io::Error::from)
+            })
+            .await?;
+        // The descriptor went with the first byte; the rest, if any, as
+        // any bytes go.
+        io.write_all(&bytes[sent..]).await?;
+        io.flush().await
     }
 
     /// Writes everything queued.
