@@ -142,8 +142,9 @@ pub enum ArenaUse {
     Never,
 }
 
-/// References returned in one `CREDIT` at most... and at least, unless the
-/// client is about to wait for the mirror.
+/// References returned in one `CREDIT` at least (or an eighth of the
+/// client's share of the arena in bytes), unless the client is about to
+/// wait for the mirror, when it returns all it can.
 pub const CREDIT_BATCH: u32 = 64;
 
 struct ClientArena {
@@ -152,8 +153,9 @@ struct ClientArena {
 }
 
 /// The references received, in order, and which of them are done with.
-#[derive(Default)]
 struct Credits {
+    /// Bytes done with that are worth a `CREDIT` on their own.
+    batch_bytes: u64,
     state: Mutex<CreditState>,
     /// Woken when references can be returned while the client waits.
     ready: Notify,
@@ -163,18 +165,28 @@ struct Credits {
 struct CreditState {
     /// Sequence number of the oldest reference not yet done with.
     first: u64,
-    /// From `first` on: done with or not. Credits go in order, so a
-    /// reference done with behind one still held waits for it.
-    done: VecDeque<bool>,
+    /// From `first` on: the length of each reference, and whether it is
+    /// done with. Credits go in order, so a reference done with behind one
+    /// still held waits for it.
+    done: VecDeque<(u32, bool)>,
     /// Done with, in order, and not yet returned.
     returnable: u32,
+    returnable_bytes: u64,
 }
 
 impl Credits {
-    fn issue(self: &Arc<Self>) -> CreditGuard {
+    fn new(share: u64) -> Self {
+        Self {
+            batch_bytes: share / 8,
+            state: Mutex::default(),
+            ready: Notify::new(),
+        }
+    }
+
+    fn issue(self: &Arc<Self>, len: u32) -> CreditGuard {
         let mut state = self.state.lock();
         let seq = state.first + state.done.len() as u64;
-        state.done.push_back(false);
+        state.done.push_back((len, false));
         CreditGuard {
             credits: Arc::clone(self),
             seq,
@@ -186,26 +198,32 @@ impl Credits {
         let Some(index) = seq.checked_sub(state.first) else {
             return;
         };
-        if let Some(done) = state.done.get_mut(index as usize) {
+        if let Some((_, done)) = state.done.get_mut(index as usize) {
             *done = true;
         }
         let mut freed = false;
-        while state.done.front() == Some(&true) {
+        while let Some(&(len, true)) = state.done.front() {
             state.done.pop_front();
             state.first += 1;
             state.returnable += 1;
+            state.returnable_bytes += u64::from(len);
             freed = true;
         }
-        if freed && (state.returnable >= CREDIT_BATCH || state.done.is_empty()) {
+        if freed && (self.worth_sending(&state) || state.done.is_empty()) {
             self.ready.notify_one();
         }
     }
 
-    /// References to return now: all of them, or none when fewer than
-    /// `min`.
-    fn take(&self, min: u32) -> u32 {
+    fn worth_sending(&self, state: &CreditState) -> bool {
+        state.returnable >= CREDIT_BATCH || state.returnable_bytes >= self.batch_bytes
+    }
+
+    /// References to return now: all that are done with when `all` or
+    /// when they are worth a `CREDIT`, else none.
+    fn take(&self, all: bool) -> u32 {
         let mut state = self.state.lock();
-        if state.returnable > 0 && state.returnable >= min {
+        if state.returnable > 0 && (all || self.worth_sending(&state)) {
+            state.returnable_bytes = 0;
             std::mem::take(&mut state.returnable)
         } else {
             0
@@ -356,13 +374,13 @@ impl Client {
         }
         let fd = self.receive_with_fd().await?;
         match self.read_frame().await?.ok_or(ClientError::Closed)? {
-            ServerFrame::Arena { size } => {
+            ServerFrame::Arena { size, share } => {
                 let fd = fd.ok_or_else(|| {
                     ClientError::Unexpected("an arena without its descriptor".into())
                 })?;
                 self.arena = Some(ClientArena {
                     view: ArenaView::map(fd, size)?,
-                    credits: Arc::default(),
+                    credits: Arc::new(Credits::new(share)),
                 });
                 Ok(())
             }
@@ -540,20 +558,20 @@ impl Client {
             if let Some(frame) = self.wire.next().now_or_never() {
                 break frame;
             }
-            self.return_credits(1).await?;
+            self.return_credits(true).await?;
             tokio::select! {
                 frame = self.wire.next() => break frame,
                 () = credits.ready.notified() => {}
             }
         };
-        self.return_credits(CREDIT_BATCH).await?;
+        self.return_credits(false).await?;
         let frame = match frame {
             None => return Ok(None),
             Some(bytes) => ServerFrame::decode_shared(bytes?.freeze())?,
         };
         match frame {
             ServerFrame::DataRef { conn, offset, len } => {
-                let guard = credits.issue();
+                let guard = credits.issue(len);
                 let arena = self.arena.as_ref().expect("checked above");
                 let bytes = arena.view.bytes(offset, len, guard).ok_or_else(|| {
                     ClientError::Unexpected(format!(
@@ -574,12 +592,12 @@ impl Client {
         }
     }
 
-    /// Returns the references done with, if at least `min`.
-    async fn return_credits(&mut self, min: u32) -> Result<(), ClientError> {
+    /// Returns the references done with: all, or those worth a `CREDIT`.
+    async fn return_credits(&mut self, all: bool) -> Result<(), ClientError> {
         let Some(arena) = &self.arena else {
             return Ok(());
         };
-        let count = arena.credits.take(min);
+        let count = arena.credits.take(all);
         if count > 0 {
             self.send(&ClientFrame::Credit { count }).await?;
         }

@@ -113,9 +113,11 @@ pub enum ServerFrame {
         fatal: bool,
         message: String,
     },
-    /// Reply to `MapArena`: the arena's size; its memfd travels with the
-    /// frame's first byte (`SCM_RIGHTS`).
-    Arena { size: u64 },
+    /// Reply to `MapArena`: the arena's size, and how many referenced
+    /// bytes the client may hold unreturned before its connections are
+    /// closed as lagged; the memfd travels with the frame's first byte
+    /// (`SCM_RIGHTS`).
+    Arena { size: u64, share: u64 },
     /// Data of a connection, as `len` bytes at `offset` in the arena; the
     /// client returns it with a `Credit`.
     DataRef { conn: u64, offset: u64, len: u32 },
@@ -405,9 +407,10 @@ impl ServerFrame {
                 out.put_u8(u8::from(*fatal));
                 out.put_slice(message.as_bytes());
             }
-            Self::Arena { size } => {
+            Self::Arena { size, share } => {
                 out.put_u8(kind::ARENA);
                 out.put_u64(*size);
+                out.put_u64(*share);
             }
             Self::DataRef { conn, offset, len } => {
                 out.put_u8(kind::DATA_REF);
@@ -480,6 +483,7 @@ impl ServerFrame {
             },
             kind::ARENA => Self::Arena {
                 size: r.u64("size")?,
+                share: r.u64("share")?,
             },
             kind::DATA_REF => Self::DataRef {
                 conn: r.u64("conn")?,
@@ -848,7 +852,10 @@ mod tests {
             server_round_trip(ServerFrame::Event(StreamEvent::Closed { conn: 3, reason }));
         }
         server_round_trip(ServerFrame::Ok);
-        server_round_trip(ServerFrame::Arena { size: 256 << 20 });
+        server_round_trip(ServerFrame::Arena {
+            size: 256 << 20,
+            share: 64 << 20,
+        });
         server_round_trip(ServerFrame::DataRef {
             conn: 9,
             offset: (1 << 20) + 5,

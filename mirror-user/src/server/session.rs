@@ -640,8 +640,10 @@ async fn map_arena(
             )));
         }
     };
+    let shared = SharedPayloads::new(arena.clone());
     let frame = ServerFrame::Arena {
         size: arena.size() as u64,
+        share: shared.share() as u64,
     };
     outbox.written();
     match tokio::time::timeout(
@@ -655,7 +657,7 @@ async fn map_arena(
         Err(_) => return Err(End::TooSlow),
     }
     context.stats.arena_clients.fetch_add(1, Ordering::Relaxed);
-    outbox.shared = Some(SharedPayloads::new(arena.clone()));
+    outbox.shared = Some(shared);
     Ok(None)
 }
 

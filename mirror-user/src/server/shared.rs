@@ -59,6 +59,11 @@ impl SharedPayloads {
         }
     }
 
+    /// Referenced bytes the client may hold unreturned.
+    pub fn share(&self) -> usize {
+        self.budget
+    }
+
     /// Bytes referenced and not yet returned.
     pub fn outstanding_bytes(&self) -> usize {
         self.outstanding_bytes
