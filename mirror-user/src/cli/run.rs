@@ -363,6 +363,9 @@ const MIN_RING_SIZE: u64 = 4096;
 const MAX_RING_SIZE: u64 = 1 << 30;
 
 fn parse_arena_size(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
     match parse_size(text) {
         Ok(n) if n % (1 << 20) == 0 && n <= 64 << 30 => Ok(n),
         _ => Err(format!(
