@@ -155,14 +155,18 @@ impl Arena {
         ftruncate(&fd, size as i64).map_err(create("ftruncate"))?;
         // The mirror's own writable mapping comes before the seal that
         // forbids any later one.
-        let mapping = map(&fd, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)
-            .map_err(create("mmap"))?;
+        let mapping =
+            map(&fd, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE).map_err(create("mmap"))?;
         fcntl(&fd, FcntlArg::F_ADD_SEALS(SEALS)).map_err(create("seal"))?;
         let chunks = size / CHUNK;
         let free = (0..chunks.div_ceil(64))
             .map(|word| {
                 let bits = (chunks - word * 64).min(64);
-                AtomicU64::new(if bits == 64 { u64::MAX } else { (1 << bits) - 1 })
+                AtomicU64::new(if bits == 64 {
+                    u64::MAX
+                } else {
+                    (1 << bits) - 1
+                })
             })
             .collect();
         let counters = ArenaCounters::default();
@@ -397,7 +401,10 @@ mod tests {
         assert_eq!(arena.offset_of(b"elsewhere"), None);
         let chunk = arena.lease().unwrap().into_bytes();
         assert_eq!(arena.offset_of(&chunk.slice(0..0)), None);
-        assert_eq!(arena.offset_of(&chunk.slice(CHUNK - 1..)), Some(CHUNK as u64 - 1));
+        assert_eq!(
+            arena.offset_of(&chunk.slice(CHUNK - 1..)),
+            Some(CHUNK as u64 - 1)
+        );
     }
 
     #[test]
@@ -453,7 +460,10 @@ mod tests {
         drop(slice);
         assert!(rx.try_recv().is_err());
         drop(shorter);
-        assert!(rx.try_recv().is_err_and(|e| e == std::sync::mpsc::TryRecvError::Disconnected));
+        assert!(
+            rx.try_recv()
+                .is_err_and(|e| e == std::sync::mpsc::TryRecvError::Disconnected)
+        );
     }
 
     #[test]

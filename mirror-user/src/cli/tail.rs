@@ -135,7 +135,10 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     // `mirror tail`'s time at 1 GB/s), and while the output blocks there is
     // nothing else to do (the mirror ends the connections of a client that
     // stops reading as lagged, whatever the reason).
-    let mut out = BufWriter::with_capacity(1 << 20, File::from(std::io::stdout().as_fd().try_clone_to_owned()?));
+    let mut out = BufWriter::with_capacity(
+        1 << 20,
+        File::from(std::io::stdout().as_fd().try_clone_to_owned()?),
+    );
     let mut line = String::new();
     let mut totals = EventTotals::default();
     let result = loop {

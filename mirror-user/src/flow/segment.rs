@@ -115,11 +115,7 @@ impl ArenaFill {
         // SAFETY: `filled..filled + len` is inside the chunk (checked above)
         // and no slice covering it was handed out yet.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                payload.as_ptr(),
-                start.add(self.filled),
-                payload.len(),
-            );
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), start.add(self.filled), payload.len());
         }
         let slice = whole.slice(self.filled..self.filled + payload.len());
         self.filled += payload.len();

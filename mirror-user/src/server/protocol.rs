@@ -1062,27 +1062,32 @@ mod tests {
         }
         let doc = include_str!("../../../docs/protocol.md");
         let example = &doc[doc.find("## Example").expect("an example section")..];
-        let example = example.split("```").nth(1).expect("a code block");
+        let blocks: Vec<&str> = example.split("```").collect();
+        let (example, local) = (blocks[1], blocks[3]);
         // A frame starts at `client: ` or `server: `; a line indented as
         // deep whose next character is a hex digit continues it. Hex
         // columns run up to the description, two spaces after them.
         let hex_columns = |line: &str| line.split("  ").next().unwrap_or_default().replace(' ', "");
-        let mut documented: Vec<String> = Vec::new();
-        for line in example.lines() {
-            if let Some(frame) = line
-                .strip_prefix("client: ")
-                .or_else(|| line.strip_prefix("server: "))
-            {
-                documented.push(hex_columns(frame));
-            } else if let Some(more) = line.strip_prefix("        ")
-                && more.starts_with(|c: char| c.is_ascii_hexdigit())
-            {
-                documented
-                    .last_mut()
-                    .expect("a continuation follows a frame")
-                    .push_str(&hex_columns(more));
+        let frames = |block: &str| {
+            let mut documented: Vec<String> = Vec::new();
+            for line in block.lines() {
+                if let Some(frame) = line
+                    .strip_prefix("client: ")
+                    .or_else(|| line.strip_prefix("server: "))
+                {
+                    documented.push(hex_columns(frame));
+                } else if let Some(more) = line.strip_prefix("        ")
+                    && more.starts_with(|c: char| c.is_ascii_hexdigit())
+                {
+                    documented
+                        .last_mut()
+                        .expect("a continuation follows a frame")
+                        .push_str(&hex_columns(more));
+                }
             }
-        }
+            documented
+        };
+        let documented = frames(example);
         let token = b"token";
         let client_nonce: Nonce = std::array::from_fn(|i| i as u8);
         let server_nonce: Nonce = std::array::from_fn(|i| 0x20 + i as u8);
@@ -1132,6 +1137,34 @@ mod tests {
             assert_eq!(doc_hex, code_hex);
         }
         assert_eq!(VERSION, 2, "the example shows version 2");
+        // The same session over a Unix socket, with the arena.
+        let opened = StreamEvent::Opened {
+            conn,
+            src,
+            dst,
+            midstream: false,
+        };
+        let expected = [
+            client(ClientFrame::MapArena),
+            server(ServerFrame::Arena {
+                size: 256 << 20,
+                share: 64 << 20,
+            }),
+            client(ClientFrame::Subscribe { ports: vec![80] }),
+            server(ServerFrame::Ok),
+            server(ServerFrame::Event(opened)),
+            server(ServerFrame::DataRef {
+                conn,
+                offset: 0,
+                len: 5,
+            }),
+            client(ClientFrame::Credit { count: 1 }),
+            server(ServerFrame::Event(StreamEvent::Closed {
+                conn,
+                reason: CloseReason::Fin,
+            })),
+        ];
+        assert_eq!(frames(local), expected, "the example with the arena");
     }
 
     #[test]

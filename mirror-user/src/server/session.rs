@@ -702,8 +702,7 @@ async fn write_event(
         );
     }
     outbox.referenced += referenced;
-    let batch_ready =
-        outbox.referenced >= REFERENCE_BATCH || wire.queued_bytes() >= FRAME_BUFFER;
+    let batch_ready = outbox.referenced >= REFERENCE_BATCH || wire.queued_bytes() >= FRAME_BUFFER;
     if batch_ready || (idle && !only_references) {
         outbox.written();
         return flush(wire, context).await;

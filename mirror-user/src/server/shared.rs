@@ -168,7 +168,10 @@ mod tests {
         let mut shared = SharedPayloads::with_budget(arena.clone(), 100);
         let first = pool.copy(b"hello");
         let (out, _) = frames(&mut shared, opened(1));
-        assert!(matches!(out[..], [ServerFrame::Event(StreamEvent::Opened { conn: 1, .. })]));
+        assert!(matches!(
+            out[..],
+            [ServerFrame::Event(StreamEvent::Opened { conn: 1, .. })]
+        ));
         let (out, _) = frames(&mut shared, data(1, first.clone()));
         assert_eq!(
             out,
@@ -200,10 +203,7 @@ mod tests {
         frames(&mut shared, opened(1));
         frames(&mut shared, data(1, pool.copy(b"abc")));
         drop(pool);
-        assert_eq!(
-            shared.credit(2),
-            Err(OverCredit { count: 2, held: 1 })
-        );
+        assert_eq!(shared.credit(2), Err(OverCredit { count: 2, held: 1 }));
         assert_eq!(shared.credit(u32::MAX).unwrap_err().held, 1);
         assert_eq!(arena.counters().in_use_bytes, CHUNK as u64, "still held");
         shared.credit(0).unwrap();
@@ -240,11 +240,21 @@ mod tests {
         frames(&mut shared, opened(3));
         let (out, lagged) = frames(&mut shared, data(3, pool.copy(b"abc")));
         assert_eq!(lagged, 0);
-        assert!(matches!(out[..], [ServerFrame::DataRef { conn: 3, len: 3, .. }]));
+        assert!(matches!(
+            out[..],
+            [ServerFrame::DataRef {
+                conn: 3,
+                len: 3,
+                ..
+            }]
+        ));
         let fin = StreamEvent::Closed {
             conn: 3,
             reason: CloseReason::Fin,
         };
-        assert_eq!(frames(&mut shared, fin.clone()).0, [ServerFrame::Event(fin)]);
+        assert_eq!(
+            frames(&mut shared, fin.clone()).0,
+            [ServerFrame::Event(fin)]
+        );
     }
 }

@@ -1022,11 +1022,20 @@ mod arena {
     /// read without taking the descriptor), then a subscription to 80.
     async fn raw_session(path: &std::path::Path, map: bool) -> (UnixStream, Option<ServerFrame>) {
         let mut stream = UnixStream::connect(path).await.unwrap();
-        stream.write_all(&hello("raw", [0; NONCE_LEN])).await.unwrap();
-        assert!(matches!(read_frame(&mut stream).await, Some(ServerFrame::Welcome { .. })));
+        stream
+            .write_all(&hello("raw", [0; NONCE_LEN]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_frame(&mut stream).await,
+            Some(ServerFrame::Welcome { .. })
+        ));
         let mut answer = None;
         if map {
-            stream.write_all(&wire(&ClientFrame::MapArena)).await.unwrap();
+            stream
+                .write_all(&wire(&ClientFrame::MapArena))
+                .await
+                .unwrap();
             answer = read_frame(&mut stream).await;
         }
         stream
@@ -1132,7 +1141,10 @@ mod arena {
         server.hub.publish(80, vec![closed(1, CloseReason::Fin)]);
         let (rest, reason) = receive(&mut good, 1).await;
         assert_eq!(reason, CloseReason::Fin);
-        assert!(rest.is_empty() && received == expected, "the other client gets everything");
+        assert!(
+            rest.is_empty() && received == expected,
+            "the other client gets everything"
+        );
         // The hoarder: references up to its share, then the lag.
         let mut referenced = 0u64;
         let end = loop {
@@ -1188,7 +1200,11 @@ mod arena {
         ));
         assert!(matches!(
             read_frame(&mut hoarder).await,
-            Some(ServerFrame::DataRef { conn: 2, len: 5, .. })
+            Some(ServerFrame::DataRef {
+                conn: 2,
+                len: 5,
+                ..
+            })
         ));
         server.stop().await;
     }
@@ -1216,7 +1232,10 @@ mod arena {
             read_frame(&mut hostile).await,
             Some(ServerFrame::Event(StreamEvent::Opened { .. }))
         ));
-        assert!(matches!(read_frame(&mut hostile).await, Some(ServerFrame::DataRef { .. })));
+        assert!(matches!(
+            read_frame(&mut hostile).await,
+            Some(ServerFrame::DataRef { .. })
+        ));
         // One received, two returned.
         hostile
             .write_all(&wire(&ClientFrame::Credit { count: 2 }))
@@ -1254,8 +1273,16 @@ mod arena {
         let arena = Arena::new(CHUNK).unwrap();
         let server = Harness::start_full(4, true, Some(arena)).await;
         let mut stream = welcomed(&server, "remote").await;
-        stream.write_all(&wire(&ClientFrame::MapArena)).await.unwrap();
-        assert_error(read_frame(&mut stream).await, ErrorCode::NoArena, false, "Unix");
+        stream
+            .write_all(&wire(&ClientFrame::MapArena))
+            .await
+            .unwrap();
+        assert_error(
+            read_frame(&mut stream).await,
+            ErrorCode::NoArena,
+            false,
+            "Unix",
+        );
         // Data then comes as bytes.
         stream
             .write_all(&wire(&ClientFrame::Subscribe { ports: vec![80] }))

@@ -97,11 +97,18 @@ impl SessionWire {
 
     /// Writes everything queued, then `frame` with `fd` attached to its
     /// first byte (`SCM_RIGHTS`).
-    pub async fn send_with_fd(&mut self, frame: &ServerFrame, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub async fn send_with_fd(
+        &mut self,
+        frame: &ServerFrame,
+        fd: BorrowedFd<'_>,
+    ) -> io::Result<()> {
         self.flush().await?;
         let mut bytes = BytesMut::new();
         let payload = frame.encode_wire(&mut bytes);
-        debug_assert!(payload.is_none(), "a frame with a descriptor has no payload");
+        debug_assert!(
+            payload.is_none(),
+            "a frame with a descriptor has no payload"
+        );
         let io = self.framed.get_mut();
         let socket = io.unix().ok_or(io::ErrorKind::Unsupported)?;
         let fds = [fd.as_raw_fd()];
