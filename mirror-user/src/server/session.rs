@@ -35,7 +35,7 @@ use crate::{
             VERSION, client_name, client_proof_holds, codec, hello_version, new_nonce,
             server_proof,
         },
-        shared::SharedPayloads,
+        shared::{SharedPayloads, client_share},
         wire::{Connection, SessionWire},
     },
     text::printable,
@@ -640,7 +640,8 @@ async fn map_arena(
             )));
         }
     };
-    let shared = SharedPayloads::new(arena.clone());
+    let share = client_share(arena, context.hub.config().max_bytes);
+    let shared = SharedPayloads::with_budget(arena.clone(), share);
     let frame = ServerFrame::Arena {
         size: arena.size() as u64,
         share: shared.share() as u64,

@@ -19,6 +19,13 @@ use crate::{
 /// the pipeline) keep most of the arena.
 pub const CLIENT_SHARE_DIVISOR: usize = 4;
 
+/// What a client may hold unreturned: its part of the arena, and no more
+/// than a port's channel may hold (`--channel-bytes`, how far any consumer
+/// may fall behind).
+pub fn client_share(arena: &Arena, channel_bytes: usize) -> usize {
+    (arena.size() / CLIENT_SHARE_DIVISOR).min(channel_bytes)
+}
+
 /// A client returned more references than it held.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("credit for {count} references, but only {held} were sent and not returned")]
@@ -43,11 +50,6 @@ pub struct SharedPayloads {
 }
 
 impl SharedPayloads {
-    pub fn new(arena: Arena) -> Self {
-        let budget = arena.size() / CLIENT_SHARE_DIVISOR;
-        Self::with_budget(arena, budget)
-    }
-
     pub fn with_budget(arena: Arena, budget: usize) -> Self {
         Self {
             arena,
