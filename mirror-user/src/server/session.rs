@@ -71,7 +71,7 @@ pub struct SessionContext {
 /// to the arena are written once this much is referenced, or
 /// [`REFERENCE_DELAY`] after the first of them, rather than one write
 /// per event (a reference frame is 26 bytes; each write wakes the client).
-pub const REFERENCE_BATCH: usize = 1 << 20;
+pub const REFERENCE_BATCH: usize = 4 << 20;
 
 /// The longest a reference waits for others to go with it.
 pub const REFERENCE_DELAY: Duration = Duration::from_millis(2);
