@@ -1052,4 +1052,31 @@ mod tests {
         );
         server.await.unwrap().assert_nothing_of_the_token();
     }
+
+    #[test]
+    fn references_are_credited_in_order_once_done_with() {
+        let credits = Arc::new(Credits::new(8 << 20));
+        let guards: Vec<CreditGuard> = (0..3).map(|_| credits.issue(1000)).collect();
+        let mut guards = guards.into_iter();
+        let (first, second, third) = (
+            guards.next().unwrap(),
+            guards.next().unwrap(),
+            guards.next().unwrap(),
+        );
+        drop(second);
+        assert_eq!(credits.take(true), 0, "the oldest is still held");
+        drop(first);
+        assert_eq!(credits.take(false), 0, "two are not worth a frame alone");
+        assert_eq!(credits.take(true), 2);
+        assert_eq!(credits.take(true), 0, "returned once");
+        drop(third);
+        assert_eq!(credits.take(true), 1);
+        // A batch is worth a frame on its own: by count, or by bytes.
+        for _ in 0..CREDIT_BATCH {
+            drop(credits.issue(1));
+        }
+        assert_eq!(credits.take(false), CREDIT_BATCH);
+        drop(credits.issue(1 << 20));
+        assert_eq!(credits.take(false), 1);
+    }
 }

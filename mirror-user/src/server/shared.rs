@@ -26,6 +26,12 @@ pub fn client_share(arena: &Arena, channel_bytes: usize) -> usize {
     (arena.size() / CLIENT_SHARE_DIVISOR).min(channel_bytes)
 }
 
+/// What each reference costs against the share besides its bytes: the
+/// session's record of it, and the padding before it in its chunk. A
+/// stream of one-byte payloads cannot make a client hold millions of
+/// references within its share.
+pub const REFERENCE_COST: usize = 64;
+
 /// A client returned more references than it held.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("credit for {count} references, but only {held} were sent and not returned")]
@@ -41,6 +47,7 @@ pub struct SharedPayloads {
     /// Payloads referenced and not yet returned, oldest first: holding
     /// them keeps their chunks out of reuse while the client reads.
     outstanding: VecDeque<Bytes>,
+    /// Their cost against the budget: bytes plus [`REFERENCE_COST`] each.
     outstanding_bytes: usize,
     /// Connections this client has open.
     open: HashSet<ConnId>,
@@ -66,7 +73,8 @@ impl SharedPayloads {
         self.budget
     }
 
-    /// Bytes referenced and not yet returned.
+    /// Bytes referenced and not yet returned, plus [`REFERENCE_COST`]
+    /// for each.
     pub fn outstanding_bytes(&self) -> usize {
         self.outstanding_bytes
     }
@@ -96,7 +104,8 @@ impl SharedPayloads {
                     send(ServerFrame::Event(event));
                     return 0;
                 };
-                if self.outstanding_bytes + bytes.len() > self.budget {
+                let cost = bytes.len() + REFERENCE_COST;
+                if self.outstanding_bytes + cost > self.budget {
                     return self.lag(send);
                 }
                 send(ServerFrame::DataRef {
@@ -104,7 +113,7 @@ impl SharedPayloads {
                     offset,
                     len: bytes.len() as u32,
                 });
-                self.outstanding_bytes += bytes.len();
+                self.outstanding_bytes += cost;
                 if let StreamEvent::Data { bytes, .. } = event {
                     self.outstanding.push_back(bytes);
                 }
@@ -133,7 +142,7 @@ impl SharedPayloads {
             return Err(OverCredit { count, held });
         }
         for bytes in self.outstanding.drain(..count as usize) {
-            self.outstanding_bytes -= bytes.len();
+            self.outstanding_bytes -= bytes.len() + REFERENCE_COST;
         }
         Ok(())
     }
@@ -179,14 +188,14 @@ mod tests {
             out,
             [ServerFrame::DataRef {
                 conn: 1,
-                offset: 0,
+                offset: arena.offset_of(&first).unwrap(),
                 len: 5
             }]
         );
         let heap = Bytes::from_static(b"inline");
         let (out, _) = frames(&mut shared, data(1, heap.clone()));
         assert_eq!(out, [ServerFrame::Event(data(1, heap))]);
-        assert_eq!(shared.outstanding_bytes(), 5);
+        assert_eq!(shared.outstanding_bytes(), 5 + REFERENCE_COST);
         // The reference keeps the chunk: the pool's own handle is not the
         // only one.
         drop(pool);
@@ -217,7 +226,7 @@ mod tests {
     fn a_client_over_its_budget_loses_its_open_connections_as_lagged() {
         let arena = Arena::new(CHUNK).unwrap();
         let mut pool = PayloadPool::with_arena(arena.clone());
-        let mut shared = SharedPayloads::with_budget(arena, 10);
+        let mut shared = SharedPayloads::with_budget(arena, 10 + 2 * REFERENCE_COST);
         frames(&mut shared, opened(1));
         frames(&mut shared, opened(2));
         frames(&mut shared, data(1, pool.copy(b"12345678")));
