@@ -47,7 +47,9 @@ const MAX_SLICES: usize = 64;
 pub struct SessionWire {
     framed: Framed<Box<dyn Connection>, LengthDelimitedCodec>,
     /// Where frame heads (length prefix and fields) are encoded; chunks of
-    /// it are split off into `queue`.
+    /// it are split off into `queue` before a payload and when written, so
+    /// that a run of frames without payload (references, opens, closes) is
+    /// one slice of the `writev`.
     heads: BytesMut,
     queue: VecDeque<Bytes>,
     queued_bytes: usize,
@@ -75,18 +77,25 @@ impl SessionWire {
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.queued_bytes + self.heads.len()
     }
 
     /// Queues `frame` behind the others.
     pub fn queue(&mut self, frame: &ServerFrame) {
         let payload = frame.encode_wire(&mut self.heads);
-        let head = self.heads.split().freeze();
-        self.queued_bytes += head.len();
-        self.queue.push_back(head);
         if let Some(payload) = payload.filter(|p| !p.is_empty()) {
+            self.split_heads();
             self.queued_bytes += payload.len();
             self.queue.push_back(payload);
+        }
+    }
+
+    /// Moves the heads encoded so far into the queue.
+    fn split_heads(&mut self) {
+        if !self.heads.is_empty() {
+            let heads = self.heads.split().freeze();
+            self.queued_bytes += heads.len();
+            self.queue.push_back(heads);
         }
     }
 
@@ -132,6 +141,7 @@ impl SessionWire {
 
     /// Writes everything queued.
     pub async fn flush(&mut self) -> io::Result<()> {
+        self.split_heads();
         let io = self.framed.get_mut();
         while !self.queue.is_empty() {
             let slices: Vec<IoSlice<'_>> = self
@@ -177,6 +187,16 @@ mod tests {
         let mut wire = SessionWire::new(frame(Box::new(ours) as Box<dyn Connection>));
         let payload = Bytes::from((0..5000u32).map(|i| i as u8).collect::<Vec<u8>>());
         let frames = [
+            ServerFrame::DataRef {
+                conn: 6,
+                offset: 1,
+                len: 2,
+            },
+            ServerFrame::DataRef {
+                conn: 6,
+                offset: 3,
+                len: 4,
+            },
             ServerFrame::Event(StreamEvent::Data {
                 conn: 7,
                 bytes: payload.clone(),
@@ -194,6 +214,10 @@ mod tests {
             wire.queue(f);
         }
         assert!(wire.queued_bytes() > 5000);
+        // The two references and the next head are one slice, the
+        // payload another, the heads after it a third.
+        wire.split_heads();
+        assert_eq!(wire.queue.len(), 3);
         // The duplex holds 1 KiB: the flush needs many partial writes.
         let reader = tokio::spawn(async move {
             let mut all = Vec::new();
