@@ -211,10 +211,19 @@ pub(super) async fn session(
         ticket,
         clients: &clients,
     };
+    let mut outbox = Outbox::default();
     let end = match hello(&mut wire, greeting, &context, shutdown.clone()).await {
         Ok((name, slot)) => {
             tracing::info!(session = id, client = %printable(&name), "client connected");
-            let end = serve_session(&mut wire, id, &name, &context, shutdown).await;
+            let end = serve_session(
+                &mut wire,
+                id,
+                &name,
+                &context,
+                &mut outbox,
+                shutdown.clone(),
+            )
+            .await;
             let _ = context
                 .control
                 .send(Request::Ports(PortRequest::EndSession { session: id }))
@@ -235,6 +244,7 @@ pub(super) async fn session(
         End::Client => return,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    linger(&mut wire, &context, outbox, shutdown).await;
 }
 
 /// Writes one frame, and any queued before it, within the write budget.
@@ -506,10 +516,10 @@ async fn serve_session(
     id: SessionId,
     name: &str,
     context: &SessionContext,
+    outbox: &mut Outbox,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let mut subscription = context.hub.subscribe_session(id, name);
-    let mut outbox = Outbox::default();
     loop {
         let flush_at = outbox.flush_at.unwrap_or_else(Instant::now);
         tokio::select! {
@@ -539,7 +549,7 @@ async fn serve_session(
                             return End::BadCredit;
                         }
                     },
-                    ClientFrame::MapArena => match map_arena(wire, context, &mut outbox).await {
+                    ClientFrame::MapArena => match map_arena(wire, context, outbox).await {
                         Ok(None) => continue,
                         Ok(Some(refusal)) => refusal,
                         Err(end) => return end,
@@ -554,7 +564,7 @@ async fn serve_session(
             event = subscription.next(), if !subscription.is_idle() => {
                 let Some(event) = event else { return End::Client };
                 let idle = subscription.queued() == 0;
-                if let Err(end) = write_event(wire, context, &mut outbox, subscription.stats(), idle, event).await {
+                if let Err(end) = write_event(wire, context, outbox, subscription.stats(), idle, event).await {
                     tracing::warn!(session = id, "client stopped reading; disconnecting it");
                     return end;
                 }
@@ -571,7 +581,7 @@ async fn serve_session(
                 // closed every channel, so this ends), then close.
                 while let Some(event) = subscription.next().await {
                     let idle = subscription.queued() == 0;
-                    if write_event(wire, context, &mut outbox, subscription.stats(), idle, event).await.is_err() {
+                    if write_event(wire, context, outbox, subscription.stats(), idle, event).await.is_err() {
                         break;
                     }
                 }
@@ -580,6 +590,35 @@ async fn serve_session(
             }
         }
     }
+}
+
+/// A session the server ends (a fatal error, a client too slow to read)
+/// keeps the payloads its client was referred to until the client closes
+/// its end (it may still be reading frames the socket held), the write
+/// budget passes, or the mirror stops: until then the memory is not
+/// reused under the client's reads.
+async fn linger(
+    wire: &mut Wire,
+    context: &SessionContext,
+    outbox: Outbox,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if outbox
+        .shared
+        .as_ref()
+        .is_none_or(|shared| shared.outstanding_bytes() == 0)
+    {
+        return;
+    }
+    let until_closed = async {
+        let _ = wire.shutdown().await;
+        while let Some(Ok(_)) = wire.next().await {}
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(context.config.write_timeout, until_closed) => {}
+        _ = shutdown.changed() => {}
+    }
+    drop(outbox);
 }
 
 /// What a session has queued for its client, and what it shares of the

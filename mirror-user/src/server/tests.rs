@@ -1269,6 +1269,47 @@ mod arena {
     }
 
     #[tokio::test]
+    async fn a_session_the_server_ends_keeps_what_its_client_may_still_read() {
+        let arena = Arena::new(4 * CHUNK).unwrap();
+        let server = Harness::start_full(4, true, Some(arena.clone())).await;
+        let (_, path) = server.unix();
+        let (mut client, _) = raw_session(path, true).await;
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        server.hub.publish(
+            80,
+            vec![
+                opened(1),
+                StreamEvent::Data {
+                    conn: 1,
+                    bytes: pool.copy(b"still readable"),
+                },
+            ],
+        );
+        drop(pool);
+        read_frame(&mut client).await;
+        assert!(matches!(
+            read_frame(&mut client).await,
+            Some(ServerFrame::DataRef { .. })
+        ));
+        // A malformed frame: the server ends the session.
+        client.write_all(&[0, 0, 0, 1, 0x7f]).await.unwrap();
+        assert_ends_with(&mut client, ErrorCode::BadFrame, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            arena.counters().in_use_bytes,
+            CHUNK as u64,
+            "kept while the client's end is open"
+        );
+        drop(client);
+        server
+            .wait_until("freed once the client closed", |_| {
+                arena.counters().in_use_bytes == 0
+            })
+            .await;
+        server.stop().await;
+    }
+
+    #[tokio::test]
     async fn the_arena_is_refused_over_tcp_and_without_one() {
         let arena = Arena::new(CHUNK).unwrap();
         let server = Harness::start_full(4, true, Some(arena)).await;

@@ -99,6 +99,12 @@ impl SessionWire {
         }
     }
 
+    /// Ends the server's side of the connection (the client reads what is
+    /// left, then the end).
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.framed.get_mut().shutdown().await
+    }
+
     /// Whether descriptors can be passed to the client (a Unix socket).
     pub fn is_unix(&self) -> bool {
         self.framed.get_ref().unix().is_some()
