@@ -198,9 +198,9 @@ pub struct ServerArgs {
     pub client_timeout: Duration,
 
     /// Shared memory for payloads, which local clients (`mirror tail` over
-    /// the Unix socket) read in place instead of receiving copies; memory is
-    /// taken only as it is used. Whole MiB; 0: no arena, every client gets
-    /// bytes.
+    /// the Unix socket) read in place instead of receiving copies; a page
+    /// takes memory when first written (chunks are reused lowest first).
+    /// Whole MiB; 0: no arena, every client gets bytes.
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_arena_size)]
     pub arena_size: u64,
 }
@@ -806,6 +806,16 @@ mod tests {
         assert_eq!(parse_ring_size("1G"), Ok(1 << 30));
         for bad in ["3000", "2K", "2G", "8X", "", "M"] {
             assert!(parse_ring_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn arena_sizes() {
+        assert_eq!(parse_arena_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_arena_size("0"), Ok(0));
+        assert_eq!(parse_arena_size("1G"), Ok(1 << 30));
+        for bad in ["1500K", "1", "65G", "", "-1"] {
+            assert!(parse_arena_size(bad).is_err(), "{bad}");
         }
     }
 }
