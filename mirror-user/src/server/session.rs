@@ -70,7 +70,7 @@ pub struct SessionContext {
 /// Referenced payload worth waking a client for: frames that only refer
 /// to the arena are written once this much is referenced, or
 /// [`REFERENCE_DELAY`] after the first of them, rather than one write
-/// per event (a reference frame is 26 bytes; each write wakes the client).
+/// per event (a reference frame is 25 bytes; each write wakes the client).
 pub const REFERENCE_BATCH: usize = 4 << 20;
 
 /// The longest a reference waits for others to go with it.
@@ -521,7 +521,6 @@ async fn serve_session(
 ) -> End {
     let mut subscription = context.hub.subscribe_session(id, name);
     loop {
-        let flush_at = outbox.flush_at.unwrap_or_else(Instant::now);
         tokio::select! {
             frame = wire.next() => {
                 let bytes = match frame {
@@ -569,7 +568,7 @@ async fn serve_session(
                     return end;
                 }
             }
-            () = tokio::time::sleep_until(flush_at), if outbox.flush_at.is_some() => {
+            () = flush_timer(outbox.flush_at), if outbox.flush_at.is_some() => {
                 outbox.written();
                 if let Err(end) = flush(wire, context).await {
                     tracing::warn!(session = id, "client stopped reading; disconnecting it");
@@ -589,6 +588,14 @@ async fn serve_session(
                 return End::Client;
             }
         }
+    }
+}
+
+/// Completes at `at`; never without.
+async fn flush_timer(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -722,6 +729,7 @@ async fn write_event(
     };
     let mut only_references = true;
     let mut referenced = 0;
+    let was_lagging = shared.lagging();
     let lagged = shared.translate(event, |frame| {
         match &frame {
             ServerFrame::DataRef { len, .. } => referenced += *len as usize,
@@ -734,6 +742,10 @@ async fn write_event(
         stats
             .lagged_connections
             .fetch_add(lagged as u64, Ordering::Relaxed);
+    }
+    // Once per episode: a client that stays over its share would otherwise
+    // log each connection that opens meanwhile.
+    if lagged > 0 && !was_lagging {
         tracing::warn!(
             consumer = %stats.name,
             connections = lagged,

@@ -54,6 +54,8 @@ pub struct SharedPayloads {
     /// Connections closed here as lagged whose events still come from the
     /// subscription (until its own `Closed`), to be swallowed.
     dropped: HashSet<ConnId>,
+    /// Over its share since the last lag, and no credit since.
+    lagging: bool,
 }
 
 impl SharedPayloads {
@@ -65,12 +67,19 @@ impl SharedPayloads {
             outstanding_bytes: 0,
             open: HashSet::new(),
             dropped: HashSet::new(),
+            lagging: false,
         }
     }
 
     /// Referenced bytes the client may hold unreturned.
     pub fn share(&self) -> usize {
         self.budget
+    }
+
+    /// Whether the client went over its share and has returned nothing
+    /// since.
+    pub fn lagging(&self) -> bool {
+        self.lagging
     }
 
     /// Bytes referenced and not yet returned, plus [`REFERENCE_COST`]
@@ -132,6 +141,7 @@ impl SharedPayloads {
             }));
         }
         self.dropped.extend(&closing);
+        self.lagging = true;
         closing.len()
     }
 
@@ -143,6 +153,9 @@ impl SharedPayloads {
         }
         for bytes in self.outstanding.drain(..count as usize) {
             self.outstanding_bytes -= bytes.len() + REFERENCE_COST;
+        }
+        if count > 0 {
+            self.lagging = false;
         }
         Ok(())
     }
@@ -232,6 +245,7 @@ mod tests {
         frames(&mut shared, data(1, pool.copy(b"12345678")));
         let (out, lagged) = frames(&mut shared, data(2, pool.copy(b"abc")));
         assert_eq!(lagged, 2);
+        assert!(shared.lagging());
         let closed = |conn| {
             ServerFrame::Event(StreamEvent::Closed {
                 conn,
@@ -248,6 +262,7 @@ mod tests {
         assert!(frames(&mut shared, fin).0.is_empty());
         // Returned: a connection that opens afterwards is served.
         shared.credit(1).unwrap();
+        assert!(!shared.lagging());
         frames(&mut shared, opened(3));
         let (out, lagged) = frames(&mut shared, data(3, pool.copy(b"abc")));
         assert_eq!(lagged, 0);
