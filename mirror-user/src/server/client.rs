@@ -558,17 +558,17 @@ impl Client {
             if let Some(frame) = self.wire.next().now_or_never() {
                 break frame;
             }
-            self.return_credits(true).await?;
+            self.return_credits(true).await;
             tokio::select! {
                 frame = self.wire.next() => break frame,
                 () = credits.ready.notified() => {}
             }
         };
-        self.return_credits(false).await?;
         let frame = match frame {
             None => return Ok(None),
             Some(bytes) => ServerFrame::decode_shared(bytes?.freeze())?,
         };
+        self.return_credits(false).await;
         match frame {
             ServerFrame::DataRef { conn, offset, len } => {
                 let guard = credits.issue(len);
@@ -593,15 +593,16 @@ impl Client {
     }
 
     /// Returns the references done with: all, or those worth a `CREDIT`.
-    async fn return_credits(&mut self, all: bool) -> Result<(), ClientError> {
+    /// A connection that fails here is reported by the next read, after
+    /// the frames the mirror sent before it closed.
+    async fn return_credits(&mut self, all: bool) {
         let Some(arena) = &self.arena else {
-            return Ok(());
+            return;
         };
         let count = arena.credits.take(all);
         if count > 0 {
-            self.send(&ClientFrame::Credit { count }).await?;
+            let _ = self.send(&ClientFrame::Credit { count }).await;
         }
-        Ok(())
     }
 
     /// The answer to the last request; events that come first are queued.
