@@ -160,9 +160,9 @@ fn a_local_client_that_returns_nothing_is_lagged_and_a_lying_one_is_closed_while
     let s = TestBed::new();
     let (socket, unix) = s.socket();
     shape(&s.client, "cli0", "1gbit");
-    // 30 MiB or so, against a share of 4 MiB (a quarter of 16 MiB).
+    // 30 MiB or so, against a share of 16 MiB (a quarter of 64 MiB).
     let load = s.transfer(PORT, s.random_files(47000, 6, 4 * MIB, 6 * MIB));
-    let args = ["--listen", &unix, "--arena-size", "16M"];
+    let args = ["--listen", &unix, "--arena-size", "64M"];
     let mirror = s.mirror(PORT, &args, MirrorProcess::start_quiet);
     let (reader, reader_dump) = tail_into(&s, None, &unix, "reader", &[]);
     let (stopped, stopped_dump) = tail_into(&s, None, &unix, "stopped", &[]);

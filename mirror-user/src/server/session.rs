@@ -68,7 +68,8 @@ pub struct SessionContext {
 }
 
 /// Referenced payload worth waking a client for: frames that only refer
-/// to the arena are written once this much is referenced, or
+/// to the arena are written once this much is referenced (or an eighth of
+/// the client's share, if less: it can return only what it received), or
 /// [`REFERENCE_DELAY`] after the first of them, rather than one write
 /// per event (a reference frame is 25 bytes; each write wakes the client).
 pub const REFERENCE_BATCH: usize = 4 << 20;
@@ -754,7 +755,8 @@ async fn write_event(
         );
     }
     outbox.referenced += referenced;
-    let batch_ready = outbox.referenced >= REFERENCE_BATCH || wire.queued_bytes() >= FRAME_BUFFER;
+    let batch = REFERENCE_BATCH.min(shared.share() / 8);
+    let batch_ready = outbox.referenced >= batch || wire.queued_bytes() >= FRAME_BUFFER;
     if batch_ready || (idle && !only_references) {
         outbox.written();
         return flush(wire, context).await;
