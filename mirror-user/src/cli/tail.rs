@@ -7,6 +7,7 @@ use clap::Args;
 use futures_util::FutureExt as _;
 use mirror_user::{
     files::OutputDir,
+    flow::model::StreamEvent,
     kernel::privileges::Identity,
     sinks::{
         dump::DumpWriter,
@@ -141,6 +142,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     );
     let mut line = String::new();
     let mut totals = EventTotals::default();
+    // Events for the dump, written together: a run of one connection's
+    // data is one writev.
+    let mut batch = DumpBatch::default();
     let result = loop {
         if interrupt.recv().now_or_never().is_some() || terminate.recv().now_or_never().is_some() {
             break Ok(());
@@ -150,6 +154,11 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         let event = match client.next_event().now_or_never() {
             Some(event) => event,
             None => {
+                if let Some(dump) = &mut dump
+                    && let Err(error) = batch.write(dump)
+                {
+                    break Err(error.into());
+                }
                 if let Err(error) = out.flush() {
                     break output_ended(error);
                 }
@@ -167,7 +176,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         };
         totals.count(&event);
         if let Some(dump) = &mut dump {
-            if let Err(error) = dump.handle(&event) {
+            if batch.push(event)
+                && let Err(error) = batch.write(dump)
+            {
                 break Err(error.into());
             }
             continue;
@@ -178,10 +189,43 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             break output_ended(error);
         }
     };
+    let written = match &mut dump {
+        Some(dump) => batch.write(dump),
+        None => Ok(()),
+    };
     let flushed = out.flush();
     eprintln!("mirror tail: {totals}");
+    written?;
     result?;
     flushed.or_else(output_ended)
+}
+
+/// Events waiting to be written to the dump. Bounded in bytes too: data
+/// read from the mirror's arena is returned only once written, and a
+/// client that holds too much of it loses its connections.
+#[derive(Default)]
+struct DumpBatch {
+    events: Vec<StreamEvent>,
+    bytes: usize,
+}
+
+impl DumpBatch {
+    const EVENTS: usize = 256;
+    const BYTES: usize = 1 << 20;
+
+    /// Adds an event; true when the batch should be written.
+    fn push(&mut self, event: StreamEvent) -> bool {
+        self.bytes += event.data_len();
+        self.events.push(event);
+        self.events.len() >= Self::EVENTS || self.bytes >= Self::BYTES
+    }
+
+    fn write(&mut self, dump: &mut DumpWriter) -> std::io::Result<()> {
+        let written = dump.handle_batch(&self.events);
+        self.events.clear();
+        self.bytes = 0;
+        written
+    }
 }
 
 /// A closed pipe means whoever read our output went away (`mirror tail |
