@@ -2,6 +2,7 @@
 //! programs, draining their rings, tracking and reassembling TCP
 //! connections, and fanning the streams out to consumers.
 
+pub mod arena;
 pub mod control;
 pub mod fanout;
 pub mod files;

@@ -148,8 +148,16 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
             Some(("consumer", name)) => format!("consumers.{name}"),
             Some(("forward", target)) => format!("forward.{target}"),
             Some(_) => continue,
-            None if ["kernel", "drain", "shards", "connections", "server", "pcap"]
-                .contains(&stage) =>
+            None if [
+                "kernel",
+                "drain",
+                "shards",
+                "connections",
+                "server",
+                "arena",
+                "pcap",
+            ]
+            .contains(&stage) =>
             {
                 stage.to_owned()
             }

@@ -24,8 +24,11 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     // directory descriptors.
     ("text", &[]),
     ("files", &[]),
+    // The payload arena: a sealed memfd mapping cut into chunks, filled by
+    // the flow stage's pool, shared read-only with local clients.
+    ("arena", &[]),
     // Sans-IO: segments, reassembly, the connection table, stream events.
-    ("flow", &[]),
+    ("flow", &["arena"]),
     // The counters of every stage (the stages own their counter structs).
     ("telemetry", &["flow", "text"]),
     // BPF programs, maps, rings, attach points, privileges.
@@ -47,6 +50,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "fanout",
             "kernel",
             "flow",
+            "arena",
             "telemetry",
             "files",
             "text",
@@ -62,6 +66,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "fanout",
             "kernel",
             "flow",
+            "arena",
             "telemetry",
             "files",
             "text",

@@ -203,6 +203,13 @@ pub struct ServerArgs {
     /// (its connections already ended as "lagged" meanwhile).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub client_timeout: Duration,
+
+    /// Shared memory for payloads, which local clients (`mirror tail` over
+    /// the Unix socket) read in place instead of receiving copies; a page
+    /// takes memory when first written (chunks are reused lowest first).
+    /// Whole MiB; 0: no arena, every client gets bytes.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_arena_size)]
+    pub arena_size: u64,
 }
 
 impl ServerArgs {
@@ -376,6 +383,18 @@ const MIN_RING_SIZE: u64 = 4096;
 /// Rings are allocated per CPU; 1 GiB each is far beyond any useful size.
 const MAX_RING_SIZE: u64 = 1 << 30;
 
+fn parse_arena_size(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    match parse_size(text) {
+        Ok(n) if n % (1 << 20) == 0 && n <= 64 << 30 => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not an arena size: use whole MiB up to 64G, such as 256M, or 0 for none"
+        )),
+    }
+}
+
 fn parse_ring_size(text: &str) -> Result<u32, String> {
     match parse_size(text) {
         Ok(n) if n.is_power_of_two() && (MIN_RING_SIZE..=MAX_RING_SIZE).contains(&n) => {
@@ -493,6 +512,7 @@ fn pipeline_config(args: &RunArgs) -> PipelineConfig {
         },
         allow: args.server.allow(),
         max_client_ports: args.server.max_client_ports,
+        arena_size: args.server.arena_size as usize,
     }
 }
 
@@ -816,6 +836,16 @@ mod tests {
         assert_eq!(parse_ring_size("1G"), Ok(1 << 30));
         for bad in ["3000", "2K", "2G", "8X", "", "M"] {
             assert!(parse_ring_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn arena_sizes() {
+        assert_eq!(parse_arena_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_arena_size("0"), Ok(0));
+        assert_eq!(parse_arena_size("1G"), Ok(1 << 30));
+        for bad in ["1500K", "1", "65G", "", "-1"] {
+            assert!(parse_arena_size(bad).is_err(), "{bad}");
         }
     }
 }

@@ -3,7 +3,10 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::flow::model::FlowKey;
+use crate::{
+    arena::{Arena, CHUNK},
+    flow::model::FlowKey,
+};
 
 /// One mirrored TCP segment.
 #[derive(Debug, Clone)]
@@ -71,9 +74,64 @@ impl std::fmt::Display for TcpFlags {
 /// held super-packet out of a shared buffer cost a quarter of the shards'
 /// time on bulk traffic, whose segments arrive out of order across CPU
 /// rings all the time).
+///
+/// With an [`Arena`], every payload goes into the arena's chunks instead
+/// (large ones too: a local client then reads them where they are, and a
+/// held one pins its chunk only until the hole before it fills or times
+/// out); when no chunk is free, the payload is copied as without an arena
+/// and counted ([`Arena::count_fallback`]). Never a wait.
 pub struct PayloadPool {
     buffer: BytesMut,
     buffer_size: usize,
+    arena: Option<ArenaFill>,
+}
+
+/// The chunk a pool fills: a [`Bytes`] over all of it (payloads are slices
+/// of it) and where the next payload goes.
+struct ArenaFill {
+    arena: Arena,
+    chunk: Option<(Bytes, *mut u8)>,
+    filled: usize,
+}
+
+// SAFETY: the raw pointer points into the chunk that `chunk.0` owns, which
+// this pool alone writes.
+unsafe impl Send for ArenaFill {}
+
+impl ArenaFill {
+    fn copy(&mut self, payload: &[u8]) -> Option<Bytes> {
+        if payload.len() > CHUNK {
+            return None;
+        }
+        // The copy starts at the source's offset within a cache line:
+        // `memcpy` (rep movsb) between buffers aligned alike ran 1.2 to 1.5
+        // times as fast on this machine's EPYC as between buffers that are
+        // not, for up to 63 bytes of padding.
+        let align = |filled: usize, start: *mut u8| {
+            let skew = (payload.as_ptr() as usize).wrapping_sub(start as usize + filled) % 64;
+            filled + skew
+        };
+        if let Some((_, start)) = &self.chunk {
+            self.filled = align(self.filled, *start).min(CHUNK);
+        }
+        if self.chunk.is_none() || CHUNK - self.filled < payload.len() {
+            // The old chunk is free once the slices handed out are gone.
+            self.chunk = None;
+            let chunk = self.arena.lease()?;
+            let start = chunk.as_mut_ptr();
+            self.chunk = Some((chunk.into_bytes(), start));
+            self.filled = align(0, start);
+        }
+        let (whole, start) = self.chunk.as_ref().expect("a chunk was just leased");
+        // SAFETY: `filled..filled + len` is inside the chunk (checked above)
+        // and no slice covering it was handed out yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), start.add(self.filled), payload.len());
+        }
+        let slice = whole.slice(self.filled..self.filled + payload.len());
+        self.filled += payload.len();
+        Some(slice)
+    }
 }
 
 impl PayloadPool {
@@ -83,12 +141,31 @@ impl PayloadPool {
         Self {
             buffer: BytesMut::new(),
             buffer_size,
+            arena: None,
+        }
+    }
+
+    /// A pool that fills chunks of `arena`.
+    pub fn with_arena(arena: Arena) -> Self {
+        Self {
+            arena: Some(ArenaFill {
+                arena,
+                chunk: None,
+                filled: 0,
+            }),
+            ..Self::default()
         }
     }
 
     pub fn copy(&mut self, payload: &[u8]) -> Bytes {
         if payload.is_empty() {
             return Bytes::new();
+        }
+        if let Some(fill) = &mut self.arena {
+            match fill.copy(payload) {
+                Some(bytes) => return bytes,
+                None => fill.arena.count_fallback(),
+            }
         }
         if payload.len() >= OWN_ALLOCATION {
             return Bytes::copy_from_slice(payload);
@@ -142,6 +219,42 @@ mod tests {
         let buffer =
             before.as_ptr() as usize..before.as_ptr() as usize + PayloadPool::DEFAULT_BUFFER;
         assert!(!buffer.contains(&(own.as_ptr() as usize)));
+    }
+
+    #[test]
+    fn with_an_arena_payloads_fill_its_chunks_then_fall_back_to_the_heap() {
+        let arena = Arena::new(2 * CHUNK).unwrap();
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        let large = vec![9u8; 60_000];
+        // Each copy is aligned as its source within a cache line, right
+        // after the one before.
+        let small = b"small";
+        let at = |bytes: &Bytes| arena.offset_of(bytes).unwrap() as usize;
+        let first = pool.copy(small);
+        let second = pool.copy(&large);
+        assert_eq!(at(&first) % 64, small.as_ptr() as usize % 64);
+        assert_eq!(at(&second) % 64, large.as_ptr() as usize % 64);
+        assert!(at(&first) < 64 && (at(&first) + 5..at(&first) + 69).contains(&at(&second)));
+        assert_eq!(&second[..], &large[..]);
+        // Fill both chunks; then no chunk is free while slices live.
+        let mut kept = vec![first, second];
+        while arena.counters().fallback_payloads == 0 {
+            kept.push(pool.copy(&large));
+        }
+        let fallen = kept.pop().unwrap();
+        assert_eq!(&fallen[..], &large[..]);
+        assert_eq!(arena.offset_of(&fallen), None);
+        assert_eq!(arena.counters().in_use_bytes, 2 * CHUNK as u64);
+        // Every byte handed out is still what was copied in.
+        assert!(kept[1..].iter().all(|b| b[..] == large[..]));
+        assert_eq!(&kept[0][..], b"small");
+        // Once the slices are gone, the chunks come back (the pool let go
+        // of its full chunk when it found no other).
+        drop(kept);
+        assert_eq!(arena.counters().in_use_bytes, 0);
+        let again = pool.copy(&large);
+        assert!(arena.offset_of(&again).is_some());
+        assert!(pool.copy(&vec![1u8; CHUNK + 1]).len() == CHUNK + 1);
     }
 
     #[test]

@@ -26,11 +26,13 @@ use tokio::{
 };
 
 use crate::{
+    arena::Arena,
     control::{
         Control, Request,
         ports::{AllowList, PortRegistry},
     },
     fanout::hub::{Hub, HubConfig},
+    flow::segment::PayloadPool,
     kernel::{
         attach::{self, AUTO_REASON, AttachError, AttachMode, Attachment},
         clock::WallClock,
@@ -45,7 +47,7 @@ use crate::{
         shards::{SegmentRouter, ShardConfig, Shards},
     },
     server::{
-        ServerCounters,
+        ArenaStage, ServerCounters,
         listener::{self, SendBufferForcer},
         session::SessionContext,
     },
@@ -77,6 +79,8 @@ pub struct PipelineConfig {
     /// Ports clients may add or subscribe to beyond the mirrored ones.
     pub allow: AllowList,
     pub max_client_ports: usize,
+    /// `--arena-size`: bytes of the payload arena; 0 for none.
+    pub arena_size: usize,
 }
 
 /// Why the pipeline could not stop cleanly, or a stage of it failed.
@@ -153,6 +157,15 @@ impl Pipeline {
         let clock = WallClock::new();
         let pcap = pcap.map(|(pcap_config, output)| pcap::start(pcap_config, output, clock));
         let shards = Shards::start(config.shards, &hub);
+        let arena = (config.arena_size > 0)
+            .then(|| Arena::new(config.arena_size))
+            .and_then(|created| {
+                created
+                    .inspect_err(|error| {
+                        tracing::warn!("{error}; local clients receive bytes instead");
+                    })
+                    .ok()
+            });
 
         let (control_tx, control_rx) = mpsc::channel(64);
         let (server_stop_tx, server_stop_rx) = watch::channel(false);
@@ -165,6 +178,7 @@ impl Pipeline {
                 hub: Arc::clone(&hub),
                 stats: Arc::clone(&server_stats),
                 config: Arc::clone(&server_config),
+                arena: arena.clone(),
             },
             Some(Arc::clone(&helper) as Arc<dyn SendBufferForcer>),
             server_stop_rx,
@@ -193,9 +207,13 @@ impl Pipeline {
             Some((sink, counters, writer)) => (Some(sink), Some(counters), Some(writer)),
             None => (None, None, None),
         };
+        let pool = match &arena {
+            Some(arena) => PayloadPool::with_arena(arena.clone()),
+            None => PayloadPool::default(),
+        };
         let sink = RunSink {
             counters: Arc::clone(&drain_counters),
-            router: shards.router(),
+            router: shards.router_with(pool),
             packets: config
                 .print_packets
                 .map(|format| PacketPrinter::new(format, &iface, clock)),
@@ -254,6 +272,7 @@ impl Pipeline {
         registry.register("connections", shards.connection_counters());
         registry.register_sections(Arc::clone(&hub));
         registry.register("server", server_stats);
+        registry.register("arena", Arc::new(ArenaStage(arena)));
         registry.register("forward", Arc::new(ForwardTargets(forwards)));
         if let Some(pcap) = pcap_counters {
             registry.register("pcap", pcap);

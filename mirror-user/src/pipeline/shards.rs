@@ -207,12 +207,17 @@ impl Shards {
 
     /// A sink for one drain task.
     pub fn router(&self) -> SegmentRouter {
+        self.router_with(PayloadPool::default())
+    }
+
+    /// A sink for one drain task that copies payloads with `pool`.
+    pub fn router_with(&self, pool: PayloadPool) -> SegmentRouter {
         SegmentRouter {
             senders: self.senders.clone(),
             queued: self.queued.clone(),
             lost: self.lost.clone(),
             pending: vec![Vec::new(); self.senders.len()],
-            pool: PayloadPool::default(),
+            pool,
             counters: Arc::clone(&self.counters),
         }
     }

@@ -8,23 +8,40 @@
 //! Requests are answered in order, but stream events arrive between the
 //! answers: while waiting for an answer, events are queued for
 //! [`Client::next_event`].
+//!
+//! Over a Unix socket the client maps the mirror's payload arena
+//! (docs/protocol.md, "Shared memory"): data events then hold bytes of the
+//! read-only mapping, not copies, and each is returned to the mirror
+//! (credited) once the last handle of its bytes is dropped. Holding them
+//! long makes the mirror close this client's connections as lagged.
 
 use std::{
     collections::VecDeque,
     fs::File,
-    io::{self, Read as _},
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    io::{self, IoSliceMut, Read as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    },
     path::Path,
+    sync::Arc,
     time::Duration,
 };
 
 use bytes::BytesMut;
-use futures_util::SinkExt as _;
-use tokio::net::{TcpStream, UnixStream};
+use futures_util::{FutureExt as _, SinkExt as _};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use parking_lot::Mutex;
+use tokio::{
+    io::Interest,
+    net::{TcpStream, UnixStream},
+    sync::Notify,
+};
 use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
+    arena::{ArenaError, ArenaView},
     control::ports::PortInfo,
     flow::model::StreamEvent,
     server::protocol::{
@@ -84,6 +101,8 @@ pub enum ClientError {
     Io(#[from] io::Error),
     #[error("the token is {0} bytes long; the mirror accepts at most {MAX_TOKEN}")]
     TokenTooLong(usize),
+    #[error(transparent)]
+    Arena(#[from] ArenaError),
 }
 
 impl ClientError {
@@ -110,6 +129,118 @@ pub struct Client {
     wire: Framed<Box<dyn Connection>, LengthDelimitedCodec>,
     events: VecDeque<StreamEvent>,
     server: String,
+    /// The mirror's arena, once mapped.
+    arena: Option<ClientArena>,
+}
+
+/// Whether a client asks for the mirror's payload arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArenaUse {
+    /// Over a Unix socket, when the mirror offers one.
+    Auto,
+    /// Never: every data event carries its bytes.
+    Never,
+}
+
+/// References returned in one `CREDIT` at least (or an eighth of the
+/// client's share of the arena in bytes), unless the client is about to
+/// wait for the mirror, when it returns all it can.
+pub const CREDIT_BATCH: u32 = 64;
+
+struct ClientArena {
+    view: ArenaView,
+    credits: Arc<Credits>,
+}
+
+/// The references received, in order, and which of them are done with.
+struct Credits {
+    /// Bytes done with that are worth a `CREDIT` on their own.
+    batch_bytes: u64,
+    state: Mutex<CreditState>,
+    /// Woken when references can be returned while the client waits.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct CreditState {
+    /// Sequence number of the oldest reference not yet done with.
+    first: u64,
+    /// From `first` on: the length of each reference, and whether it is
+    /// done with. Credits go in order, so a reference done with behind one
+    /// still held waits for it.
+    done: VecDeque<(u32, bool)>,
+    /// Done with, in order, and not yet returned.
+    returnable: u32,
+    returnable_bytes: u64,
+}
+
+impl Credits {
+    fn new(share: u64) -> Self {
+        Self {
+            batch_bytes: share / 8,
+            state: Mutex::default(),
+            ready: Notify::new(),
+        }
+    }
+
+    fn issue(self: &Arc<Self>, len: u32) -> CreditGuard {
+        let mut state = self.state.lock();
+        let seq = state.first + state.done.len() as u64;
+        state.done.push_back((len, false));
+        CreditGuard {
+            credits: Arc::clone(self),
+            seq,
+        }
+    }
+
+    fn finish(&self, seq: u64) {
+        let mut state = self.state.lock();
+        let Some(index) = seq.checked_sub(state.first) else {
+            return;
+        };
+        if let Some((_, done)) = state.done.get_mut(index as usize) {
+            *done = true;
+        }
+        let mut freed = false;
+        while let Some(&(len, true)) = state.done.front() {
+            state.done.pop_front();
+            state.first += 1;
+            state.returnable += 1;
+            state.returnable_bytes += u64::from(len);
+            freed = true;
+        }
+        if freed && (self.worth_sending(&state) || state.done.is_empty()) {
+            self.ready.notify_one();
+        }
+    }
+
+    fn worth_sending(&self, state: &CreditState) -> bool {
+        state.returnable >= CREDIT_BATCH || state.returnable_bytes >= self.batch_bytes
+    }
+
+    /// References to return now: all that are done with when `all` or
+    /// when they are worth a `CREDIT`, else none.
+    fn take(&self, all: bool) -> u32 {
+        let mut state = self.state.lock();
+        if state.returnable > 0 && (all || self.worth_sending(&state)) {
+            state.returnable_bytes = 0;
+            std::mem::take(&mut state.returnable)
+        } else {
+            0
+        }
+    }
+}
+
+/// Held by the bytes of one reference; done with when dropped.
+struct CreditGuard {
+    credits: Arc<Credits>,
+    seq: u64,
+}
+
+impl Drop for CreditGuard {
+    fn drop(&mut self) {
+        self.credits.finish(self.seq);
+    }
 }
 
 impl Client {
@@ -121,6 +252,16 @@ impl Client {
         endpoint: &Endpoint,
         token: Option<&str>,
         name: &str,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, token, name, ArenaUse::Auto).await
+    }
+
+    /// [`Self::connect`], choosing whether to map the mirror's arena.
+    pub async fn connect_with(
+        endpoint: &Endpoint,
+        token: Option<&str>,
+        name: &str,
+        arena: ArenaUse,
     ) -> Result<Self, ClientError> {
         // A Unix socket is protected by its file's permissions, and its
         // server never asks for a token: nothing of it goes to whatever
@@ -142,7 +283,7 @@ impl Client {
         };
         tokio::time::timeout(
             HELLO_EXCHANGE_TIMEOUT,
-            Self::connect_and_greet(endpoint, token, name),
+            Self::connect_and_greet(endpoint, token, name, arena),
         )
         .await
         .map_err(|_| ClientError::HelloTimeout {
@@ -154,6 +295,7 @@ impl Client {
         endpoint: &Endpoint,
         token: Option<&[u8]>,
         name: &str,
+        arena: ArenaUse,
     ) -> Result<Self, ClientError> {
         let connect_error = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
@@ -173,6 +315,7 @@ impl Client {
             wire: frame(connection),
             events: VecDeque::new(),
             server: String::new(),
+            arena: None,
         };
         let client_nonce = new_nonce()?;
         client
@@ -211,7 +354,98 @@ impl Client {
             (_, other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
         client.server = printable(&server).into_owned();
+        if arena == ArenaUse::Auto && client.wire.get_ref().unix().is_some() {
+            client.map_arena().await?;
+        }
         Ok(client)
+    }
+
+    /// Asks for the mirror's arena and maps it; a mirror that does not
+    /// offer it answers `ERROR(9)`, and data keeps coming as bytes.
+    async fn map_arena(&mut self) -> Result<(), ClientError> {
+        self.send(&ClientFrame::MapArena).await?;
+        // Nothing is subscribed yet: the answer is the next frame, and the
+        // descriptor comes with its first byte, which must be read with
+        // recvmsg (a plain read would drop the descriptor).
+        if !self.wire.read_buffer().is_empty() {
+            return Err(ClientError::Unexpected(
+                "frames before the answer to MAP_ARENA".into(),
+            ));
+        }
+        let fd = self.receive_with_fd().await?;
+        match self.read_frame().await?.ok_or(ClientError::Closed)? {
+            ServerFrame::Arena { size, share } => {
+                let fd = fd.ok_or_else(|| {
+                    ClientError::Unexpected("an arena without its descriptor".into())
+                })?;
+                self.arena = Some(ClientArena {
+                    view: ArenaView::map(fd, size)?,
+                    credits: Arc::new(Credits::new(share)),
+                });
+                Ok(())
+            }
+            ServerFrame::Error {
+                code: ErrorCode::NoArena,
+                ..
+            } => Ok(()),
+            ServerFrame::Error { code, message, .. } => {
+                Err(ClientError::from_error_frame(code, message))
+            }
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} in answer to MAP_ARENA"
+            ))),
+        }
+    }
+
+    /// Reads what the socket holds into the frame buffer, with the
+    /// descriptor that came with it, if any.
+    async fn receive_with_fd(&mut self) -> Result<Option<OwnedFd>, ClientError> {
+        let mut buffer = vec![0u8; 4096];
+        let mut control = nix::cmsg_space!([RawFd; 1]);
+        let socket = self
+            .wire
+            .get_ref()
+            .unix()
+            .ok_or_else(|| ClientError::Unexpected("no Unix socket".into()))?;
+        let (read, fd) = socket
+            .async_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(&mut buffer)];
+                let message = recvmsg::<()>(
+                    socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut control),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(io::Error::from)?;
+                let mut fd = None;
+                // A truncated control message still closes what it held.
+                if let Ok(cmsgs) = message.cmsgs() {
+                    for cmsg in cmsgs {
+                        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                            for raw in fds {
+                                // SAFETY: the kernel just gave us this
+                                // descriptor; nothing else owns it.
+                                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                                fd.get_or_insert(owned);
+                            }
+                        }
+                    }
+                }
+                Ok((message.bytes, fd))
+            })
+            .await?;
+        if read == 0 {
+            return Err(ClientError::Closed);
+        }
+        self.wire
+            .read_buffer_mut()
+            .extend_from_slice(&buffer[..read]);
+        Ok(fd)
+    }
+
+    /// Whether the mirror's arena is mapped (data arrives as references).
+    pub fn uses_arena(&self) -> bool {
+        self.arena.is_some()
     }
 
     /// The server's answer during the hello, which holds no stream event.
@@ -313,10 +547,61 @@ impl Client {
         Ok(())
     }
 
+    /// The next frame, references turned into data events; returns the
+    /// references done with before it waits, and in batches meanwhile.
     async fn read(&mut self) -> Result<Option<ServerFrame>, ClientError> {
+        let Some(arena) = &self.arena else {
+            return self.read_frame().await;
+        };
+        let credits = Arc::clone(&arena.credits);
+        let frame = loop {
+            if let Some(frame) = self.wire.next().now_or_never() {
+                break frame;
+            }
+            self.return_credits(true).await;
+            tokio::select! {
+                frame = self.wire.next() => break frame,
+                () = credits.ready.notified() => {}
+            }
+        };
+        let frame = match frame {
+            None => return Ok(None),
+            Some(bytes) => ServerFrame::decode_shared(bytes?.freeze())?,
+        };
+        self.return_credits(false).await;
+        match frame {
+            ServerFrame::DataRef { conn, offset, len } => {
+                let guard = credits.issue(len);
+                let arena = self.arena.as_ref().expect("checked above");
+                let bytes = arena.view.bytes(offset, len, guard).ok_or_else(|| {
+                    ClientError::Unexpected(format!(
+                        "a reference to {len} bytes at {offset}, outside the arena of {} bytes",
+                        arena.view.size()
+                    ))
+                })?;
+                Ok(Some(ServerFrame::Event(StreamEvent::Data { conn, bytes })))
+            }
+            frame => Ok(Some(frame)),
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<ServerFrame>, ClientError> {
         match self.wire.next().await {
             None => Ok(None),
             Some(bytes) => Ok(Some(ServerFrame::decode_shared(bytes?.freeze())?)),
+        }
+    }
+
+    /// Returns the references done with: all, or those worth a `CREDIT`.
+    /// A connection that fails here is reported by the next read, after
+    /// the frames the mirror sent before it closed.
+    async fn return_credits(&mut self, all: bool) {
+        let Some(arena) = &self.arena else {
+            return;
+        };
+        let count = arena.credits.take(all);
+        if count > 0 {
+            let _ = self.send(&ClientFrame::Credit { count }).await;
         }
     }
 
@@ -767,5 +1052,32 @@ mod tests {
             refused.err()
         );
         server.await.unwrap().assert_nothing_of_the_token();
+    }
+
+    #[test]
+    fn references_are_credited_in_order_once_done_with() {
+        let credits = Arc::new(Credits::new(8 << 20));
+        let guards: Vec<CreditGuard> = (0..3).map(|_| credits.issue(1000)).collect();
+        let mut guards = guards.into_iter();
+        let (first, second, third) = (
+            guards.next().unwrap(),
+            guards.next().unwrap(),
+            guards.next().unwrap(),
+        );
+        drop(second);
+        assert_eq!(credits.take(true), 0, "the oldest is still held");
+        drop(first);
+        assert_eq!(credits.take(false), 0, "two are not worth a frame alone");
+        assert_eq!(credits.take(true), 2);
+        assert_eq!(credits.take(true), 0, "returned once");
+        drop(third);
+        assert_eq!(credits.take(true), 1);
+        // A batch is worth a frame on its own: by count, or by bytes.
+        for _ in 0..CREDIT_BATCH {
+            drop(credits.issue(1));
+        }
+        assert_eq!(credits.take(false), CREDIT_BATCH);
+        drop(credits.issue(1 << 20));
+        assert_eq!(credits.take(false), 1);
     }
 }

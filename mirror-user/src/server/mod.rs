@@ -19,13 +19,17 @@ pub mod client;
 pub mod listener;
 pub mod protocol;
 pub mod session;
+pub mod shared;
 #[cfg(test)]
 mod tests;
 pub mod wire;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use crate::telemetry::counters;
+use crate::{
+    arena::{Arena, ArenaSnapshot},
+    telemetry::{counters, registry::Stage},
+};
 
 /// Where `mirror run` listens by default, and `mirror tail` connects.
 pub const DEFAULT_SOCKET: &str = "/run/mirror/mirror.sock";
@@ -82,6 +86,18 @@ pub struct ServerConfig {
     pub name: String,
 }
 
+/// The payload arena's counters as a stage of the counters document
+/// (zeros when the mirror runs without one).
+pub struct ArenaStage(pub Option<Arena>);
+
+impl Stage for ArenaStage {
+    type Snapshot = ArenaSnapshot;
+
+    fn snapshot(&self) -> ArenaSnapshot {
+        self.0.as_ref().map(Arena::counters).unwrap_or_default()
+    }
+}
+
 counters! {
     /// Counters of the server.
     pub struct ServerCounters => ServerSnapshot {
@@ -107,5 +123,9 @@ counters! {
         too_slow,
         /// Closed for a malformed frame.
         bad_frames,
+        /// Sessions that mapped the payload arena.
+        arena_clients,
+        /// Closed for returning references to the arena they never held.
+        bad_credits,
     }
 }

@@ -79,6 +79,15 @@ pub enum ClientFrame {
     RemovePort {
         port: u16,
     },
+    /// Asks for the payload arena (Unix sockets only): answered
+    /// [`ServerFrame::Arena`] with the memfd attached, or a non-fatal
+    /// `ERROR(9)`, after which data keeps coming as bytes.
+    MapArena,
+    /// Returns the oldest `count` [`ServerFrame::DataRef`]s not yet
+    /// returned: the client is done with their bytes.
+    Credit {
+        count: u32,
+    },
 }
 
 /// A frame the server sends.
@@ -104,6 +113,14 @@ pub enum ServerFrame {
         fatal: bool,
         message: String,
     },
+    /// Reply to `MapArena`: the arena's size, and how many referenced
+    /// bytes the client may hold unreturned before its connections are
+    /// closed as lagged; the memfd travels with the frame's first byte
+    /// (`SCM_RIGHTS`).
+    Arena { size: u64, share: u64 },
+    /// Data of a connection, as `len` bytes at `offset` in the arena; the
+    /// client returns it with a `Credit`.
+    DataRef { conn: u64, offset: u64, len: u32 },
 }
 
 /// Why a request or session failed.
@@ -119,6 +136,9 @@ pub enum ErrorCode {
     /// The session stopped reading for longer than its budget.
     TooSlow,
     Internal,
+    /// The arena is not offered here (a TCP listener, or a mirror without
+    /// one): data comes as bytes.
+    NoArena,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -134,6 +154,7 @@ impl ErrorCode {
             Self::TooManyClients => 6,
             Self::TooSlow => 7,
             Self::Internal => 8,
+            Self::NoArena => 9,
             Self::Other(code) => code,
         }
     }
@@ -148,6 +169,7 @@ impl ErrorCode {
             6 => Self::TooManyClients,
             7 => Self::TooSlow,
             8 => Self::Internal,
+            9 => Self::NoArena,
             other => Self::Other(other),
         }
     }
@@ -190,6 +212,8 @@ mod kind {
     pub const ADD_PORT: u8 = 0x06;
     pub const REMOVE_PORT: u8 = 0x07;
     pub const AUTH: u8 = 0x08;
+    pub const MAP_ARENA: u8 = 0x09;
+    pub const CREDIT: u8 = 0x0a;
 
     pub const WELCOME: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
@@ -200,6 +224,8 @@ mod kind {
     pub const PORTS: u8 = 0x87;
     pub const ERROR: u8 = 0x88;
     pub const CHALLENGE: u8 = 0x89;
+    pub const ARENA: u8 = 0x8a;
+    pub const DATA_REF: u8 = 0x8b;
 }
 
 const REASON_CODES: [(CloseReason, u8); 7] = [
@@ -251,6 +277,11 @@ impl ClientFrame {
                 out.put_u8(kind::REMOVE_PORT);
                 out.put_u16(*port);
             }
+            Self::MapArena => out.put_u8(kind::MAP_ARENA),
+            Self::Credit { count } => {
+                out.put_u8(kind::CREDIT);
+                out.put_u32(*count);
+            }
         }
     }
 
@@ -274,6 +305,10 @@ impl ClientFrame {
             },
             kind::REMOVE_PORT => Self::RemovePort {
                 port: r.u16("port")?,
+            },
+            kind::MAP_ARENA => Self::MapArena,
+            kind::CREDIT => Self::Credit {
+                count: r.u32("count")?,
             },
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -372,6 +407,17 @@ impl ServerFrame {
                 out.put_u8(u8::from(*fatal));
                 out.put_slice(message.as_bytes());
             }
+            Self::Arena { size, share } => {
+                out.put_u8(kind::ARENA);
+                out.put_u64(*size);
+                out.put_u64(*share);
+            }
+            Self::DataRef { conn, offset, len } => {
+                out.put_u8(kind::DATA_REF);
+                out.put_u64(*conn);
+                out.put_u64(*offset);
+                out.put_u32(*len);
+            }
         }
     }
 
@@ -434,6 +480,15 @@ impl ServerFrame {
                 code: ErrorCode::from_u16(r.u16("code")?),
                 fatal: r.flag("fatal")?,
                 message: r.rest_str("message")?,
+            },
+            kind::ARENA => Self::Arena {
+                size: r.u64("size")?,
+                share: r.u64("share")?,
+            },
+            kind::DATA_REF => Self::DataRef {
+                conn: r.u64("conn")?,
+                offset: r.u64("offset")?,
+                len: r.u32("len")?,
             },
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -765,6 +820,8 @@ mod tests {
         client_round_trip(ClientFrame::ListPorts);
         client_round_trip(ClientFrame::AddPort { port: 8080 });
         client_round_trip(ClientFrame::RemovePort { port: 1 });
+        client_round_trip(ClientFrame::MapArena);
+        client_round_trip(ClientFrame::Credit { count: u32::MAX });
     }
 
     #[test]
@@ -795,6 +852,15 @@ mod tests {
             server_round_trip(ServerFrame::Event(StreamEvent::Closed { conn: 3, reason }));
         }
         server_round_trip(ServerFrame::Ok);
+        server_round_trip(ServerFrame::Arena {
+            size: 256 << 20,
+            share: 64 << 20,
+        });
+        server_round_trip(ServerFrame::DataRef {
+            conn: 9,
+            offset: (1 << 20) + 5,
+            len: 65_483,
+        });
         server_round_trip(ServerFrame::Stats {
             json: r#"{"kind":"counters"}"#.into(),
         });
@@ -823,6 +889,7 @@ mod tests {
             ErrorCode::TooManyClients,
             ErrorCode::TooSlow,
             ErrorCode::Internal,
+            ErrorCode::NoArena,
             ErrorCode::Other(999),
         ] {
             server_round_trip(ServerFrame::Error {
@@ -995,27 +1062,32 @@ mod tests {
         }
         let doc = include_str!("../../../docs/protocol.md");
         let example = &doc[doc.find("## Example").expect("an example section")..];
-        let example = example.split("```").nth(1).expect("a code block");
+        let blocks: Vec<&str> = example.split("```").collect();
+        let (example, local) = (blocks[1], blocks[3]);
         // A frame starts at `client: ` or `server: `; a line indented as
         // deep whose next character is a hex digit continues it. Hex
         // columns run up to the description, two spaces after them.
         let hex_columns = |line: &str| line.split("  ").next().unwrap_or_default().replace(' ', "");
-        let mut documented: Vec<String> = Vec::new();
-        for line in example.lines() {
-            if let Some(frame) = line
-                .strip_prefix("client: ")
-                .or_else(|| line.strip_prefix("server: "))
-            {
-                documented.push(hex_columns(frame));
-            } else if let Some(more) = line.strip_prefix("        ")
-                && more.starts_with(|c: char| c.is_ascii_hexdigit())
-            {
-                documented
-                    .last_mut()
-                    .expect("a continuation follows a frame")
-                    .push_str(&hex_columns(more));
+        let frames = |block: &str| {
+            let mut documented: Vec<String> = Vec::new();
+            for line in block.lines() {
+                if let Some(frame) = line
+                    .strip_prefix("client: ")
+                    .or_else(|| line.strip_prefix("server: "))
+                {
+                    documented.push(hex_columns(frame));
+                } else if let Some(more) = line.strip_prefix("        ")
+                    && more.starts_with(|c: char| c.is_ascii_hexdigit())
+                {
+                    documented
+                        .last_mut()
+                        .expect("a continuation follows a frame")
+                        .push_str(&hex_columns(more));
+                }
             }
-        }
+            documented
+        };
+        let documented = frames(example);
         let token = b"token";
         let client_nonce: Nonce = std::array::from_fn(|i| i as u8);
         let server_nonce: Nonce = std::array::from_fn(|i| 0x20 + i as u8);
@@ -1065,6 +1137,34 @@ mod tests {
             assert_eq!(doc_hex, code_hex);
         }
         assert_eq!(VERSION, 2, "the example shows version 2");
+        // The same session over a Unix socket, with the arena.
+        let opened = StreamEvent::Opened {
+            conn,
+            src,
+            dst,
+            midstream: false,
+        };
+        let expected = [
+            client(ClientFrame::MapArena),
+            server(ServerFrame::Arena {
+                size: 256 << 20,
+                share: 64 << 20,
+            }),
+            client(ClientFrame::Subscribe { ports: vec![80] }),
+            server(ServerFrame::Ok),
+            server(ServerFrame::Event(opened)),
+            server(ServerFrame::DataRef {
+                conn,
+                offset: 0,
+                len: 5,
+            }),
+            client(ClientFrame::Credit { count: 1 }),
+            server(ServerFrame::Event(StreamEvent::Closed {
+                conn,
+                reason: CloseReason::Fin,
+            })),
+        ];
+        assert_eq!(frames(local), expected, "the example with the arena");
     }
 
     #[test]

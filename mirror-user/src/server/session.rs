@@ -21,11 +21,12 @@ use tokio::{
 use tokio_util::codec::Framed;
 
 use crate::{
+    arena::Arena,
     control::{
         PortRequest, Request,
         ports::{PolicyError, SessionId},
     },
-    fanout::{hub::Hub, subscription::Subscription},
+    fanout::{counters::ConsumerCounters, hub::Hub, subscription::Subscription},
     flow::model::StreamEvent,
     server::{
         ServerConfig, ServerCounters,
@@ -34,6 +35,7 @@ use crate::{
             VERSION, client_name, client_proof_holds, codec, hello_version, new_nonce,
             server_proof,
         },
+        shared::{SharedPayloads, client_share},
         wire::{Connection, SessionWire},
     },
     text::printable,
@@ -60,7 +62,20 @@ pub struct SessionContext {
     pub hub: Arc<Hub>,
     pub stats: Arc<ServerCounters>,
     pub config: Arc<ServerConfig>,
+    /// The payload arena, offered to local clients; `None`: every client
+    /// gets bytes.
+    pub arena: Option<Arena>,
 }
+
+/// Referenced payload worth waking a client for: frames that only refer
+/// to the arena are written once this much is referenced (or an eighth of
+/// the client's share, if less: it can return only what it received), or
+/// [`REFERENCE_DELAY`] after the first of them, rather than one write
+/// per event (a reference frame is 25 bytes; each write wakes the client).
+pub const REFERENCE_BATCH: usize = 4 << 20;
+
+/// The longest a reference waits for others to go with it.
+pub const REFERENCE_DELAY: Duration = Duration::from_millis(2);
 
 /// A connection just accepted.
 pub(super) struct Accepted {
@@ -169,6 +184,8 @@ enum End {
     Evicted,
     /// Left after the challenge without answering it.
     Unanswered,
+    /// Returned references it never held.
+    BadCredit,
 }
 
 pub(super) async fn session(
@@ -195,10 +212,19 @@ pub(super) async fn session(
         ticket,
         clients: &clients,
     };
+    let mut outbox = Outbox::default();
     let end = match hello(&mut wire, greeting, &context, shutdown.clone()).await {
         Ok((name, slot)) => {
             tracing::info!(session = id, client = %printable(&name), "client connected");
-            let end = serve_session(&mut wire, id, &name, &context, shutdown).await;
+            let end = serve_session(
+                &mut wire,
+                id,
+                &name,
+                &context,
+                &mut outbox,
+                shutdown.clone(),
+            )
+            .await;
             let _ = context
                 .control
                 .send(Request::Ports(PortRequest::EndSession { session: id }))
@@ -215,9 +241,11 @@ pub(super) async fn session(
         End::HelloTimeout => &stats.hello_timeouts,
         End::Evicted => &stats.hello_evicted,
         End::Unanswered => &stats.unanswered_challenges,
+        End::BadCredit => &stats.bad_credits,
         End::Client => return,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    linger(&mut wire, &context, outbox, shutdown).await;
 }
 
 /// Writes one frame, and any queued before it, within the write budget.
@@ -489,6 +517,7 @@ async fn serve_session(
     id: SessionId,
     name: &str,
     context: &SessionContext,
+    outbox: &mut Outbox,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let mut subscription = context.hub.subscribe_session(id, name);
@@ -511,15 +540,38 @@ async fn serve_session(
                         return End::BadFrame;
                     }
                 };
-                let reply = handle(request, id, &mut subscription, context).await;
+                let reply = match request {
+                    ClientFrame::Credit { count } => match outbox.credit(count) {
+                        Ok(()) => continue,
+                        Err(message) => {
+                            tracing::warn!(session = id, "{message}; disconnecting the client");
+                            let _ = send(wire, context, &error(ErrorCode::BadFrame, true, message)).await;
+                            return End::BadCredit;
+                        }
+                    },
+                    ClientFrame::MapArena => match map_arena(wire, context, outbox).await {
+                        Ok(None) => continue,
+                        Ok(Some(refusal)) => refusal,
+                        Err(end) => return end,
+                    },
+                    request => handle(request, id, &mut subscription, context).await,
+                };
+                outbox.written();
                 if let Err(end) = send(wire, context, &reply).await {
                     return end;
                 }
             }
             event = subscription.next(), if !subscription.is_idle() => {
                 let Some(event) = event else { return End::Client };
-                let flush = subscription.queued() == 0;
-                if let Err(end) = write_event(wire, context, flush, event).await {
+                let idle = subscription.queued() == 0;
+                if let Err(end) = write_event(wire, context, outbox, subscription.stats(), idle, event).await {
+                    tracing::warn!(session = id, "client stopped reading; disconnecting it");
+                    return end;
+                }
+            }
+            () = flush_timer(outbox.flush_at), if outbox.flush_at.is_some() => {
+                outbox.written();
+                if let Err(end) = flush(wire, context).await {
                     tracing::warn!(session = id, "client stopped reading; disconnecting it");
                     return end;
                 }
@@ -528,31 +580,191 @@ async fn serve_session(
                 // The mirror stops: deliver what is left (the hub has
                 // closed every channel, so this ends), then close.
                 while let Some(event) = subscription.next().await {
-                    let flush = subscription.queued() == 0;
-                    if write_event(wire, context, flush, event).await.is_err() {
+                    let idle = subscription.queued() == 0;
+                    if write_event(wire, context, outbox, subscription.stats(), idle, event).await.is_err() {
                         break;
                     }
                 }
+                let _ = flush(wire, context).await;
                 return End::Client;
             }
         }
     }
 }
 
-/// Queues an event; writes when `now` (no other event is waiting) or when
-/// enough is queued, so a burst goes out in few writes.
+/// Completes at `at`; never without.
+async fn flush_timer(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A session the server ends (a fatal error, a client too slow to read)
+/// keeps the payloads its client was referred to until the client closes
+/// its end (it may still be reading frames the socket held), the write
+/// budget passes, or the mirror stops: until then the memory is not
+/// reused under the client's reads.
+async fn linger(
+    wire: &mut Wire,
+    context: &SessionContext,
+    outbox: Outbox,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if outbox
+        .shared
+        .as_ref()
+        .is_none_or(|shared| shared.outstanding_bytes() == 0)
+    {
+        return;
+    }
+    let until_closed = async {
+        let _ = wire.shutdown().await;
+        while let Some(Ok(_)) = wire.next().await {}
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(context.config.write_timeout, until_closed) => {}
+        _ = shutdown.changed() => {}
+    }
+    drop(outbox);
+}
+
+/// What a session has queued for its client, and what it shares of the
+/// arena with it.
+#[derive(Default)]
+struct Outbox {
+    shared: Option<SharedPayloads>,
+    /// Set while only references wait to be written: when to write them.
+    flush_at: Option<Instant>,
+    /// Payload referenced by frames not yet written.
+    referenced: usize,
+}
+
+impl Outbox {
+    fn credit(&mut self, count: u32) -> Result<(), String> {
+        match &mut self.shared {
+            Some(shared) => shared.credit(count).map_err(|over| over.to_string()),
+            None => Err("credit, but no arena was mapped".to_owned()),
+        }
+    }
+
+    /// Everything queued is being written.
+    fn written(&mut self) {
+        self.flush_at = None;
+        self.referenced = 0;
+    }
+}
+
+/// Answers `MAP_ARENA`: the arena's descriptor with an `ARENA` frame
+/// (`None`), or the refusal to send. From then on the client's data comes
+/// as references where it can.
+async fn map_arena(
+    wire: &mut Wire,
+    context: &SessionContext,
+    outbox: &mut Outbox,
+) -> Result<Option<ServerFrame>, End> {
+    if outbox.shared.is_some() {
+        return Ok(Some(error(
+            ErrorCode::BadFrame,
+            false,
+            "the arena is already mapped",
+        )));
+    }
+    let arena = match &context.arena {
+        Some(arena) if wire.is_unix() => arena,
+        Some(_) => {
+            return Ok(Some(error(
+                ErrorCode::NoArena,
+                false,
+                "the arena is shared over Unix sockets only",
+            )));
+        }
+        None => {
+            return Ok(Some(error(
+                ErrorCode::NoArena,
+                false,
+                "this mirror runs without an arena (--arena-size 0)",
+            )));
+        }
+    };
+    let share = client_share(arena, context.hub.config().max_bytes);
+    let shared = SharedPayloads::with_budget(arena.clone(), share);
+    let frame = ServerFrame::Arena {
+        size: arena.size() as u64,
+        share: shared.share() as u64,
+    };
+    outbox.written();
+    match tokio::time::timeout(
+        context.config.write_timeout,
+        wire.send_with_fd(&frame, arena.fd()),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(End::Client),
+        Err(_) => return Err(End::TooSlow),
+    }
+    context.stats.arena_clients.fetch_add(1, Ordering::Relaxed);
+    outbox.shared = Some(shared);
+    Ok(None)
+}
+
+/// Queues an event. Without the arena, writes when `idle` (no other event
+/// is waiting) or when enough is queued, so a burst goes out in few
+/// writes; with it, references wait for [`REFERENCE_BATCH`] bytes of
+/// payload or [`REFERENCE_DELAY`].
 async fn write_event(
     wire: &mut Wire,
     context: &SessionContext,
-    now: bool,
+    outbox: &mut Outbox,
+    stats: &ConsumerCounters,
+    idle: bool,
     event: StreamEvent,
 ) -> Result<(), End> {
-    wire.queue(&ServerFrame::Event(event));
-    if now || wire.queued_bytes() >= FRAME_BUFFER {
-        flush(wire, context).await
-    } else {
-        Ok(())
+    let Some(shared) = &mut outbox.shared else {
+        wire.queue(&ServerFrame::Event(event));
+        if idle || wire.queued_bytes() >= FRAME_BUFFER {
+            return flush(wire, context).await;
+        }
+        return Ok(());
+    };
+    let mut only_references = true;
+    let mut referenced = 0;
+    let was_lagging = shared.lagging();
+    let lagged = shared.translate(event, |frame| {
+        match &frame {
+            ServerFrame::DataRef { len, .. } => referenced += *len as usize,
+            _ => only_references = false,
+        }
+        wire.queue(&frame);
+    });
+    if lagged > 0 {
+        stats.lags.fetch_add(1, Ordering::Relaxed);
+        stats
+            .lagged_connections
+            .fetch_add(lagged as u64, Ordering::Relaxed);
     }
+    // Once per episode: a client that stays over its share would otherwise
+    // log each connection that opens meanwhile.
+    if lagged > 0 && !was_lagging {
+        tracing::warn!(
+            consumer = %stats.name,
+            connections = lagged,
+            held = shared.outstanding_bytes(),
+            "client holds its share of the arena; closing its connections as lagged"
+        );
+    }
+    outbox.referenced += referenced;
+    let batch = REFERENCE_BATCH.min(shared.share() / 8);
+    let batch_ready = outbox.referenced >= batch || wire.queued_bytes() >= FRAME_BUFFER;
+    if batch_ready || (idle && !only_references) {
+        outbox.written();
+        return flush(wire, context).await;
+    }
+    if idle && outbox.flush_at.is_none() {
+        outbox.flush_at = Some(Instant::now() + REFERENCE_DELAY);
+    }
+    Ok(())
 }
 
 async fn handle(
@@ -568,6 +780,9 @@ async fn handle(
             false,
             "auth answers a challenge, and the hello is over",
         ),
+        ClientFrame::MapArena | ClientFrame::Credit { .. } => {
+            error(ErrorCode::Internal, false, "answered by the session loop")
+        }
         ClientFrame::Subscribe { ports } => {
             let answer = ask(context, |reply| {
                 Request::Ports(PortRequest::Subscribe {

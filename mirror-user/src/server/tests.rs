@@ -26,7 +26,7 @@ use super::{
     session::{HELLO_TIMEOUT, MAX_AWAITING_HELLO, SessionContext},
     *,
 };
-use crate::{control::Request, fanout::hub::Hub};
+use crate::{arena::Arena, control::Request, fanout::hub::Hub};
 use crate::{
     control::ports::{AllowList, PortRegistry},
     control::{Control, PortMap},
@@ -52,6 +52,7 @@ impl PortMap for NoMap {
 /// main task that answers port requests and the counters (those of
 /// the hub and the server).
 struct Harness {
+    hub: Arc<Hub>,
     endpoint: Endpoint,
     unix: Option<(Endpoint, tempfile::TempDir)>,
     stats: Arc<ServerCounters>,
@@ -65,6 +66,10 @@ impl Harness {
     }
 
     async fn start_with(max_clients: usize, with_unix: bool) -> Self {
+        Self::start_full(max_clients, with_unix, None).await
+    }
+
+    async fn start_full(max_clients: usize, with_unix: bool, arena: Option<Arena>) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
         let mut listeners = vec![BoundListener::Tcp(listener)];
@@ -113,14 +118,16 @@ impl Harness {
             listeners,
             SessionContext {
                 control: control_tx,
-                hub,
+                hub: Arc::clone(&hub),
                 stats: Arc::clone(&stats),
                 config: Arc::new(config),
+                arena,
             },
             None,
             stop_rx,
         ));
         Self {
+            hub,
             endpoint,
             unix,
             stats,
@@ -169,6 +176,9 @@ impl Harness {
     }
 
     async fn stop(self) {
+        // As the pipeline does: the channels end, so sessions that deliver
+        // what is left before they close come to an end.
+        self.hub.close_all();
         let _ = self.stop.send(true);
         tokio::time::timeout(Duration::from_secs(10), self.server)
             .await
@@ -946,4 +956,403 @@ async fn max_clients_refuses_the_next_client_until_a_slot_is_free() {
     second.stats().await.expect("still served");
     assert_eq!(server.counter("refused"), 2);
     server.stop().await;
+}
+
+mod arena {
+    use bytes::Bytes;
+    use tokio::net::UnixStream;
+
+    use super::*;
+    use crate::{
+        arena::CHUNK,
+        flow::{
+            model::{CloseReason, StreamEvent},
+            segment::PayloadPool,
+        },
+        server::client::ArenaUse,
+    };
+
+    fn opened(conn: u64) -> StreamEvent {
+        StreamEvent::Opened {
+            conn,
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "198.18.0.2:80".parse().unwrap(),
+            midstream: false,
+        }
+    }
+
+    fn closed(conn: u64, reason: CloseReason) -> StreamEvent {
+        StreamEvent::Closed { conn, reason }
+    }
+
+    /// A stream of `len` bytes in payloads of up to 60 000 (as GRO makes
+    /// them), copied by `pool`.
+    fn payloads(pool: &mut PayloadPool, conn: u64, len: usize) -> (Vec<StreamEvent>, Vec<u8>) {
+        let stream: Vec<u8> = (0..len).map(|i| (i * 7 + conn as usize) as u8).collect();
+        let events = stream
+            .chunks(60_000)
+            .map(|chunk| StreamEvent::Data {
+                conn,
+                bytes: pool.copy(chunk),
+            })
+            .collect();
+        (events, stream)
+    }
+
+    /// Everything `client` receives of connection `conn` until it closes.
+    async fn receive(client: &mut Client, conn: u64) -> (Vec<u8>, CloseReason) {
+        let mut stream = Vec::new();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), client.next_event())
+                .await
+                .expect("events in time")
+                .expect("no error")
+                .expect("not closed");
+            match event {
+                StreamEvent::Data { conn: c, bytes } if c == conn => {
+                    stream.extend_from_slice(&bytes);
+                }
+                StreamEvent::Closed { conn: c, reason } if c == conn => return (stream, reason),
+                _ => {}
+            }
+        }
+    }
+
+    /// A raw local session: hello, then `MAP_ARENA` when asked (its answer
+    /// read without taking the descriptor), then a subscription to 80.
+    async fn raw_session(path: &std::path::Path, map: bool) -> (UnixStream, Option<ServerFrame>) {
+        let mut stream = UnixStream::connect(path).await.unwrap();
+        stream
+            .write_all(&hello("raw", [0; NONCE_LEN]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_frame(&mut stream).await,
+            Some(ServerFrame::Welcome { .. })
+        ));
+        let mut answer = None;
+        if map {
+            stream
+                .write_all(&wire(&ClientFrame::MapArena))
+                .await
+                .unwrap();
+            answer = read_frame(&mut stream).await;
+        }
+        stream
+            .write_all(&wire(&ClientFrame::Subscribe { ports: vec![80] }))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut stream).await, Some(ServerFrame::Ok));
+        (stream, answer)
+    }
+
+    /// Receives `len` bytes of connection `conn` (or its close).
+    async fn receive_some(client: &mut Client, conn: u64, len: usize) -> Vec<u8> {
+        let mut stream = Vec::new();
+        while stream.len() < len {
+            let event = tokio::time::timeout(Duration::from_secs(10), client.next_event())
+                .await
+                .expect("events in time")
+                .expect("no error")
+                .expect("not closed");
+            match event {
+                StreamEvent::Data { conn: c, bytes } if c == conn => {
+                    stream.extend_from_slice(&bytes);
+                }
+                StreamEvent::Closed { conn: c, reason } if c == conn => {
+                    panic!("closed {reason:?} after {} bytes", stream.len())
+                }
+                _ => {}
+            }
+        }
+        stream
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_clients_read_the_arena_and_return_what_they_read() {
+        let arena = Arena::new(64 * CHUNK).unwrap();
+        let server = Harness::start_full(4, true, Some(arena.clone())).await;
+        let (unix, _) = server.unix();
+        let mut shared = Client::connect(unix, None, "shared").await.unwrap();
+        let mut bytes = Client::connect_with(unix, None, "bytes", ArenaUse::Never)
+            .await
+            .unwrap();
+        let mut remote = server.client("remote").await.unwrap();
+        assert!(shared.uses_arena());
+        assert!(!bytes.uses_arena(), "asked for none");
+        assert!(!remote.uses_arena(), "TCP: never");
+        for client in [&mut shared, &mut bytes, &mut remote] {
+            client.subscribe(&[80]).await.unwrap();
+        }
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        // 160 MB: more than the arena, so chunks must come back to be
+        // used again.
+        for round in 0..32u64 {
+            let (events, expected) = payloads(&mut pool, round, 5_000_000);
+            let mut batch = vec![opened(round)];
+            batch.extend(events);
+            batch.push(closed(round, CloseReason::Fin));
+            server.hub.publish(80, batch);
+            for client in [&mut shared, &mut bytes, &mut remote] {
+                let (stream, reason) = receive(client, round).await;
+                assert_eq!(reason, CloseReason::Fin);
+                assert!(stream == expected, "round {round}: the stream is exact");
+            }
+        }
+        drop(pool);
+        assert_eq!(server.counter("arena_clients"), 1);
+        assert_eq!(server.counter("bad_credits"), 0);
+        assert_eq!(arena.counters().fallback_payloads, 0, "chunks came back");
+        // Everything read was returned: the session holds nothing.
+        drop(shared);
+        server
+            .wait_until("the arena is free", |_| arena.counters().in_use_bytes == 0)
+            .await;
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_returns_nothing_loses_its_connections_and_no_one_else_does() {
+        let arena = Arena::new(32 * CHUNK).unwrap();
+        let server = Harness::start_full(4, true, Some(arena.clone())).await;
+        let (unix, path) = server.unix();
+        let mut good = Client::connect(unix, None, "good").await.unwrap();
+        assert!(good.uses_arena());
+        good.subscribe(&[80]).await.unwrap();
+        let (mut hoarder, answer) = raw_session(path, true).await;
+        assert_eq!(
+            answer,
+            Some(ServerFrame::Arena {
+                size: 32 * CHUNK as u64,
+                share: 8 * CHUNK as u64,
+            })
+        );
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        // 12 MB in steps of 1 MB: over the hoarder's share (8 MiB), within
+        // the arena; the good client returns what it read at each step.
+        let (events, expected) = payloads(&mut pool, 1, 12_000_000);
+        server.hub.publish(80, vec![opened(1)]);
+        let mut received = Vec::new();
+        for step in events.chunks(17) {
+            let len: usize = step.iter().map(StreamEvent::data_len).sum();
+            server.hub.publish(80, step.to_vec());
+            received.extend(receive_some(&mut good, 1, len).await);
+        }
+        server.hub.publish(80, vec![closed(1, CloseReason::Fin)]);
+        let (rest, reason) = receive(&mut good, 1).await;
+        assert_eq!(reason, CloseReason::Fin);
+        assert!(
+            rest.is_empty() && received == expected,
+            "the other client gets everything"
+        );
+        // The hoarder: references up to its share, then the lag.
+        let mut referenced = 0u64;
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut hoarder))
+                .await
+                .expect("frames in time")
+            {
+                Some(ServerFrame::DataRef { len, .. }) => referenced += u64::from(len),
+                Some(ServerFrame::Event(StreamEvent::Opened { .. })) => {}
+                other => break other,
+            }
+        };
+        assert_eq!(
+            end,
+            Some(ServerFrame::Event(closed(1, CloseReason::Lagged)))
+        );
+        assert!(
+            referenced <= 8 * CHUNK as u64 && referenced > 7 * CHUNK as u64,
+            "{referenced}"
+        );
+        // What it holds stays held, and it still works: a credit makes
+        // room for a connection that opens afterwards.
+        assert!(arena.counters().in_use_bytes >= 8 * CHUNK as u64);
+        hoarder
+            .write_all(&wire(&ClientFrame::Credit { count: 1 }))
+            .await
+            .unwrap();
+        hoarder.write_all(&wire(&ClientFrame::Stats)).await.unwrap();
+        let Some(ServerFrame::Stats { json }) = read_frame(&mut hoarder).await else {
+            panic!("stats");
+        };
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let hoarder_stats = json["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["client"] == "raw")
+            .expect("the hoarder's counters");
+        assert_eq!(hoarder_stats["lagged_connections"], 1);
+        server.hub.publish(
+            80,
+            vec![
+                opened(2),
+                StreamEvent::Data {
+                    conn: 2,
+                    bytes: pool.copy(b"after"),
+                },
+            ],
+        );
+        assert!(matches!(
+            read_frame(&mut hoarder).await,
+            Some(ServerFrame::Event(StreamEvent::Opened { conn: 2, .. }))
+        ));
+        assert!(matches!(
+            read_frame(&mut hoarder).await,
+            Some(ServerFrame::DataRef {
+                conn: 2,
+                len: 5,
+                ..
+            })
+        ));
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn credit_for_references_never_received_closes_only_that_client() {
+        let arena = Arena::new(4 * CHUNK).unwrap();
+        let server = Harness::start_full(4, true, Some(arena.clone())).await;
+        let (unix, path) = server.unix();
+        let mut good = Client::connect(unix, None, "good").await.unwrap();
+        good.subscribe(&[80]).await.unwrap();
+        let (mut hostile, _) = raw_session(path, true).await;
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        server.hub.publish(
+            80,
+            vec![
+                opened(1),
+                StreamEvent::Data {
+                    conn: 1,
+                    bytes: pool.copy(b"one"),
+                },
+            ],
+        );
+        assert!(matches!(
+            read_frame(&mut hostile).await,
+            Some(ServerFrame::Event(StreamEvent::Opened { .. }))
+        ));
+        assert!(matches!(
+            read_frame(&mut hostile).await,
+            Some(ServerFrame::DataRef { .. })
+        ));
+        // One received, two returned.
+        hostile
+            .write_all(&wire(&ClientFrame::Credit { count: 2 }))
+            .await
+            .unwrap();
+        assert_ends_with(&mut hostile, ErrorCode::BadFrame, Duration::from_secs(5)).await;
+        server
+            .wait_until("counted", |s| s.counter("bad_credits") == 1)
+            .await;
+        // The good client still has the bytes, and more come.
+        server.hub.publish(
+            80,
+            vec![
+                StreamEvent::Data {
+                    conn: 1,
+                    bytes: pool.copy(b"two"),
+                },
+                closed(1, CloseReason::Fin),
+            ],
+        );
+        let (stream, _) = receive(&mut good, 1).await;
+        assert_eq!(stream, b"onetwo");
+        // Credit without an arena, over a session that never mapped one.
+        let (mut plain, _) = raw_session(path, false).await;
+        plain
+            .write_all(&wire(&ClientFrame::Credit { count: 0 }))
+            .await
+            .unwrap();
+        assert_ends_with(&mut plain, ErrorCode::BadFrame, Duration::from_secs(5)).await;
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_session_the_server_ends_keeps_what_its_client_may_still_read() {
+        let arena = Arena::new(4 * CHUNK).unwrap();
+        let server = Harness::start_full(4, true, Some(arena.clone())).await;
+        let (_, path) = server.unix();
+        let (mut client, _) = raw_session(path, true).await;
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        server.hub.publish(
+            80,
+            vec![
+                opened(1),
+                StreamEvent::Data {
+                    conn: 1,
+                    bytes: pool.copy(b"still readable"),
+                },
+            ],
+        );
+        drop(pool);
+        read_frame(&mut client).await;
+        assert!(matches!(
+            read_frame(&mut client).await,
+            Some(ServerFrame::DataRef { .. })
+        ));
+        // A malformed frame: the server ends the session.
+        client.write_all(&[0, 0, 0, 1, 0x7f]).await.unwrap();
+        assert_ends_with(&mut client, ErrorCode::BadFrame, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            arena.counters().in_use_bytes,
+            CHUNK as u64,
+            "kept while the client's end is open"
+        );
+        drop(client);
+        server
+            .wait_until("freed once the client closed", |_| {
+                arena.counters().in_use_bytes == 0
+            })
+            .await;
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_arena_is_refused_over_tcp_and_without_one() {
+        let arena = Arena::new(CHUNK).unwrap();
+        let server = Harness::start_full(4, true, Some(arena)).await;
+        let mut stream = welcomed(&server, "remote").await;
+        stream
+            .write_all(&wire(&ClientFrame::MapArena))
+            .await
+            .unwrap();
+        assert_error(
+            read_frame(&mut stream).await,
+            ErrorCode::NoArena,
+            false,
+            "Unix",
+        );
+        // Data then comes as bytes.
+        stream
+            .write_all(&wire(&ClientFrame::Subscribe { ports: vec![80] }))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut stream).await, Some(ServerFrame::Ok));
+        server.hub.publish(
+            80,
+            vec![
+                opened(1),
+                StreamEvent::Data {
+                    conn: 1,
+                    bytes: Bytes::from_static(b"x"),
+                },
+            ],
+        );
+        read_frame(&mut stream).await;
+        assert!(matches!(
+            read_frame(&mut stream).await,
+            Some(ServerFrame::Event(StreamEvent::Data { .. }))
+        ));
+        server.stop().await;
+        // A mirror without an arena: the client library goes on with bytes.
+        let server = Harness::start_full(4, true, None).await;
+        let (unix, path) = server.unix();
+        let client = Client::connect(unix, None, "local").await.unwrap();
+        assert!(!client.uses_arena());
+        let (_, answer) = raw_session(path, true).await;
+        assert_error(answer, ErrorCode::NoArena, false, "--arena-size 0");
+        server.stop().await;
+    }
 }

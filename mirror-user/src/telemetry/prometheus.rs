@@ -54,6 +54,8 @@ const GAUGES: &[&str] = &[
     "shards.queued_bytes",
     "server.active",
     "server.awaiting_hello",
+    "arena.size_bytes",
+    "arena.in_use_bytes",
     "truncated.ports",
     "truncated.consumers",
 ];
