@@ -114,6 +114,17 @@ impl SharedPayloads {
                     return 0;
                 };
                 let cost = bytes.len() + REFERENCE_COST;
+                if cost > self.budget {
+                    // No amount of credit makes room for it: as bytes,
+                    // rather than lagging a client that may hold nothing.
+                    send(ServerFrame::Event(event));
+                    return 0;
+                }
+                // A connection opened before the client mapped the arena
+                // (it subscribed first) is closed as lagged like the others.
+                if !self.open.contains(&conn) {
+                    self.open.insert(conn);
+                }
                 if self.outstanding_bytes + cost > self.budget {
                     return self.lag(send);
                 }
@@ -282,5 +293,40 @@ mod tests {
             frames(&mut shared, fin.clone()).0,
             [ServerFrame::Event(fin)]
         );
+    }
+
+    #[test]
+    fn a_connection_opened_before_the_arena_was_mapped_is_closed_as_lagged_too() {
+        let arena = Arena::new(CHUNK).unwrap();
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        let mut shared = SharedPayloads::with_budget(arena, 10 + REFERENCE_COST);
+        // Connection 7 opened before MAP_ARENA: its OPENED went as a frame
+        // of its own, this session never saw it.
+        frames(&mut shared, data(7, pool.copy(b"12345678")));
+        let (out, lagged) = frames(&mut shared, data(7, pool.copy(b"abc")));
+        assert_eq!(lagged, 1, "its byte is lost to the client: it must be told");
+        assert_eq!(
+            out,
+            [ServerFrame::Event(StreamEvent::Closed {
+                conn: 7,
+                reason: CloseReason::Lagged,
+            })]
+        );
+        assert!(frames(&mut shared, data(7, pool.copy(b"x"))).0.is_empty());
+    }
+
+    #[test]
+    fn a_payload_larger_than_the_whole_share_goes_as_bytes() {
+        let arena = Arena::new(CHUNK).unwrap();
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        // A share below one payload (a small --channel-bytes).
+        let mut shared = SharedPayloads::with_budget(arena, 100);
+        frames(&mut shared, opened(1));
+        let big = pool.copy(&[5u8; 200]);
+        let (out, lagged) = frames(&mut shared, data(1, big.clone()));
+        assert_eq!(lagged, 0, "the client holds nothing");
+        assert_eq!(out, [ServerFrame::Event(data(1, big))]);
+        assert!(!shared.lagging());
+        assert_eq!(shared.outstanding_bytes(), 0);
     }
 }
