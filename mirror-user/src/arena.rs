@@ -467,6 +467,64 @@ mod tests {
     }
 
     #[test]
+    fn a_client_cannot_change_the_arena_by_mprotect_hole_punching_or_a_private_mapping() {
+        let arena = Arena::new(CHUNK).unwrap();
+        let chunk = arena.lease().unwrap();
+        write(&chunk, 0, b"payload");
+        let received = arena.fd().try_clone_to_owned().unwrap();
+        let length = NonZeroUsize::new(CHUNK).unwrap();
+        // SAFETY: a fresh read-only mapping, unmapped at the end.
+        let shared = unsafe {
+            mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                &received,
+                0,
+            )
+        }
+        .unwrap();
+        // SAFETY: asking to make our own mapping writable; expected to fail.
+        let upgraded =
+            unsafe { libc::mprotect(shared.as_ptr(), CHUNK, libc::PROT_READ | libc::PROT_WRITE) };
+        assert_eq!(upgraded, -1, "a read-only view became writable");
+        // SAFETY: punching a hole in the file, which would zero the
+        // mirror's pages; expected to fail.
+        let punched = unsafe {
+            libc::fallocate(
+                received.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                CHUNK as i64,
+            )
+        };
+        assert_eq!(punched, -1, "a hole was punched in the arena");
+        // A private writable mapping is the client's copy, not the arena.
+        // SAFETY: a fresh private mapping, unmapped below.
+        let private = unsafe {
+            mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+                &received,
+                0,
+            )
+        }
+        .unwrap();
+        // SAFETY: writing the private copy, which is ours.
+        unsafe { private.cast::<u8>().as_ptr().write(b'X') };
+        // SAFETY: reading the mappings made above, then unmapping them.
+        unsafe {
+            assert_eq!(*shared.cast::<u8>().as_ptr(), b'p');
+            assert_eq!(*chunk.as_mut_ptr(), b'p');
+            munmap(private, CHUNK).unwrap();
+            munmap(shared, CHUNK).unwrap();
+        }
+    }
+
+    #[test]
     fn a_descriptor_that_is_not_a_sealed_arena_is_refused() {
         let file = tempfile::tempfile().unwrap();
         file.set_len(CHUNK as u64).unwrap();

@@ -121,6 +121,11 @@ impl ArenaFill {
             let start = chunk.as_mut_ptr();
             self.chunk = Some((chunk.into_bytes(), start));
             self.filled = align(0, start);
+            if CHUNK - self.filled < payload.len() {
+                // Too large to be skewed: the padding would push its end
+                // into the next chunk, another pool's.
+                self.filled = 0;
+            }
         }
         let (whole, start) = self.chunk.as_ref().expect("a chunk was just leased");
         // SAFETY: `filled..filled + len` is inside the chunk (checked above)
@@ -263,5 +268,32 @@ mod tests {
         assert_eq!((TcpFlags::FIN | TcpFlags::ACK).to_string(), "F.");
         assert_eq!(TcpFlags::RST.to_string(), "R");
         assert_eq!(TcpFlags::empty().to_string(), "none");
+    }
+
+    #[test]
+    fn a_payload_of_almost_a_chunk_stays_inside_its_chunk() {
+        let arena = Arena::new(2 * CHUNK).unwrap();
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        // The pool gets chunk 0, whose neighbour the test holds.
+        let first = arena.lease().unwrap();
+        let neighbour = arena.lease().unwrap();
+        drop(first);
+        // SAFETY: the test's own lease, written before anyone reads it.
+        unsafe { std::ptr::write_bytes(neighbour.as_mut_ptr(), 0xAA, 64) };
+        // A source 32 bytes past a cache line: the pool would like to skew
+        // its copy by as much.
+        let source = vec![7u8; CHUNK + 64];
+        let skew = (32 + 64 - source.as_ptr() as usize % 64) % 64;
+        let payload = &source[skew..skew + CHUNK - 16];
+        let copied = pool.copy(payload);
+        assert_eq!(
+            arena.offset_of(&copied).map(|at| at as usize / CHUNK),
+            Some(0)
+        );
+        assert!(copied.iter().all(|&b| b == 7));
+        assert!(
+            neighbour.as_ref()[..64].iter().all(|&b| b == 0xAA),
+            "the copy ran into the neighbouring chunk"
+        );
     }
 }

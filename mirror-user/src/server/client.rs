@@ -13,7 +13,10 @@
 //! (docs/protocol.md, "Shared memory"): data events then hold bytes of the
 //! read-only mapping, not copies, and each is returned to the mirror
 //! (credited) once the last handle of its bytes is dropped. Holding them
-//! long makes the mirror close this client's connections as lagged.
+//! long makes the mirror close this client's connections as lagged. They
+//! stay intact only while the session lasts: once the client is dropped
+//! (or the mirror ended the session and `--client-timeout` passed), the
+//! mirror reuses that memory, so copy what must outlive the client.
 
 use std::{
     collections::VecDeque,

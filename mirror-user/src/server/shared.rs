@@ -4,12 +4,12 @@
 //!
 //! Sans-IO: events in, frames out; the session writes them.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque, hash_map::Entry};
 
 use bytes::Bytes;
 
 use crate::{
-    arena::Arena,
+    arena::{Arena, CHUNK},
     flow::model::{CloseReason, ConnId, StreamEvent},
     server::protocol::ServerFrame,
 };
@@ -32,6 +32,11 @@ pub fn client_share(arena: &Arena, channel_bytes: usize) -> usize {
 /// references within its share.
 pub const REFERENCE_COST: usize = 64;
 
+/// Chunks a client's references may keep leased beyond its share in whole
+/// chunks: the chunks each flow shard is filling right now, which a
+/// client that keeps up also refers to.
+pub const CHUNK_SLACK: usize = 4;
+
 /// A client returned more references than it held.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("credit for {count} references, but only {held} were sent and not returned")]
@@ -49,6 +54,12 @@ pub struct SharedPayloads {
     outstanding: VecDeque<Bytes>,
     /// Their cost against the budget: bytes plus [`REFERENCE_COST`] each.
     outstanding_bytes: usize,
+    /// The chunks they lie in, with how many lie in each: one reference
+    /// keeps its whole chunk out of reuse, so a client that holds one small
+    /// payload in each chunk would pin the arena within a small budget.
+    pinned: HashMap<u64, u32>,
+    /// Chunks beyond which payloads go as bytes instead of references.
+    max_chunks: usize,
     /// Connections this client has open.
     open: HashSet<ConnId>,
     /// Connections closed here as lagged whose events still come from the
@@ -65,6 +76,8 @@ impl SharedPayloads {
             budget,
             outstanding: VecDeque::new(),
             outstanding_bytes: 0,
+            pinned: HashMap::new(),
+            max_chunks: budget / CHUNK + CHUNK_SLACK,
             open: HashSet::new(),
             dropped: HashSet::new(),
             lagging: false,
@@ -114,9 +127,27 @@ impl SharedPayloads {
                     return 0;
                 };
                 let cost = bytes.len() + REFERENCE_COST;
+                if cost > self.budget {
+                    // No amount of credit makes room for it: as bytes,
+                    // rather than lagging a client that may hold nothing.
+                    send(ServerFrame::Event(event));
+                    return 0;
+                }
+                // A connection opened before the client mapped the arena
+                // (it subscribed first) is closed as lagged like the others.
+                if !self.open.contains(&conn) {
+                    self.open.insert(conn);
+                }
                 if self.outstanding_bytes + cost > self.budget {
                     return self.lag(send);
                 }
+                let chunk = offset / CHUNK as u64;
+                if self.pinned.len() >= self.max_chunks && !self.pinned.contains_key(&chunk) {
+                    // The client pins its share in whole chunks already.
+                    send(ServerFrame::Event(event));
+                    return 0;
+                }
+                *self.pinned.entry(chunk).or_default() += 1;
                 send(ServerFrame::DataRef {
                     conn,
                     offset,
@@ -153,6 +184,15 @@ impl SharedPayloads {
         }
         for bytes in self.outstanding.drain(..count as usize) {
             self.outstanding_bytes -= bytes.len() + REFERENCE_COST;
+            let Some(chunk) = self.arena.offset_of(&bytes).map(|at| at / CHUNK as u64) else {
+                continue;
+            };
+            if let Entry::Occupied(mut held) = self.pinned.entry(chunk) {
+                *held.get_mut() -= 1;
+                if *held.get() == 0 {
+                    held.remove();
+                }
+            }
         }
         if count > 0 {
             self.lagging = false;
@@ -282,5 +322,81 @@ mod tests {
             frames(&mut shared, fin.clone()).0,
             [ServerFrame::Event(fin)]
         );
+    }
+
+    #[test]
+    fn a_connection_opened_before_the_arena_was_mapped_is_closed_as_lagged_too() {
+        let arena = Arena::new(CHUNK).unwrap();
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        let mut shared = SharedPayloads::with_budget(arena, 10 + REFERENCE_COST);
+        // Connection 7 opened before MAP_ARENA: its OPENED went as a frame
+        // of its own, this session never saw it.
+        frames(&mut shared, data(7, pool.copy(b"12345678")));
+        let (out, lagged) = frames(&mut shared, data(7, pool.copy(b"abc")));
+        assert_eq!(lagged, 1, "its byte is lost to the client: it must be told");
+        assert_eq!(
+            out,
+            [ServerFrame::Event(StreamEvent::Closed {
+                conn: 7,
+                reason: CloseReason::Lagged,
+            })]
+        );
+        assert!(frames(&mut shared, data(7, pool.copy(b"x"))).0.is_empty());
+    }
+
+    #[test]
+    fn a_payload_larger_than_the_whole_share_goes_as_bytes() {
+        let arena = Arena::new(CHUNK).unwrap();
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        // A share below one payload (a small --channel-bytes).
+        let mut shared = SharedPayloads::with_budget(arena, 100);
+        frames(&mut shared, opened(1));
+        let big = pool.copy(&[5u8; 200]);
+        let (out, lagged) = frames(&mut shared, data(1, big.clone()));
+        assert_eq!(lagged, 0, "the client holds nothing");
+        assert_eq!(out, [ServerFrame::Event(data(1, big))]);
+        assert!(!shared.lagging());
+        assert_eq!(shared.outstanding_bytes(), 0);
+    }
+
+    #[test]
+    fn a_client_pins_at_most_its_share_in_whole_chunks() {
+        let chunks = CHUNK_SLACK + 3;
+        let arena = Arena::new(chunks * CHUNK).unwrap();
+        // A share of one chunk: at most 1 + CHUNK_SLACK chunks referred to.
+        let mut shared = SharedPayloads::with_budget(arena.clone(), CHUNK);
+        frames(&mut shared, opened(1));
+        // One small payload in each chunk (a quiet port beside busy ones):
+        // a few hundred bytes of budget.
+        let payloads: Vec<Bytes> = (0..chunks)
+            .map(|_| PayloadPool::with_arena(arena.clone()).copy(b"tiny"))
+            .collect();
+        let mut refs = 0u32;
+        for payload in &payloads {
+            let (out, lagged) = frames(&mut shared, data(1, payload.clone()));
+            assert_eq!(lagged, 0);
+            match &out[..] {
+                [ServerFrame::DataRef { .. }] => refs += 1,
+                [ServerFrame::Event(StreamEvent::Data { bytes, .. })] => {
+                    assert_eq!(&bytes[..], b"tiny")
+                }
+                other => panic!("unexpected frames {other:?}"),
+            }
+        }
+        assert_eq!(refs as usize, 1 + CHUNK_SLACK);
+        drop(payloads);
+        assert_eq!(
+            arena.counters().in_use_bytes,
+            ((1 + CHUNK_SLACK) * CHUNK) as u64,
+            "the client pins only the chunks it was referred to"
+        );
+        // Credited, its chunks are free and references flow again.
+        shared.credit(refs).unwrap();
+        assert_eq!(arena.counters().in_use_bytes, 0);
+        let again = PayloadPool::with_arena(arena.clone()).copy(b"again");
+        assert!(matches!(
+            frames(&mut shared, data(1, again)).0[..],
+            [ServerFrame::DataRef { .. }]
+        ));
     }
 }
