@@ -116,7 +116,7 @@ impl Checker {
                 assert!(known.is_none(), "connection {conn} opened twice");
                 self.opened += 1;
             }
-            StreamEvent::Data { conn, bytes } => {
+            StreamEvent::Data { conn, bytes, .. } => {
                 let c = self.conns.get_mut(&conn).expect("Data before Opened");
                 assert!(!c.closed, "Data after Closed");
                 assert!(!bytes.is_empty(), "an empty Data event");
@@ -202,6 +202,7 @@ fuzz_target!(|input: Input| {
                 table.segment(
                     Segment {
                         flow: flow_key(index),
+                        dir: Default::default(),
                         seq,
                         flags,
                         payload: Bytes::from(payload),

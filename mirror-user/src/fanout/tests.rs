@@ -33,6 +33,7 @@ fn opened(conn: ConnId) -> StreamEvent {
 
 fn data(conn: ConnId, text: &'static str) -> StreamEvent {
     StreamEvent::Data {
+        dir: Default::default(),
         conn,
         bytes: Bytes::from_static(text.as_bytes()),
     }
@@ -210,6 +211,7 @@ async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
     batcher.at(now).event(
         80,
         StreamEvent::Data {
+            dir: Default::default(),
             conn: 1,
             bytes: Bytes::from(vec![0; 2048]),
         },

@@ -117,6 +117,7 @@ mod tests {
         let payload = Bytes::from((0..5000u32).map(|i| i as u8).collect::<Vec<u8>>());
         let frames = [
             ServerFrame::Event(StreamEvent::Data {
+                dir: Default::default(),
                 conn: 7,
                 bytes: payload.clone(),
             }),
@@ -125,6 +126,7 @@ mod tests {
                 reason: CloseReason::Fin,
             }),
             ServerFrame::Event(StreamEvent::Data {
+                dir: Default::default(),
                 conn: 8,
                 bytes: Bytes::new(),
             }),

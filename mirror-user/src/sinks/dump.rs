@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::{
     fanout::{counters::ConsumerCounters, subscription::Subscription},
     files::{FileId, OutputDir},
-    flow::model::{CloseReason, ConnId, StreamEvent},
+    flow::model::{CloseReason, ConnId, Direction, StreamEvent},
 };
 
 /// Files kept open at once; others are reopened to append when data comes.
@@ -129,7 +129,12 @@ impl DumpWriter {
                 dst,
                 midstream,
             } => self.open_flow(*conn, *src, *dst, *midstream),
-            StreamEvent::Data { conn, bytes } => self.write_data(*conn, &[IoSlice::new(bytes)]),
+            StreamEvent::Data {
+                conn,
+                dir: Direction::Client,
+                bytes,
+            } => self.write_data(*conn, &[IoSlice::new(bytes)]),
+            StreamEvent::Data { .. } => Ok(()),
             StreamEvent::Closed { conn, reason } => {
                 self.open.pop(conn);
                 match self.flows.remove(conn) {
@@ -147,7 +152,12 @@ impl DumpWriter {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut rest = events;
         while let Some(first) = rest.first() {
-            let StreamEvent::Data { conn, .. } = first else {
+            let StreamEvent::Data {
+                conn,
+                dir: Direction::Client,
+                ..
+            } = first
+            else {
                 self.handle(first)?;
                 rest = &rest[1..];
                 continue;
@@ -155,7 +165,11 @@ impl DumpWriter {
             let mut count = 0;
             for event in rest.iter().take(MAX_IOVECS) {
                 match event {
-                    StreamEvent::Data { conn: next, bytes } if next == conn => {
+                    StreamEvent::Data {
+                        conn: next,
+                        dir: Direction::Client,
+                        bytes,
+                    } if next == conn => {
                         slices[count] = IoSlice::new(bytes);
                         count += 1;
                     }
@@ -557,6 +571,7 @@ mod tests {
         for conn in 0..40 {
             let mut events = vec![opened(conn, src, dst)];
             events.extend((0..4).map(|_| StreamEvent::Data {
+                dir: Default::default(),
                 conn,
                 bytes: chunk.clone(),
             }));
@@ -604,7 +619,7 @@ mod tests {
         let mut written = HashMap::<ConnId, usize>::new();
         for event in seen.iter() {
             match event {
-                StreamEvent::Data { conn, bytes } => {
+                StreamEvent::Data { conn, bytes, .. } => {
                     *written.entry(*conn).or_default() += bytes.len();
                 }
                 StreamEvent::Closed { conn, reason } => {

@@ -28,6 +28,7 @@ pub fn opened_midstream(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> Strea
 
 pub fn data(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
     StreamEvent::Data {
+        dir: Default::default(),
         conn,
         bytes: Bytes::from_static(bytes),
     }
