@@ -19,6 +19,15 @@
 //! least recently seen connection goes first. Every close of an announced
 //! connection is an event with its reason.
 //!
+//! With `--directions both` the server's answers come in too, keyed by
+//! their connection's client-to-server tuple: one entry, one id, the
+//! client's and the server's streams reassembled apart. The server's
+//! stream starts at its SYN-ACK (or at the first answer seen); the
+//! connection ends `fin` once both FINs are reached in order (the client's
+//! alone while no answer came, as with `--directions client`), and a hole
+//! or an RST in either direction ends it, the RST judged against its
+//! sender's own stream.
+//!
 //! Spoofed segments (RFC 5961, as far as one direction shows): an RST ends
 //! a connection only inside the window [`Reassembler::accepts_rst`]
 //! describes (or, when it is beyond what the client has shown, once the
