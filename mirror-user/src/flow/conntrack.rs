@@ -1019,6 +1019,8 @@ impl ConnectionTable {
 mod tests {
     use std::net::SocketAddr;
 
+    use proptest::prelude::*;
+
     use super::*;
 
     const LIMITS: TableLimits = TableLimits {
@@ -1096,6 +1098,88 @@ mod tests {
         table.segment(seg(f, 99, SYN, b""), 0, log);
         table.segment(ans(f, 499, SYN_ACK, b""), 1, log);
         table.segment(seg(f, 100, ACK, b""), 2, log);
+    }
+
+    /// Segments of one direction carrying `len` bytes (byte `i` is
+    /// `stream_byte(dir, i)`) in pieces of `cut`, the last with the FIN.
+    fn pieces(f: FlowKey, dir: Direction, isn: u32, len: usize, cut: usize) -> Vec<Segment> {
+        let bytes: Vec<u8> = (0..len).map(|i| stream_byte(dir, i)).collect();
+        let mut segments: Vec<Segment> = bytes
+            .chunks(cut)
+            .enumerate()
+            .map(|(i, chunk)| Segment {
+                dir,
+                ..seg(f, isn + 1 + (i * cut) as u32, ACK, chunk)
+            })
+            .collect();
+        match segments.last_mut() {
+            Some(last) => last.flags = FIN,
+            None => segments.push(Segment {
+                dir,
+                ..seg(f, isn + 1, FIN, b"")
+            }),
+        }
+        segments
+    }
+
+    fn stream_byte(dir: Direction, i: usize) -> u8 {
+        (i as u8).wrapping_mul(31) ^ if dir == Direction::Server { 0xa5 } else { 0 }
+    }
+
+    proptest! {
+        /// Both directions of a connection, their segments in any order
+        /// after the handshake, within budgets that never bind: each
+        /// direction is delivered whole, and the connection ends `fin`.
+        #[test]
+        fn duplex_streams_are_whole_in_any_order(
+            segments in (0usize..3000, 0usize..3000, 1usize..700).prop_flat_map(
+                |(client, server, cut)| {
+                    let f = flow(9);
+                    let mut segments = pieces(f, Direction::Client, 99, client, cut);
+                    segments.extend(pieces(f, Direction::Server, 499, server, cut));
+                    Just(segments).prop_shuffle()
+                        .prop_map(move |segments| (client, server, segments))
+                }
+            )
+        ) {
+            let (client, server, segments) = segments;
+            let limits = TableLimits {
+                max_buffered_bytes: 1 << 24,
+                reorder: ReorderLimits {
+                    max_bytes: 1 << 22,
+                    max_wait_ns: 5_000,
+                },
+                ..LIMITS
+            };
+            let mut table = ConnectionTable::new(limits, ConnIds::default());
+            let f = flow(9);
+            let mut events = Vec::new();
+            let mut sink = |_, event| events.push(event);
+            table.segment(seg(f, 99, SYN, b""), 0, &mut sink);
+            table.segment(ans(f, 499, SYN_ACK, b""), 0, &mut sink);
+            for segment in segments {
+                table.segment(segment, 0, &mut sink);
+                table.assert_consistent();
+            }
+            let mut got = [Vec::new(), Vec::new()];
+            for event in &events[1..events.len() - 1] {
+                let StreamEvent::Data { conn: 1, dir, bytes } = event else {
+                    panic!("{event:?}");
+                };
+                got[*dir as usize].extend_from_slice(bytes);
+            }
+            let want = |dir, len| (0..len).map(|i| stream_byte(dir, i)).collect::<Vec<_>>();
+            prop_assert_eq!(&got[0], &want(Direction::Client, client));
+            prop_assert_eq!(&got[1], &want(Direction::Server, server));
+            let opened = matches!(events[0], StreamEvent::Opened { conn: 1, .. });
+            prop_assert!(opened, "{:?}", events[0]);
+            prop_assert_eq!(
+                events.last(),
+                Some(&StreamEvent::Closed { conn: 1, reason: CloseReason::Fin })
+            );
+            prop_assert!(table.is_empty());
+            prop_assert_eq!(table.buffered_bytes(), 0);
+        }
     }
 
     #[test]
