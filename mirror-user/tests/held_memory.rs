@@ -132,6 +132,7 @@ impl Tally {
 
 fn segment(flow: FlowKey, seq: u32, flags: TcpFlags, payload: bytes::Bytes) -> Segment {
     Segment {
+        dir: Default::default(),
         flow,
         seq,
         flags,

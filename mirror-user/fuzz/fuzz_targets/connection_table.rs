@@ -7,7 +7,10 @@
 //! stream: each connection is announced once before its bytes and closed
 //! once, with nothing after; it delivers a contiguous run of its flow's
 //! stream (no byte twice, none skipped over a hole, none invented); a
-//! `fin` close ends exactly at a FIN the flow sent. The table's own
+//! `fin` close ends exactly at a FIN the flow sent. Segments go either way
+//! (`--directions both`): each direction is checked against its own
+//! stream, and a `fin` close ends the client's at one of its FINs and the
+//! server's too if it delivered anything. The table's own
 //! bookkeeping (memory counts, deadlines, nothing held or delivered past a
 //! FIN) is checked after every step, and debug assertions are on.
 
@@ -20,7 +23,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use mirror_user::{
     flow::conntrack::{ConnectionTable, TableLimits},
-    flow::model::{CloseReason, ConnId, ConnIds, FlowKey, StreamEvent},
+    flow::model::{CloseReason, ConnId, ConnIds, Direction, FlowKey, StreamEvent},
     flow::reassembly::ReorderLimits,
     flow::segment::{Segment, TcpFlags},
 };
@@ -51,6 +54,8 @@ enum Op {
         len: u8,
         flags: u8,
         truncated: bool,
+        /// The server's answer rather than the client's segment.
+        server: bool,
         /// Time steps before the segment.
         wait: u16,
     },
@@ -73,26 +78,32 @@ fn flow_index(src: SocketAddr) -> usize {
     usize::from(src.port() - 1000)
 }
 
-/// The byte a flow carries at sequence number `seq`.
-fn truth(flow: usize, seq: u32) -> u8 {
-    ((seq.wrapping_mul(0x9E37_79B1) >> 24) as u8) ^ (flow as u8).wrapping_mul(0x5b)
+/// The byte a flow carries at sequence number `seq` in direction `dir`.
+fn truth(flow: usize, dir: usize, seq: u32) -> u8 {
+    ((seq.wrapping_mul(0x9E37_79B1) >> 24) as u8)
+        ^ (flow as u8).wrapping_mul(0x5b)
+        ^ (dir as u8).wrapping_mul(0xa5)
 }
+
+/// The server's sequence numbers are near its flow's base moved by this.
+const SERVER_BASE: u32 = 0x5555_5555;
 
 #[derive(Default)]
 struct Conn {
     flow: usize,
-    bytes: Vec<u8>,
+    /// Per direction (client, server).
+    bytes: [Vec<u8>; 2],
     closed: bool,
 }
 
 /// What the flows were sent, and what consumers were told.
 #[derive(Default)]
 struct Checker {
-    /// Per flow: sequence numbers where a stream could start (any data
-    /// segment's first byte, a SYN's ISN + 1).
-    starts: [Vec<u32>; FLOWS],
-    /// Per flow: sequence numbers of the FINs sent.
-    fins: [Vec<u32>; FLOWS],
+    /// Per flow and direction: sequence numbers where a stream could
+    /// start (any data segment's first byte, a SYN's ISN + 1).
+    starts: [[Vec<u32>; 2]; FLOWS],
+    /// Per flow and direction: sequence numbers of the FINs sent.
+    fins: [[Vec<u32>; 2]; FLOWS],
     conns: HashMap<ConnId, Conn>,
     opened: u64,
     closed: u64,
@@ -116,11 +127,11 @@ impl Checker {
                 assert!(known.is_none(), "connection {conn} opened twice");
                 self.opened += 1;
             }
-            StreamEvent::Data { conn, bytes } => {
+            StreamEvent::Data { conn, dir, bytes } => {
                 let c = self.conns.get_mut(&conn).expect("Data before Opened");
                 assert!(!c.closed, "Data after Closed");
                 assert!(!bytes.is_empty(), "an empty Data event");
-                c.bytes.extend_from_slice(&bytes);
+                c.bytes[dir as usize].extend_from_slice(&bytes);
                 self.data_bytes += bytes.len() as u64;
             }
             StreamEvent::Closed { conn, reason } => {
@@ -133,25 +144,33 @@ impl Checker {
         }
     }
 
-    /// The connection's bytes are the flow's stream from some start on,
-    /// and a `fin` close ends at one of the flow's FINs.
+    /// Each direction's bytes are the flow's stream that way from some
+    /// start on, and a `fin` close ends the client's at one of its FINs
+    /// (the server's too, if it delivered any).
     fn check_stream(&self, conn: ConnId, reason: CloseReason) {
         let c = &self.conns[&conn];
-        let fits = |start: u32| {
-            let contiguous = c
-                .bytes
-                .iter()
-                .enumerate()
-                .all(|(i, byte)| *byte == truth(c.flow, start.wrapping_add(i as u32)));
-            let end = start.wrapping_add(c.bytes.len() as u32);
-            contiguous && (reason != CloseReason::Fin || self.fins[c.flow].contains(&end))
-        };
-        assert!(
-            self.starts[c.flow].iter().any(|start| fits(*start)),
-            "connection {conn} ({reason}) delivered {} bytes that are not a run of its stream \
-             ending where it should",
-            c.bytes.len()
-        );
+        for dir in [0, 1] {
+            let bytes = &c.bytes[dir];
+            // Nothing to check (the connection may never have seen this
+            // direction), unless a `fin` close needs the client's FIN.
+            if bytes.is_empty() && (dir == 1 || reason != CloseReason::Fin) {
+                continue;
+            }
+            let fits = |start: u32| {
+                let contiguous = bytes
+                    .iter()
+                    .enumerate()
+                    .all(|(i, byte)| *byte == truth(c.flow, dir, start.wrapping_add(i as u32)));
+                let end = start.wrapping_add(bytes.len() as u32);
+                contiguous && (reason != CloseReason::Fin || self.fins[c.flow][dir].contains(&end))
+            };
+            assert!(
+                self.starts[c.flow][dir].iter().any(|start| fits(*start)),
+                "connection {conn} ({reason}) delivered {} bytes in direction {dir} that are \
+                 not a run of its stream ending where it should",
+                bytes.len()
+            );
+        }
     }
 }
 
@@ -178,30 +197,37 @@ fuzz_target!(|input: Input| {
                 len,
                 flags,
                 truncated,
+                server,
                 wait,
             } => {
                 now += u64::from(wait) * STEP_NS;
                 let index = usize::from(flow) % FLOWS;
+                let (dir, d, base) = if server {
+                    (Direction::Server, 1, input.bases[index] ^ SERVER_BASE)
+                } else {
+                    (Direction::Client, 0, input.bases[index])
+                };
                 let offset = if far {
                     i32::from(offset) << 16
                 } else {
                     i32::from(offset)
                 };
-                let seq = input.bases[index].wrapping_add(offset as u32);
+                let seq = base.wrapping_add(offset as u32);
                 let flags = TcpFlags::from_bits_retain(flags);
                 let data_seq = seq.wrapping_add(u32::from(flags.contains(TcpFlags::SYN)));
                 let payload: Vec<u8> = (0..u32::from(len))
-                    .map(|i| truth(index, data_seq.wrapping_add(i)))
+                    .map(|i| truth(index, d, data_seq.wrapping_add(i)))
                     .collect();
                 drop(sink);
-                checker.starts[index].push(data_seq);
+                checker.starts[index][d].push(data_seq);
                 if flags.contains(TcpFlags::FIN) {
-                    checker.fins[index].push(data_seq.wrapping_add(u32::from(len)));
+                    checker.fins[index][d].push(data_seq.wrapping_add(u32::from(len)));
                 }
                 let mut sink = |port, event| checker.event(port, event);
                 table.segment(
                     Segment {
                         flow: flow_key(index),
+                        dir,
                         seq,
                         flags,
                         payload: Bytes::from(payload),

@@ -192,7 +192,8 @@ impl Hub {
     pub fn subscribe_session(&self, id: u64, client: &str) -> Subscription {
         let client = printable(client).into_owned();
         let (_, subscription) = self.register(format!("client-{id}"), Some(client), true);
-        subscription
+        // The subscriber protocol (version 2) carries the client's bytes.
+        subscription.client_only()
     }
 
     fn register(

@@ -16,7 +16,7 @@ use tokio_stream::{
 
 use crate::{
     fanout::counters::ConsumerCounters,
-    flow::model::{CloseReason, ConnId, StreamEvent},
+    flow::model::{CloseReason, ConnId, Direction, StreamEvent},
 };
 
 /// Events of one port, published together.
@@ -71,6 +71,9 @@ pub struct Subscription {
     open: HashMap<ConnId, u16>,
     queue: VecDeque<StreamEvent>,
     stats: Arc<ConsumerCounters>,
+    /// Skips the server's bytes (`--directions both`): for consumers that
+    /// carry the client's stream only.
+    client_only: bool,
     /// Dropped with the subscription: a subscriber session's totals move
     /// into the past sessions' then.
     _end: Option<EndGuard>,
@@ -89,9 +92,18 @@ impl Subscription {
             open: HashMap::new(),
             queue: VecDeque::new(),
             stats,
+            client_only: false,
             _end: end,
         };
         (PortFeed(feed), subscription)
+    }
+
+    /// This subscription without the server's bytes: for consumers that
+    /// carry the client's stream only (the subscriber protocol, the shadow
+    /// forwarder).
+    pub fn client_only(mut self) -> Self {
+        self.client_only = true;
+        self
     }
 
     /// The next event; `None` once every channel closed and the feed is
@@ -166,7 +178,9 @@ impl Subscription {
                 }
                 // Connections that opened before this consumer subscribed,
                 // or that it lost to lag, are not its own.
-                StreamEvent::Data { conn, .. } => self.open.contains_key(conn),
+                StreamEvent::Data { conn, dir, .. } => {
+                    self.open.contains_key(conn) && !(self.client_only && *dir == Direction::Server)
+                }
                 StreamEvent::Closed { conn, .. } => self.open.remove(conn).is_some(),
             };
             if keep {

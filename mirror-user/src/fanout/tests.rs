@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     fanout::counters::{PastSessions, PortSnapshot},
-    flow::model::{CloseReason, ConnId, EventSink as _, StreamEvent},
+    flow::model::{CloseReason, ConnId, Direction, EventSink as _, StreamEvent},
 };
 
 const CONFIG: HubConfig = HubConfig {
@@ -33,6 +33,7 @@ fn opened(conn: ConnId) -> StreamEvent {
 
 fn data(conn: ConnId, text: &'static str) -> StreamEvent {
     StreamEvent::Data {
+        dir: Default::default(),
         conn,
         bytes: Bytes::from_static(text.as_bytes()),
     }
@@ -77,6 +78,51 @@ async fn consumers_see_connections_opened_after_they_subscribed() {
         got,
         [opened(2), data(2, "new"), closed(2, CloseReason::Fin)]
     );
+}
+
+/// The subscriber protocol and the forwarder take the client's bytes only;
+/// other consumers get both directions.
+#[tokio::test]
+async fn a_client_only_subscription_skips_the_servers_bytes() {
+    let hub = Hub::new(&[80], CONFIG);
+    let (_, all) = hub.subscribe(&[80], "all");
+    let (_, client) = hub.subscribe(&[80], "client");
+    let answer = StreamEvent::Data {
+        dir: Direction::Server,
+        conn: 1,
+        bytes: Bytes::from_static(b"200 ok"),
+    };
+    hub.publish(
+        80,
+        vec![
+            opened(1),
+            data(1, "GET"),
+            answer.clone(),
+            closed(1, CloseReason::Fin),
+        ],
+    );
+    drop(hub);
+    for (mut sub, expected) in [
+        (
+            all,
+            vec![
+                opened(1),
+                data(1, "GET"),
+                answer,
+                closed(1, CloseReason::Fin),
+            ],
+        ),
+        (
+            client.client_only(),
+            vec![opened(1), data(1, "GET"), closed(1, CloseReason::Fin)],
+        ),
+    ] {
+        let mut got = Vec::new();
+        while let Some(event) = sub.next().await {
+            got.push(event);
+        }
+        assert_eq!(got, expected);
+    }
 }
 
 /// Reads exactly `n` events.
@@ -210,6 +256,7 @@ async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
     batcher.at(now).event(
         80,
         StreamEvent::Data {
+            dir: Default::default(),
             conn: 1,
             bytes: Bytes::from(vec![0; 2048]),
         },

@@ -19,6 +19,15 @@
 //! least recently seen connection goes first. Every close of an announced
 //! connection is an event with its reason.
 //!
+//! With `--directions both` the server's answers come in too, keyed by
+//! their connection's client-to-server tuple: one entry, one id, the
+//! client's and the server's streams reassembled apart. The server's
+//! stream starts at its SYN-ACK (or at the first answer seen); the
+//! connection ends `fin` once both FINs are reached in order (the client's
+//! alone while no answer came, as with `--directions client`), and a hole
+//! or an RST in either direction ends it, the RST judged against its
+//! sender's own stream.
+//!
 //! Spoofed segments (RFC 5961, as far as one direction shows): an RST ends
 //! a connection only inside the window [`Reassembler::accepts_rst`]
 //! describes (or, when it is beyond what the client has shown, once the
@@ -33,7 +42,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::flow::{
-    model::{CloseReason, ConnId, ConnIds, EventSink, FlowKey, StreamEvent},
+    model::{CloseReason, ConnId, ConnIds, Direction, EventSink, FlowKey, StreamEvent},
     reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
     segment::{Segment, TcpFlags},
 };
@@ -146,19 +155,25 @@ impl serde::Serialize for TableCounters {
 struct Connection {
     phase: Phase,
     last_seen_ns: u64,
-    /// Memory held for this flow (reorder buffer or waiting segments), as
+    /// Memory held for this flow (reorder buffers or waiting segments), as
     /// last counted into the table's total.
     held: usize,
 }
 
+/// A segment of a flow that waits for its SYN: direction, sequence number,
+/// payload (copied out of the pool, [`detach`]), FIN.
+type Waiting = (Direction, u32, Bytes, bool);
+
 enum Phase {
     /// Data without a SYN: waiting for the SYN from another CPU's ring.
     Waiting {
-        /// Payloads copied out of the pool ([`detach`]).
-        segments: Vec<(u32, Bytes, bool)>,
+        segments: Vec<Waiting>,
         since_ns: u64,
-        /// The sequence space the segments cover, for RST checks.
-        span: Span,
+        /// The sequence space each direction's segments cover (client,
+        /// server), for RST checks and a midstream start.
+        spans: [Option<Span>; 2],
+        /// Sequence number right after a SYN-ACK seen meanwhile.
+        syn_ack_next: Option<u32>,
     },
     Open {
         /// Assigned when the connection is announced.
@@ -170,13 +185,39 @@ enum Phase {
         /// Sequence number right after the SYN, to recognize its
         /// retransmission.
         syn_next: Option<u32>,
-        stream: Reassembler,
-        /// An RST beyond what the client has shown, with when it came: it
-        /// ends the connection if the client's data turns out to end
+        /// The same for the server's SYN-ACK.
+        syn_ack_next: Option<u32>,
+        /// The client's stream: from its SYN, or from the first byte or
+        /// FIN seen (midstream).
+        client: Option<Reassembler>,
+        /// The server's answers (`--directions both`): from its SYN-ACK,
+        /// or from the first answer seen. None as long as no answer came:
+        /// the client's FIN alone then ends the connection.
+        server: Option<Reassembler>,
+        /// An RST beyond what its sender has shown, with when it came: it
+        /// ends the connection if the sender's data turns out to end
         /// exactly there within the reorder timeout (it overtook them
         /// through another CPU's ring), and is ignored otherwise.
-        pending_rst: Option<(u32, u64)>,
+        pending_rst: Option<(Direction, u32, u64)>,
     },
+}
+
+/// The stream of `dir` in an open connection.
+fn side<'a>(
+    client: &'a mut Option<Reassembler>,
+    server: &'a mut Option<Reassembler>,
+    dir: Direction,
+) -> &'a mut Option<Reassembler> {
+    match dir {
+        Direction::Client => client,
+        Direction::Server => server,
+    }
+}
+
+/// Whether both directions are complete: the client's FIN was reached in
+/// order, and the server's too if its answers are followed.
+fn both_finished(client: Option<&Reassembler>, server: Option<&Reassembler>) -> bool {
+    client.is_some_and(Reassembler::is_finished) && server.is_none_or(Reassembler::is_finished)
 }
 
 /// A range of sequence numbers, relative to a first one (wrapping).
@@ -208,6 +249,10 @@ impl Span {
 
     fn contains(&self, seq: u32) -> bool {
         (self.low..=self.high).contains(&self.rel(seq))
+    }
+
+    fn start(&self) -> u32 {
+        self.first.wrapping_add(self.low as u32)
     }
 }
 
@@ -288,20 +333,25 @@ impl ConnectionTable {
         }
     }
 
-    /// Takes one segment of the client-to-server direction.
+    /// Takes one segment, of either direction.
     pub fn segment(&mut self, segment: Segment, now_ns: u64, sink: &mut impl EventSink) {
         let Segment {
             flow,
+            dir,
             seq,
             flags,
             payload,
             truncated,
         } = segment;
         if flags.contains(TcpFlags::RST) {
-            self.rst(&flow, seq, now_ns, sink);
+            self.rst(&flow, dir, seq, now_ns, sink);
             return;
         }
-        if flags.contains(TcpFlags::SYN) {
+        if flags.contains(TcpFlags::SYN) && dir == Direction::Server {
+            if !self.syn_ack(&flow, seq, now_ns) {
+                return;
+            }
+        } else if flags.contains(TcpFlags::SYN) {
             self.ended.pop(&flow);
             if matches!(self.syn(flow, seq, now_ns, sink), SynOutcome::Ignored) {
                 return;
@@ -325,7 +375,8 @@ impl ConnectionTable {
                     phase: Phase::Waiting {
                         segments: Vec::new(),
                         since_ns: now_ns,
-                        span: Span::new(seq),
+                        spans: [None, None],
+                        syn_ack_next: None,
                     },
                     last_seen_ns: now_ns,
                     held: 0,
@@ -350,6 +401,7 @@ impl ConnectionTable {
         };
         self.feed(
             &flow,
+            dir,
             data_seq,
             payload,
             flags.contains(TcpFlags::FIN),
@@ -384,18 +436,26 @@ impl ConnectionTable {
                     }
                 }
                 Phase::Open {
-                    stream,
+                    client,
+                    server,
                     pending_rst,
                     ..
                 } => {
-                    if let Err(hole) = stream.poll(now_ns) {
+                    let hole = [client, server]
+                        .into_iter()
+                        .flatten()
+                        .find_map(|stream| stream.poll(now_ns).err());
+                    if let Some(hole) = hole {
                         self.gap(&flow, hole, sink);
-                    } else if pending_rst.is_some_and(|(_, since)| {
+                    } else if pending_rst.is_some_and(|(_, _, since)| {
                         now_ns.saturating_sub(since) > self.limits.reorder.max_wait_ns
                     }) {
                         // The data it waited for never came.
                         self.stats.ignored_rsts += 1;
-                        let waits = stream.is_waiting();
+                        let waits = [client, server]
+                            .into_iter()
+                            .flatten()
+                            .any(|s| s.is_waiting());
                         if let Some(Phase::Open { pending_rst, .. }) =
                             self.conns.peek_mut(&flow).map(|conn| &mut conn.phase)
                         {
@@ -435,23 +495,40 @@ impl ConnectionTable {
         }
     }
 
-    /// An RST ends its connection if it is where the client's next
-    /// sequence number can be; one beyond what the client has shown waits
-    /// for its data; others are counted and ignored.
-    fn rst(&mut self, flow: &FlowKey, seq: u32, now_ns: u64, sink: &mut impl EventSink) {
+    /// An RST ends its connection if it is where its sender's next
+    /// sequence number can be (checked against the sender's own stream);
+    /// one beyond what the sender has shown waits for its data; others are
+    /// counted and ignored.
+    fn rst(
+        &mut self,
+        flow: &FlowKey,
+        dir: Direction,
+        seq: u32,
+        now_ns: u64,
+        sink: &mut impl EventSink,
+    ) {
         let Some(conn) = self.conns.peek_mut(flow) else {
             self.stats.untracked += 1;
             return;
         };
         let (believed, waiting) = match &mut conn.phase {
-            Phase::Waiting { span, .. } => (span.contains(seq), true),
+            Phase::Waiting { spans, .. } => (
+                spans[dir as usize].is_some_and(|span| span.contains(seq)),
+                true,
+            ),
             Phase::Open {
-                stream,
+                client,
+                server,
                 pending_rst,
                 ..
             } => {
+                // A sender that showed nothing has no window to check.
+                let Some(stream) = side(client, server, dir) else {
+                    self.stats.ignored_rsts += 1;
+                    return;
+                };
                 if !stream.accepts_rst(seq) && stream.is_ahead(seq) {
-                    if pending_rst.replace((seq, now_ns)).is_some() {
+                    if pending_rst.replace((dir, seq, now_ns)).is_some() {
                         self.stats.ignored_rsts += 1;
                     }
                     self.timed.insert(*flow);
@@ -465,10 +542,41 @@ impl ConnectionTable {
             return;
         }
         if waiting {
-            // The client ended it: what it sent before is delivered.
+            // The connection ended: what was sent before is delivered.
             self.open_midstream(flow, now_ns, sink);
         }
         self.close(flow, CloseReason::Rst, sink);
+    }
+
+    /// The server's SYN-ACK: starts its stream. Returns whether the segment
+    /// goes on to the stream (a SYN-ACK may carry data).
+    fn syn_ack(&mut self, flow: &FlowKey, seq: u32, now_ns: u64) -> bool {
+        let next = seq.wrapping_add(1);
+        let Some(conn) = self.conns.peek_mut(flow) else {
+            // Before the client's SYN (another ring) or of a connection
+            // not followed: the answers start the stream midstream.
+            self.stats.untracked += 1;
+            return false;
+        };
+        match &mut conn.phase {
+            Phase::Waiting { syn_ack_next, .. } => *syn_ack_next = Some(next),
+            Phase::Open {
+                server: server @ None,
+                syn_ack_next,
+                ..
+            } => {
+                *server = Some(Reassembler::new(next, self.limits.reorder));
+                *syn_ack_next = Some(next);
+            }
+            Phase::Open { syn_ack_next, .. } if *syn_ack_next == Some(next) => {}
+            Phase::Open { .. } => {
+                self.stats.ignored_syns += 1;
+                return false;
+            }
+        }
+        conn.last_seen_ns = now_ns;
+        self.conns.promote(flow);
+        true
     }
 
     fn syn(
@@ -489,11 +597,27 @@ impl ConnectionTable {
                     self.conns.promote(&flow);
                     return SynOutcome::Retransmitted;
                 }
-                Phase::Waiting { segments, .. } => waiting = Some(std::mem::take(segments)),
+                Phase::Waiting {
+                    segments,
+                    spans,
+                    syn_ack_next,
+                    ..
+                } => {
+                    let server = spans[Direction::Server as usize].map(|span| span.start());
+                    waiting = Some((std::mem::take(segments), *syn_ack_next, server));
+                }
                 // The client sent its FIN and reuses the 4-tuple: the old
                 // stream misses bytes before its FIN.
-                Phase::Open { stream, .. } if stream.fin_seen() => {
-                    match stream.open_hole(HoleCause::Superseded) {
+                Phase::Open {
+                    client: Some(stream),
+                    server,
+                    ..
+                } if stream.fin_seen() => {
+                    let hole = [Some(&*stream), server.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .find_map(|stream| stream.open_hole(HoleCause::Superseded));
+                    match hole {
                         Some(hole) => self.gap(&flow, hole, sink),
                         None => self.close(&flow, CloseReason::Idle, sink),
                     }
@@ -511,30 +635,63 @@ impl ConnectionTable {
             self.conns.pop(&flow);
             self.timed.remove(&flow);
         }
-        self.open(flow, next, Some(next), false, now_ns, sink);
+        let (segments, syn_ack_next, answers) = waiting.unwrap_or_default();
+        self.open(
+            flow,
+            Some(next),
+            syn_ack_next.or(answers),
+            false,
+            now_ns,
+            sink,
+        );
+        if let Some(Phase::Open {
+            syn_next,
+            syn_ack_next: known,
+            ..
+        }) = self.conns.peek_mut(&flow).map(|conn| &mut conn.phase)
+        {
+            *syn_next = Some(next);
+            *known = syn_ack_next;
+        }
         // The data that overtook its SYN, now in its place.
-        for (seq, payload, fin) in waiting.unwrap_or_default() {
-            self.feed(&flow, seq, payload, fin, now_ns, sink);
+        for (dir, seq, payload, fin) in segments {
+            self.feed(&flow, dir, seq, payload, fin, now_ns, sink);
         }
         SynOutcome::Opened
     }
 
-    /// Opens a waiting flow at the lowest sequence number it holds.
+    /// Opens a waiting flow at the lowest sequence number it holds in each
+    /// direction (the server's at its SYN-ACK, if one came).
     fn open_midstream(&mut self, flow: &FlowKey, now_ns: u64, sink: &mut impl EventSink) {
         let Some(conn) = self.conns.peek_mut(flow) else {
             return;
         };
-        let Phase::Waiting { segments, span, .. } = &mut conn.phase else {
+        let Phase::Waiting {
+            segments,
+            spans,
+            syn_ack_next,
+            ..
+        } = &mut conn.phase
+        else {
             return;
         };
         let segments = std::mem::take(segments);
-        let start = span.first.wrapping_add(span.low as u32);
+        let client = spans[Direction::Client as usize].map(|span| span.start());
+        let server = syn_ack_next.or(spans[Direction::Server as usize].map(|span| span.start()));
+        let syn_ack_next = *syn_ack_next;
         self.release(flow);
         self.conns.pop(flow);
         self.timed.remove(flow);
-        self.open(*flow, start, None, true, now_ns, sink);
-        for (seq, payload, fin) in segments {
-            self.feed(flow, seq, payload, fin, now_ns, sink);
+        self.open(*flow, client, server, true, now_ns, sink);
+        if let Some(Phase::Open {
+            syn_ack_next: known,
+            ..
+        }) = self.conns.peek_mut(flow).map(|conn| &mut conn.phase)
+        {
+            *known = syn_ack_next;
+        }
+        for (dir, seq, payload, fin) in segments {
+            self.feed(flow, dir, seq, payload, fin, now_ns, sink);
         }
     }
 
@@ -562,18 +719,20 @@ impl ConnectionTable {
         }
     }
 
-    /// Starts tracking a connection; consumers hear of it once it carries
-    /// something ([`Self::announce`]).
+    /// Starts tracking a connection whose streams' next bytes are `client`
+    /// and `server` (None: from the first byte that comes); consumers hear
+    /// of it once it carries something ([`Self::announce`]).
     fn open(
         &mut self,
         flow: FlowKey,
-        next_seq: u32,
-        syn_next: Option<u32>,
+        client: Option<u32>,
+        server: Option<u32>,
         midstream: bool,
         now_ns: u64,
         sink: &mut impl EventSink,
     ) {
         self.make_room(sink);
+        let stream = |next_seq| Reassembler::new(next_seq, self.limits.reorder);
         self.conns.put(
             flow,
             Connection {
@@ -581,8 +740,10 @@ impl ConnectionTable {
                     id: None,
                     midstream,
                     carried: false,
-                    syn_next,
-                    stream: Reassembler::new(next_seq, self.limits.reorder),
+                    syn_next: None,
+                    syn_ack_next: None,
+                    client: client.map(stream),
+                    server: server.map(stream),
                     pending_rst: None,
                 },
                 last_seen_ns: now_ns,
@@ -621,9 +782,11 @@ impl ConnectionTable {
         Some(new)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn feed(
         &mut self,
         flow: &FlowKey,
+        dir: Direction,
         seq: u32,
         payload: Bytes,
         fin: bool,
@@ -634,14 +797,23 @@ impl ConnectionTable {
             return;
         };
         conn.last_seen_ns = now_ns;
-        let (id, stream, carried, pending_rst) = match &mut conn.phase {
-            Phase::Waiting { segments, span, .. } => {
+        let (id, client, server, carried, pending_rst) = match &mut conn.phase {
+            Phase::Waiting {
+                segments, spans, ..
+            } => {
+                if payload.is_empty() && !fin {
+                    return;
+                }
                 let cost = held_cost(payload.len());
-                span.add(seq, payload.len(), fin);
-                segments.push((seq, detach(&payload, true), fin));
+                spans[dir as usize]
+                    .get_or_insert_with(|| Span::new(seq))
+                    .add(seq, payload.len(), fin);
+                let directions = spans.iter().flatten().count();
+                segments.push((dir, seq, detach(&payload, true), fin));
                 conn.held += cost;
                 self.buffered += cost;
-                if conn.held > self.limits.reorder.max_bytes {
+                // The reorder budget, per direction.
+                if conn.held > self.limits.reorder.max_bytes * directions {
                     // No room to wait any longer for the SYN.
                     self.open_midstream(flow, now_ns, sink);
                 }
@@ -649,21 +821,28 @@ impl ConnectionTable {
             }
             Phase::Open {
                 id,
-                stream,
+                client,
+                server,
                 carried,
                 pending_rst,
                 ..
-            } => (*id, stream, carried, pending_rst),
+            } => (*id, client, server, carried, pending_rst),
+        };
+        let stream = match side(client, server, dir) {
+            Some(stream) => stream,
+            // A pure ACK of a direction not started yet may be older than
+            // its first byte: only a byte or a FIN starts it (midstream).
+            None if payload.is_empty() && !fin => return,
+            slot => slot.insert(Reassembler::new(seq, self.limits.reorder)),
         };
         self.scratch.clear();
         let result = stream.push(seq, payload, fin, now_ns, &mut self.scratch);
-        let finished = stream.is_finished();
-        let waits = stream.is_waiting();
-        let held = stream.held_bytes();
-        // A waiting RST is believed once the client's data ends exactly
+        // A waiting RST is believed once its sender's data ends exactly
         // where it points, and dropped once the data passes it.
         let mut reset = false;
-        if let Some((rst_seq, _)) = *pending_rst {
+        if let Some((rst_dir, rst_seq, _)) = *pending_rst
+            && rst_dir == dir
+        {
             if stream.shown_seq() == rst_seq {
                 reset = true;
             } else if !stream.is_ahead(rst_seq) {
@@ -671,8 +850,13 @@ impl ConnectionTable {
                 self.stats.ignored_rsts += 1;
             }
         }
+        let fin_seen = stream.fin_seen();
+        let finished = both_finished(client.as_ref(), server.as_ref());
+        let streams = [client.as_ref(), server.as_ref()];
+        let waits = streams.iter().flatten().any(|s| s.is_waiting());
+        let held: usize = streams.iter().flatten().map(|s| s.held_bytes()).sum();
         let pending = pending_rst.is_some();
-        if !*carried && (stream.fin_seen() || held > 0 || !self.scratch.is_empty()) {
+        if !*carried && (fin_seen || held > 0 || !self.scratch.is_empty()) {
             *carried = true;
             self.bare.pop(flow);
         }
@@ -686,7 +870,14 @@ impl ConnectionTable {
             let port = flow.dst.port();
             for bytes in self.scratch.drain(..) {
                 self.stats.delivered_bytes += bytes.len() as u64;
-                sink.event(port, StreamEvent::Data { conn: id, bytes });
+                sink.event(
+                    port,
+                    StreamEvent::Data {
+                        conn: id,
+                        dir,
+                        bytes,
+                    },
+                );
             }
         }
         match result {
@@ -766,29 +957,41 @@ impl ConnectionTable {
         for (flow, conn) in self.conns.iter() {
             total += conn.held;
             match &conn.phase {
-                Phase::Waiting { segments, span, .. } => {
-                    let counted: usize = segments.iter().map(|(_, p, _)| held_cost(p.len())).sum();
+                Phase::Waiting {
+                    segments, spans, ..
+                } => {
+                    let counted: usize =
+                        segments.iter().map(|(_, _, p, _)| held_cost(p.len())).sum();
                     assert_eq!(conn.held, counted, "a waiting flow's memory");
                     assert!(self.timed.contains(flow), "a waiting flow has a deadline");
-                    for (seq, _, _) in segments {
-                        assert!(span.contains(*seq));
+                    for (dir, seq, _, _) in segments {
+                        assert!(spans[*dir as usize].is_some_and(|span| span.contains(*seq)));
                     }
                 }
                 Phase::Open {
                     id,
                     carried,
-                    stream,
+                    client,
+                    server,
                     pending_rst,
                     ..
                 } => {
-                    stream.assert_consistent();
-                    assert!(!stream.is_finished(), "a finished stream stays open");
-                    assert_eq!(conn.held, stream.held_bytes(), "a stream's memory");
-                    if stream.is_waiting() {
-                        assert!(self.timed.contains(flow), "a hole has a deadline");
+                    let streams = [client.as_ref(), server.as_ref()];
+                    for stream in streams.iter().flatten() {
+                        stream.assert_consistent();
+                        if stream.is_waiting() {
+                            assert!(self.timed.contains(flow), "a hole has a deadline");
+                        }
                     }
-                    if let Some((seq, _)) = pending_rst {
+                    assert!(
+                        !both_finished(client.as_ref(), server.as_ref()),
+                        "a finished connection stays open"
+                    );
+                    let held: usize = streams.iter().flatten().map(|s| s.held_bytes()).sum();
+                    assert_eq!(conn.held, held, "a connection's memory");
+                    if let Some((dir, seq, _)) = pending_rst {
                         assert!(self.timed.contains(flow), "a waiting RST has a deadline");
+                        let stream = streams[*dir as usize].expect("a waiting RST's stream");
                         assert!(stream.is_ahead(*seq), "a waiting RST is ahead");
                     }
                     let bare = id.is_none() && !*carried;
@@ -816,6 +1019,8 @@ impl ConnectionTable {
 mod tests {
     use std::net::SocketAddr;
 
+    use proptest::prelude::*;
+
     use super::*;
 
     const LIMITS: TableLimits = TableLimits {
@@ -837,11 +1042,20 @@ mod tests {
 
     fn seg(flow: FlowKey, seq: u32, flags: TcpFlags, payload: &[u8]) -> Segment {
         Segment {
+            dir: Default::default(),
             flow,
             seq,
             flags,
             payload: Bytes::copy_from_slice(payload),
             truncated: false,
+        }
+    }
+
+    /// A segment of the server's answers to `flow`'s client.
+    fn ans(flow: FlowKey, seq: u32, flags: TcpFlags, payload: &[u8]) -> Segment {
+        Segment {
+            dir: Direction::Server,
+            ..seg(flow, seq, flags, payload)
         }
     }
 
@@ -858,9 +1072,16 @@ mod tests {
                 } => {
                     format!("open {conn}{}", if midstream { " midstream" } else { "" })
                 }
-                StreamEvent::Data { conn, bytes } => {
-                    format!("data {conn} {}", String::from_utf8_lossy(&bytes))
-                }
+                StreamEvent::Data {
+                    conn,
+                    dir: Direction::Client,
+                    bytes,
+                } => format!("data {conn} {}", String::from_utf8_lossy(&bytes)),
+                StreamEvent::Data {
+                    conn,
+                    dir: Direction::Server,
+                    bytes,
+                } => format!("answer {conn} {}", String::from_utf8_lossy(&bytes)),
                 StreamEvent::Closed { conn, reason } => format!("close {conn} {reason}"),
             });
         }
@@ -870,6 +1091,230 @@ mod tests {
     const ACK: TcpFlags = TcpFlags::ACK;
     const FIN: TcpFlags = TcpFlags::FIN.union(TcpFlags::ACK);
     const RST: TcpFlags = TcpFlags::RST;
+    const SYN_ACK: TcpFlags = TcpFlags::SYN.union(TcpFlags::ACK);
+
+    /// A handshake of `f`: the client's ISN 99, the server's 499.
+    fn handshake(table: &mut ConnectionTable, f: FlowKey, log: &mut Log) {
+        table.segment(seg(f, 99, SYN, b""), 0, log);
+        table.segment(ans(f, 499, SYN_ACK, b""), 1, log);
+        table.segment(seg(f, 100, ACK, b""), 2, log);
+    }
+
+    /// Segments of one direction carrying `len` bytes (byte `i` is
+    /// `stream_byte(dir, i)`) in pieces of `cut`, the last with the FIN.
+    fn pieces(f: FlowKey, dir: Direction, isn: u32, len: usize, cut: usize) -> Vec<Segment> {
+        let bytes: Vec<u8> = (0..len).map(|i| stream_byte(dir, i)).collect();
+        let mut segments: Vec<Segment> = bytes
+            .chunks(cut)
+            .enumerate()
+            .map(|(i, chunk)| Segment {
+                dir,
+                ..seg(f, isn + 1 + (i * cut) as u32, ACK, chunk)
+            })
+            .collect();
+        match segments.last_mut() {
+            Some(last) => last.flags = FIN,
+            None => segments.push(Segment {
+                dir,
+                ..seg(f, isn + 1, FIN, b"")
+            }),
+        }
+        segments
+    }
+
+    fn stream_byte(dir: Direction, i: usize) -> u8 {
+        (i as u8).wrapping_mul(31) ^ if dir == Direction::Server { 0xa5 } else { 0 }
+    }
+
+    proptest! {
+        /// Both directions of a connection, their segments in any order
+        /// after the handshake, within budgets that never bind: each
+        /// direction is delivered whole, and the connection ends `fin`.
+        #[test]
+        fn duplex_streams_are_whole_in_any_order(
+            segments in (0usize..3000, 0usize..3000, 1usize..700).prop_flat_map(
+                |(client, server, cut)| {
+                    let f = flow(9);
+                    let mut segments = pieces(f, Direction::Client, 99, client, cut);
+                    segments.extend(pieces(f, Direction::Server, 499, server, cut));
+                    Just(segments).prop_shuffle()
+                        .prop_map(move |segments| (client, server, segments))
+                }
+            )
+        ) {
+            let (client, server, segments) = segments;
+            let limits = TableLimits {
+                max_buffered_bytes: 1 << 24,
+                reorder: ReorderLimits {
+                    max_bytes: 1 << 22,
+                    max_wait_ns: 5_000,
+                },
+                ..LIMITS
+            };
+            let mut table = ConnectionTable::new(limits, ConnIds::default());
+            let f = flow(9);
+            let mut events = Vec::new();
+            let mut sink = |_, event| events.push(event);
+            table.segment(seg(f, 99, SYN, b""), 0, &mut sink);
+            table.segment(ans(f, 499, SYN_ACK, b""), 0, &mut sink);
+            for segment in segments {
+                table.segment(segment, 0, &mut sink);
+                table.assert_consistent();
+            }
+            let mut got = [Vec::new(), Vec::new()];
+            for event in &events[1..events.len() - 1] {
+                let StreamEvent::Data { conn: 1, dir, bytes } = event else {
+                    panic!("{event:?}");
+                };
+                got[*dir as usize].extend_from_slice(bytes);
+            }
+            let want = |dir, len| (0..len).map(|i| stream_byte(dir, i)).collect::<Vec<_>>();
+            prop_assert_eq!(&got[0], &want(Direction::Client, client));
+            prop_assert_eq!(&got[1], &want(Direction::Server, server));
+            let opened = matches!(events[0], StreamEvent::Opened { conn: 1, .. });
+            prop_assert!(opened, "{:?}", events[0]);
+            prop_assert_eq!(
+                events.last(),
+                Some(&StreamEvent::Closed { conn: 1, reason: CloseReason::Fin })
+            );
+            prop_assert!(table.is_empty());
+            prop_assert_eq!(table.buffered_bytes(), 0);
+        }
+    }
+
+    #[test]
+    fn both_directions_share_one_connection_that_ends_when_both_finished() {
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1000);
+        handshake(&mut table, f, &mut log);
+        table.segment(seg(f, 100, ACK, b"GET"), 3, &mut log);
+        // A retransmitted SYN-ACK is the same stream; another ISN is not.
+        table.segment(ans(f, 499, SYN_ACK, b""), 4, &mut log);
+        table.segment(ans(f, 7000, SYN_ACK, b""), 4, &mut log);
+        assert_eq!(table.stats().ignored_syns, 1);
+        // The server answers and closes first (`Connection: close`).
+        table.segment(ans(f, 503, FIN, b"!"), 5, &mut log);
+        table.segment(ans(f, 500, ACK, b"OK "), 6, &mut log);
+        assert_eq!(
+            log.0,
+            ["open 1", "data 1 GET", "answer 1 OK ", "answer 1 !"]
+        );
+        assert_eq!(table.len(), 1, "the client has not finished");
+        table.assert_consistent();
+        table.segment(seg(f, 103, FIN, b""), 7, &mut log);
+        assert_eq!(log.0.last().unwrap(), "close 1 fin");
+        assert!(table.is_empty());
+        assert_eq!(table.stats().delivered_bytes, 7);
+        // The server's last ACK after the close is not a new connection.
+        table.segment(ans(f, 505, ACK, b""), 8, &mut log);
+        assert_eq!(table.stats().untracked, 1);
+        assert_eq!(log.0.len(), 5);
+
+        // The client half-closes first: the answers still come.
+        let g = flow(1001);
+        handshake(&mut table, g, &mut log);
+        table.segment(seg(g, 100, FIN, b"req"), 10, &mut log);
+        table.segment(ans(g, 500, ACK, b"late"), 11, &mut log);
+        table.segment(ans(g, 504, FIN, b""), 12, &mut log);
+        assert_eq!(
+            &log.0[5..],
+            ["open 2", "data 2 req", "answer 2 late", "close 2 fin"]
+        );
+        assert_eq!(table.stats().closed(CloseReason::Fin), 2);
+    }
+
+    #[test]
+    fn an_rst_is_checked_against_its_senders_stream() {
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1);
+        handshake(&mut table, f, &mut log);
+        table.segment(seg(f, 100, ACK, b"abc"), 3, &mut log);
+        table.segment(ans(f, 500, ACK, b"xy"), 4, &mut log);
+        // The client's sequence numbers are nothing in the server's stream.
+        table.segment(ans(f, 103, RST, b""), 5, &mut log);
+        table.segment(ans(f, 7, RST, b""), 5, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 2);
+        assert_eq!(table.len(), 1);
+        table.assert_consistent();
+        table.segment(ans(f, 502, RST, b""), 6, &mut log);
+        assert_eq!(
+            log.0,
+            ["open 1", "data 1 abc", "answer 1 xy", "close 1 rst"]
+        );
+
+        // A server that refuses at once: its RST at the SYN-ACK's place.
+        let g = flow(2);
+        handshake(&mut table, g, &mut log);
+        table.segment(ans(g, 500, RST, b""), 7, &mut log);
+        assert_eq!(&log.0[4..], ["open 2", "close 2 rst"]);
+    }
+
+    #[test]
+    fn a_hole_in_the_answers_closes_with_gap() {
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1);
+        handshake(&mut table, f, &mut log);
+        table.segment(ans(f, 500, ACK, b"ab"), 3, &mut log);
+        table.segment(ans(f, 504, ACK, b"ef"), 4, &mut log);
+        table.segment(seg(f, 100, FIN, b""), 5, &mut log);
+        table.assert_consistent();
+        table.tick(5 + LIMITS.reorder.max_wait_ns, &mut log);
+        assert_eq!(log.0, ["open 1", "answer 1 ab", "close 1 gap"]);
+        assert_eq!(table.stats().missing_bytes, 2);
+        assert_eq!(table.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn answers_that_overtook_the_syn_wait_for_it() {
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1);
+        // Through other rings: the answer first, then the request.
+        table.segment(ans(f, 503, ACK, b"def"), 0, &mut log);
+        table.segment(ans(f, 499, SYN_ACK, b""), 0, &mut log);
+        table.segment(seg(f, 100, ACK, b"GET"), 1, &mut log);
+        table.segment(ans(f, 500, ACK, b"abc"), 1, &mut log);
+        assert!(log.0.is_empty());
+        table.assert_consistent();
+        table.segment(seg(f, 99, SYN, b""), 2, &mut log);
+        assert_eq!(
+            log.0,
+            ["open 1", "data 1 GET", "answer 1 abc", "answer 1 def"],
+            "in place, not midstream"
+        );
+        assert_eq!(table.stats().opened_midstream, 0);
+        assert_eq!(table.buffered_bytes(), 0);
+
+        // Answers only (a download that ran before the mirror): midstream
+        // at the lowest sequence number seen, ended by both FINs.
+        let g = flow(2);
+        table.segment(ans(g, 9003, ACK, b"/2"), 3, &mut log);
+        table.segment(ans(g, 9000, ACK, b"/1/"), 3, &mut log);
+        table.tick(4 + LIMITS.reorder.max_wait_ns, &mut log);
+        table.segment(
+            ans(g, 9005, FIN, b""),
+            5 + LIMITS.reorder.max_wait_ns,
+            &mut log,
+        );
+        table.segment(
+            seg(g, 300, FIN, b""),
+            6 + LIMITS.reorder.max_wait_ns,
+            &mut log,
+        );
+        assert_eq!(
+            &log.0[4..],
+            [
+                "open 2 midstream",
+                "answer 2 /1/",
+                "answer 2 /2",
+                "close 2 fin"
+            ]
+        );
+        table.assert_consistent();
+    }
 
     #[test]
     fn a_connection_from_syn_to_fin() {
@@ -1236,6 +1681,7 @@ mod tests {
         let mut log = Log::default();
         let pool_buffer = Bytes::from(vec![b'z'; 1 << 20]);
         let held = |payload: Bytes| Segment {
+            dir: Default::default(),
             flow: flow(1),
             seq: 10,
             flags: ACK,

@@ -31,6 +31,26 @@ impl FlowKey {
     }
 }
 
+/// Which way a connection's bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Direction {
+    /// From the client to the server (the only one with `--directions
+    /// client`).
+    #[default]
+    Client,
+    /// The server's answers (`--directions both`).
+    Server,
+}
+
+impl Direction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
 /// A connection's number, unique for the life of the mirror.
 pub type ConnId = u64;
 
@@ -51,9 +71,12 @@ impl ConnIds {
 /// Why a connection's stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
-    /// The client's FIN, reached in order: the stream is complete.
+    /// The client's FIN, reached in order, and the server's too when its
+    /// answers are followed (`--directions both`): the streams are
+    /// complete.
     Fin,
-    /// The client reset the connection.
+    /// The client (or, with `--directions both`, the server) reset the
+    /// connection.
     Rst,
     /// Nothing arrived for the idle timeout (or a SYN with a new ISN took
     /// the 4-tuple of a connection that had been quiet).
@@ -106,7 +129,7 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// One event of a mirrored connection, client-to-server direction. A
+/// One event of a mirrored connection (its bytes in either direction). A
 /// connection's `Opened` comes before any of its other events, and comes
 /// only once it carries something (a byte, a FIN, an RST, or bytes that
 /// were lost): a bare SYN produces no event.
@@ -124,6 +147,7 @@ pub enum StreamEvent {
     /// event clones a handle, not the bytes).
     Data {
         conn: ConnId,
+        dir: Direction,
         bytes: Bytes,
     },
     Closed {
@@ -139,6 +163,18 @@ impl StreamEvent {
                 *conn
             }
         }
+    }
+
+    /// Bytes the server sent: only consumers that show both directions
+    /// take them.
+    pub const fn is_server_data(&self) -> bool {
+        matches!(
+            self,
+            Self::Data {
+                dir: Direction::Server,
+                ..
+            }
+        )
     }
 
     /// Payload bytes the event carries.

@@ -5,13 +5,17 @@ use bytes::{Bytes, BytesMut};
 
 use crate::{
     arena::{Arena, CHUNK},
-    flow::model::FlowKey,
+    flow::model::{Direction, FlowKey},
 };
 
 /// One mirrored TCP segment.
 #[derive(Debug, Clone)]
 pub struct Segment {
+    /// The connection's client-to-server tuple, whichever way the segment
+    /// went.
     pub flow: FlowKey,
+    /// Which way it went.
+    pub dir: Direction,
     pub seq: u32,
     pub flags: TcpFlags,
     pub payload: Bytes,

@@ -371,18 +371,15 @@ pub struct LostFlows {
 }
 
 impl LostFlows {
-    /// Takes every flow out of the map: those that lost a packet from the
-    /// client (losses of the server's answers are taken out and dropped:
-    /// the flow shards do not follow that direction yet).
+    /// Takes every flow out of the map, as its client-to-server tuple
+    /// whichever direction lost a packet (the kernel keys an answer's loss
+    /// that way): the connection closes as `gap` either way.
     pub fn take(&mut self) -> Vec<FlowKey> {
         let keys: Vec<LostFlow> = self.map.keys().filter_map(Result::ok).collect();
         keys.iter()
             .filter_map(|key| {
                 // Gone already (LRU) is as good as taken.
                 let _ = self.map.remove(key);
-                if key.server_to_client != 0 {
-                    return None;
-                }
                 flow_key(key)
             })
             .collect()

@@ -8,7 +8,7 @@ use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, TcpHeaderSlice};
 use mirror_common::{RECORD_HEADER_LEN, RecordHeader, record_flags};
 
 use crate::flow::{
-    model::FlowKey,
+    model::{Direction, FlowKey},
     segment::{PayloadPool, Segment, TcpFlags},
 };
 
@@ -78,15 +78,28 @@ impl<'a> Record<'a> {
     }
 
     /// Decodes the packet into a segment, its payload copied into `pool`.
+    /// An answer's flow is its connection's client-to-server tuple, so that
+    /// both directions land in one shard and one table entry.
     pub fn segment(&self, pool: &mut PayloadPool) -> Result<Segment, RecordError> {
         let tcp = self.tcp()?;
         let truncated = self.header.flags & record_flags::TRUNCATED != 0
             && tcp.payload.len() < tcp.payload_len as usize;
-        Ok(Segment {
-            flow: FlowKey {
+        let (dir, flow) = if self.server_to_client() {
+            let flow = FlowKey {
+                src: tcp.dst,
+                dst: tcp.src,
+            };
+            (Direction::Server, flow)
+        } else {
+            let flow = FlowKey {
                 src: tcp.src,
                 dst: tcp.dst,
-            },
+            };
+            (Direction::Client, flow)
+        };
+        Ok(Segment {
+            flow,
+            dir,
             seq: tcp.seq,
             flags: tcp.flags,
             payload: pool.copy(tcp.payload),
@@ -241,6 +254,13 @@ mod tests {
         let record = Record::decode(&raw).unwrap();
         assert!(record.server_to_client() && record.egress());
         assert_eq!(record.tcp().unwrap().payload, b"answer");
+        // An answer's segment carries its connection's client-to-server
+        // tuple, as the client's segments do.
+        let segment = record.segment(&mut PayloadPool::default()).unwrap();
+        assert_eq!(segment.dir, Direction::Server);
+        assert_eq!(segment.flow.src, "198.18.0.2:8080".parse().unwrap());
+        assert_eq!(segment.flow.dst, "198.18.0.1:40000".parse().unwrap());
+        assert_eq!(&segment.payload[..], b"answer");
     }
 
     #[test]

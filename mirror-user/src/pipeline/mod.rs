@@ -447,11 +447,10 @@ impl RecordSink for RunSink {
         if let Some(pcap) = &mut self.pcap {
             pcap.offer(record);
         }
-        // The server's answers (`--directions both`) go to the packet tier
-        // only until the flow shards follow that direction.
+        // The server's answers (`--directions both`) are counted apart; the
+        // shards take them as their connection's other direction.
         if record.server_to_client() {
             self.counters.server_records.fetch_add(1, Ordering::Relaxed);
-            return;
         }
         self.router.record(record);
     }

@@ -439,6 +439,7 @@ mod tests {
             let mut router = shards.router();
             let payload = Bytes::from(vec![0u8; 64 << 10]);
             let segment = Segment {
+                dir: Default::default(),
                 flow: FlowKey {
                     src: "198.18.0.1:1000".parse().unwrap(),
                     dst: "198.18.0.2:80".parse().unwrap(),
@@ -496,6 +497,7 @@ mod tests {
         let shards = Shards::start(config, &hub);
         let mut router = shards.router();
         let segment = |flow: FlowKey, seq: u32, flags: TcpFlags, payload: &'static [u8]| Segment {
+            dir: Default::default(),
             flow,
             seq,
             flags,

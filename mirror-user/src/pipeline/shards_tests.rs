@@ -219,7 +219,9 @@ impl Stage {
                 StreamEvent::Opened { conn, src, .. } => {
                     ids.insert(src, conn);
                 }
-                StreamEvent::Data { conn, bytes: got } => {
+                StreamEvent::Data {
+                    conn, bytes: got, ..
+                } => {
                     bytes.insert(conn, got);
                 }
                 other => panic!("{other:?}"),
@@ -244,6 +246,7 @@ fn opened(conn: u64, flow: FlowKey) -> StreamEvent {
 
 fn data(conn: u64, bytes: &'static [u8]) -> StreamEvent {
     StreamEvent::Data {
+        dir: Default::default(),
         conn,
         bytes: Bytes::from_static(bytes),
     }

@@ -46,7 +46,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::{
     arena::{ArenaError, ArenaView},
     control::ports::PortInfo,
-    flow::model::StreamEvent,
+    flow::model::{Direction, StreamEvent},
     server::protocol::{
         ClientFrame, ErrorCode, MAX_TOKEN, ProtocolError, ServerFrame, VERSION, client_name,
         client_proof, new_nonce, server_proof_holds,
@@ -582,7 +582,11 @@ impl Client {
                         arena.view.size()
                     ))
                 })?;
-                Ok(Some(ServerFrame::Event(StreamEvent::Data { conn, bytes })))
+                Ok(Some(ServerFrame::Event(StreamEvent::Data {
+                    conn,
+                    bytes,
+                    dir: Direction::Client,
+                })))
             }
             frame => Ok(Some(frame)),
         }

@@ -18,7 +18,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
     control::ports::PortInfo,
-    flow::model::{CloseReason, StreamEvent},
+    flow::model::{CloseReason, Direction, StreamEvent},
 };
 
 /// The protocol version this build speaks. Version 1 sent the token in
@@ -323,7 +323,7 @@ impl ServerFrame {
     /// `Data` frame's payload is returned, to be written right after it as
     /// it is (shared with every other consumer, never copied here).
     pub fn encode_wire(&self, head: &mut BytesMut) -> Option<Bytes> {
-        if let Self::Event(StreamEvent::Data { conn, bytes }) = self {
+        if let Self::Event(StreamEvent::Data { conn, bytes, .. }) = self {
             head.put_u32((1 + 8 + bytes.len()) as u32);
             head.put_u8(kind::DATA);
             head.put_u64(*conn);
@@ -343,6 +343,7 @@ impl ServerFrame {
         match frame.first() {
             Some(&kind::DATA) if frame.len() >= 9 => Ok(Self::Event(StreamEvent::Data {
                 conn: u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes")),
+                dir: Direction::Client,
                 bytes: frame.slice(9..),
             })),
             _ => Self::decode(&frame),
@@ -373,7 +374,7 @@ impl ServerFrame {
                 put_addr(out, dst);
                 out.put_u8(u8::from(*midstream));
             }
-            Self::Event(StreamEvent::Data { conn, bytes }) => {
+            Self::Event(StreamEvent::Data { conn, bytes, .. }) => {
                 out.put_u8(kind::DATA);
                 out.put_u64(*conn);
                 out.put_slice(bytes);
@@ -440,6 +441,7 @@ impl ServerFrame {
             }),
             kind::DATA => Self::Event(StreamEvent::Data {
                 conn: r.u64("conn")?,
+                dir: Direction::Client,
                 bytes: Bytes::copy_from_slice(r.rest()),
             }),
             kind::CLOSED => Self::Event(StreamEvent::Closed {
@@ -841,10 +843,12 @@ mod tests {
             midstream: true,
         }));
         server_round_trip(ServerFrame::Event(StreamEvent::Data {
+            dir: Default::default(),
             conn: 7,
             bytes: Bytes::from_static(b"\x00GET / HTTP/1.1\r\n"),
         }));
         server_round_trip(ServerFrame::Event(StreamEvent::Data {
+            dir: Default::default(),
             conn: 7,
             bytes: Bytes::new(),
         }));
@@ -1120,6 +1124,7 @@ mod tests {
                 midstream: false,
             })),
             server(ServerFrame::Event(StreamEvent::Data {
+                dir: Default::default(),
                 conn,
                 bytes: Bytes::from_static(b"GET /"),
             })),

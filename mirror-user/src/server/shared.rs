@@ -117,7 +117,9 @@ impl SharedPayloads {
                     send(ServerFrame::Event(event));
                 }
             }
-            StreamEvent::Data { conn, ref bytes } => {
+            StreamEvent::Data {
+                conn, ref bytes, ..
+            } => {
                 if self.dropped.contains(&conn) {
                     return 0;
                 }
@@ -216,7 +218,11 @@ mod tests {
     }
 
     fn data(conn: ConnId, bytes: Bytes) -> StreamEvent {
-        StreamEvent::Data { conn, bytes }
+        StreamEvent::Data {
+            conn,
+            bytes,
+            dir: crate::flow::model::Direction::Client,
+        }
     }
 
     fn frames(shared: &mut SharedPayloads, event: StreamEvent) -> (Vec<ServerFrame>, usize) {

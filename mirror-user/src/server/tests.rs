@@ -966,7 +966,7 @@ mod arena {
     use crate::{
         arena::CHUNK,
         flow::{
-            model::{CloseReason, StreamEvent},
+            model::{CloseReason, Direction, StreamEvent},
             segment::PayloadPool,
         },
         server::client::ArenaUse,
@@ -994,6 +994,7 @@ mod arena {
             .map(|chunk| StreamEvent::Data {
                 conn,
                 bytes: pool.copy(chunk),
+                dir: Direction::Client,
             })
             .collect();
         (events, stream)
@@ -1009,7 +1010,7 @@ mod arena {
                 .expect("no error")
                 .expect("not closed");
             match event {
-                StreamEvent::Data { conn: c, bytes } if c == conn => {
+                StreamEvent::Data { conn: c, bytes, .. } if c == conn => {
                     stream.extend_from_slice(&bytes);
                 }
                 StreamEvent::Closed { conn: c, reason } if c == conn => return (stream, reason),
@@ -1056,7 +1057,7 @@ mod arena {
                 .expect("no error")
                 .expect("not closed");
             match event {
-                StreamEvent::Data { conn: c, bytes } if c == conn => {
+                StreamEvent::Data { conn: c, bytes, .. } if c == conn => {
                     stream.extend_from_slice(&bytes);
                 }
                 StreamEvent::Closed { conn: c, reason } if c == conn => {
@@ -1191,6 +1192,7 @@ mod arena {
                 StreamEvent::Data {
                     conn: 2,
                     bytes: pool.copy(b"after"),
+                    dir: Direction::Client,
                 },
             ],
         );
@@ -1225,6 +1227,7 @@ mod arena {
                 StreamEvent::Data {
                     conn: 1,
                     bytes: pool.copy(b"one"),
+                    dir: Direction::Client,
                 },
             ],
         );
@@ -1252,6 +1255,7 @@ mod arena {
                 StreamEvent::Data {
                     conn: 1,
                     bytes: pool.copy(b"two"),
+                    dir: Direction::Client,
                 },
                 closed(1, CloseReason::Fin),
             ],
@@ -1282,6 +1286,7 @@ mod arena {
                 StreamEvent::Data {
                     conn: 1,
                     bytes: pool.copy(b"still readable"),
+                    dir: Direction::Client,
                 },
             ],
         );
@@ -1337,6 +1342,7 @@ mod arena {
                 StreamEvent::Data {
                     conn: 1,
                     bytes: Bytes::from_static(b"x"),
+                    dir: Direction::Client,
                 },
             ],
         );

@@ -204,6 +204,7 @@ mod tests {
                 len: 4,
             },
             ServerFrame::Event(StreamEvent::Data {
+                dir: Default::default(),
                 conn: 7,
                 bytes: payload.clone(),
             }),
@@ -212,6 +213,7 @@ mod tests {
                 reason: CloseReason::Fin,
             }),
             ServerFrame::Event(StreamEvent::Data {
+                dir: Default::default(),
                 conn: 8,
                 bytes: Bytes::new(),
             }),

@@ -9,6 +9,10 @@
 //! (`gap`, `lagged`, ...). Files are created as [`OutputDir`] creates them:
 //! a name that is taken, even by a dangling symlink, is skipped for the
 //! next tcpflow suffix.
+//!
+//! With `--directions both`, the server's bytes go into the reverse
+//! tcpflow file (`SERVER-CLIENT`, created at the first byte the server
+//! sent); the connection's one sidecar names it and counts its bytes.
 
 use std::{
     collections::HashMap,
@@ -29,7 +33,7 @@ use serde::Serialize;
 use crate::{
     fanout::{counters::ConsumerCounters, subscription::Subscription},
     files::{FileId, OutputDir},
-    flow::model::{CloseReason, ConnId, StreamEvent},
+    flow::model::{CloseReason, ConnId, Direction, StreamEvent},
 };
 
 /// Files kept open at once; others are reopened to append when data comes.
@@ -84,8 +88,29 @@ struct Meta<'a> {
     bytes: u64,
     /// How the connection ended; `null` while it is open.
     reason: Option<&'a str>,
-    /// Whether the file holds the whole client stream.
+    /// Whether the file holds the whole client stream (and the server's
+    /// file the server's, if there is one).
     complete: bool,
+    /// The file of the server's bytes, once it sent any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_bytes: Option<u64>,
+}
+
+/// The file of a connection's server bytes (`--directions both`).
+enum ServerFile {
+    /// The server has sent nothing yet.
+    None,
+    Open {
+        name: OsString,
+        id: FileId,
+        bytes: u64,
+        /// Replaced behind the mirror's back: nothing more goes there.
+        abandoned: bool,
+    },
+    /// No name was free: the server's bytes are not dumped.
+    Refused,
 }
 
 struct Flow {
@@ -96,6 +121,7 @@ struct Flow {
     dst: SocketAddr,
     midstream: bool,
     bytes: u64,
+    server: ServerFile,
     /// The file was replaced behind the mirror's back: nothing more is
     /// written for this connection.
     abandoned: bool,
@@ -105,7 +131,8 @@ struct Flow {
 pub struct DumpWriter {
     dir: OutputDir,
     flows: HashMap<ConnId, Flow>,
-    open: LruCache<ConnId, File>,
+    /// Open files by connection and direction.
+    open: LruCache<(ConnId, Direction), File>,
 }
 
 impl DumpWriter {
@@ -129,9 +156,12 @@ impl DumpWriter {
                 dst,
                 midstream,
             } => self.open_flow(*conn, *src, *dst, *midstream),
-            StreamEvent::Data { conn, bytes } => self.write_data(*conn, &[IoSlice::new(bytes)]),
+            StreamEvent::Data { conn, dir, bytes } => {
+                self.write_data(*conn, *dir, &[IoSlice::new(bytes)])
+            }
             StreamEvent::Closed { conn, reason } => {
-                self.open.pop(conn);
+                self.open.pop(&(*conn, Direction::Client));
+                self.open.pop(&(*conn, Direction::Server));
                 match self.flows.remove(conn) {
                     Some(flow) if !flow.abandoned => self.write_meta(*conn, &flow, Some(*reason)),
                     _ => Ok(()),
@@ -147,7 +177,7 @@ impl DumpWriter {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut rest = events;
         while let Some(first) = rest.first() {
-            let StreamEvent::Data { conn, .. } = first else {
+            let StreamEvent::Data { conn, dir, .. } = first else {
                 self.handle(first)?;
                 rest = &rest[1..];
                 continue;
@@ -155,14 +185,18 @@ impl DumpWriter {
             let mut count = 0;
             for event in rest.iter().take(MAX_IOVECS) {
                 match event {
-                    StreamEvent::Data { conn: next, bytes } if next == conn => {
+                    StreamEvent::Data {
+                        conn: next,
+                        dir: next_dir,
+                        bytes,
+                    } if next == conn && next_dir == dir => {
                         slices[count] = IoSlice::new(bytes);
                         count += 1;
                     }
                     _ => break,
                 }
             }
-            self.write_data(*conn, &slices[..count])?;
+            self.write_data(*conn, *dir, &slices[..count])?;
             rest = &rest[count..];
         }
         Ok(())
@@ -170,17 +204,26 @@ impl DumpWriter {
 
     /// Appends `bytes` to the connection's file, reopening it (safely) if
     /// it left the open-file cache.
-    fn write_data(&mut self, conn: ConnId, bytes: &[IoSlice<'_>]) -> io::Result<()> {
+    fn write_data(
+        &mut self,
+        conn: ConnId,
+        dir: Direction,
+        bytes: &[IoSlice<'_>],
+    ) -> io::Result<()> {
+        if dir == Direction::Server {
+            return self.write_answer(conn, bytes);
+        }
+        let key = (conn, dir);
         let Some(flow) = self.flows.get_mut(&conn) else {
             return Ok(());
         };
         if flow.abandoned {
             return Ok(());
         }
-        if self.open.get(&conn).is_none() {
+        if self.open.get(&key).is_none() {
             match self.dir.reopen(&flow.name, flow.id, false) {
                 Ok(file) => {
-                    self.open.put(conn, file);
+                    self.open.put(key, file);
                 }
                 Err(error) => {
                     abandon(&self.dir, flow, &error);
@@ -188,10 +231,76 @@ impl DumpWriter {
                 }
             }
         }
-        if let Some(file) = self.open.get_mut(&conn) {
+        if let Some(file) = self.open.get_mut(&key) {
             write_all_vectored(file, bytes)?;
         }
         flow.bytes += bytes.iter().map(|slice| slice.len() as u64).sum::<u64>();
+        Ok(())
+    }
+
+    /// Appends the server's `bytes` to the connection's reverse file,
+    /// created at the first of them under the first free tcpflow name.
+    fn write_answer(&mut self, conn: ConnId, bytes: &[IoSlice<'_>]) -> io::Result<()> {
+        let key = (conn, Direction::Server);
+        let Some(flow) = self.flows.get_mut(&conn) else {
+            return Ok(());
+        };
+        if flow.abandoned {
+            return Ok(());
+        }
+        if let ServerFile::None = flow.server {
+            let base = tcpflow_name(flow.dst, flow.src);
+            let mut names = tcpflow_names(&base).map(OsString::from);
+            flow.server = match self.dir.create_first_free(names.by_ref())? {
+                Some((name, file, id)) => {
+                    self.open.put(key, file);
+                    ServerFile::Open {
+                        name,
+                        id,
+                        bytes: 0,
+                        abandoned: false,
+                    }
+                }
+                None => {
+                    tracing::warn!(
+                        "the answers of connection {conn} are not dumped: {MAX_SUFFIX} names for {base} in {} are taken",
+                        self.dir
+                    );
+                    ServerFile::Refused
+                }
+            };
+        }
+        let ServerFile::Open {
+            name,
+            id,
+            bytes: written,
+            abandoned,
+        } = &mut flow.server
+        else {
+            return Ok(());
+        };
+        if *abandoned {
+            return Ok(());
+        }
+        if self.open.get(&key).is_none() {
+            match self.dir.reopen(name, *id, false) {
+                Ok(file) => {
+                    self.open.put(key, file);
+                }
+                Err(error) => {
+                    *abandoned = true;
+                    tracing::warn!(
+                        "stopped dumping into {}: {error}",
+                        self.dir.display_name(name).display()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(file) = self.open.get_mut(&key) {
+            write_all_vectored(file, bytes)?;
+        }
+        *written += bytes.iter().map(|slice| slice.len() as u64).sum::<u64>();
         Ok(())
     }
 
@@ -216,7 +325,7 @@ impl DumpWriter {
             };
             match self.dir.create_new(&meta_name(&name)) {
                 Ok((_, meta_id)) => {
-                    self.open.put(conn, file);
+                    self.open.put((conn, Direction::Client), file);
                     let flow = Flow {
                         name,
                         id,
@@ -225,6 +334,7 @@ impl DumpWriter {
                         dst,
                         midstream,
                         bytes: 0,
+                        server: ServerFile::None,
                         abandoned: false,
                     };
                     self.write_meta(conn, &flow, None)?;
@@ -251,6 +361,16 @@ impl DumpWriter {
             bytes: flow.bytes,
             reason: reason.map(CloseReason::as_str),
             complete: reason.is_some_and(CloseReason::is_complete) && !flow.midstream,
+            server_file: None,
+            server_bytes: None,
+        };
+        let meta = match &flow.server {
+            ServerFile::Open { name, bytes, .. } => Meta {
+                server_file: Some(name.to_string_lossy().into_owned()),
+                server_bytes: Some(*bytes),
+                ..meta
+            },
+            ServerFile::None | ServerFile::Refused => meta,
         };
         let mut json = serde_json::to_vec(&meta).map_err(io::Error::other)?;
         json.push(b'\n');
@@ -473,7 +593,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::sinks::test_events::{closed, data, opened, opened_midstream};
+    use crate::sinks::test_events::{answer, closed, data, opened, opened_midstream};
 
     fn writer_in(dir: &Path) -> DumpWriter {
         DumpWriter::new(OutputDir::open_or_create(dir, None).unwrap())
@@ -557,6 +677,7 @@ mod tests {
         for conn in 0..40 {
             let mut events = vec![opened(conn, src, dst)];
             events.extend((0..4).map(|_| StreamEvent::Data {
+                dir: Default::default(),
                 conn,
                 bytes: chunk.clone(),
             }));
@@ -604,7 +725,7 @@ mod tests {
         let mut written = HashMap::<ConnId, usize>::new();
         for event in seen.iter() {
             match event {
-                StreamEvent::Data { conn, bytes } => {
+                StreamEvent::Data { conn, bytes, .. } => {
                     *written.entry(*conn).or_default() += bytes.len();
                 }
                 StreamEvent::Closed { conn, reason } => {
@@ -687,6 +808,46 @@ mod tests {
         let meta = sidecar(dir.path(), &format!("{name}c1.meta"));
         assert_eq!(meta["reason"], "gap");
         assert_eq!(meta["complete"], false);
+        assert!(meta.get("server_file").is_none(), "no answers: {meta}");
+    }
+
+    #[test]
+    fn answers_go_to_the_reverse_file_with_one_sidecar() {
+        for batch in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut writer = writer_in(dir.path());
+            let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+            let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+            let events = [
+                opened(1, src, dst),
+                data(1, b"GET "),
+                answer(1, b"HTTP"),
+                data(1, b"/"),
+                answer(1, b"/1.1"),
+                answer(1, b" 200"),
+                closed(1, CloseReason::Fin),
+            ];
+            if batch {
+                writer.handle_batch(&events).unwrap();
+            } else {
+                for event in &events {
+                    writer.handle(event).unwrap();
+                }
+            }
+            let name = tcpflow_name(src, dst);
+            let reverse = tcpflow_name(dst, src);
+            assert_eq!(fs::read(dir.path().join(&name)).unwrap(), b"GET /");
+            assert_eq!(
+                fs::read(dir.path().join(&reverse)).unwrap(),
+                b"HTTP/1.1 200"
+            );
+            let meta = sidecar(dir.path(), &format!("{name}.meta"));
+            assert_eq!(meta["reason"], "fin");
+            assert_eq!(meta["bytes"], 5);
+            assert_eq!(meta["server_file"], reverse.as_str());
+            assert_eq!(meta["server_bytes"], 12);
+            assert!(!dir.path().join(format!("{reverse}.meta")).exists());
+        }
     }
 
     #[test]

@@ -278,11 +278,14 @@ struct ShadowQueue {
 /// Replays the connections of `subscription` to `target` until the mirror
 /// stops.
 pub async fn forward(
-    mut subscription: Subscription,
+    subscription: Subscription,
     target: ForwardTarget,
     config: ForwardConfig,
     stats: Arc<ForwardCounters>,
 ) -> std::io::Result<()> {
+    // A shadow server gets the client's requests; its own answers are
+    // dropped, the real server's are not replayed.
+    let mut subscription = subscription.client_only();
     let health = Arc::new(Mutex::new(Health::default()));
     let active = Arc::new(AtomicUsize::new(0));
     let queued_for_target = Arc::new(AtomicUsize::new(0));
@@ -321,7 +324,7 @@ pub async fn forward(
                     connections.insert(conn, ShadowQueue { commands, queued });
                 }
             }
-            StreamEvent::Data { conn, bytes } => {
+            StreamEvent::Data { conn, bytes, .. } => {
                 let Some(shadow) = connections.get(&conn) else {
                     continue;
                 };
@@ -688,6 +691,7 @@ mod tests {
             hub.publish(
                 80,
                 vec![StreamEvent::Data {
+                    dir: Default::default(),
                     conn: 1,
                     bytes: chunk.clone(),
                 }],

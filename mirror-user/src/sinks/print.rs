@@ -8,7 +8,7 @@ use tokio::io::{AsyncWriteExt as _, BufWriter};
 
 use crate::{
     fanout::subscription::Subscription,
-    flow::model::{CloseReason, StreamEvent},
+    flow::model::{CloseReason, Direction, StreamEvent},
 };
 
 /// Bytes of payload shown in a text line.
@@ -26,6 +26,11 @@ pub enum EventLine<'a> {
     },
     Data {
         conn: u64,
+        /// `"server"` for the server's bytes (`--directions both`); absent
+        /// for the client's, whose lines are as they were before the
+        /// server's were followed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dir: Option<&'static str>,
         len: usize,
         /// Base64 (standard alphabet, padded).
         data: String,
@@ -50,8 +55,9 @@ impl<'a> EventLine<'a> {
                 dst: dst.to_string(),
                 midstream: *midstream,
             },
-            StreamEvent::Data { conn, bytes } => Self::Data {
+            StreamEvent::Data { conn, dir, bytes } => Self::Data {
                 conn: *conn,
+                dir: (*dir == Direction::Server).then_some(dir.as_str()),
                 len: bytes.len(),
                 data: base64::engine::general_purpose::STANDARD.encode(bytes),
             },
@@ -98,6 +104,16 @@ fn hex_dump(bytes: &[u8], out: &mut String) {
     }
 }
 
+/// How a text line marks the server's bytes: `data < 5 bytes`, the
+/// opposite of the `>` of the connection's `opened` line; the client's
+/// bytes keep the line they had before the server's were followed.
+const fn marker(dir: Direction) -> &'static str {
+    match dir {
+        Direction::Client => "",
+        Direction::Server => "< ",
+    }
+}
+
 /// Appends the line for `event` (with its newline) to `out`.
 pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) {
     match format {
@@ -119,15 +135,21 @@ pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) 
                     out.push_str(" (midstream)");
                 }
             }
-            StreamEvent::Data { conn, bytes } if format == PrintFormat::Hex => {
-                let _ = write!(out, "conn {conn} data {} bytes:", bytes.len());
+            StreamEvent::Data { conn, dir, bytes } if format == PrintFormat::Hex => {
+                let _ = write!(
+                    out,
+                    "conn {conn} data {}{} bytes:",
+                    marker(*dir),
+                    bytes.len()
+                );
                 hex_dump(bytes, out);
             }
-            StreamEvent::Data { conn, bytes } => {
+            StreamEvent::Data { conn, dir, bytes } => {
                 let shown = &bytes[..bytes.len().min(TEXT_PREVIEW)];
                 let _ = write!(
                     out,
-                    "conn {conn} data {} bytes: \"{}\"{}",
+                    "conn {conn} data {}{} bytes: \"{}\"{}",
+                    marker(*dir),
                     bytes.len(),
                     shown.escape_ascii(),
                     if shown.len() < bytes.len() { "..." } else { "" }
@@ -308,6 +330,25 @@ mod tests {
             json,
             serde_json::json!({"event": "data", "conn": 7, "len": 3, "data": "aGkA"})
         );
+        let answer = StreamEvent::Data {
+            conn: 7,
+            dir: Direction::Server,
+            bytes: Bytes::from_static(b"ok"),
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&answer, PrintFormat::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"event": "data", "conn": 7, "dir": "server", "len": 2, "data": "b2s="})
+        );
+        assert_eq!(
+            line(&answer, PrintFormat::Text),
+            "conn 7 data < 2 bytes: \"ok\"\n"
+        );
+        assert_eq!(
+            line(&data, PrintFormat::Text),
+            "conn 7 data 3 bytes: \"hi\\x00\"\n"
+        );
         let closed = closed(7, CloseReason::Lagged);
         let json: serde_json::Value =
             serde_json::from_str(&line(&closed, PrintFormat::Json)).unwrap();
@@ -339,6 +380,7 @@ mod tests {
             "conn 1 data 16 bytes: \"GET / HTTP/1.1\\r\\n\"\n"
         );
         let long = StreamEvent::Data {
+            dir: Default::default(),
             conn: 1,
             bytes: Bytes::from(vec![b'a'; 100]),
         };

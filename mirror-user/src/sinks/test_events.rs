@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use crate::flow::model::{CloseReason, ConnId, StreamEvent};
+use crate::flow::model::{CloseReason, ConnId, Direction, StreamEvent};
 
 /// A connection seen from its SYN.
 pub fn opened(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
@@ -28,6 +28,16 @@ pub fn opened_midstream(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> Strea
 
 pub fn data(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
     StreamEvent::Data {
+        dir: Default::default(),
+        conn,
+        bytes: Bytes::from_static(bytes),
+    }
+}
+
+/// Bytes the server sent (`--directions both`).
+pub fn answer(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
+    StreamEvent::Data {
+        dir: Direction::Server,
         conn,
         bytes: Bytes::from_static(bytes),
     }
