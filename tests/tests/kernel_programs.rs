@@ -1144,11 +1144,12 @@ fn answers_are_sampled_with_their_connection() {
     assert!((60..=140).contains(&kept), "{kept} of 200 in a 50 % sample");
 }
 
-/// A server's answer the ring cannot take is not reported as a loss of
-/// the client's stream (the flow shards do not follow answers yet), and
-/// still passes untouched.
+/// A server's answer the ring cannot take is reported as a loss of its
+/// connection, under the same client-to-server tuple as a lost request (the
+/// flow shards follow both directions under that key), and still passes
+/// untouched.
 #[test]
-fn a_lost_answer_does_not_end_the_clients_stream() {
+fn a_lost_answer_is_reported_under_its_connection() {
     needs_root!();
     let mut mirror = Mirror::load(&LoadOptions {
         snaplen: mirror_common::MAX_SNAPLEN,
@@ -1178,11 +1179,9 @@ fn a_lost_answer_does_not_end_the_clients_stream() {
     }
     assert!(full >= 1, "a 4 KiB ring cannot hold three 2 KiB records");
     let mut lost = mirror.take_lost_flows().expect("lost-flow map");
-    assert!(
-        lost.take().is_empty(),
-        "answers' losses are not the client's"
-    );
-    // The client's own loss still is.
+    let answers = lost.take();
+    assert_eq!(answers.len(), 1, "one connection lost answers: {answers:?}");
+    // The client's own loss is the same connection's.
     let request = ipv4_tcp(PORT, &[2; 1400]);
     let outcome = run_untouched(
         &mut mirror,
@@ -1192,5 +1191,5 @@ fn a_lost_answer_does_not_end_the_clients_stream() {
         "request",
     );
     assert_eq!(outcome.moved, [(Counter::Seen, 1), (Counter::RingFull, 1)]);
-    assert_eq!(lost.take().len(), 1);
+    assert_eq!(lost.take(), answers, "the request's loss has the same key");
 }
