@@ -1,6 +1,6 @@
 //! Flow shards: each owns the connection table of the flows that hash to
-//! it and runs as its own task. Ring drain tasks hand segments over through
-//! queues bounded in batches and in bytes and never wait: a full queue
+//! it and runs as its own task. The ring drain hands segments over through
+//! queues bounded in batches and in bytes and never waits: a full queue
 //! drops the batch, counts it, and the affected connections close with
 //! `gap`.
 
@@ -53,7 +53,7 @@ const TICK: Duration = Duration::from_millis(50);
 const MAX_LOST_FLOWS: usize = 65536;
 
 counters! {
-    /// Counters of the shard stage, shared by drain tasks and shards.
+    /// Counters of the shard stage, shared by the drain and the shards.
     pub struct ShardCounters => ShardSnapshot {
         segments,
         /// Segments dropped because a shard's queue was full.
@@ -205,12 +205,12 @@ impl Shards {
         shards
     }
 
-    /// A sink for one drain task.
+    /// A sink for the drain.
     pub fn router(&self) -> SegmentRouter {
         self.router_with(PayloadPool::default())
     }
 
-    /// A sink for one drain task that copies payloads with `pool`.
+    /// A sink for the drain.that copies payloads with `pool`.
     pub fn router_with(&self, pool: PayloadPool) -> SegmentRouter {
         SegmentRouter {
             senders: self.senders.clone(),

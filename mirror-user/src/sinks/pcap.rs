@@ -4,8 +4,8 @@
 //! timestamps; written with the `pcap-file` crate.
 //!
 //! The writer is a bounded consumer on a thread of its own (file writes
-//! block): drain tasks offer packets with `try_send`, so a disk that cannot
-//! keep up drops packets and counts them, never slows the drains; the queue
+//! block): the drain offers packets with `try_send`, so a disk that cannot
+//! keep up drops packets and counts them, never slows the drain; the queue
 //! is bounded in packets and in bytes. A write error (a full disk, an
 //! unwritable file) stops this sink with one clear message; mirroring and
 //! the other consumers go on.
@@ -300,7 +300,7 @@ fn now_unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// A drain task's handle on the writer: copies each record's packet out of
+/// The drain's handle on the writer: copies each record's packet out of
 /// the ring and offers it, never waiting.
 pub struct PcapSink {
     queue: SyncSender<Packet>,
