@@ -33,6 +33,7 @@ fn opened(conn: ConnId) -> StreamEvent {
 
 fn data(conn: ConnId, text: &'static str) -> StreamEvent {
     StreamEvent::Data {
+        peer_acked: 0,
         dir: Default::default(),
         conn,
         bytes: Bytes::from_static(text.as_bytes()),
@@ -88,6 +89,7 @@ async fn a_client_only_subscription_skips_the_servers_bytes() {
     let (_, all) = hub.subscribe(&[80], "all");
     let (_, client) = hub.subscribe(&[80], "client");
     let answer = StreamEvent::Data {
+        peer_acked: 0,
         dir: Direction::Server,
         conn: 1,
         bytes: Bytes::from_static(b"200 ok"),
@@ -256,6 +258,7 @@ async fn batcher_publishes_at_the_byte_threshold_and_on_flush() {
     batcher.at(now).event(
         80,
         StreamEvent::Data {
+            peer_acked: 0,
             dir: Default::default(),
             conn: 1,
             bytes: Bytes::from(vec![0; 2048]),

@@ -873,6 +873,7 @@ impl ConnectionTable {
                 sink.event(
                     port,
                     StreamEvent::Data {
+                        peer_acked: 0,
                         conn: id,
                         dir,
                         bytes,
@@ -1073,11 +1074,13 @@ mod tests {
                     format!("open {conn}{}", if midstream { " midstream" } else { "" })
                 }
                 StreamEvent::Data {
+                    peer_acked: _,
                     conn,
                     dir: Direction::Client,
                     bytes,
                 } => format!("data {conn} {}", String::from_utf8_lossy(&bytes)),
                 StreamEvent::Data {
+                    peer_acked: _,
                     conn,
                     dir: Direction::Server,
                     bytes,
@@ -1163,7 +1166,7 @@ mod tests {
             }
             let mut got = [Vec::new(), Vec::new()];
             for event in &events[1..events.len() - 1] {
-                let StreamEvent::Data { conn: 1, dir, bytes } = event else {
+                let StreamEvent::Data { peer_acked: _,  conn: 1, dir, bytes } = event else {
                     panic!("{event:?}");
                 };
                 got[*dir as usize].extend_from_slice(bytes);

@@ -149,6 +149,12 @@ pub enum StreamEvent {
         conn: ConnId,
         dir: Direction,
         bytes: Bytes,
+        /// How far the other direction's stream had been acknowledged by
+        /// this direction's sender when these bytes were delivered (bytes
+        /// of the other stream, from its first): with both directions, a
+        /// consumer interleaves them in the order they were exchanged.
+        /// 0 while the other direction is not followed.
+        peer_acked: u64,
     },
     Closed {
         conn: ConnId,

@@ -246,6 +246,7 @@ fn opened(conn: u64, flow: FlowKey) -> StreamEvent {
 
 fn data(conn: u64, bytes: &'static [u8]) -> StreamEvent {
     StreamEvent::Data {
+        peer_acked: 0,
         dir: Default::default(),
         conn,
         bytes: Bytes::from_static(bytes),

@@ -583,6 +583,7 @@ impl Client {
                     ))
                 })?;
                 Ok(Some(ServerFrame::Event(StreamEvent::Data {
+                    peer_acked: 0,
                     conn,
                     bytes,
                     dir: Direction::Client,

@@ -342,6 +342,7 @@ impl ServerFrame {
     pub fn decode_shared(frame: Bytes) -> Result<Self, ProtocolError> {
         match frame.first() {
             Some(&kind::DATA) if frame.len() >= 9 => Ok(Self::Event(StreamEvent::Data {
+                peer_acked: 0,
                 conn: u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes")),
                 dir: Direction::Client,
                 bytes: frame.slice(9..),
@@ -440,6 +441,7 @@ impl ServerFrame {
                 midstream: r.flag("midstream")?,
             }),
             kind::DATA => Self::Event(StreamEvent::Data {
+                peer_acked: 0,
                 conn: r.u64("conn")?,
                 dir: Direction::Client,
                 bytes: Bytes::copy_from_slice(r.rest()),
@@ -843,11 +845,13 @@ mod tests {
             midstream: true,
         }));
         server_round_trip(ServerFrame::Event(StreamEvent::Data {
+            peer_acked: 0,
             dir: Default::default(),
             conn: 7,
             bytes: Bytes::from_static(b"\x00GET / HTTP/1.1\r\n"),
         }));
         server_round_trip(ServerFrame::Event(StreamEvent::Data {
+            peer_acked: 0,
             dir: Default::default(),
             conn: 7,
             bytes: Bytes::new(),
@@ -1124,6 +1128,7 @@ mod tests {
                 midstream: false,
             })),
             server(ServerFrame::Event(StreamEvent::Data {
+                peer_acked: 0,
                 dir: Default::default(),
                 conn,
                 bytes: Bytes::from_static(b"GET /"),

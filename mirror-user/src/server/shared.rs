@@ -219,6 +219,7 @@ mod tests {
 
     fn data(conn: ConnId, bytes: Bytes) -> StreamEvent {
         StreamEvent::Data {
+            peer_acked: 0,
             conn,
             bytes,
             dir: crate::flow::model::Direction::Client,

@@ -992,6 +992,7 @@ mod arena {
         let events = stream
             .chunks(60_000)
             .map(|chunk| StreamEvent::Data {
+                peer_acked: 0,
                 conn,
                 bytes: pool.copy(chunk),
                 dir: Direction::Client,
@@ -1190,6 +1191,7 @@ mod arena {
             vec![
                 opened(2),
                 StreamEvent::Data {
+                    peer_acked: 0,
                     conn: 2,
                     bytes: pool.copy(b"after"),
                     dir: Direction::Client,
@@ -1225,6 +1227,7 @@ mod arena {
             vec![
                 opened(1),
                 StreamEvent::Data {
+                    peer_acked: 0,
                     conn: 1,
                     bytes: pool.copy(b"one"),
                     dir: Direction::Client,
@@ -1253,6 +1256,7 @@ mod arena {
             80,
             vec![
                 StreamEvent::Data {
+                    peer_acked: 0,
                     conn: 1,
                     bytes: pool.copy(b"two"),
                     dir: Direction::Client,
@@ -1284,6 +1288,7 @@ mod arena {
             vec![
                 opened(1),
                 StreamEvent::Data {
+                    peer_acked: 0,
                     conn: 1,
                     bytes: pool.copy(b"still readable"),
                     dir: Direction::Client,
@@ -1340,6 +1345,7 @@ mod arena {
             vec![
                 opened(1),
                 StreamEvent::Data {
+                    peer_acked: 0,
                     conn: 1,
                     bytes: Bytes::from_static(b"x"),
                     dir: Direction::Client,

@@ -204,6 +204,7 @@ mod tests {
                 len: 4,
             },
             ServerFrame::Event(StreamEvent::Data {
+                peer_acked: 0,
                 dir: Default::default(),
                 conn: 7,
                 bytes: payload.clone(),
@@ -213,6 +214,7 @@ mod tests {
                 reason: CloseReason::Fin,
             }),
             ServerFrame::Event(StreamEvent::Data {
+                peer_acked: 0,
                 dir: Default::default(),
                 conn: 8,
                 bytes: Bytes::new(),

@@ -156,9 +156,12 @@ impl DumpWriter {
                 dst,
                 midstream,
             } => self.open_flow(*conn, *src, *dst, *midstream),
-            StreamEvent::Data { conn, dir, bytes } => {
-                self.write_data(*conn, *dir, &[IoSlice::new(bytes)])
-            }
+            StreamEvent::Data {
+                peer_acked: _,
+                conn,
+                dir,
+                bytes,
+            } => self.write_data(*conn, *dir, &[IoSlice::new(bytes)]),
             StreamEvent::Closed { conn, reason } => {
                 self.open.pop(&(*conn, Direction::Client));
                 self.open.pop(&(*conn, Direction::Server));
@@ -186,6 +189,7 @@ impl DumpWriter {
             for event in rest.iter().take(MAX_IOVECS) {
                 match event {
                     StreamEvent::Data {
+                        peer_acked: _,
                         conn: next,
                         dir: next_dir,
                         bytes,
@@ -677,6 +681,7 @@ mod tests {
         for conn in 0..40 {
             let mut events = vec![opened(conn, src, dst)];
             events.extend((0..4).map(|_| StreamEvent::Data {
+                peer_acked: 0,
                 dir: Default::default(),
                 conn,
                 bytes: chunk.clone(),

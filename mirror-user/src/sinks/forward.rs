@@ -691,6 +691,7 @@ mod tests {
             hub.publish(
                 80,
                 vec![StreamEvent::Data {
+                    peer_acked: 0,
                     dir: Default::default(),
                     conn: 1,
                     bytes: chunk.clone(),

@@ -55,7 +55,12 @@ impl<'a> EventLine<'a> {
                 dst: dst.to_string(),
                 midstream: *midstream,
             },
-            StreamEvent::Data { conn, dir, bytes } => Self::Data {
+            StreamEvent::Data {
+                peer_acked: _,
+                conn,
+                dir,
+                bytes,
+            } => Self::Data {
                 conn: *conn,
                 dir: (*dir == Direction::Server).then_some(dir.as_str()),
                 len: bytes.len(),
@@ -135,7 +140,12 @@ pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) 
                     out.push_str(" (midstream)");
                 }
             }
-            StreamEvent::Data { conn, dir, bytes } if format == PrintFormat::Hex => {
+            StreamEvent::Data {
+                peer_acked: _,
+                conn,
+                dir,
+                bytes,
+            } if format == PrintFormat::Hex => {
                 let _ = write!(
                     out,
                     "conn {conn} data {}{} bytes:",
@@ -144,7 +154,12 @@ pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) 
                 );
                 hex_dump(bytes, out);
             }
-            StreamEvent::Data { conn, dir, bytes } => {
+            StreamEvent::Data {
+                peer_acked: _,
+                conn,
+                dir,
+                bytes,
+            } => {
                 let shown = &bytes[..bytes.len().min(TEXT_PREVIEW)];
                 let _ = write!(
                     out,
@@ -331,6 +346,7 @@ mod tests {
             serde_json::json!({"event": "data", "conn": 7, "len": 3, "data": "aGkA"})
         );
         let answer = StreamEvent::Data {
+            peer_acked: 0,
             conn: 7,
             dir: Direction::Server,
             bytes: Bytes::from_static(b"ok"),
@@ -380,6 +396,7 @@ mod tests {
             "conn 1 data 16 bytes: \"GET / HTTP/1.1\\r\\n\"\n"
         );
         let long = StreamEvent::Data {
+            peer_acked: 0,
             dir: Default::default(),
             conn: 1,
             bytes: Bytes::from(vec![b'a'; 100]),

@@ -28,6 +28,7 @@ pub fn opened_midstream(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> Strea
 
 pub fn data(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
     StreamEvent::Data {
+        peer_acked: 0,
         dir: Default::default(),
         conn,
         bytes: Bytes::from_static(bytes),
@@ -37,6 +38,7 @@ pub fn data(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
 /// Bytes the server sent (`--directions both`).
 pub fn answer(conn: ConnId, bytes: &'static [u8]) -> StreamEvent {
     StreamEvent::Data {
+        peer_acked: 0,
         dir: Direction::Server,
         conn,
         bytes: Bytes::from_static(bytes),
