@@ -280,6 +280,7 @@ mod tests {
         assert_eq!(answer.blocking_recv().unwrap(), Ok(()));
         assert!(map.0.contains(&9001));
         let opened = crate::flow::model::StreamEvent::Opened {
+            iface: Default::default(),
             conn: 1,
             src: "198.18.0.1:1".parse().unwrap(),
             dst: "198.18.0.2:9001".parse().unwrap(),

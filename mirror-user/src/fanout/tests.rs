@@ -24,6 +24,7 @@ const CONFIG: HubConfig = HubConfig {
 
 fn opened(conn: ConnId) -> StreamEvent {
     StreamEvent::Opened {
+        iface: Default::default(),
         conn,
         src: "198.18.0.1:1".parse().unwrap(),
         dst: "198.18.0.2:80".parse().unwrap(),

@@ -772,6 +772,7 @@ impl ConnectionTable {
         sink.event(
             flow.dst.port(),
             StreamEvent::Opened {
+                iface: Default::default(),
                 conn: new,
                 src: flow.src,
                 dst: flow.dst,

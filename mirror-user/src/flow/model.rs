@@ -51,6 +51,10 @@ impl Direction {
     }
 }
 
+/// An interface's name as consumers see it: shared, so that announcing a
+/// connection clones a handle, not a string.
+pub type Iface = Arc<str>;
+
 /// A connection's number, unique for the life of the mirror.
 pub type ConnId = u64;
 
@@ -142,6 +146,9 @@ pub enum StreamEvent {
         /// Already running when mirroring started (no SYN seen): the
         /// stream starts at the first byte the mirror saw.
         midstream: bool,
+        /// The interface the connection came through (`NETNS:IF` when it
+        /// is in another network namespace); empty when not known.
+        iface: Iface,
     },
     /// The next bytes of the stream, shared by every consumer (cloning the
     /// event clones a handle, not the bytes).

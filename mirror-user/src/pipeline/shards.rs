@@ -523,6 +523,7 @@ mod tests {
             assert_eq!(
                 opened,
                 StreamEvent::Opened {
+                    iface: Default::default(),
                     conn: u64::from(n),
                     src: flow.src,
                     dst: flow.dst,

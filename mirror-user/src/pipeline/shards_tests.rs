@@ -237,6 +237,7 @@ impl Stage {
 
 fn opened(conn: u64, flow: FlowKey) -> StreamEvent {
     StreamEvent::Opened {
+        iface: Default::default(),
         conn,
         src: flow.src,
         dst: flow.dst,

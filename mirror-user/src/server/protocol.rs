@@ -364,6 +364,7 @@ impl ServerFrame {
                 put_str(out, server);
             }
             Self::Event(StreamEvent::Opened {
+                iface: _,
                 conn,
                 src,
                 dst,
@@ -435,6 +436,7 @@ impl ServerFrame {
                 server: r.str("server")?,
             },
             kind::OPENED => Self::Event(StreamEvent::Opened {
+                iface: Default::default(),
                 conn: r.u64("conn")?,
                 src: r.addr("src")?,
                 dst: r.addr("dst")?,
@@ -839,6 +841,7 @@ mod tests {
             server: "mirror on eth0".into(),
         });
         server_round_trip(ServerFrame::Event(StreamEvent::Opened {
+            iface: Default::default(),
             conn: u64::MAX,
             src: "198.18.0.1:40000".parse().unwrap(),
             dst: "[2001:db8::1]:443".parse().unwrap(),
@@ -1122,6 +1125,7 @@ mod tests {
             client(ClientFrame::Subscribe { ports: vec![80] }),
             server(ServerFrame::Ok),
             server(ServerFrame::Event(StreamEvent::Opened {
+                iface: Default::default(),
                 conn,
                 src,
                 dst,
@@ -1149,6 +1153,7 @@ mod tests {
         assert_eq!(VERSION, 2, "the example shows version 2");
         // The same session over a Unix socket, with the arena.
         let opened = StreamEvent::Opened {
+            iface: Default::default(),
             conn,
             src,
             dst,

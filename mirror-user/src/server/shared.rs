@@ -210,6 +210,7 @@ mod tests {
 
     fn opened(conn: ConnId) -> StreamEvent {
         StreamEvent::Opened {
+            iface: Default::default(),
             conn,
             src: "198.18.0.1:40000".parse().unwrap(),
             dst: "198.18.0.2:80".parse().unwrap(),

@@ -974,6 +974,7 @@ mod arena {
 
     fn opened(conn: u64) -> StreamEvent {
         StreamEvent::Opened {
+            iface: Default::default(),
             conn,
             src: "198.18.0.1:40000".parse().unwrap(),
             dst: "198.18.0.2:80".parse().unwrap(),

@@ -151,6 +151,7 @@ impl DumpWriter {
     pub fn handle(&mut self, event: &StreamEvent) -> io::Result<()> {
         match event {
             StreamEvent::Opened {
+                iface: _,
                 conn,
                 src,
                 dst,

@@ -293,6 +293,7 @@ pub async fn forward(
     while let Some(event) = subscription.next().await {
         match event {
             StreamEvent::Opened {
+                iface: _,
                 conn,
                 src,
                 dst,

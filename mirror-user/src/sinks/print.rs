@@ -45,6 +45,7 @@ impl<'a> EventLine<'a> {
     pub fn new(event: &'a StreamEvent) -> Self {
         match event {
             StreamEvent::Opened {
+                iface: _,
                 conn,
                 src,
                 dst,
@@ -130,6 +131,7 @@ pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) 
         }
         PrintFormat::Text | PrintFormat::Hex => match event {
             StreamEvent::Opened {
+                iface: _,
                 conn,
                 src,
                 dst,

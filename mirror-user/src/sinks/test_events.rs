@@ -9,6 +9,7 @@ use crate::flow::model::{CloseReason, ConnId, Direction, StreamEvent};
 /// A connection seen from its SYN.
 pub fn opened(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
     StreamEvent::Opened {
+        iface: Default::default(),
         conn,
         src,
         dst,
@@ -19,6 +20,7 @@ pub fn opened(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
 /// A connection picked up midstream.
 pub fn opened_midstream(conn: ConnId, src: SocketAddr, dst: SocketAddr) -> StreamEvent {
     StreamEvent::Opened {
+        iface: Default::default(),
         conn,
         src,
         dst,
