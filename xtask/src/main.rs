@@ -4,6 +4,7 @@
 //! provides it, so a new user never has to know the order.
 
 mod layering;
+mod packaging;
 mod setup;
 mod shell;
 
@@ -51,6 +52,11 @@ enum Task {
     /// The layering of mirror-user/src, cargo fmt --check and clippy -D
     /// warnings on every crate.
     Lint,
+    /// Offline checks of packaging/: systemd-analyze verify and security on
+    /// the unit, kubernetes-validate on the manifests, hadolint on the
+    /// Containerfile, and the flags they pass against `mirror run --help`
+    /// (of $MIRROR_BIN if set, else of a fresh build).
+    CheckPackaging,
     /// Run the fuzz targets (cargo-fuzz on nightly, in mirror-user/fuzz):
     /// the subscriber protocol's decoders, the ring record decoder, and
     /// the connection table on arbitrary segment sequences. A failing
@@ -123,6 +129,14 @@ fn dispatch(task: Task) -> Result<()> {
             rounds,
             seconds,
         } => bench(&root, quick, &scenario, rounds, seconds),
+        Task::CheckPackaging => {
+            // MIRROR_BIN, as for the privileged tests: a binary built already.
+            let binary = match std::env::var_os("MIRROR_BIN") {
+                Some(binary) => PathBuf::from(binary),
+                None => build(&root)?,
+            };
+            packaging::check(&root, &binary, &setup::packaging_tools()?)
+        }
         Task::Lint => {
             setup::toolchain(&root)?;
             build_ebpf(&root)?;
@@ -263,6 +277,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     setup::all(root)?;
     let binary = build(root)?;
     lint(root)?;
+    packaging::check(root, &binary, &setup::packaging_tools()?)?;
     if !setup::is_root() {
         bail!(
             "the end-to-end tests create network namespaces and load BPF programs: run `cargo xtask test` as root (e.g. with sudo)"

