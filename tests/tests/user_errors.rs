@@ -65,7 +65,7 @@ fn not_privileged() {
         .expect("setpriv (util-linux)");
     assert_clear_failure(
         &out,
-        "mirror needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN",
+        "mirror needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN",
     );
 }
 

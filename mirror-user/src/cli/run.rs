@@ -45,7 +45,7 @@ Examples:
   # One JSON line per packet, first 256 bytes of each:
   mirror run --iface eth0 --port 80 --port 443 --snaplen 256 --print-packets json
 
-Needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN. Once attached it
+Needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN. Once attached it
 runs as --user (default nobody) with no capability left, as tcpdump -Z does.
 Stop with Ctrl-C: the program is detached and the counters are printed.";
 

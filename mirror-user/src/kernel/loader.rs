@@ -112,7 +112,7 @@ pub enum LoadError {
         version: &'static str,
     },
     #[error(
-        "the kernel refused to load BPF objects (permission denied): run mirror as root, or with the capabilities CAP_BPF and CAP_NET_ADMIN"
+        "the kernel refused to load BPF objects (permission denied): run mirror as root, or with the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
     )]
     PermissionDenied,
     #[error("the kernel refused to load the mirror's BPF maps: {0}")]

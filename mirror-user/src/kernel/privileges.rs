@@ -17,12 +17,13 @@ use crate::files::{OutputDir, OutputDirError, Owner};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
     #[error(
-        "mirror needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN (this process lacks {missing}): run it with sudo"
+        "mirror needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (this process lacks {missing}): run it with sudo"
     )]
     Missing { missing: String },
     #[error("cannot read this process's capabilities from /proc/self/status: {0}")]
@@ -48,8 +49,11 @@ pub enum PrivilegeError {
 }
 
 /// Succeeds when the effective capabilities allow loading and attaching
-/// networking BPF programs: CAP_BPF with CAP_NET_ADMIN, or CAP_SYS_ADMIN
-/// (which kernels before 5.8 require and later ones still accept).
+/// networking BPF programs: CAP_BPF and CAP_PERFMON with CAP_NET_ADMIN, or
+/// CAP_SYS_ADMIN (which kernels before 5.8 require and later ones still
+/// accept). Without CAP_PERFMON the verifier refuses the programs' packet
+/// pointer arithmetic ("prohibited for !root"), which would read as a bug
+/// in the build rather than a missing capability.
 pub fn check() -> Result<(), PrivilegeError> {
     let status = fs::read_to_string("/proc/self/status").map_err(PrivilegeError::Unreadable)?;
     let effective = parse_cap_eff(&status).ok_or_else(|| {
@@ -69,8 +73,12 @@ fn missing_capabilities(effective: u64) -> Option<String> {
     if has(CAP_SYS_ADMIN) && has(CAP_NET_ADMIN) {
         return None;
     }
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
-        .into_iter()
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
         .filter(|(cap, _)| !has(*cap))
         .map(|(_, name)| name)
         .collect();
@@ -286,8 +294,12 @@ mod tests {
         let bit = |cap: u32| 1u64 << cap;
         assert_eq!(missing_capabilities(u64::MAX), None);
         assert_eq!(
-            missing_capabilities(bit(CAP_BPF) | bit(CAP_NET_ADMIN)),
+            missing_capabilities(bit(CAP_BPF) | bit(CAP_PERFMON) | bit(CAP_NET_ADMIN)),
             None
+        );
+        assert_eq!(
+            missing_capabilities(bit(CAP_BPF) | bit(CAP_NET_ADMIN)).as_deref(),
+            Some("CAP_PERFMON")
         );
         assert_eq!(
             missing_capabilities(bit(CAP_SYS_ADMIN) | bit(CAP_NET_ADMIN)),
@@ -295,10 +307,10 @@ mod tests {
         );
         assert_eq!(
             missing_capabilities(0).as_deref(),
-            Some("CAP_BPF and CAP_NET_ADMIN")
+            Some("CAP_BPF and CAP_PERFMON and CAP_NET_ADMIN")
         );
         assert_eq!(
-            missing_capabilities(bit(CAP_BPF)).as_deref(),
+            missing_capabilities(bit(CAP_BPF) | bit(CAP_PERFMON)).as_deref(),
             Some("CAP_NET_ADMIN")
         );
     }
