@@ -357,6 +357,127 @@ fn duplex_streams_reach_tail_whole() {
     }
 }
 
+/// What a command printed on its standard output.
+fn stdout_of(command: &mut std::process::Command) -> String {
+    String::from_utf8_lossy(&run_ok(command).stdout).into_owned()
+}
+
+/// `--directions both --pcap`: one exchange in the capture, both
+/// directions in time order; tcpdump reads the server's answer, and each
+/// packet is marked inbound (the client's, at TC ingress) or outbound (the
+/// server's, at egress).
+fn both_directions_are_captured_in_time_order() {
+    let bed = TestBed::new();
+    let file = bed.path("out").join("capture.pcapng");
+    let args = [
+        "--directions",
+        "both",
+        "--attach",
+        "tc",
+        "--pcap",
+        file.to_str().expect("a UTF-8 path"),
+    ];
+    let mirror = bed.mirror(PORT, &args, MirrorProcess::start_quiet);
+    let server_addr = SocketAddr::new(bed.server_ip.parse().unwrap(), PORT);
+    let listener = in_namespace(&bed.server, move || {
+        TcpListener::bind(server_addr).expect("bind the server")
+    });
+    const REQUEST: &[u8] = b"GET /mirror-request HTTP/1.0\r\n\r\n";
+    // An answer of several segments that starts with a marker.
+    let answer: Vec<u8> = b"mirror-answer-5f2e "
+        .iter()
+        .copied()
+        .chain((0..20_000).map(|i| b'a' + (i % 26) as u8))
+        .collect();
+    let served = answer.clone();
+    let server = thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        duplex(stream, served)
+    });
+    let client = in_namespace(&bed.client, move || {
+        TcpStream::connect(server_addr).expect("connect")
+    });
+    let client_addr = client.local_addr().expect("local address");
+    assert_eq!(duplex(client, REQUEST.to_vec()), answer, "TCP itself");
+    assert_eq!(server.join().expect("the server"), REQUEST);
+    mirror.wait_for_fin_closes(1);
+    let output = mirror.stop();
+    assert_eq!(output.counter("pcap.dropped"), 0, "{output}");
+    let headers = stdout_of(
+        std::process::Command::new("tcpdump")
+            .args(["-nn", "-tt", "--time-stamp-precision=nano", "-r"])
+            .arg(&file),
+    );
+    let (client_ep, server_ep) = (
+        format!("{}.{}", client_addr.ip(), client_addr.port()),
+        format!("{}.{PORT}", bed.server_ip),
+    );
+    let (mut from_client, mut from_server, mut last) = (0, 0, 0.0f64);
+    for line in headers.lines() {
+        let stamp: f64 = line
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("a timestamp first: {line}"));
+        assert!(stamp >= last, "time order:\n{headers}");
+        last = stamp;
+        if line.contains(&format!("{client_ep} > {server_ep}:")) {
+            from_client += 1;
+        } else if line.contains(&format!("{server_ep} > {client_ep}:")) {
+            from_server += 1;
+        } else {
+            panic!("a packet of another connection: {line}");
+        }
+    }
+    // The handshake and the FINs at least, and the answer's segments.
+    assert!(from_client >= 3 && from_server >= 3, "{headers}");
+    assert_eq!(
+        (from_client + from_server) as u64,
+        output.kernel("mirrored"),
+        "every mirrored packet is in the file\n{output}"
+    );
+    let contents = stdout_of(
+        std::process::Command::new("tcpdump")
+            .args(["-nn", "-A", "-r"])
+            .arg(&file),
+    );
+    assert!(
+        contents.contains("mirror-answer-5f2e"),
+        "the server's bytes"
+    );
+    assert!(
+        contents.contains("GET /mirror-request"),
+        "the client's bytes"
+    );
+    // Each packet's direction, as pcapng's flags say (1 in, 2 out), by
+    // source port.
+    let directions = stdout_of(
+        std::process::Command::new("tshark")
+            .args([
+                "-T",
+                "fields",
+                "-e",
+                "tcp.srcport",
+                "-e",
+                "frame.packet_flags_direction",
+                "-r",
+            ])
+            .arg(&file),
+    );
+    let mut marked = 0;
+    for line in directions.lines() {
+        let (port, direction) = line.split_once('\t').unwrap_or((line, ""));
+        let expected = if port == PORT.to_string() { "2" } else { "1" };
+        assert_eq!(
+            direction.trim_start_matches("0x").trim_start_matches('0'),
+            expected,
+            "{line}\n{directions}"
+        );
+        marked += 1;
+    }
+    assert_eq!(marked, from_client + from_server);
+}
+
 /// nginx closes first when asked to (`Connection: close`): with both
 /// directions followed the connection waits for the client's FIN and ends
 /// `fin`, not `idle`; the answers are the server's `data` events.
@@ -405,5 +526,6 @@ fn a_server_that_closes_first_ends_fin() {
 root_tests! {
     veth_tc_duplex_dump => duplex_streams_are_dumped_whole();
     veth_tc_duplex_tail => duplex_streams_reach_tail_whole();
+    veth_tc_both_directions_pcap => both_directions_are_captured_in_time_order();
     veth_tc_server_closes_first => a_server_that_closes_first_ends_fin();
 }
