@@ -71,7 +71,8 @@ pub struct SessionContext {
 /// to the arena are written once this much is referenced (or an eighth of
 /// the client's share, if less: it can return only what it received), or
 /// [`REFERENCE_DELAY`] after the first of them, rather than one write
-/// per event (a reference frame is 25 bytes; each write wakes the client).
+/// per event (a reference frame is 34 bytes, 25 in version 2; each write
+/// wakes the client).
 pub const REFERENCE_BATCH: usize = 4 << 20;
 
 /// The longest a reference waits for others to go with it.
