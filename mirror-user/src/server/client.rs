@@ -465,7 +465,8 @@ impl Client {
     /// The server's answer during the hello, which holds no stream event.
     async fn hello_answer(&mut self, endpoint: &Endpoint) -> Result<ServerFrame, ClientError> {
         match self.read().await?.ok_or(ClientError::Closed)? {
-            // A mirror of version 1 reads a version 2 hello as malformed.
+            // A mirror of version 1 reads a hello of version 2 or 3 as
+            // malformed.
             ServerFrame::Error {
                 code: ErrorCode::BadFrame,
                 message,
