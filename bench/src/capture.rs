@@ -18,8 +18,8 @@ use crate::{
 
 /// One run of one case.
 #[derive(Debug, Clone)]
-struct Sample {
-    load: Load,
+pub(crate) struct Sample {
+    pub(crate) load: Load,
     /// CPU seconds the watcher's processes used during the run.
     cpu_seconds: Option<f64>,
     wall_seconds: f64,
@@ -76,7 +76,12 @@ pub fn run(options: &Options) -> Section {
     render(&results, options)
 }
 
-fn measure(bed: &Bed, traffic: Traffic, watcher: Watcher, seconds: u32) -> Result<Sample, String> {
+pub(crate) fn measure(
+    bed: &Bed,
+    traffic: Traffic,
+    watcher: Watcher,
+    seconds: u32,
+) -> Result<Sample, String> {
     let before = bed.counters();
     let watching = Watching::start(watcher, bed, traffic.port())?;
     let pids = watching.pids();
@@ -116,20 +121,20 @@ fn measure(bed: &Bed, traffic: Traffic, watcher: Watcher, seconds: u32) -> Resul
 }
 
 /// Medians of one case.
-struct Figures {
-    throughput: Option<Spread>,
-    ratio: Option<Spread>,
+pub(crate) struct Figures {
+    pub(crate) throughput: Option<Spread>,
+    pub(crate) ratio: Option<Spread>,
     p99_ms: Option<Spread>,
-    completeness: Option<Spread>,
-    cpu_percent: Option<Spread>,
-    cpu_per_gb: Option<Spread>,
+    pub(crate) completeness: Option<Spread>,
+    pub(crate) cpu_percent: Option<Spread>,
+    pub(crate) cpu_per_gb: Option<Spread>,
     rss_mib: Option<Spread>,
     /// Each loss counter summed over the runs.
-    losses: Vec<(&'static str, u64)>,
+    pub(crate) losses: Vec<(&'static str, u64)>,
 }
 
 impl Figures {
-    fn of(samples: &[Sample], baseline: Option<f64>) -> Self {
+    pub(crate) fn of(samples: &[Sample], baseline: Option<f64>) -> Self {
         let throughput = Spread::of(samples.iter().map(|s| s.load.throughput));
         let mut losses: Vec<(&'static str, u64)> = Vec::new();
         for sample in samples {
@@ -256,9 +261,10 @@ fn render(results: &Results, options: &Options) -> Section {
             );
             let kind = match watcher {
                 Watcher::Nothing => Kind::Baseline,
-                Watcher::Mirror { .. } | Watcher::MirrorSampled { .. } | Watcher::Consumer(_) => {
-                    Kind::Mirror
-                }
+                Watcher::Mirror { .. }
+                | Watcher::MirrorSampled { .. }
+                | Watcher::MirrorBoth
+                | Watcher::Consumer(_) => Kind::Mirror,
                 _ => Kind::Peer,
             };
             if let Some(ratio) = figures.ratio {

@@ -7,6 +7,8 @@
 //!   every watcher: throughput ratio, p99, completeness, CPU, memory, loss;
 //!   on bulk traffic also each kind of consumer (`mirror tail` over Unix
 //!   and TCP, `--dump-dir`, `--pcap`, `--forward`) beside tcpdump;
+//! - `directions`: `--directions client` beside `--directions both`, each
+//!   with a `mirror tail`: what following the answers costs;
 //! - `kernel`: the kernel program's cost per packet (bpf_stats on live
 //!   traffic, BPF_PROG_TEST_RUN on crafted frames);
 //! - `isolation`: a stalled consumer beside a reading one;
@@ -18,6 +20,7 @@
 
 mod bed;
 mod capture;
+mod directions;
 mod fanout;
 mod http;
 mod isolation;
@@ -42,7 +45,7 @@ pub struct Options {
     pub quick: bool,
 }
 
-const USAGE: &str = "use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario capture|kernel|isolation|fanout|forward";
+const USAGE: &str = "use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario capture|directions|kernel|isolation|fanout|forward";
 
 fn main() {
     clean_up_on_signal();
@@ -88,6 +91,7 @@ fn main() {
         eprintln!("bench: scenario {scenario}");
         let section = match scenario.as_str() {
             "capture" => capture::run(&options),
+            "directions" => directions::run(&options),
             "kernel" => kernel::run(&options),
             "isolation" => isolation::run(&options),
             "fanout" => fanout::run(&options),

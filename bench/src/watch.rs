@@ -50,6 +50,11 @@ pub enum Watcher {
         attach: &'static str,
         subscribed: bool,
     },
+    /// `mirror run --attach tc --directions both` on the traffic's port, a
+    /// `mirror tail` reading both directions of every stream (the
+    /// `directions` scenario, beside `Mirror { attach: "tc", subscribed:
+    /// true }`, which follows the client's bytes only).
+    MirrorBoth,
     /// `mirror run --attach tc --sample PERCENT` on the traffic's port,
     /// with a `mirror tail` consumer: the kernel copies only that share of
     /// the connections.
@@ -129,6 +134,7 @@ impl Watcher {
             Self::MirrorSampled { percent } => {
                 format!("mirror tc, --sample {percent}, 1 consumer")
             }
+            Self::MirrorBoth => "mirror tc, --directions both, 1 consumer".to_owned(),
             Self::Consumer(consumer) => format!("mirror tc, {}", consumer.name()),
             Self::Tcpdump => "tcpdump -B 65536, port filter".to_owned(),
             Self::Netsniff => "netsniff-ng, port filter".to_owned(),
@@ -159,6 +165,7 @@ impl Watcher {
             } => "mirror xdp-skb",
             Self::Mirror { .. } => "mirror xdp-drv",
             Self::MirrorSampled { .. } => "mirror tc, sampled",
+            Self::MirrorBoth => "mirror tc, both",
             Self::Consumer(consumer) => consumer.label(),
             Self::Tcpdump => "tcpdump",
             Self::Netsniff => "netsniff-ng",
@@ -234,6 +241,9 @@ pub fn command(watcher: Watcher) -> &'static str {
         }
         Watcher::Consumer(Consumer::TailTcp) => {
             "`mirror run ... --listen 127.0.0.1:7000 --token-file F` + `mirror tail --connect 127.0.0.1:7000 --token-file F --port P --format text > /dev/null`"
+        }
+        Watcher::MirrorBoth => {
+            "`mirror run --iface IF --port P --attach tc --directions both` + `mirror tail --port P --format text > /dev/null`"
         }
         Watcher::Consumer(Consumer::DumpDir) => "`mirror run ... --dump-dir TMPFS`",
         Watcher::Consumer(Consumer::Pcap) => {
@@ -318,6 +328,27 @@ impl Watching {
                         &["--port", &port, "--format", "text"],
                     ));
                 }
+                watching.mirror = Some(mirror);
+            }
+            Watcher::MirrorBoth => {
+                let mirror = MirrorProcess::start_quiet(
+                    ns,
+                    &[
+                        "--iface",
+                        iface,
+                        "--port",
+                        &port,
+                        "--attach",
+                        "tc",
+                        "--directions",
+                        "both",
+                    ],
+                );
+                watching.consumer = Some(ClientProcess::tail(
+                    None,
+                    &mirror.endpoint(),
+                    &["--port", &port, "--format", "text"],
+                ));
                 watching.mirror = Some(mirror);
             }
             Watcher::MirrorSampled { percent } => {

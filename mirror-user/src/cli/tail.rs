@@ -9,6 +9,7 @@ use mirror_user::{
     files::OutputDir,
     flow::model::StreamEvent,
     kernel::privileges::Identity,
+    server::protocol::VERSION,
     sinks::{
         dump::DumpWriter,
         print::{EventTotals, PrintFormat, format_event},
@@ -90,6 +91,12 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     };
     let start = async {
         let mut client = connect(&args.connect, "mirror tail").await?;
+        if client.version() < VERSION {
+            eprintln!(
+                "mirror tail: the mirror refused protocol version {VERSION} (it is of an earlier release); connected again with version {}: the server's bytes will not be shown",
+                client.version()
+            );
+        }
         client.subscribe(&ports).await?;
         anyhow::Ok(client)
     };

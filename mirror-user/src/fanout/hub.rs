@@ -188,12 +188,12 @@ impl Hub {
     /// A subscriber session's consumer, with no port yet: `client-ID` in
     /// the counters while it lasts, with the name its client gave (as the
     /// server keeps it, escaped here). When the subscription is dropped its
-    /// totals move into the past sessions'.
+    /// totals move into the past sessions'. It carries both directions; the
+    /// session narrows it to the client's for a version 2 client.
     pub fn subscribe_session(&self, id: u64, client: &str) -> Subscription {
         let client = printable(client).into_owned();
         let (_, subscription) = self.register(format!("client-{id}"), Some(client), true);
-        // The subscriber protocol (version 2) carries the client's bytes.
-        subscription.client_only()
+        subscription
     }
 
     fn register(

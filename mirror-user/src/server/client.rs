@@ -46,10 +46,10 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::{
     arena::{ArenaError, ArenaView},
     control::ports::PortInfo,
-    flow::model::{Direction, StreamEvent},
+    flow::model::StreamEvent,
     server::protocol::{
-        ClientFrame, ErrorCode, MAX_TOKEN, ProtocolError, ServerFrame, VERSION, client_name,
-        client_proof, new_nonce, server_proof_holds,
+        ClientFrame, ErrorCode, MAX_TOKEN, OLDEST_VERSION, ProtocolError, ServerFrame, VERSION,
+        client_name, client_proof, new_nonce, server_proof_holds,
     },
     server::{Endpoint, protocol::frame, wire::Connection},
     text::printable,
@@ -132,6 +132,8 @@ pub struct Client {
     wire: Framed<Box<dyn Connection>, LengthDelimitedCodec>,
     events: VecDeque<StreamEvent>,
     server: String,
+    /// The protocol version of the session.
+    version: u16,
     /// The mirror's arena, once mapped.
     arena: Option<ClientArena>,
 }
@@ -284,14 +286,21 @@ impl Client {
                 Some(token) => Some(token.as_bytes()),
             },
         };
-        tokio::time::timeout(
-            HELLO_EXCHANGE_TIMEOUT,
-            Self::connect_and_greet(endpoint, token, name, arena),
-        )
-        .await
-        .map_err(|_| ClientError::HelloTimeout {
+        let greet = |version| {
+            tokio::time::timeout(
+                HELLO_EXCHANGE_TIMEOUT,
+                Self::connect_and_greet(endpoint, token, name, arena, version),
+            )
+        };
+        let timeout = |_| ClientError::HelloTimeout {
             endpoint: endpoint.clone(),
-        })?
+        };
+        match greet(VERSION).await.map_err(timeout)? {
+            // A mirror of an earlier release: once more in its version,
+            // which carries the client's bytes only.
+            Err(ClientError::Version(_)) => greet(OLDEST_VERSION).await.map_err(timeout)?,
+            greeted => greeted,
+        }
     }
 
     async fn connect_and_greet(
@@ -299,6 +308,7 @@ impl Client {
         token: Option<&[u8]>,
         name: &str,
         arena: ArenaUse,
+        version: u16,
     ) -> Result<Self, ClientError> {
         let connect_error = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
@@ -318,12 +328,13 @@ impl Client {
             wire: frame(connection),
             events: VecDeque::new(),
             server: String::new(),
+            version,
             arena: None,
         };
         let client_nonce = new_nonce()?;
         client
             .send(&ClientFrame::Hello {
-                version: VERSION,
+                version,
                 name: client_name(name).to_owned(),
                 nonce: client_nonce,
             })
@@ -454,7 +465,8 @@ impl Client {
     /// The server's answer during the hello, which holds no stream event.
     async fn hello_answer(&mut self, endpoint: &Endpoint) -> Result<ServerFrame, ClientError> {
         match self.read().await?.ok_or(ClientError::Closed)? {
-            // A mirror of version 1 reads a version 2 hello as malformed.
+            // A mirror of version 1 reads a hello of version 2 or 3 as
+            // malformed.
             ServerFrame::Error {
                 code: ErrorCode::BadFrame,
                 message,
@@ -476,6 +488,13 @@ impl Client {
     /// How the server described itself.
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The protocol version of the session: [`VERSION`], or
+    /// [`OLDEST_VERSION`] with a mirror of an earlier release (which sends
+    /// the client's bytes only).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     pub async fn subscribe(&mut self, ports: &[u16]) -> Result<(), ClientError> {
@@ -573,7 +592,13 @@ impl Client {
         };
         self.return_credits(false).await;
         match frame {
-            ServerFrame::DataRef { conn, offset, len } => {
+            ServerFrame::DataRef {
+                conn,
+                dir,
+                peer_acked,
+                offset,
+                len,
+            } => {
                 let guard = credits.issue(len);
                 let arena = self.arena.as_ref().expect("checked above");
                 let bytes = arena.view.bytes(offset, len, guard).ok_or_else(|| {
@@ -583,10 +608,10 @@ impl Client {
                     ))
                 })?;
                 Ok(Some(ServerFrame::Event(StreamEvent::Data {
-                    peer_acked: 0,
+                    peer_acked,
                     conn,
                     bytes,
-                    dir: Direction::Client,
+                    dir,
                 })))
             }
             frame => Ok(Some(frame)),
@@ -903,9 +928,78 @@ mod tests {
 
     fn framed(frame: &ServerFrame) -> Vec<u8> {
         let mut out = BytesMut::new();
-        let payload = frame.encode_wire(&mut out);
+        let payload = frame.encode_wire(VERSION, &mut out);
         assert!(payload.is_none());
         out.to_vec()
+    }
+
+    /// A mirror of the release before version 3 refuses a version 3 hello
+    /// with `ERROR(2)`: the client says hello once more in version 2, and
+    /// reads its stream frames as the client's bytes.
+    #[tokio::test]
+    async fn a_version_2_mirror_is_greeted_again_in_version_2() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let old_mirror = tokio::spawn(async move {
+            let mut hellos = Vec::new();
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut length = [0u8; 4];
+                stream.read_exact(&mut length).await.unwrap();
+                let mut hello = vec![0u8; u32::from_be_bytes(length) as usize];
+                stream.read_exact(&mut hello).await.unwrap();
+                let Ok(ClientFrame::Hello { version, .. }) = ClientFrame::decode(&hello) else {
+                    panic!("a hello: {hello:?}");
+                };
+                hellos.push(version);
+                if version != 2 {
+                    let refusal = framed(&ServerFrame::Error {
+                        code: ErrorCode::UnsupportedVersion,
+                        fatal: true,
+                        message: format!(
+                            "this mirror speaks protocol version 2, the client {version}: use a client of the mirror's release"
+                        ),
+                    });
+                    stream.write_all(&refusal).await.unwrap();
+                    continue;
+                }
+                let mut answer = framed(&ServerFrame::Welcome {
+                    version: 2,
+                    server: "old".into(),
+                });
+                // OPENED and DATA as version 2 has them.
+                answer.extend_from_slice(&[0, 0, 0, 24, 0x82, 0, 0, 0, 0, 0, 0, 0, 1]);
+                answer.extend_from_slice(&[4, 127, 0, 0, 1, 0x9c, 0x40, 4, 127, 0, 0, 1, 0, 80, 0]);
+                answer.extend_from_slice(&[0, 0, 0, 14, 0x83, 0, 0, 0, 0, 0, 0, 0, 1]);
+                answer.extend_from_slice(b"GET /");
+                stream.write_all(&answer).await.unwrap();
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+            }
+            hellos
+        });
+        let endpoint = Endpoint::Unix(path);
+        let mut client = Client::connect_with(&endpoint, None, "tail", ArenaUse::Never)
+            .await
+            .expect("served in version 2");
+        assert_eq!((client.version(), client.server()), (2, "old"));
+        assert!(matches!(
+            client.next_event().await.unwrap(),
+            Some(StreamEvent::Opened { conn: 1, .. })
+        ));
+        assert_eq!(
+            client.next_event().await.unwrap(),
+            Some(StreamEvent::Data {
+                conn: 1,
+                dir: crate::flow::model::Direction::Client,
+                bytes: bytes::Bytes::from_static(b"GET /"),
+                peer_acked: 0,
+            })
+        );
+        drop(client);
+        assert_eq!(old_mirror.await.unwrap(), [VERSION, 2]);
     }
 
     #[tokio::test]

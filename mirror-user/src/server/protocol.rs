@@ -1,4 +1,5 @@
-//! The subscriber protocol (version 2), specified in `docs/protocol.md`:
+//! The subscriber protocol (version 3, and version 2 for older clients),
+//! specified in `docs/protocol.md`:
 //! length-prefixed frames (a 4-byte big-endian length, then the frame),
 //! each a type byte and a body of big-endian fields.
 //!
@@ -22,8 +23,20 @@ use crate::{
 };
 
 /// The protocol version this build speaks. Version 1 sent the token in
-/// its `Hello`; version 2 proves it with [`client_proof`] instead.
-pub const VERSION: u16 = 2;
+/// its `Hello`; version 2 proves it with [`client_proof`] instead; version
+/// 3 carries both directions of a connection (its stream frames say which
+/// direction, and where the other stood) and the interface of a
+/// connection.
+pub const VERSION: u16 = 3;
+/// The oldest version this build still speaks, as server and client: a
+/// version 2 session gets version 2's stream frames, and the client's
+/// bytes only.
+pub const OLDEST_VERSION: u16 = 2;
+
+/// Whether this build speaks `version`.
+pub const fn speaks(version: u16) -> bool {
+    version >= OLDEST_VERSION && version <= VERSION
+}
 /// Largest frame (after the length prefix) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest `str` field (client or server name) a frame may carry.
@@ -119,8 +132,15 @@ pub enum ServerFrame {
     /// (`SCM_RIGHTS`).
     Arena { size: u64, share: u64 },
     /// Data of a connection, as `len` bytes at `offset` in the arena; the
-    /// client returns it with a `Credit`.
-    DataRef { conn: u64, offset: u64, len: u32 },
+    /// client returns it with a `Credit`. `dir` and `peer_acked` as in
+    /// [`StreamEvent::Data`].
+    DataRef {
+        conn: u64,
+        dir: Direction,
+        peer_acked: u64,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// Why a request or session failed.
@@ -216,8 +236,9 @@ mod kind {
     pub const CREDIT: u8 = 0x0a;
 
     pub const WELCOME: u8 = 0x81;
-    pub const OPENED: u8 = 0x82;
-    pub const DATA: u8 = 0x83;
+    /// Version 2's stream frames, without direction and interface.
+    pub const OPENED_V2: u8 = 0x82;
+    pub const DATA_V2: u8 = 0x83;
     pub const CLOSED: u8 = 0x84;
     pub const OK: u8 = 0x85;
     pub const STATS_REPLY: u8 = 0x86;
@@ -225,7 +246,25 @@ mod kind {
     pub const ERROR: u8 = 0x88;
     pub const CHALLENGE: u8 = 0x89;
     pub const ARENA: u8 = 0x8a;
-    pub const DATA_REF: u8 = 0x8b;
+    pub const DATA_REF_V2: u8 = 0x8b;
+    /// Version 3's: new types rather than new layouts of the old ones, so
+    /// that a frame's meaning never depends on the session's version.
+    pub const OPENED: u8 = 0x8c;
+    pub const DATA: u8 = 0x8d;
+    pub const DATA_REF: u8 = 0x8e;
+}
+
+/// Bytes of a version 3 `DATA` frame before its payload: type, `conn`,
+/// `dir`, `peer_acked`.
+const DATA_HEAD: usize = 1 + 8 + 1 + 8;
+/// The same for version 2: type, `conn`.
+const DATA_V2_HEAD: usize = 1 + 8;
+
+const fn dir_code(dir: Direction) -> u8 {
+    match dir {
+        Direction::Client => 0,
+        Direction::Server => 1,
+    }
 }
 
 const REASON_CODES: [(CloseReason, u8); 7] = [
@@ -318,20 +357,35 @@ impl ClientFrame {
 }
 
 impl ServerFrame {
-    /// The frame as it goes on the wire, length prefix included, in two
-    /// parts: everything up to the payload is appended to `head`; a
-    /// `Data` frame's payload is returned, to be written right after it as
-    /// it is (shared with every other consumer, never copied here).
-    pub fn encode_wire(&self, head: &mut BytesMut) -> Option<Bytes> {
-        if let Self::Event(StreamEvent::Data { conn, bytes, .. }) = self {
-            head.put_u32((1 + 8 + bytes.len()) as u32);
-            head.put_u8(kind::DATA);
-            head.put_u64(*conn);
+    /// The frame as it goes on the wire to a session of `version`, length
+    /// prefix included, in two parts: everything up to the payload is
+    /// appended to `head`; a `Data` frame's payload is returned, to be
+    /// written right after it as it is (shared with every other consumer,
+    /// never copied here).
+    pub fn encode_wire(&self, version: u16, head: &mut BytesMut) -> Option<Bytes> {
+        if let Self::Event(StreamEvent::Data {
+            conn,
+            dir,
+            bytes,
+            peer_acked,
+        }) = self
+        {
+            if version >= 3 {
+                head.put_u32((DATA_HEAD + bytes.len()) as u32);
+                head.put_u8(kind::DATA);
+                head.put_u64(*conn);
+                head.put_u8(dir_code(*dir));
+                head.put_u64(*peer_acked);
+            } else {
+                head.put_u32((DATA_V2_HEAD + bytes.len()) as u32);
+                head.put_u8(kind::DATA_V2);
+                head.put_u64(*conn);
+            }
             return Some(bytes.clone());
         }
         let start = head.len();
         head.put_u32(0);
-        self.encode(head);
+        self.encode_for(version, head);
         let len = (head.len() - start - 4) as u32;
         head[start..start + 4].copy_from_slice(&len.to_be_bytes());
         None
@@ -341,17 +395,33 @@ impl ServerFrame {
     /// `frame`, not a copy.
     pub fn decode_shared(frame: Bytes) -> Result<Self, ProtocolError> {
         match frame.first() {
-            Some(&kind::DATA) if frame.len() >= 9 => Ok(Self::Event(StreamEvent::Data {
-                peer_acked: 0,
+            Some(&kind::DATA) if frame.len() >= DATA_HEAD => Ok(Self::Event(StreamEvent::Data {
                 conn: u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes")),
-                dir: Direction::Client,
-                bytes: frame.slice(9..),
+                dir: decode_dir(kind::DATA, frame[9])?,
+                peer_acked: u64::from_be_bytes(frame[10..18].try_into().expect("8 bytes")),
+                bytes: frame.slice(DATA_HEAD..),
             })),
+            Some(&kind::DATA_V2) if frame.len() >= DATA_V2_HEAD => {
+                Ok(Self::Event(StreamEvent::Data {
+                    peer_acked: 0,
+                    conn: u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes")),
+                    dir: Direction::Client,
+                    bytes: frame.slice(DATA_V2_HEAD..),
+                }))
+            }
             _ => Self::decode(&frame),
         }
     }
 
+    /// The frame's type and body in this build's version.
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_for(VERSION, out);
+    }
+
+    /// The frame's type and body for a session of `version`: version 2
+    /// has its own stream frames (a session of version 2 receives the
+    /// client's bytes only).
+    pub fn encode_for(&self, version: u16, out: &mut BytesMut) {
         match self {
             Self::Challenge { nonce, proof } => {
                 out.put_u8(kind::CHALLENGE);
@@ -364,21 +434,40 @@ impl ServerFrame {
                 put_str(out, server);
             }
             Self::Event(StreamEvent::Opened {
-                iface: _,
+                iface,
                 conn,
                 src,
                 dst,
                 midstream,
             }) => {
-                out.put_u8(kind::OPENED);
+                out.put_u8(if version >= 3 {
+                    kind::OPENED
+                } else {
+                    kind::OPENED_V2
+                });
                 out.put_u64(*conn);
                 put_addr(out, src);
                 put_addr(out, dst);
                 out.put_u8(u8::from(*midstream));
+                if version >= 3 {
+                    put_str(out, iface);
+                }
             }
-            Self::Event(StreamEvent::Data { conn, bytes, .. }) => {
-                out.put_u8(kind::DATA);
-                out.put_u64(*conn);
+            Self::Event(StreamEvent::Data {
+                conn,
+                dir,
+                bytes,
+                peer_acked,
+            }) => {
+                if version >= 3 {
+                    out.put_u8(kind::DATA);
+                    out.put_u64(*conn);
+                    out.put_u8(dir_code(*dir));
+                    out.put_u64(*peer_acked);
+                } else {
+                    out.put_u8(kind::DATA_V2);
+                    out.put_u64(*conn);
+                }
                 out.put_slice(bytes);
             }
             Self::Event(StreamEvent::Closed { conn, reason }) => {
@@ -415,9 +504,22 @@ impl ServerFrame {
                 out.put_u64(*size);
                 out.put_u64(*share);
             }
-            Self::DataRef { conn, offset, len } => {
-                out.put_u8(kind::DATA_REF);
-                out.put_u64(*conn);
+            Self::DataRef {
+                conn,
+                dir,
+                peer_acked,
+                offset,
+                len,
+            } => {
+                if version >= 3 {
+                    out.put_u8(kind::DATA_REF);
+                    out.put_u64(*conn);
+                    out.put_u8(dir_code(*dir));
+                    out.put_u64(*peer_acked);
+                } else {
+                    out.put_u8(kind::DATA_REF_V2);
+                    out.put_u64(*conn);
+                }
                 out.put_u64(*offset);
                 out.put_u32(*len);
             }
@@ -435,14 +537,24 @@ impl ServerFrame {
                 version: r.u16("version")?,
                 server: r.str("server")?,
             },
-            kind::OPENED => Self::Event(StreamEvent::Opened {
-                iface: Default::default(),
+            kind::OPENED | kind::OPENED_V2 => Self::Event(StreamEvent::Opened {
                 conn: r.u64("conn")?,
                 src: r.addr("src")?,
                 dst: r.addr("dst")?,
                 midstream: r.flag("midstream")?,
+                iface: if r.kind == kind::OPENED {
+                    r.str("iface")?.into()
+                } else {
+                    Default::default()
+                },
             }),
             kind::DATA => Self::Event(StreamEvent::Data {
+                conn: r.u64("conn")?,
+                dir: r.dir()?,
+                peer_acked: r.u64("peer_acked")?,
+                bytes: Bytes::copy_from_slice(r.rest()),
+            }),
+            kind::DATA_V2 => Self::Event(StreamEvent::Data {
                 peer_acked: 0,
                 conn: r.u64("conn")?,
                 dir: Direction::Client,
@@ -493,6 +605,15 @@ impl ServerFrame {
             },
             kind::DATA_REF => Self::DataRef {
                 conn: r.u64("conn")?,
+                dir: r.dir()?,
+                peer_acked: r.u64("peer_acked")?,
+                offset: r.u64("offset")?,
+                len: r.u32("len")?,
+            },
+            kind::DATA_REF_V2 => Self::DataRef {
+                conn: r.u64("conn")?,
+                dir: Direction::Client,
+                peer_acked: 0,
                 offset: r.u64("offset")?,
                 len: r.u32("len")?,
             },
@@ -581,6 +702,18 @@ pub fn new_nonce() -> std::io::Result<Nonce> {
     Ok(nonce)
 }
 
+fn decode_dir(kind: u8, code: u8) -> Result<Direction, ProtocolError> {
+    match code {
+        0 => Ok(Direction::Client),
+        1 => Ok(Direction::Server),
+        other => Err(ProtocolError::Invalid {
+            kind,
+            field: "dir",
+            value: other.into(),
+        }),
+    }
+}
+
 fn reason_code(reason: CloseReason) -> u8 {
     REASON_CODES
         .iter()
@@ -664,6 +797,11 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self, field: &'static str) -> Result<u64, ProtocolError> {
         Ok(self.take(8, field)?.get_u64())
+    }
+
+    fn dir(&mut self) -> Result<Direction, ProtocolError> {
+        let code = self.u8("dir")?;
+        decode_dir(self.kind, code)
     }
 
     fn flag(&mut self, field: &'static str) -> Result<bool, ProtocolError> {
@@ -801,11 +939,158 @@ mod tests {
         // On the wire: the 4-byte big-endian length, then the same bytes,
         // whether or not the payload travels apart.
         let mut wire = BytesMut::from(&b"before"[..]);
-        let payload = frame.encode_wire(&mut wire);
+        let payload = frame.encode_wire(VERSION, &mut wire);
         wire.extend_from_slice(&payload.unwrap_or_default());
         assert_eq!(&wire[..6], b"before");
         assert_eq!(wire[6..10], (buf.len() as u32).to_be_bytes());
         assert_eq!(&wire[10..], &buf[..]);
+    }
+
+    /// `frame` as a version 2 session gets it: `expected` in its body
+    /// bytes, and on the wire.
+    fn version_2_bytes(frame: &ServerFrame, expected: &[u8]) -> ServerFrame {
+        let mut buf = BytesMut::new();
+        frame.encode_for(2, &mut buf);
+        assert_eq!(&buf[..], expected, "{frame:?}");
+        let mut wire = BytesMut::new();
+        let payload = frame.encode_wire(2, &mut wire);
+        wire.extend_from_slice(&payload.unwrap_or_default());
+        assert_eq!(wire[..4], (buf.len() as u32).to_be_bytes());
+        assert_eq!(&wire[4..], &buf[..]);
+        let decoded = ServerFrame::decode(&buf).expect("a version 2 frame decodes");
+        assert_eq!(
+            ServerFrame::decode_shared(buf.freeze()),
+            Ok(decoded.clone())
+        );
+        decoded
+    }
+
+    /// A version 2 session gets exactly the frames of version 2 (the
+    /// bytes pinned here are those of the release that introduced it), and
+    /// a client of this release reads them as the client's bytes.
+    #[test]
+    fn version_2_sessions_get_version_2_frames() {
+        let conn = 0x0102_0304_0506_0708;
+        let opened = ServerFrame::Event(StreamEvent::Opened {
+            iface: "eth0".into(),
+            conn,
+            src: "127.0.0.1:40000".parse().unwrap(),
+            dst: "127.0.0.1:80".parse().unwrap(),
+            midstream: true,
+        });
+        let mut expected = vec![0x82, 1, 2, 3, 4, 5, 6, 7, 8];
+        expected.extend_from_slice(&[4, 127, 0, 0, 1, 0x9c, 0x40, 4, 127, 0, 0, 1, 0, 80, 1]);
+        let ServerFrame::Event(StreamEvent::Opened { iface, .. }) =
+            version_2_bytes(&opened, &expected)
+        else {
+            panic!("an opened frame");
+        };
+        assert!(iface.is_empty(), "version 2 carries no interface");
+        let data = ServerFrame::Event(StreamEvent::Data {
+            conn,
+            dir: Direction::Client,
+            bytes: Bytes::from_static(b"GET /"),
+            peer_acked: 77,
+        });
+        let mut expected = vec![0x83, 1, 2, 3, 4, 5, 6, 7, 8];
+        expected.extend_from_slice(b"GET /");
+        assert_eq!(
+            version_2_bytes(&data, &expected),
+            ServerFrame::Event(StreamEvent::Data {
+                conn,
+                dir: Direction::Client,
+                bytes: Bytes::from_static(b"GET /"),
+                peer_acked: 0,
+            })
+        );
+        let reference = ServerFrame::DataRef {
+            conn,
+            dir: Direction::Client,
+            peer_acked: 77,
+            offset: 9,
+            len: 5,
+        };
+        let mut expected = vec![0x8b, 1, 2, 3, 4, 5, 6, 7, 8];
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 5]);
+        assert_eq!(
+            version_2_bytes(&reference, &expected),
+            ServerFrame::DataRef {
+                conn,
+                dir: Direction::Client,
+                peer_acked: 0,
+                offset: 9,
+                len: 5,
+            }
+        );
+        // Everything else is the same in both versions.
+        let closed = ServerFrame::Event(StreamEvent::Closed {
+            conn,
+            reason: CloseReason::Gap,
+        });
+        let mut current = BytesMut::new();
+        closed.encode(&mut current);
+        version_2_bytes(&closed, &current);
+    }
+
+    /// Version 3's stream frames: the direction and the other direction's
+    /// acknowledged offset before the payload, the interface after the
+    /// addresses; a direction other than 0 or 1 is malformed.
+    #[test]
+    fn version_3_frames_carry_direction_and_interface() {
+        let data = ServerFrame::Event(StreamEvent::Data {
+            conn: 2,
+            dir: Direction::Server,
+            bytes: Bytes::from_static(b"ok"),
+            peer_acked: 0x1122_3344_5566_7788,
+        });
+        let mut buf = BytesMut::new();
+        data.encode(&mut buf);
+        let mut expected = vec![0x8d, 0, 0, 0, 0, 0, 0, 0, 2, 1];
+        expected.extend_from_slice(&0x1122_3344_5566_7788u64.to_be_bytes());
+        expected.extend_from_slice(b"ok");
+        assert_eq!(&buf[..], &expected[..]);
+        buf[9] = 2;
+        let invalid = Err(ProtocolError::Invalid {
+            kind: 0x8d,
+            field: "dir",
+            value: 2,
+        });
+        assert_eq!(ServerFrame::decode(&buf), invalid);
+        assert_eq!(ServerFrame::decode_shared(buf.freeze()), invalid);
+        let mut reference = BytesMut::new();
+        ServerFrame::DataRef {
+            conn: 2,
+            dir: Direction::Server,
+            peer_acked: 3,
+            offset: 4,
+            len: 5,
+        }
+        .encode(&mut reference);
+        assert_eq!(reference[0], 0x8e);
+        assert_eq!(reference[9], 1);
+        assert_eq!(reference.len(), 1 + 8 + 1 + 8 + 8 + 4);
+        reference[9] = 7;
+        assert!(matches!(
+            ServerFrame::decode(&reference),
+            Err(ProtocolError::Invalid { field: "dir", .. })
+        ));
+        let mut opened = BytesMut::new();
+        ServerFrame::Event(StreamEvent::Opened {
+            iface: "ns1:veth0".into(),
+            conn: 2,
+            src: "127.0.0.1:40000".parse().unwrap(),
+            dst: "127.0.0.1:80".parse().unwrap(),
+            midstream: false,
+        })
+        .encode(&mut opened);
+        assert_eq!(opened[0], 0x8c);
+        assert!(opened.ends_with(b"\x00\x09ns1:veth0"));
+        // A truncated interface is malformed, not an empty one.
+        assert!(matches!(
+            ServerFrame::decode(&opened[..opened.len() - 1]),
+            Err(ProtocolError::Truncated { field: "iface", .. })
+        ));
+        assert!(speaks(2) && speaks(3) && !speaks(1) && !speaks(4));
     }
 
     #[test]
@@ -847,11 +1132,24 @@ mod tests {
             dst: "[2001:db8::1]:443".parse().unwrap(),
             midstream: true,
         }));
+        server_round_trip(ServerFrame::Event(StreamEvent::Opened {
+            iface: "netns-a:eth0 é".into(),
+            conn: 1,
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "198.18.0.2:443".parse().unwrap(),
+            midstream: false,
+        }));
         server_round_trip(ServerFrame::Event(StreamEvent::Data {
             peer_acked: 0,
             dir: Default::default(),
             conn: 7,
             bytes: Bytes::from_static(b"\x00GET / HTTP/1.1\r\n"),
+        }));
+        server_round_trip(ServerFrame::Event(StreamEvent::Data {
+            peer_acked: u64::MAX,
+            dir: Direction::Server,
+            conn: 7,
+            bytes: Bytes::from_static(b"HTTP/1.1 200 OK\r\n"),
         }));
         server_round_trip(ServerFrame::Event(StreamEvent::Data {
             peer_acked: 0,
@@ -869,8 +1167,17 @@ mod tests {
         });
         server_round_trip(ServerFrame::DataRef {
             conn: 9,
+            dir: Direction::Client,
+            peer_acked: 0,
             offset: (1 << 20) + 5,
             len: 65_483,
+        });
+        server_round_trip(ServerFrame::DataRef {
+            conn: 9,
+            dir: Direction::Server,
+            peer_acked: 12_345,
+            offset: 0,
+            len: 1,
         });
         server_round_trip(ServerFrame::Stats {
             json: r#"{"kind":"counters"}"#.into(),
@@ -1107,7 +1414,7 @@ mod tests {
         let dst: SocketAddr = "127.0.0.1:80".parse().unwrap();
         let expected = [
             client(ClientFrame::Hello {
-                version: 2,
+                version: 3,
                 name: "test".into(),
                 nonce: client_nonce,
             }),
@@ -1119,13 +1426,13 @@ mod tests {
                 proof: client_proof(token, &server_nonce, &client_nonce),
             }),
             server(ServerFrame::Welcome {
-                version: 2,
+                version: 3,
                 server: "mirror 0.1.0 on lo".into(),
             }),
             client(ClientFrame::Subscribe { ports: vec![80] }),
             server(ServerFrame::Ok),
             server(ServerFrame::Event(StreamEvent::Opened {
-                iface: Default::default(),
+                iface: "lo".into(),
                 conn,
                 src,
                 dst,
@@ -1133,9 +1440,15 @@ mod tests {
             })),
             server(ServerFrame::Event(StreamEvent::Data {
                 peer_acked: 0,
-                dir: Default::default(),
+                dir: Direction::Client,
                 conn,
                 bytes: Bytes::from_static(b"GET /"),
+            })),
+            server(ServerFrame::Event(StreamEvent::Data {
+                peer_acked: 5,
+                dir: Direction::Server,
+                conn,
+                bytes: Bytes::from_static(b"HTTP/"),
             })),
             server(ServerFrame::Event(StreamEvent::Closed {
                 conn,
@@ -1150,10 +1463,10 @@ mod tests {
             );
             assert_eq!(doc_hex, code_hex);
         }
-        assert_eq!(VERSION, 2, "the example shows version 2");
+        assert_eq!(VERSION, 3, "the example shows version 3");
         // The same session over a Unix socket, with the arena.
         let opened = StreamEvent::Opened {
-            iface: Default::default(),
+            iface: "lo".into(),
             conn,
             src,
             dst,
@@ -1170,6 +1483,8 @@ mod tests {
             server(ServerFrame::Event(opened)),
             server(ServerFrame::DataRef {
                 conn,
+                dir: Direction::Client,
+                peer_acked: 0,
                 offset: 0,
                 len: 5,
             }),

@@ -31,9 +31,9 @@ use crate::{
     server::{
         ServerConfig, ServerCounters,
         protocol::{
-            ClientFrame, ErrorCode, FRAME_BUFFER, MAX_FRAME, MAX_HELLO_FRAME, Nonce, ServerFrame,
-            VERSION, client_name, client_proof_holds, codec, hello_version, new_nonce,
-            server_proof,
+            ClientFrame, ErrorCode, FRAME_BUFFER, MAX_FRAME, MAX_HELLO_FRAME, Nonce,
+            OLDEST_VERSION, ServerFrame, VERSION, client_name, client_proof_holds, codec,
+            hello_version, new_nonce, server_proof, speaks,
         },
         shared::{SharedPayloads, client_share},
         wire::{Connection, SessionWire},
@@ -71,7 +71,8 @@ pub struct SessionContext {
 /// to the arena are written once this much is referenced (or an eighth of
 /// the client's share, if less: it can return only what it received), or
 /// [`REFERENCE_DELAY`] after the first of them, rather than one write
-/// per event (a reference frame is 25 bytes; each write wakes the client).
+/// per event (a reference frame is 34 bytes, 25 in version 2; each write
+/// wakes the client).
 pub const REFERENCE_BATCH: usize = 4 << 20;
 
 /// The longest a reference waits for others to go with it.
@@ -214,12 +215,13 @@ pub(super) async fn session(
     };
     let mut outbox = Outbox::default();
     let end = match hello(&mut wire, greeting, &context, shutdown.clone()).await {
-        Ok((name, slot)) => {
-            tracing::info!(session = id, client = %printable(&name), "client connected");
+        Ok((name, version, slot)) => {
+            tracing::info!(session = id, client = %printable(&name), version, "client connected");
             let end = serve_session(
                 &mut wire,
                 id,
                 &name,
+                version,
                 &context,
                 &mut outbox,
                 shutdown.clone(),
@@ -273,13 +275,14 @@ struct Greeting<'a> {
 }
 
 /// Runs the hello; returns the client's name (cut to
-/// [`crate::server::protocol::MAX_CLIENT_NAME`] bytes) and its client slot.
+/// [`crate::server::protocol::MAX_CLIENT_NAME`] bytes), the protocol
+/// version it speaks, and its client slot.
 async fn hello(
     wire: &mut Wire,
     greeting: Greeting<'_>,
     context: &SessionContext,
     shutdown: watch::Receiver<bool>,
-) -> Result<(String, ClientSlot), End> {
+) -> Result<(String, u16, ClientSlot), End> {
     let Greeting {
         needs_token,
         deadline,
@@ -290,8 +293,8 @@ async fn hello(
     // The hello passed or failed: its place is free before anything more is
     // written (a refused client that does not read holds nothing).
     drop(ticket);
-    let name = match outcome {
-        Ok(name) => name,
+    let (name, version) = match outcome {
+        Ok(hello) => hello,
         Err(Refusal { end, answer }) => {
             if let Some(answer) = answer {
                 let _ = send(wire, context, &answer).await;
@@ -313,12 +316,13 @@ async fn hello(
         return Err(End::Refused);
     };
     wire.set_max_frame_length(MAX_FRAME);
+    wire.set_version(version);
     let welcome = ServerFrame::Welcome {
-        version: VERSION,
+        version,
         server: context.config.name.clone(),
     };
     send(wire, context, &welcome).await?;
-    Ok((client_name(&name).to_owned(), slot))
+    Ok((client_name(&name).to_owned(), version, slot))
 }
 
 /// How a hello failed: the session's end, and the fatal error to send.
@@ -346,7 +350,8 @@ impl Refusal {
 
 /// Reads the `Hello` and, on a TCP listener, challenges the client: the
 /// server proves that it knows the token, then checks the client's proof
-/// (docs/protocol.md, "Authentication"). Returns the client's name.
+/// (docs/protocol.md, "Authentication"). Returns the client's name and
+/// version.
 async fn greet(
     wire: &mut Wire,
     needs_token: bool,
@@ -354,14 +359,14 @@ async fn greet(
     ticket: &mut HelloTicket,
     context: &SessionContext,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<String, Refusal> {
+) -> Result<(String, u16), Refusal> {
     let first = read_before_welcome(wire, deadline, ticket, &mut shutdown, End::Client).await?;
     // Read before the rest of the frame, whose layout depends on it.
     if let Some(version) = hello_version(&first)
-        && version != VERSION
+        && !speaks(version)
     {
         let message = format!(
-            "this mirror speaks protocol version {VERSION}, the client {version}: use a client of the mirror's release"
+            "this mirror speaks protocol versions {OLDEST_VERSION} to {VERSION}, the client {version}: use a client of the mirror's release"
         );
         return Err(Refusal::new(
             End::Refused,
@@ -369,13 +374,17 @@ async fn greet(
             message,
         ));
     }
-    let (name, client_nonce) = match ClientFrame::decode(&first) {
-        Ok(ClientFrame::Hello { name, nonce, .. }) => (name, nonce),
+    let (name, version, client_nonce) = match ClientFrame::decode(&first) {
+        Ok(ClientFrame::Hello {
+            name,
+            version,
+            nonce,
+        }) => (name, version, nonce),
         Ok(_) => return Err(Refusal::bad_frame("the first frame must be a hello")),
         Err(decode_error) => return Err(Refusal::bad_frame(format!("bad frame: {decode_error}"))),
     };
     if !needs_token {
-        return Ok(name);
+        return Ok((name, version));
     }
     let Some(token) = context.config.token.as_deref() else {
         // `bind` refuses a TCP listener without a token.
@@ -396,7 +405,7 @@ async fn greet(
         Ok(ClientFrame::Auth { proof })
             if client_proof_holds(token.as_bytes(), &server_nonce, &client_nonce, &proof) =>
         {
-            Ok(name)
+            Ok((name, version))
         }
         Ok(ClientFrame::Auth { .. }) => Err(Refusal::new(
             End::Refused,
@@ -516,11 +525,16 @@ async fn serve_session(
     wire: &mut Wire,
     id: SessionId,
     name: &str,
+    version: u16,
     context: &SessionContext,
     outbox: &mut Outbox,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let mut subscription = context.hub.subscribe_session(id, name);
+    if version < 3 {
+        // Version 2 has no frame for the server's bytes.
+        subscription = subscription.client_only();
+    }
     loop {
         tokio::select! {
             frame = wire.next() => {

@@ -118,7 +118,10 @@ impl SharedPayloads {
                 }
             }
             StreamEvent::Data {
-                conn, ref bytes, ..
+                conn,
+                dir,
+                peer_acked,
+                ref bytes,
             } => {
                 if self.dropped.contains(&conn) {
                     return 0;
@@ -152,6 +155,8 @@ impl SharedPayloads {
                 *self.pinned.entry(chunk).or_default() += 1;
                 send(ServerFrame::DataRef {
                     conn,
+                    dir,
+                    peer_acked,
                     offset,
                     len: bytes.len() as u32,
                 });
@@ -249,6 +254,8 @@ mod tests {
             out,
             [ServerFrame::DataRef {
                 conn: 1,
+                dir: Default::default(),
+                peer_acked: 0,
                 offset: arena.offset_of(&first).unwrap(),
                 len: 5
             }]

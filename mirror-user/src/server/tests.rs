@@ -315,7 +315,10 @@ fn the_documented_limits_are_the_code() {
         ),
         format!("{} MiB ({MAX_FRAME} bytes)", MAX_FRAME >> 20),
         format!("may be at most {MAX_HELLO_FRAME} bytes long (the longest `HELLO`)"),
-        format!("version in `HELLO` and `WELCOME` is {VERSION}."),
+        format!(
+            "The version in `HELLO` is {VERSION}; a server of this release also speaks {}",
+            crate::server::protocol::OLDEST_VERSION
+        ),
     ] {
         assert!(
             doc.contains(&stated),
@@ -642,10 +645,11 @@ async fn another_version_is_told_so_whatever_its_hello_holds() {
         let [ServerFrame::Error { message, .. }] = &frames[..] else {
             unreachable!("one error");
         };
-        let says = format!("this mirror speaks protocol version {VERSION}, the client {version}");
+        let says =
+            format!("this mirror speaks protocol versions 2 to {VERSION}, the client {version}");
         assert!(message.starts_with(&says), "{message}");
     }
-    assert_eq!(VERSION, 2, "the version 1 hello above is the one before");
+    assert_eq!(VERSION, 3, "version 1 is the one before the oldest spoken");
     server
         .wait_until("counted", |s| s.counter("refused") == 2)
         .await;
@@ -1366,6 +1370,124 @@ mod arena {
         assert!(!client.uses_arena());
         let (_, answer) = raw_session(path, true).await;
         assert_error(answer, ErrorCode::NoArena, false, "--arena-size 0");
+        server.stop().await;
+    }
+
+    /// One frame's bytes (type and body), or `None` at the end.
+    async fn read_raw(stream: &mut (impl AsyncRead + Unpin)) -> Option<Vec<u8>> {
+        let mut length = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut length))
+            .await
+            .expect("a frame in time")
+            .ok()?;
+        let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
+        stream.read_exact(&mut frame).await.ok()?;
+        Some(frame)
+    }
+
+    /// With both directions in the hub, a version 3 client (the library,
+    /// with the arena) receives both, each with its direction and the
+    /// other's acknowledged offset, and the interface; a version 2 session
+    /// on the same port receives the client's bytes only, in version 2's
+    /// frames, as references and as bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn version_2_sessions_get_the_clients_bytes_only() {
+        let arena = Arena::new(8 * CHUNK).unwrap();
+        let server = Harness::start_full(4, true, Some(arena.clone())).await;
+        let (unix, path) = server.unix();
+        let mut current = Client::connect(unix, None, "v3").await.unwrap();
+        assert_eq!((current.version(), current.uses_arena()), (3, true));
+        current.subscribe(&[80]).await.unwrap();
+        let mut old = UnixStream::connect(path).await.unwrap();
+        old.write_all(&wire(&ClientFrame::Hello {
+            version: 2,
+            name: "v2".into(),
+            nonce: [0; NONCE_LEN],
+        }))
+        .await
+        .unwrap();
+        assert_eq!(
+            read_frame(&mut old).await,
+            Some(ServerFrame::Welcome {
+                version: 2,
+                server: "mirror under test".into()
+            })
+        );
+        old.write_all(&wire(&ClientFrame::MapArena)).await.unwrap();
+        assert!(matches!(
+            read_frame(&mut old).await,
+            Some(ServerFrame::Arena { .. })
+        ));
+        old.write_all(&wire(&ClientFrame::Subscribe { ports: vec![80] }))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut old).await, Some(ServerFrame::Ok));
+        let mut pool = PayloadPool::with_arena(arena.clone());
+        let event = |dir, peer_acked, bytes: Bytes| StreamEvent::Data {
+            conn: 1,
+            dir,
+            bytes,
+            peer_acked,
+        };
+        let events = vec![
+            StreamEvent::Opened {
+                iface: "ns1:veth0".into(),
+                conn: 1,
+                src: "198.18.0.1:40000".parse().unwrap(),
+                dst: "198.18.0.2:80".parse().unwrap(),
+                midstream: false,
+            },
+            event(Direction::Client, 0, pool.copy(b"GET /")),
+            event(Direction::Server, 5, pool.copy(b"HTTP/1.1 200")),
+            event(Direction::Client, 12, Bytes::from_static(b" again")),
+            event(Direction::Server, 11, Bytes::from_static(b" OK")),
+            closed(1, CloseReason::Fin),
+        ];
+        server.hub.publish(80, events.clone());
+        let mut received = Vec::new();
+        for _ in 0..events.len() {
+            let event = tokio::time::timeout(Duration::from_secs(10), current.next_event())
+                .await
+                .expect("events in time")
+                .expect("no error")
+                .expect("not closed");
+            received.push(event);
+        }
+        assert_eq!(received, events, "version 3: everything, as it was");
+        // Version 2: its own frame types, the client's bytes only.
+        let mut frames = Vec::new();
+        while let Some(frame) = read_raw(&mut old).await {
+            let end = frame[0] == 0x84;
+            frames.push(frame);
+            if end {
+                break;
+            }
+        }
+        let kinds: Vec<u8> = frames.iter().map(|f| f[0]).collect();
+        assert_eq!(kinds, [0x82, 0x8b, 0x83, 0x84], "{frames:x?}");
+        assert_eq!(
+            frames[1].len(),
+            1 + 8 + 8 + 4,
+            "DATA_REF: conn, offset, len"
+        );
+        assert_eq!(
+            &frames[1][17..],
+            &5u32.to_be_bytes(),
+            "the client's 5 bytes"
+        );
+        assert_eq!(&frames[2][9..], b" again");
+        assert_eq!(
+            ServerFrame::decode(&frames[0]),
+            Ok(ServerFrame::Event(StreamEvent::Opened {
+                iface: Default::default(),
+                conn: 1,
+                src: "198.18.0.1:40000".parse().unwrap(),
+                dst: "198.18.0.2:80".parse().unwrap(),
+                midstream: false,
+            }))
+        );
+        drop(current);
+        drop(old);
         server.stop().await;
     }
 }

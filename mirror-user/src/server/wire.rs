@@ -23,7 +23,7 @@ use tokio::{
 use tokio_stream::StreamExt as _;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::server::protocol::ServerFrame;
+use crate::server::protocol::{ServerFrame, VERSION};
 
 /// A client's byte stream, over either kind of socket.
 pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {
@@ -53,6 +53,8 @@ pub struct SessionWire {
     heads: BytesMut,
     queue: VecDeque<Bytes>,
     queued_bytes: usize,
+    /// The protocol version of the session (its stream frames).
+    version: u16,
 }
 
 impl SessionWire {
@@ -62,7 +64,14 @@ impl SessionWire {
             heads: BytesMut::with_capacity(4096),
             queue: VecDeque::new(),
             queued_bytes: 0,
+            version: VERSION,
         }
+    }
+
+    /// Frames are encoded for `version` from now on (the one the client
+    /// said hello with).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     /// The next frame from the client.
@@ -82,7 +91,7 @@ impl SessionWire {
 
     /// Queues `frame` behind the others.
     pub fn queue(&mut self, frame: &ServerFrame) {
-        let payload = frame.encode_wire(&mut self.heads);
+        let payload = frame.encode_wire(self.version, &mut self.heads);
         if let Some(payload) = payload.filter(|p| !p.is_empty()) {
             self.split_heads();
             self.queued_bytes += payload.len();
@@ -119,7 +128,7 @@ impl SessionWire {
     ) -> io::Result<()> {
         self.flush().await?;
         let mut bytes = BytesMut::new();
-        let payload = frame.encode_wire(&mut bytes);
+        let payload = frame.encode_wire(self.version, &mut bytes);
         debug_assert!(
             payload.is_none(),
             "a frame with a descriptor has no payload"
@@ -195,11 +204,15 @@ mod tests {
         let frames = [
             ServerFrame::DataRef {
                 conn: 6,
+                dir: Default::default(),
+                peer_acked: 0,
                 offset: 1,
                 len: 2,
             },
             ServerFrame::DataRef {
                 conn: 6,
+                dir: crate::flow::model::Direction::Server,
+                peer_acked: 9,
                 offset: 3,
                 len: 4,
             },

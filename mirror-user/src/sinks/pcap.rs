@@ -20,7 +20,9 @@
 //! arrive out of order across CPUs; a capture is written in time order (as
 //! tcpdump's is, and as Wireshark's stream analysis needs): packets wait in
 //! a bounded window ([`ORDER_WINDOW`], [`ORDER_HELD`]) and leave it oldest
-//! first.
+//! first. With `--directions both` the server's packets (seen at TC
+//! egress) are in the same order, and pcapng marks each packet inbound or
+//! outbound (the `epb_flags` option of its block).
 
 use std::{
     borrow::Cow,
@@ -46,7 +48,7 @@ use pcap_file::{
     pcapng::{
         PcapNgWriter,
         blocks::{
-            enhanced_packet::EnhancedPacketBlock,
+            enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption},
             interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
         },
     },
@@ -119,8 +121,16 @@ counters! {
 struct Packet {
     unix_ns: u64,
     wire_len: u32,
+    /// pcapng's `epb_flags`: [`INBOUND`] or [`OUTBOUND`].
+    flags: u32,
     data: Bytes,
 }
+
+/// `epb_flags` of a packet seen at ingress (TC or XDP): bits 0-1 are the
+/// direction, 1 inbound.
+const INBOUND: u32 = 1;
+/// `epb_flags` of a packet seen at TC egress: 2 outbound.
+const OUTBOUND: u32 = 2;
 
 impl Packet {
     /// Memory the packet holds while it waits: its bytes (a slice of the
@@ -336,6 +346,7 @@ impl PcapSink {
         let packet = Packet {
             unix_ns: self.clock.unix_ns(record.header.ts_ns),
             wire_len: record.header.wire_len,
+            flags: if record.egress() { OUTBOUND } else { INBOUND },
             data: self.pool.copy(record.packet),
         };
         match self.queue.try_send(packet) {
@@ -630,17 +641,21 @@ const WRITE_BATCH: usize = 256;
 /// the native one, as `PcapNgWriter::new` writes the section header.
 const ENHANCED_PACKET_BLOCK: u32 = 6;
 
-/// Writes `packets` as pcapng enhanced packet blocks on interface 0 (no
-/// options), byte for byte as `pcap-file` writes them.
+/// Bytes of the one option of a packet block: `epb_flags` (code 2, length
+/// 4, the flags word), then the end of options.
+const EPB_OPTIONS: usize = 12;
+
+/// Writes `packets` as pcapng enhanced packet blocks on interface 0 with
+/// their `epb_flags`, byte for byte as `pcap-file` writes them.
 fn write_packet_blocks(out: &mut impl Write, packets: &[Packet]) -> io::Result<usize> {
     let mut heads = [[0u8; 28]; WRITE_BATCH];
-    let mut tails = [[0u8; 7]; WRITE_BATCH];
+    let mut tails = [[0u8; 3 + EPB_OPTIONS + 4]; WRITE_BATCH];
     let mut tail_lens = [0usize; WRITE_BATCH];
     let mut total = 0;
     for (index, packet) in packets.iter().enumerate().take(WRITE_BATCH) {
         let len = packet.data.len();
         let pad = (4 - len % 4) % 4;
-        let block_len = 32 + len + pad;
+        let block_len = 32 + len + pad + EPB_OPTIONS;
         let fields = [
             ENHANCED_PACKET_BLOCK,
             block_len as u32,
@@ -653,8 +668,13 @@ fn write_packet_blocks(out: &mut impl Write, packets: &[Packet]) -> io::Result<u
         for (slot, field) in heads[index].chunks_exact_mut(4).zip(fields) {
             slot.copy_from_slice(&field.to_ne_bytes());
         }
-        tails[index][pad..pad + 4].copy_from_slice(&(block_len as u32).to_ne_bytes());
-        tail_lens[index] = pad + 4;
+        let tail = &mut tails[index][pad..];
+        tail[0..2].copy_from_slice(&2u16.to_ne_bytes());
+        tail[2..4].copy_from_slice(&4u16.to_ne_bytes());
+        tail[4..8].copy_from_slice(&packet.flags.to_ne_bytes());
+        // The end of options (code 0, length 0) is zeros already.
+        tail[EPB_OPTIONS..EPB_OPTIONS + 4].copy_from_slice(&(block_len as u32).to_ne_bytes());
+        tail_lens[index] = pad + EPB_OPTIONS + 4;
         total += block_len;
     }
     let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH];
@@ -662,7 +682,7 @@ fn write_packet_blocks(out: &mut impl Write, packets: &[Packet]) -> io::Result<u
     for (index, packet) in packets.iter().take(count).enumerate() {
         slices[3 * index] = IoSlice::new(&heads[index]);
         slices[3 * index + 1] = IoSlice::new(&packet.data);
-        // The padding's zeros, then the length again.
+        // The padding's zeros, the options, then the length again.
         slices[3 * index + 2] = IoSlice::new(&tails[index][..tail_lens[index]]);
     }
     let mut rest = &mut slices[..3 * count];
@@ -727,7 +747,7 @@ impl Writer {
                     timestamp,
                     original_len: packet.wire_len,
                     data: Cow::Borrowed(&packet.data),
-                    options: Vec::new(),
+                    options: vec![EnhancedPacketOption::Flags(packet.flags)],
                 })
                 .map_err(pcap_error),
         }
@@ -780,7 +800,7 @@ mod tests {
         }
     }
 
-    fn record(frame: &[u8], ts_ns: u64) -> Vec<u8> {
+    fn record(frame: &[u8], ts_ns: u64, flags: u32) -> Vec<u8> {
         Record::encode(
             &RecordHeader {
                 ts_ns,
@@ -788,7 +808,7 @@ mod tests {
                 wire_len: frame.len() as u32 + 100,
                 cap_len: frame.len() as u32,
                 cpu: 0,
-                flags: 0,
+                flags,
                 l3_offset: 14,
                 l4_offset: 34,
             },
@@ -800,7 +820,13 @@ mod tests {
         let output = open_output(config, None).expect("open the capture");
         let (mut sink, counters, writer) = start(config.clone(), output, WallClock::new());
         for (i, frame) in frames.iter().enumerate() {
-            let raw = record(frame, 1_000 + i as u64);
+            // Every other one an answer of the server, seen at egress.
+            let flags = if i % 2 == 1 {
+                mirror_common::record_flags::SERVER_TO_CLIENT | mirror_common::record_flags::EGRESS
+            } else {
+                0
+            };
+            let raw = record(frame, 1_000 + i as u64, flags);
             sink.offer(&Record::decode(&raw).unwrap());
         }
         drop(sink);
@@ -867,6 +893,7 @@ mod tests {
             .map(|n| Packet {
                 unix_ns: 1_700_000_000_123_456_789 + n as u64 * 4_321,
                 wire_len: (n % 7) as u32 + 60,
+                flags: if n % 3 == 0 { OUTBOUND } else { INBOUND },
                 data: Bytes::from(vec![n as u8; n % 7]),
             })
             .collect();
@@ -890,7 +917,7 @@ mod tests {
                     timestamp: Duration::from_nanos(packet.unix_ns),
                     original_len: packet.wire_len,
                     data: Cow::Borrowed(&packet.data),
-                    options: Vec::new(),
+                    options: vec![EnhancedPacketOption::Flags(packet.flags)],
                 })
                 .unwrap();
         }
@@ -906,12 +933,23 @@ mod tests {
         let mut reader = PcapNgReader::new(File::open(&config.path).unwrap()).unwrap();
         let interface = &reader.interfaces().first().cloned();
         let mut packets = Vec::new();
+        let mut directions = Vec::new();
         while let Some(block) = reader.next_block() {
             if let pcap_file::pcapng::Block::EnhancedPacket(epb) = block.unwrap() {
                 packets.push((epb.data.to_vec(), epb.original_len, epb.timestamp));
+                let flags = |option: &EnhancedPacketOption<'_>| match option {
+                    EnhancedPacketOption::Flags(flags) => Some(*flags),
+                    _ => None,
+                };
+                directions.push(epb.options.iter().map(flags).collect::<Vec<_>>());
             }
         }
         assert_eq!(packets.len(), 2);
+        assert_eq!(
+            directions,
+            [[Some(INBOUND)], [Some(OUTBOUND)]],
+            "the client's packet inbound, the server's outbound"
+        );
         assert_eq!(packets[0].0, b"first frame");
         assert_eq!(packets[0].1, 11 + 100, "the length on the wire");
         assert!(
@@ -940,6 +978,7 @@ mod tests {
         let packet = |unix_ns: u64| Packet {
             unix_ns,
             wire_len: 1,
+            flags: INBOUND,
             data: Bytes::new(),
         };
         let mut order = Reorder::new();
@@ -1061,7 +1100,7 @@ mod tests {
         // Nobody writes: 64 KiB packets fill the byte budget long before
         // the queue's 8192 slots.
         let frame = vec![0u8; 64 << 10];
-        let raw = record(&frame, 1);
+        let raw = record(&frame, 1, 0);
         for _ in 0..2000 {
             sink.offer(&Record::decode(&raw).unwrap());
         }
@@ -1084,6 +1123,7 @@ mod tests {
         let big = Bytes::from(vec![0u8; 1 << 20]);
         for i in 0..(ORDER_HELD_BYTES >> 20) as u64 + 2 {
             order.push(Packet {
+                flags: INBOUND,
                 unix_ns: 1_000 + i,
                 wire_len: 1,
                 data: big.clone(),

@@ -1,4 +1,5 @@
-//! `--print`: one line per stream event, text or JSON.
+//! `--print`: one line per stream event, text or JSON; `mirror tail`
+//! writes its lines with the same [`format_event`].
 
 use std::fmt::Write as _;
 
@@ -9,6 +10,7 @@ use tokio::io::{AsyncWriteExt as _, BufWriter};
 use crate::{
     fanout::subscription::Subscription,
     flow::model::{CloseReason, Direction, StreamEvent},
+    text::printable,
 };
 
 /// Bytes of payload shown in a text line.
@@ -23,14 +25,18 @@ pub enum EventLine<'a> {
         src: String,
         dst: String,
         midstream: bool,
+        /// The interface the connection came through (`NETNS:IF` in
+        /// another namespace); empty when not known.
+        iface: &'a str,
     },
     Data {
         conn: u64,
-        /// `"server"` for the server's bytes (`--directions both`); absent
-        /// for the client's, whose lines are as they were before the
-        /// server's were followed.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        dir: Option<&'static str>,
+        /// `"client"`, or `"server"` for the server's bytes
+        /// (`--directions both`).
+        dir: &'static str,
+        /// Bytes of the other direction's stream its sender had
+        /// acknowledged when these were delivered (0 when not known).
+        peer_acked: u64,
         len: usize,
         /// Base64 (standard alphabet, padded).
         data: String,
@@ -45,7 +51,7 @@ impl<'a> EventLine<'a> {
     pub fn new(event: &'a StreamEvent) -> Self {
         match event {
             StreamEvent::Opened {
-                iface: _,
+                iface,
                 conn,
                 src,
                 dst,
@@ -55,15 +61,17 @@ impl<'a> EventLine<'a> {
                 src: src.to_string(),
                 dst: dst.to_string(),
                 midstream: *midstream,
+                iface,
             },
             StreamEvent::Data {
-                peer_acked: _,
+                peer_acked,
                 conn,
                 dir,
                 bytes,
             } => Self::Data {
                 conn: *conn,
-                dir: (*dir == Direction::Server).then_some(dir.as_str()),
+                dir: dir.as_str(),
+                peer_acked: *peer_acked,
                 len: bytes.len(),
                 data: base64::engine::general_purpose::STANDARD.encode(bytes),
             },
@@ -110,12 +118,12 @@ fn hex_dump(bytes: &[u8], out: &mut String) {
     }
 }
 
-/// How a text line marks the server's bytes: `data < 5 bytes`, the
-/// opposite of the `>` of the connection's `opened` line; the client's
-/// bytes keep the line they had before the server's were followed.
+/// How a text line marks the direction of bytes: `data > 5 bytes` for the
+/// client's, the way of the `>` of the connection's `opened` line, and
+/// `data < 5 bytes` for the server's.
 const fn marker(dir: Direction) -> &'static str {
     match dir {
-        Direction::Client => "",
+        Direction::Client => "> ",
         Direction::Server => "< ",
     }
 }
@@ -131,13 +139,17 @@ pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) 
         }
         PrintFormat::Text | PrintFormat::Hex => match event {
             StreamEvent::Opened {
-                iface: _,
+                iface,
                 conn,
                 src,
                 dst,
                 midstream,
             } => {
                 let _ = write!(out, "conn {conn} opened {src} > {dst}");
+                if !iface.is_empty() {
+                    // A namespace's name is a file name: anything but `/`.
+                    let _ = write!(out, " on {}", printable(iface));
+                }
                 if *midstream {
                     out.push_str(" (midstream)");
                 }
@@ -338,17 +350,18 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"event": "opened", "conn": 7, "src": "198.18.0.1:40000",
-                               "dst": "[2001:db8::2]:80", "midstream": true})
+                               "dst": "[2001:db8::2]:80", "midstream": true, "iface": ""})
         );
         let data = data(7, b"hi\x00");
         let json: serde_json::Value =
             serde_json::from_str(&line(&data, PrintFormat::Json)).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"event": "data", "conn": 7, "len": 3, "data": "aGkA"})
+            serde_json::json!({"event": "data", "conn": 7, "dir": "client", "peer_acked": 0,
+                               "len": 3, "data": "aGkA"})
         );
         let answer = StreamEvent::Data {
-            peer_acked: 0,
+            peer_acked: 3,
             conn: 7,
             dir: Direction::Server,
             bytes: Bytes::from_static(b"ok"),
@@ -357,7 +370,8 @@ mod tests {
             serde_json::from_str(&line(&answer, PrintFormat::Json)).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"event": "data", "conn": 7, "dir": "server", "len": 2, "data": "b2s="})
+            serde_json::json!({"event": "data", "conn": 7, "dir": "server", "peer_acked": 3,
+                               "len": 2, "data": "b2s="})
         );
         assert_eq!(
             line(&answer, PrintFormat::Text),
@@ -365,7 +379,21 @@ mod tests {
         );
         assert_eq!(
             line(&data, PrintFormat::Text),
-            "conn 7 data 3 bytes: \"hi\\x00\"\n"
+            "conn 7 data > 3 bytes: \"hi\\x00\"\n"
+        );
+        let through = StreamEvent::Opened {
+            iface: "ns\u{1b}1:veth0".into(),
+            conn: 8,
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "198.18.0.2:80".parse().unwrap(),
+            midstream: false,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&through, PrintFormat::Json)).unwrap();
+        assert_eq!(json["iface"], "ns\u{1b}1:veth0");
+        assert_eq!(
+            line(&through, PrintFormat::Text),
+            "conn 8 opened 198.18.0.1:40000 > 198.18.0.2:80 on ns\\u{1b}1:veth0\n"
         );
         let closed = closed(7, CloseReason::Lagged);
         let json: serde_json::Value =
@@ -383,7 +411,7 @@ mod tests {
         assert_eq!(
             text,
             concat!(
-                "conn 2 data 25 bytes:\n",
+                "conn 2 data > 25 bytes:\n",
                 "  00000000: 4745 5420 2f20 4854 5450 2f31 2e31 0d0a  GET / HTTP/1.1..\n",
                 "  00000010: 486f 7374 3a20 780d 0a                   Host: x..\n",
             )
@@ -395,7 +423,7 @@ mod tests {
         let data = data(1, b"GET / HTTP/1.1\r\n");
         assert_eq!(
             line(&data, PrintFormat::Text),
-            "conn 1 data 16 bytes: \"GET / HTTP/1.1\\r\\n\"\n"
+            "conn 1 data > 16 bytes: \"GET / HTTP/1.1\\r\\n\"\n"
         );
         let long = StreamEvent::Data {
             peer_acked: 0,
