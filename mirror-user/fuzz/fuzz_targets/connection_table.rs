@@ -183,6 +183,7 @@ fuzz_target!(|input: Input| {
             max_bytes: (usize::from(input.reorder_bytes) + 1) * 256,
             max_wait_ns: 20_000_000,
         },
+        deliver: Default::default(),
     };
     let mut table = ConnectionTable::new(limits, ConnIds::default());
     let mut checker = Checker::default();
@@ -229,6 +230,7 @@ fuzz_target!(|input: Input| {
                         flow: flow_key(index),
                         dir,
                         seq,
+                        ack: 0,
                         flags,
                         payload: Bytes::from(payload),
                         truncated,
