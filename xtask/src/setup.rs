@@ -18,7 +18,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Commands the tests and benchmarks use, with the Debian package of each;
 /// an absolute path stands for a file the package installs (headers).
-const PACKAGES: [(&str, &str); 23] = [
+const PACKAGES: [(&str, &str); 24] = [
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("curl", "curl"),
@@ -36,6 +36,8 @@ const PACKAGES: [(&str, &str); 23] = [
     ("xdpdump", "xdp-tools"),
     ("netsniff-ng", "netsniff-ng"),
     ("stdbuf", "coreutils"),
+    // The acked-delivery test drops a port's packets behind the mirror.
+    ("nft", "nftables"),
     // The hung-disk test: ext4 on a loop device, frozen.
     ("mkfs.ext4", "e2fsprogs"),
     ("losetup", "mount"),
