@@ -148,8 +148,9 @@ pub struct Reassembler {
     finished: bool,
     limits: ReorderLimits,
     /// `--deliver acked`: released bytes waiting for the receiver's ACK
-    /// (None: `seen`, released bytes are delivered at once).
-    unacked: Option<Unacked>,
+    /// (None: `seen`, released bytes are delivered at once). Boxed: a
+    /// connection's entry stays small under `seen`.
+    unacked: Option<Box<Unacked>>,
     /// Stream offset the receiver acknowledged (the FIN counts one), once
     /// it acknowledged something; negative for bytes before a midstream
     /// start.
@@ -180,7 +181,7 @@ impl Reassembler {
     /// only once acknowledged.
     pub fn with_acks(next_seq: u32, limits: ReorderLimits) -> Self {
         Self {
-            unacked: Some(Unacked::default()),
+            unacked: Some(Box::default()),
             ..Self::new(next_seq, limits)
         }
     }
@@ -840,6 +841,60 @@ mod tests {
         assert!(!r.accepts_rst(0));
         assert!(r.is_ahead(0));
         assert_eq!(r.shown_seq(), u32::MAX);
+    }
+
+    #[test]
+    fn with_acks_bytes_wait_for_the_receivers_ack() {
+        let mut r = Reassembler::with_acks(1000, LIMITS);
+        let mut out = Vec::new();
+        push(&mut r, 1000, b"abcdef", 0, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(r.unacked_bytes(), 6);
+        assert_eq!(r.memory(), 6 + SEGMENT_OVERHEAD);
+        // Beyond anything sent: refused, nothing changes.
+        assert_eq!(r.acknowledge(1007, &mut out), Err(InvalidAck));
+        assert_eq!(r.acked_seq(), None);
+        // A partial ACK splits the slice, without a copy.
+        r.acknowledge(1002, &mut out).unwrap();
+        assert_eq!(collect(&out), b"ab");
+        assert_eq!(r.memory(), 4 + SEGMENT_OVERHEAD);
+        // Bytes behind a hole that the receiver already acknowledged come
+        // out as soon as the hole fills.
+        push(&mut r, 1008, b"ij", 0, &mut out).unwrap();
+        r.acknowledge(1010, &mut out).unwrap();
+        assert_eq!(collect(&out), b"abcdef");
+        push(&mut r, 1006, b"gh", 0, &mut out).unwrap();
+        assert_eq!(collect(&out), b"abcdefghij");
+        assert_eq!(r.acked_seq(), Some(1010));
+        assert_eq!(r.acked_bytes(), 10);
+        r.assert_consistent();
+        // The FIN counts once acknowledged.
+        r.push(1010, Bytes::new(), true, 0, &mut out).unwrap();
+        assert!(!r.is_finished());
+        r.acknowledge(1011, &mut out).unwrap();
+        assert!(r.is_finished());
+        assert_eq!(r.acked_bytes(), 10, "the FIN is not a byte");
+    }
+
+    #[test]
+    fn with_acks_a_different_copy_of_waiting_bytes_is_a_conflict() {
+        let mut r = Reassembler::with_acks(0, LIMITS);
+        let mut out = Vec::new();
+        push(&mut r, 0, b"abc", 0, &mut out).unwrap();
+        push(&mut r, 3, b"def", 0, &mut out).unwrap();
+        r.acknowledge(1, &mut out).unwrap();
+        push(&mut r, 0, b"Xbcd", 0, &mut out).unwrap(); // X was acknowledged
+        push(&mut r, 2, b"cdefg", 0, &mut out).unwrap();
+        let conflict = push(&mut r, 4, b"eF", 0, &mut out).unwrap_err();
+        assert_eq!(
+            conflict,
+            Hole {
+                seq: 4,
+                len: 2,
+                cause: HoleCause::ConflictingCopy
+            }
+        );
+        assert_eq!(collect(&out), b"a");
     }
 
     #[test]
