@@ -189,6 +189,7 @@ async fn pipeline(records: &[Vec<u8>], consumers: usize) -> Sample {
                     max_bytes: 16 << 20,
                     max_wait_ns: 10_000_000_000,
                 },
+                deliver: Default::default(),
             },
         },
         &hub,

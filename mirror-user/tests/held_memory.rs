@@ -107,6 +107,7 @@ fn limits(budget: usize) -> TableLimits {
             max_bytes: budget,
             max_wait_ns: u64::MAX,
         },
+        deliver: Default::default(),
     }
 }
 
@@ -135,6 +136,7 @@ fn segment(flow: FlowKey, seq: u32, flags: TcpFlags, payload: bytes::Bytes) -> S
         dir: Default::default(),
         flow,
         seq,
+        ack: 0,
         flags,
         payload,
         truncated: false,

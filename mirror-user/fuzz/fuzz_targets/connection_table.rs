@@ -12,7 +12,9 @@
 //! stream, and a `fin` close ends the client's at one of its FINs and the
 //! server's too if it delivered anything. The table's own
 //! bookkeeping (memory counts, deadlines, nothing held or delivered past a
-//! FIN) is checked after every step, and debug assertions are on.
+//! FIN) is checked after every step, and debug assertions are on. Half
+//! the inputs run `--deliver acked`, with arbitrary ACK numbers: bytes
+//! then come out as acknowledgements release them, under the same checks.
 
 #![no_main]
 
@@ -22,7 +24,7 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use mirror_user::{
-    flow::conntrack::{ConnectionTable, TableLimits},
+    flow::conntrack::{ConnectionTable, Delivery, TableLimits},
     flow::model::{CloseReason, ConnId, ConnIds, Direction, FlowKey, StreamEvent},
     flow::reassembly::ReorderLimits,
     flow::segment::{Segment, TcpFlags},
@@ -41,6 +43,7 @@ struct Input {
     /// Budgets in units of 256 bytes.
     max_buffered: u8,
     reorder_bytes: u8,
+    acked: bool,
     ops: Vec<Op>,
 }
 
@@ -56,6 +59,8 @@ enum Op {
         truncated: bool,
         /// The server's answer rather than the client's segment.
         server: bool,
+        /// The ACK number, from the other direction's base.
+        ack: i16,
         /// Time steps before the segment.
         wait: u16,
     },
@@ -127,7 +132,9 @@ impl Checker {
                 assert!(known.is_none(), "connection {conn} opened twice");
                 self.opened += 1;
             }
-            StreamEvent::Data { conn, dir, bytes } => {
+            StreamEvent::Data {
+                conn, dir, bytes, ..
+            } => {
                 let c = self.conns.get_mut(&conn).expect("Data before Opened");
                 assert!(!c.closed, "Data after Closed");
                 assert!(!bytes.is_empty(), "an empty Data event");
@@ -183,6 +190,11 @@ fuzz_target!(|input: Input| {
             max_bytes: (usize::from(input.reorder_bytes) + 1) * 256,
             max_wait_ns: 20_000_000,
         },
+        deliver: if input.acked {
+            Delivery::Acked
+        } else {
+            Delivery::Seen
+        },
     };
     let mut table = ConnectionTable::new(limits, ConnIds::default());
     let mut checker = Checker::default();
@@ -198,14 +210,17 @@ fuzz_target!(|input: Input| {
                 flags,
                 truncated,
                 server,
+                ack,
                 wait,
             } => {
                 now += u64::from(wait) * STEP_NS;
                 let index = usize::from(flow) % FLOWS;
-                let (dir, d, base) = if server {
-                    (Direction::Server, 1, input.bases[index] ^ SERVER_BASE)
+                let (dir, d, base, peer_base) = if server {
+                    let base = input.bases[index] ^ SERVER_BASE;
+                    (Direction::Server, 1, base, input.bases[index])
                 } else {
-                    (Direction::Client, 0, input.bases[index])
+                    let base = input.bases[index];
+                    (Direction::Client, 0, base, base ^ SERVER_BASE)
                 };
                 let offset = if far {
                     i32::from(offset) << 16
@@ -229,6 +244,7 @@ fuzz_target!(|input: Input| {
                         flow: flow_key(index),
                         dir,
                         seq,
+                        ack: peer_base.wrapping_add(i32::from(ack) as u32),
                         flags,
                         payload: Bytes::from(payload),
                         truncated,

@@ -10,7 +10,10 @@ use mirror_common::MAX_SNAPLEN;
 use mirror_user::{
     control::ports::AllowList,
     fanout::hub::HubConfig,
-    flow::{conntrack::TableLimits, reassembly::ReorderLimits},
+    flow::{
+        conntrack::{Delivery, TableLimits},
+        reassembly::ReorderLimits,
+    },
     kernel::{
         attach::{self, AttachMode, Directions},
         loader::{self, LoadOptions, Sample},
@@ -70,6 +73,13 @@ pub struct RunArgs {
     /// --pcap and --print-packets; streams carry the client's bytes.
     #[arg(long, value_parser = one_of(DIRECTIONS), default_value = "client")]
     pub directions: Directions,
+
+    /// When a stream's byte is delivered: `acked` once the other side's
+    /// ACK covers it (what the receiver's TCP took; needs --directions
+    /// both, where it is the default) or `seen` as soon as it arrived in
+    /// order (the default with --directions client).
+    #[arg(long, value_parser = one_of(DELIVERIES))]
+    pub deliver: Option<Delivery>,
 
     /// Bytes of each packet to keep, from the start of the Ethernet header
     /// (headers up to TCP are always kept). Default: the whole packet, up to
@@ -342,6 +352,31 @@ const DIRECTIONS: &[Choice<Directions>] = &[
     ),
 ];
 
+/// `--deliver`.
+const DELIVERIES: &[Choice<Delivery>] = &[
+    (
+        "acked",
+        "Once the other side's ACK covers it (needs --directions both)",
+        Delivery::Acked,
+    ),
+    (
+        "seen",
+        "As soon as it arrived in order at the interface",
+        Delivery::Seen,
+    ),
+];
+
+/// `--deliver`, or its default for `directions`.
+fn delivery(directions: Directions, deliver: Option<Delivery>) -> anyhow::Result<Delivery> {
+    match (directions, deliver) {
+        (Directions::Client, Some(Delivery::Acked)) => anyhow::bail!(
+            "--deliver acked needs the servers' ACKs: add --directions both, or use --deliver seen"
+        ),
+        (Directions::Client, _) => Ok(Delivery::Seen),
+        (Directions::Both, deliver) => Ok(deliver.unwrap_or(Delivery::Acked)),
+    }
+}
+
 /// `--print`.
 const PRINT_FORMATS: &[Choice<PrintFormat>] = &[
     ("text", "tcpdump-like text", PrintFormat::Text),
@@ -427,10 +462,11 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
     }
     // Before anything is loaded: a mistake costs nothing.
     attach::check_directions(args.attach, args.directions)?;
+    let deliver = delivery(args.directions, args.deliver)?;
     let setup = Setup::privileged(setup_config(&args, log_level)?)?;
     Ok(Prepared {
         setup,
-        config: pipeline_config(&args),
+        config: pipeline_config(&args, deliver),
         json_report: args.print == Some(PrintFormat::Json)
             || args.print_packets == Some(PacketFormat::Json),
     })
@@ -499,10 +535,10 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
     })
 }
 
-fn pipeline_config(args: &RunArgs) -> PipelineConfig {
+fn pipeline_config(args: &RunArgs, deliver: Delivery) -> PipelineConfig {
     PipelineConfig {
         hub: hub_config(&args.streams),
-        shards: shard_config(&args.streams),
+        shards: shard_config(&args.streams, deliver),
         print: args.print,
         print_packets: args.print_packets,
         forward: args.sinks.forward.clone(),
@@ -516,7 +552,7 @@ fn pipeline_config(args: &RunArgs) -> PipelineConfig {
     }
 }
 
-fn shard_config(args: &StreamArgs) -> ShardConfig {
+fn shard_config(args: &StreamArgs, deliver: Delivery) -> ShardConfig {
     let shards = args
         .shards
         .unwrap_or_else(|| aya::util::online_cpus().map_or(1, |cpus| cpus.len()))
@@ -533,6 +569,7 @@ fn shard_config(args: &StreamArgs) -> ShardConfig {
                 max_bytes: args.reorder_bytes as usize,
                 max_wait_ns: args.reorder_timeout.as_nanos() as u64,
             },
+            deliver,
         },
     }
 }
@@ -739,6 +776,29 @@ mod tests {
             assert_eq!(args.directions, directions, "{name}");
         }
         assert!(run_args(&["-i", "lo", "-p", "1", "--directions", "server"]).is_err());
+    }
+
+    #[test]
+    fn delivery_follows_the_directions_unless_given() {
+        let deliver = |extra: &[&str]| {
+            let mut argv = vec!["-i", "lo", "-p", "1"];
+            argv.extend_from_slice(extra);
+            let args = run_args(&argv).unwrap();
+            delivery(args.directions, args.deliver).map_err(|e| e.to_string())
+        };
+        assert_eq!(deliver(&[]), Ok(Delivery::Seen));
+        assert_eq!(deliver(&["--directions", "both"]), Ok(Delivery::Acked));
+        assert_eq!(
+            deliver(&["--directions", "both", "--deliver", "seen"]),
+            Ok(Delivery::Seen)
+        );
+        assert_eq!(deliver(&["--deliver", "seen"]), Ok(Delivery::Seen));
+        let refused = deliver(&["--deliver", "acked"]).unwrap_err();
+        assert!(
+            refused.contains("add --directions both, or use --deliver seen"),
+            "{refused}"
+        );
+        assert!(run_args(&["-i", "lo", "-p", "1", "--deliver", "read"]).is_err());
     }
 
     #[test]

@@ -35,6 +35,14 @@
 //! timeout: it overtook them through another ring), and a SYN with another ISN replaces a live connection only
 //! once that connection sent its FIN or has been quiet for
 //! [`SYN_QUIET_NS`]; other RSTs and SYNs are counted and ignored.
+//!
+//! [`Delivery::Acked`] (`--deliver acked`, with both directions) delivers a
+//! byte only once the other side's ACK covers it, as the receiver's TCP
+//! took it: bytes that a firewall, the receiver's checks or a full socket
+//! dropped after the mirror saw them are never delivered. The receiver's
+//! own checks are emulated so that blatant spoofs never count: a segment
+//! acknowledging bytes never sent is ignored, and an RST is believed at the
+//! receiver's acknowledged point or exactly at its sender's edge.
 
 use std::{collections::HashSet, num::NonZeroUsize};
 
@@ -56,6 +64,29 @@ pub struct TableLimits {
     pub max_buffered_bytes: usize,
     pub idle_timeout_ns: u64,
     pub reorder: ReorderLimits,
+    pub deliver: Delivery,
+}
+
+/// When a byte is delivered (`--deliver`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Delivery {
+    /// As soon as the stream has it in order: what arrived at the
+    /// interface.
+    #[default]
+    Seen,
+    /// Once the other side's ACK covers it (and a FIN once acknowledged):
+    /// what the receiver's TCP took. Needs both directions.
+    Acked,
+}
+
+impl TableLimits {
+    /// A stream of this table whose next byte is `next_seq`.
+    fn stream(&self, next_seq: u32) -> Reassembler {
+        match self.deliver {
+            Delivery::Seen => Reassembler::new(next_seq, self.reorder),
+            Delivery::Acked => Reassembler::with_acks(next_seq, self.reorder),
+        }
+    }
 }
 
 /// How long a connection must have been quiet before a SYN with another
@@ -92,6 +123,18 @@ pub struct TableCounters {
     /// nor quiet.
     pub ignored_syns: u64,
     pub delivered_bytes: u64,
+    /// Segments ignored for acknowledging bytes their receiver never sent
+    /// (`--deliver acked`).
+    pub invalid_acks: u64,
+    /// Connections closed (`gap`) because a copy of bytes waiting for their
+    /// ACK differed from the first (`--deliver acked`).
+    pub conflicting_copies: u64,
+    /// Connections closed (`gap`) because the bytes waiting for their ACK
+    /// exceeded the reorder budget (`--deliver acked`).
+    pub unacked_overflow: u64,
+    /// Bytes still waiting for their ACK when their connection closed:
+    /// never delivered (`--deliver acked`).
+    pub unacked_bytes: u64,
     /// Connections tracked now (a gauge).
     pub open: u64,
     /// Memory held in reorder buffers and SYN waits now (a gauge).
@@ -115,6 +158,10 @@ impl TableCounters {
         self.ignored_rsts += other.ignored_rsts;
         self.ignored_syns += other.ignored_syns;
         self.delivered_bytes += other.delivered_bytes;
+        self.invalid_acks += other.invalid_acks;
+        self.conflicting_copies += other.conflicting_copies;
+        self.unacked_overflow += other.unacked_overflow;
+        self.unacked_bytes += other.unacked_bytes;
         self.open += other.open;
         self.held_bytes += other.held_bytes;
     }
@@ -145,6 +192,10 @@ impl serde::Serialize for TableCounters {
         map.serialize_entry("ignored_syns", &self.ignored_syns)?;
         map.serialize_entry("delivered_bytes", &self.delivered_bytes)?;
         map.serialize_entry("missing_bytes", &self.missing_bytes)?;
+        map.serialize_entry("invalid_acks", &self.invalid_acks)?;
+        map.serialize_entry("conflicting_copies", &self.conflicting_copies)?;
+        map.serialize_entry("unacked_overflow", &self.unacked_overflow)?;
+        map.serialize_entry("unacked_bytes", &self.unacked_bytes)?;
         map.serialize_entry("closed", &Closed(self))?;
         map.serialize_entry("open", &self.open)?;
         map.serialize_entry("held_bytes", &self.held_bytes)?;
@@ -161,8 +212,12 @@ struct Connection {
 }
 
 /// A segment of a flow that waits for its SYN: direction, sequence number,
-/// payload (copied out of the pool, [`detach`]), FIN.
-type Waiting = (Direction, u32, Bytes, bool);
+/// ACK number, payload (copied out of the pool, [`detach`]), FIN.
+type Waiting = (Direction, u32, Option<u32>, Bytes, bool);
+
+/// The latest pure ACK of each direction of a waiting flow (sequence and
+/// ACK numbers): ACKs are cumulative, the latest stands for the others.
+type WaitingAcks = [Option<(u32, u32)>; 2];
 
 enum Phase {
     /// Data without a SYN: waiting for the SYN from another CPU's ring.
@@ -174,6 +229,7 @@ enum Phase {
         spans: [Option<Span>; 2],
         /// Sequence number right after a SYN-ACK seen meanwhile.
         syn_ack_next: Option<u32>,
+        acks: WaitingAcks,
     },
     Open {
         /// Assigned when the connection is announced.
@@ -200,6 +256,14 @@ enum Phase {
         /// through another CPU's ring), and is ignored otherwise.
         pending_rst: Option<(Direction, u32, u64)>,
     },
+}
+
+/// The other direction.
+fn peer(dir: Direction) -> Direction {
+    match dir {
+        Direction::Client => Direction::Server,
+        Direction::Server => Direction::Client,
+    }
 }
 
 /// The stream of `dir` in an open connection.
@@ -288,6 +352,8 @@ pub struct ConnectionTable {
     ids: ConnIds,
     stats: TableCounters,
     scratch: Vec<Bytes>,
+    /// Bytes of the other direction that a segment's ACK released.
+    peer_scratch: Vec<Bytes>,
 }
 
 impl ConnectionTable {
@@ -304,6 +370,7 @@ impl ConnectionTable {
             ids,
             stats: TableCounters::default(),
             scratch: Vec::new(),
+            peer_scratch: Vec::new(),
         }
     }
 
@@ -339,10 +406,12 @@ impl ConnectionTable {
             flow,
             dir,
             seq,
+            ack,
             flags,
             payload,
             truncated,
         } = segment;
+        let ack = flags.contains(TcpFlags::ACK).then_some(ack);
         if flags.contains(TcpFlags::RST) {
             self.rst(&flow, dir, seq, now_ns, sink);
             return;
@@ -377,6 +446,7 @@ impl ConnectionTable {
                         since_ns: now_ns,
                         spans: [None, None],
                         syn_ack_next: None,
+                        acks: [None, None],
                     },
                     last_seen_ns: now_ns,
                     held: 0,
@@ -403,6 +473,7 @@ impl ConnectionTable {
             &flow,
             dir,
             data_seq,
+            ack,
             payload,
             flags.contains(TcpFlags::FIN),
             now_ns,
@@ -527,14 +598,21 @@ impl ConnectionTable {
                     self.stats.ignored_rsts += 1;
                     return;
                 };
-                if !stream.accepts_rst(seq) && stream.is_ahead(seq) {
+                let accepted = match self.limits.deliver {
+                    Delivery::Seen => stream.accepts_rst(seq),
+                    // RFC 5961 with the receiver's side in view: its
+                    // RCV.NXT is its latest ACK; the sender's own RST
+                    // carries its SND.NXT, the edge of what it showed.
+                    Delivery::Acked => stream.acked_seq() == Some(seq) || stream.shown_seq() == seq,
+                };
+                if !accepted && stream.is_ahead(seq) {
                     if pending_rst.replace((dir, seq, now_ns)).is_some() {
                         self.stats.ignored_rsts += 1;
                     }
                     self.timed.insert(*flow);
                     return;
                 }
-                (stream.accepts_rst(seq), false)
+                (accepted, false)
             }
         };
         if !believed {
@@ -565,7 +643,7 @@ impl ConnectionTable {
                 syn_ack_next,
                 ..
             } => {
-                *server = Some(Reassembler::new(next, self.limits.reorder));
+                *server = Some(self.limits.stream(next));
                 *syn_ack_next = Some(next);
             }
             Phase::Open { syn_ack_next, .. } if *syn_ack_next == Some(next) => {}
@@ -601,10 +679,11 @@ impl ConnectionTable {
                     segments,
                     spans,
                     syn_ack_next,
+                    acks,
                     ..
                 } => {
                     let server = spans[Direction::Server as usize].map(|span| span.start());
-                    waiting = Some((std::mem::take(segments), *syn_ack_next, server));
+                    waiting = Some((std::mem::take(segments), *syn_ack_next, server, *acks));
                 }
                 // The client sent its FIN and reuses the 4-tuple: the old
                 // stream misses bytes before its FIN.
@@ -635,7 +714,7 @@ impl ConnectionTable {
             self.conns.pop(&flow);
             self.timed.remove(&flow);
         }
-        let (segments, syn_ack_next, answers) = waiting.unwrap_or_default();
+        let (segments, syn_ack_next, answers, acks) = waiting.unwrap_or_default();
         self.open(
             flow,
             Some(next),
@@ -654,9 +733,7 @@ impl ConnectionTable {
             *known = syn_ack_next;
         }
         // The data that overtook its SYN, now in its place.
-        for (dir, seq, payload, fin) in segments {
-            self.feed(&flow, dir, seq, payload, fin, now_ns, sink);
-        }
+        self.replay(&flow, segments, acks, now_ns, sink);
         SynOutcome::Opened
     }
 
@@ -670,12 +747,14 @@ impl ConnectionTable {
             segments,
             spans,
             syn_ack_next,
+            acks,
             ..
         } = &mut conn.phase
         else {
             return;
         };
         let segments = std::mem::take(segments);
+        let acks = *acks;
         let client = spans[Direction::Client as usize].map(|span| span.start());
         let server = syn_ack_next.or(spans[Direction::Server as usize].map(|span| span.start()));
         let syn_ack_next = *syn_ack_next;
@@ -690,8 +769,26 @@ impl ConnectionTable {
         {
             *known = syn_ack_next;
         }
-        for (dir, seq, payload, fin) in segments {
-            self.feed(flow, dir, seq, payload, fin, now_ns, sink);
+        self.replay(flow, segments, acks, now_ns, sink);
+    }
+
+    /// Feeds what a flow held while it waited for its SYN: its segments,
+    /// then the latest pure ACK of each direction.
+    fn replay(
+        &mut self,
+        flow: &FlowKey,
+        segments: Vec<Waiting>,
+        acks: WaitingAcks,
+        now_ns: u64,
+        sink: &mut impl EventSink,
+    ) {
+        for (dir, seq, ack, payload, fin) in segments {
+            self.feed(flow, dir, seq, ack, payload, fin, now_ns, sink);
+        }
+        for (dir, ack) in [Direction::Client, Direction::Server].into_iter().zip(acks) {
+            if let Some((seq, ack)) = ack {
+                self.feed(flow, dir, seq, Some(ack), Bytes::new(), false, now_ns, sink);
+            }
         }
     }
 
@@ -732,7 +829,7 @@ impl ConnectionTable {
         sink: &mut impl EventSink,
     ) {
         self.make_room(sink);
-        let stream = |next_seq| Reassembler::new(next_seq, self.limits.reorder);
+        let stream = |next_seq| self.limits.stream(next_seq);
         self.conns.put(
             flow,
             Connection {
@@ -783,26 +880,36 @@ impl ConnectionTable {
         Some(new)
     }
 
+    /// Takes one segment of an open or waiting flow: its ACK (for the
+    /// other direction's stream), then its bytes and FIN.
     #[allow(clippy::too_many_arguments)]
     fn feed(
         &mut self,
         flow: &FlowKey,
         dir: Direction,
         seq: u32,
+        ack: Option<u32>,
         payload: Bytes,
         fin: bool,
         now_ns: u64,
         sink: &mut impl EventSink,
     ) {
+        let limits = self.limits;
         let Some(conn) = self.conns.get_mut(flow) else {
             return;
         };
-        conn.last_seen_ns = now_ns;
         let (id, client, server, carried, pending_rst) = match &mut conn.phase {
             Phase::Waiting {
-                segments, spans, ..
+                segments,
+                spans,
+                acks,
+                ..
             } => {
+                conn.last_seen_ns = now_ns;
                 if payload.is_empty() && !fin {
+                    if let Some(ack) = ack {
+                        acks[dir as usize] = Some((seq, ack));
+                    }
                     return;
                 }
                 let cost = held_cost(payload.len());
@@ -810,7 +917,7 @@ impl ConnectionTable {
                     .get_or_insert_with(|| Span::new(seq))
                     .add(seq, payload.len(), fin);
                 let directions = spans.iter().flatten().count();
-                segments.push((dir, seq, detach(&payload, true), fin));
+                segments.push((dir, seq, ack, detach(&payload, true), fin));
                 conn.held += cost;
                 self.buffered += cost;
                 // The reorder budget, per direction.
@@ -829,57 +936,87 @@ impl ConnectionTable {
                 ..
             } => (*id, client, server, carried, pending_rst),
         };
-        let stream = match side(client, server, dir) {
-            Some(stream) => stream,
+        self.scratch.clear();
+        self.peer_scratch.clear();
+        // The ACK first, as the receiver's TCP takes it.
+        if let Some(ack) = ack
+            && let Some(acked) = side(client, server, peer(dir))
+            && acked.acknowledge(ack, &mut self.peer_scratch).is_err()
+            && limits.deliver == Delivery::Acked
+        {
+            // The receiver drops a segment that acknowledges bytes never
+            // sent (Linux `tcp_ack`): so does the mirror.
+            self.stats.invalid_acks += 1;
+            return;
+        }
+        conn.last_seen_ns = now_ns;
+        let mut reset = false;
+        let result = match side(client, server, dir) {
             // A pure ACK of a direction not started yet may be older than
             // its first byte: only a byte or a FIN starts it (midstream).
-            None if payload.is_empty() && !fin => return,
-            slot => slot.insert(Reassembler::new(seq, self.limits.reorder)),
-        };
-        self.scratch.clear();
-        let result = stream.push(seq, payload, fin, now_ns, &mut self.scratch);
-        // A waiting RST is believed once its sender's data ends exactly
-        // where it points, and dropped once the data passes it.
-        let mut reset = false;
-        if let Some((rst_dir, rst_seq, _)) = *pending_rst
-            && rst_dir == dir
-        {
-            if stream.shown_seq() == rst_seq {
-                reset = true;
-            } else if !stream.is_ahead(rst_seq) {
-                *pending_rst = None;
-                self.stats.ignored_rsts += 1;
+            None if payload.is_empty() && !fin => Ok(()),
+            slot => {
+                let stream = slot.get_or_insert_with(|| limits.stream(seq));
+                let result = stream.push(seq, payload, fin, now_ns, &mut self.scratch);
+                // A waiting RST is believed once its sender's data ends
+                // exactly where it points, and dropped once the data
+                // passes it.
+                if let Some((rst_dir, rst_seq, _)) = *pending_rst
+                    && rst_dir == dir
+                {
+                    if stream.shown_seq() == rst_seq {
+                        reset = true;
+                    } else if !stream.is_ahead(rst_seq) {
+                        *pending_rst = None;
+                        self.stats.ignored_rsts += 1;
+                    }
+                }
+                result
             }
-        }
-        let fin_seen = stream.fin_seen();
+        };
+        let fin_seen = side(client, server, dir)
+            .as_ref()
+            .is_some_and(Reassembler::fin_seen);
         let finished = both_finished(client.as_ref(), server.as_ref());
         let streams = [client.as_ref(), server.as_ref()];
         let waits = streams.iter().flatten().any(|s| s.is_waiting());
-        let held: usize = streams.iter().flatten().map(|s| s.held_bytes()).sum();
+        let held: usize = streams.iter().flatten().map(|s| s.memory()).sum();
+        // What each direction's sender acknowledged of the other's stream.
+        let acked_by =
+            |sender: Direction| streams[peer(sender) as usize].map_or(0, Reassembler::acked_bytes);
+        let peer_acked = [acked_by(Direction::Client), acked_by(Direction::Server)];
         let pending = pending_rst.is_some();
-        if !*carried && (fin_seen || held > 0 || !self.scratch.is_empty()) {
+        let delivers = !self.scratch.is_empty() || !self.peer_scratch.is_empty();
+        if !*carried && (fin_seen || held > 0 || delivers) {
             *carried = true;
             self.bare.pop(flow);
         }
         self.buffered = self.buffered + held - conn.held;
         conn.held = held;
-        if !self.scratch.is_empty() {
+        if delivers {
             let id = match id {
                 Some(id) => id,
                 None => self.announce(flow, sink).expect("an open connection"),
             };
             let port = flow.dst.port();
-            for bytes in self.scratch.drain(..) {
-                self.stats.delivered_bytes += bytes.len() as u64;
-                sink.event(
-                    port,
-                    StreamEvent::Data {
-                        peer_acked: 0,
-                        conn: id,
-                        dir,
-                        bytes,
-                    },
-                );
+            // The other direction's bytes this ACK covers came first.
+            let runs = [
+                (peer(dir), &mut self.peer_scratch),
+                (dir, &mut self.scratch),
+            ];
+            for (dir, run) in runs {
+                for bytes in run.drain(..) {
+                    self.stats.delivered_bytes += bytes.len() as u64;
+                    sink.event(
+                        port,
+                        StreamEvent::Data {
+                            peer_acked: peer_acked[dir as usize],
+                            conn: id,
+                            dir,
+                            bytes,
+                        },
+                    );
+                }
             }
         }
         match result {
@@ -896,15 +1033,22 @@ impl ConnectionTable {
     }
 
     fn gap(&mut self, flow: &FlowKey, hole: Hole, sink: &mut impl EventSink) {
+        match hole.cause {
+            HoleCause::ConflictingCopy => self.stats.conflicting_copies += 1,
+            HoleCause::Unacknowledged => self.stats.unacked_overflow += 1,
+            HoleCause::Timeout | HoleCause::Budget | HoleCause::Superseded => {
+                self.stats.missing_bytes += hole.len;
+            }
+        }
         tracing::info!(
             src = %flow.src,
             dst = %flow.dst,
-            missing_from_seq = hole.seq,
-            missing_bytes = hole.len,
+            from_seq = hole.seq,
+            bytes = hole.len,
+            missing = hole.cause.is_missing(),
             cause = ?hole.cause,
             "closing a connection at a hole in its stream"
         );
-        self.stats.missing_bytes += hole.len;
         self.close(flow, CloseReason::Gap, sink);
     }
 
@@ -935,6 +1079,14 @@ impl ConnectionTable {
         {
             self.stats.ignored_rsts += 1;
         }
+        if let Phase::Open { client, server, .. } = &conn.phase {
+            // Never delivered: the receiver did not acknowledge them.
+            self.stats.unacked_bytes += [client, server]
+                .into_iter()
+                .flatten()
+                .map(Reassembler::unacked_bytes)
+                .sum::<u64>();
+        }
         self.timed.remove(flow);
         self.bare.pop(flow);
         self.buffered -= conn.held;
@@ -962,11 +1114,13 @@ impl ConnectionTable {
                 Phase::Waiting {
                     segments, spans, ..
                 } => {
-                    let counted: usize =
-                        segments.iter().map(|(_, _, p, _)| held_cost(p.len())).sum();
+                    let counted: usize = segments
+                        .iter()
+                        .map(|(_, _, _, p, _)| held_cost(p.len()))
+                        .sum();
                     assert_eq!(conn.held, counted, "a waiting flow's memory");
                     assert!(self.timed.contains(flow), "a waiting flow has a deadline");
-                    for (dir, seq, _, _) in segments {
+                    for (dir, seq, _, _, _) in segments {
                         assert!(spans[*dir as usize].is_some_and(|span| span.contains(*seq)));
                     }
                 }
@@ -989,7 +1143,7 @@ impl ConnectionTable {
                         !both_finished(client.as_ref(), server.as_ref()),
                         "a finished connection stays open"
                     );
-                    let held: usize = streams.iter().flatten().map(|s| s.held_bytes()).sum();
+                    let held: usize = streams.iter().flatten().map(|s| s.memory()).sum();
                     assert_eq!(conn.held, held, "a connection's memory");
                     if let Some((dir, seq, _)) = pending_rst {
                         assert!(self.timed.contains(flow), "a waiting RST has a deadline");
@@ -1024,6 +1178,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::flow::reassembly::SEGMENT_OVERHEAD;
 
     const LIMITS: TableLimits = TableLimits {
         max_connections: 3,
@@ -1033,6 +1188,7 @@ mod tests {
             max_bytes: 800,
             max_wait_ns: 5_000,
         },
+        deliver: Delivery::Seen,
     };
 
     fn flow(client_port: u16) -> FlowKey {
@@ -1047,6 +1203,7 @@ mod tests {
             dir: Default::default(),
             flow,
             seq,
+            ack: 0,
             flags,
             payload: Bytes::copy_from_slice(payload),
             truncated: false,
@@ -1688,6 +1845,7 @@ mod tests {
             dir: Default::default(),
             flow: flow(1),
             seq: 10,
+            ack: 0,
             flags: ACK,
             payload,
             truncated: false,
@@ -1751,5 +1909,345 @@ mod tests {
         first.close_all(CloseReason::Shutdown, &mut log);
         second.close_all(CloseReason::Shutdown, &mut log);
         assert_eq!(&log.0[7..], ["close 2 shutdown", "close 1 shutdown"]);
+    }
+
+    // --deliver acked.
+
+    const ACKED: TableLimits = TableLimits {
+        deliver: Delivery::Acked,
+        ..LIMITS
+    };
+
+    /// A client segment that acknowledges the server's stream up to `ack`.
+    fn cli(f: FlowKey, seq: u32, ack: u32, flags: TcpFlags, payload: &[u8]) -> Segment {
+        Segment {
+            ack,
+            flags: flags | ACK,
+            ..seg(f, seq, flags, payload)
+        }
+    }
+
+    /// A server segment that acknowledges the client's stream up to `ack`.
+    fn srv(f: FlowKey, seq: u32, ack: u32, flags: TcpFlags, payload: &[u8]) -> Segment {
+        Segment {
+            dir: Direction::Server,
+            ..cli(f, seq, ack, flags, payload)
+        }
+    }
+
+    /// A handshake with its ACK numbers: the client's ISN 99, the server's
+    /// 499.
+    fn acked_handshake(table: &mut ConnectionTable, f: FlowKey, log: &mut Log) {
+        table.segment(seg(f, 99, SYN, b""), 0, log);
+        table.segment(srv(f, 499, 100, SYN_ACK, b""), 1, log);
+        table.segment(cli(f, 100, 500, ACK, b""), 2, log);
+    }
+
+    #[test]
+    fn acked_bytes_are_delivered_as_the_peers_acks_cover_them() {
+        let mut table = ConnectionTable::new(ACKED, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1);
+        acked_handshake(&mut table, f, &mut log);
+        table.segment(cli(f, 100, 500, ACK, b"hello world"), 3, &mut log);
+        assert!(log.0.is_empty(), "not acknowledged yet");
+        assert_eq!(table.buffered_bytes(), 11 + SEGMENT_OVERHEAD);
+        table.assert_consistent();
+        // A partial ACK splits the waiting slice.
+        table.segment(srv(f, 500, 106, ACK, b""), 4, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 hello "]);
+        assert_eq!(table.buffered_bytes(), 5 + SEGMENT_OVERHEAD);
+        table.assert_consistent();
+        // An older ACK changes nothing; the answer waits for the client's.
+        table.segment(srv(f, 500, 103, ACK, b"OK"), 5, &mut log);
+        assert_eq!(log.0.len(), 2);
+        table.segment(srv(f, 502, 111, ACK, b""), 6, &mut log);
+        table.segment(cli(f, 111, 502, ACK, b""), 7, &mut log);
+        assert_eq!(log.0[2..], ["data 1 world", "answer 1 OK"]);
+        assert_eq!(table.buffered_bytes(), 0);
+        // The FINs count once acknowledged, each by the other side.
+        table.segment(cli(f, 111, 502, FIN, b""), 8, &mut log);
+        table.segment(srv(f, 502, 111, FIN, b""), 9, &mut log);
+        table.segment(cli(f, 112, 503, ACK, b""), 10, &mut log);
+        assert_eq!(table.len(), 1, "the client's FIN is not acknowledged");
+        table.assert_consistent();
+        table.segment(srv(f, 503, 112, ACK, b""), 11, &mut log);
+        assert_eq!(log.0[4..], ["close 1 fin"]);
+        assert!(table.is_empty());
+        assert_eq!(table.stats().delivered_bytes, 13);
+        assert_eq!(table.stats().unacked_bytes, 0);
+    }
+
+    #[test]
+    fn data_events_say_how_far_their_sender_acknowledged_the_other_stream() {
+        for deliver in [Delivery::Seen, Delivery::Acked] {
+            let limits = TableLimits { deliver, ..LIMITS };
+            let mut table = ConnectionTable::new(limits, ConnIds::default());
+            let mut events = Vec::new();
+            let mut sink = |_, event| {
+                if let StreamEvent::Data {
+                    dir, peer_acked, ..
+                } = event
+                {
+                    events.push((dir, peer_acked));
+                }
+            };
+            let f = flow(1);
+            table.segment(seg(f, 99, SYN, b""), 0, &mut sink);
+            table.segment(srv(f, 499, 100, SYN_ACK, b""), 1, &mut sink);
+            table.segment(cli(f, 100, 500, ACK, b"GET"), 2, &mut sink);
+            table.segment(srv(f, 500, 103, ACK, b"200 OK"), 3, &mut sink);
+            table.segment(cli(f, 103, 504, ACK, b"!"), 4, &mut sink);
+            table.segment(srv(f, 506, 104, ACK, b""), 5, &mut sink);
+            table.segment(cli(f, 104, 506, ACK, b""), 6, &mut sink);
+            let want = match deliver {
+                // As each arrived: the client had acknowledged nothing of
+                // the answers, then 4 of their bytes; the server 3 bytes.
+                Delivery::Seen => vec![
+                    (Direction::Client, 0),
+                    (Direction::Server, 3),
+                    (Direction::Client, 4),
+                ],
+                // As each was acknowledged: "GET" by the answer, "200 "
+                // by "!", "!" by the server's ACK, "OK" by the client's.
+                Delivery::Acked => vec![
+                    (Direction::Client, 0),
+                    (Direction::Server, 3),
+                    (Direction::Client, 4),
+                    (Direction::Server, 4),
+                ],
+            };
+            assert_eq!(events, want, "{deliver:?}");
+        }
+    }
+
+    #[test]
+    fn unacknowledged_bytes_are_never_delivered() {
+        let mut table = ConnectionTable::new(ACKED, ConnIds::default());
+        let mut log = Log::default();
+        // An RST: what the server did not acknowledge is lost with it.
+        let f = flow(1);
+        acked_handshake(&mut table, f, &mut log);
+        table.segment(cli(f, 100, 500, ACK, b"abc"), 3, &mut log);
+        table.segment(srv(f, 500, 102, ACK, b""), 4, &mut log);
+        table.segment(cli(f, 103, 500, ACK, b"def"), 5, &mut log);
+        table.segment(seg(f, 106, RST, b""), 6, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 ab", "close 1 rst"]);
+        assert_eq!(table.stats().unacked_bytes, 4);
+        // Idle, shutdown.
+        for port in [2, 3] {
+            acked_handshake(&mut table, flow(port), &mut log);
+            table.segment(cli(flow(port), 100, 500, ACK, b"xyz"), 7, &mut log);
+        }
+        table.tick(8 + LIMITS.idle_timeout_ns, &mut log);
+        assert_eq!(
+            log.0[3..],
+            ["open 2", "close 2 idle", "open 3", "close 3 idle"]
+        );
+        acked_handshake(&mut table, flow(4), &mut log);
+        table.segment(cli(flow(4), 100, 500, FIN, b"q"), 20_000, &mut log);
+        table.close_all(CloseReason::Shutdown, &mut log);
+        assert_eq!(log.0[7..], ["open 4", "close 4 shutdown"]);
+        assert_eq!(table.stats().unacked_bytes, 4 + 3 + 3 + 1);
+        assert_eq!(table.stats().delivered_bytes, 2);
+        assert_eq!(table.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn a_different_copy_of_waiting_bytes_closes_with_gap() {
+        let mut table = ConnectionTable::new(ACKED, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1);
+        acked_handshake(&mut table, f, &mut log);
+        table.segment(cli(f, 100, 500, ACK, b"abcdef"), 3, &mut log);
+        table.segment(srv(f, 500, 102, ACK, b""), 4, &mut log);
+        // Identical retransmissions, whole or overlapping, are fine; so is
+        // another copy of bytes already acknowledged (the receiver has
+        // them).
+        table.segment(cli(f, 100, 500, ACK, b"abcdef"), 5, &mut log);
+        table.segment(cli(f, 103, 500, ACK, b"defgh"), 6, &mut log);
+        table.segment(cli(f, 100, 500, ACK, b"XY"), 7, &mut log);
+        assert_eq!(table.stats().conflicting_copies, 0);
+        table.assert_consistent();
+        // Another copy of bytes still waiting: which did the server take?
+        table.segment(cli(f, 104, 500, ACK, b"eX"), 8, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 ab", "close 1 gap"]);
+        assert_eq!(table.stats().conflicting_copies, 1);
+        assert_eq!(table.stats().missing_bytes, 0);
+        assert_eq!(table.stats().unacked_bytes, 6);
+        assert!(table.is_empty());
+        // Also once the FIN was reached but not acknowledged.
+        let g = flow(2);
+        acked_handshake(&mut table, g, &mut log);
+        table.segment(cli(g, 100, 500, FIN, b"bye"), 9, &mut log);
+        table.segment(cli(g, 100, 500, FIN, b"bye"), 10, &mut log);
+        table.segment(cli(g, 100, 500, FIN, b"BYE"), 11, &mut log);
+        assert_eq!(log.0[3..], ["open 2", "close 2 gap"]);
+        assert_eq!(table.stats().conflicting_copies, 2);
+    }
+
+    #[test]
+    fn a_segment_acknowledging_bytes_never_sent_is_ignored() {
+        for deliver in [Delivery::Seen, Delivery::Acked] {
+            let limits = TableLimits { deliver, ..LIMITS };
+            let mut table = ConnectionTable::new(limits, ConnIds::default());
+            let mut log = Log::default();
+            let f = flow(1);
+            acked_handshake(&mut table, f, &mut log);
+            table.segment(srv(f, 500, 100, ACK, b"hi"), 3, &mut log);
+            // The server sent 2 bytes: an ACK of 10 is a spoof.
+            table.segment(cli(f, 100, 510, ACK, b"evil"), 4, &mut log);
+            table.segment(cli(f, 100, 502, ACK, b"good"), 5, &mut log);
+            table.segment(srv(f, 502, 104, ACK, b""), 6, &mut log);
+            table.assert_consistent();
+            match deliver {
+                Delivery::Seen => {
+                    assert_eq!(log.0, ["open 1", "answer 1 hi", "data 1 evil"]);
+                    assert_eq!(table.stats().invalid_acks, 0);
+                }
+                Delivery::Acked => {
+                    assert_eq!(log.0, ["open 1", "answer 1 hi", "data 1 good"]);
+                    assert_eq!(table.stats().invalid_acks, 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_rst_is_believed_at_the_receivers_ack_or_its_senders_edge() {
+        let mut table = ConnectionTable::new(ACKED, ConnIds::default());
+        let mut log = Log::default();
+        let setup = |table: &mut ConnectionTable, f, log: &mut Log| {
+            acked_handshake(table, f, log);
+            table.segment(cli(f, 100, 500, ACK, b"abcdef"), 3, log);
+            table.segment(srv(f, 500, 103, ACK, b""), 4, log);
+        };
+        let f = flow(1);
+        setup(&mut table, f, &mut log);
+        // Inside what the client sent, but neither the server's RCV.NXT
+        // nor the client's SND.NXT; and far away.
+        for seq in [101, 104, 105, 103 + (1 << 31)] {
+            table.segment(seg(f, seq, RST, b""), 5, &mut log);
+        }
+        assert_eq!(table.stats().ignored_rsts, 4);
+        assert_eq!(table.len(), 1);
+        table.assert_consistent();
+        // The server's last ACK.
+        table.segment(seg(f, 103, RST, b""), 6, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 abc", "close 1 rst"]);
+        // The client's edge.
+        let g = flow(2);
+        setup(&mut table, g, &mut log);
+        table.segment(seg(g, 106, RST, b""), 7, &mut log);
+        assert_eq!(log.0[3..], ["open 2", "data 2 abc", "close 2 rst"]);
+        // The server's RST at the client's last ACK of its stream.
+        let h = flow(3);
+        setup(&mut table, h, &mut log);
+        table.segment(srv(h, 500, 106, ACK, b"xy"), 8, &mut log);
+        table.segment(ans(h, 501, RST, b""), 9, &mut log);
+        assert_eq!(table.stats().ignored_rsts, 5, "501 is neither");
+        table.segment(ans(h, 500, RST, b""), 9, &mut log);
+        assert_eq!(
+            log.0[6..],
+            ["open 3", "data 3 abc", "data 3 def", "close 3 rst"]
+        );
+        assert_eq!(table.stats().unacked_bytes, 3 + 3 + 2, "def twice, then xy");
+    }
+
+    #[test]
+    fn waiting_bytes_over_the_reorder_budget_close_with_gap() {
+        let mut table = ConnectionTable::new(ACKED, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1);
+        acked_handshake(&mut table, f, &mut log);
+        table.segment(cli(f, 100, 500, ACK, &[b'a'; 300]), 3, &mut log);
+        table.segment(cli(f, 400, 500, ACK, &[b'b'; 300]), 4, &mut log);
+        const { assert!(2 * (300 + SEGMENT_OVERHEAD) > ACKED.reorder.max_bytes) };
+        assert_eq!(log.0, ["open 1", "close 1 gap"]);
+        assert_eq!(table.stats().unacked_overflow, 1);
+        assert_eq!(table.stats().unacked_bytes, 600);
+        assert_eq!(table.buffered_bytes(), 0);
+    }
+
+    proptest! {
+        /// The duplex property under `acked`: each segment carries an ACK
+        /// of its peer's SYN only, and pure ACKs of all the peer has shown
+        /// so far come in between at random, then final ones: each
+        /// direction is delivered whole, in order, with `peer_acked`
+        /// never going back, and the connection ends `fin`.
+        #[test]
+        fn acked_duplex_streams_are_whole_in_any_order(
+            segments in (0usize..3000, 0usize..3000, 1usize..700).prop_flat_map(
+                |(client, server, cut)| {
+                    let f = flow(9);
+                    let mut segments = pieces(f, Direction::Client, 99, client, cut);
+                    segments.extend(pieces(f, Direction::Server, 499, server, cut));
+                    let n = segments.len();
+                    (Just(segments).prop_shuffle(), prop::collection::vec(0u8..4, n))
+                        .prop_map(move |(segments, acks)| (client, server, segments, acks))
+                }
+            )
+        ) {
+            let (client, server, segments, acks) = segments;
+            let limits = TableLimits {
+                max_buffered_bytes: 1 << 24,
+                reorder: ReorderLimits {
+                    max_bytes: 1 << 22,
+                    max_wait_ns: 5_000,
+                },
+                ..ACKED
+            };
+            let mut table = ConnectionTable::new(limits, ConnIds::default());
+            let f = flow(9);
+            let mut events = Vec::new();
+            let mut sink = |_, event| events.push(event);
+            table.segment(seg(f, 99, SYN, b""), 0, &mut sink);
+            table.segment(srv(f, 499, 100, SYN_ACK, b""), 0, &mut sink);
+            let isn = [99u32, 499];
+            // Just past what each direction has shown so far (its FIN
+            // counts one).
+            let mut shown = [isn[0] + 1, isn[1] + 1];
+            let pure_ack = |dir: Direction, shown: &[u32; 2]| {
+                let other = peer(dir) as usize;
+                let seq = isn[dir as usize] + 1;
+                Segment { dir, ..cli(f, seq, shown[other], ACK, b"") }
+            };
+            for (mut segment, ack) in segments.into_iter().zip(acks) {
+                let dir = segment.dir;
+                segment.ack = isn[peer(dir) as usize] + 1;
+                let end = segment.seq + segment.payload.len() as u32
+                    + u32::from(segment.flags.contains(TcpFlags::FIN));
+                shown[dir as usize] = shown[dir as usize].max(end);
+                table.segment(segment, 0, &mut sink);
+                table.assert_consistent();
+                // Now and then the other side acknowledges what it has.
+                if ack == 0 {
+                    table.segment(pure_ack(peer(dir), &shown), 0, &mut sink);
+                    table.assert_consistent();
+                }
+            }
+            table.segment(pure_ack(Direction::Server, &shown), 0, &mut sink);
+            table.segment(pure_ack(Direction::Client, &shown), 0, &mut sink);
+            let mut got = [Vec::new(), Vec::new()];
+            let mut acked = [0, 0];
+            for event in &events[1..events.len() - 1] {
+                let StreamEvent::Data { peer_acked, conn: 1, dir, bytes } = event else {
+                    panic!("{event:?}");
+                };
+                got[*dir as usize].extend_from_slice(bytes);
+                prop_assert!(*peer_acked >= acked[*dir as usize]);
+                acked[*dir as usize] = *peer_acked;
+            }
+            let want = |dir, len| (0..len).map(|i| stream_byte(dir, i)).collect::<Vec<_>>();
+            prop_assert_eq!(&got[0], &want(Direction::Client, client));
+            prop_assert_eq!(&got[1], &want(Direction::Server, server));
+            prop_assert_eq!(
+                events.last(),
+                Some(&StreamEvent::Closed { conn: 1, reason: CloseReason::Fin })
+            );
+            prop_assert!(table.is_empty());
+            prop_assert_eq!(table.buffered_bytes(), 0);
+            prop_assert_eq!(table.stats().invalid_acks, 0);
+        }
     }
 }

@@ -10,8 +10,14 @@
 //! interleave one flow). A hole that the budget cannot wait for ends the
 //! stream with a [`Hole`]: nothing after a hole is ever delivered as if it
 //! followed it, and nothing after the FIN is delivered at all.
+//!
+//! Under `--deliver acked` ([`Reassembler::with_acks`]) the bytes released
+//! in order wait once more, for the receiver's ACK ([`Reassembler::acknowledge`]):
+//! what comes out is what the receiver's TCP took. A later copy of bytes
+//! that still wait for their ACK and differs from them ends the stream (the
+//! mirror cannot tell which copy the receiver kept).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
@@ -76,6 +82,37 @@ pub enum HoleCause {
     /// A new connection took the 4-tuple while the stream still waited
     /// for bytes before its FIN.
     Superseded,
+    /// `--deliver acked`: a later copy of bytes waiting for their ACK
+    /// differs from the one the mirror holds (the range is the overlap).
+    ConflictingCopy,
+    /// `--deliver acked`: the bytes waiting for their ACK (with those held
+    /// behind a hole) exceeded [`ReorderLimits::max_bytes`].
+    Unacknowledged,
+}
+
+impl HoleCause {
+    /// Whether the range is bytes that never arrived (rather than bytes
+    /// that arrived and cannot be vouched for).
+    pub const fn is_missing(self) -> bool {
+        matches!(self, Self::Timeout | Self::Budget | Self::Superseded)
+    }
+}
+
+/// An ACK number that acknowledges bytes the sender never sent: the
+/// receiver of such a segment drops it (Linux `tcp_ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidAck;
+
+/// Bytes released in order that wait for the receiver's ACK: slices of
+/// what came in (not copies), counted as payload plus [`SEGMENT_OVERHEAD`]
+/// each.
+#[derive(Debug, Default)]
+struct Unacked {
+    slices: VecDeque<Bytes>,
+    /// Bytes in `slices`: they end at the stream's `delivered` offset.
+    bytes: u64,
+    /// Memory of `slices`.
+    cost: usize,
 }
 
 /// A range of the stream that never arrived.
@@ -110,6 +147,14 @@ pub struct Reassembler {
     shown: u64,
     finished: bool,
     limits: ReorderLimits,
+    /// `--deliver acked`: released bytes waiting for the receiver's ACK
+    /// (None: `seen`, released bytes are delivered at once). Boxed: a
+    /// connection's entry stays small under `seen`.
+    unacked: Option<Box<Unacked>>,
+    /// Stream offset the receiver acknowledged (the FIN counts one), once
+    /// it acknowledged something; negative for bytes before a midstream
+    /// start.
+    acked: Option<i64>,
 }
 
 impl Reassembler {
@@ -126,7 +171,64 @@ impl Reassembler {
             shown: 0,
             finished: false,
             limits,
+            unacked: None,
+            acked: None,
         }
+    }
+
+    /// A stream whose released bytes are delivered only once the
+    /// receiver's ACK covers them (`--deliver acked`), and whose FIN counts
+    /// only once acknowledged.
+    pub fn with_acks(next_seq: u32, limits: ReorderLimits) -> Self {
+        Self {
+            unacked: Some(Box::default()),
+            ..Self::new(next_seq, limits)
+        }
+    }
+
+    /// Takes the receiver's ACK number `ack` for this stream: bytes waiting
+    /// for it that it covers are appended to `out`. `Err` (and nothing
+    /// changes) when it acknowledges beyond anything the sender used.
+    pub fn acknowledge(&mut self, ack: u32, out: &mut Vec<Bytes>) -> Result<(), InvalidAck> {
+        let rel = i64::from(ack.wrapping_sub(self.next_seq) as i32);
+        let offset = self.delivered as i64 + rel;
+        if offset > self.shown.max(self.delivered) as i64 {
+            return Err(InvalidAck);
+        }
+        if self.acked.is_none_or(|acked| offset > acked) {
+            self.acked = Some(offset);
+        }
+        self.release_acked(out);
+        Ok(())
+    }
+
+    /// Bytes of the stream the receiver acknowledged (its FIN not
+    /// counted); 0 before any ACK.
+    pub fn acked_bytes(&self) -> u64 {
+        let acked = self.acked.unwrap_or(0).max(0) as u64;
+        self.fin.map_or(acked, |fin| acked.min(fin))
+    }
+
+    /// The receiver's latest ACK number (its RCV.NXT as it last said), if
+    /// it sent one.
+    pub fn acked_seq(&self) -> Option<u32> {
+        let ahead = self.acked? - self.delivered as i64;
+        Some(self.next_seq.wrapping_add(ahead as u32))
+    }
+
+    /// Memory of the bytes waiting for their ACK.
+    pub fn unacked_cost(&self) -> usize {
+        self.unacked.as_ref().map_or(0, |u| u.cost)
+    }
+
+    /// Bytes released in order and still waiting for their ACK.
+    pub fn unacked_bytes(&self) -> u64 {
+        self.unacked.as_ref().map_or(0, |u| u.bytes)
+    }
+
+    /// Memory this stream holds: behind a hole and waiting for its ACK.
+    pub fn memory(&self) -> usize {
+        self.held_bytes + self.unacked_cost()
     }
 
     /// Takes one segment at time `now_ns`; payload that is now in order is
@@ -140,12 +242,13 @@ impl Reassembler {
         now_ns: u64,
         out: &mut Vec<Bytes>,
     ) -> Result<(), Hole> {
-        if self.finished {
-            return Ok(());
-        }
         let Some(start) = self.offset(seq) else {
             return Ok(());
         };
+        self.check_copy(start, &payload)?;
+        if self.finished {
+            return Ok(());
+        }
         let end = start + payload.len() as i64;
         if fin && end >= self.delivered as i64 && self.fin.is_none() {
             self.learn_fin(end as u64);
@@ -176,6 +279,15 @@ impl Reassembler {
             }
         }
 
+        if let Some(unacked) = &self.unacked
+            && self.held_bytes + unacked.cost > self.limits.max_bytes
+        {
+            return Err(Hole {
+                seq: self.next_seq.wrapping_sub(unacked.bytes as u32),
+                len: unacked.bytes,
+                cause: HoleCause::Unacknowledged,
+            });
+        }
         if self.fin.is_some_and(|fin| self.delivered >= fin) {
             self.finished = true;
             self.held.clear();
@@ -244,9 +356,15 @@ impl Reassembler {
         self.delivered
     }
 
-    /// The FIN was reached in order: the stream is complete.
+    /// The FIN was reached in order (and, waiting for ACKs, acknowledged):
+    /// the stream is complete.
     pub fn is_finished(&self) -> bool {
         self.finished
+            && (self.unacked.is_none()
+                || self
+                    .acked
+                    .zip(self.fin)
+                    .is_some_and(|(acked, fin)| acked > fin as i64))
     }
 
     /// The sender's FIN was seen, in order or not: the sender is done.
@@ -296,6 +414,25 @@ impl Reassembler {
         }
         assert!(!self.finished || self.held.is_empty());
         assert_eq!(self.finished, self.fin == Some(self.delivered));
+        if let Some(unacked) = &self.unacked {
+            let bytes: u64 = unacked.slices.iter().map(|s| s.len() as u64).sum();
+            let cost: usize = unacked
+                .slices
+                .iter()
+                .map(|s| s.len() + SEGMENT_OVERHEAD)
+                .sum();
+            assert_eq!(unacked.bytes, bytes, "bytes waiting for an ACK");
+            assert_eq!(unacked.cost, cost, "their memory");
+            assert!(unacked.bytes <= self.delivered);
+            assert!(unacked.slices.iter().all(|s| !s.is_empty()));
+            if unacked.bytes > 0 {
+                let from = (self.delivered - unacked.bytes) as i64;
+                assert!(
+                    self.acked.is_none_or(|acked| acked <= from),
+                    "acknowledged bytes still wait"
+                );
+            }
+        }
     }
 
     /// Stream offset of `seq`, if it is plausibly of this stream.
@@ -336,7 +473,77 @@ impl Reassembler {
         );
         self.delivered += payload.len() as u64;
         self.next_seq = self.next_seq.wrapping_add(payload.len() as u32);
-        out.push(payload);
+        match &mut self.unacked {
+            Some(unacked) => {
+                unacked.bytes += payload.len() as u64;
+                unacked.cost += payload.len() + SEGMENT_OVERHEAD;
+                unacked.slices.push_back(payload);
+                // The receiver may have acknowledged them already (the
+                // mirror missed them for a while).
+                self.release_acked(out);
+            }
+            None => out.push(payload),
+        }
+    }
+
+    /// Delivers the bytes waiting for an ACK that the receiver's ACK
+    /// covers, splitting a slice at the acknowledged boundary.
+    fn release_acked(&mut self, out: &mut Vec<Bytes>) {
+        let (Some(unacked), Some(acked)) = (&mut self.unacked, self.acked) else {
+            return;
+        };
+        let mut from = (self.delivered - unacked.bytes) as i64;
+        while from < acked
+            && let Some(front) = unacked.slices.front_mut()
+        {
+            let covered = (acked - from).min(front.len() as i64) as usize;
+            let bytes = if covered == front.len() {
+                unacked.cost -= covered + SEGMENT_OVERHEAD;
+                unacked.slices.pop_front().expect("the front slice")
+            } else {
+                unacked.cost -= covered;
+                front.split_to(covered)
+            };
+            unacked.bytes -= covered as u64;
+            from += covered as i64;
+            out.push(bytes);
+        }
+    }
+
+    /// `--deliver acked`: a segment at stream offset `start` must carry the
+    /// bytes that wait for their ACK wherever it overlaps them.
+    fn check_copy(&self, start: i64, payload: &[u8]) -> Result<(), Hole> {
+        let Some(unacked) = self.unacked.as_ref().filter(|u| u.bytes > 0) else {
+            return Ok(());
+        };
+        let waiting_from = (self.delivered - unacked.bytes) as i64;
+        let end = start + payload.len() as i64;
+        if end <= waiting_from || start >= self.delivered as i64 {
+            return Ok(());
+        }
+        let mut at = waiting_from;
+        for slice in &unacked.slices {
+            let slice_end = at + slice.len() as i64;
+            let (from, to) = (start.max(at), end.min(slice_end));
+            if from < to
+                && slice[(from - at) as usize..(to - at) as usize]
+                    != payload[(from - start) as usize..(to - start) as usize]
+            {
+                let overlap_from = start.max(waiting_from);
+                let overlap_to = end.min(self.delivered as i64);
+                let behind = self.delivered as i64 - overlap_from;
+                return Err(Hole {
+                    seq: self.next_seq.wrapping_sub(behind as u32),
+                    len: (overlap_to - overlap_from) as u64,
+                    cause: HoleCause::ConflictingCopy,
+                });
+            }
+            if slice_end >= end {
+                break;
+            }
+            at = slice_end;
+        }
+        Ok(())
     }
 
     /// Records the FIN at stream offset `fin`, and drops what is held
@@ -634,6 +841,60 @@ mod tests {
         assert!(!r.accepts_rst(0));
         assert!(r.is_ahead(0));
         assert_eq!(r.shown_seq(), u32::MAX);
+    }
+
+    #[test]
+    fn with_acks_bytes_wait_for_the_receivers_ack() {
+        let mut r = Reassembler::with_acks(1000, LIMITS);
+        let mut out = Vec::new();
+        push(&mut r, 1000, b"abcdef", 0, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(r.unacked_bytes(), 6);
+        assert_eq!(r.memory(), 6 + SEGMENT_OVERHEAD);
+        // Beyond anything sent: refused, nothing changes.
+        assert_eq!(r.acknowledge(1007, &mut out), Err(InvalidAck));
+        assert_eq!(r.acked_seq(), None);
+        // A partial ACK splits the slice, without a copy.
+        r.acknowledge(1002, &mut out).unwrap();
+        assert_eq!(collect(&out), b"ab");
+        assert_eq!(r.memory(), 4 + SEGMENT_OVERHEAD);
+        // Bytes behind a hole that the receiver already acknowledged come
+        // out as soon as the hole fills.
+        push(&mut r, 1008, b"ij", 0, &mut out).unwrap();
+        r.acknowledge(1010, &mut out).unwrap();
+        assert_eq!(collect(&out), b"abcdef");
+        push(&mut r, 1006, b"gh", 0, &mut out).unwrap();
+        assert_eq!(collect(&out), b"abcdefghij");
+        assert_eq!(r.acked_seq(), Some(1010));
+        assert_eq!(r.acked_bytes(), 10);
+        r.assert_consistent();
+        // The FIN counts once acknowledged.
+        r.push(1010, Bytes::new(), true, 0, &mut out).unwrap();
+        assert!(!r.is_finished());
+        r.acknowledge(1011, &mut out).unwrap();
+        assert!(r.is_finished());
+        assert_eq!(r.acked_bytes(), 10, "the FIN is not a byte");
+    }
+
+    #[test]
+    fn with_acks_a_different_copy_of_waiting_bytes_is_a_conflict() {
+        let mut r = Reassembler::with_acks(0, LIMITS);
+        let mut out = Vec::new();
+        push(&mut r, 0, b"abc", 0, &mut out).unwrap();
+        push(&mut r, 3, b"def", 0, &mut out).unwrap();
+        r.acknowledge(1, &mut out).unwrap();
+        push(&mut r, 0, b"Xbcd", 0, &mut out).unwrap(); // X was acknowledged
+        push(&mut r, 2, b"cdefg", 0, &mut out).unwrap();
+        let conflict = push(&mut r, 4, b"eF", 0, &mut out).unwrap_err();
+        assert_eq!(
+            conflict,
+            Hole {
+                seq: 4,
+                len: 2,
+                cause: HoleCause::ConflictingCopy
+            }
+        );
+        assert_eq!(collect(&out), b"a");
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Segment {
     /// Which way it went.
     pub dir: Direction,
     pub seq: u32,
+    /// The ACK number: meaningful when `flags` has ACK.
+    pub ack: u32,
     pub flags: TcpFlags,
     pub payload: Bytes,
     /// The record was cut at the snap length: `payload` lacks bytes the

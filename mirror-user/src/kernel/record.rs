@@ -101,6 +101,7 @@ impl<'a> Record<'a> {
             flow,
             dir,
             seq: tcp.seq,
+            ack: tcp.ack,
             flags: tcp.flags,
             payload: pool.copy(tcp.payload),
             truncated,

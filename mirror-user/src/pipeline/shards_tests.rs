@@ -66,6 +66,7 @@ pub(super) fn limits(max_connections: usize) -> TableLimits {
             max_bytes: 1 << 20,
             max_wait_ns: u64::MAX,
         },
+        deliver: Default::default(),
     }
 }
 
