@@ -5,6 +5,7 @@ pub mod clock;
 pub mod counters;
 pub mod drain;
 pub mod loader;
+pub mod netns;
 pub mod privileged_helper;
 pub mod privileges;
 pub mod record;

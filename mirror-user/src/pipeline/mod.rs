@@ -34,7 +34,7 @@ use crate::{
     fanout::hub::{Hub, HubConfig},
     flow::segment::PayloadPool,
     kernel::{
-        attach::{self, AUTO_REASON, AttachError, AttachMode, Attachment},
+        attach::{self, AUTO_REASON, AttachError, AttachMode},
         clock::WallClock,
         drain::{DrainCounters, RecordSink, drain_rings, register_readable},
         loader::Mirror,
@@ -43,7 +43,7 @@ use crate::{
     },
     pipeline::{
         report::Report,
-        setup::Setup,
+        setup::{Setup, Watched},
         shards::{SegmentRouter, ShardConfig, Shards},
     },
     server::{
@@ -117,7 +117,8 @@ impl Pipeline {
             ports,
             attach: attach_mode,
             mut mirror,
-            attachment,
+            watched,
+            ifaces,
             listeners,
             server_config,
             dump_dir,
@@ -156,7 +157,7 @@ impl Pipeline {
         }
         let clock = WallClock::new();
         let pcap = pcap.map(|(pcap_config, output)| pcap::start(pcap_config, output, clock));
-        let shards = Shards::start(config.shards, &hub);
+        let shards = Shards::start_naming(config.shards, &hub, &ifaces);
         let arena = (config.arena_size > 0)
             .then(|| Arena::new(config.arena_size))
             .and_then(|created| {
@@ -184,15 +185,18 @@ impl Pipeline {
             server_stop_rx,
         ));
 
+        let Some(first) = watched.first() else {
+            unreachable!("the setup attaches at least one interface");
+        };
         if attach_mode == AttachMode::Auto {
-            tracing::info!("attach auto: {attachment} ({AUTO_REASON})");
+            tracing::info!("attach auto: {} ({AUTO_REASON})", first.attachment);
         }
         let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
         tracing::info!(
             "mirroring TCP to port {} on {} at {}; stop with Ctrl-C",
             port_list.join(", "),
             iface,
-            attachment
+            first.attachment
         );
         for endpoint in &server_config.endpoints {
             tracing::info!(
@@ -216,7 +220,7 @@ impl Pipeline {
             router: shards.router_with(pool),
             packets: config
                 .print_packets
-                .map(|format| PacketPrinter::new(format, &iface, clock)),
+                .map(|format| PacketPrinter::new(format, &iface, clock).naming(ifaces.clone())),
             pcap: pcap_sink.clone(),
         };
         drains.spawn(drain_rings(
@@ -292,7 +296,7 @@ impl Pipeline {
         });
         Running {
             mirror,
-            attachment,
+            watched,
             helper,
             hub,
             control,
@@ -318,7 +322,7 @@ type Ended = Result<io::Result<()>, JoinError>;
 /// The running pipeline.
 pub struct Running {
     mirror: Mirror,
-    attachment: Attachment,
+    watched: Vec<Watched>,
     helper: Arc<Helper>,
     hub: Arc<Hub>,
     control: Control,
@@ -370,7 +374,7 @@ impl Running {
     pub async fn shutdown(self) -> Result<Report, PipelineError> {
         let Self {
             mut mirror,
-            attachment,
+            watched,
             helper,
             hub,
             control,
@@ -390,12 +394,21 @@ impl Running {
         // Requests still in flight get "the mirror is stopping".
         drop(control_rx);
 
-        let detached = if attachment.clsact_filters().is_empty() {
-            attach::detach(&mut mirror, attachment).map_err(PipelineError::from)
-        } else {
+        let mut detached = Ok(());
+        let mut clsact = false;
+        for Watched { attachment, .. } in watched {
+            if attachment.clsact_filters().is_empty() {
+                let result = attach::detach(&mut mirror, attachment).map_err(PipelineError::from);
+                detached = detached.and(result);
+            } else {
+                clsact = true;
+            }
+        }
+        if clsact {
             // A filter needs CAP_NET_ADMIN to go: the helper removes them.
-            helper.detach_clsact().map_err(PipelineError::DetachClsact)
-        };
+            let result = helper.detach_clsact().map_err(PipelineError::DetachClsact);
+            detached = detached.and(result);
+        }
         let _ = stop_tx.send(true);
         let mut failure = early_end.and_then(task_failure);
         while let Some(ended) = drains.join_next().await {

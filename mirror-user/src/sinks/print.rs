@@ -23,6 +23,10 @@ pub enum EventLine<'a> {
         src: String,
         dst: String,
         midstream: bool,
+        /// The interface it came through (`NETNS:IF` for another
+        /// namespace); absent where unknown.
+        #[serde(skip_serializing_if = "str::is_empty")]
+        iface: &'a str,
     },
     Data {
         conn: u64,
@@ -45,7 +49,7 @@ impl<'a> EventLine<'a> {
     pub fn new(event: &'a StreamEvent) -> Self {
         match event {
             StreamEvent::Opened {
-                iface: _,
+                iface,
                 conn,
                 src,
                 dst,
@@ -55,6 +59,7 @@ impl<'a> EventLine<'a> {
                 src: src.to_string(),
                 dst: dst.to_string(),
                 midstream: *midstream,
+                iface,
             },
             StreamEvent::Data {
                 peer_acked: _,
@@ -131,13 +136,16 @@ pub fn format_event(event: &StreamEvent, format: PrintFormat, out: &mut String) 
         }
         PrintFormat::Text | PrintFormat::Hex => match event {
             StreamEvent::Opened {
-                iface: _,
+                iface,
                 conn,
                 src,
                 dst,
                 midstream,
             } => {
                 let _ = write!(out, "conn {conn} opened {src} > {dst}");
+                if !iface.is_empty() {
+                    let _ = write!(out, " on {iface}");
+                }
                 if *midstream {
                     out.push_str(" (midstream)");
                 }
@@ -294,6 +302,34 @@ mod tests {
         let mut out = String::new();
         format_event(event, format, &mut out);
         out
+    }
+
+    #[test]
+    fn an_opened_connection_names_its_interface() {
+        let event = StreamEvent::Opened {
+            iface: "pod1:eth0".into(),
+            conn: 4,
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "198.18.0.2:80".parse().unwrap(),
+            midstream: false,
+        };
+        assert_eq!(
+            line(&event, PrintFormat::Text),
+            "conn 4 opened 198.18.0.1:40000 > 198.18.0.2:80 on pod1:eth0\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&event, PrintFormat::Json)).unwrap();
+        assert_eq!(json["iface"], "pod1:eth0");
+        // Unknown: left out.
+        let json = line(
+            &opened(
+                1,
+                "198.18.0.1:40000".parse().unwrap(),
+                "198.18.0.2:80".parse().unwrap(),
+            ),
+            PrintFormat::Json,
+        );
+        assert!(!json.contains("iface"), "{json}");
     }
 
     #[test]
