@@ -176,6 +176,35 @@ fn a_pid_finds_its_namespace() {
     drop(sleeper);
 }
 
+/// A pod's last process gone, the mirror ends by itself, as on Ctrl-C
+/// (nothing left attached, its counters reported).
+#[test]
+fn the_mirror_ends_with_the_process_it_watches() {
+    needs_root!();
+    let mut net = TestNet::new();
+    let pod = pod(&mut net, 46, 0);
+    let mut sleeper = spawn(in_ns(&pod.server, "sleep").arg("60"));
+    let pid = sleeper.0.id().to_string();
+    let mirror = MirrorProcess::start_here(&["--pid", &pid, "--port", "80"]);
+    let _ = sleeper.0.kill();
+    let _ = sleeper.0.wait();
+    let state = format!("/proc/{}/stat", mirror.pid());
+    let ended = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        // Exited, not yet reaped: a zombie.
+        fs::read_to_string(&state).is_ok_and(|stat| stat.contains(") Z "))
+    });
+    assert!(ended, "the mirror ends within 10 s of its process");
+    let output = mirror.stop();
+    assert!(
+        output.stderr.contains(&format!(
+            "process {pid}, whose network namespace the mirror watches, has exited"
+        )),
+        "{output}"
+    );
+    assert!(tcx_programs(&pod.server, "eth0").is_empty());
+}
+
 #[test]
 fn interfaces_of_two_namespaces_in_one_mirror() {
     needs_root!();

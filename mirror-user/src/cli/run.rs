@@ -14,7 +14,7 @@ use mirror_user::{
     kernel::{
         attach::{self, AttachMode, Directions},
         loader::{self, LoadOptions, Sample},
-        netns::IfaceArg,
+        netns::{IfaceArg, ProcessExit},
     },
     pipeline::{
         Pipeline, PipelineConfig,
@@ -464,12 +464,15 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     // SIGINT or SIGTERM detaches in order and prints the counters.
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut running = Pipeline::start(prepared.setup, prepared.config);
+    let mut setup = prepared.setup;
+    let watched_process = setup.take_watched_process();
+    let mut running = Pipeline::start(setup, prepared.config);
     running
         .serve_until(async {
             tokio::select! {
                 _ = sigint.recv() => {}
                 _ = sigterm.recv() => {}
+                () = process_exited(watched_process) => {}
             }
         })
         .await;
@@ -480,6 +483,23 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         eprintln!("{report}");
     }
     report.failure.map_or(Ok(()), |failure| Err(failure.into()))
+}
+
+/// Completes when the process of `--pid` has exited; never without one.
+async fn process_exited(watched: Option<ProcessExit>) {
+    let Some(watched) = watched else {
+        return std::future::pending().await;
+    };
+    let pid = watched.pid;
+    match watched.exited().await {
+        Ok(()) => tracing::warn!(
+            "process {pid}, whose network namespace the mirror watches, has exited: the mirror stops"
+        ),
+        Err(error) => {
+            tracing::warn!("cannot watch process {pid} any more ({error}); the mirror goes on");
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupConfig> {

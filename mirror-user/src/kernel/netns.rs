@@ -15,7 +15,10 @@ use std::{
     fmt,
     fs::File,
     io,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::{AsFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -229,6 +232,50 @@ impl Netns {
     }
 }
 
+/// The end of the process whose namespace the mirror watches (`--pid`).
+///
+/// A pod's namespace goes with its last process; the mirror then ends as
+/// on SIGINT (detaches, reports its counters), rather than serve a
+/// namespace that will carry nothing more. Held as a pidfd, opened before
+/// the namespace, so a pid reused after the exit cannot stand in for it.
+#[derive(Debug)]
+pub struct ProcessExit {
+    pidfd: OwnedFd,
+    pub pid: u32,
+}
+
+impl ProcessExit {
+    pub fn open(pid: u32) -> Result<Self, NetnsError> {
+        let Ok(raw) = libc::pid_t::try_from(pid) else {
+            return Err(NetnsError::NoSuchProcess { pid });
+        };
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
+        // descriptor or -1; nix 0.32 has no wrapper.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+        if fd < 0 {
+            let source = io::Error::last_os_error();
+            return Err(match source.raw_os_error() {
+                Some(libc::ESRCH | libc::EINVAL) => NetnsError::NoSuchProcess { pid },
+                _ => NetnsError::Open {
+                    path: PathBuf::from(format!("/proc/{pid}")),
+                    source,
+                },
+            });
+        }
+        // SAFETY: the kernel just returned this descriptor, owned by nobody
+        // else (a descriptor number fits an i32).
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        Ok(Self { pidfd, pid })
+    }
+
+    /// Completes when the process has exited (a pidfd turns readable).
+    pub async fn exited(self) -> io::Result<()> {
+        let fd = crate::kernel::drain::register_readable(self.pidfd)?;
+        let _ready = fd.readable().await?;
+        Ok(())
+    }
+}
+
 /// NSFS_MAGIC from linux/magic.h.
 const NSFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x6e73_6673);
 
@@ -330,6 +377,28 @@ mod tests {
         );
         let error = Netns::named("/etc/hostname").unwrap_err().to_string();
         assert!(error.contains("is not a network namespace"), "{error}");
+    }
+
+    #[test]
+    fn the_end_of_a_watched_process_is_seen() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let exit = ProcessExit::open(child.id()).unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), exit.exited())
+                .await
+                .expect("seen within 10 s")
+                .unwrap();
+        });
+        child.wait().unwrap();
+        let error = ProcessExit::open(u32::MAX).unwrap_err().to_string();
+        assert!(error.starts_with("there is no process"), "{error}");
     }
 
     #[test]

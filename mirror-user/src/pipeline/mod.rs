@@ -125,6 +125,7 @@ impl Pipeline {
             pcap,
             helper,
             metrics,
+            ..
         } = setup;
 
         // The consumers follow the ports `ports add` adds.

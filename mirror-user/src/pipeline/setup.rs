@@ -20,7 +20,7 @@ use crate::{
     kernel::{
         attach::{self, AttachError, AttachMode, Attachment, Directions},
         loader::{LoadError, LoadOptions, Mirror},
-        netns::{IfaceArg, Netns, NetnsError},
+        netns::{IfaceArg, Netns, NetnsError, ProcessExit},
         privileged_helper::{Helper, Plan as HelperPlan},
         privileges::{self, Identity, PrivilegeError},
     },
@@ -249,6 +249,8 @@ pub struct Setup {
     pub(super) pcap: Option<(PcapConfig, PcapOutput)>,
     pub(super) helper: Arc<Helper>,
     pub(super) metrics: Option<TcpListener>,
+    /// `--pid`: that process's end.
+    watched_process: Option<ProcessExit>,
 }
 
 impl Setup {
@@ -259,6 +261,10 @@ impl Setup {
         let identity = Identity::resolve(config.user.as_deref())?;
         // Fail on a wrong namespace or interface name before loading
         // anything.
+        let watched_process = match &config.netns {
+            Some(NetnsArg::Pid(pid)) => Some(ProcessExit::open(*pid)?),
+            _ => None,
+        };
         let targets = targets(&config)?;
         let iface = targets
             .iter()
@@ -370,6 +376,13 @@ impl Setup {
             pcap,
             helper: Arc::new(helper),
             metrics,
+            watched_process,
         })
+    }
+
+    /// With `--pid`: that process's end, which ends the mirror (see
+    /// [`ProcessExit`]).
+    pub fn take_watched_process(&mut self) -> Option<ProcessExit> {
+        self.watched_process.take()
     }
 }
