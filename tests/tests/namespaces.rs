@@ -226,6 +226,59 @@ fn interfaces_of_two_namespaces_in_one_mirror() {
     assert_eq!(connection(&output, 41004), (b, 17), "{output}");
 }
 
+/// An interface added to the watched namespace after the start is attached
+/// (its traffic mirrored, named), and its removal is counted.
+#[test]
+fn interfaces_that_come_later_are_attached_and_counted() {
+    needs_root!();
+    let mut net = TestNet::new();
+    let pod = pod(&mut net, 47, 0);
+    let port = PORT.to_string();
+    let mirror =
+        MirrorProcess::start_here(&["--netns", &pod.server, "--port", &port, "--print", "json"]);
+    // A second client, on an interface the pod gets now.
+    let late = Pod {
+        server: pod.server.clone(),
+        client: net.namespace("late"),
+        server_ip: "198.18.48.1".to_owned(),
+    };
+    net.veth(
+        (&late.server, "eth1", "198.18.48.1/24"),
+        (&late.client, "l0", "198.18.48.2/24"),
+    );
+    let counter = |name: &'static str| {
+        move |c: &std::collections::BTreeMap<String, u64>| c.get(name).copied() == Some(1)
+    };
+    assert!(
+        mirror.wait_for_counters(Duration::from_secs(10), counter("interfaces.attached")),
+        "eth1 is attached"
+    );
+    let dir = scratch_dir();
+    let received = dir.path().join("received");
+    let server = start_server(&late.server, PORT, &received);
+    let message = "through the late interface";
+    send(&late, 41005, message, &received);
+    drop(server);
+    mirror.wait_for_fin_closes(1);
+    ip(&["-n", &late.server, "link", "del", "eth1"]);
+    assert!(
+        mirror.wait_for_counters(Duration::from_secs(10), counter("interfaces.detached")),
+        "eth1's removal is counted"
+    );
+    let output = mirror.stop();
+    assert_eq!(
+        connection(&output, 41005),
+        (format!("{}:eth1", pod.server), message.len() as u64),
+        "{output}"
+    );
+    assert_eq!(
+        output.counters.get("interfaces.failed"),
+        Some(&0),
+        "{output}"
+    );
+    assert!(tcx_programs(&pod.server, "eth0").is_empty());
+}
+
 #[test]
 fn interfaces_that_share_an_index_are_refused() {
     needs_root!();

@@ -4,6 +4,7 @@ pub mod attach;
 pub mod clock;
 pub mod counters;
 pub mod drain;
+pub mod hotplug;
 pub mod loader;
 pub mod netns;
 pub mod privileged_helper;

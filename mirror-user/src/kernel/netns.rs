@@ -172,6 +172,11 @@ impl Netns {
         Ok(())
     }
 
+    /// The namespace, held open (for setns in another process).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
     /// Is this the namespace the mirror runs in?
     pub fn is_own(&self) -> bool {
         self.label.is_empty()

@@ -37,6 +37,7 @@ use crate::{
         attach::{self, AUTO_REASON, AttachError, AttachMode},
         clock::WallClock,
         drain::{DrainCounters, RecordSink, drain_rings, register_readable},
+        hotplug::{Hotplug, InterfaceCounters},
         loader::Mirror,
         privileged_helper::Helper,
         record::Record,
@@ -125,6 +126,7 @@ impl Pipeline {
             pcap,
             helper,
             metrics,
+            hotplug,
             ..
         } = setup;
 
@@ -265,6 +267,24 @@ impl Pipeline {
             });
         }
 
+        let hotplugging = hotplug.is_some();
+        let interface_counters = hotplug.map(|(watch, netns_label)| {
+            let counters = Arc::new(InterfaceCounters::default());
+            let follow = Hotplug {
+                watch,
+                netns_label,
+                watched: watched
+                    .iter()
+                    .map(|w| (w.attachment.ifindex, w.attachment.iface.clone()))
+                    .collect(),
+                names: ifaces.clone(),
+                helper: Arc::clone(&helper),
+                counters: Arc::clone(&counters),
+            };
+            tokio::spawn(follow.run(stop_rx.clone()));
+            counters
+        });
+
         // The drain holds the capture's only handle now: it ends with it.
         drop(pcap_sink);
         // Every stage's counters, in data-path order: what the report,
@@ -278,6 +298,9 @@ impl Pipeline {
         registry.register_sections(Arc::clone(&hub));
         registry.register("server", server_stats);
         registry.register("arena", Arc::new(ArenaStage(arena)));
+        if let Some(counters) = interface_counters {
+            registry.register("interfaces", counters);
+        }
         registry.register("forward", Arc::new(ForwardTargets(forwards)));
         if let Some(pcap) = pcap_counters {
             registry.register("pcap", pcap);
@@ -298,6 +321,7 @@ impl Pipeline {
         Running {
             mirror,
             watched,
+            hotplug: hotplugging,
             helper,
             hub,
             control,
@@ -324,6 +348,8 @@ type Ended = Result<io::Result<()>, JoinError>;
 pub struct Running {
     mirror: Mirror,
     watched: Vec<Watched>,
+    /// The helper attaches interfaces that appear later.
+    hotplug: bool,
     helper: Arc<Helper>,
     hub: Arc<Hub>,
     control: Control,
@@ -376,6 +402,7 @@ impl Running {
         let Self {
             mut mirror,
             watched,
+            hotplug,
             helper,
             hub,
             control,
@@ -396,7 +423,8 @@ impl Running {
         drop(control_rx);
 
         let mut detached = Ok(());
-        let mut clsact = false;
+        // Hot-plugged links are the helper's: it lets go of them on DETACH.
+        let mut clsact = hotplug;
         for Watched { attachment, .. } in watched {
             if attachment.clsact_filters().is_empty() {
                 let result = attach::detach(&mut mirror, attachment).map_err(PipelineError::from);
@@ -406,7 +434,8 @@ impl Running {
             }
         }
         if clsact {
-            // A filter needs CAP_NET_ADMIN to go: the helper removes them.
+            // A filter needs CAP_NET_ADMIN to go: the helper removes them
+            // (and the hot-plugged links).
             let result = helper.detach_clsact().map_err(PipelineError::DetachClsact);
             detached = detached.and(result);
         }

@@ -8,6 +8,7 @@
 use std::{
     io,
     net::{SocketAddr, TcpListener},
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
 };
@@ -19,9 +20,10 @@ use crate::{
     flow::ifaces::IfaceNames,
     kernel::{
         attach::{self, AttachError, AttachMode, Attachment, Directions},
+        hotplug::LinkWatch,
         loader::{LoadError, LoadOptions, Mirror},
         netns::{IfaceArg, Netns, NetnsError, ProcessExit},
-        privileged_helper::{Helper, Plan as HelperPlan},
+        privileged_helper::{Helper, HotplugFds, Plan as HelperPlan},
         privileges::{self, Identity, PrivilegeError},
     },
     server::{
@@ -127,24 +129,19 @@ struct Target {
 
 /// The interfaces `config` names, each looked up in its namespace; refuses
 /// one given twice, and two that share an index (see [`IfaceNames`]).
-fn targets(config: &SetupConfig) -> Result<Vec<Target>, SetupError> {
-    let default = Arc::new(match &config.netns {
-        Some(NetnsArg::Named(name)) => Netns::named(name)?,
-        Some(NetnsArg::Pid(pid)) => Netns::of_pid(*pid)?,
-        None => Netns::current()?,
-    });
+fn targets(config: &SetupConfig, default: &Arc<Netns>) -> Result<Vec<Target>, SetupError> {
     let wanted: Vec<(Arc<Netns>, String)> = if config.ifaces.is_empty() {
         default
             .interfaces()?
             .into_iter()
-            .map(|iface| (Arc::clone(&default), iface))
+            .map(|iface| (Arc::clone(default), iface))
             .collect()
     } else {
-        let mut namespaces: Vec<Arc<Netns>> = vec![Arc::clone(&default)];
+        let mut namespaces: Vec<Arc<Netns>> = vec![Arc::clone(default)];
         let mut wanted = Vec::new();
         for arg in &config.ifaces {
             let netns = match &arg.netns {
-                None => Arc::clone(&default),
+                None => Arc::clone(default),
                 Some(name) => {
                     let opened = Netns::named(name)?;
                     match namespaces.iter().find(|known| ***known == opened) {
@@ -225,6 +222,27 @@ fn attach_all(
     Ok(watched)
 }
 
+/// The TC programs' descriptors, for the helper to attach later.
+fn hotplug_programs(
+    mirror: &mut Mirror,
+    directions: Directions,
+) -> Result<(OwnedFd, Option<OwnedFd>), SetupError> {
+    let program = |program: &aya::programs::SchedClassifier| {
+        program
+            .fd()
+            .map_err(|error| SetupError::Helper(io::Error::other(error)))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(SetupError::Helper)
+    };
+    let ingress = program(mirror.tc()?)?;
+    let egress = match directions {
+        Directions::Both => Some(program(mirror.tc_egress()?)?),
+        Directions::Client => None,
+    };
+    Ok((ingress, egress))
+}
+
 /// An attached interface and its name in the output.
 #[derive(Debug)]
 pub struct Watched {
@@ -251,6 +269,8 @@ pub struct Setup {
     pub(super) metrics: Option<TcpListener>,
     /// `--pid`: that process's end.
     watched_process: Option<ProcessExit>,
+    /// Hot-plug: the namespace's link notifications, and its label.
+    pub(super) hotplug: Option<(LinkWatch, String)>,
 }
 
 impl Setup {
@@ -265,7 +285,25 @@ impl Setup {
             Some(NetnsArg::Pid(pid)) => Some(ProcessExit::open(*pid)?),
             _ => None,
         };
-        let targets = targets(&config)?;
+        let default = Arc::new(match &config.netns {
+            Some(NetnsArg::Named(name)) => Netns::named(name)?,
+            Some(NetnsArg::Pid(pid)) => Netns::of_pid(*pid)?,
+            None => Netns::current()?,
+        });
+        // Hot-plug: listening before the interfaces are listed, so that
+        // none appears unheard in between. TCX only: the helper attaches
+        // through links (clsact in another namespace is refused anyway).
+        let hotplug = (config.netns.is_some()
+            && config.ifaces.is_empty()
+            && attach::resolve(config.attach) == AttachMode::Tc)
+            .then(|| default.run(LinkWatch::open))
+            .transpose()?
+            .transpose()
+            .map_err(|source| NetnsError::List {
+                label: default.to_string(),
+                source,
+            })?;
+        let targets = targets(&config, &default)?;
         let iface = targets
             .iter()
             .map(|target| target.label.as_str())
@@ -330,7 +368,16 @@ impl Setup {
         // go with the process; a clsact filter stays: the helper removes it
         // once it runs (also when a later step fails), before that the mirror,
         // which still may.
+        let programs = match &hotplug {
+            Some(_) => Some(hotplug_programs(&mut mirror, config.directions)?),
+            None => None,
+        };
         let helper = match Helper::spawn(&HelperPlan {
+            hotplug: programs.as_ref().map(|(ingress, egress)| HotplugFds {
+                netns: default.as_fd(),
+                ingress: ingress.as_fd(),
+                egress: egress.as_ref().map(AsFd::as_fd),
+            }),
             clsact: watched
                 .iter()
                 .flat_map(|watched| watched.attachment.clsact_filters())
@@ -377,6 +424,7 @@ impl Setup {
             helper: Arc::new(helper),
             metrics,
             watched_process,
+            hotplug: hotplug.map(|watch| (watch, default.label().to_owned())),
         })
     }
 
