@@ -523,11 +523,13 @@ pub fn serve() -> io::Result<()> {
         // SAFETY: installs the ignore disposition, no handler code.
         unsafe { signal(stop, SigHandler::SigIgn) }?;
     }
-    // Hot-plug needs more until the plan says whether it is wanted.
+    // Hot-plug needs more until the plan says whether it is wanted (and
+    // CAP_SETPCAP until then, to cut the bounding set down to what stays).
     keep_only(&[
         caps::Capability::CAP_NET_ADMIN,
         caps::Capability::CAP_SYS_ADMIN,
         caps::Capability::CAP_BPF,
+        caps::Capability::CAP_SETPCAP,
     ])?;
     serve_on(&socket)
 }
@@ -539,9 +541,15 @@ fn serve_on(socket: &OwnedFd) -> io::Result<()> {
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let (plan_bytes, dirs) = receive(socket, &mut buffer)?;
     let mut plan = Cleanup::decode(&buffer[..plan_bytes], dirs)?;
-    if plan.hotplug.is_none() {
-        keep_only(&[caps::Capability::CAP_NET_ADMIN])?;
-    }
+    keep_only(if plan.hotplug.is_some() {
+        &[
+            caps::Capability::CAP_NET_ADMIN,
+            caps::Capability::CAP_SYS_ADMIN,
+            caps::Capability::CAP_BPF,
+        ]
+    } else {
+        &[caps::Capability::CAP_NET_ADMIN]
+    })?;
     if answer(socket, Ok(())).is_ok() {
         loop {
             let (len, fds) = match receive(socket, &mut buffer) {
