@@ -303,6 +303,11 @@ impl Setup {
                 label: default.to_string(),
                 source,
             })?;
+        if config.netns.is_some() && config.ifaces.is_empty() && hotplug.is_none() {
+            tracing::info!(
+                "interfaces that appear in {default} later are not watched: hot-plug attaches at TC only (--attach tc or auto)"
+            );
+        }
         let targets = targets(&config, &default)?;
         let iface = targets
             .iter()

@@ -187,6 +187,24 @@ mod tests {
 
     use super::*;
 
+    /// With several interfaces, each packet's comes from the names table,
+    /// by its record's index.
+    #[test]
+    fn packets_name_their_interface_by_index() {
+        let names = IfaceNames::default();
+        names.insert(2, "pod1:eth0");
+        names.insert(3, "pod2:eth0");
+        let mut printer =
+            PacketPrinter::new(PacketFormat::Text, "pod1:eth0, pod2:eth0", WallClock::new())
+                .naming(names);
+        assert_eq!(&*printer.iface_of(3), "pod2:eth0");
+        assert_eq!(&*printer.iface_of(2), "pod1:eth0");
+        assert_eq!(&*printer.iface_of(2), "pod1:eth0");
+        assert_eq!(&*printer.iface_of(9), "");
+        let mut single = PacketPrinter::new(PacketFormat::Text, "lo", WallClock::new());
+        assert_eq!(&*single.iface_of(1), "lo");
+    }
+
     #[test]
     fn json_line_has_the_documented_keys() {
         let mut frame = Vec::new();
