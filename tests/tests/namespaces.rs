@@ -2,13 +2,13 @@
 //! namespace and watches others (`--netns`, `--pid`, `--iface NETNS:IF`);
 //! each connection names the interface it came through.
 
-use std::{fs, time::Duration};
+use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};
 
 use mirror_tests::{
     bed::scratch_dir,
     mirror_process::{MirrorOutput, MirrorProcess, assert_refused, run_mirror},
     needs_root,
-    netns::{TestNet, in_ns, ip, run_in, spawn, tcx_programs},
+    netns::{KillOnDrop, TestNet, in_ns, ip, run_in, spawn, tcx_programs},
     traffic::start_server,
 };
 use serde_json::Value;
@@ -68,6 +68,25 @@ fn send(pod: &Pod, client_port: u16, message: &str, received: &std::path::Path) 
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("the server did not receive {message:?}");
+}
+
+/// `sleep 60` in `ns`, once it is there (`ip netns exec` enters the
+/// namespace after it started: its pid is in ours until then).
+fn sleeper_in(ns: &str) -> KillOnDrop {
+    let sleeper = spawn(in_ns(ns, "sleep").arg("60"));
+    let target = fs::metadata(format!("/run/netns/{ns}"))
+        .expect("the namespace")
+        .ino();
+    let path = format!("/proc/{}/ns/net", sleeper.0.id());
+    let entered = (0..400).any(|_| {
+        if fs::metadata(&path).is_ok_and(|meta| meta.ino() == target) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+        false
+    });
+    assert!(entered, "sleep entered {ns} within 10 s");
+    sleeper
 }
 
 /// The interface and the byte count of the connection from `client_port`.
@@ -165,7 +184,7 @@ fn a_pid_finds_its_namespace() {
     let mut net = TestNet::new();
     let pod = pod(&mut net, 41, 0);
     // `ip netns exec` execs: the child is sleep itself, in the pod.
-    let sleeper = spawn(in_ns(&pod.server, "sleep").arg("60"));
+    let sleeper = sleeper_in(&pod.server);
     let pid = sleeper.0.id().to_string();
     let message = "hello from the pod client";
     let output = mirror_traffic(&["--pid", &pid], &[(&pod, 41002, message)]);
@@ -183,7 +202,7 @@ fn the_mirror_ends_with_the_process_it_watches() {
     needs_root!();
     let mut net = TestNet::new();
     let pod = pod(&mut net, 46, 0);
-    let mut sleeper = spawn(in_ns(&pod.server, "sleep").arg("60"));
+    let mut sleeper = sleeper_in(&pod.server);
     let pid = sleeper.0.id().to_string();
     let mirror = MirrorProcess::start_here(&["--pid", &pid, "--port", "80"]);
     let _ = sleeper.0.kill();
