@@ -60,7 +60,7 @@ impl LinkWatch {
 /// What hot-plug keeps track of.
 pub struct Hotplug {
     pub watch: LinkWatch,
-    /// `NETNS` of `NETNS:IF`.
+    /// `NETNS` of `NETNS:IF` (empty for the mirror's own namespace).
     pub netns_label: String,
     /// Interfaces attached at start, by index (names as the kernel says).
     pub watched: HashMap<u32, String>,
@@ -195,6 +195,15 @@ struct Following {
 }
 
 impl Following {
+    /// `NETNS:IF`, or `IF` when the namespace is the mirror's own.
+    fn label(&self, name: &str) -> String {
+        if self.netns_label.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}:{name}", self.netns_label)
+        }
+    }
+
     async fn apply(&mut self, change: Change) {
         match change {
             Change::New { ifindex, name } => {
@@ -204,7 +213,7 @@ impl Following {
                 {
                     return;
                 }
-                let label = format!("{}:{name}", self.netns_label);
+                let label = self.label(&name);
                 let helper = Arc::clone(&self.helper);
                 let attached =
                     tokio::task::spawn_blocking(move || helper.attach_interface(ifindex)).await;
@@ -228,7 +237,7 @@ impl Following {
                 let Some(name) = self.watched.remove(&ifindex) else {
                     return;
                 };
-                tracing::info!("{}:{name} went away", self.netns_label);
+                tracing::info!("{} went away", self.label(&name));
                 self.names.remove(ifindex);
                 self.counters.detached.fetch_add(1, Ordering::Relaxed);
                 let helper = Arc::clone(&self.helper);
