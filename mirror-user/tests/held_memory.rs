@@ -140,6 +140,7 @@ fn segment(flow: FlowKey, seq: u32, flags: TcpFlags, payload: bytes::Bytes) -> S
         flags,
         payload,
         truncated: false,
+        ifindex: 0,
     }
 }
 

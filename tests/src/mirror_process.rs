@@ -208,6 +208,12 @@ impl MirrorProcess {
         Self::spawn(ns, args, Stdout::Read)
     }
 
+    /// Starts `mirror run ARGS` as given in the test's own namespace (the
+    /// mirror then watches others with --netns, --pid or --iface NETNS:IF).
+    pub fn start_here(args: &[&str]) -> Self {
+        Self::spawn_in(None, args, Stdout::Read)
+    }
+
     /// The address its subscriber server listens on (when the test did not
     /// choose one).
     pub fn endpoint(&self) -> String {
@@ -254,6 +260,10 @@ impl MirrorProcess {
     }
 
     fn spawn(ns: &str, args: &[&str], stdout_mode: Stdout) -> Self {
+        Self::spawn_in(Some(ns), args, stdout_mode)
+    }
+
+    fn spawn_in(ns: Option<&str>, args: &[&str], stdout_mode: Stdout) -> Self {
         // Tests run side by side and /run is shared by every network
         // namespace: each mirror gets its own socket unless told otherwise.
         let socket_dir = (!args.contains(&"--listen")).then(scratch_dir);
@@ -264,7 +274,7 @@ impl MirrorProcess {
             .iter()
             .flat_map(|path| ["--listen".to_owned(), format!("unix:{}", path.display())])
             .collect();
-        let mut child = command(Some(ns))
+        let mut child = command(ns)
             .arg("run")
             .args(args)
             .args(&listen)

@@ -17,10 +17,11 @@ use mirror_user::{
     kernel::{
         attach::{self, AttachMode, Directions},
         loader::{self, LoadOptions, Sample},
+        netns::{IfaceArg, ProcessExit},
     },
     pipeline::{
         Pipeline, PipelineConfig,
-        setup::{Setup, SetupConfig},
+        setup::{NetnsArg, Setup, SetupConfig},
         shards::ShardConfig,
     },
     server::{Endpoint, ServerConfig},
@@ -48,15 +49,37 @@ Examples:
   # One JSON line per packet, first 256 bytes of each:
   mirror run --iface eth0 --port 80 --port 443 --snaplen 256 --print-packets json
 
+  # Every interface of a pod (its network namespace), from the node:
+  mirror run --pid 4242 --port 8080 --print text
+  mirror run --netns pod1 --port 8080 --print json
+  # Two interfaces of two namespaces in one mirror:
+  mirror run --iface pod1:eth0 --iface pod2:eth0 --port 8080 --print text
+
 Needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN. Once attached it
 runs as --user (default nobody) with no capability left, as tcpdump -Z does.
 Stop with Ctrl-C: the program is detached and the counters are printed.";
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("watched").required(true).multiple(true).args(["iface", "netns", "pid"])))]
 pub struct RunArgs {
-    /// Interface to watch (ingress traffic), e.g. eth0 or lo.
+    /// Interface to watch (ingress traffic), e.g. eth0 or lo; repeatable.
+    /// `NETNS:IF` names interface IF of the network namespace NETNS (a
+    /// name under /var/run/netns); a plain IF is in --netns / --pid when
+    /// given. Connections say which interface they came through.
     #[arg(short, long, value_name = "IF")]
-    pub iface: String,
+    pub iface: Vec<IfaceArg>,
+
+    /// Watch the network namespace NETNS (a name under /var/run/netns, or
+    /// a path such as /proc/PID/ns/net) rather than the mirror's own:
+    /// every interface of it but lo unless --iface names some. The
+    /// mirror's sockets, files and metrics stay in its own namespace.
+    #[arg(long, value_name = "NETNS", conflicts_with = "pid")]
+    pub netns: Option<String>,
+
+    /// Watch the network namespace of process PID (e.g. a pod's), as
+    /// --netns does.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
 
     /// Destination TCP port to mirror (repeatable).
     #[arg(short, long = "port", value_name = "P", required = true, value_parser = parse_port)]
@@ -477,12 +500,15 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     // SIGINT or SIGTERM detaches in order and prints the counters.
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut running = Pipeline::start(prepared.setup, prepared.config);
+    let mut setup = prepared.setup;
+    let watched_process = setup.take_watched_process();
+    let mut running = Pipeline::start(setup, prepared.config);
     running
         .serve_until(async {
             tokio::select! {
                 _ = sigint.recv() => {}
                 _ = sigterm.recv() => {}
+                () = process_exited(watched_process) => {}
             }
         })
         .await;
@@ -495,14 +521,38 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     report.failure.map_or(Ok(()), |failure| Err(failure.into()))
 }
 
+/// Completes when the process of `--pid` has exited; never without one.
+async fn process_exited(watched: Option<ProcessExit>) {
+    let Some(watched) = watched else {
+        return std::future::pending().await;
+    };
+    let pid = watched.pid;
+    match watched.exited().await {
+        Ok(()) => tracing::warn!(
+            "process {pid}, whose network namespace the mirror watches, has exited: the mirror stops"
+        ),
+        Err(error) => {
+            tracing::warn!("cannot watch process {pid} any more ({error}); the mirror goes on");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupConfig> {
     let sample = if args.sample >= 100 {
         Sample::ALL
     } else {
         Sample::random(args.sample).context("cannot draw a random seed for --sample")?
     };
+    let netns = match (&args.netns, args.pid) {
+        (Some(netns), _) => Some(NetnsArg::Named(netns.clone())),
+        (None, Some(pid)) => Some(NetnsArg::Pid(pid)),
+        (None, None) => None,
+    };
+    let watched = watched_label(args);
     Ok(SetupConfig {
-        iface: args.iface.clone(),
+        ifaces: args.iface.clone(),
+        netns,
         ports: args.ports.iter().map(|p| p.get()).collect(),
         attach: args.attach,
         directions: args.directions,
@@ -520,7 +570,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
             format: args.sinks.pcap_format,
             rotate_size: args.sinks.pcap_rotate_size,
             keep: args.sinks.pcap_keep,
-            iface: args.iface.clone(),
+            iface: watched.clone(),
             snaplen: args.snaplen,
         }),
         server: ServerConfig {
@@ -528,11 +578,26 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
             token: None,
             max_clients: args.server.max_clients,
             write_timeout: args.server.client_timeout,
-            name: format!("mirror {} on {}", env!("CARGO_PKG_VERSION"), args.iface),
+            name: format!("mirror {} on {watched}", env!("CARGO_PKG_VERSION")),
         },
         token_file: args.server.token_file.clone(),
         metrics: args.metrics,
     })
+}
+
+/// The watched interfaces as the command line names them.
+fn watched_label(args: &RunArgs) -> String {
+    let netns = match (&args.netns, args.pid) {
+        (Some(netns), _) => Some(netns.clone()),
+        (None, Some(pid)) => Some(format!("pid{pid}")),
+        (None, None) => None,
+    };
+    let ifaces: Vec<String> = args.iface.iter().map(ToString::to_string).collect();
+    match (netns, ifaces.is_empty()) {
+        (Some(netns), true) => netns,
+        (Some(netns), false) => format!("{} (in {netns})", ifaces.join(", ")),
+        (None, _) => ifaces.join(", "),
+    }
 }
 
 fn pipeline_config(args: &RunArgs, deliver: Delivery) -> PipelineConfig {
@@ -713,7 +778,7 @@ mod tests {
     #[test]
     fn run_defaults() {
         let args = run_args(&["--iface", "lo", "--port", "8080"]).unwrap();
-        assert_eq!(args.iface, "lo");
+        assert_eq!(args.iface, ["lo".parse().unwrap()]);
         assert_eq!(args.ports, [NonZeroU16::new(8080).unwrap()]);
         assert_eq!(args.attach, AttachMode::Auto);
         assert_eq!(args.directions, Directions::Client);
@@ -749,13 +814,32 @@ mod tests {
             "64K",
         ])
         .unwrap();
-        assert_eq!(args.iface, "eth0");
+        assert_eq!(args.iface, ["eth0".parse().unwrap()]);
         let ports: Vec<u16> = args.ports.iter().map(|p| p.get()).collect();
         assert_eq!(ports, [80, 443]);
         assert_eq!(args.attach, AttachMode::XdpDrv);
         assert_eq!(args.snaplen, 128);
         assert_eq!(args.print, Some(PrintFormat::Json));
         assert_eq!(args.ring_size, Some(64 << 10));
+    }
+
+    #[test]
+    fn interfaces_and_namespaces() {
+        let args = run_args(&["-i", "a:eth0", "-i", "eth1", "-p", "1", "--pid", "7"]).unwrap();
+        assert_eq!(args.iface.len(), 2);
+        assert_eq!(args.iface[0].netns.as_deref(), Some("a"));
+        assert_eq!(args.pid, Some(7));
+        assert_eq!(watched_label(&args), "a:eth0, eth1 (in pid7)");
+        let args = run_args(&["--netns", "pod1", "-p", "1"]).unwrap();
+        assert!(args.iface.is_empty());
+        assert_eq!(watched_label(&args), "pod1");
+        assert!(
+            run_args(&["-p", "1"]).is_err(),
+            "an interface or a namespace is needed"
+        );
+        assert!(run_args(&["--netns", "a", "--pid", "1", "-p", "1"]).is_err());
+        let err = run_args(&["-i", "pod1:", "-p", "1"]).unwrap_err();
+        assert!(err.to_string().contains("names no interface"), "{err}");
     }
 
     #[test]

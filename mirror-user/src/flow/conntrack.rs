@@ -50,6 +50,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::flow::{
+    ifaces::IfaceNames,
     model::{CloseReason, ConnId, ConnIds, Direction, EventSink, FlowKey, StreamEvent},
     reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
     segment::{Segment, TcpFlags},
@@ -206,6 +207,8 @@ impl serde::Serialize for TableCounters {
 struct Connection {
     phase: Phase,
     last_seen_ns: u64,
+    /// The interface of the segment that started tracking it.
+    ifindex: u32,
     /// Memory held for this flow (reorder buffers or waiting segments), as
     /// last counted into the table's total.
     held: usize,
@@ -354,6 +357,10 @@ pub struct ConnectionTable {
     scratch: Vec<Bytes>,
     /// Bytes of the other direction that a segment's ACK released.
     peer_scratch: Vec<Bytes>,
+    /// Names the interface of each connection when it is announced.
+    ifaces: IfaceNames,
+    /// The interface of the segment being taken.
+    ifindex: u32,
 }
 
 impl ConnectionTable {
@@ -371,7 +378,17 @@ impl ConnectionTable {
             stats: TableCounters::default(),
             scratch: Vec::new(),
             peer_scratch: Vec::new(),
+            ifaces: IfaceNames::default(),
+            ifindex: 0,
         }
+    }
+
+    /// Names each connection's interface from `ifaces` (else they are
+    /// announced with an empty name).
+    #[must_use]
+    pub fn with_iface_names(mut self, ifaces: IfaceNames) -> Self {
+        self.ifaces = ifaces;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -410,8 +427,10 @@ impl ConnectionTable {
             flags,
             payload,
             truncated,
+            ifindex,
         } = segment;
         let ack = flags.contains(TcpFlags::ACK).then_some(ack);
+        self.ifindex = ifindex;
         if flags.contains(TcpFlags::RST) {
             self.rst(&flow, dir, seq, now_ns, sink);
             return;
@@ -449,6 +468,7 @@ impl ConnectionTable {
                         acks: [None, None],
                     },
                     last_seen_ns: now_ns,
+                    ifindex: self.ifindex,
                     held: 0,
                 },
             );
@@ -844,6 +864,7 @@ impl ConnectionTable {
                     pending_rst: None,
                 },
                 last_seen_ns: now_ns,
+                ifindex: self.ifindex,
                 held: 0,
             },
         );
@@ -862,6 +883,7 @@ impl ConnectionTable {
         }
         let new = self.ids.next();
         *id = Some(new);
+        let iface = self.ifaces.name(conn.ifindex);
         self.stats.opened += 1;
         if *midstream {
             self.stats.opened_midstream += 1;
@@ -869,7 +891,7 @@ impl ConnectionTable {
         sink.event(
             flow.dst.port(),
             StreamEvent::Opened {
-                iface: Default::default(),
+                iface,
                 conn: new,
                 src: flow.src,
                 dst: flow.dst,
@@ -1207,6 +1229,7 @@ mod tests {
             flags,
             payload: Bytes::copy_from_slice(payload),
             truncated: false,
+            ifindex: 0,
         }
     }
 
@@ -1259,6 +1282,37 @@ mod tests {
         table.segment(seg(f, 99, SYN, b""), 0, log);
         table.segment(ans(f, 499, SYN_ACK, b""), 1, log);
         table.segment(seg(f, 100, ACK, b""), 2, log);
+    }
+
+    /// Each connection is announced with the name of the interface its
+    /// first segment came through, as the table knew it then.
+    #[test]
+    fn connections_name_their_interface() {
+        let names = IfaceNames::default();
+        names.insert(2, "pod1:eth0");
+        names.insert(3, "pod2:eth0");
+        let mut table = ConnectionTable::new(LIMITS, ConnIds::default()).with_iface_names(names);
+        let mut opened = Vec::new();
+        let mut sink = |_, event| {
+            if let StreamEvent::Opened { iface, src, .. } = event {
+                opened.push((src.port(), iface.to_string()));
+            }
+        };
+        for (port, ifindex) in [(1000, 2), (1001, 3), (1002, 9)] {
+            let f = flow(port);
+            let on = |segment: Segment| Segment { ifindex, ..segment };
+            table.segment(on(seg(f, 99, SYN, b"")), 0, &mut sink);
+            table.segment(on(seg(f, 100, ACK, b"x")), 1, &mut sink);
+        }
+        assert_eq!(
+            opened,
+            [
+                (1000, "pod1:eth0".to_owned()),
+                (1001, "pod2:eth0".to_owned()),
+                // Not (or no longer) watched: no name.
+                (1002, String::new()),
+            ]
+        );
     }
 
     /// Segments of one direction carrying `len` bytes (byte `i` is
@@ -1849,6 +1903,7 @@ mod tests {
             flags: ACK,
             payload,
             truncated: false,
+            ifindex: 0,
         };
         // Waiting for a SYN.
         table.segment(held(pool_buffer.slice(..5)), 0, &mut log);

@@ -24,6 +24,8 @@ pub struct Segment {
     /// The record was cut at the snap length: `payload` lacks bytes the
     /// connection carried.
     pub truncated: bool,
+    /// The interface it came through (in its namespace).
+    pub ifindex: u32,
 }
 
 bitflags::bitflags! {

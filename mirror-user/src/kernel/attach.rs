@@ -18,7 +18,7 @@
 
 pub mod clsact;
 
-use std::{fmt, fs, io};
+use std::{fmt, io};
 
 use aya::{
     programs::{
@@ -268,19 +268,21 @@ pub fn interface_index(iface: &str) -> Result<u32, AttachError> {
     nix::net::if_::if_nametoindex(iface).map_err(|_| unknown())
 }
 
+/// The interfaces of the calling thread's namespace (netlink, so that a
+/// thread that entered another namespace lists that one's).
 fn available_interfaces() -> String {
-    let mut names: Vec<String> = fs::read_dir("/sys/class/net")
-        .map(|dir| {
-            dir.filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
+    let names = crate::kernel::netns::interface_names().unwrap_or_default();
     if names.is_empty() {
         "none".to_owned()
     } else {
         names.join(", ")
     }
+}
+
+/// TC attaches through TCX links here (else through clsact filters).
+pub fn uses_tcx(force_netlink: bool) -> bool {
+    !force_netlink
+        && KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
 }
 
 /// Attaches the mirror's programs to `iface` at the point `mode` names:
@@ -388,9 +390,7 @@ fn attach_tc(
     force_netlink: bool,
 ) -> Result<(AttachPoint, Link), AttachError> {
     remove_leftover_filters(iface, ifindex, hook);
-    let use_tcx = !force_netlink
-        && KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0));
-    if use_tcx {
+    if uses_tcx(force_netlink) {
         // First, so that a program that ends the chain (with OK or SHOT)
         // cannot hide packets from the mirror; later programs still see
         // every packet, since the mirror passes each one on.

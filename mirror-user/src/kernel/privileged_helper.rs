@@ -11,7 +11,15 @@
 //!   without TCX: a filter outlives its process, a TCX link does not), and
 //!   the clsact qdisc if the mirror added it and nothing else uses it;
 //! - removes the subscriber socket files, which live in directories only
-//!   root may write, through those directories, which it is given open.
+//!   root may write, through those directories, which it is given open;
+//! - with `--netns`/`--pid` and no `--iface` (hot-plug), attaches the
+//!   mirror's TC programs to interfaces that appear later in the watched
+//!   namespace, and lets go of them when they go: for that it also keeps
+//!   CAP_SYS_ADMIN (setns) and CAP_BPF (the link), and is given the
+//!   namespace and the programs open with the plan. The links are the
+//!   helper's: they go when it exits, with the mirror. A compromised mirror
+//!   can ask for no more than it had at start: its own programs, on
+//!   interfaces of the namespace it was started on.
 //!
 //! The helper is the mirror binary itself, started again with a hidden
 //! subcommand (a fork of a multi-threaded process could not safely run
@@ -138,6 +146,17 @@ pub struct Plan<'a> {
     /// In the order they are removed.
     pub clsact: Vec<ClsactFilter>,
     pub sockets: Vec<&'a SocketFile>,
+    /// Hot-plug: what the helper attaches later.
+    pub hotplug: Option<HotplugFds<'a>>,
+}
+
+/// The watched namespace and the TC programs (egress with
+/// `--directions both`), for attaching interfaces that appear later.
+#[derive(Debug, Clone, Copy)]
+pub struct HotplugFds<'a> {
+    pub netns: BorrowedFd<'a>,
+    pub ingress: BorrowedFd<'a>,
+    pub egress: Option<BorrowedFd<'a>>,
 }
 
 /// The plan as the helper receives it: the socket files' directories
@@ -148,6 +167,10 @@ pub struct Plan<'a> {
 struct PlanMessage {
     clsact: Vec<ClsactFilter>,
     sockets: Vec<SocketName>,
+    /// Hot-plug: the descriptors after the directories are the namespace,
+    /// the ingress program and, if this is true, the egress program.
+    #[serde(default)]
+    hotplug: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -178,12 +201,16 @@ impl Plan<'_> {
                     ino: file.ino,
                 })
                 .collect(),
+            hotplug: self.hotplug.map(|fds| fds.egress.is_some()),
         };
         let bytes = serde_json::to_vec(&message).map_err(io::Error::other)?;
-        Ok((
-            bytes,
-            self.sockets.iter().map(|file| file.dir.as_fd()).collect(),
-        ))
+        let mut fds: Vec<BorrowedFd<'_>> =
+            self.sockets.iter().map(|file| file.dir.as_fd()).collect();
+        if let Some(hotplug) = self.hotplug {
+            fds.extend([hotplug.netns, hotplug.ingress]);
+            fds.extend(hotplug.egress);
+        }
+        Ok((bytes, fds))
     }
 }
 
@@ -192,11 +219,117 @@ impl Plan<'_> {
 struct Cleanup {
     clsact: Vec<ClsactFilter>,
     sockets: Vec<SocketFile>,
+    hotplug: Option<Hotplug>,
+}
+
+/// What hot-plug attaches with, and the links it made, by interface index.
+#[derive(Debug)]
+struct Hotplug {
+    netns: OwnedFd,
+    ingress: OwnedFd,
+    egress: Option<OwnedFd>,
+    links: std::collections::HashMap<u32, Vec<OwnedFd>>,
+}
+
+/// Interfaces the helper attaches at most (an untrusted mirror must not
+/// make it hold descriptors without end).
+const MAX_HOTPLUG_LINKS: usize = 4096;
+
+impl Hotplug {
+    /// Attaches the programs, first in the TCX chains, to interface
+    /// `ifindex` of the watched namespace (from a thread that entered it).
+    fn attach(&mut self, ifindex: u32) -> io::Result<()> {
+        if self.links.contains_key(&ifindex) {
+            return Ok(());
+        }
+        if self.links.len() >= MAX_HOTPLUG_LINKS {
+            return Err(io::Error::other("too many interfaces"));
+        }
+        let programs: Vec<(BorrowedFd<'_>, u32)> = std::iter::once((
+            self.ingress.as_fd(),
+            aya_obj::generated::bpf_attach_type::BPF_TCX_INGRESS as u32,
+        ))
+        .chain(self.egress.as_ref().map(|egress| {
+            (
+                egress.as_fd(),
+                aya_obj::generated::bpf_attach_type::BPF_TCX_EGRESS as u32,
+            )
+        }))
+        .collect();
+        let netns = self.netns.as_fd();
+        let links = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    programs
+                        .iter()
+                        .map(|(program, attach_type)| tcx_link(*program, ifindex, *attach_type))
+                        .collect::<io::Result<Vec<OwnedFd>>>()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the attach thread panicked")))
+        })?;
+        self.links.insert(ifindex, links);
+        Ok(())
+    }
+}
+
+/// A TCX link of `program` at `attach_type` of `ifindex`, first in its
+/// chain (BPF_F_BEFORE without a relative: before every program there),
+/// as the mirror attaches at start. aya attaches only programs it loaded
+/// itself; the helper has the program's descriptor only.
+fn tcx_link(program: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::Result<OwnedFd> {
+    use aya_obj::generated::{BPF_F_BEFORE, bpf_attr, bpf_cmd};
+    // SAFETY: bpf_attr is plain data; all zeroes is its empty value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writes plain integers into the link_create arm of the union,
+    // the one BPF_LINK_CREATE reads.
+    unsafe {
+        let link = &mut attr.link_create;
+        link.__bindgen_anon_1.prog_fd = program.as_raw_fd() as u32;
+        link.__bindgen_anon_2.target_ifindex = ifindex;
+        link.attach_type = attach_type;
+        link.flags = BPF_F_BEFORE;
+    }
+    // SAFETY: bpf(2) with a valid attr of its full size; it returns a new
+    // descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_LINK_CREATE as libc::c_long,
+            &raw const attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 impl Cleanup {
-    fn decode(message: &[u8], dirs: Vec<OwnedFd>) -> io::Result<Self> {
+    fn decode(message: &[u8], mut dirs: Vec<OwnedFd>) -> io::Result<Self> {
         let plan: PlanMessage = serde_json::from_slice(message).map_err(io::Error::other)?;
+        let hotplug = match plan.hotplug {
+            None => None,
+            Some(egress) => {
+                let count = if egress { 3 } else { 2 };
+                if dirs.len() < plan.sockets.len() + count {
+                    return Err(io::Error::other("the hot-plug plan lacks its descriptors"));
+                }
+                let mut fds = dirs.split_off(plan.sockets.len()).into_iter();
+                let (Some(netns), Some(ingress)) = (fds.next(), fds.next()) else {
+                    return Err(io::Error::other("the hot-plug plan lacks its descriptors"));
+                };
+                Some(Hotplug {
+                    netns,
+                    ingress,
+                    egress: fds.next(),
+                    links: std::collections::HashMap::new(),
+                })
+            }
+        };
         if plan.sockets.len() != dirs.len() {
             return Err(io::Error::other(format!(
                 "the plan names {} socket files but comes with {} directories",
@@ -220,6 +353,7 @@ impl Cleanup {
         Ok(Self {
             clsact: plan.clsact,
             sockets,
+            hotplug,
         })
     }
 }
@@ -228,6 +362,9 @@ impl Cleanup {
 /// SCM_RIGHTS and the size as 8 bytes).
 const FORCE_SEND_BUFFER: u8 = b'B';
 const DETACH: u8 = b'D';
+/// Hot-plug: attach to, or let go of, an interface (4 bytes of index).
+const ATTACH_IF: u8 = b'A';
+const FORGET_IF: u8 = b'F';
 const OK: u8 = b'k';
 const FAILED: u8 = b'e';
 
@@ -285,9 +422,25 @@ impl Helper {
         self.ask(&message, &[socket])
     }
 
-    /// Removes the clsact filters of the plan now (the mirror stops).
+    /// Removes the clsact filters of the plan now, and the hot-plugged
+    /// links (the mirror stops).
     pub fn detach_clsact(&self) -> io::Result<()> {
         self.ask(&[DETACH], &[])
+    }
+
+    /// Hot-plug: attaches the programs to interface `ifindex` of the
+    /// watched namespace.
+    pub fn attach_interface(&self, ifindex: u32) -> io::Result<()> {
+        let mut message = vec![ATTACH_IF];
+        message.extend_from_slice(&ifindex.to_le_bytes());
+        self.ask(&message, &[])
+    }
+
+    /// Hot-plug: lets go of the links of interface `ifindex` (gone).
+    pub fn forget_interface(&self, ifindex: u32) -> io::Result<()> {
+        let mut message = vec![FORGET_IF];
+        message.extend_from_slice(&ifindex.to_le_bytes());
+        self.ask(&message, &[])
     }
 
     /// One request, one answer.
@@ -370,7 +523,14 @@ pub fn serve() -> io::Result<()> {
         // SAFETY: installs the ignore disposition, no handler code.
         unsafe { signal(stop, SigHandler::SigIgn) }?;
     }
-    keep_only_net_admin()?;
+    // Hot-plug needs more until the plan says whether it is wanted (and
+    // CAP_SETPCAP until then, to cut the bounding set down to what stays).
+    keep_only(&[
+        caps::Capability::CAP_NET_ADMIN,
+        caps::Capability::CAP_SYS_ADMIN,
+        caps::Capability::CAP_BPF,
+        caps::Capability::CAP_SETPCAP,
+    ])?;
     serve_on(&socket)
 }
 
@@ -381,6 +541,15 @@ fn serve_on(socket: &OwnedFd) -> io::Result<()> {
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let (plan_bytes, dirs) = receive(socket, &mut buffer)?;
     let mut plan = Cleanup::decode(&buffer[..plan_bytes], dirs)?;
+    keep_only(if plan.hotplug.is_some() {
+        &[
+            caps::Capability::CAP_NET_ADMIN,
+            caps::Capability::CAP_SYS_ADMIN,
+            caps::Capability::CAP_BPF,
+        ]
+    } else {
+        &[caps::Capability::CAP_NET_ADMIN]
+    })?;
     if answer(socket, Ok(())).is_ok() {
         loop {
             let (len, fds) = match receive(socket, &mut buffer) {
@@ -417,7 +586,24 @@ fn handle(message: &[u8], fds: Vec<OwnedFd>, plan: &mut Cleanup) -> io::Result<(
             let bytes = u64::from_le_bytes(size.try_into().expect("8 bytes"));
             force_send_buffer(socket, bytes)
         }
+        ([ATTACH_IF, index @ ..], []) if index.len() == 4 => {
+            let ifindex = u32::from_le_bytes(index.try_into().expect("4 bytes"));
+            match &mut plan.hotplug {
+                Some(hotplug) => hotplug.attach(ifindex),
+                None => Err(io::Error::other("no hot-plug was planned")),
+            }
+        }
+        ([FORGET_IF, index @ ..], []) if index.len() == 4 => {
+            let ifindex = u32::from_le_bytes(index.try_into().expect("4 bytes"));
+            if let Some(hotplug) = &mut plan.hotplug {
+                hotplug.links.remove(&ifindex);
+            }
+            Ok(())
+        }
         ([DETACH], []) => {
+            if let Some(hotplug) = &mut plan.hotplug {
+                hotplug.links.clear();
+            }
             // Every filter goes, whatever became of the one before.
             let mut result = Ok(());
             for filter in std::mem::take(&mut plan.clsact) {
@@ -493,16 +679,18 @@ fn answer(socket: &OwnedFd, result: io::Result<()>) -> io::Result<()> {
     Ok(())
 }
 
-/// Drops every capability but CAP_NET_ADMIN (when the helper has it), for
-/// good: no capability can come back, even through an exec.
-fn keep_only_net_admin() -> io::Result<()> {
-    use caps::{CapSet, Capability};
+/// Drops every capability but `wanted` (those the helper has), for good:
+/// no capability can come back, even through an exec.
+fn keep_only(wanted: &[caps::Capability]) -> io::Result<()> {
+    use caps::CapSet;
     let error = |e: caps::errors::CapsError| io::Error::other(e.to_string());
     let mut keep = caps::CapsHashSet::new();
-    if caps::has_cap(None, CapSet::Permitted, Capability::CAP_NET_ADMIN).map_err(error)? {
-        keep.insert(Capability::CAP_NET_ADMIN);
+    for cap in wanted {
+        if caps::has_cap(None, CapSet::Permitted, *cap).map_err(error)? {
+            keep.insert(*cap);
+        }
     }
-    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(error)? {
+    if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).map_err(error)? {
         for cap in caps::all() {
             if !keep.contains(&cap) {
                 // An unknown capability of an older kernel cannot be dropped.
@@ -618,6 +806,7 @@ mod tests {
         let plan = Plan {
             clsact: Vec::new(),
             sockets: vec![&file],
+            hotplug: None,
         };
         // The plan and a request, then the mirror is gone before any answer.
         send_plan(&mirror, &plan);
@@ -647,6 +836,7 @@ mod tests {
             &Plan {
                 clsact: Vec::new(),
                 sockets: vec![&first, &second],
+                hotplug: None,
             },
         );
         std::fs::rename(&run, &moved).unwrap();
@@ -669,6 +859,7 @@ mod tests {
         let (message, _) = Plan {
             clsact: Vec::new(),
             sockets: vec![&file],
+            hotplug: None,
         }
         .encode()
         .unwrap();

@@ -105,6 +105,7 @@ impl<'a> Record<'a> {
             flags: tcp.flags,
             payload: pool.copy(tcp.payload),
             truncated,
+            ifindex: self.header.ifindex,
         })
     }
 }

@@ -34,16 +34,17 @@ use crate::{
     fanout::hub::{Hub, HubConfig},
     flow::segment::PayloadPool,
     kernel::{
-        attach::{self, AUTO_REASON, AttachError, AttachMode, Attachment},
+        attach::{self, AUTO_REASON, AttachError, AttachMode},
         clock::WallClock,
         drain::{DrainCounters, RecordSink, drain_rings, register_readable},
+        hotplug::{Hotplug, InterfaceCounters},
         loader::Mirror,
         privileged_helper::Helper,
         record::Record,
     },
     pipeline::{
         report::Report,
-        setup::Setup,
+        setup::{Setup, Watched},
         shards::{SegmentRouter, ShardConfig, Shards},
     },
     server::{
@@ -117,13 +118,16 @@ impl Pipeline {
             ports,
             attach: attach_mode,
             mut mirror,
-            attachment,
+            watched,
+            ifaces,
             listeners,
             server_config,
             dump_dir,
             pcap,
             helper,
             metrics,
+            hotplug,
+            ..
         } = setup;
 
         // The consumers follow the ports `ports add` adds.
@@ -156,7 +160,7 @@ impl Pipeline {
         }
         let clock = WallClock::new();
         let pcap = pcap.map(|(pcap_config, output)| pcap::start(pcap_config, output, clock));
-        let shards = Shards::start(config.shards, &hub);
+        let shards = Shards::start_naming(config.shards, &hub, &ifaces);
         let arena = (config.arena_size > 0)
             .then(|| Arena::new(config.arena_size))
             .and_then(|created| {
@@ -184,15 +188,18 @@ impl Pipeline {
             server_stop_rx,
         ));
 
+        let Some(first) = watched.first() else {
+            unreachable!("the setup attaches at least one interface");
+        };
         if attach_mode == AttachMode::Auto {
-            tracing::info!("attach auto: {attachment} ({AUTO_REASON})");
+            tracing::info!("attach auto: {} ({AUTO_REASON})", first.attachment);
         }
         let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
         tracing::info!(
             "mirroring TCP to port {} on {} at {}; stop with Ctrl-C",
             port_list.join(", "),
             iface,
-            attachment
+            first.attachment
         );
         for endpoint in &server_config.endpoints {
             tracing::info!(
@@ -216,7 +223,7 @@ impl Pipeline {
             router: shards.router_with(pool),
             packets: config
                 .print_packets
-                .map(|format| PacketPrinter::new(format, &iface, clock)),
+                .map(|format| PacketPrinter::new(format, &iface, clock).naming(ifaces.clone())),
             pcap: pcap_sink.clone(),
         };
         drains.spawn(drain_rings(
@@ -260,6 +267,24 @@ impl Pipeline {
             });
         }
 
+        let hotplugging = hotplug.is_some();
+        let interface_counters = hotplug.map(|(watch, netns_label)| {
+            let counters = Arc::new(InterfaceCounters::default());
+            let follow = Hotplug {
+                watch,
+                netns_label,
+                watched: watched
+                    .iter()
+                    .map(|w| (w.attachment.ifindex, w.attachment.iface.clone()))
+                    .collect(),
+                names: ifaces.clone(),
+                helper: Arc::clone(&helper),
+                counters: Arc::clone(&counters),
+            };
+            tokio::spawn(follow.run(stop_rx.clone()));
+            counters
+        });
+
         // The drain holds the capture's only handle now: it ends with it.
         drop(pcap_sink);
         // Every stage's counters, in data-path order: what the report,
@@ -273,6 +298,9 @@ impl Pipeline {
         registry.register_sections(Arc::clone(&hub));
         registry.register("server", server_stats);
         registry.register("arena", Arc::new(ArenaStage(arena)));
+        if let Some(counters) = interface_counters {
+            registry.register("interfaces", counters);
+        }
         registry.register("forward", Arc::new(ForwardTargets(forwards)));
         if let Some(pcap) = pcap_counters {
             registry.register("pcap", pcap);
@@ -292,7 +320,8 @@ impl Pipeline {
         });
         Running {
             mirror,
-            attachment,
+            watched,
+            hotplug: hotplugging,
             helper,
             hub,
             control,
@@ -318,7 +347,9 @@ type Ended = Result<io::Result<()>, JoinError>;
 /// The running pipeline.
 pub struct Running {
     mirror: Mirror,
-    attachment: Attachment,
+    watched: Vec<Watched>,
+    /// The helper attaches interfaces that appear later.
+    hotplug: bool,
     helper: Arc<Helper>,
     hub: Arc<Hub>,
     control: Control,
@@ -370,7 +401,8 @@ impl Running {
     pub async fn shutdown(self) -> Result<Report, PipelineError> {
         let Self {
             mut mirror,
-            attachment,
+            watched,
+            hotplug,
             helper,
             hub,
             control,
@@ -390,12 +422,23 @@ impl Running {
         // Requests still in flight get "the mirror is stopping".
         drop(control_rx);
 
-        let detached = if attachment.clsact_filters().is_empty() {
-            attach::detach(&mut mirror, attachment).map_err(PipelineError::from)
-        } else {
-            // A filter needs CAP_NET_ADMIN to go: the helper removes them.
-            helper.detach_clsact().map_err(PipelineError::DetachClsact)
-        };
+        let mut detached = Ok(());
+        // Hot-plugged links are the helper's: it lets go of them on DETACH.
+        let mut clsact = hotplug;
+        for Watched { attachment, .. } in watched {
+            if attachment.clsact_filters().is_empty() {
+                let result = attach::detach(&mut mirror, attachment).map_err(PipelineError::from);
+                detached = detached.and(result);
+            } else {
+                clsact = true;
+            }
+        }
+        if clsact {
+            // A filter needs CAP_NET_ADMIN to go: the helper removes them
+            // (and the hot-plugged links).
+            let result = helper.detach_clsact().map_err(PipelineError::DetachClsact);
+            detached = detached.and(result);
+        }
         let _ = stop_tx.send(true);
         let mut failure = early_end.and_then(task_failure);
         while let Some(ended) = drains.join_next().await {

@@ -8,6 +8,7 @@
 use std::{
     io,
     net::{SocketAddr, TcpListener},
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
 };
@@ -16,10 +17,13 @@ use aya::maps::MapError;
 
 use crate::{
     files::{OutputDir, OutputDirError},
+    flow::ifaces::IfaceNames,
     kernel::{
         attach::{self, AttachError, AttachMode, Attachment, Directions},
+        hotplug::LinkWatch,
         loader::{LoadError, LoadOptions, Mirror},
-        privileged_helper::{Helper, Plan as HelperPlan},
+        netns::{IfaceArg, Netns, NetnsError, ProcessExit},
+        privileged_helper::{Helper, HotplugFds, Plan as HelperPlan},
         privileges::{self, Identity, PrivilegeError},
     },
     server::{
@@ -31,10 +35,23 @@ use crate::{
     telemetry::endpoint,
 };
 
+/// `--netns` or `--pid`: the namespace whose interfaces the mirror
+/// watches (its own when neither is given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsArg {
+    /// A name under /var/run/netns, or a path.
+    Named(String),
+    /// The namespace of this process.
+    Pid(u32),
+}
+
 /// What the privileged start needs.
 #[derive(Debug, Clone)]
 pub struct SetupConfig {
-    pub iface: String,
+    /// `--iface`, each `IF` (of `netns`) or `NETNS:IF`; none: every
+    /// interface of `netns` but lo.
+    pub ifaces: Vec<IfaceArg>,
+    pub netns: Option<NetnsArg>,
     /// Ports mirrored from the first packet on.
     pub ports: Vec<u16>,
     pub attach: AttachMode,
@@ -82,23 +99,178 @@ pub enum SetupError {
     Metrics(#[from] endpoint::BindError),
     #[error("cannot start the mirror's privileged helper")]
     Helper(#[source] io::Error),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("--iface {iface} is given twice: give each interface once")]
+    Twice { iface: String },
+    #[error(
+        "{first} and {second} both have interface index {ifindex} in their namespaces, and the mirror cannot tell their packets apart yet: watch them with two mirrors"
+    )]
+    SameIndex {
+        first: String,
+        second: String,
+        ifindex: u32,
+    },
+    #[error(
+        "{iface} is in another network namespace, where the mirror attaches through TCX links only (Linux 6.6 or newer, without --tc-netlink), or XDP"
+    )]
+    ClsactElsewhere { iface: String },
+}
+
+/// An interface the mirror watches, before it is attached.
+#[derive(Debug)]
+struct Target {
+    netns: Arc<Netns>,
+    iface: String,
+    /// How the output names it: `IF`, or `NETNS:IF`.
+    label: String,
+    ifindex: u32,
+}
+
+/// The interfaces `config` names, each looked up in its namespace; refuses
+/// one given twice, and two that share an index (see [`IfaceNames`]).
+fn targets(config: &SetupConfig, default: &Arc<Netns>) -> Result<Vec<Target>, SetupError> {
+    let wanted: Vec<(Arc<Netns>, String)> = if config.ifaces.is_empty() {
+        default
+            .interfaces()?
+            .into_iter()
+            .map(|iface| (Arc::clone(default), iface))
+            .collect()
+    } else {
+        let mut namespaces: Vec<Arc<Netns>> = vec![Arc::clone(default)];
+        let mut wanted = Vec::new();
+        for arg in &config.ifaces {
+            let netns = match &arg.netns {
+                None => Arc::clone(default),
+                Some(name) => {
+                    let opened = Netns::named(name)?;
+                    match namespaces.iter().find(|known| ***known == opened) {
+                        Some(known) => Arc::clone(known),
+                        None => {
+                            let opened = Arc::new(opened);
+                            namespaces.push(Arc::clone(&opened));
+                            opened
+                        }
+                    }
+                }
+            };
+            wanted.push((netns, arg.iface.clone()));
+        }
+        wanted
+    };
+    let mut targets: Vec<Target> = Vec::with_capacity(wanted.len());
+    for (netns, iface) in wanted {
+        let ifindex = netns.run(|| attach::interface_index(&iface))??;
+        let label = netns.iface_label(&iface);
+        if let Some(known) = targets.iter().find(|known| known.ifindex == ifindex) {
+            return Err(if *known.netns == *netns {
+                SetupError::Twice { iface: label }
+            } else {
+                SetupError::SameIndex {
+                    first: known.label.clone(),
+                    second: label,
+                    ifindex,
+                }
+            });
+        }
+        let tc = matches!(attach::resolve(config.attach), AttachMode::Tc);
+        if !netns.is_own() && tc && !attach::uses_tcx(config.tc_netlink) {
+            // The privileged helper removes clsact filters from its own
+            // namespace only.
+            return Err(SetupError::ClsactElsewhere { iface: label });
+        }
+        targets.push(Target {
+            netns,
+            iface,
+            label,
+            ifindex,
+        });
+    }
+    Ok(targets)
+}
+
+/// Attaches to every target, in order; on an error detaches those attached
+/// before.
+fn attach_all(
+    mirror: &mut Mirror,
+    targets: Vec<Target>,
+    (mode, directions, tc_netlink): (AttachMode, Directions, bool),
+) -> Result<Vec<Watched>, SetupError> {
+    let mut watched: Vec<Watched> = Vec::with_capacity(targets.len());
+    for target in targets {
+        let attached = target
+            .netns
+            .run(|| attach::attach(mirror, &target.iface, mode, directions, tc_netlink));
+        let failure: SetupError = match attached {
+            Ok(Ok(attachment)) => {
+                watched.push(Watched {
+                    label: target.label,
+                    attachment,
+                });
+                continue;
+            }
+            Ok(Err(error)) => error.into(),
+            Err(error) => error.into(),
+        };
+        for done in watched {
+            if let Err(detach) = attach::detach(mirror, done.attachment) {
+                tracing::warn!("{detach}");
+            }
+        }
+        return Err(failure);
+    }
+    Ok(watched)
+}
+
+/// The TC programs' descriptors, for the helper to attach later.
+fn hotplug_programs(
+    mirror: &mut Mirror,
+    directions: Directions,
+) -> Result<(OwnedFd, Option<OwnedFd>), SetupError> {
+    let program = |program: &aya::programs::SchedClassifier| {
+        program
+            .fd()
+            .map_err(|error| SetupError::Helper(io::Error::other(error)))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(SetupError::Helper)
+    };
+    let ingress = program(mirror.tc()?)?;
+    let egress = match directions {
+        Directions::Both => Some(program(mirror.tc_egress()?)?),
+        Directions::Client => None,
+    };
+    Ok((ingress, egress))
+}
+
+/// An attached interface and its name in the output.
+#[derive(Debug)]
+pub struct Watched {
+    pub label: String,
+    pub attachment: Attachment,
 }
 
 /// What the privileged start leaves for the rest of the run: the kernel
 /// side attached, the sockets bound, the output files open, and the
 /// privileged helper that outlives the drop.
 pub struct Setup {
+    /// What the output and the log call the watched interfaces.
     pub(super) iface: String,
     pub(super) ports: Vec<u16>,
     pub(super) attach: AttachMode,
     pub(super) mirror: Mirror,
-    pub(super) attachment: Attachment,
+    pub(super) watched: Vec<Watched>,
+    pub(super) ifaces: IfaceNames,
     pub(super) listeners: Vec<BoundListener>,
     pub(super) server_config: Arc<ServerConfig>,
     pub(super) dump_dir: Option<OutputDir>,
     pub(super) pcap: Option<(PcapConfig, PcapOutput)>,
     pub(super) helper: Arc<Helper>,
     pub(super) metrics: Option<TcpListener>,
+    /// `--pid`: that process's end.
+    watched_process: Option<ProcessExit>,
+    /// Hot-plug: the namespace's link notifications, and its label.
+    pub(super) hotplug: Option<(LinkWatch, String)>,
 }
 
 impl Setup {
@@ -107,8 +279,41 @@ impl Setup {
     pub fn privileged(config: SetupConfig) -> Result<Self, SetupError> {
         privileges::check()?;
         let identity = Identity::resolve(config.user.as_deref())?;
-        // Fail on a wrong interface name before loading anything.
-        attach::interface_index(&config.iface)?;
+        // Fail on a wrong namespace or interface name before loading
+        // anything.
+        let watched_process = match &config.netns {
+            Some(NetnsArg::Pid(pid)) => Some(ProcessExit::open(*pid)?),
+            _ => None,
+        };
+        let default = Arc::new(match &config.netns {
+            Some(NetnsArg::Named(name)) => Netns::named(name)?,
+            Some(NetnsArg::Pid(pid)) => Netns::of_pid(*pid)?,
+            None => Netns::current()?,
+        });
+        // Hot-plug: listening before the interfaces are listed, so that
+        // none appears unheard in between. TCX only: the helper attaches
+        // through links (clsact in another namespace is refused anyway).
+        let hotplug = (config.netns.is_some()
+            && config.ifaces.is_empty()
+            && attach::resolve(config.attach) == AttachMode::Tc)
+            .then(|| default.run(LinkWatch::open))
+            .transpose()?
+            .transpose()
+            .map_err(|source| NetnsError::List {
+                label: default.to_string(),
+                source,
+            })?;
+        if config.netns.is_some() && config.ifaces.is_empty() && hotplug.is_none() {
+            tracing::info!(
+                "interfaces that appear in {default} later are not watched: hot-plug attaches at TC only (--attach tc or auto)"
+            );
+        }
+        let targets = targets(&config, &default)?;
+        let iface = targets
+            .iter()
+            .map(|target| target.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
 
         let mut mirror = Mirror::load(&config.load)?;
 
@@ -159,19 +364,29 @@ impl Setup {
                     source,
                 })?;
         }
-        let attachment = attach::attach(
+        let watched = attach_all(
             &mut mirror,
-            &config.iface,
-            config.attach,
-            config.directions,
-            config.tc_netlink,
+            targets,
+            (config.attach, config.directions, config.tc_netlink),
         )?;
         // From here on an error must leave nothing attached. TCX and XDP links
         // go with the process; a clsact filter stays: the helper removes it
         // once it runs (also when a later step fails), before that the mirror,
         // which still may.
+        let programs = match &hotplug {
+            Some(_) => Some(hotplug_programs(&mut mirror, config.directions)?),
+            None => None,
+        };
         let helper = match Helper::spawn(&HelperPlan {
-            clsact: attachment.clsact_filters(),
+            hotplug: programs.as_ref().map(|(ingress, egress)| HotplugFds {
+                netns: default.as_fd(),
+                ingress: ingress.as_fd(),
+                egress: egress.as_ref().map(AsFd::as_fd),
+            }),
+            clsact: watched
+                .iter()
+                .flat_map(|watched| watched.attachment.clsact_filters())
+                .collect(),
             sockets: listeners
                 .iter()
                 .filter_map(BoundListener::socket_file)
@@ -179,8 +394,10 @@ impl Setup {
         }) {
             Ok(helper) => helper,
             Err(error) => {
-                if let Err(detach) = attach::detach(&mut mirror, attachment) {
-                    tracing::warn!("{detach}");
+                for done in watched {
+                    if let Err(detach) = attach::detach(&mut mirror, done.attachment) {
+                        tracing::warn!("{detach}");
+                    }
                 }
                 return Err(SetupError::Helper(error));
             }
@@ -194,18 +411,31 @@ impl Setup {
             output.check_rotation(pcap_config, &identity.name)?;
         }
         tracing::debug!("running as {} from now on", identity.name);
+        let ifaces = IfaceNames::default();
+        for watched in &watched {
+            ifaces.insert(watched.attachment.ifindex, &watched.label);
+        }
         Ok(Self {
-            iface: config.iface,
+            iface,
             ports: config.ports,
             attach: config.attach,
             mirror,
-            attachment,
+            watched,
+            ifaces,
             listeners,
             server_config,
             dump_dir,
             pcap,
             helper: Arc::new(helper),
             metrics,
+            watched_process,
+            hotplug: hotplug.map(|watch| (watch, default.label().to_owned())),
         })
+    }
+
+    /// With `--pid`: that process's end, which ends the mirror (see
+    /// [`ProcessExit`]).
+    pub fn take_watched_process(&mut self) -> Option<ProcessExit> {
+        self.watched_process.take()
     }
 }

@@ -22,6 +22,7 @@ use crate::{
     flow::conntrack::{ConnectionTable, TableCounters, TableLimits},
     flow::model::CloseReason,
     flow::{
+        ifaces::IfaceNames,
         model::{ConnIds, FlowKey},
         segment::{PayloadPool, Segment},
     },
@@ -166,6 +167,12 @@ pub struct Shards {
 impl Shards {
     /// Starts `config.shards` shard tasks publishing to `hub`.
     pub fn start(config: ShardConfig, hub: &Arc<Hub>) -> Self {
+        Self::start_naming(config, hub, &IfaceNames::default())
+    }
+
+    /// As [`Self::start`], announcing each connection with the name
+    /// `ifaces` gives its interface.
+    pub fn start_naming(config: ShardConfig, hub: &Arc<Hub>, ifaces: &IfaceNames) -> Self {
         let count = config.shards.max(1);
         let epoch = Instant::now();
         // One numbering for all shards: connection ids are unique and in
@@ -184,7 +191,8 @@ impl Shards {
             let (sender, receiver) = mpsc::channel(config.queue_batches.max(1));
             let lost = Arc::new(LostFlows::default());
             let stats = Arc::new(Mutex::new(TableCounters::default()));
-            let table = ConnectionTable::new(config.table, ids.clone());
+            let table =
+                ConnectionTable::new(config.table, ids.clone()).with_iface_names(ifaces.clone());
             let queued = Arc::new(AtomicUsize::new(0));
             let shard = Shard {
                 table,
@@ -449,6 +457,7 @@ mod tests {
                 flags: TcpFlags::ACK,
                 payload,
                 truncated: false,
+                ifindex: 0,
             };
             let batch = vec![segment; SEGMENTS_PER_BATCH];
             let per_batch = batch_bytes(&batch);
@@ -505,6 +514,7 @@ mod tests {
             flags,
             payload: Bytes::from_static(payload),
             truncated: false,
+            ifindex: 0,
         };
         let mut used = HashSet::new();
         for n in 1..=12u16 {

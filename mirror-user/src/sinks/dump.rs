@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::{
     fanout::{counters::ConsumerCounters, subscription::Subscription},
     files::{FileId, OutputDir},
-    flow::model::{CloseReason, ConnId, Direction, StreamEvent},
+    flow::model::{CloseReason, ConnId, Direction, Iface, StreamEvent},
 };
 
 /// Files kept open at once; others are reopened to append when data comes.
@@ -84,6 +84,10 @@ struct Meta<'a> {
     conn: ConnId,
     src: String,
     dst: String,
+    /// The interface it came through (`NETNS:IF` for another namespace);
+    /// absent where unknown.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    iface: &'a str,
     midstream: bool,
     bytes: u64,
     /// How the connection ended; `null` while it is open.
@@ -120,6 +124,7 @@ struct Flow {
     src: SocketAddr,
     dst: SocketAddr,
     midstream: bool,
+    iface: Iface,
     bytes: u64,
     server: ServerFile,
     /// The file was replaced behind the mirror's back: nothing more is
@@ -151,12 +156,12 @@ impl DumpWriter {
     pub fn handle(&mut self, event: &StreamEvent) -> io::Result<()> {
         match event {
             StreamEvent::Opened {
-                iface: _,
+                iface,
                 conn,
                 src,
                 dst,
                 midstream,
-            } => self.open_flow(*conn, *src, *dst, *midstream),
+            } => self.open_flow(*conn, *src, *dst, *midstream, iface),
             StreamEvent::Data {
                 peer_acked: _,
                 conn,
@@ -317,6 +322,7 @@ impl DumpWriter {
         src: SocketAddr,
         dst: SocketAddr,
         midstream: bool,
+        iface: &Iface,
     ) -> io::Result<()> {
         let base = tcpflow_name(src, dst);
         let mut names = tcpflow_names(&base).map(OsString::from);
@@ -338,6 +344,7 @@ impl DumpWriter {
                         src,
                         dst,
                         midstream,
+                        iface: Iface::clone(iface),
                         bytes: 0,
                         server: ServerFile::None,
                         abandoned: false,
@@ -362,6 +369,7 @@ impl DumpWriter {
             conn,
             src: flow.src.to_string(),
             dst: flow.dst.to_string(),
+            iface: &flow.iface,
             midstream: flow.midstream,
             bytes: flow.bytes,
             reason: reason.map(CloseReason::as_str),

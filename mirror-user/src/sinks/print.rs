@@ -309,6 +309,34 @@ mod tests {
     }
 
     #[test]
+    fn an_opened_connection_names_its_interface() {
+        let event = StreamEvent::Opened {
+            iface: "pod1:eth0".into(),
+            conn: 4,
+            src: "198.18.0.1:40000".parse().unwrap(),
+            dst: "198.18.0.2:80".parse().unwrap(),
+            midstream: false,
+        };
+        assert_eq!(
+            line(&event, PrintFormat::Text),
+            "conn 4 opened 198.18.0.1:40000 > 198.18.0.2:80 on pod1:eth0\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&event, PrintFormat::Json)).unwrap();
+        assert_eq!(json["iface"], "pod1:eth0");
+        // Unknown: left out.
+        let json = line(
+            &opened(
+                1,
+                "198.18.0.1:40000".parse().unwrap(),
+                "198.18.0.2:80".parse().unwrap(),
+            ),
+            PrintFormat::Json,
+        );
+        assert!(!json.contains("iface"), "{json}");
+    }
+
+    #[test]
     fn totals_count_connections_bytes_and_each_close_reason() {
         let mut totals = EventTotals::default();
         let events = [

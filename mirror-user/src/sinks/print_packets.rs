@@ -10,6 +10,7 @@ use mirror_common::record_flags;
 use serde::Serialize;
 
 use crate::{
+    flow::{ifaces::IfaceNames, model::Iface},
     kernel::clock::WallClock,
     kernel::drain::RecordSink,
     kernel::record::{Record, TcpPacket},
@@ -28,19 +29,40 @@ pub enum PacketFormat {
 /// at once, so lines of different CPUs never interleave mid-line.
 pub struct PacketPrinter {
     format: PacketFormat,
-    iface: String,
     clock: WallClock,
     buffer: Vec<u8>,
+    /// With several interfaces: each record's, by index.
+    names: Option<IfaceNames>,
+    /// The last index looked up, and its name.
+    last: (u32, Iface),
 }
 
 impl PacketPrinter {
     pub fn new(format: PacketFormat, iface: &str, clock: WallClock) -> Self {
         Self {
             format,
-            iface: iface.to_owned(),
             clock,
             buffer: Vec::with_capacity(64 * 1024),
+            names: None,
+            last: (0, Iface::from(iface)),
         }
+    }
+
+    /// Names each packet's interface from `names` rather than one name for
+    /// all.
+    #[must_use]
+    pub fn naming(mut self, names: IfaceNames) -> Self {
+        self.names = Some(names);
+        self
+    }
+
+    fn iface_of(&mut self, ifindex: u32) -> Iface {
+        if let Some(names) = &self.names
+            && (self.last.0 != ifindex || self.last.1.is_empty())
+        {
+            self.last = (ifindex, names.name(ifindex));
+        }
+        Iface::clone(&self.last.1)
     }
 }
 
@@ -95,9 +117,10 @@ impl RecordSink for PacketPrinter {
             }
         };
         let ts_ns = self.clock.unix_ns(record.header.ts_ns);
+        let iface = self.iface_of(record.header.ifindex);
         match self.format {
             PacketFormat::Json => {
-                let line = PacketLine::new(&self.iface, ts_ns, record, &tcp);
+                let line = PacketLine::new(&iface, ts_ns, record, &tcp);
                 // Serializing plain fields into a Vec cannot fail.
                 let _ = serde_json::to_writer(&mut self.buffer, &line);
                 self.buffer.push(b'\n');
@@ -108,7 +131,7 @@ impl RecordSink for PacketPrinter {
                     line,
                     "{} {} {} > {}: Flags [{}], seq {}, ack {}, length {}",
                     time_of_day(ts_ns),
-                    self.iface,
+                    iface,
                     tcp.src,
                     tcp.dst,
                     tcp.flags,
@@ -163,6 +186,24 @@ mod tests {
     use mirror_common::RecordHeader;
 
     use super::*;
+
+    /// With several interfaces, each packet's comes from the names table,
+    /// by its record's index.
+    #[test]
+    fn packets_name_their_interface_by_index() {
+        let names = IfaceNames::default();
+        names.insert(2, "pod1:eth0");
+        names.insert(3, "pod2:eth0");
+        let mut printer =
+            PacketPrinter::new(PacketFormat::Text, "pod1:eth0, pod2:eth0", WallClock::new())
+                .naming(names);
+        assert_eq!(&*printer.iface_of(3), "pod2:eth0");
+        assert_eq!(&*printer.iface_of(2), "pod1:eth0");
+        assert_eq!(&*printer.iface_of(2), "pod1:eth0");
+        assert_eq!(&*printer.iface_of(9), "");
+        let mut single = PacketPrinter::new(PacketFormat::Text, "lo", WallClock::new());
+        assert_eq!(&*single.iface_of(1), "lo");
+    }
 
     #[test]
     fn json_line_has_the_documented_keys() {
