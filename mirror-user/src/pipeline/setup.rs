@@ -6,6 +6,7 @@
 //! (no_new_privs and the bounding set are per thread).
 
 use std::{
+    fs::File,
     io,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
@@ -27,7 +28,10 @@ use crate::{
         client::{self, TokenError},
         listener::{self, BoundListener, ServerError},
     },
-    sinks::pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
+    sinks::{
+        compare_report::{self, ReportOpenError},
+        pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
+    },
     telemetry::endpoint,
 };
 
@@ -47,6 +51,8 @@ pub struct SetupConfig {
     pub load: LoadOptions,
     pub dump_dir: Option<PathBuf>,
     pub pcap: Option<PcapConfig>,
+    /// `--compare-report`: the comparison report file.
+    pub compare_report: Option<PathBuf>,
     /// The server's settings; its token is read from `token_file` here,
     /// while the file is still readable.
     pub server: ServerConfig,
@@ -66,6 +72,8 @@ pub enum SetupError {
     Files(#[from] OutputDirError),
     #[error(transparent)]
     Pcap(#[from] PcapOpenError),
+    #[error(transparent)]
+    CompareReport(#[from] ReportOpenError),
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -97,6 +105,7 @@ pub struct Setup {
     pub(super) server_config: Arc<ServerConfig>,
     pub(super) dump_dir: Option<OutputDir>,
     pub(super) pcap: Option<(PcapConfig, PcapOutput)>,
+    pub(super) compare_report: Option<File>,
     pub(super) helper: Arc<Helper>,
     pub(super) metrics: Option<TcpListener>,
 }
@@ -136,6 +145,11 @@ impl Setup {
                     pcap::open_output(pcap_config, identity.owner())?,
                 ))
             })
+            .transpose()?;
+        let compare_report = config
+            .compare_report
+            .as_deref()
+            .map(|path| compare_report::open_report(path, identity.owner()))
             .transpose()?;
 
         let token = match &config.token_file {
@@ -204,6 +218,7 @@ impl Setup {
             server_config,
             dump_dir,
             pcap,
+            compare_report,
             helper: Arc::new(helper),
             metrics,
         })
