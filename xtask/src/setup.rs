@@ -53,11 +53,16 @@ const PACKAGES: [(&str, &str); 23] = [
 /// (its service is named after the package): Prometheus would listen on
 /// :9090 on the node for good. These are installed with service starts
 /// denied and are not enabled at boot; the tests start their own.
-const DAEMON_PACKAGES: [(&str, &str); 2] = [
+const DAEMON_PACKAGES: [(&str, &str); 5] = [
     // The metrics test scrapes the mirror with a real Prometheus and
     // lints its text with promtool.
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // The comparison tests run their own production and shadow redis
+    // servers and load them with redis-benchmark and redis-cli.
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+    ("redis-benchmark", "redis-tools"),
 ];
 
 pub fn all(root: &Path) -> Result<()> {
