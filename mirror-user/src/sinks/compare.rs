@@ -369,6 +369,8 @@ impl Drop for Comparator {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn budget() -> Arc<Budget> {
@@ -620,5 +622,84 @@ mod tests {
         assert_eq!(budget.used(), 10);
         drop(a);
         assert_eq!(budget.used(), 0);
+    }
+
+    /// Splits `bytes` at the (sorted, deduplicated) `cuts`.
+    fn chunks(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut start = 0;
+        let mut out = Vec::new();
+        for cut in cuts.into_iter().chain([bytes.len()]) {
+            out.push(bytes[start..cut].to_vec());
+            start = cut;
+        }
+        out
+    }
+
+    proptest! {
+        /// Whatever the chunking and the interleaving of the two sides,
+        /// the verdict is the byte-level one: same for equal streams, else
+        /// differs at the first differing byte (or where the shorter one
+        /// ends), with that byte first in the snippets; nothing is held
+        /// afterwards.
+        #[test]
+        fn the_verdict_is_the_first_difference_whatever_the_chunking(
+            production in proptest::collection::vec(0u8..4, 0..600),
+            edit in proptest::option::of((0usize..600, 0u8..4)),
+            resize in -3i32..4,
+            production_cuts in proptest::collection::vec(0usize..600, 0..8),
+            shadow_cuts in proptest::collection::vec(0usize..600, 0..8),
+            order in proptest::collection::vec(any::<bool>(), 0..20),
+        ) {
+            let mut shadow = production.clone();
+            if let Some((at, byte)) = edit && at < shadow.len() {
+                shadow[at] = byte;
+            }
+            let len = (shadow.len() as i32 + resize).max(0) as usize;
+            shadow.resize(len, 9);
+            let budget = budget();
+            let mut c = Comparator::new(&budget);
+            let mut p = chunks(&production, &production_cuts).into_iter();
+            let mut s = chunks(&shadow, &shadow_cuts).into_iter();
+            let mut order = order.into_iter();
+            loop {
+                let production_first = order.next().unwrap_or(true);
+                match (production_first, p.next(), s.next()) {
+                    (_, None, None) => break,
+                    (true, a, b) => {
+                        if let Some(a) = a { c.production(&a) }
+                        if let Some(b) = b { c.shadow(&b) }
+                    }
+                    (false, a, b) => {
+                        if let Some(b) = b { c.shadow(&b) }
+                        if let Some(a) = a { c.production(&a) }
+                    }
+                }
+            }
+            c.production_ended(CloseReason::Fin);
+            c.shadow_ended(ShadowEnd::Eof);
+            let outcome = c.outcome(Incomplete::Shutdown);
+            let first = production.iter().zip(&shadow).position(|(a, b)| a != b);
+            let expected = match first {
+                Some(at) => Some(at),
+                None if production.len() == shadow.len() => None,
+                None => Some(production.len().min(shadow.len())),
+            };
+            match (expected, outcome.verdict) {
+                (None, Verdict::Same) => {}
+                (Some(at), Verdict::Differs { offset, production: p, shadow: s }) => {
+                    prop_assert_eq!(offset, at as u64);
+                    prop_assert_eq!(p.first(), production.get(at));
+                    prop_assert_eq!(s.first(), shadow.get(at));
+                }
+                (expected, verdict) => prop_assert!(false, "{expected:?}: {verdict:?}"),
+            }
+            prop_assert_eq!(outcome.production_bytes, production.len() as u64);
+            prop_assert_eq!(outcome.shadow_bytes, shadow.len() as u64);
+            drop(c);
+            prop_assert_eq!(budget.used(), 0);
+        }
     }
 }
