@@ -240,6 +240,12 @@ impl Comparator {
         self.shadow_bytes
     }
 
+    /// Whether the shadow has answered at least as many bytes as
+    /// production (or the verdict is known).
+    pub fn caught_up(&self) -> bool {
+        self.verdict.is_some() || self.shadow_bytes >= self.production_bytes
+    }
+
     /// Bytes held now.
     pub fn held(&self) -> usize {
         self.held.len()

@@ -48,12 +48,20 @@ use crate::{
     telemetry::registry::Stage,
 };
 
-/// Events queued per shadow connection before it is aborted as too slow.
-const CONNECTION_QUEUE: usize = 256;
-/// Payload bytes queued per shadow connection before it is aborted as too
-/// slow: about what a socket's send buffer takes (Linux's default
-/// `tcp_wmem` maximum is 4 MiB), so a target that keeps up absorbs bursts
-/// and one that does not costs its connection, not the node's memory.
+/// Events queued per shadow connection: a backstop only, the byte budget
+/// (which counts [`EVENT_COST`] per event) is what binds. A request
+/// stream of tiny events (redis-benchmark with one connection: ~50k
+/// events/s) overflowed 256 events whenever the shadow's task waited a few
+/// milliseconds for a CPU on a loaded 2-core machine.
+const CONNECTION_QUEUE: usize = 1 << 16;
+/// What a queued event costs beside its payload: its queue slot and its
+/// `Bytes` handle, rounded up.
+const EVENT_COST: usize = 64;
+/// Bytes queued per shadow connection (payload plus [`EVENT_COST`] per
+/// event) before it is aborted as too slow: about what a socket's send
+/// buffer takes (Linux's default `tcp_wmem` maximum is 4 MiB), so a target
+/// that keeps up absorbs bursts and one that does not costs its
+/// connection, not the node's memory.
 const CONNECTION_QUEUE_BYTES: usize = 4 << 20;
 /// Payload bytes queued for one target, all its shadow connections
 /// together: bounds the forwarder's memory below `--forward-max-conns`
@@ -339,16 +347,14 @@ struct CompareTask {
 }
 
 impl CompareTask {
-    fn fail(&self, why: Incomplete) {
-        self.comparator.lock().fail(why);
-    }
-
-    /// Counts the result and writes its report line.
+    /// Counts the result (`otherwise` if it is not settled) and writes its
+    /// report line.
     fn finish(self, stats: &ForwardCounters, otherwise: Incomplete) {
         let outcome = self.comparator.lock().outcome(otherwise);
         stats.count_result(&outcome.verdict);
         if let Some(report) = &self.report {
-            let target = self.target.addr.to_string();
+            // Named as in the counters (`PORT=IP:PORT` for one port's).
+            let target = self.target.to_string();
             let line = compare_report::line(self.conn, self.src, self.dst, &target, &outcome);
             if !report.send(line) {
                 stats.report_dropped.fetch_add(1, Ordering::Relaxed);
@@ -448,7 +454,7 @@ pub async fn forward(
                 let Some(shadow) = connections.get(&conn) else {
                     continue;
                 };
-                let len = bytes.len();
+                let len = bytes.len() + EVENT_COST;
                 let sent = shadow.queued.reserve(len)
                     && match shadow.commands.try_send(Command::Data(bytes)) {
                         Ok(()) => true,
@@ -523,7 +529,7 @@ async fn shadow(
         match queue.recv().await {
             Some(Command::Data(bytes)) => {
                 let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&bytes)).await;
-                queued.release(bytes.len());
+                queued.release(bytes.len() + EVENT_COST);
                 match written {
                     Ok(Ok(())) => {
                         stats
@@ -541,6 +547,12 @@ async fn shadow(
                 }
             }
             Some(Command::Finish) => {
+                if let Some(compare) = &compare {
+                    // The client closed once it had its answers: the shadow
+                    // gets as long (some servers, redis among them, drop
+                    // answers not sent yet when they read the end).
+                    shadow_caught_up(&compare.comparator, &answers, compare.timeout).await;
+                }
                 // Half-close like the client did, and let the target
                 // answer before closing.
                 let _ = writer.shutdown().await;
@@ -575,7 +587,6 @@ async fn shadow(
     writer.forget();
     answers.abort();
     if let Some(compare) = compare {
-        compare.fail(otherwise);
         compare.finish(&stats, otherwise);
     }
 }
@@ -605,6 +616,30 @@ fn read_answers(
             return;
         }
     })
+}
+
+/// How often [`shadow_caught_up`] looks.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+
+/// Before the half-close: waits until the shadow answered as many bytes as
+/// production, or closed, or sent nothing for `quiet`.
+async fn shadow_caught_up(
+    comparator: &Mutex<Comparator>,
+    answers: &JoinHandle<()>,
+    quiet: Duration,
+) {
+    let mut seen = comparator.lock().shadow_bytes();
+    let mut since = Instant::now();
+    while !comparator.lock().caught_up() && !answers.is_finished() {
+        let now = Instant::now();
+        let bytes = comparator.lock().shadow_bytes();
+        if bytes != seen {
+            (seen, since) = (bytes, now);
+        } else if now.duration_since(since) >= quiet {
+            return;
+        }
+        tokio::time::sleep(CATCH_UP_POLL).await;
+    }
 }
 
 /// After the half-close: waits until the shadow closes, or stays quiet for
