@@ -8,7 +8,11 @@ use std::{
     io::{self, BufWriter, Write as _},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::mpsc::{Receiver, SyncSender, sync_channel},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, SyncSender, sync_channel},
+    },
 };
 
 use serde_json::{Map, Value};
@@ -76,13 +80,17 @@ pub fn open_report(path: &Path, owner: Option<Owner>) -> Result<File, ReportOpen
 
 /// Where forwarders send their report lines; cloned for each.
 #[derive(Debug, Clone)]
-pub struct ReportSink(SyncSender<Vec<u8>>);
+pub struct ReportSink {
+    lines: SyncSender<Vec<u8>>,
+    /// Set once writing failed: later lines are dropped here, counted.
+    failed: Arc<AtomicBool>,
+}
 
 impl ReportSink {
     /// Queues one line; `false` (the line is dropped) when the queue is
-    /// full or the writer has stopped.
+    /// full or the writer has stopped or failed.
     pub fn send(&self, line: Vec<u8>) -> bool {
-        self.0.try_send(line).is_ok()
+        !self.failed.load(Ordering::Relaxed) && self.lines.try_send(line).is_ok()
     }
 }
 
@@ -90,15 +98,19 @@ impl ReportSink {
 /// lines queued before are written.
 pub fn start(file: File) -> (ReportSink, tokio::task::JoinHandle<()>) {
     let (sender, lines) = sync_channel(REPORT_QUEUE);
-    let writer = tokio::task::spawn_blocking(move || write_lines(file, &lines));
-    (ReportSink(sender), writer)
+    let failed = Arc::new(AtomicBool::new(false));
+    let sink = ReportSink {
+        lines: sender,
+        failed: Arc::clone(&failed),
+    };
+    let writer = tokio::task::spawn_blocking(move || write_lines(file, &lines, &failed));
+    (sink, writer)
 }
 
-fn write_lines(file: File, lines: &Receiver<Vec<u8>>) {
+fn write_lines(file: File, lines: &Receiver<Vec<u8>>, failed: &AtomicBool) {
     let mut out = BufWriter::new(file);
-    let mut failed = false;
     while let Ok(first) = lines.recv() {
-        if failed {
+        if failed.load(Ordering::Relaxed) {
             continue;
         }
         // Whatever else is queued goes out with it; flushed once the queue
@@ -109,8 +121,10 @@ fn write_lines(file: File, lines: &Receiver<Vec<u8>>) {
             .try_for_each(|line| out.write_all(&line))
             .and_then(|()| out.flush());
         if let Err(error) = written {
-            tracing::warn!("the comparison report stopped: {error}");
-            failed = true;
+            tracing::warn!(
+                "the comparison report stopped: {error}; its lines are dropped from now on"
+            );
+            failed.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -244,11 +258,19 @@ mod tests {
     #[test]
     fn a_full_queue_drops_lines_instead_of_waiting() {
         let (sender, lines) = sync_channel(2);
-        let sink = ReportSink(sender);
+        let failed = Arc::new(AtomicBool::new(false));
+        let sink = ReportSink {
+            lines: sender,
+            failed: Arc::clone(&failed),
+        };
         assert!(sink.send(vec![1]));
         assert!(sink.send(vec![2]));
         assert!(!sink.send(vec![3]), "full: dropped");
+        let _ = lines.recv();
+        failed.store(true, Ordering::Relaxed);
+        assert!(!sink.send(vec![4]), "writing failed: dropped");
+        failed.store(false, Ordering::Relaxed);
         drop(lines);
-        assert!(!sink.send(vec![4]), "the writer stopped: dropped");
+        assert!(!sink.send(vec![5]), "the writer stopped: dropped");
     }
 }

@@ -160,7 +160,8 @@ pub struct ForwardCounters {
     pub bytes_written: AtomicU64,
     /// `--compare` results: same, differs, incomplete.
     pub compared: [AtomicU64; 3],
-    /// Report lines dropped because the report's queue was full.
+    /// Report lines dropped: the report's queue was full, or writing it
+    /// failed.
     pub report_dropped: AtomicU64,
 }
 
