@@ -21,6 +21,13 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx in `ns`, listening on `ip:80`, with its files in `dir`.
     pub fn start(ns: &str, ip: &str, dir: &Path) -> Self {
+        Self::start_with(ns, ip, dir, "")
+    }
+
+    /// [`Self::start`] with `locations` (nginx `location` blocks) before
+    /// the one that answers everything else; `dir/www` is created for
+    /// them.
+    pub fn start_with(ns: &str, ip: &str, dir: &Path, locations: &str) -> Self {
         for sub in ["tmp", "www"] {
             fs::create_dir_all(dir.join(sub)).expect("mkdir");
         }
@@ -46,6 +53,7 @@ http {{
     keepalive_requests 100000;
     server {{
         listen {ip}:80;
+        {locations}
         location / {{ return 200 \"ok\\n\"; }}
     }}
 }}

@@ -69,6 +69,11 @@ const DAEMON_PACKAGES: &[(&str, &str)] = &[
     // lints its text with promtool.
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // The comparison tests run their own production and shadow redis
+    // servers and load them with redis-benchmark and redis-cli.
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+    ("redis-benchmark", "redis-tools"),
 ];
 
 pub fn all(root: &Path) -> Result<()> {

@@ -174,10 +174,31 @@ pub struct RunArgs {
 #[command(next_help_heading = "Forwarding and capture")]
 pub struct SinkArgs {
     /// Replay each mirrored connection's client bytes to a copy of the
-    /// service at IP:PORT (answers are discarded); PORT=IP:PORT for the
-    /// connections of one mirrored port only. Repeatable.
+    /// service at IP:PORT (answers are discarded, or compared with
+    /// --compare); PORT=IP:PORT for the connections of one mirrored port
+    /// only. Repeatable.
     #[arg(long, value_name = "[PORT=]IP:PORT")]
     pub forward: Vec<ForwardTarget>,
+
+    /// Compare each shadow connection's answers with the production
+    /// server's, byte for byte (any TCP protocol): every connection ends
+    /// `same`, `differs` (at an offset) or `incomplete` (with a reason),
+    /// counted per target. Needs --directions both.
+    #[arg(long, requires = "forward")]
+    pub compare: bool,
+
+    /// Write one JSON line per compared connection to FILE (a new file,
+    /// mode 0600; an existing /dev/null or pipe is written as it is).
+    #[arg(long, value_name = "FILE", requires = "compare")]
+    pub compare_report: Option<PathBuf>,
+
+    /// Once production's connection ended, a shadow that sends nothing
+    /// for this long (and has not closed) is taken as done answering.
+    // A shadow on the same network answers within milliseconds; a few
+    // seconds leave room for a loaded one without keeping many shadow
+    // connections open.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration, requires = "compare")]
+    pub compare_timeout: Duration,
 
     /// Shadow connections open at once, per target; more are skipped.
     #[arg(long, value_name = "N", default_value_t = 1024)]
@@ -486,6 +507,11 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
     // Before anything is loaded: a mistake costs nothing.
     attach::check_directions(args.attach, args.directions)?;
     let deliver = delivery(args.directions, args.deliver)?;
+    if args.sinks.compare && args.directions != Directions::Both {
+        anyhow::bail!(
+            "--compare compares the shadow's answers with the production server's, which only --directions both captures: add --directions both"
+        );
+    }
     let setup = Setup::privileged(setup_config(&args, log_level)?)?;
     Ok(Prepared {
         setup,
@@ -580,6 +606,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
             write_timeout: args.server.client_timeout,
             name: format!("mirror {} on {watched}", env!("CARGO_PKG_VERSION")),
         },
+        compare_report: args.sinks.compare_report.clone(),
         token_file: args.server.token_file.clone(),
         metrics: args.metrics,
     })
@@ -611,6 +638,7 @@ fn pipeline_config(args: &RunArgs, deliver: Delivery) -> PipelineConfig {
             max_connections: args.sinks.forward_max_conns,
             sample_percent: args.sinks.forward_sample,
         },
+        compare: args.sinks.compare.then_some(args.sinks.compare_timeout),
         allow: args.server.allow(),
         max_client_ports: args.server.max_client_ports,
         arena_size: args.server.arena_size as usize,
@@ -740,6 +768,77 @@ mod tests {
         assert!(run_args(&["-i", "lo", "-p", "80", "--forward-sample", "101"]).is_err());
         assert!(run_args(&["-i", "lo", "-p", "80", "--pcap-keep", "3"]).is_err());
         assert!(run_args(&["-i", "lo", "-p", "80", "--forward", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn compare_options() {
+        let args = run_args(&["-i", "lo", "-p", "80"]).unwrap();
+        assert!(!args.sinks.compare);
+        assert_eq!(pipeline_config(&args).compare, None);
+        let args = run_args(&[
+            "-i",
+            "lo",
+            "-p",
+            "80",
+            "--directions",
+            "both",
+            "--forward",
+            "198.18.1.2:80",
+            "--compare",
+            "--compare-report",
+            "/tmp/r.jsonl",
+            "--compare-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(
+            pipeline_config(&args).compare,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            setup_config(&args, LevelFilter::OFF)
+                .unwrap()
+                .compare_report,
+            Some(PathBuf::from("/tmp/r.jsonl"))
+        );
+        let args = run_args(&[
+            "-i",
+            "lo",
+            "-p",
+            "80",
+            "--forward",
+            "1.2.3.4:80",
+            "--compare",
+        ]);
+        assert_eq!(
+            pipeline_config(&args.unwrap()).compare,
+            Some(Duration::from_secs(3)),
+            "the default timeout"
+        );
+        assert!(
+            run_args(&["-i", "lo", "-p", "80", "--compare"]).is_err(),
+            "--compare needs --forward"
+        );
+        assert!(
+            run_args(&["-i", "lo", "-p", "80", "--compare-report", "/tmp/r"]).is_err(),
+            "--compare-report needs --compare"
+        );
+        let err = prepare(
+            run_args(&[
+                "-i",
+                "lo",
+                "-p",
+                "80",
+                "--forward",
+                "1.2.3.4:80",
+                "--compare",
+            ])
+            .unwrap(),
+            LevelFilter::OFF,
+        )
+        .err()
+        .expect("refused without --directions both");
+        assert!(err.to_string().contains("add --directions both"), "{err}");
     }
 
     #[test]

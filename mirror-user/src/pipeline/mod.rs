@@ -53,8 +53,11 @@ use crate::{
         session::SessionContext,
     },
     sinks::{
+        compare_report,
         dump::dump_events,
-        forward::{ForwardConfig, ForwardCounters, ForwardTarget, ForwardTargets, forward},
+        forward::{
+            CompareConfig, ForwardConfig, ForwardCounters, ForwardTarget, ForwardTargets, forward,
+        },
         pcap::{self, PcapSink},
         print::{PrintFormat, print_events},
         print_packets::{PacketFormat, PacketPrinter},
@@ -77,6 +80,8 @@ pub struct PipelineConfig {
     /// `--forward`: a shadow target each.
     pub forward: Vec<ForwardTarget>,
     pub forward_config: ForwardConfig,
+    /// `--compare`: the forwarders compare the answers; its timeout.
+    pub compare: Option<Duration>,
     /// Ports clients may add or subscribe to beyond the mirrored ones.
     pub allow: AllowList,
     pub max_client_ports: usize,
@@ -124,6 +129,7 @@ impl Pipeline {
             server_config,
             dump_dir,
             pcap,
+            compare_report,
             helper,
             metrics,
             hotplug,
@@ -146,6 +152,19 @@ impl Pipeline {
             consumers.spawn(dump_events(subscription, dir));
         }
         let mut forwards = Vec::new();
+        // The report's writer ends once every forwarder and shadow task
+        // let its sink go: joined with the consumers.
+        let report = compare_report.map(|file| {
+            let (sink, writer) = compare_report::start(file);
+            consumers.spawn(async move {
+                writer.await.map_err(io::Error::other)?;
+                Ok(())
+            });
+            sink
+        });
+        let compare = config
+            .compare
+            .map(|timeout| CompareConfig { timeout, report });
         for target in &config.forward {
             let (feed, subscription) = hub.subscribe(&ports, &format!("forward-{target}"));
             control.follow_own_ports(feed);
@@ -154,10 +173,12 @@ impl Pipeline {
                 subscription,
                 *target,
                 config.forward_config,
+                compare.clone(),
                 Arc::clone(&stats),
             ));
             forwards.push((*target, stats));
         }
+        drop(compare);
         let clock = WallClock::new();
         let pcap = pcap.map(|(pcap_config, output)| pcap::start(pcap_config, output, clock));
         let shards = Shards::start_naming(config.shards, &hub, &ifaces);

@@ -6,6 +6,7 @@
 //! (no_new_privs and the bounding set are per thread).
 
 use std::{
+    fs::File,
     io,
     net::{SocketAddr, TcpListener},
     os::fd::{AsFd, OwnedFd},
@@ -31,7 +32,10 @@ use crate::{
         client::{self, TokenError},
         listener::{self, BoundListener, ServerError},
     },
-    sinks::pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
+    sinks::{
+        compare_report::{self, ReportOpenError},
+        pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
+    },
     telemetry::endpoint,
 };
 
@@ -64,6 +68,8 @@ pub struct SetupConfig {
     pub load: LoadOptions,
     pub dump_dir: Option<PathBuf>,
     pub pcap: Option<PcapConfig>,
+    /// `--compare-report`: the comparison report file.
+    pub compare_report: Option<PathBuf>,
     /// The server's settings; its token is read from `token_file` here,
     /// while the file is still readable.
     pub server: ServerConfig,
@@ -83,6 +89,8 @@ pub enum SetupError {
     Files(#[from] OutputDirError),
     #[error(transparent)]
     Pcap(#[from] PcapOpenError),
+    #[error(transparent)]
+    CompareReport(#[from] ReportOpenError),
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -265,6 +273,7 @@ pub struct Setup {
     pub(super) server_config: Arc<ServerConfig>,
     pub(super) dump_dir: Option<OutputDir>,
     pub(super) pcap: Option<(PcapConfig, PcapOutput)>,
+    pub(super) compare_report: Option<File>,
     pub(super) helper: Arc<Helper>,
     pub(super) metrics: Option<TcpListener>,
     /// `--pid`: that process's end.
@@ -341,6 +350,11 @@ impl Setup {
                     pcap::open_output(pcap_config, identity.owner())?,
                 ))
             })
+            .transpose()?;
+        let compare_report = config
+            .compare_report
+            .as_deref()
+            .map(|path| compare_report::open_report(path, identity.owner()))
             .transpose()?;
 
         let token = match &config.token_file {
@@ -426,6 +440,7 @@ impl Setup {
             server_config,
             dump_dir,
             pcap,
+            compare_report,
             helper: Arc::new(helper),
             metrics,
             watched_process,

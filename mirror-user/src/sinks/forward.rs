@@ -10,6 +10,11 @@
 //! the mirror, the service or other consumers. Connection attempts retry
 //! with backoff; a target that keeps failing is left alone for a growing
 //! while (up to [`MAX_BACKOFF`]), then tried again.
+//!
+//! With `--compare` the shadow's answers are read into a
+//! [`Comparator`](super::compare::Comparator) instead, beside the
+//! production server's answers from the hub, and each shadow connection
+//! ends with a result: counted, and a line of `--compare-report`.
 
 use std::{
     collections::HashMap,
@@ -28,22 +33,35 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpStream, tcp::OwnedReadHalf},
     sync::mpsc,
+    task::{JoinHandle, JoinSet},
 };
 
 use crate::{
     fanout::subscription::Subscription,
-    flow::model::{CloseReason, ConnId, StreamEvent},
+    flow::model::{CloseReason, ConnId, Direction, StreamEvent},
+    sinks::{
+        compare::{Budget, Comparator, Incomplete, ShadowEnd, TARGET_BUDGET, Verdict},
+        compare_report::{self, ReportSink},
+    },
     telemetry::registry::Stage,
 };
 
-/// Events queued per shadow connection before it is aborted as too slow.
-const CONNECTION_QUEUE: usize = 256;
-/// Payload bytes queued per shadow connection before it is aborted as too
-/// slow: about what a socket's send buffer takes (Linux's default
-/// `tcp_wmem` maximum is 4 MiB), so a target that keeps up absorbs bursts
-/// and one that does not costs its connection, not the node's memory.
+/// Events queued per shadow connection: a backstop only, the byte budget
+/// (which counts [`EVENT_COST`] per event) is what binds. A request
+/// stream of tiny events (redis-benchmark with one connection: ~50k
+/// events/s) overflowed 256 events whenever the shadow's task waited a few
+/// milliseconds for a CPU on a loaded 2-core machine.
+const CONNECTION_QUEUE: usize = 1 << 16;
+/// What a queued event costs beside its payload: its queue slot and its
+/// `Bytes` handle, rounded up.
+const EVENT_COST: usize = 64;
+/// Bytes queued per shadow connection (payload plus [`EVENT_COST`] per
+/// event) before it is aborted as too slow: about what a socket's send
+/// buffer takes (Linux's default `tcp_wmem` maximum is 4 MiB), so a target
+/// that keeps up absorbs bursts and one that does not costs its
+/// connection, not the node's memory.
 const CONNECTION_QUEUE_BYTES: usize = 4 << 20;
 /// Payload bytes queued for one target, all its shadow connections
 /// together: bounds the forwarder's memory below `--forward-max-conns`
@@ -111,6 +129,15 @@ pub struct ForwardConfig {
     pub sample_percent: u8,
 }
 
+/// `--compare`: what every target's forwarder needs.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// `--compare-timeout`.
+    pub timeout: Duration,
+    /// `--compare-report`; `None`: results are only counted.
+    pub report: Option<ReportSink>,
+}
+
 /// Counters of one target.
 #[derive(Debug, Default)]
 pub struct ForwardCounters {
@@ -131,9 +158,23 @@ pub struct ForwardCounters {
     /// are not the start of the client's stream.
     pub skipped_midstream: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// `--compare` results: same, differs, incomplete.
+    pub compared: [AtomicU64; 3],
+    /// Report lines dropped: the report's queue was full, or writing it
+    /// failed.
+    pub report_dropped: AtomicU64,
 }
 
 impl ForwardCounters {
+    fn count_result(&self, verdict: &Verdict) {
+        let index = match verdict {
+            Verdict::Same => 0,
+            Verdict::Differs { .. } => 1,
+            Verdict::Incomplete(_) => 2,
+        };
+        self.compared[index].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The target's entry in the `forward` section.
     pub fn snapshot(&self, target: &ForwardTarget) -> ForwardSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -152,6 +193,12 @@ impl ForwardCounters {
                 midstream: get(&self.skipped_midstream),
             },
             bytes_written: get(&self.bytes_written),
+            compared: Compared {
+                same: get(&self.compared[0]),
+                differs: get(&self.compared[1]),
+                incomplete: get(&self.compared[2]),
+            },
+            report_dropped: get(&self.report_dropped),
         }
     }
 }
@@ -167,6 +214,17 @@ pub struct ForwardSnapshot {
     pub aborted: Aborted,
     pub skipped: Skipped,
     pub bytes_written: u64,
+    /// `--compare` results.
+    pub compared: Compared,
+    pub report_dropped: u64,
+}
+
+/// Compared shadow connections, by result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Compared {
+    pub same: u64,
+    pub differs: u64,
+    pub incomplete: u64,
 }
 
 /// Aborted shadow connections: by the mirrored connection's close reason,
@@ -273,23 +331,61 @@ impl Drop for Queued {
 struct ShadowQueue {
     commands: mpsc::Sender<Command>,
     queued: Arc<Queued>,
+    /// `--compare`: fed with production's answers here, with the shadow's
+    /// by the shadow task.
+    compared: Option<Arc<Mutex<Comparator>>>,
+}
+
+/// What a shadow task needs to compare and report its connection.
+struct CompareTask {
+    comparator: Arc<Mutex<Comparator>>,
+    timeout: Duration,
+    report: Option<ReportSink>,
+    conn: ConnId,
+    src: SocketAddr,
+    dst: SocketAddr,
+    target: ForwardTarget,
+}
+
+impl CompareTask {
+    /// Counts the result (`otherwise` if it is not settled) and writes its
+    /// report line.
+    fn finish(self, stats: &ForwardCounters, otherwise: Incomplete) {
+        let outcome = self.comparator.lock().outcome(otherwise);
+        stats.count_result(&outcome.verdict);
+        if let Some(report) = &self.report {
+            // Named as in the counters (`PORT=IP:PORT` for one port's).
+            let target = self.target.to_string();
+            let line = compare_report::line(self.conn, self.src, self.dst, &target, &outcome);
+            if !report.send(line) {
+                stats.report_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Replays the connections of `subscription` to `target` until the mirror
-/// stops.
+/// stops; with `compare`, compares the answers too.
 pub async fn forward(
     subscription: Subscription,
     target: ForwardTarget,
     config: ForwardConfig,
+    compare: Option<CompareConfig>,
     stats: Arc<ForwardCounters>,
 ) -> std::io::Result<()> {
-    // A shadow server gets the client's requests; its own answers are
-    // dropped, the real server's are not replayed.
-    let mut subscription = subscription.client_only();
+    // A shadow server gets the client's requests; the real server's
+    // answers are never replayed, only compared.
+    let mut subscription = if compare.is_some() {
+        subscription
+    } else {
+        subscription.client_only()
+    };
     let health = Arc::new(Mutex::new(Health::default()));
     let active = Arc::new(AtomicUsize::new(0));
     let queued_for_target = Arc::new(AtomicUsize::new(0));
+    let budget = Arc::new(Budget::new(TARGET_BUDGET));
     let mut connections: HashMap<ConnId, ShadowQueue> = HashMap::new();
+    let mut tasks = JoinSet::new();
     while let Some(event) = subscription.next().await {
         match event {
             StreamEvent::Opened {
@@ -314,22 +410,52 @@ pub async fn forward(
                         target: Arc::clone(&queued_for_target),
                     });
                     active.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(shadow(
+                    let compare = compare.as_ref().map(|compare| CompareTask {
+                        comparator: Arc::new(Mutex::new(Comparator::new(&budget))),
+                        timeout: compare.timeout,
+                        report: compare.report.clone(),
+                        conn,
+                        src,
+                        dst,
+                        target,
+                    });
+                    let compared = compare.as_ref().map(|c| Arc::clone(&c.comparator));
+                    // Reaps the tasks that ended, so the set stays small.
+                    while tasks.try_join_next().is_some() {}
+                    tasks.spawn(shadow(
                         target.addr,
                         queue,
                         Arc::clone(&queued),
                         Arc::clone(&stats),
                         Arc::clone(&health),
                         Arc::clone(&active),
+                        compare,
                     ));
-                    connections.insert(conn, ShadowQueue { commands, queued });
+                    connections.insert(
+                        conn,
+                        ShadowQueue {
+                            commands,
+                            queued,
+                            compared,
+                        },
+                    );
+                }
+            }
+            StreamEvent::Data {
+                conn,
+                bytes,
+                dir: Direction::Server,
+                ..
+            } => {
+                if let Some(compared) = connections.get(&conn).and_then(|s| s.compared.as_ref()) {
+                    compared.lock().production(&bytes);
                 }
             }
             StreamEvent::Data { conn, bytes, .. } => {
                 let Some(shadow) = connections.get(&conn) else {
                     continue;
                 };
-                let len = bytes.len();
+                let len = bytes.len() + EVENT_COST;
                 let sent = shadow.queued.reserve(len)
                     && match shadow.commands.try_send(Command::Data(bytes)) {
                         Ok(()) => true,
@@ -340,28 +466,46 @@ pub async fn forward(
                     };
                 if !sent {
                     // Too slow (or gone): dropping the sender aborts it.
-                    connections.remove(&conn);
+                    if let Some(compared) = connections.remove(&conn).and_then(|s| s.compared) {
+                        compared.lock().fail(Incomplete::ShadowTooSlow);
+                    }
                     stats.aborted_target.fetch_add(1, Ordering::Relaxed);
                 }
             }
             StreamEvent::Closed { conn, reason } => {
                 if let Some(shadow) = connections.remove(&conn) {
+                    if let Some(compared) = &shadow.compared {
+                        compared.lock().production_ended(reason);
+                    }
                     let command = if reason == CloseReason::Fin {
                         Command::Finish
                     } else {
                         Command::Abort(reason)
                     };
                     if shadow.commands.try_send(command).is_err() {
+                        if let Some(compared) = &shadow.compared {
+                            compared.lock().fail(Incomplete::ShadowTooSlow);
+                        }
                         stats.aborted_target.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
         }
     }
+    drop(connections);
+    if compare.is_some() {
+        // Their results belong in the final counters and the report: the
+        // shadows get a bounded while to finish.
+        let finished = async { while tasks.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(LINGER + WRITE_TIMEOUT, finished).await;
+    }
+    // The others finish on their own (their ends are counted as they come).
+    tasks.detach_all();
     Ok(())
 }
 
-/// One shadow connection: connect, write in order, discard the answers.
+/// One shadow connection: connect, write in order, discard or compare
+/// the answers.
 async fn shadow(
     addr: SocketAddr,
     mut queue: mpsc::Receiver<Command>,
@@ -369,58 +513,163 @@ async fn shadow(
     stats: Arc<ForwardCounters>,
     health: Arc<Mutex<Health>>,
     active: Arc<AtomicUsize>,
+    compare: Option<CompareTask>,
 ) {
     let _active = ActiveGuard(active);
     let Some(stream) = connect(addr, &health).await else {
         stats.failed.fetch_add(1, Ordering::Relaxed);
+        if let Some(compare) = compare {
+            compare.finish(&stats, Incomplete::ShadowUnreachable);
+        }
         return;
     };
     stats.opened.fetch_add(1, Ordering::Relaxed);
-    let (mut reader, mut writer) = stream.into_split();
-    let mut discard = tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 << 10];
-        while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {}
-    });
-    loop {
+    let (reader, mut writer) = stream.into_split();
+    let mut answers = read_answers(reader, compare.as_ref().map(|c| Arc::clone(&c.comparator)));
+    let otherwise = loop {
         match queue.recv().await {
             Some(Command::Data(bytes)) => {
                 let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&bytes)).await;
-                queued.release(bytes.len());
+                queued.release(bytes.len() + EVENT_COST);
                 match written {
                     Ok(Ok(())) => {
                         stats
                             .bytes_written
                             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     }
-                    _ => {
+                    Ok(Err(_)) => {
                         stats.aborted_target.fetch_add(1, Ordering::Relaxed);
-                        break;
+                        break Incomplete::ShadowReset;
+                    }
+                    Err(_) => {
+                        stats.aborted_target.fetch_add(1, Ordering::Relaxed);
+                        break Incomplete::ShadowTooSlow;
                     }
                 }
             }
             Some(Command::Finish) => {
+                if let Some(compare) = &compare {
+                    // The client closed once it had its answers: the shadow
+                    // gets as long (some servers, redis among them, drop
+                    // answers not sent yet when they read the end).
+                    shadow_caught_up(&compare.comparator, &answers, compare.timeout).await;
+                }
                 // Half-close like the client did, and let the target
-                // answer (the answers are discarded) before closing.
+                // answer before closing.
                 let _ = writer.shutdown().await;
-                let _ = tokio::time::timeout(LINGER, &mut discard).await;
+                match &compare {
+                    Some(compare) => {
+                        last_answers(&compare.comparator, &mut answers, compare.timeout).await;
+                    }
+                    None => {
+                        let _ = tokio::time::timeout(LINGER, &mut answers).await;
+                    }
+                }
+                answers.abort();
                 stats.completed.fetch_add(1, Ordering::Relaxed);
+                if let Some(compare) = compare {
+                    compare.finish(&stats, Incomplete::ShadowTimeout);
+                }
                 return;
             }
             Some(Command::Abort(reason)) => {
                 stats.aborted[reason as usize].fetch_add(1, Ordering::Relaxed);
-                break;
+                break Incomplete::Production(reason);
             }
             // The consumer dropped it: too slow, or the mirror stopped.
-            None => break,
+            None => break Incomplete::Shutdown,
         }
-    }
+    };
     // An incomplete stream must not look complete to the target: reset
     // the connection instead of closing it in order.
     let _ = socket2::SockRef::from(writer.as_ref()).set_linger(Some(Duration::ZERO));
     // Dropping the write half would send a FIN first; the socket closes
     // (with the reset) when the reader, in the cancelled task, is dropped.
     writer.forget();
-    discard.abort();
+    answers.abort();
+    if let Some(compare) = compare {
+        compare.finish(&stats, otherwise);
+    }
+}
+
+/// Reads the target's answers until it closes: into `comparator`, or
+/// discarded.
+fn read_answers(
+    mut reader: OwnedReadHalf,
+    comparator: Option<Arc<Mutex<Comparator>>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let end = match reader.read(&mut buf).await {
+                Ok(0) => ShadowEnd::Eof,
+                Ok(n) => {
+                    if let Some(comparator) = &comparator {
+                        comparator.lock().shadow(&buf[..n]);
+                    }
+                    continue;
+                }
+                Err(_) => ShadowEnd::Reset,
+            };
+            if let Some(comparator) = &comparator {
+                comparator.lock().shadow_ended(end);
+            }
+            return;
+        }
+    })
+}
+
+/// How often [`shadow_caught_up`] looks.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+
+/// Before the half-close: waits until the shadow answered as many bytes as
+/// production, or closed, or sent nothing for `quiet`.
+async fn shadow_caught_up(
+    comparator: &Mutex<Comparator>,
+    answers: &JoinHandle<()>,
+    quiet: Duration,
+) {
+    let mut seen = comparator.lock().shadow_bytes();
+    let mut since = Instant::now();
+    while !comparator.lock().caught_up() && !answers.is_finished() {
+        let now = Instant::now();
+        let bytes = comparator.lock().shadow_bytes();
+        if bytes != seen {
+            (seen, since) = (bytes, now);
+        } else if now.duration_since(since) >= quiet {
+            return;
+        }
+        tokio::time::sleep(CATCH_UP_POLL).await;
+    }
+}
+
+/// After the half-close: waits until the shadow closes, or stays quiet for
+/// `quiet` (its answers are then taken as ended), or the comparison is
+/// settled; [`LINGER`] (or twice `quiet`) at most.
+async fn last_answers(
+    comparator: &Mutex<Comparator>,
+    answers: &mut JoinHandle<()>,
+    quiet: Duration,
+) {
+    let deadline = Instant::now() + LINGER.max(quiet * 2);
+    loop {
+        let (settled, seen) = {
+            let comparator = comparator.lock();
+            (comparator.is_settled(), comparator.shadow_bytes())
+        };
+        if settled {
+            return;
+        }
+        if tokio::time::timeout(quiet, &mut *answers).await.is_ok() {
+            // The reader recorded how the answers ended.
+            return;
+        }
+        let mut comparator = comparator.lock();
+        if comparator.shadow_bytes() == seen || Instant::now() >= deadline {
+            comparator.shadow_ended(ShadowEnd::Quiet);
+            return;
+        }
+    }
 }
 
 struct ActiveGuard(Arc<AtomicUsize>);
@@ -504,6 +753,18 @@ mod tests {
         Arc<ForwardCounters>,
         tokio::task::JoinHandle<std::io::Result<()>>,
     ) {
+        start_forward_with(target, capacity, None)
+    }
+
+    fn start_forward_with(
+        target: ForwardTarget,
+        capacity: usize,
+        compare: Option<CompareConfig>,
+    ) -> (
+        Hub,
+        Arc<ForwardCounters>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let hub = Hub::new(
             &[80],
             HubConfig {
@@ -518,7 +779,13 @@ mod tests {
             max_connections: 8,
             sample_percent: 100,
         };
-        let task = tokio::spawn(forward(subscription, target, config, Arc::clone(&stats)));
+        let task = tokio::spawn(forward(
+            subscription,
+            target,
+            config,
+            compare,
+            Arc::clone(&stats),
+        ));
         (hub, stats, task)
     }
 
@@ -635,6 +902,95 @@ mod tests {
         );
         assert_eq!(stats.skipped_midstream.load(Ordering::Relaxed), 1);
         assert_eq!(stats.opened.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn answers_are_compared_and_reported() {
+        let (listener, target) = listening_target().await;
+        // The shadow answers each request with "pong <request>" and closes
+        // once the request stream ends.
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let _ = socket.read_to_end(&mut request).await;
+                    let _ = socket.write_all(b"pong ").await;
+                    let _ = socket.write_all(&request).await;
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.jsonl");
+        let (report, writer) =
+            compare_report::start(compare_report::open_report(&path, None).unwrap());
+        let compare = CompareConfig {
+            timeout: Duration::from_millis(500),
+            report: Some(report),
+        };
+        let (hub, stats, task) = start_forward_with(target, 64, Some(compare));
+        let src = |port| SocketAddr::from(([198, 18, 0, 1], port));
+        let dst: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let answer = |conn, bytes: &'static [u8]| StreamEvent::Data {
+            conn,
+            dir: Direction::Server,
+            bytes: Bytes::from_static(bytes),
+            peer_acked: 0,
+        };
+        hub.publish(
+            80,
+            vec![
+                opened(1, src(1000), dst),
+                opened(2, src(1001), dst),
+                opened(3, src(1002), dst),
+                data(1, b"ping"),
+                data(2, b"ping"),
+                data(3, b"ping"),
+                answer(1, b"pong ping"),
+                answer(2, b"pong pin"),
+                answer(2, b"x"),
+                answer(3, b"pong"),
+                closed(1, CloseReason::Fin),
+                closed(2, CloseReason::Fin),
+                closed(3, CloseReason::Rst),
+            ],
+        );
+        let counted = || {
+            stats
+                .compared
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        wait_until(Duration::from_secs(10), "three results", || counted() == 3).await;
+        stop_forward(hub, task).await;
+        writer.await.unwrap();
+        let snapshot = stats.snapshot(&target);
+        assert_eq!(
+            snapshot.compared,
+            Compared {
+                same: 1,
+                differs: 1,
+                incomplete: 1
+            }
+        );
+        assert_eq!(snapshot.report_dropped, 0);
+        let mut lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        lines.sort_by_key(|line| line["conn"].as_u64());
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[0]["result"], "same");
+        assert_eq!(lines[0]["shadow_bytes"], 9);
+        assert_eq!(lines[1]["result"], "differs");
+        assert_eq!(lines[1]["offset"], 8);
+        assert_eq!(lines[1]["production"], "x");
+        assert_eq!(lines[1]["shadow"], "g");
+        assert_eq!(lines[2]["result"], "incomplete");
+        assert_eq!(lines[2]["reason"], "production_rst");
+        assert_eq!(lines[2]["src"], "198.18.0.1:1002");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Consumers of the mirror's output.
 
+pub mod compare;
+pub mod compare_report;
 pub mod dump;
 pub mod forward;
 pub mod pcap;

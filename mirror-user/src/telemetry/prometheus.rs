@@ -35,6 +35,7 @@ const LABELLED: &[(&str, &str, &str)] = &[
     ("connections.closed", "connections_closed", "reason"),
     ("forward.aborted", "forward_aborted", "reason"),
     ("forward.skipped", "forward_skipped", "reason"),
+    ("forward.compared", "forward_compared", "result"),
 ];
 
 /// The label a list's entries carry: (list, label).
@@ -290,7 +291,8 @@ mod tests {
         registry.register(
             "forward",
             Arc::new(Fixed(serde_json::json!([{"name": "198.18.1.2:80",
-                "opened": 1, "aborted": {"gap": 1, "target": 0}}]))),
+                "opened": 1, "aborted": {"gap": 1, "target": 0},
+                "compared": {"same": 2, "differs": 1, "incomplete": 0}}]))),
         );
         let text = encode(&registry.document());
         for expected in [
@@ -307,6 +309,8 @@ mod tests {
             "mirror_consumer_bytes_total{consumer=\"a\\\"b\\\\\\\\\\\\n\"} 1",
             "mirror_forward_opened_total{target=\"198.18.1.2:80\"} 1",
             "mirror_forward_aborted_total{target=\"198.18.1.2:80\",reason=\"gap\"} 1",
+            "mirror_forward_compared_total{target=\"198.18.1.2:80\",result=\"same\"} 2",
+            "mirror_forward_compared_total{target=\"198.18.1.2:80\",result=\"differs\"} 1",
             "# EOF",
         ] {
             assert!(text.contains(expected), "{expected} in\n{text}");
