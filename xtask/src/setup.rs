@@ -53,11 +53,14 @@ const PACKAGES: [(&str, &str); 23] = [
 /// (its service is named after the package): Prometheus would listen on
 /// :9090 on the node for good. These are installed with service starts
 /// denied and are not enabled at boot; the tests start their own.
-const DAEMON_PACKAGES: [(&str, &str); 2] = [
+const DAEMON_PACKAGES: [(&str, &str); 3] = [
     // The metrics test scrapes the mirror with a real Prometheus and
     // lints its text with promtool.
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // The NATS test runs its own JetStream cluster (the package ships a
+    // service, left stopped).
+    ("nats-server", "nats-server"),
 ];
 
 pub fn all(root: &Path) -> Result<()> {

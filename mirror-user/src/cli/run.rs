@@ -23,6 +23,7 @@ use mirror_user::{
     server::{Endpoint, ServerConfig},
     sinks::{
         forward::{ForwardConfig, ForwardTarget},
+        nats::{NatsConfig, NatsServers, Retention, default_node, parse_node, parse_prefix},
         pcap::{PcapConfig, PcapFormat},
         print::PrintFormat,
         print_packets::PacketFormat,
@@ -124,6 +125,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub sinks: SinkArgs,
 
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
     /// Size of each CPU's ring buffer in bytes (a power of two, at least
     /// one page; suffixes K, M, G). Default: 128 MiB shared by the online
     /// CPUs, between 4 and 64 MiB each.
@@ -171,6 +175,57 @@ pub struct SinkArgs {
     /// Keep only the newest N capture files.
     #[arg(long, value_name = "N", requires = "pcap_rotate_size")]
     pub pcap_keep: Option<usize>,
+}
+
+/// Publishing to NATS JetStream (README "Fleets: NATS JetStream").
+#[derive(Debug, Args)]
+#[command(next_help_heading = "NATS JetStream")]
+pub struct NatsArgs {
+    /// Publish every stream event to JetStream at these servers
+    /// (nats://HOST:PORT, comma-separated; one of a cluster is enough).
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<NatsServers>,
+
+    /// NATS credentials file (.creds), read at the start.
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// Subjects are PREFIX.NODE.PORT.CONN; the stream (PREFIX uppercased,
+    /// dots as _) takes PREFIX.>.
+    #[arg(long, value_name = "PREFIX", default_value = "mirror", value_parser = parse_prefix)]
+    pub nats_subject: String,
+
+    /// This node's name in the subjects. Default: the host name.
+    #[arg(long, value_name = "NAME", value_parser = parse_node)]
+    pub node_name: Option<String>,
+
+    /// The stream's size limit, when the mirror creates it (oldest
+    /// messages go first).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    pub nats_max_bytes: u64,
+
+    /// The stream's age limit, when the mirror creates it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub nats_max_age: Duration,
+
+    /// The stream's replicas, when the mirror creates it (at most 5).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+}
+
+impl NatsArgs {
+    fn config(&self) -> Option<NatsConfig> {
+        self.nats.as_ref().map(|servers| NatsConfig {
+            servers: servers.clone(),
+            prefix: self.nats_subject.clone(),
+            node: self.node_name.clone().unwrap_or_else(default_node),
+            retention: Retention {
+                max_bytes: self.nats_max_bytes,
+                max_age: self.nats_max_age,
+                replicas: usize::from(self.nats_replicas),
+            },
+        })
+    }
 }
 
 /// The subscriber server that `mirror tail`, `ports` and `stats` talk to.
@@ -495,6 +550,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
             name: format!("mirror {} on {}", env!("CARGO_PKG_VERSION"), args.iface),
         },
         token_file: args.server.token_file.clone(),
+        nats_creds: args.nats.nats_creds.clone(),
         metrics: args.metrics,
     })
 }
@@ -513,6 +569,7 @@ fn pipeline_config(args: &RunArgs) -> PipelineConfig {
         allow: args.server.allow(),
         max_client_ports: args.server.max_client_ports,
         arena_size: args.server.arena_size as usize,
+        nats: args.nats.config(),
     }
 }
 

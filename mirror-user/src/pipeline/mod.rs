@@ -54,6 +54,10 @@ use crate::{
     sinks::{
         dump::dump_events,
         forward::{ForwardConfig, ForwardCounters, ForwardTarget, ForwardTargets, forward},
+        nats::{
+            NatsConfig,
+            publish::{NatsCounters, publish_events},
+        },
         pcap::{self, PcapSink},
         print::{PrintFormat, print_events},
         print_packets::{PacketFormat, PacketPrinter},
@@ -81,6 +85,8 @@ pub struct PipelineConfig {
     pub max_client_ports: usize,
     /// `--arena-size`: bytes of the payload arena; 0 for none.
     pub arena_size: usize,
+    /// `--nats`: publish to JetStream.
+    pub nats: Option<NatsConfig>,
 }
 
 /// Why the pipeline could not stop cleanly, or a stage of it failed.
@@ -124,6 +130,7 @@ impl Pipeline {
             pcap,
             helper,
             metrics,
+            nats_creds,
         } = setup;
 
         // The consumers follow the ports `ports add` adds.
@@ -154,6 +161,18 @@ impl Pipeline {
             ));
             forwards.push((*target, stats));
         }
+        let nats_stats = config.nats.clone().map(|nats| {
+            let (feed, subscription) = hub.subscribe(&ports, "nats");
+            control.follow_own_ports(feed);
+            let stats = Arc::new(NatsCounters::default());
+            consumers.spawn(publish_events(
+                subscription,
+                nats,
+                nats_creds,
+                Arc::clone(&stats),
+            ));
+            stats
+        });
         let clock = WallClock::new();
         let pcap = pcap.map(|(pcap_config, output)| pcap::start(pcap_config, output, clock));
         let shards = Shards::start(config.shards, &hub);
@@ -276,6 +295,9 @@ impl Pipeline {
         registry.register("forward", Arc::new(ForwardTargets(forwards)));
         if let Some(pcap) = pcap_counters {
             registry.register("pcap", pcap);
+        }
+        if let Some(nats) = nats_stats {
+            registry.register("nats", nats);
         }
         let registry = Arc::new(registry);
         let metrics_task = metrics.map(|listener| {

@@ -27,7 +27,10 @@ use crate::{
         client::{self, TokenError},
         listener::{self, BoundListener, ServerError},
     },
-    sinks::pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
+    sinks::{
+        nats::{NatsError, read_creds},
+        pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
+    },
     telemetry::endpoint,
 };
 
@@ -51,6 +54,8 @@ pub struct SetupConfig {
     /// while the file is still readable.
     pub server: ServerConfig,
     pub token_file: Option<PathBuf>,
+    /// `--nats-creds`: read here, while the file is still readable.
+    pub nats_creds: Option<PathBuf>,
     /// `--metrics`: where Prometheus scrapes the counters.
     pub metrics: Option<SocketAddr>,
 }
@@ -70,6 +75,8 @@ pub enum SetupError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
     #[error("cannot subscribe port {port}")]
     Port {
         port: u16,
@@ -99,6 +106,8 @@ pub struct Setup {
     pub(super) pcap: Option<(PcapConfig, PcapOutput)>,
     pub(super) helper: Arc<Helper>,
     pub(super) metrics: Option<TcpListener>,
+    /// The NATS credentials' content (`--nats-creds`).
+    pub(super) nats_creds: Option<String>,
 }
 
 impl Setup {
@@ -143,6 +152,7 @@ impl Setup {
             Some(path) => Some(client::read_token(path)?),
             None => None,
         };
+        let nats_creds = config.nats_creds.as_deref().map(read_creds).transpose()?;
         let server_config = Arc::new(ServerConfig {
             token,
             ..config.server
@@ -206,6 +216,7 @@ impl Setup {
             pcap,
             helper: Arc::new(helper),
             metrics,
+            nats_creds,
         })
     }
 }
