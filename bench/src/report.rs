@@ -20,7 +20,14 @@ pub struct Section {
 }
 
 /// Sections in the order `results.md` shows them.
-pub const ORDER: [&str; 5] = ["capture", "kernel", "isolation", "fanout", "forward"];
+pub const ORDER: [&str; 6] = [
+    "capture",
+    "kernel",
+    "isolation",
+    "fanout",
+    "forward",
+    "nats",
+];
 
 /// Writes the section (stamped) under `dir/sections` and its plots in
 /// `dir`.

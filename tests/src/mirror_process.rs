@@ -156,6 +156,7 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
                 "server",
                 "arena",
                 "pcap",
+                "nats",
             ]
             .contains(&stage) =>
             {

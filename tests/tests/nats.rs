@@ -29,6 +29,8 @@ use mirror_tests::{
     netns::{KillOnDrop, TestNet, in_ns, spawn},
     traffic::{MIB, SentFile},
 };
+use mirror_user::sinks::dump::tcpflow_name;
+use serde_json::Value;
 use tempfile::TempDir;
 
 const PORT: u16 = 8080;
@@ -185,13 +187,36 @@ fn eventually(
     }
 }
 
+/// The parts `dump` holds of the connection that sent `file`, each with
+/// its sidecar; `None` while a sidecar is being written (the dumps are
+/// read while they grow).
+fn parts(node: &Node, dump: &Path, file: &SentFile) -> Option<Vec<(Vec<u8>, Value)>> {
+    let base = tcpflow_name(
+        format!("{}:{}", node.bed.client_ip, file.client_port)
+            .parse()
+            .expect("client"),
+        format!("{}:{PORT}", node.bed.server_ip)
+            .parse()
+            .expect("server"),
+    );
+    let mut parts = Vec::new();
+    for name in std::iter::once(base.clone()).chain((1..).map(|n| format!("{base}c{n}"))) {
+        let Ok(bytes) = fs::read(dump.join(&name)) else {
+            break;
+        };
+        let meta = fs::read(dump.join(format!("{name}.meta"))).ok()?;
+        parts.push((bytes, serde_json::from_slice(&meta).ok()?));
+    }
+    Some(parts)
+}
+
 /// Whether `dump` holds each of `files` whole, ended by FIN.
 fn whole(node: &Node, dump: &Path, files: &[SentFile]) -> Result<(), String> {
     for file in files {
-        let parts = node.bed.dumped(dump, file, PORT);
+        let parts = parts(node, dump, file).ok_or("a sidecar is being written")?;
         let sent = file.bytes();
         match &parts[..] {
-            [(stream, meta)] if *stream == sent && meta["reason"] == "fin" => {}
+            [(stream, meta)] if *stream == sent && meta["complete"] == true => {}
             other => {
                 return Err(format!(
                     "node {} connection from port {}: {} parts, {:?} bytes of {}, {:?}",
@@ -217,9 +242,11 @@ fn explicit(node: &Node, dump: &Path, files: &[SentFile]) -> Result<usize, Strin
     let mut cut = 0;
     for file in files {
         let sent = file.bytes();
-        for (stream, meta) in node.bed.dumped(dump, file, PORT) {
+        for (stream, meta) in parts(node, dump, file).ok_or("a sidecar is being written")? {
             let reason = meta["reason"].as_str().unwrap_or("open").to_owned();
             let ok = match reason.as_str() {
+                // Shown from the middle (its start lost): marked as such.
+                _ if meta["midstream"] == true => meta["complete"] == false,
                 "fin" => stream == sent,
                 "lagged" | "gap" => sent.starts_with(&stream),
                 _ => false,

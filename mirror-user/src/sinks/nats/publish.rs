@@ -206,12 +206,14 @@ pub async fn publish_events(
     }
     // The mirror stops: what is in flight gets a short while to land.
     let flushed = tokio::time::timeout(FLUSH_FOR, async {
-        while let Some((message, result)) = publisher.pending.next().await {
-            publisher.acknowledged(message, result).await;
-            if publisher.pending.is_empty() && !publisher.retry.is_empty() {
-                tokio::time::sleep(RETRY_PAUSE).await;
-                for message in std::mem::take(&mut publisher.retry) {
-                    publisher.send(message).await;
+        while !publisher.pending.is_empty() || !publisher.retry.is_empty() {
+            match publisher.pending.next().await {
+                Some((message, result)) => publisher.acknowledged(message, result).await,
+                None => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    for message in std::mem::take(&mut publisher.retry) {
+                        publisher.send(message).await;
+                    }
                 }
             }
         }
@@ -363,17 +365,13 @@ impl Publisher {
             closes: kind == kind::CLOSED,
             first_sent: Instant::now(),
         };
+        self.enter_window(&message);
         self.send(message).await;
     }
 
     /// Hands `message` to NATS; its acknowledgement joins the window.
     async fn send(&mut self, message: Message) {
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        self.window_bytes += message.body.len();
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .in_flight_bytes
-            .fetch_add(message.body.len() as u64, Ordering::Relaxed);
         let publish = PublishMessage::build()
             .headers(message.headers.clone())
             .payload(message.body.clone());
@@ -392,14 +390,28 @@ impl Publisher {
         self.pending.push(ack);
     }
 
-    async fn acknowledged(&mut self, message: Message, result: Result<(), String>) {
+    /// A new message takes its place in the window until its outcome
+    /// (acknowledged or given up): retries stay counted.
+    fn enter_window(&mut self, message: &Message) {
+        self.window_bytes += message.body.len();
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .in_flight_bytes
+            .fetch_add(message.body.len() as u64, Ordering::Relaxed);
+    }
+
+    fn leave_window(&mut self, message: &Message) {
         self.window_bytes -= message.body.len();
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.stats
             .in_flight_bytes
             .fetch_sub(message.body.len() as u64, Ordering::Relaxed);
+    }
+
+    async fn acknowledged(&mut self, message: Message, result: Result<(), String>) {
         let error = match result {
             Ok(()) => {
+                self.leave_window(&message);
                 self.stats.acked.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .bytes
@@ -418,6 +430,7 @@ impl Publisher {
             self.retry.push_back(message);
             return;
         }
+        self.leave_window(&message);
         if message.closes {
             tracing::warn!(
                 conn = message.conn,
@@ -458,15 +471,16 @@ impl Publisher {
         if let Some(state) = self.conns.get_mut(&message.conn) {
             state.lost = true;
         }
-        self.send(Message {
+        let close = Message {
             headers,
             body: body.freeze(),
             data_len: 0,
             closes: true,
             first_sent: Instant::now(),
             ..message
-        })
-        .await;
+        };
+        self.enter_window(&close);
+        self.send(close).await;
     }
 }
 

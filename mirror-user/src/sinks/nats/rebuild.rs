@@ -14,6 +14,7 @@ use std::{
     fmt,
     net::SocketAddr,
     num::NonZeroUsize,
+    time::{Duration, Instant},
 };
 
 use async_nats::{HeaderMap, jetstream};
@@ -160,9 +161,17 @@ enum Held {
 
 struct Conn {
     shown_as: ConnId,
+    /// Its open was shown (as the mirror announced it, or as midstream).
+    shown: bool,
+    src: SocketAddr,
+    dst: SocketAddr,
+    dir: Direction,
     next: u64,
     held: BTreeMap<u64, Held>,
     held_bytes: usize,
+    /// Since when (the reader's clock, and the stream's time of the
+    /// message that found it) a message before the held ones is missing.
+    hole_since: Option<(Instant, u64)>,
 }
 
 /// Rebuilds connections from messages in the order the stream holds them.
@@ -170,6 +179,8 @@ pub struct Rebuilder {
     conns: HashMap<Key, Conn>,
     ended: LruCache<Key, ()>,
     last_shown: ConnId,
+    /// The stream time (ms since the epoch) of the newest message read.
+    stream_time: u64,
 }
 
 impl Default for Rebuilder {
@@ -178,25 +189,38 @@ impl Default for Rebuilder {
             conns: HashMap::new(),
             ended: LruCache::new(NonZeroUsize::new(ENDED).expect("not zero")),
             last_shown: 0,
+            stream_time: 0,
         }
     }
 }
 
+/// What became of a connection after a step.
+enum Step {
+    Open,
+    Ended,
+}
+
 impl Rebuilder {
-    /// Takes one message; the events it completes go to `out`, in order.
+    /// Takes one message, stored at `published` (ms since the epoch,
+    /// JetStream's time), read at `now`; the events it completes go to
+    /// `out`, in order.
     pub fn accept(
         &mut self,
         meta: &Meta,
         body: Bytes,
+        published: u64,
+        now: Instant,
         out: &mut VecDeque<StreamEvent>,
-    ) -> Option<Note> {
+    ) -> Vec<Note> {
+        self.stream_time = self.stream_time.max(published);
+        let mut notes = Vec::new();
         let key = Key {
             node: meta.node.clone(),
             run: meta.run.clone(),
             conn: meta.conn,
         };
         if self.ended.contains(&key) {
-            return None;
+            return notes;
         }
         let event = match (meta.kind, ServerFrame::decode_shared(body)) {
             (Kind::Closed, _) => None,
@@ -205,45 +229,35 @@ impl Rebuilder {
             _ => {
                 // Not what its headers say: the stream cannot be trusted
                 // past it.
-                let note = Note::Malformed {
+                notes.push(Note::Malformed {
                     subject: format!("{}.{}", meta.node, meta.conn),
-                };
+                });
                 if let Some(conn) = self.conns.remove(&key) {
-                    out.push_back(StreamEvent::Closed {
-                        conn: conn.shown_as,
-                        reason: CloseReason::Gap,
-                    });
+                    if conn.shown {
+                        out.push_back(StreamEvent::Closed {
+                            conn: conn.shown_as,
+                            reason: CloseReason::Gap,
+                        });
+                    }
                 }
                 self.ended.put(key, ());
-                return Some(note);
+                return notes;
             }
         };
-        let mut note = None;
         if !self.conns.contains_key(&key) {
             self.last_shown += 1;
-            let shown_as = self.last_shown;
-            if meta.seq > 0 {
-                note = Some(Note::StartedMidway {
-                    node: meta.node.clone(),
-                    conn: meta.conn,
-                    shown_as,
-                    from: meta.seq,
-                });
-                out.push_back(StreamEvent::Opened {
-                    conn: shown_as,
-                    src: meta.src,
-                    dst: meta.dst,
-                    midstream: true,
-                    iface: Default::default(),
-                });
-            }
             self.conns.insert(
                 key.clone(),
                 Conn {
-                    shown_as,
-                    next: meta.seq,
+                    shown_as: self.last_shown,
+                    shown: false,
+                    src: meta.src,
+                    dst: meta.dst,
+                    dir: meta.dir,
+                    next: 0,
                     held: BTreeMap::new(),
                     held_bytes: 0,
+                    hole_since: None,
                 },
             );
         }
@@ -251,7 +265,7 @@ impl Rebuilder {
         let held = match (meta.kind, event) {
             (Kind::Closed, _) => Held::Close(meta.reason.unwrap_or(CloseReason::Gap)),
             (_, Some(event)) => Held::Event(event),
-            (_, None) => return note,
+            (_, None) => return notes,
         };
         if meta.seq < conn.next {
             // A retried message stored twice, or a close given at the
@@ -265,52 +279,160 @@ impl Rebuilder {
                 self.conns.remove(&key);
                 self.ended.put(key, ());
             }
-            return note;
+            return notes;
         }
-        if let Held::Event(event) = &held {
-            conn.held_bytes += event.data_len();
+        let len = match &held {
+            Held::Event(event) => event.data_len(),
+            Held::Close(_) => 0,
+        };
+        conn.dir = meta.dir;
+        if let std::collections::btree_map::Entry::Vacant(place) = conn.held.entry(meta.seq) {
+            place.insert(held);
+            conn.held_bytes += len;
         }
-        conn.held.insert(meta.seq, held);
-        let mut ended = false;
-        while let Some(entry) = conn.held.first_entry() {
-            if *entry.key() != conn.next {
-                break;
-            }
-            conn.next += 1;
-            match entry.remove() {
-                Held::Event(event) => {
-                    conn.held_bytes -= event.data_len();
-                    out.push_back(shown(event, conn.shown_as, meta.dir));
-                }
-                Held::Close(reason) => {
-                    out.push_back(StreamEvent::Closed {
-                        conn: conn.shown_as,
-                        reason,
-                    });
-                    ended = true;
-                    break;
+        let mut ended = matches!(drain(conn, out), Step::Ended);
+        if !ended {
+            if conn.held.is_empty() {
+                conn.hole_since = None;
+            } else {
+                conn.hole_since.get_or_insert((now, published));
+                if conn.held.len() > MAX_HELD_MESSAGES || conn.held_bytes > MAX_HELD_BYTES {
+                    notes.push(resolve(&key, conn, now, self.stream_time, out));
+                    ended = ended_by_gap(conn);
                 }
             }
-        }
-        if !ended && (conn.held.len() > MAX_HELD_MESSAGES || conn.held_bytes > MAX_HELD_BYTES) {
-            note = note.or(Some(Note::Missing {
-                node: meta.node.clone(),
-                conn: meta.conn,
-                shown_as: conn.shown_as,
-                at: conn.next,
-            }));
-            out.push_back(StreamEvent::Closed {
-                conn: conn.shown_as,
-                reason: CloseReason::Gap,
-            });
-            ended = true;
         }
         if ended {
             self.conns.remove(&key);
             self.ended.put(key, ());
         }
-        note
+        notes.extend(self.expire(now, out));
+        notes
     }
+
+    /// Connections whose missing messages can no longer come: longer
+    /// than [`WAIT_FOR_MISSING`] waiting, by the reader's clock or by the
+    /// stream's (messages stored that much later were read). A missing
+    /// start is shown as midstream, a missing middle ends as `gap`.
+    pub fn expire(&mut self, now: Instant, out: &mut VecDeque<StreamEvent>) -> Vec<Note> {
+        let waited_out = |(since, published): (Instant, u64)| {
+            now.duration_since(since) >= WAIT_FOR_MISSING
+                || self.stream_time.saturating_sub(published) >= WAIT_FOR_MISSING.as_millis() as u64
+        };
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.hole_since.is_some_and(waited_out))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut notes = Vec::new();
+        for key in expired {
+            let conn = self.conns.get_mut(&key).expect("listed above");
+            notes.push(resolve(&key, conn, now, self.stream_time, out));
+            if ended_by_gap(conn) {
+                self.conns.remove(&key);
+                self.ended.put(key, ());
+            }
+        }
+        notes
+    }
+}
+
+/// How long a connection waits for a missing message: the publisher
+/// sends one again for [`super::publish::RETRY_FOR`] after its first
+/// acknowledgement was due.
+pub const WAIT_FOR_MISSING: Duration = Duration::from_secs(40);
+
+/// Shows what `conn` holds in order, up to its first hole.
+fn drain(conn: &mut Conn, out: &mut VecDeque<StreamEvent>) -> Step {
+    while let Some(entry) = conn.held.first_entry() {
+        if *entry.key() != conn.next {
+            break;
+        }
+        conn.next += 1;
+        match entry.remove() {
+            Held::Event(event) => {
+                conn.held_bytes -= event.data_len();
+                if matches!(event, StreamEvent::Opened { .. }) {
+                    conn.shown = true;
+                } else if !conn.shown {
+                    // A message before the open (never sent so): skip.
+                    continue;
+                }
+                out.push_back(shown(event, conn.shown_as, conn.dir));
+            }
+            Held::Close(reason) => {
+                if conn.shown {
+                    out.push_back(StreamEvent::Closed {
+                        conn: conn.shown_as,
+                        reason,
+                    });
+                }
+                return Step::Ended;
+            }
+        }
+    }
+    Step::Open
+}
+
+/// Gives up waiting for `conn`'s missing message: a missing start is
+/// shown as midstream (and the rest drained), a missing middle ends the
+/// connection as `gap` (marked by emptying it and clearing its hole).
+fn resolve(
+    key: &Key,
+    conn: &mut Conn,
+    now: Instant,
+    stream_time: u64,
+    out: &mut VecDeque<StreamEvent>,
+) -> Note {
+    let first = conn.held.keys().next().copied().unwrap_or(conn.next);
+    if !conn.shown {
+        let note = Note::StartedMidway {
+            node: key.node.clone(),
+            conn: key.conn,
+            shown_as: conn.shown_as,
+            from: first,
+        };
+        out.push_back(StreamEvent::Opened {
+            conn: conn.shown_as,
+            src: conn.src,
+            dst: conn.dst,
+            midstream: true,
+            iface: Default::default(),
+        });
+        conn.shown = true;
+        conn.next = first;
+        conn.hole_since = None;
+        if let Step::Ended = drain(conn, out) {
+            conn.held.clear();
+            conn.next = u64::MAX;
+        } else if !conn.held.is_empty() {
+            // Another hole behind the first: it waits its own while.
+            conn.hole_since = Some((now, stream_time));
+        }
+        return note;
+    }
+    let note = Note::Missing {
+        node: key.node.clone(),
+        conn: key.conn,
+        shown_as: conn.shown_as,
+        at: conn.next,
+    };
+    out.push_back(StreamEvent::Closed {
+        conn: conn.shown_as,
+        reason: CloseReason::Gap,
+    });
+    conn.held.clear();
+    conn.held_bytes = 0;
+    conn.hole_since = None;
+    conn.next = u64::MAX;
+    note
+}
+
+/// Whether [`resolve`] or [`drain`] ended `conn` (its place is past any
+/// message).
+fn ended_by_gap(conn: &Conn) -> bool {
+    conn.next == u64::MAX
 }
 
 /// `event` under the number the reader shows, with the direction its
@@ -369,6 +491,7 @@ pub struct NatsReader {
     rebuilder: Rebuilder,
     out: VecDeque<StreamEvent>,
     stream: String,
+    tick: tokio::time::Interval,
 }
 
 impl NatsReader {
@@ -445,6 +568,7 @@ impl NatsReader {
             rebuilder: Rebuilder::default(),
             out: VecDeque::new(),
             stream: name,
+            tick: tokio::time::interval(Duration::from_secs(1)),
         })
     }
 
@@ -455,7 +579,18 @@ impl NatsReader {
             if let Some(event) = self.out.pop_front() {
                 return Ok(Some(event));
             }
-            let Some(message) = self.messages.next().await else {
+            let message = tokio::select! {
+                message = self.messages.next() => message,
+                _ = self.tick.tick() => {
+                    // Nothing new: connections waiting for a message that
+                    // cannot come any more are resolved all the same.
+                    for note in self.rebuilder.expire(Instant::now(), &mut self.out) {
+                        eprintln!("mirror tail: {note}");
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else {
                 return Ok(None);
             };
             let message = match message {
@@ -485,10 +620,16 @@ impl NatsReader {
             if !self.ports.contains(&meta.port) {
                 continue;
             }
-            if let Some(note) = self
-                .rebuilder
-                .accept(&meta, message.payload.clone(), &mut self.out)
-            {
+            let published = message.info().map_or(0, |info| {
+                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+            });
+            for note in self.rebuilder.accept(
+                &meta,
+                message.payload.clone(),
+                published,
+                Instant::now(),
+                &mut self.out,
+            ) {
                 eprintln!("mirror tail: {note}");
             }
         }
@@ -559,20 +700,40 @@ mod tests {
             .collect()
     }
 
+    /// Feeds messages at stream time `at` (ms) and reader time `now`.
+    fn feed(
+        rebuilder: &mut Rebuilder,
+        messages: &[(Meta, Bytes)],
+        at: u64,
+        now: Instant,
+        out: &mut VecDeque<StreamEvent>,
+    ) -> Vec<Note> {
+        messages
+            .iter()
+            .flat_map(|(meta, body)| rebuilder.accept(meta, body.clone(), at, now, out))
+            .collect()
+    }
+
     #[test]
     fn messages_out_of_order_are_put_back_in_order() {
         let mut rebuilder = Rebuilder::default();
         let mut out = VecDeque::new();
-        // Seq 2 stored before 1 (1 was retried); 2 is a duplicate later.
-        for (seq, kind, body) in [
-            (0, Kind::Opened, opened(9)),
-            (2, Kind::Data, data(9, b"world")),
-            (1, Kind::Data, data(9, b"hello ")),
-            (2, Kind::Data, data(9, b"world")),
-            (3, Kind::Closed, closed(9)),
-        ] {
-            assert_eq!(rebuilder.accept(&meta(9, seq, kind), body, &mut out), None);
-        }
+        let now = Instant::now();
+        // The open and 1 retried: stored after 2; 2 is stored twice.
+        let notes = feed(
+            &mut rebuilder,
+            &[
+                (meta(9, 2, Kind::Data), data(9, b"world")),
+                (meta(9, 0, Kind::Opened), opened(9)),
+                (meta(9, 2, Kind::Data), data(9, b"world")),
+                (meta(9, 1, Kind::Data), data(9, b"hello ")),
+                (meta(9, 3, Kind::Closed), closed(9)),
+            ],
+            1_000,
+            now,
+            &mut out,
+        );
+        assert_eq!(notes, []);
         assert_eq!(bytes_of(&out), b"hello world");
         assert!(matches!(
             out.front(),
@@ -590,7 +751,13 @@ mod tests {
             })
         );
         // A late duplicate of an ended connection is not a new one.
-        rebuilder.accept(&meta(9, 2, Kind::Data), data(9, b"world"), &mut out);
+        feed(
+            &mut rebuilder,
+            &[(meta(9, 2, Kind::Data), data(9, b"world"))],
+            1_000,
+            now,
+            &mut out,
+        );
         assert_eq!(out.len(), 4);
     }
 
@@ -598,25 +765,52 @@ mod tests {
     fn a_stream_without_its_start_is_reported_and_shown_as_midstream() {
         let mut rebuilder = Rebuilder::default();
         let mut out = VecDeque::new();
-        let note = rebuilder.accept(&meta(4, 5, Kind::Data), data(4, b"tail"), &mut out);
+        let now = Instant::now();
+        let tail = [
+            (meta(4, 5, Kind::Data), data(4, b"tail")),
+            (meta(4, 6, Kind::Closed), closed(4)),
+        ];
+        assert_eq!(feed(&mut rebuilder, &tail, 1_000, now, &mut out), []);
+        assert!(out.is_empty(), "its start may still come (a retry)");
+        // Messages stored long after: the start cannot come any more.
+        let later = 1_000 + WAIT_FOR_MISSING.as_millis() as u64;
+        let notes = feed(
+            &mut rebuilder,
+            &[(meta(8, 0, Kind::Opened), opened(8))],
+            later,
+            now,
+            &mut out,
+        );
         assert!(
             matches!(
-                note,
-                Some(Note::StartedMidway {
+                notes[..],
+                [Note::StartedMidway {
                     from: 5,
                     shown_as: 1,
                     ..
-                })
+                }]
             ),
-            "{note:?}"
+            "{notes:?}"
         );
         assert!(matches!(
             out[0],
             StreamEvent::Opened {
+                conn: 1,
                 midstream: true,
                 ..
             }
         ));
+        assert_eq!(bytes_of(&out), b"tail");
+        assert!(out.contains(&StreamEvent::Closed {
+            conn: 1,
+            reason: CloseReason::Fin
+        }));
+        // The reader's clock alone ends the wait too.
+        let mut rebuilder = Rebuilder::default();
+        let mut out = VecDeque::new();
+        feed(&mut rebuilder, &tail, 1_000, now, &mut out);
+        assert_eq!(rebuilder.expire(now + WAIT_FOR_MISSING / 2, &mut out), []);
+        assert_eq!(rebuilder.expire(now + WAIT_FOR_MISSING, &mut out).len(), 1);
         assert_eq!(bytes_of(&out), b"tail");
     }
 
@@ -624,13 +818,21 @@ mod tests {
     fn a_close_at_a_lost_place_cuts_the_stream_there() {
         let mut rebuilder = Rebuilder::default();
         let mut out = VecDeque::new();
-        rebuilder.accept(&meta(3, 0, Kind::Opened), opened(3), &mut out);
-        rebuilder.accept(&meta(3, 1, Kind::Data), data(3, b"a"), &mut out);
-        // Message 2 was given up; 3 made it; the close takes 2's place.
-        rebuilder.accept(&meta(3, 3, Kind::Data), data(3, b"c"), &mut out);
         let mut lagged = meta(3, 2, Kind::Closed);
         lagged.reason = Some(CloseReason::Lagged);
-        rebuilder.accept(&lagged, closed(3), &mut out);
+        // Message 2 was given up; 3 made it; the close takes 2's place.
+        feed(
+            &mut rebuilder,
+            &[
+                (meta(3, 0, Kind::Opened), opened(3)),
+                (meta(3, 1, Kind::Data), data(3, b"a")),
+                (meta(3, 3, Kind::Data), data(3, b"c")),
+                (lagged, closed(3)),
+            ],
+            1_000,
+            Instant::now(),
+            &mut out,
+        );
         assert_eq!(bytes_of(&out), b"a");
         assert_eq!(
             out.back(),
@@ -645,14 +847,27 @@ mod tests {
     fn a_hole_that_never_fills_ends_as_gap_within_bounds() {
         let mut rebuilder = Rebuilder::default();
         let mut out = VecDeque::new();
-        rebuilder.accept(&meta(1, 0, Kind::Opened), opened(1), &mut out);
-        let mut note = None;
+        let now = Instant::now();
+        feed(
+            &mut rebuilder,
+            &[(meta(1, 0, Kind::Opened), opened(1))],
+            1_000,
+            now,
+            &mut out,
+        );
+        let mut notes = Vec::new();
         for seq in 2..(MAX_HELD_MESSAGES as u64 + 3) {
-            note = note.or(rebuilder.accept(&meta(1, seq, Kind::Data), data(1, b"x"), &mut out));
+            notes.extend(feed(
+                &mut rebuilder,
+                &[(meta(1, seq, Kind::Data), data(1, b"x"))],
+                1_000,
+                now,
+                &mut out,
+            ));
         }
         assert!(
-            matches!(note, Some(Note::Missing { at: 1, .. })),
-            "{note:?}"
+            matches!(notes[..], [Note::Missing { at: 1, .. }]),
+            "{notes:?}"
         );
         assert_eq!(
             out.back(),
@@ -662,19 +877,45 @@ mod tests {
             })
         );
         assert_eq!(bytes_of(&out), b"");
+        // The same hole, waited out by time.
+        let mut rebuilder = Rebuilder::default();
+        let mut out = VecDeque::new();
+        feed(
+            &mut rebuilder,
+            &[
+                (meta(1, 0, Kind::Opened), opened(1)),
+                (meta(1, 2, Kind::Data), data(1, b"x")),
+            ],
+            1_000,
+            now,
+            &mut out,
+        );
+        let notes = rebuilder.expire(now + WAIT_FOR_MISSING, &mut out);
+        assert!(
+            matches!(notes[..], [Note::Missing { at: 1, .. }]),
+            "{notes:?}"
+        );
+        assert!(out.contains(&StreamEvent::Closed {
+            conn: 1,
+            reason: CloseReason::Gap
+        }));
     }
 
     #[test]
     fn a_body_that_is_not_its_kind_ends_the_connection() {
         let mut rebuilder = Rebuilder::default();
         let mut out = VecDeque::new();
-        rebuilder.accept(&meta(1, 0, Kind::Opened), opened(1), &mut out);
-        let note = rebuilder.accept(
-            &meta(1, 1, Kind::Data),
-            Bytes::from_static(b"\x83"),
+        let notes = feed(
+            &mut rebuilder,
+            &[
+                (meta(1, 0, Kind::Opened), opened(1)),
+                (meta(1, 1, Kind::Data), Bytes::from_static(b"\x83")),
+            ],
+            1_000,
+            Instant::now(),
             &mut out,
         );
-        assert!(matches!(note, Some(Note::Malformed { .. })));
+        assert!(matches!(notes[..], [Note::Malformed { .. }]));
         assert_eq!(
             out.back(),
             Some(&StreamEvent::Closed {
