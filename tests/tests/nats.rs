@@ -325,9 +325,11 @@ fn a_fleet_publishes_whole_streams_through_nats_failures() {
     for i in 0..SERVERS {
         cluster.kill(i);
     }
+    // More than the consumer's window and its channel hold (32 MiB each):
+    // some connections must end as lagged.
     let phase2: Vec<Vec<SentFile>> = nodes
         .iter()
-        .map(|n| n.files(2, 6, 64 << 10, 2 * MIB))
+        .map(|n| n.files(2, 10, 4 * MIB, 12 * MIB))
         .collect();
     for (transfer, files) in transfers.iter().zip(&phase2) {
         transfer.send(files);
@@ -390,12 +392,17 @@ fn a_fleet_publishes_whole_streams_through_nats_failures() {
     let (_, tail_stderr) = tail.wait(Duration::from_secs(10));
     checked.unwrap_or_else(|failure| panic!("the tail's dump: {failure}\n{tail_stderr}"));
     explicit_ends.unwrap_or_else(|failure| panic!("while NATS was down: {failure}\n{tail_stderr}"));
-    eprintln!("connections cut while NATS was down: {cut}");
+    assert!(
+        cut > 0,
+        "no connection was cut while NATS was down: the test did not fill the window\n{tail_stderr}"
+    );
 
+    let mut lagged_closes = 0;
     for (node, mirror) in nodes.iter().zip(mirrors) {
         let output = mirror.interrupt();
         let acked = output.counter("nats.acked");
         assert!(acked > 0, "node {}: nothing acknowledged", node.name);
+        lagged_closes += output.counter("nats.lagged_closes");
         assert_eq!(
             output.counter("consumers.dump-dir.lagged_connections"),
             0,
@@ -403,6 +410,10 @@ fn a_fleet_publishes_whole_streams_through_nats_failures() {
             node.name
         );
     }
+    assert_eq!(
+        lagged_closes, cut as u64,
+        "every connection cut on NATS was counted, and only those"
+    );
     drop(transfers);
     drop(cluster);
 }
