@@ -181,6 +181,8 @@ pub struct Rebuilder {
     last_shown: ConnId,
     /// The stream time (ms since the epoch) of the newest message read.
     stream_time: u64,
+    /// The stream time of the last [`Self::expire`] from [`Self::accept`].
+    expired_at: u64,
 }
 
 impl Default for Rebuilder {
@@ -190,6 +192,7 @@ impl Default for Rebuilder {
             ended: LruCache::new(NonZeroUsize::new(ENDED).expect("not zero")),
             last_shown: 0,
             stream_time: 0,
+            expired_at: 0,
         }
     }
 }
@@ -213,7 +216,13 @@ impl Rebuilder {
         out: &mut VecDeque<StreamEvent>,
     ) -> Vec<Note> {
         self.stream_time = self.stream_time.max(published);
+        // Older connections first; once a second of stream time (and on
+        // the reader's tick): the check walks every connection.
         let mut notes = Vec::new();
+        if self.stream_time >= self.expired_at.saturating_add(1000) {
+            self.expired_at = self.stream_time;
+            notes = self.expire(now, out);
+        }
         let key = Key {
             node: meta.node.clone(),
             run: meta.run.clone(),
@@ -306,7 +315,6 @@ impl Rebuilder {
             self.conns.remove(&key);
             self.ended.put(key, ());
         }
-        notes.extend(self.expire(now, out));
         notes
     }
 
