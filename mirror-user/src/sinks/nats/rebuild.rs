@@ -241,13 +241,13 @@ impl Rebuilder {
                 notes.push(Note::Malformed {
                     subject: format!("{}.{}", meta.node, meta.conn),
                 });
-                if let Some(conn) = self.conns.remove(&key) {
-                    if conn.shown {
-                        out.push_back(StreamEvent::Closed {
-                            conn: conn.shown_as,
-                            reason: CloseReason::Gap,
-                        });
-                    }
+                if let Some(conn) = self.conns.remove(&key)
+                    && conn.shown
+                {
+                    out.push_back(StreamEvent::Closed {
+                        conn: conn.shown_as,
+                        reason: CloseReason::Gap,
+                    });
                 }
                 self.ended.put(key, ());
                 return notes;
