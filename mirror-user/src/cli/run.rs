@@ -632,6 +632,48 @@ mod tests {
     }
 
     #[test]
+    fn nats_flags() {
+        let args = run_args(&["-i", "lo", "-p", "80"]).unwrap();
+        assert!(args.nats.config().is_none(), "off unless --nats");
+        let args = run_args(&[
+            "-i",
+            "lo",
+            "-p",
+            "80",
+            "--nats",
+            "nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+            "--node-name",
+            "web-1",
+            "--nats-subject",
+            "fleet.mirror",
+            "--nats-replicas",
+            "3",
+            "--nats-max-age",
+            "1h",
+        ])
+        .unwrap();
+        let config = args.nats.config().unwrap();
+        assert_eq!(config.servers.0.len(), 2);
+        assert_eq!(
+            (config.node.as_str(), config.prefix.as_str()),
+            ("web-1", "fleet.mirror")
+        );
+        assert_eq!(config.retention.replicas, 3);
+        assert_eq!(config.retention.max_age, Duration::from_secs(3600));
+        assert_eq!(config.retention.max_bytes, 1 << 30);
+        for bad in [
+            &["--nats-creds", "x.creds"][..],
+            &["--nats", "nats://127.0.0.1:4222", "--node-name", "a.b"],
+            &["--nats", "nats://127.0.0.1:4222", "--nats-subject", "m.*"],
+            &["--nats", "nats://127.0.0.1:4222", "--nats-replicas", "0"],
+        ] {
+            let mut all = vec!["-i", "lo", "-p", "80"];
+            all.extend(bad);
+            assert!(run_args(&all).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn sample_percent_bounds_and_seed() {
         let args = run_args(&["-i", "lo", "-p", "80"]).unwrap();
         assert_eq!(args.sample, 100);
