@@ -17,7 +17,7 @@ use std::{
 use mirror_tests::netns::KillOnDrop;
 use mirror_user::{
     fanout::hub::{Hub, HubConfig},
-    sinks::nats::{
+    nats::{
         NatsConfig, Retention,
         publish::{NatsCounters, publish_events},
     },

@@ -15,6 +15,7 @@ use mirror_user::{
         attach::{self, AttachMode, Directions},
         loader::{self, LoadOptions, Sample},
     },
+    nats::{NatsConfig, NatsServers, Retention, default_node, parse_node, parse_prefix},
     pipeline::{
         Pipeline, PipelineConfig,
         setup::{Setup, SetupConfig},
@@ -23,7 +24,6 @@ use mirror_user::{
     server::{Endpoint, ServerConfig},
     sinks::{
         forward::{ForwardConfig, ForwardTarget},
-        nats::{NatsConfig, NatsServers, Retention, default_node, parse_node, parse_prefix},
         pcap::{PcapConfig, PcapFormat},
         print::PrintFormat,
         print_packets::PacketFormat,

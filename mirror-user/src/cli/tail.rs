@@ -9,14 +9,14 @@ use mirror_user::{
     files::OutputDir,
     flow::model::StreamEvent,
     kernel::privileges::Identity,
+    nats::{
+        NatsServers, parse_node, parse_prefix, read_creds,
+        rebuild::{NatsReader, ReaderConfig},
+        stream_name,
+    },
     server::client::Client,
     sinks::{
         dump::DumpWriter,
-        nats::{
-            NatsServers, parse_node, parse_prefix, read_creds,
-            rebuild::{NatsReader, ReaderConfig},
-            stream_name,
-        },
         print::{EventTotals, PrintFormat, format_event},
     },
 };

@@ -41,6 +41,10 @@ use crate::{
         privileged_helper::Helper,
         record::Record,
     },
+    nats::{
+        NatsConfig,
+        publish::{NatsCounters, publish_events},
+    },
     pipeline::{
         report::Report,
         setup::Setup,
@@ -54,10 +58,6 @@ use crate::{
     sinks::{
         dump::dump_events,
         forward::{ForwardConfig, ForwardCounters, ForwardTarget, ForwardTargets, forward},
-        nats::{
-            NatsConfig,
-            publish::{NatsCounters, publish_events},
-        },
         pcap::{self, PcapSink},
         print::{PrintFormat, print_events},
         print_packets::{PacketFormat, PacketPrinter},

@@ -22,15 +22,13 @@ use crate::{
         privileged_helper::{Helper, Plan as HelperPlan},
         privileges::{self, Identity, PrivilegeError},
     },
+    nats::{NatsError, read_creds},
     server::{
         ServerConfig,
         client::{self, TokenError},
         listener::{self, BoundListener, ServerError},
     },
-    sinks::{
-        nats::{NatsError, read_creds},
-        pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
-    },
+    sinks::pcap::{self, PcapConfig, PcapOpenError, PcapOutput},
     telemetry::endpoint,
 };
 

@@ -2,7 +2,6 @@
 
 pub mod dump;
 pub mod forward;
-pub mod nats;
 pub mod pcap;
 pub mod print;
 pub mod print_packets;
