@@ -13,7 +13,8 @@
 //!   traffic, BPF_PROG_TEST_RUN on crafted frames);
 //! - `isolation`: a stalled consumer beside a reading one;
 //! - `fanout`: the userspace pipeline to 1, 8 and 32 consumers;
-//! - `forward`: nginx beside the shadow forwarder.
+//! - `forward`: nginx beside the shadow forwarder;
+//! - `nats`: the pipeline publishing to a local JetStream.
 //!
 //! `--quick` runs everything once, briefly, into a temporary directory and
 //! fails if any figure is missing (how fast does not matter there).
@@ -26,6 +27,7 @@ mod http;
 mod isolation;
 mod kernel;
 mod load;
+mod nats;
 mod plot;
 mod procstat;
 mod report;
@@ -45,7 +47,7 @@ pub struct Options {
     pub quick: bool,
 }
 
-const USAGE: &str = "use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario capture|directions|kernel|isolation|fanout|forward";
+const USAGE: &str = "use --quick, --rounds N, --seconds N, --out-dir DIR, --scenario capture|directions|kernel|isolation|fanout|forward|nats";
 
 fn main() {
     clean_up_on_signal();
@@ -96,6 +98,7 @@ fn main() {
             "isolation" => isolation::run(&options),
             "fanout" => fanout::run(&options),
             "forward" | "http" => http::run(&options),
+            "nats" => nats::run(&options),
             other => fail(&format!("unknown scenario {other}: {USAGE}")),
         };
         println!("{}", section.markdown);

@@ -20,13 +20,14 @@ pub struct Section {
 }
 
 /// Sections in the order `results.md` shows them.
-pub const ORDER: [&str; 6] = [
+pub const ORDER: [&str; 7] = [
     "capture",
     "directions",
     "kernel",
     "isolation",
     "fanout",
     "forward",
+    "nats",
 ];
 
 /// Writes the section (stamped) under `dir/sections` and its plots in

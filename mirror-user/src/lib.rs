@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod files;
 pub mod flow;
 pub mod kernel;
+pub mod nats;
 pub mod pipeline;
 pub mod server;
 pub mod sinks;

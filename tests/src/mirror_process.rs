@@ -156,6 +156,7 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
                 "server",
                 "arena",
                 "pcap",
+                "nats",
             ]
             .contains(&stage) =>
             {
@@ -441,8 +442,16 @@ impl ClientProcess {
     /// Starts `mirror tail --connect ENDPOINT ARGS` and waits until it
     /// follows its ports; panics with its stderr if it fails first.
     pub fn tail(ns: Option<&str>, endpoint: &str, args: &[&str]) -> Self {
+        let mut all = vec!["--connect", endpoint];
+        all.extend(args);
+        Self::tail_with(ns, &all)
+    }
+
+    /// Starts `mirror tail ARGS` (a source of its own, such as `--nats`)
+    /// and waits until it follows its ports.
+    pub fn tail_with(ns: Option<&str>, args: &[&str]) -> Self {
         let mut child = command(ns)
-            .args(["tail", "--connect", endpoint])
+            .arg("tail")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -56,10 +56,14 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "text",
         ],
     ),
+    // Fleets: the streams published to NATS JetStream (frames of the
+    // subscriber protocol) and read back by `mirror tail --nats`.
+    ("nats", &["server", "fanout", "flow", "telemetry"]),
     // Starts and stops every stage in order.
     (
         "pipeline",
         &[
+            "nats",
             "server",
             "sinks",
             "control",
@@ -77,6 +81,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
         "cli",
         &[
             "pipeline",
+            "nats",
             "server",
             "sinks",
             "control",

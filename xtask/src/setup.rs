@@ -74,6 +74,9 @@ const DAEMON_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("redis-cli", "redis-tools"),
     ("redis-benchmark", "redis-tools"),
+    // The NATS test runs its own JetStream cluster (the package ships a
+    // service, left stopped).
+    ("nats-server", "nats-server"),
 ];
 
 pub fn all(root: &Path) -> Result<()> {

@@ -19,6 +19,7 @@ use mirror_user::{
         loader::{self, LoadOptions, Sample},
         netns::{IfaceArg, ProcessExit},
     },
+    nats::{NatsConfig, NatsServers, Retention, default_node, parse_node, parse_prefix},
     pipeline::{
         Pipeline, PipelineConfig,
         setup::{NetnsArg, Setup, SetupConfig},
@@ -157,6 +158,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub sinks: SinkArgs,
 
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
     /// Size of each CPU's ring buffer in bytes (a power of two, at least
     /// one page; suffixes K, M, G). Default: 128 MiB shared by the online
     /// CPUs, between 4 and 64 MiB each.
@@ -225,6 +229,57 @@ pub struct SinkArgs {
     /// Keep only the newest N capture files.
     #[arg(long, value_name = "N", requires = "pcap_rotate_size")]
     pub pcap_keep: Option<usize>,
+}
+
+/// Publishing to NATS JetStream (README "Fleets: NATS JetStream").
+#[derive(Debug, Args)]
+#[command(next_help_heading = "NATS JetStream")]
+pub struct NatsArgs {
+    /// Publish every stream event to JetStream at these servers
+    /// (nats://HOST:PORT, comma-separated; one of a cluster is enough).
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<NatsServers>,
+
+    /// NATS credentials file (.creds), read at the start.
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// Subjects are PREFIX.NODE.PORT.CONN; the stream (PREFIX uppercased,
+    /// dots as _) takes PREFIX.>.
+    #[arg(long, value_name = "PREFIX", default_value = "mirror", value_parser = parse_prefix)]
+    pub nats_subject: String,
+
+    /// This node's name in the subjects. Default: the host name.
+    #[arg(long, value_name = "NAME", value_parser = parse_node)]
+    pub node_name: Option<String>,
+
+    /// The stream's size limit, when the mirror creates it (oldest
+    /// messages go first).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    pub nats_max_bytes: u64,
+
+    /// The stream's age limit, when the mirror creates it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub nats_max_age: Duration,
+
+    /// The stream's replicas, when the mirror creates it (at most 5).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+}
+
+impl NatsArgs {
+    fn config(&self) -> Option<NatsConfig> {
+        self.nats.as_ref().map(|servers| NatsConfig {
+            servers: servers.clone(),
+            prefix: self.nats_subject.clone(),
+            node: self.node_name.clone().unwrap_or_else(default_node),
+            retention: Retention {
+                max_bytes: self.nats_max_bytes,
+                max_age: self.nats_max_age,
+                replicas: usize::from(self.nats_replicas),
+            },
+        })
+    }
 }
 
 /// The subscriber server that `mirror tail`, `ports` and `stats` talk to.
@@ -608,6 +663,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
         },
         compare_report: args.sinks.compare_report.clone(),
         token_file: args.server.token_file.clone(),
+        nats_creds: args.nats.nats_creds.clone(),
         metrics: args.metrics,
     })
 }
@@ -642,6 +698,7 @@ fn pipeline_config(args: &RunArgs, deliver: Delivery) -> PipelineConfig {
         allow: args.server.allow(),
         max_client_ports: args.server.max_client_ports,
         arena_size: args.server.arena_size as usize,
+        nats: args.nats.config(),
     }
 }
 
@@ -702,6 +759,48 @@ mod tests {
             Command::Run(run) => *run,
             other => panic!("not run: {other:?}"),
         })
+    }
+
+    #[test]
+    fn nats_flags() {
+        let args = run_args(&["-i", "lo", "-p", "80"]).unwrap();
+        assert!(args.nats.config().is_none(), "off unless --nats");
+        let args = run_args(&[
+            "-i",
+            "lo",
+            "-p",
+            "80",
+            "--nats",
+            "nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+            "--node-name",
+            "web-1",
+            "--nats-subject",
+            "fleet.mirror",
+            "--nats-replicas",
+            "3",
+            "--nats-max-age",
+            "1h",
+        ])
+        .unwrap();
+        let config = args.nats.config().unwrap();
+        assert_eq!(config.servers.0.len(), 2);
+        assert_eq!(
+            (config.node.as_str(), config.prefix.as_str()),
+            ("web-1", "fleet.mirror")
+        );
+        assert_eq!(config.retention.replicas, 3);
+        assert_eq!(config.retention.max_age, Duration::from_secs(3600));
+        assert_eq!(config.retention.max_bytes, 1 << 30);
+        for bad in [
+            &["--nats-creds", "x.creds"][..],
+            &["--nats", "nats://127.0.0.1:4222", "--node-name", "a.b"],
+            &["--nats", "nats://127.0.0.1:4222", "--nats-subject", "m.*"],
+            &["--nats", "nats://127.0.0.1:4222", "--nats-replicas", "0"],
+        ] {
+            let mut all = vec!["-i", "lo", "-p", "80"];
+            all.extend(bad);
+            assert!(run_args(&all).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -774,7 +873,7 @@ mod tests {
     fn compare_options() {
         let args = run_args(&["-i", "lo", "-p", "80"]).unwrap();
         assert!(!args.sinks.compare);
-        assert_eq!(pipeline_config(&args).compare, None);
+        assert_eq!(pipeline_config(&args, Delivery::Seen).compare, None);
         let args = run_args(&[
             "-i",
             "lo",
@@ -792,7 +891,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            pipeline_config(&args).compare,
+            pipeline_config(&args, Delivery::Seen).compare,
             Some(Duration::from_millis(500))
         );
         assert_eq!(
@@ -811,7 +910,7 @@ mod tests {
             "--compare",
         ]);
         assert_eq!(
-            pipeline_config(&args.unwrap()).compare,
+            pipeline_config(&args.unwrap(), Delivery::Seen).compare,
             Some(Duration::from_secs(3)),
             "the default timeout"
         );

@@ -9,6 +9,12 @@ use mirror_user::{
     files::OutputDir,
     flow::model::StreamEvent,
     kernel::privileges::Identity,
+    nats::{
+        NatsServers, parse_node, parse_prefix, read_creds,
+        rebuild::{NatsReader, ReaderConfig},
+        stream_name,
+    },
+    server::client::Client,
     server::protocol::VERSION,
     sinks::{
         dump::DumpWriter,
@@ -31,7 +37,10 @@ Examples:
   mirror tail --port 8080
 
   # Keep each connection in a file, from a mirror on another host:
-  mirror tail --connect 198.18.0.2:7000 --token-file token --port 80 --dump-dir flows";
+  mirror tail --connect 198.18.0.2:7000 --token-file token --port 80 --dump-dir flows
+
+  # The connections node web1 published to NATS JetStream, as files:
+  mirror tail --nats nats://10.0.0.5:4222 --node web1 --port 80 --dump-dir flows";
 #[derive(Debug, Args)]
 pub struct TailArgs {
     #[command(flatten)]
@@ -56,6 +65,66 @@ pub struct TailArgs {
     /// keeps root. Default: nobody.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+
+    #[command(flatten)]
+    pub nats: TailNatsArgs,
+}
+
+/// Reading from NATS JetStream instead of a running mirror.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "NATS JetStream")]
+pub struct TailNatsArgs {
+    /// Read the streams `mirror run --nats` published, from these NATS
+    /// servers (nats://HOST:PORT, comma-separated), instead of a mirror.
+    #[arg(long, value_name = "URL", conflicts_with = "connect")]
+    pub nats: Option<NatsServers>,
+
+    /// NATS credentials file (.creds).
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// The subject prefix the mirrors publish under.
+    #[arg(long, value_name = "PREFIX", default_value = "mirror", value_parser = parse_prefix, requires = "nats")]
+    pub nats_subject: String,
+
+    /// Only this node's connections (its --node-name). Default: every node's.
+    #[arg(long, value_name = "NAME", value_parser = parse_node, requires = "nats")]
+    pub node: Option<String>,
+
+    /// A durable consumer of this name: a later tail with the same name
+    /// goes on where this one stopped. Default: from the stream's start.
+    #[arg(long, value_name = "NAME", value_parser = parse_node, requires = "nats")]
+    pub durable: Option<String>,
+}
+
+/// Where the events come from.
+enum Source {
+    Mirror(Client),
+    Nats(NatsReader),
+}
+
+impl Source {
+    async fn next_event(&mut self) -> anyhow::Result<Option<StreamEvent>> {
+        Ok(match self {
+            Self::Mirror(client) => client.next_event().await?,
+            Self::Nats(reader) => reader.next_event().await?,
+        })
+    }
+
+    fn name(&self, args: &TailArgs) -> String {
+        match self {
+            Self::Mirror(client) => format!("{} ({})", args.connect.connect, client.server()),
+            Self::Nats(_) => format!(
+                "NATS stream {} at {}",
+                stream_name(&args.nats.nats_subject),
+                args.nats
+                    .nats
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ),
+        }
+    }
 }
 
 /// `mirror tail --format`.
@@ -90,6 +159,24 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         None
     };
     let start = async {
+        if let Some(servers) = &args.nats.nats {
+            let creds = args
+                .nats
+                .nats_creds
+                .as_deref()
+                .map(read_creds)
+                .transpose()?;
+            let config = ReaderConfig {
+                servers: servers.clone(),
+                prefix: args.nats.nats_subject.clone(),
+                node: args.nats.node.clone(),
+                ports: ports.clone(),
+                durable: args.nats.durable.clone(),
+            };
+            return anyhow::Ok(Source::Nats(
+                NatsReader::connect(&config, creds.as_deref()).await?,
+            ));
+        }
         let mut client = connect(&args.connect, "mirror tail").await?;
         if client.version() < VERSION {
             eprintln!(
@@ -98,7 +185,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             );
         }
         client.subscribe(&ports).await?;
-        anyhow::Ok(client)
+        anyhow::Ok(Source::Mirror(client))
     };
     let mut client = tokio::select! {
         client = start => client?,
@@ -133,10 +220,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     };
     let port_list: Vec<String> = ports.iter().map(ToString::to_string).collect();
     eprintln!(
-        "mirror tail: following port {} of {} ({}); stop with Ctrl-C",
+        "mirror tail: following port {} of {}; stop with Ctrl-C",
         port_list.join(", "),
-        args.connect.connect,
-        client.server()
+        client.name(&args),
     );
     // Standard output written directly, blocking: an asynchronous stdout
     // hands every write to a thread of its own and back (a third of
@@ -179,7 +265,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         let event = match event {
             Ok(Some(event)) => event,
             Ok(None) => break Ok(()),
-            Err(error) => break Err(error.into()),
+            Err(error) => break Err(error),
         };
         totals.count(&event);
         if let Some(dump) = &mut dump {

@@ -42,6 +42,10 @@ use crate::{
         privileged_helper::Helper,
         record::Record,
     },
+    nats::{
+        NatsConfig,
+        publish::{NatsCounters, publish_events},
+    },
     pipeline::{
         report::Report,
         setup::{Setup, Watched},
@@ -87,6 +91,8 @@ pub struct PipelineConfig {
     pub max_client_ports: usize,
     /// `--arena-size`: bytes of the payload arena; 0 for none.
     pub arena_size: usize,
+    /// `--nats`: publish to JetStream.
+    pub nats: Option<NatsConfig>,
 }
 
 /// Why the pipeline could not stop cleanly, or a stage of it failed.
@@ -133,6 +139,7 @@ impl Pipeline {
             helper,
             metrics,
             hotplug,
+            nats_creds,
             ..
         } = setup;
 
@@ -179,6 +186,18 @@ impl Pipeline {
             forwards.push((*target, stats));
         }
         drop(compare);
+        let nats_stats = config.nats.clone().map(|nats| {
+            let (feed, subscription) = hub.subscribe(&ports, "nats");
+            control.follow_own_ports(feed);
+            let stats = Arc::new(NatsCounters::default());
+            consumers.spawn(publish_events(
+                subscription,
+                nats,
+                nats_creds,
+                Arc::clone(&stats),
+            ));
+            stats
+        });
         let clock = WallClock::new();
         let pcap = pcap.map(|(pcap_config, output)| pcap::start(pcap_config, output, clock));
         let shards = Shards::start_naming(config.shards, &hub, &ifaces);
@@ -325,6 +344,9 @@ impl Pipeline {
         registry.register("forward", Arc::new(ForwardTargets(forwards)));
         if let Some(pcap) = pcap_counters {
             registry.register("pcap", pcap);
+        }
+        if let Some(nats) = nats_stats {
+            registry.register("nats", nats);
         }
         let registry = Arc::new(registry);
         let metrics_task = metrics.map(|listener| {

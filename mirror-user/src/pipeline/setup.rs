@@ -27,6 +27,7 @@ use crate::{
         privileged_helper::{Helper, HotplugFds, Plan as HelperPlan},
         privileges::{self, Identity, PrivilegeError},
     },
+    nats::{NatsError, read_creds},
     server::{
         ServerConfig,
         client::{self, TokenError},
@@ -74,6 +75,8 @@ pub struct SetupConfig {
     /// while the file is still readable.
     pub server: ServerConfig,
     pub token_file: Option<PathBuf>,
+    /// `--nats-creds`: read here, while the file is still readable.
+    pub nats_creds: Option<PathBuf>,
     /// `--metrics`: where Prometheus scrapes the counters.
     pub metrics: Option<SocketAddr>,
 }
@@ -95,6 +98,8 @@ pub enum SetupError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
     #[error("cannot subscribe port {port}")]
     Port {
         port: u16,
@@ -280,6 +285,8 @@ pub struct Setup {
     watched_process: Option<ProcessExit>,
     /// Hot-plug: the namespace's link notifications, and its label.
     pub(super) hotplug: Option<(LinkWatch, String)>,
+    /// The NATS credentials' content (`--nats-creds`).
+    pub(super) nats_creds: Option<String>,
 }
 
 impl Setup {
@@ -362,6 +369,7 @@ impl Setup {
             Some(path) => Some(client::read_token(path)?),
             None => None,
         };
+        let nats_creds = config.nats_creds.as_deref().map(read_creds).transpose()?;
         let server_config = Arc::new(ServerConfig {
             token,
             ..config.server
@@ -445,6 +453,7 @@ impl Setup {
             metrics,
             watched_process,
             hotplug: hotplug.map(|watch| (watch, default.label().to_owned())),
+            nats_creds,
         })
     }
 

@@ -59,6 +59,8 @@ const GAUGES: &[&str] = &[
     "arena.in_use_bytes",
     "truncated.ports",
     "truncated.consumers",
+    "nats.in_flight",
+    "nats.in_flight_bytes",
 ];
 
 /// What a family counts, for its HELP line; the others say where in the

@@ -1,0 +1,529 @@
+//! The hub consumer that publishes every stream event to JetStream.
+//!
+//! Publishes are pipelined: up to [`WINDOW`] messages ([`WINDOW_BYTES`]
+//! of payload) wait for their acknowledgement at once. While the window
+//! is full the consumer reads nothing more, so a slow or unreachable NATS
+//! makes this consumer fall behind like any other: the hub closes its
+//! connections as `lagged` (those closes are published once NATS takes
+//! them) and nothing else on the node notices. A message whose
+//! acknowledgement does not come is sent again (same message id: stored
+//! once) for up to [`RETRY_FOR`]; one that never makes it ends its
+//! connection with a `closed` message (`lagged`) at that message's place,
+//! so that a reader never shows a stream short without saying so.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_nats::{
+    HeaderMap, Subject,
+    jetstream::{self, message::PublishMessage, stream},
+};
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt as _, StreamExt as _, future::BoxFuture, stream::FuturesUnordered};
+use serde::Serialize;
+
+use super::{NatsConfig, header, kind, stream_name, subject};
+use crate::{
+    fanout::subscription::Subscription,
+    flow::model::{CloseReason, ConnId, StreamEvent},
+    server::protocol::ServerFrame,
+    telemetry::registry::Stage,
+};
+
+/// Messages published and not yet acknowledged, at most.
+pub const WINDOW: usize = 256;
+/// Payload bytes of those messages, at most.
+pub const WINDOW_BYTES: usize = 32 << 20;
+/// Data bytes per message: well below NATS's default 1 MiB payload limit
+/// (headers and the frame's head come on top).
+pub const CHUNK: usize = 256 << 10;
+/// How long an acknowledgement may take before the message counts as
+/// failed (and is sent again).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a message is sent again before its connection is given up:
+/// long enough for a cluster to elect a new stream leader, within
+/// JetStream's default two-minute deduplication window.
+pub const RETRY_FOR: Duration = Duration::from_secs(30);
+/// Pause before messages that failed are sent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// How long the mirror's stop waits for the last acknowledgements.
+const FLUSH_FOR: Duration = Duration::from_secs(5);
+
+/// Counters of the `nats` section.
+#[derive(Debug, Default)]
+pub struct NatsCounters {
+    /// Messages handed to NATS (retries included).
+    pub published: AtomicU64,
+    /// Messages JetStream acknowledged (stored).
+    pub acked: AtomicU64,
+    /// Publishes that failed or were not acknowledged in time.
+    pub failed: AtomicU64,
+    /// Of those, sent again.
+    pub retried: AtomicU64,
+    /// Connections closed as `lagged` on NATS: given up after failed
+    /// publishes, or lost to the hub while NATS was slow.
+    pub lagged_closes: AtomicU64,
+    /// Data bytes acknowledged.
+    pub bytes: AtomicU64,
+    /// Messages waiting for their acknowledgement now.
+    pub in_flight: AtomicU64,
+    pub in_flight_bytes: AtomicU64,
+}
+
+/// [`NatsCounters`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct NatsSnapshot {
+    pub published: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub lagged_closes: u64,
+    pub bytes: u64,
+    pub in_flight: u64,
+    pub in_flight_bytes: u64,
+}
+
+impl Stage for NatsCounters {
+    type Snapshot = NatsSnapshot;
+
+    fn snapshot(&self) -> NatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NatsSnapshot {
+            published: get(&self.published),
+            acked: get(&self.acked),
+            failed: get(&self.failed),
+            retried: get(&self.retried),
+            lagged_closes: get(&self.lagged_closes),
+            bytes: get(&self.bytes),
+            in_flight: get(&self.in_flight),
+            in_flight_bytes: get(&self.in_flight_bytes),
+        }
+    }
+}
+
+/// One message as published, kept until acknowledged (to be sent again).
+struct Message {
+    conn: ConnId,
+    seq: u64,
+    port: u16,
+    src: SocketAddr,
+    dst: SocketAddr,
+    subject: Subject,
+    headers: HeaderMap,
+    body: Bytes,
+    data_len: usize,
+    closes: bool,
+    first_sent: Instant,
+}
+
+/// What the publisher knows of a connection it publishes.
+struct Conn {
+    port: u16,
+    src: SocketAddr,
+    dst: SocketAddr,
+    subject: Subject,
+    /// The next message's `Mirror-Seq`.
+    seq: u64,
+    /// Given up: a `lagged` close was published, the rest is skipped.
+    lost: bool,
+}
+
+type Ack = BoxFuture<'static, (Message, Result<(), String>)>;
+
+struct Publisher {
+    js: jetstream::Context,
+    config: NatsConfig,
+    run: String,
+    stats: Arc<NatsCounters>,
+    conns: HashMap<ConnId, Conn>,
+    pending: FuturesUnordered<Ack>,
+    retry: VecDeque<Message>,
+    window_bytes: usize,
+}
+
+/// Publishes the events of `subscription` until the mirror stops.
+pub async fn publish_events(
+    subscription: Subscription,
+    config: NatsConfig,
+    creds: Option<String>,
+    stats: Arc<NatsCounters>,
+) -> io::Result<()> {
+    let mut subscription = subscription;
+    let client = super::connect(
+        &config.servers,
+        creds.as_deref(),
+        &format!("mirror {}", config.node),
+    )
+    .await
+    .map_err(io::Error::other)?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(ACK_TIMEOUT)
+        .max_ack_inflight(WINDOW * 2)
+        .build(client);
+    // The stream is made in the background: publishing does not wait for
+    // NATS (a missing stream fails publishes, which are retried).
+    let ensure = tokio::spawn(ensure_stream(js.clone(), config.clone()));
+    let mut publisher = Publisher {
+        js,
+        config,
+        run: run_id()?,
+        stats,
+        conns: HashMap::new(),
+        pending: FuturesUnordered::new(),
+        retry: VecDeque::new(),
+        window_bytes: 0,
+    };
+    let mut retry_tick = tokio::time::interval(RETRY_PAUSE);
+    retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let room = publisher.pending.len() + publisher.retry.len() < WINDOW
+            && publisher.window_bytes < WINDOW_BYTES;
+        tokio::select! {
+            biased;
+            Some((message, result)) = publisher.pending.next(), if !publisher.pending.is_empty() => {
+                publisher.acknowledged(message, result).await;
+            }
+            _ = retry_tick.tick(), if !publisher.retry.is_empty() => {
+                let retry = std::mem::take(&mut publisher.retry);
+                for message in retry {
+                    publisher.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    publisher.send(message).await;
+                }
+            }
+            event = subscription.next(), if room => match event {
+                Some(event) => publisher.event(event).await,
+                None => break,
+            },
+        }
+    }
+    // The mirror stops: what is in flight gets a short while to land.
+    let flushed = tokio::time::timeout(FLUSH_FOR, async {
+        while !publisher.pending.is_empty() || !publisher.retry.is_empty() {
+            match publisher.pending.next().await {
+                Some((message, result)) => publisher.acknowledged(message, result).await,
+                None => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    for message in std::mem::take(&mut publisher.retry) {
+                        publisher.send(message).await;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    if flushed.is_err() {
+        tracing::warn!(
+            "NATS: {} messages were not acknowledged before the mirror stopped",
+            publisher.pending.len() + publisher.retry.len()
+        );
+    }
+    ensure.abort();
+    Ok(())
+}
+
+/// A random id for this run (connection numbers restart with each run).
+fn run_id() -> io::Result<String> {
+    let mut bytes = [0; 8];
+    getrandom::fill(&mut bytes).map_err(io::Error::other)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Creates the stream if it is missing, retrying until NATS answers. An
+/// existing stream is used as it is (its owner may have tuned it).
+async fn ensure_stream(js: jetstream::Context, config: NatsConfig) {
+    let name = stream_name(&config.prefix);
+    let stream_config = stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{}.>", config.prefix)],
+        max_bytes: i64::try_from(config.retention.max_bytes).unwrap_or(i64::MAX),
+        max_age: config.retention.max_age,
+        num_replicas: config.retention.replicas,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let mut warned = false;
+    loop {
+        match js.get_or_create_stream(stream_config.clone()).await {
+            Ok(_) => {
+                tracing::info!("NATS: publishing to stream {name} ({}.>)", config.prefix);
+                return;
+            }
+            Err(error) => {
+                if !warned {
+                    tracing::warn!(
+                        "NATS: cannot create or find the stream {name} yet: {error}; retrying"
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+impl Publisher {
+    async fn event(&mut self, event: StreamEvent) {
+        match &event {
+            StreamEvent::Opened { conn, src, dst, .. } => {
+                let port = dst.port();
+                self.conns.insert(
+                    *conn,
+                    Conn {
+                        port,
+                        src: *src,
+                        dst: *dst,
+                        subject: subject(&self.config.prefix, &self.config.node, port, *conn)
+                            .into(),
+                        seq: 0,
+                        lost: false,
+                    },
+                );
+                self.publish(*conn, kind::OPENED, &[], event).await;
+            }
+            StreamEvent::Data {
+                conn,
+                dir,
+                bytes,
+                peer_acked,
+            } => {
+                if self.conns.get(conn).is_none_or(|c| c.lost) {
+                    return;
+                }
+                let dir_header = [(header::DIR, dir.as_str())];
+                if bytes.len() <= CHUNK {
+                    self.publish(*conn, kind::DATA, &dir_header, event).await;
+                    return;
+                }
+                let (conn, dir, bytes, peer_acked) = (*conn, *dir, bytes.clone(), *peer_acked);
+                for start in (0..bytes.len()).step_by(CHUNK) {
+                    let part = StreamEvent::Data {
+                        conn,
+                        dir,
+                        bytes: bytes.slice(start..(start + CHUNK).min(bytes.len())),
+                        peer_acked,
+                    };
+                    self.publish(conn, kind::DATA, &dir_header, part).await;
+                }
+            }
+            StreamEvent::Closed { conn, reason } => {
+                let (conn, reason) = (*conn, *reason);
+                let Some(state) = self.conns.get(&conn) else {
+                    return;
+                };
+                if !state.lost {
+                    if reason == CloseReason::Lagged {
+                        // The hub dropped this consumer's connection: NATS
+                        // was too slow.
+                        self.stats.lagged_closes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let reason_header = [(header::REASON, reason.as_str())];
+                    self.publish(conn, kind::CLOSED, &reason_header, event)
+                        .await;
+                }
+                self.conns.remove(&conn);
+            }
+        }
+    }
+
+    /// Publishes `event` as the next message of `conn`.
+    async fn publish(
+        &mut self,
+        conn: ConnId,
+        kind: &'static str,
+        extra: &[(&'static str, &str)],
+        event: StreamEvent,
+    ) {
+        let Some(state) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let seq = state.seq;
+        state.seq += 1;
+        let (port, src, dst, subject) = (state.port, state.src, state.dst, state.subject.clone());
+        let data_len = event.data_len();
+        let mut body = BytesMut::with_capacity(data_len + 64);
+        ServerFrame::Event(event).encode(&mut body);
+        let message = Message {
+            conn,
+            seq,
+            port,
+            src,
+            dst,
+            subject,
+            headers: self.headers(&message_place(conn, port, src, dst, seq), kind, extra),
+            body: body.freeze(),
+            data_len,
+            closes: kind == kind::CLOSED,
+            first_sent: Instant::now(),
+        };
+        self.enter_window(&message);
+        self.send(message).await;
+    }
+
+    /// Hands `message` to NATS; its acknowledgement joins the window.
+    async fn send(&mut self, message: Message) {
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        let publish = PublishMessage::build()
+            .headers(message.headers.clone())
+            .payload(message.body.clone());
+        let sent = self.js.send_publish(message.subject.clone(), publish).await;
+        let ack: Ack = match sent {
+            Ok(ack) => async move {
+                let result = ack.await.map(drop).map_err(|error| error.to_string());
+                (message, result)
+            }
+            .boxed(),
+            Err(error) => {
+                let error = error.to_string();
+                async move { (message, Err(error)) }.boxed()
+            }
+        };
+        self.pending.push(ack);
+    }
+
+    /// A new message takes its place in the window until its outcome
+    /// (acknowledged or given up): retries stay counted.
+    fn enter_window(&mut self, message: &Message) {
+        self.window_bytes += message.body.len();
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .in_flight_bytes
+            .fetch_add(message.body.len() as u64, Ordering::Relaxed);
+    }
+
+    fn leave_window(&mut self, message: &Message) {
+        self.window_bytes -= message.body.len();
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .in_flight_bytes
+            .fetch_sub(message.body.len() as u64, Ordering::Relaxed);
+    }
+
+    async fn acknowledged(&mut self, message: Message, result: Result<(), String>) {
+        let error = match result {
+            Ok(()) => {
+                self.leave_window(&message);
+                self.stats.acked.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes
+                    .fetch_add(message.data_len as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(error) => error,
+        };
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        if message.first_sent.elapsed() < RETRY_FOR {
+            tracing::debug!(
+                conn = message.conn,
+                seq = message.seq,
+                "NATS: publish failed ({error}); sending again"
+            );
+            self.retry.push_back(message);
+            return;
+        }
+        self.leave_window(&message);
+        if message.closes {
+            tracing::warn!(
+                conn = message.conn,
+                "NATS: the close of a connection could not be published ({error})"
+            );
+            return;
+        }
+        // Given up: the connection ends at this message's place, so that a
+        // reader never takes what came before it for the whole stream.
+        tracing::warn!(
+            conn = message.conn,
+            seq = message.seq,
+            "NATS: giving a connection up as lagged ({error})"
+        );
+        self.stats.lagged_closes.fetch_add(1, Ordering::Relaxed);
+        let mut headers = self.headers(
+            &message_place(
+                message.conn,
+                message.port,
+                message.src,
+                message.dst,
+                message.seq,
+            ),
+            kind::CLOSED,
+            &[(header::REASON, CloseReason::Lagged.as_str())],
+        );
+        // Not the given-up message's id: that one may be stored after all.
+        headers.insert(
+            header::MSG_ID,
+            format!("{}.{}.{}.c", self.run, message.conn, message.seq).as_str(),
+        );
+        let mut body = BytesMut::with_capacity(16);
+        ServerFrame::Event(StreamEvent::Closed {
+            conn: message.conn,
+            reason: CloseReason::Lagged,
+        })
+        .encode(&mut body);
+        if let Some(state) = self.conns.get_mut(&message.conn) {
+            state.lost = true;
+        }
+        let close = Message {
+            headers,
+            body: body.freeze(),
+            data_len: 0,
+            closes: true,
+            first_sent: Instant::now(),
+            ..message
+        };
+        self.enter_window(&close);
+        self.send(close).await;
+    }
+}
+
+/// Where a message belongs: its connection and its place in it.
+struct Place {
+    conn: ConnId,
+    port: u16,
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u64,
+}
+
+fn message_place(conn: ConnId, port: u16, src: SocketAddr, dst: SocketAddr, seq: u64) -> Place {
+    Place {
+        conn,
+        port,
+        src,
+        dst,
+        seq,
+    }
+}
+
+impl Publisher {
+    fn headers(
+        &self,
+        place: &Place,
+        kind: &'static str,
+        extra: &[(&'static str, &str)],
+    ) -> HeaderMap {
+        let (run, conn, seq) = (&self.run, place.conn, place.seq);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::NODE, self.config.node.as_str());
+        headers.insert(header::RUN, run.as_str());
+        headers.insert(header::CONN, conn.to_string().as_str());
+        headers.insert(header::PORT, place.port.to_string().as_str());
+        headers.insert(header::KIND, kind);
+        headers.insert(header::SEQ, seq.to_string().as_str());
+        headers.insert(header::SRC, place.src.to_string().as_str());
+        headers.insert(header::DST, place.dst.to_string().as_str());
+        for (name, value) in extra {
+            headers.insert(*name, *value);
+        }
+        headers.insert(header::MSG_ID, format!("{run}.{conn}.{seq}").as_str());
+        headers
+    }
+}
