@@ -79,9 +79,9 @@ fn missing_capabilities(effective: u64) -> Option<String> {
         (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
     ]
     .into_iter()
-        .filter(|(cap, _)| !has(*cap))
-        .map(|(_, name)| name)
-        .collect();
+    .filter(|(cap, _)| !has(*cap))
+    .map(|(_, name)| name)
+    .collect();
     (!missing.is_empty()).then(|| missing.join(" and "))
 }
 
