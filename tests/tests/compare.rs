@@ -530,6 +530,8 @@ fn compare_needs_both_directions() {
             "lo",
             "--port",
             "80",
+            "--directions",
+            "client",
             "--forward",
             "198.18.1.2:80",
             "--compare",

@@ -93,10 +93,10 @@ pub struct RunArgs {
 
     /// Which directions of each connection to capture: `client` (what
     /// clients send, at ingress) or `both` (also the servers' answers, at
-    /// TC egress; XDP has no egress hook). The servers' packets reach
-    /// --pcap and --print-packets; streams carry the client's bytes.
-    #[arg(long, value_parser = one_of(DIRECTIONS), default_value = "client")]
-    pub directions: Directions,
+    /// TC egress). Default: `both` with TC (auto, tc), `client` with XDP,
+    /// which has no egress hook.
+    #[arg(long, value_parser = one_of(DIRECTIONS))]
+    pub directions: Option<Directions>,
 
     /// When a stream's byte is delivered: `acked` once the other side's
     /// ACK covers it (what the receiver's TCP took; needs --directions
@@ -465,6 +465,14 @@ const DELIVERIES: &[Choice<Delivery>] = &[
     ),
 ];
 
+impl RunArgs {
+    /// `--directions`, or what the attach mode captures by default.
+    pub fn directions(&self) -> Directions {
+        self.directions
+            .unwrap_or_else(|| attach::default_directions(self.attach))
+    }
+}
+
 /// `--deliver`, or its default for `directions`.
 fn delivery(directions: Directions, deliver: Option<Delivery>) -> anyhow::Result<Delivery> {
     match (directions, deliver) {
@@ -560,9 +568,9 @@ pub fn prepare(args: RunArgs, log_level: LevelFilter) -> anyhow::Result<Prepared
         );
     }
     // Before anything is loaded: a mistake costs nothing.
-    attach::check_directions(args.attach, args.directions)?;
-    let deliver = delivery(args.directions, args.deliver)?;
-    if args.sinks.compare && args.directions != Directions::Both {
+    attach::check_directions(args.attach, args.directions())?;
+    let deliver = delivery(args.directions(), args.deliver)?;
+    if args.sinks.compare && args.directions() != Directions::Both {
         anyhow::bail!(
             "--compare compares the shadow's answers with the production server's, which only --directions both captures: add --directions both"
         );
@@ -636,7 +644,7 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
         netns,
         ports: args.ports.iter().map(|p| p.get()).collect(),
         attach: args.attach,
-        directions: args.directions,
+        directions: args.directions(),
         tc_netlink: args.tc_netlink,
         user: args.user.clone(),
         load: LoadOptions {
@@ -928,6 +936,8 @@ mod tests {
                 "lo",
                 "-p",
                 "80",
+                "--directions",
+                "client",
                 "--forward",
                 "1.2.3.4:80",
                 "--compare",
@@ -979,7 +989,11 @@ mod tests {
         assert_eq!(args.iface, ["lo".parse().unwrap()]);
         assert_eq!(args.ports, [NonZeroU16::new(8080).unwrap()]);
         assert_eq!(args.attach, AttachMode::Auto);
-        assert_eq!(args.directions, Directions::Client);
+        assert_eq!(
+            args.directions(),
+            Directions::Both,
+            "TC captures both by default"
+        );
         assert_eq!(args.snaplen, MAX_SNAPLEN);
         assert_eq!(args.print, None);
         assert_eq!(args.print_packets, None);
@@ -1055,7 +1069,7 @@ mod tests {
         assert!(run_args(&["-i", "lo", "-p", "1", "--attach", "ebpf"]).is_err());
         for (name, directions) in [("client", Directions::Client), ("both", Directions::Both)] {
             let args = run_args(&["-i", "lo", "-p", "1", "--directions", name]).unwrap();
-            assert_eq!(args.directions, directions, "{name}");
+            assert_eq!(args.directions(), directions, "{name}");
         }
         assert!(run_args(&["-i", "lo", "-p", "1", "--directions", "server"]).is_err());
     }
@@ -1066,16 +1080,19 @@ mod tests {
             let mut argv = vec!["-i", "lo", "-p", "1"];
             argv.extend_from_slice(extra);
             let args = run_args(&argv).unwrap();
-            delivery(args.directions, args.deliver).map_err(|e| e.to_string())
+            delivery(args.directions(), args.deliver).map_err(|e| e.to_string())
         };
-        assert_eq!(deliver(&[]), Ok(Delivery::Seen));
+        // TC (the default attach) captures both directions: acked.
+        assert_eq!(deliver(&[]), Ok(Delivery::Acked));
+        assert_eq!(deliver(&["--attach", "xdp"]), Ok(Delivery::Seen));
         assert_eq!(deliver(&["--directions", "both"]), Ok(Delivery::Acked));
         assert_eq!(
             deliver(&["--directions", "both", "--deliver", "seen"]),
             Ok(Delivery::Seen)
         );
         assert_eq!(deliver(&["--deliver", "seen"]), Ok(Delivery::Seen));
-        let refused = deliver(&["--deliver", "acked"]).unwrap_err();
+        assert_eq!(deliver(&["--directions", "client"]), Ok(Delivery::Seen));
+        let refused = deliver(&["--directions", "client", "--deliver", "acked"]).unwrap_err();
         assert!(
             refused.contains("add --directions both, or use --deliver seen"),
             "{refused}"

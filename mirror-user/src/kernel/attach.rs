@@ -112,6 +112,16 @@ pub enum Directions {
     Both,
 }
 
+/// What `mode` captures unless `--directions` says otherwise: both
+/// directions where TC is used (its egress hook sees the answers), the
+/// client's at XDP, which has no egress hook.
+pub const fn default_directions(mode: AttachMode) -> Directions {
+    match mode {
+        AttachMode::Auto | AttachMode::Tc => Directions::Both,
+        AttachMode::Xdp | AttachMode::XdpSkb | AttachMode::XdpDrv => Directions::Client,
+    }
+}
+
 /// Refuses `directions` that `mode` cannot capture: XDP sees only what
 /// arrives.
 pub fn check_directions(mode: AttachMode, directions: Directions) -> Result<(), AttachError> {
