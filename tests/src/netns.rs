@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
@@ -307,4 +307,24 @@ pub fn shows_attachment(report: &str) -> bool {
         || report
             .lines()
             .any(|line| line.trim_start().starts_with("xdp") && line.contains("id "))
+}
+
+/// `sleep 300` in `ns` (killed when dropped), once it is there (`ip netns
+/// exec` enters the namespace after it started: its pid is in ours until
+/// then).
+pub fn sleeper_in(ns: &str) -> KillOnDrop {
+    let sleeper = spawn(in_ns(ns, "sleep").arg("300"));
+    let target = fs::metadata(format!("/run/netns/{ns}"))
+        .expect("the namespace")
+        .ino();
+    let path = format!("/proc/{}/ns/net", sleeper.0.id());
+    let entered = (0..400).any(|_| {
+        if fs::metadata(&path).is_ok_and(|meta| meta.ino() == target) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+        false
+    });
+    assert!(entered, "sleep entered {ns} within 10 s");
+    sleeper
 }

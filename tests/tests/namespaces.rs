@@ -2,13 +2,13 @@
 //! namespace and watches others (`--netns`, `--pid`, `--iface NETNS:IF`);
 //! each connection names the interface it came through.
 
-use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};
+use std::{fs, time::Duration};
 
 use mirror_tests::{
     bed::scratch_dir,
     mirror_process::{MirrorOutput, MirrorProcess, assert_refused, run_mirror},
     needs_root,
-    netns::{KillOnDrop, TestNet, in_ns, ip, run_in, spawn, tcx_programs},
+    netns::{TestNet, ip, run_in, sleeper_in, tcx_programs},
     traffic::start_server,
 };
 use serde_json::Value;
@@ -68,25 +68,6 @@ fn send(pod: &Pod, client_port: u16, message: &str, received: &std::path::Path) 
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("the server did not receive {message:?}");
-}
-
-/// `sleep 60` in `ns`, once it is there (`ip netns exec` enters the
-/// namespace after it started: its pid is in ours until then).
-fn sleeper_in(ns: &str) -> KillOnDrop {
-    let sleeper = spawn(in_ns(ns, "sleep").arg("60"));
-    let target = fs::metadata(format!("/run/netns/{ns}"))
-        .expect("the namespace")
-        .ino();
-    let path = format!("/proc/{}/ns/net", sleeper.0.id());
-    let entered = (0..400).any(|_| {
-        if fs::metadata(&path).is_ok_and(|meta| meta.ino() == target) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-        false
-    });
-    assert!(entered, "sleep entered {ns} within 10 s");
-    sleeper
 }
 
 /// The interface and the byte count of the connection from `client_port`.

@@ -5,14 +5,17 @@
 //! a few seconds.
 //!
 //! Topology: each node is a test bed (client and server namespaces joined
-//! by a veth pair; the mirror watches the server's end). The cluster runs
-//! in a namespace of its own, its routes over that namespace's loopback,
-//! its client ports on every address; each node's server namespace
-//! reaches it over a second veth pair (198.18.10.0/24 for `a`,
-//! 198.18.11.0/24 for `b`). A mirror in a namespace cannot reach the
-//! root namespace's loopback, and this way its own NATS traffic never
-//! crosses the interface it watches. Ports are fixed: nothing else
-//! listens in a namespace the test just made.
+//! by a veth pair) standing for a pod, and a "host" namespace standing for
+//! the node, where its mirror runs and watches the pod from outside:
+//! node `a` with `--netns POD --iface IF`, node `b` with `--pid PID` of a
+//! process in the pod and no `--iface` (every interface of the pod but
+//! `lo`). The mirror's own sockets, NATS connection included, stay in the
+//! host namespace. The cluster runs in a namespace of its own, its routes
+//! over that namespace's loopback, its client ports on every address; each
+//! host namespace reaches it over a veth pair (198.18.10.0/24 for `a`,
+//! 198.18.11.0/24 for `b`), so the mirror's NATS traffic never crosses
+//! the interface it watches. Ports are fixed: nothing else listens in a
+//! namespace the test just made.
 
 use std::{
     fs,
@@ -26,7 +29,7 @@ use mirror_tests::{
     bed::{TestBed, scratch_dir},
     mirror_process::{ClientProcess, MirrorProcess},
     needs_root,
-    netns::{KillOnDrop, TestNet, in_ns, spawn},
+    netns::{KillOnDrop, TestNet, in_ns, sleeper_in, spawn},
     traffic::{MIB, SentFile},
 };
 use mirror_user::sinks::dump::tcpflow_name;
@@ -136,6 +139,10 @@ impl Cluster {
 struct Node {
     name: &'static str,
     bed: TestBed,
+    /// The node's own namespace, where its mirror runs.
+    host: String,
+    /// A process in the pod (the bed's server namespace), for `--pid`.
+    pod_process: Option<KillOnDrop>,
     nats: String,
     dump: PathBuf,
     first_port: u16,
@@ -151,25 +158,30 @@ impl Node {
     }
 }
 
-/// Starts the mirror of `node`, publishing to NATS. The one place a mirror
-/// is launched: it runs in the node's server namespace on its interface
-/// (to become `--netns`/`--pid` once those land).
+/// Starts the mirror of `node` in its host namespace, watching the pod
+/// from there (`--pid` when the node has a pod process, else `--netns`
+/// with the pod's interface) and publishing to NATS.
 fn start_mirror(node: &Node) -> MirrorProcess {
     let dump = node.dump.display().to_string();
-    node.bed.mirror(
-        PORT,
-        &[
-            "--dump-dir",
-            &dump,
-            "--nats",
-            &node.nats,
-            "--node-name",
-            node.name,
-            "--nats-replicas",
-            "3",
-        ],
-        MirrorProcess::start_quiet,
-    )
+    let port = PORT.to_string();
+    let pid = node.pod_process.as_ref().map(|p| p.0.id().to_string());
+    let mut args = match &pid {
+        Some(pid) => vec!["--pid", pid],
+        None => vec!["--netns", &node.bed.server, "--iface", node.bed.iface],
+    };
+    args.extend([
+        "--port",
+        &port,
+        "--dump-dir",
+        &dump,
+        "--nats",
+        &node.nats,
+        "--node-name",
+        node.name,
+        "--nats-replicas",
+        "3",
+    ]);
+    MirrorProcess::start_quiet(&node.host, &args)
 }
 
 /// Waits (at most `timeout`) until `check` passes; returns its last failure.
@@ -281,9 +293,10 @@ fn a_fleet_publishes_whole_streams_through_nats_failures() {
     let mut nodes = Vec::new();
     for (i, name) in ["a", "b"].into_iter().enumerate() {
         let bed = TestBed::new();
+        let host = net.namespace(&format!("host{name}"));
         let subnet = 10 + i;
         net.veth(
-            (&bed.server, "nq0", &format!("198.18.{subnet}.2/24")),
+            (&host, "nq0", &format!("198.18.{subnet}.2/24")),
             (
                 &nats_ns,
                 &format!("nq{name}"),
@@ -291,8 +304,11 @@ fn a_fleet_publishes_whole_streams_through_nats_failures() {
             ),
         );
         let dump = bed.new_path("mirror-dump");
+        let pod_process = (name == "b").then(|| sleeper_in(&bed.server));
         nodes.push(Node {
             name,
+            host,
+            pod_process,
             nats: Cluster::urls(&format!("198.18.{subnet}.1")),
             dump,
             bed,
