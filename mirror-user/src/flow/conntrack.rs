@@ -960,8 +960,17 @@ impl ConnectionTable {
         };
         self.scratch.clear();
         self.peer_scratch.clear();
+        // A segment outside its sender's window is dropped by its receiver
+        // before the ACK is looked at.
+        let in_window = side(client, server, dir)
+            .as_ref()
+            .is_none_or(|own| own.is_plausible(seq));
+        if !in_window && limits.deliver == Delivery::Acked {
+            self.stats.invalid_acks += 1;
+            return;
+        }
         // The ACK first, as the receiver's TCP takes it.
-        if let Some(ack) = ack
+        if let Some(ack) = ack.filter(|_| in_window)
             && let Some(acked) = side(client, server, peer(dir))
             && acked.acknowledge(ack, &mut self.peer_scratch).is_err()
             && limits.deliver == Delivery::Acked
@@ -2139,6 +2148,30 @@ mod tests {
         table.segment(cli(g, 100, 500, FIN, b"BYE"), 11, &mut log);
         assert_eq!(log.0[3..], ["open 2", "close 2 gap"]);
         assert_eq!(table.stats().conflicting_copies, 2);
+    }
+
+    #[test]
+    fn a_blind_spoof_far_ahead_acknowledges_nothing_and_stretches_nothing() {
+        let mut table = ConnectionTable::new(ACKED, ConnIds::default());
+        let mut log = Log::default();
+        let f = flow(1);
+        acked_handshake(&mut table, f, &mut log);
+        table.segment(cli(f, 100, 500, ACK, b"hello"), 3, &mut log);
+        let far = 500u32.wrapping_add(1 << 29);
+        // A server pure ACK out of the server's window: its ACK is not
+        // taken, and it does not make `far` look sent.
+        table.segment(srv(f, far, 105, ACK, b""), 4, &mut log);
+        assert!(log.0.is_empty(), "{:?}", log.0);
+        assert_eq!(table.stats().invalid_acks, 1);
+        // So a client ACK of `far` acknowledges bytes never sent.
+        table.segment(cli(f, 105, far, ACK, b"evil"), 5, &mut log);
+        assert_eq!(table.stats().invalid_acks, 2);
+        // Nor is an RST there believed.
+        table.segment(srv(f, far, 0, RST, b""), 6, &mut log);
+        assert_eq!(table.len(), 1);
+        table.segment(srv(f, 500, 105, ACK, b""), 7, &mut log);
+        assert_eq!(log.0, ["open 1", "data 1 hello"]);
+        table.assert_consistent();
     }
 
     #[test]

@@ -71,6 +71,13 @@ pub fn detach(payload: &Bytes, whole: bool) -> Bytes {
 /// not of this stream (an old incarnation of the 4-tuple, or garbage): a
 /// TCP window is at most 1 GiB (scale 14).
 const MAX_WINDOW: i64 = 1 << 30;
+/// How far from what the mirror saw a segment may lie and still be taken
+/// under `--deliver acked` ([`Reassembler::is_plausible`]): larger than
+/// Linux's largest receive window by default (6 MiB) and than what the
+/// mirror may not have seen yet of a sender (records still in another
+/// CPU's ring), and a 256th of the sequence space, which a blind spoof
+/// must hit.
+const PLAUSIBLE_WINDOW: i64 = 16 << 20;
 
 /// Why a hole ended the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,8 +265,13 @@ impl Reassembler {
             Some(fin) => end.min(fin as i64),
             None => end,
         };
+        // A segment without payload or FIN uses no sequence number: a
+        // spoofed pure ACK far ahead must not stretch what the sender is
+        // taken to have sent (the edge that ACKs and RSTs are checked
+        // against).
         self.shown = match self.fin {
             Some(fin) => fin + 1,
+            None if payload.is_empty() => self.shown,
             None => self.shown.max(end.max(0) as u64),
         };
 
@@ -328,6 +340,21 @@ impl Reassembler {
     pub fn accepts_rst(&self, seq: u32) -> bool {
         let rel = i64::from(seq.wrapping_sub(self.next_seq) as i32);
         rel >= 0 && self.delivered + rel as u64 <= self.shown.max(self.delivered)
+    }
+
+    /// Whether a segment of this stream at `seq` is one its receiver could
+    /// take: no further behind what was delivered, or ahead of the
+    /// furthest byte the sender used, than [`PLAUSIBLE_WINDOW`] (or the
+    /// reorder budget, if larger). The receiver drops a segment outside
+    /// its window without looking at its ACK, and so does the mirror under
+    /// `--deliver acked`: otherwise a blind spoof anywhere in the 2^31
+    /// half of the sequence space could acknowledge bytes for the
+    /// receiver.
+    pub fn is_plausible(&self, seq: u32) -> bool {
+        let rel = i64::from(seq.wrapping_sub(self.next_seq) as i32);
+        let budget = (self.limits.max_bytes as i64).max(PLAUSIBLE_WINDOW);
+        let edge = self.shown.max(self.delivered) as i64;
+        rel >= -budget && self.delivered as i64 + rel <= edge + budget
     }
 
     /// Whether `seq` lies beyond the furthest sequence number the sender
@@ -475,6 +502,14 @@ impl Reassembler {
         self.next_seq = self.next_seq.wrapping_add(payload.len() as u32);
         match &mut self.unacked {
             Some(unacked) => {
+                // A small slice would pin its whole 1 MiB pool buffer (or
+                // arena chunk) while it waits, and a flood of segments
+                // that are never acknowledged would pin gigabytes behind
+                // a few bytes counted: waiting slices own their memory
+                // (see `detach`). Large payloads already have an
+                // allocation of their own and are not copied; the arena's
+                // chunks are its own bounded memory.
+                let payload = detach(&payload, true);
                 unacked.bytes += payload.len() as u64;
                 unacked.cost += payload.len() + SEGMENT_OVERHEAD;
                 unacked.slices.push_back(payload);
