@@ -273,6 +273,22 @@ impl ProcessExit {
         Ok(Self { pidfd, pid })
     }
 
+    /// Whether the process is still running: its pidfd is not readable
+    /// yet. Checked once its namespace is open, so that the namespace is
+    /// the process's and not a namespace of a process that took the pid
+    /// in between.
+    pub fn is_running(&self) -> bool {
+        use std::os::fd::AsFd as _;
+        let mut fds = [nix::poll::PollFd::new(
+            self.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+            Ok(0)
+        )
+    }
+
     /// Completes when the process has exited (a pidfd turns readable).
     pub async fn exited(self) -> io::Result<()> {
         let fd = crate::kernel::drain::register_readable(self.pidfd)?;
@@ -351,6 +367,17 @@ impl fmt::Display for IfaceArg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watched_process_that_exited_is_not_running() {
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let watched = ProcessExit::open(child.id()).expect("a pidfd of a child");
+        // Not reaped yet: the pidfd turns readable at exit all the same.
+        child.wait().expect("wait");
+        assert!(!watched.is_running());
+        let this = ProcessExit::open(std::process::id()).expect("a pidfd of this process");
+        assert!(this.is_running());
+    }
 
     #[test]
     fn iface_arguments_split_at_the_last_colon() {

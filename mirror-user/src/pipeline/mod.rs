@@ -71,6 +71,8 @@ use crate::{
 
 /// How often the flows that lost packets to a full ring are collected.
 const LOST_FLOWS_POLL: Duration = Duration::from_millis(10);
+/// How long the exit waits for the comparison report's last lines.
+const REPORT_FLUSH: Duration = Duration::from_secs(5);
 
 /// The stages after the kernel and what they feed.
 #[derive(Debug, Clone)]
@@ -161,13 +163,24 @@ impl Pipeline {
         let mut forwards = Vec::new();
         // The report's writer ends once every forwarder and shadow task
         // let its sink go: joined with the consumers.
-        let report = compare_report.map(|file| {
-            let (sink, writer) = compare_report::start(file);
+        let report = compare_report.and_then(|file| {
+            let (sink, written) = compare_report::start(file)
+                .map_err(|error| {
+                    tracing::warn!("no comparison report: its writer did not start: {error}");
+                })
+                .ok()?;
             consumers.spawn(async move {
-                writer.await.map_err(io::Error::other)?;
+                // A file that takes nothing (a FIFO nobody reads, a hung
+                // disk) must not hold up the exit.
+                if tokio::time::timeout(REPORT_FLUSH, written).await.is_err() {
+                    tracing::warn!(
+                        "the comparison report did not take its last lines within {} s (a stalled reader or a hung disk): they are lost",
+                        REPORT_FLUSH.as_secs()
+                    );
+                }
                 Ok(())
             });
-            sink
+            Some(sink)
         });
         let compare = config
             .compare

@@ -306,6 +306,13 @@ impl Setup {
             Some(NetnsArg::Pid(pid)) => Netns::of_pid(*pid)?,
             None => Netns::current()?,
         });
+        if let Some(process) = &watched_process
+            && !process.is_running()
+        {
+            // It exited after its pidfd was opened: the namespace just
+            // opened may be another process's that took its pid.
+            return Err(NetnsError::NoSuchProcess { pid: process.pid }.into());
+        }
         // Hot-plug: listening before the interfaces are listed, so that
         // none appears unheard in between. TCX only: the helper attaches
         // through links (clsact in another namespace is refused anyway).

@@ -1,7 +1,8 @@
 //! `--compare-report FILE`: one JSON line per compared connection, written
-//! by a thread of the blocking pool behind a bounded queue, so a slow or
-//! hung disk drops report lines (counted by the target that made them)
-//! and never holds up a forwarder.
+//! by a thread of its own behind a bounded queue, so a slow or hung disk
+//! (or a FIFO nobody reads) drops report lines (counted by the target that
+//! made them) and never holds up a forwarder, nor the mirror's exit: the
+//! thread is not the runtime's, which would wait for it.
 
 use std::{
     fs::File,
@@ -96,15 +97,21 @@ impl ReportSink {
 
 /// Starts the writer; it ends once every [`ReportSink`] is dropped and the
 /// lines queued before are written.
-pub fn start(file: File) -> (ReportSink, tokio::task::JoinHandle<()>) {
+pub fn start(file: File) -> io::Result<(ReportSink, tokio::sync::oneshot::Receiver<()>)> {
     let (sender, lines) = sync_channel(REPORT_QUEUE);
     let failed = Arc::new(AtomicBool::new(false));
     let sink = ReportSink {
         lines: sender,
         failed: Arc::clone(&failed),
     };
-    let writer = tokio::task::spawn_blocking(move || write_lines(file, &lines, &failed));
-    (sink, writer)
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("mirror-report".into())
+        .spawn(move || {
+            write_lines(file, &lines, &failed);
+            let _ = done_tx.send(());
+        })?;
+    Ok((sink, done))
 }
 
 fn write_lines(file: File, lines: &Receiver<Vec<u8>>, failed: &AtomicBool) {
@@ -243,7 +250,7 @@ mod tests {
             matches!(open_report(&path, None), Err(ReportOpenError::Exists(_))),
             "never over an existing file"
         );
-        let (sink, writer) = start(file);
+        let (sink, writer) = start(file).unwrap();
         let other = sink.clone();
         assert!(sink.send(b"{\"a\":1}\n".to_vec()));
         assert!(other.send(b"{\"a\":2}\n".to_vec()));

@@ -923,7 +923,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("report.jsonl");
         let (report, writer) =
-            compare_report::start(compare_report::open_report(&path, None).unwrap());
+            compare_report::start(compare_report::open_report(&path, None).unwrap()).unwrap();
         let compare = CompareConfig {
             timeout: Duration::from_millis(500),
             report: Some(report),
