@@ -317,9 +317,21 @@ impl Watching {
                 } else {
                     UNSUBSCRIBED_PORT
                 };
+                // The client's direction, as the tools it is compared with
+                // capture (`both` is the default with TC since the answers
+                // are followed: MirrorBoth measures that).
                 let mirror = MirrorProcess::start_quiet(
                     ns,
-                    &["--iface", iface, "--port", mirrored, "--attach", attach],
+                    &[
+                        "--iface",
+                        iface,
+                        "--port",
+                        mirrored,
+                        "--attach",
+                        attach,
+                        "--directions",
+                        "client",
+                    ],
                 );
                 if subscribed {
                     watching.consumer = Some(ClientProcess::tail(
