@@ -58,7 +58,7 @@ pub fn run(options: &Options) -> Section {
     let _ = writeln!(
         md,
         "The mirror with one `mirror tail` on the Unix socket reading every stream, \
-         following the client's bytes (`--directions client`, the default) or both \
+         following the client's bytes (`--directions client`) or both \
          directions (`--directions both`), on the same traffic, {} alternating round(s) of \
          {} s. *ratio*: throughput over nothing attached; *c*: CPU seconds of the mirror \
          and `mirror tail` per GB the service received; *delivered*: stream bytes \

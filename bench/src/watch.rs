@@ -237,7 +237,7 @@ pub fn command(watcher: Watcher) -> &'static str {
             attach: "tc",
             subscribed: true,
         } => {
-            "`mirror run --iface IF --port P --attach tc` + `mirror tail --port P --format text > /dev/null`"
+            "`mirror run --iface IF --port P --attach tc --directions client` + `mirror tail --port P --format text > /dev/null`"
         }
         Watcher::Consumer(Consumer::TailTcp) => {
             "`mirror run ... --listen 127.0.0.1:7000 --token-file F` + `mirror tail --connect 127.0.0.1:7000 --token-file F --port P --format text > /dev/null`"
@@ -452,8 +452,18 @@ impl Watching {
         // any --listen gets no default one.
         let dir = mirror_tests::bed::scratch_dir();
         let endpoint = format!("unix:{}", dir.path().join("mirror.sock").display());
+        // The client's direction, as tcpdump beside it captures.
         let mut args: Vec<String> = [
-            "--iface", IFACE, "--port", port, "--attach", "tc", "--listen", &endpoint,
+            "--iface",
+            IFACE,
+            "--port",
+            port,
+            "--attach",
+            "tc",
+            "--directions",
+            "client",
+            "--listen",
+            &endpoint,
         ]
         .map(str::to_owned)
         .to_vec();
