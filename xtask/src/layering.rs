@@ -32,7 +32,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     // The counters of every stage (the stages own their counter structs).
     ("telemetry", &["flow", "text"]),
     // BPF programs, maps, rings, attach points, privileges.
-    ("kernel", &["flow", "telemetry", "files"]),
+    ("kernel", &["flow", "telemetry", "files", "text"]),
     // Broadcast of stream events to consumers.
     ("fanout", &["flow", "telemetry", "text"]),
     // Runtime port changes: the kernel's port map and the fan-out's channels.

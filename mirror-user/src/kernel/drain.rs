@@ -37,7 +37,7 @@ counters! {
         /// them out of kernel order.
         behind_watermark,
         /// Records of the server's answers (`--directions both`): they
-        /// reach --pcap and --print-packets, not yet the flow shards.
+        /// reach --pcap, --print-packets and the flow shards.
         server_records,
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::{
     flow::ifaces::IfaceNames, kernel::drain::register_readable, kernel::privileged_helper::Helper,
-    telemetry::counters,
+    telemetry::counters, text::printable,
 };
 
 /// RTMGRP_LINK: link notifications.
@@ -161,12 +161,20 @@ impl Hotplug {
             };
             let received = guard.try_io(|socket| {
                 let mut slice = buffer.as_mut_slice();
-                socket.get_ref().recv(&mut slice, 0)
+                socket.get_ref().recv_from(&mut slice, 0)
             });
             let len = match received {
-                Ok(Ok(len)) => len,
+                // Only the kernel's notifications: a process of the watched
+                // namespace may send to this socket too (a forged
+                // RTM_DELLINK would make the mirror let an interface go).
+                Ok(Ok((len, sender))) if sender.port_number() == 0 => len,
+                Ok(Ok(_)) => continue,
                 Ok(Err(error)) if error.raw_os_error() == Some(libc::ENOBUFS) => {
-                    tracing::warn!("missed interface notifications (ENOBUFS)");
+                    // Not reconciled yet: interfaces added or removed in
+                    // the lost notifications stay as they were.
+                    tracing::warn!(
+                        "missed interface notifications (ENOBUFS): interfaces that came or went meanwhile are not followed; restart the mirror to watch them"
+                    );
                     continue;
                 }
                 Ok(Err(error)) => {
@@ -219,17 +227,20 @@ impl Following {
                     tokio::task::spawn_blocking(move || helper.attach_interface(ifindex)).await;
                 match attached {
                     Ok(Ok(())) => {
-                        tracing::info!("{label} appeared: attached");
+                        tracing::info!("{} appeared: attached", printable(&label));
                         self.names.insert(ifindex, &label);
                         self.watched.insert(ifindex, name);
                         self.counters.attached.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Err(error)) => {
-                        tracing::warn!("{label} appeared but cannot be attached: {error}");
+                        tracing::warn!(
+                            "{} appeared but cannot be attached: {error}",
+                            printable(&label)
+                        );
                         self.failed.insert(ifindex);
                         self.counters.failed.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(error) => tracing::warn!("{label}: {error}"),
+                    Err(error) => tracing::warn!("{}: {error}", printable(&label)),
                 }
             }
             Change::Gone { ifindex } => {
@@ -237,7 +248,7 @@ impl Following {
                 let Some(name) = self.watched.remove(&ifindex) else {
                     return;
                 };
-                tracing::info!("{} went away", self.label(&name));
+                tracing::info!("{} went away", printable(&self.label(&name)));
                 self.names.remove(ifindex);
                 self.counters.detached.fetch_add(1, Ordering::Relaxed);
                 let helper = Arc::clone(&self.helper);

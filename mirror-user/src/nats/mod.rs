@@ -216,10 +216,12 @@ pub fn read_creds(path: &Path) -> Result<String, NatsError> {
         path: path.to_owned(),
         source,
     };
-    // Non-blocking: a FIFO in the file's place does not hang the start.
+    // Non-blocking: a FIFO in the file's place does not hang the start;
+    // no symlink in the last place: one planted there could point at
+    // another secret file of root's.
     let file = File::options()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
         .open(path)
         .map_err(error)?;
     let meta = file.metadata().map_err(error)?;
@@ -343,5 +345,9 @@ mod tests {
             read_creds(&dir.path().join("missing")),
             Err(NatsError::Creds { .. })
         ));
+        // A planted symlink to a good creds file is not followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("good"), &link).unwrap();
+        assert!(matches!(read_creds(&link), Err(NatsError::Creds { .. })));
     }
 }

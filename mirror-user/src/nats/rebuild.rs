@@ -35,6 +35,18 @@ pub const MAX_HELD_BYTES: usize = 64 << 20;
 /// Ended connections remembered, so that their late (retried) messages
 /// are not taken for new connections.
 const ENDED: usize = 1 << 16;
+/// Connections followed at once: anyone who may publish on the subjects
+/// could otherwise open connections (new node, run or conn values) that
+/// never end. At the limit the least recently active one ends as `gap`.
+pub const MAX_OPEN: usize = 1 << 16;
+/// Out-of-order bytes held by all connections together (each may hold
+/// [`MAX_HELD_BYTES`]): checked on every expiry pass (once a second of
+/// stream time and on the reader's tick); over it, the connections
+/// holding most end as `gap` until it fits.
+pub const MAX_TOTAL_HELD: usize = 256 << 20;
+/// A connection with no message for this long ends as `idle` (its
+/// mirror may have died without publishing its close).
+pub const IDLE_AFTER: Duration = Duration::from_secs(600);
 
 /// The headers of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +95,12 @@ impl Meta {
             conn: get(header::CONN)?.parse().ok()?,
             port: get(header::PORT)?.parse().ok()?,
             kind,
-            seq: get(header::SEQ)?.parse().ok()?,
+            // Far below u64::MAX, which marks an ended connection, and
+            // which no mirror reaches (one message per event).
+            seq: get(header::SEQ)?
+                .parse()
+                .ok()
+                .filter(|seq: &u64| *seq < 1 << 62)?,
             src: get(header::SRC)?.parse().ok()?,
             dst: get(header::DST)?.parse().ok()?,
             dir: match get(header::DIR) {
@@ -172,6 +189,8 @@ struct Conn {
     /// Since when (the reader's clock, and the stream's time of the
     /// message that found it) a message before the held ones is missing.
     hole_since: Option<(Instant, u64)>,
+    /// When its last message was read.
+    last_seen: Instant,
 }
 
 /// Rebuilds connections from messages in the order the stream holds them.
@@ -254,6 +273,15 @@ impl Rebuilder {
             }
         };
         if !self.conns.contains_key(&key) {
+            if self.conns.len() >= MAX_OPEN
+                && let Some(oldest) = self
+                    .conns
+                    .iter()
+                    .min_by_key(|(_, conn)| conn.last_seen)
+                    .map(|(key, _)| key.clone())
+            {
+                self.end(oldest, CloseReason::Gap, out);
+            }
             self.last_shown += 1;
             self.conns.insert(
                 key.clone(),
@@ -267,10 +295,12 @@ impl Rebuilder {
                     held: BTreeMap::new(),
                     held_bytes: 0,
                     hole_since: None,
+                    last_seen: now,
                 },
             );
         }
         let conn = self.conns.get_mut(&key).expect("inserted above");
+        conn.last_seen = now;
         let held = match (meta.kind, event) {
             (Kind::Closed, _) => Held::Close(meta.reason.unwrap_or(CloseReason::Gap)),
             (_, Some(event)) => Held::Event(event),
@@ -342,7 +372,48 @@ impl Rebuilder {
                 self.ended.put(key, ());
             }
         }
+        let idle: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| now.duration_since(conn.last_seen) >= IDLE_AFTER)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in idle {
+            self.end(key, CloseReason::Idle, out);
+        }
+        let mut total: usize = self.conns.values().map(|conn| conn.held_bytes).sum();
+        while total > MAX_TOTAL_HELD {
+            let Some((key, held)) = self
+                .conns
+                .iter()
+                .max_by_key(|(_, conn)| conn.held_bytes)
+                .map(|(key, conn)| (key.clone(), conn.held_bytes))
+            else {
+                break;
+            };
+            self.end(key, CloseReason::Gap, out);
+            total -= held;
+        }
         notes
+    }
+
+    /// Ends `key` with `reason` (shown if its open was) and remembers it,
+    /// so that its later messages are not a new connection.
+    fn end(&mut self, key: Key, reason: CloseReason, out: &mut VecDeque<StreamEvent>) {
+        if let Some(conn) = self.conns.remove(&key)
+            && conn.shown
+        {
+            out.push_back(StreamEvent::Closed {
+                conn: conn.shown_as,
+                reason,
+            });
+        }
+        self.ended.put(key, ());
+    }
+
+    /// Connections followed now.
+    pub fn open(&self) -> usize {
+        self.conns.len()
     }
 }
 
@@ -695,6 +766,66 @@ mod tests {
             conn,
             reason: CloseReason::Fin,
         })
+    }
+
+    #[test]
+    fn the_reader_follows_a_bounded_number_of_connections_and_ends_idle_ones() {
+        let mut rebuilder = Rebuilder::default();
+        let mut out = VecDeque::new();
+        let start = Instant::now();
+        // Opens that never end, from a publisher that makes up connections.
+        for conn in 1..=(MAX_OPEN as u64 + 10) {
+            let at = start + Duration::from_millis(conn);
+            rebuilder.accept(&meta(conn, 0, Kind::Opened), opened(conn), 0, at, &mut out);
+        }
+        assert_eq!(rebuilder.open(), MAX_OPEN);
+        let gaps = out
+            .iter()
+            .filter(|event| {
+                matches!(
+                    event,
+                    StreamEvent::Closed {
+                        reason: CloseReason::Gap,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(gaps, 10, "the least recently active ones made room");
+        // Nothing more for longer than IDLE_AFTER: all end as idle.
+        out.clear();
+        let later = start + IDLE_AFTER + Duration::from_secs(120);
+        rebuilder.expire(later, &mut out);
+        assert_eq!(rebuilder.open(), 0);
+        assert_eq!(out.len(), MAX_OPEN);
+        assert!(out.iter().all(|event| matches!(
+            event,
+            StreamEvent::Closed {
+                reason: CloseReason::Idle,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_sequence_number_at_the_end_of_the_range_is_not_a_mirrors() {
+        let mut headers = HeaderMap::new();
+        let m = meta(1, 5, Kind::Data);
+        for (name, value) in [
+            (header::KIND, kind::DATA.to_owned()),
+            (header::NODE, m.node.clone()),
+            (header::RUN, m.run.clone()),
+            (header::CONN, "1".to_owned()),
+            (header::PORT, "80".to_owned()),
+            (header::SRC, m.src.to_string()),
+            (header::DST, m.dst.to_string()),
+        ] {
+            headers.insert(name, value.as_str());
+        }
+        headers.insert(header::SEQ, "5");
+        assert_eq!(Meta::from_headers(&headers).map(|meta| meta.seq), Some(5));
+        headers.insert(header::SEQ, u64::MAX.to_string().as_str());
+        assert_eq!(Meta::from_headers(&headers), None);
     }
 
     fn bytes_of(events: &VecDeque<StreamEvent>) -> Vec<u8> {

@@ -324,7 +324,7 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_str(&line(&event, PrintFormat::Json)).unwrap();
         assert_eq!(json["iface"], "pod1:eth0");
-        // Unknown: left out.
+        // Unknown: empty, the key always there (README's JSON shape).
         let json = line(
             &opened(
                 1,
@@ -333,7 +333,7 @@ mod tests {
             ),
             PrintFormat::Json,
         );
-        assert!(!json.contains("iface"), "{json}");
+        assert!(json.contains("\"iface\":\"\""), "{json}");
     }
 
     #[test]
