@@ -279,7 +279,13 @@ impl Transfer {
 
     /// Waits for `senders`, then until the server holds every file.
     pub fn finish_sending(&self, senders: Vec<KillOnDrop>) {
-        finish_sending(senders, &self.files, &self.received);
+        finish_sending(
+            &self.client,
+            self.port,
+            senders,
+            &self.files,
+            &self.received,
+        );
     }
 
     /// Bytes of all the files.

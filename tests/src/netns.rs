@@ -234,6 +234,36 @@ pub fn wait_listening(ns: &str, port: u16) {
     panic!("nothing listens on port {port} in {ns} after 10 s");
 }
 
+/// Waits (at most 10 s) until every TCP connection of the server on `port`
+/// in `ns` has ended: each gone or in TIME-WAIT, so that both FINs and
+/// their ACKs have passed the mirror's hooks. A test that counts how
+/// connections ended stops the mirror only then; a client that stops
+/// leaves its last connections closing for a few milliseconds.
+pub fn wait_server_connections_ended(ns: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let filter = format!("sport = :{port}");
+    let mut args = vec!["-Htn"];
+    for state in [
+        "syn-recv",
+        "established",
+        "fin-wait-1",
+        "fin-wait-2",
+        "close-wait",
+        "last-ack",
+        "closing",
+    ] {
+        args.extend(["state", state]);
+    }
+    args.push(&filter);
+    while Instant::now() < deadline {
+        if run_in(ns, "ss", &args).stdout.is_empty() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("connections to port {port} in {ns} still open after 10 s");
+}
+
 /// A command that runs inside namespace `ns`.
 pub fn in_ns(ns: &str, program: &str) -> Command {
     let mut command = Command::new("ip");

@@ -91,8 +91,17 @@ pub fn start_sending(ns: &str, server: &str, port: u16, files: &[SentFile]) -> V
         .collect()
 }
 
-/// Waits for the senders, then until the server holds every file.
-pub fn finish_sending(senders: Vec<KillOnDrop>, files: &[SentFile], received: &Path) {
+/// Waits for the senders, then until the server holds every file and
+/// has closed each connection: its FIN has passed every hook on its way to
+/// the client before the test stops the mirror, which otherwise races the
+/// server's close and may miss it.
+pub fn finish_sending(
+    client_ns: &str,
+    port: u16,
+    senders: Vec<KillOnDrop>,
+    files: &[SentFile],
+    received: &Path,
+) {
     for sender in senders {
         sender.wait_success("a socat client", Duration::from_secs(120));
     }
@@ -108,11 +117,64 @@ pub fn finish_sending(senders: Vec<KillOnDrop>, files: &[SentFile], received: &P
             thread::sleep(Duration::from_millis(20));
         }
     }
+    loop {
+        let waiting = awaiting_server_fin(client_ns, port, files);
+        if waiting.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not close the connections from client ports {waiting:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// Sends every file and waits until the server holds them all.
+/// The client ports among `files` whose sockets in `client_ns` have not
+/// yet received the server's FIN.
+fn awaiting_server_fin(client_ns: &str, port: u16, files: &[SentFile]) -> Vec<u16> {
+    let filter = format!("dport = :{port}");
+    let out = run_in(
+        client_ns,
+        "ss",
+        &[
+            "-Htn",
+            "state",
+            "syn-sent",
+            "state",
+            "established",
+            "state",
+            "fin-wait-1",
+            "state",
+            "fin-wait-2",
+            &filter,
+        ],
+    );
+    let open: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // [State] Recv-Q Send-Q Local:Port Peer:Port
+            let local = line.split_whitespace().rev().nth(1)?;
+            local.rsplit(':').next()?.parse().ok()
+        })
+        .collect();
+    files
+        .iter()
+        .map(|file| file.client_port)
+        .filter(|client_port| open.contains(client_port))
+        .collect()
+}
+
+/// Sends every file and waits until the server holds them all and has
+/// closed each connection.
 pub fn send_all(ns: &str, server: &str, port: u16, files: &[SentFile], received: &Path) {
-    finish_sending(start_sending(ns, server, port, files), files, received);
+    finish_sending(
+        ns,
+        port,
+        start_sending(ns, server, port, files),
+        files,
+        received,
+    );
 }
 
 /// Limits what `iface` in `ns` sends to `rate` (tc tbf; the bucket holds

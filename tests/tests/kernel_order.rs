@@ -8,7 +8,7 @@
 use mirror_tests::{
     bed::TestBed,
     mirror_process::MirrorProcess,
-    netns::{in_ns, run_ok},
+    netns::{in_ns, run_ok, wait_server_connections_ended},
     root_tests,
     web::Nginx,
 };
@@ -31,6 +31,7 @@ fn short_connections_end_by_fin(attach: &str) {
         "Connection: close",
         &url,
     ]));
+    wait_server_connections_ended(&bed.server, 80);
     let served = nginx.requests().len() as u64;
     let output = mirror.stop();
 
