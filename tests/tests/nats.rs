@@ -406,16 +406,45 @@ fn a_fleet_publishes_whole_streams_through_nats_failures() {
     });
     tail.signal(libc::SIGINT);
     let (_, tail_stderr) = tail.wait(Duration::from_secs(10));
-    checked.unwrap_or_else(|failure| panic!("the tail's dump: {failure}\n{tail_stderr}"));
-    explicit_ends.unwrap_or_else(|failure| panic!("while NATS was down: {failure}\n{tail_stderr}"));
+    // The mirrors stop before any verdict, so that a failure can show what
+    // their NATS publishers went through.
+    let outputs: Vec<_> = mirrors.into_iter().map(MirrorProcess::interrupt).collect();
+    let publishers: String = nodes
+        .iter()
+        .zip(&outputs)
+        .map(|(node, output)| {
+            let lines: Vec<&str> = output
+                .stderr
+                .lines()
+                .filter(|line| line.contains("NATS"))
+                .collect();
+            let counters: Vec<String> = output
+                .counters
+                .iter()
+                .filter(|(name, _)| name.starts_with("nats.") || name.contains("lagged"))
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect();
+            format!(
+                "node {}: {}\n{}\n",
+                node.name,
+                counters.join(" "),
+                lines.join("\n")
+            )
+        })
+        .collect();
+    checked.unwrap_or_else(|failure| {
+        panic!("the tail's dump: {failure}\n{tail_stderr}\n{publishers}")
+    });
+    explicit_ends.unwrap_or_else(|failure| {
+        panic!("while NATS was down: {failure}\n{tail_stderr}\n{publishers}")
+    });
     assert!(
         cut > 0,
-        "no connection was cut while NATS was down: the test did not fill the window\n{tail_stderr}"
+        "no connection was cut while NATS was down: the test did not fill the window\n{tail_stderr}\n{publishers}"
     );
 
     let mut lagged_closes = 0;
-    for (node, mirror) in nodes.iter().zip(mirrors) {
-        let output = mirror.interrupt();
+    for (node, output) in nodes.iter().zip(&outputs) {
         let acked = output.counter("nats.acked");
         assert!(acked > 0, "node {}: nothing acknowledged", node.name);
         lagged_closes += output.counter("nats.lagged_closes");

@@ -19,10 +19,12 @@ use std::{
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     str::FromStr,
+    sync::Arc,
     time::Duration,
 };
 
 use async_nats::ServerAddr;
+use tokio::sync::Notify;
 
 /// Names of the headers every message carries.
 pub mod header {
@@ -258,11 +260,13 @@ pub fn read_creds(path: &Path) -> Result<String, NatsError> {
 /// Connection options shared by the publisher and the reader: a name the
 /// server shows, the credentials, and reconnecting forever in the
 /// background (the first connection too: the mirror starts while NATS is
-/// down, and publishes once it is up).
+/// down, and publishes once it is up). `connected` is notified at each
+/// (re)connection.
 pub async fn connect(
     servers: &NatsServers,
     creds: Option<&str>,
     name: &str,
+    connected: Option<Arc<Notify>>,
 ) -> Result<async_nats::Client, NatsError> {
     let failed = |message: String| NatsError::Connect {
         servers: servers.to_string(),
@@ -273,13 +277,26 @@ pub async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("NATS: connected"),
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS: disconnected; reconnecting")
+        // Room for the publisher's whole window twice (all of it is sent
+        // again after a reconnect), so that a publish never waits on the
+        // client's queue (2048 by default) while the server is away; the
+        // window's bytes bound what the queue holds.
+        .client_capacity(2 * publish::WINDOW + 64)
+        .event_callback(move |event| {
+            let connected = connected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS: connected");
+                        if let Some(connected) = connected {
+                            connected.notify_one();
+                        }
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS: disconnected; reconnecting")
+                    }
+                    other => tracing::debug!("NATS: {other}"),
                 }
-                other => tracing::debug!("NATS: {other}"),
             }
         });
     if let Some(creds) = creds {

@@ -9,7 +9,11 @@
 //! acknowledgement does not come is sent again (same message id: stored
 //! once) for up to [`RETRY_FOR`]; one that never makes it ends its
 //! connection with a `closed` message (`lagged`) at that message's place,
-//! so that a reader never shows a stream short without saying so.
+//! so that a reader never shows a stream short without saying so. When the
+//! client reconnects (its server died), everything in flight is sent again
+//! at once rather than after [`ACK_TIMEOUT`]: acknowledgements from a dead
+//! server never come, and a window stalled that long makes the hub cut
+//! connections that NATS could have taken.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -21,6 +25,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+use tokio::sync::Notify;
 
 use async_nats::{
     HeaderMap, Subject,
@@ -38,8 +44,11 @@ use crate::{
     telemetry::registry::Stage,
 };
 
-/// Messages published and not yet acknowledged, at most.
-pub const WINDOW: usize = 256;
+/// Messages published and not yet acknowledged, at most. Many: what rides
+/// out a stream leader's election (a few seconds without acknowledgements)
+/// is the window, and events are often small; [`WINDOW_BYTES`] bounds the
+/// memory.
+pub const WINDOW: usize = 4096;
 /// Payload bytes of those messages, at most.
 pub const WINDOW_BYTES: usize = 32 << 20;
 /// Data bytes per message: well below NATS's default 1 MiB payload limit
@@ -136,7 +145,17 @@ struct Conn {
     lost: bool,
 }
 
-type Ack = BoxFuture<'static, (Message, Result<(), String>)>;
+/// A message in the window, and which of its publishes counts: the
+/// outcome of an earlier one (sent before a reconnect) is ignored.
+struct InFlight {
+    message: Message,
+    attempt: u32,
+    /// Waiting in [`Publisher::retry`].
+    queued: bool,
+}
+
+/// The outcome of one publish: the message's key, the attempt, the result.
+type Ack = BoxFuture<'static, (u64, u32, Result<(), String>)>;
 
 struct Publisher {
     js: jetstream::Context,
@@ -144,8 +163,14 @@ struct Publisher {
     run: String,
     stats: Arc<NatsCounters>,
     conns: HashMap<ConnId, Conn>,
+    /// The window, by key.
+    in_flight: HashMap<u64, InFlight>,
+    next_key: u64,
+    /// Outcomes awaited, stale ones included (they end within
+    /// [`ACK_TIMEOUT`]).
     pending: FuturesUnordered<Ack>,
-    retry: VecDeque<Message>,
+    /// Keys of failed messages, sent again at the next tick.
+    retry: VecDeque<u64>,
     window_bytes: usize,
 }
 
@@ -157,10 +182,12 @@ pub async fn publish_events(
     stats: Arc<NatsCounters>,
 ) -> io::Result<()> {
     let mut subscription = subscription;
+    let reconnected = Arc::new(Notify::new());
     let client = super::connect(
         &config.servers,
         creds.as_deref(),
         &format!("mirror {}", config.node),
+        Some(Arc::clone(&reconnected)),
     )
     .await
     .map_err(io::Error::other)?;
@@ -177,6 +204,8 @@ pub async fn publish_events(
         run: run_id()?,
         stats,
         conns: HashMap::new(),
+        in_flight: HashMap::new(),
+        next_key: 0,
         pending: FuturesUnordered::new(),
         retry: VecDeque::new(),
         window_bytes: 0,
@@ -184,19 +213,15 @@ pub async fn publish_events(
     let mut retry_tick = tokio::time::interval(RETRY_PAUSE);
     retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let room = publisher.pending.len() + publisher.retry.len() < WINDOW
-            && publisher.window_bytes < WINDOW_BYTES;
+        let room = publisher.in_flight.len() < WINDOW && publisher.window_bytes < WINDOW_BYTES;
         tokio::select! {
             biased;
-            Some((message, result)) = publisher.pending.next(), if !publisher.pending.is_empty() => {
-                publisher.acknowledged(message, result).await;
+            Some((key, attempt, result)) = publisher.pending.next(), if !publisher.pending.is_empty() => {
+                publisher.acknowledged(key, attempt, result).await;
             }
+            () = reconnected.notified() => publisher.resend_in_flight().await,
             _ = retry_tick.tick(), if !publisher.retry.is_empty() => {
-                let retry = std::mem::take(&mut publisher.retry);
-                for message in retry {
-                    publisher.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    publisher.send(message).await;
-                }
+                publisher.send_retries().await;
             }
             event = subscription.next(), if room => match event {
                 Some(event) => publisher.event(event).await,
@@ -206,14 +231,15 @@ pub async fn publish_events(
     }
     // The mirror stops: what is in flight gets a short while to land.
     let flushed = tokio::time::timeout(FLUSH_FOR, async {
-        while !publisher.pending.is_empty() || !publisher.retry.is_empty() {
-            match publisher.pending.next().await {
-                Some((message, result)) => publisher.acknowledged(message, result).await,
-                None => {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    for message in std::mem::take(&mut publisher.retry) {
-                        publisher.send(message).await;
-                    }
+        while !publisher.in_flight.is_empty() {
+            tokio::select! {
+                biased;
+                Some((key, attempt, result)) = publisher.pending.next(), if !publisher.pending.is_empty() => {
+                    publisher.acknowledged(key, attempt, result).await;
+                }
+                () = reconnected.notified() => publisher.resend_in_flight().await,
+                _ = retry_tick.tick(), if !publisher.retry.is_empty() => {
+                    publisher.send_retries().await;
                 }
             }
         }
@@ -222,7 +248,7 @@ pub async fn publish_events(
     if flushed.is_err() {
         tracing::warn!(
             "NATS: {} messages were not acknowledged before the mirror stopped",
-            publisher.pending.len() + publisher.retry.len()
+            publisher.in_flight.len()
         );
     }
     ensure.abort();
@@ -365,39 +391,85 @@ impl Publisher {
             closes: kind == kind::CLOSED,
             first_sent: Instant::now(),
         };
-        self.enter_window(&message);
-        self.send(message).await;
+        self.enter_window(message).await;
     }
 
-    /// Hands `message` to NATS; its acknowledgement joins the window.
-    async fn send(&mut self, message: Message) {
-        self.stats.published.fetch_add(1, Ordering::Relaxed);
+    /// Publishes the message of `key` (again); its outcome joins
+    /// [`Self::pending`] and makes any earlier one stale.
+    async fn send(&mut self, key: u64) {
+        let Some(entry) = self.in_flight.get_mut(&key) else {
+            return;
+        };
+        entry.attempt += 1;
+        entry.queued = false;
+        let attempt = entry.attempt;
+        let message = &entry.message;
         let publish = PublishMessage::build()
             .headers(message.headers.clone())
             .payload(message.body.clone());
-        let sent = self.js.send_publish(message.subject.clone(), publish).await;
-        let ack: Ack = match sent {
+        let subject = message.subject.clone();
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        let ack: Ack = match self.js.send_publish(subject, publish).await {
             Ok(ack) => async move {
                 let result = ack.await.map(drop).map_err(|error| error.to_string());
-                (message, result)
+                (key, attempt, result)
             }
             .boxed(),
             Err(error) => {
                 let error = error.to_string();
-                async move { (message, Err(error)) }.boxed()
+                async move { (key, attempt, Err(error)) }.boxed()
             }
         };
         self.pending.push(ack);
     }
 
+    /// Sends the failed messages again.
+    async fn send_retries(&mut self) {
+        for key in std::mem::take(&mut self.retry) {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            self.send(key).await;
+        }
+    }
+
+    /// After a reconnect: every message still awaiting its outcome is sent
+    /// again now (JetStream stores a message id once).
+    async fn resend_in_flight(&mut self) {
+        let mut keys: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, entry)| !entry.queued)
+            .map(|(key, _)| *key)
+            .collect();
+        // In the order they were first published.
+        keys.sort_unstable();
+        if !keys.is_empty() {
+            tracing::debug!("NATS: reconnected; sending {} messages again", keys.len());
+        }
+        for key in keys {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            self.send(key).await;
+        }
+    }
+
     /// A new message takes its place in the window until its outcome
-    /// (acknowledged or given up): retries stay counted.
-    fn enter_window(&mut self, message: &Message) {
+    /// (acknowledged or given up), and is published.
+    async fn enter_window(&mut self, message: Message) {
+        let key = self.next_key;
+        self.next_key += 1;
         self.window_bytes += message.body.len();
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         self.stats
             .in_flight_bytes
             .fetch_add(message.body.len() as u64, Ordering::Relaxed);
+        self.in_flight.insert(
+            key,
+            InFlight {
+                message,
+                attempt: 0,
+                queued: false,
+            },
+        );
+        self.send(key).await;
     }
 
     fn leave_window(&mut self, message: &Message) {
@@ -408,7 +480,31 @@ impl Publisher {
             .fetch_sub(message.body.len() as u64, Ordering::Relaxed);
     }
 
-    async fn acknowledged(&mut self, message: Message, result: Result<(), String>) {
+    async fn acknowledged(&mut self, key: u64, attempt: u32, result: Result<(), String>) {
+        match self.in_flight.get(&key) {
+            Some(entry) if entry.attempt == attempt && !entry.queued => {}
+            // Acknowledged already, or sent again since.
+            _ => return,
+        }
+        if let Err(error) = &result
+            && self.in_flight[&key].message.first_sent.elapsed() < RETRY_FOR
+        {
+            let entry = self.in_flight.get_mut(&key).expect("looked up above");
+            entry.queued = true;
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                conn = entry.message.conn,
+                seq = entry.message.seq,
+                "NATS: publish failed ({error}); sending again"
+            );
+            self.retry.push_back(key);
+            return;
+        }
+        let message = self
+            .in_flight
+            .remove(&key)
+            .expect("looked up above")
+            .message;
         let error = match result {
             Ok(()) => {
                 self.leave_window(&message);
@@ -421,15 +517,6 @@ impl Publisher {
             Err(error) => error,
         };
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        if message.first_sent.elapsed() < RETRY_FOR {
-            tracing::debug!(
-                conn = message.conn,
-                seq = message.seq,
-                "NATS: publish failed ({error}); sending again"
-            );
-            self.retry.push_back(message);
-            return;
-        }
         self.leave_window(&message);
         if message.closes {
             tracing::warn!(
@@ -479,8 +566,7 @@ impl Publisher {
             first_sent: Instant::now(),
             ..message
         };
-        self.enter_window(&close);
-        self.send(close).await;
+        self.enter_window(close).await;
     }
 }
 

@@ -575,7 +575,7 @@ pub struct NatsReader {
 
 impl NatsReader {
     pub async fn connect(config: &ReaderConfig, creds: Option<&str>) -> Result<Self, NatsError> {
-        let client = super::connect(&config.servers, creds, "mirror tail").await?;
+        let client = super::connect(&config.servers, creds, "mirror tail", None).await?;
         let js = jetstream::new(client);
         let name = stream_name(&config.prefix);
         let stream_error = |error: &dyn fmt::Display| NatsError::Stream {
