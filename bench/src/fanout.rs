@@ -137,6 +137,7 @@ fn record(frame: &[u8]) -> Vec<u8> {
         flags: 0,
         l3_offset: 14,
         l4_offset: 34,
+        netns_cookie: 0,
     };
     Record::encode(&header, frame)
 }

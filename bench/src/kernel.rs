@@ -9,7 +9,10 @@ use aya::programs::{TestRun as _, TestRunOptions, loaded_programs};
 use etherparse::PacketBuilder;
 use mirror_common::{Counter, PROG_TC, PROG_XDP};
 use mirror_tests::mirror_process::MirrorProcess;
-use mirror_user::kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind, Sample};
+use mirror_user::kernel::{
+    btf::NetnsPath,
+    loader::{CpuRing, LoadOptions, Mirror, ProgramKind, Sample},
+};
 
 use crate::{
     Options,
@@ -235,6 +238,7 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
         ring_size: 16 << 20,
         kernel_log_level: 0,
         sample: Sample::ALL,
+        netns_path: None,
     })
     .expect("load the mirror's programs");
     mirror.set_port(SUBSCRIBED, true).expect("subscribe");
@@ -246,10 +250,27 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
          | program | frame bytes | port | ns per run |\n|---|---:|---|---:|\n"
     );
     let mut bars = Vec::new();
+    let mut cookies = Mirror::load(&LoadOptions {
+        snaplen: mirror_common::MAX_SNAPLEN,
+        ring_size: 16 << 20,
+        kernel_log_level: 0,
+        sample: Sample::ALL,
+        netns_path: Some(NetnsPath::of_running_kernel().expect("the kernel's BTF")),
+    })
+    .expect("load the mirror's programs");
+    cookies.set_port(SUBSCRIBED, true).expect("subscribe");
+    let mut cookie_rings = cookies.take_rings();
     for kind in [ProgramKind::Tc, ProgramKind::Xdp] {
         for size in FRAME_SIZES {
-            for subscribed in [false, true] {
+            // The namespace cookie (several namespaces watched) only on
+            // mirrored packets: the others never reach it.
+            for (subscribed, with_cookie) in [(false, false), (true, false), (true, true)] {
                 let data = frame(size, if subscribed { SUBSCRIBED } else { OTHER });
+                let (mirror, rings) = if with_cookie {
+                    (&mut cookies, &mut cookie_rings)
+                } else {
+                    (&mut mirror, &mut rings)
+                };
                 let before = mirror.counters().expect("counters");
                 let mut per_run = Vec::new();
                 for _ in 0..batches {
@@ -267,7 +288,7 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
                     }
                     .expect("test run");
                     per_run.push(result.duration.as_nanos() as f64);
-                    drain(&mut rings);
+                    drain(rings);
                 }
                 let moved = mirror.counters().expect("counters").since(&before);
                 let expected = u64::from(REPEAT) * batches as u64;
@@ -289,10 +310,10 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
                     ));
                 }
                 let spread = Spread::of(per_run);
-                let state = if subscribed {
-                    "mirrored"
-                } else {
-                    "not subscribed"
+                let state = match (subscribed, with_cookie) {
+                    (false, _) => "not subscribed",
+                    (true, false) => "mirrored",
+                    (true, true) => "mirrored, namespace cookie",
                 };
                 let _ = writeln!(
                     md,
@@ -300,11 +321,13 @@ fn test_runs(options: &Options, missing: &mut Vec<String>) -> (String, Vec<Bar>)
                     spread_cell(spread, 1)
                 );
                 if let Some(spread) = spread {
+                    let label = match (subscribed, with_cookie) {
+                        (false, _) => "unsub.",
+                        (true, false) => "mirrored",
+                        (true, true) => "mirrored+netns",
+                    };
                     bars.push(Bar {
-                        label: format!(
-                            "{program} {size} B {}",
-                            if subscribed { "mirrored" } else { "unsub." }
-                        ),
+                        label: format!("{program} {size} B {label}"),
                         kind: if subscribed {
                             Kind::Mirror
                         } else {

@@ -44,6 +44,17 @@ pub const GLOBAL_SAMPLE_PERCENT: &str = "MIRROR_SAMPLE_PERCENT";
 /// Read-only global: seed of [`LostFlow::sample_hash`], random per load so
 /// that nobody can pick the source ports of connections the mirror skips.
 pub const GLOBAL_SAMPLE_SEED: &str = "MIRROR_SAMPLE_SEED";
+/// Read-only globals: where the kernel keeps the network namespace of the
+/// interface a packet is on, as byte offsets the loader takes from the
+/// kernel's BTF (`struct sk_buff` → `dev`, `struct xdp_buff` → `rxq` →
+/// `dev`, `struct net_device` → `nd_net.net`, `struct net` →
+/// `net_cookie`). While [`GLOBAL_NETNS_NET_COOKIE`] is 0 the programs do
+/// not look, and records carry cookie 0.
+pub const GLOBAL_NETNS_SKB_DEV: &str = "MIRROR_NETNS_SKB_DEV";
+pub const GLOBAL_NETNS_XDP_RXQ: &str = "MIRROR_NETNS_XDP_RXQ";
+pub const GLOBAL_NETNS_RXQ_DEV: &str = "MIRROR_NETNS_RXQ_DEV";
+pub const GLOBAL_NETNS_DEV_NET: &str = "MIRROR_NETNS_DEV_NET";
+pub const GLOBAL_NETNS_NET_COOKIE: &str = "MIRROR_NETNS_NET_COOKIE";
 
 /// Entries of the port map: every TCP port.
 pub const PORT_MAP_LEN: u32 = 1 << 16;
@@ -79,6 +90,11 @@ pub struct RecordHeader {
     pub l3_offset: u16,
     /// Offset of the TCP header from the start of the packet.
     pub l4_offset: u16,
+    /// Cookie of the network namespace of the interface (what
+    /// `SO_NETNS_COOKIE` gives a socket there), or 0 when the loader did
+    /// not ask for it: with [`Self::ifindex`] it names the interface when
+    /// the mirror watches several namespaces, whose indexes may repeat.
+    pub netns_cookie: u64,
 }
 
 impl RecordHeader {
@@ -93,6 +109,7 @@ impl RecordHeader {
         out[24..28].copy_from_slice(&self.flags.to_ne_bytes());
         out[28..30].copy_from_slice(&self.l3_offset.to_ne_bytes());
         out[30..32].copy_from_slice(&self.l4_offset.to_ne_bytes());
+        out[32..40].copy_from_slice(&self.netns_cookie.to_ne_bytes());
         out
     }
 
@@ -101,10 +118,13 @@ impl RecordHeader {
         let u16_at = |i: usize| u16::from_ne_bytes([bytes[i], bytes[i + 1]]);
         let u32_at =
             |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let mut ts = [0u8; 8];
-        ts.copy_from_slice(&bytes[0..8]);
+        let u64_at = |i: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_ne_bytes(word)
+        };
         Self {
-            ts_ns: u64::from_ne_bytes(ts),
+            ts_ns: u64_at(0),
             ifindex: u32_at(8),
             wire_len: u32_at(12),
             cap_len: u32_at(16),
@@ -112,13 +132,14 @@ impl RecordHeader {
             flags: u32_at(24),
             l3_offset: u16_at(28),
             l4_offset: u16_at(30),
+            netns_cookie: u64_at(32),
         }
     }
 }
 
 /// Size of [`RecordHeader`] in the ring; packet bytes start right after it.
 pub const RECORD_HEADER_LEN: usize = size_of::<RecordHeader>();
-const _: () = assert!(RECORD_HEADER_LEN == 32);
+const _: () = assert!(RECORD_HEADER_LEN == 40);
 // The ring hands out 8-byte aligned records; the packet bytes then start
 // 8-byte aligned too.
 const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(8));
@@ -400,6 +421,7 @@ mod tests {
             flags: record_flags::TRUNCATED | record_flags::IPV6,
             l3_offset: 22,
             l4_offset: 62,
+            netns_cookie: 0x1112_1314_1516_1718,
         };
         assert_eq!(RecordHeader::from_bytes(&header.to_bytes()), header);
         assert_eq!(&header.to_bytes()[28..30], &22u16.to_ne_bytes());
@@ -415,5 +437,6 @@ mod tests {
         assert_eq!(core::mem::offset_of!(RecordHeader, flags), 24);
         assert_eq!(core::mem::offset_of!(RecordHeader, l3_offset), 28);
         assert_eq!(core::mem::offset_of!(RecordHeader, l4_offset), 30);
+        assert_eq!(core::mem::offset_of!(RecordHeader, netns_cookie), 32);
     }
 }

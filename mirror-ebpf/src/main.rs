@@ -77,6 +77,22 @@ static MIRROR_SAMPLE_PERCENT: u32 = 100;
 #[unsafe(no_mangle)]
 static MIRROR_SAMPLE_SEED: u32 = 0;
 
+/// Where the interface's network namespace cookie is, as byte offsets
+/// from the kernel's BTF (see `mirror_common::GLOBAL_NETNS_SKB_DEV`); set
+/// by the loader only when watched interfaces of different namespaces
+/// share an index. While `MIRROR_NETNS_NET_COOKIE` is 0 the verifier
+/// prunes the reads away.
+#[unsafe(no_mangle)]
+static MIRROR_NETNS_SKB_DEV: u32 = 0;
+#[unsafe(no_mangle)]
+static MIRROR_NETNS_XDP_RXQ: u32 = 0;
+#[unsafe(no_mangle)]
+static MIRROR_NETNS_RXQ_DEV: u32 = 0;
+#[unsafe(no_mangle)]
+static MIRROR_NETNS_DEV_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static MIRROR_NETNS_NET_COOKIE: u32 = 0;
+
 #[xdp(frags)]
 pub fn mirror_xdp(ctx: XdpContext) -> u32 {
     observe::<_, false>(&ctx);
@@ -194,6 +210,7 @@ fn mirror<P: Packet + EbpfContext, const EGRESS: bool>(pkt: &P) -> Result<bool, 
         flags,
         l3_offset: parsed.l3_offset as u16,
         l4_offset: parsed.l4_offset as u16,
+        netns_cookie: netns_cookie(pkt),
     };
     if let Err(reason) = emit(ring, pkt, &header) {
         if reason == Counter::RingFull && parsed.matters_to_the_stream() {
@@ -202,6 +219,26 @@ fn mirror<P: Packet + EbpfContext, const EGRESS: bool>(pkt: &P) -> Result<bool, 
         return Err(reason);
     }
     Ok(cap_len < wire_len)
+}
+
+/// The cookie of the network namespace `pkt`'s interface is in, or 0 when
+/// the loader did not ask for it (or a read failed).
+#[inline(always)]
+fn netns_cookie<P: Packet>(pkt: &P) -> u64 {
+    // SAFETY: plain reads of globals the loader may have rewritten.
+    let (cookie, net) = unsafe {
+        (
+            core::ptr::read_volatile(&MIRROR_NETNS_NET_COOKIE) as usize,
+            core::ptr::read_volatile(&MIRROR_NETNS_DEV_NET) as usize,
+        )
+    };
+    if cookie == 0 {
+        return 0;
+    }
+    let Some(net_ns) = pkt.device().and_then(|dev| packet::read_address(dev + net)) else {
+        return 0;
+    };
+    packet::read_address(net_ns + cookie).map_or(0, |cookie| cookie as u64)
 }
 
 /// Notes the flow of a packet the ring could not take, so that its stream

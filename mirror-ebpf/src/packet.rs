@@ -8,7 +8,10 @@
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    },
     programs::{TcContext, XdpContext},
 };
 use mirror_common::record_flags;
@@ -26,6 +29,11 @@ pub trait Packet {
 
     /// Start and end of the linear data the program may read directly.
     fn linear(&self) -> (usize, usize);
+
+    /// Address of the kernel's `struct net_device` the packet is on, read
+    /// along the offsets the loader found in the kernel's BTF (only called
+    /// when it found them).
+    fn device(&self) -> Option<usize>;
 
     /// Copies `len` bytes at `offset` of the packet to `dst`.
     ///
@@ -97,6 +105,15 @@ impl Packet for TcContext {
         // SAFETY: forwarded from the caller's contract.
         unsafe { bpf_skb_load_bytes(self.skb.skb.cast(), offset, dst, len) == 0 }
     }
+
+    #[inline(always)]
+    fn device(&self) -> Option<usize> {
+        // The context is the kernel's `struct sk_buff` (`__sk_buff` is only
+        // the view the verifier rewrites field reads of).
+        // SAFETY: a plain read of a global the loader may have rewritten.
+        let dev = unsafe { core::ptr::read_volatile(&crate::MIRROR_NETNS_SKB_DEV) } as usize;
+        read_address(self.skb.skb as usize + dev)
+    }
 }
 
 impl Packet for XdpContext {
@@ -124,4 +141,25 @@ impl Packet for XdpContext {
         // SAFETY: forwarded from the caller's contract.
         unsafe { bpf_xdp_load_bytes(self.ctx, offset, dst, len) == 0 }
     }
+
+    #[inline(always)]
+    fn device(&self) -> Option<usize> {
+        // The context is the kernel's `struct xdp_buff`.
+        // SAFETY: plain reads of globals the loader may have rewritten.
+        let (rxq, dev) = unsafe {
+            (
+                core::ptr::read_volatile(&crate::MIRROR_NETNS_XDP_RXQ) as usize,
+                core::ptr::read_volatile(&crate::MIRROR_NETNS_RXQ_DEV) as usize,
+            )
+        };
+        read_address(read_address(self.ctx as usize + rxq)? + dev)
+    }
+}
+
+/// The pointer-sized word at kernel address `at` (`bpf_probe_read_kernel`:
+/// a bad address fails instead of faulting).
+#[inline(always)]
+pub fn read_address(at: usize) -> Option<usize> {
+    // SAFETY: the helper checks the address; the result is plain data.
+    unsafe { bpf_probe_read_kernel(at as *const usize) }.ok()
 }

@@ -140,7 +140,7 @@ fn segment(flow: FlowKey, seq: u32, flags: TcpFlags, payload: bytes::Bytes) -> S
         flags,
         payload,
         truncated: false,
-        ifindex: 0,
+        iface: Default::default(),
     }
 }
 

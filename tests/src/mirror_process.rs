@@ -157,6 +157,7 @@ fn text_counters(stderr: &[String]) -> BTreeMap<String, u64> {
                 "arena",
                 "pcap",
                 "nats",
+                "interfaces",
             ]
             .contains(&stage) =>
             {

@@ -9,7 +9,9 @@ use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, err::packet::Build
 use mirror_common::{Counter, LostFlow, RecordHeader, record_flags};
 use mirror_tests::{needs_root, root_tests};
 use mirror_user::{
+    kernel::btf::NetnsPath,
     kernel::loader::{CpuRing, LoadOptions, Mirror, ProgramKind, Sample},
+    kernel::netns::Netns,
     kernel::record::Record,
     telemetry::registry::Stage as _,
 };
@@ -36,6 +38,7 @@ fn mirror(snaplen: u32) -> (Mirror, Vec<CpuRing>) {
         ring_size: 1 << 20,
         kernel_log_level: 0,
         sample: Sample::ALL,
+        netns_path: None,
     })
     .expect("load the mirror");
     mirror.set_port(PORT, true).expect("subscribe");
@@ -632,6 +635,7 @@ fn a_full_ring_is_counted_and_the_packet_still_passes() {
         ring_size: 4096,
         kernel_log_level: 0,
         sample: Sample::ALL,
+        netns_path: None,
     })
     .expect("load");
     mirror.set_port(PORT, true).unwrap();
@@ -778,6 +782,7 @@ fn sampled_mirror(sample: Sample) -> (Mirror, Vec<CpuRing>) {
         ring_size: 1 << 20,
         kernel_log_level: 0,
         sample,
+        netns_path: None,
     })
     .expect("load the mirror");
     mirror.set_port(PORT, true).expect("subscribe");
@@ -1156,6 +1161,7 @@ fn a_lost_answer_is_reported_under_its_connection() {
         ring_size: 4096,
         kernel_log_level: 0,
         sample: Sample::ALL,
+        netns_path: None,
     })
     .expect("load");
     mirror.set_port(PORT, true).unwrap();
@@ -1192,4 +1198,44 @@ fn a_lost_answer_is_reported_under_its_connection() {
     );
     assert_eq!(outcome.moved, [(Counter::Seen, 1), (Counter::RingFull, 1)]);
     assert_eq!(lost.take(), answers, "the request's loss has the same key");
+}
+
+/// Asked to, every program writes the cookie of the network namespace of
+/// the packet's interface into the record (a test run's interface is the
+/// caller's lo): what tells apart two watched interfaces with one index in
+/// two namespaces. Not asked, the records carry 0 and the programs do not
+/// look.
+#[test]
+fn records_carry_the_namespace_cookie_when_asked() {
+    needs_root!();
+    let own = Netns::current()
+        .expect("the test's namespace")
+        .cookie()
+        .expect("its cookie");
+    assert_ne!(own, 0);
+    for netns_path in [Some(NetnsPath::of_running_kernel().expect("BTF")), None] {
+        let mut mirror = Mirror::load(&LoadOptions {
+            snaplen: 256,
+            ring_size: 1 << 20,
+            kernel_log_level: 0,
+            sample: Sample::ALL,
+            netns_path,
+        })
+        .expect("load the mirror");
+        mirror.set_port(PORT, true).expect("subscribe");
+        let mut rings = mirror.take_rings();
+        let expected = if netns_path.is_some() { own } else { 0 };
+        for (kind, frame) in [
+            (ProgramKind::Xdp, ipv4_tcp(PORT, b"request")),
+            (ProgramKind::Tc, ipv6_tcp(PORT, b"request")),
+            (ProgramKind::TcEgress, ipv4_answer(PORT, b"answer")),
+        ] {
+            let what = format!("{kind:?} with {netns_path:?}");
+            let outcome = run_untouched(&mut mirror, &mut rings, kind, &frame, &what);
+            let [(header, _)] = &outcome.records[..] else {
+                panic!("{what}: one record expected, got {}", outcome.records.len());
+            };
+            assert_eq!(header.netns_cookie, expected, "{what}");
+        }
+    }
 }

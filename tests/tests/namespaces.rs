@@ -9,6 +9,7 @@ use mirror_tests::{
     mirror_process::{MirrorOutput, MirrorProcess, assert_refused, run_mirror},
     needs_root,
     netns::{TestNet, ip, run_in, sleeper_in, tcx_programs},
+    root_tests,
     traffic::start_server,
 };
 use serde_json::Value;
@@ -279,19 +280,114 @@ fn interfaces_that_come_later_are_attached_and_counted() {
     assert!(tcx_programs(&pod.server, "eth0").is_empty());
 }
 
+/// Interfaces that came and went while the mirror read nothing (stopped
+/// with SIGSTOP, so that the link notifications overflow its socket's
+/// buffer: ENOBUFS) are caught up with by listing the namespace's links
+/// again: every one is attached, then every one let go of.
 #[test]
-fn interfaces_that_share_an_index_are_refused() {
+fn interfaces_are_caught_up_with_after_lost_notifications() {
     needs_root!();
+    // 120 veth pairs: well over the 208 KiB a socket buffers by default.
+    const PAIRS: u64 = 120;
     let mut net = TestNet::new();
-    let first = pod(&mut net, 44, 0);
-    let second = pod(&mut net, 45, 0);
+    let pod = pod(&mut net, 49, 0);
+    let port = PORT.to_string();
+    let mirror = MirrorProcess::start_here(&["--netns", &pod.server, "--port", &port]);
+    let batch = |verb: &str| {
+        let dir = scratch_dir();
+        let path = dir.path().join("batch");
+        let lines: String = (0..PAIRS)
+            .map(|i| match verb {
+                "add" => format!("link add bulk{i} type veth peer name bulkpeer{i}\n"),
+                _ => format!("link del bulk{i}\n"),
+            })
+            .collect();
+        fs::write(&path, lines).expect("batch file");
+        let stop = |signal| {
+            // SAFETY: plain kill(2) on the test's own child.
+            let sent = unsafe { libc::kill(mirror.pid() as libc::pid_t, signal) };
+            assert_eq!(sent, 0, "cannot signal the mirror");
+        };
+        stop(libc::SIGSTOP);
+        ip(&["-n", &pod.server, "-batch", &path.display().to_string()]);
+        stop(libc::SIGCONT);
+    };
+    let at_least = |name: &'static str, n: u64| {
+        move |c: &std::collections::BTreeMap<String, u64>| c.get(name).copied() >= Some(n)
+    };
+
+    batch("add");
+    assert!(
+        mirror.wait_for_counters(
+            Duration::from_secs(60),
+            at_least("interfaces.attached", 2 * PAIRS)
+        ),
+        "every new interface is attached"
+    );
+    batch("del");
+    assert!(
+        mirror.wait_for_counters(
+            Duration::from_secs(60),
+            at_least("interfaces.detached", 2 * PAIRS)
+        ),
+        "every one that went is let go of"
+    );
+    let output = mirror.stop();
+    let counter = |name: &str| output.counters.get(name).copied().unwrap_or(0);
+    // At least the additions overflow (each pair is several notifications
+    // of over a kilobyte); the removals may fit.
+    assert!(
+        counter("interfaces.relisted") >= 1,
+        "the notifications overflowed the socket and the links were listed again\n{output}"
+    );
+    assert_eq!(counter("interfaces.attached"), 2 * PAIRS, "{output}");
+    assert_eq!(counter("interfaces.detached"), 2 * PAIRS, "{output}");
+    assert_eq!(counter("interfaces.failed"), 0, "{output}");
+}
+
+/// The index of `iface` in namespace `ns`.
+fn ifindex(ns: &str, iface: &str) -> u32 {
+    let out = run_in(ns, "cat", &[&format!("/sys/class/net/{iface}/ifindex")]);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("an index")
+}
+
+/// Two pods whose eth0 have one index (as pods' often do): each record
+/// carries its namespace, and each connection is named after its own pod,
+/// at TC and at XDP.
+fn interfaces_that_share_an_index_are_told_apart(attach: &str, n: u8) {
+    let mut net = TestNet::new();
+    let first = pod(&mut net, n, 0);
+    let second = pod(&mut net, n + 1, 0);
+    assert_eq!(
+        ifindex(&first.server, "eth0"),
+        ifindex(&second.server, "eth0"),
+        "the test needs two eth0 with one index"
+    );
     let (a, b) = (
         format!("{}:eth0", first.server),
         format!("{}:eth0", second.server),
     );
-    let out = run_mirror(None, &["run", "--iface", &a, "--iface", &b, "--port", "80"]);
-    assert_refused(&out, "both have interface index");
-    assert!(tcx_programs(&first.server, "eth0").is_empty());
+    let output = mirror_traffic(
+        &["--attach", attach, "--iface", &a, "--iface", &b],
+        &[
+            (&first, 41006, "to the first pod"),
+            (&second, 41007, "to the second one"),
+            (&first, 41008, "the first again"),
+        ],
+    );
+    assert_eq!(connection(&output, 41006), (a.clone(), 16), "{output}");
+    assert_eq!(connection(&output, 41007), (b, 17), "{output}");
+    assert_eq!(connection(&output, 41008), (a, 15), "{output}");
+}
+
+root_tests! {
+    interfaces_that_share_an_index_are_told_apart_at_tc =>
+        interfaces_that_share_an_index_are_told_apart("tc", 44);
+    interfaces_that_share_an_index_are_told_apart_at_xdp =>
+        interfaces_that_share_an_index_are_told_apart("xdp-skb", 50);
 }
 
 #[test]

@@ -248,7 +248,7 @@ fuzz_target!(|input: Input| {
                         flags,
                         payload: Bytes::from(payload),
                         truncated,
-                        ifindex: 0,
+                        iface: Default::default(),
                     },
                     now,
                     &mut sink,

@@ -652,6 +652,8 @@ fn setup_config(args: &RunArgs, log_level: LevelFilter) -> anyhow::Result<SetupC
             ring_size: args.ring_size.unwrap_or_else(loader::default_ring_size),
             kernel_log_level: aya_log_level(log_level),
             sample,
+            // Set by the privileged start once it knows the namespaces.
+            netns_path: None,
         },
         dump_dir: args.dump_dir.clone(),
         pcap: args.sinks.pcap.as_ref().map(|path| PcapConfig {

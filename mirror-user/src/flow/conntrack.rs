@@ -50,7 +50,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::flow::{
-    ifaces::IfaceNames,
+    ifaces::{IfaceId, IfaceNames},
     model::{CloseReason, ConnId, ConnIds, Direction, EventSink, FlowKey, StreamEvent},
     reassembly::{Hole, HoleCause, Reassembler, ReorderLimits, detach, held_cost},
     segment::{Segment, TcpFlags},
@@ -208,7 +208,7 @@ struct Connection {
     phase: Phase,
     last_seen_ns: u64,
     /// The interface of the segment that started tracking it.
-    ifindex: u32,
+    iface: IfaceId,
     /// Memory held for this flow (reorder buffers or waiting segments), as
     /// last counted into the table's total.
     held: usize,
@@ -360,7 +360,7 @@ pub struct ConnectionTable {
     /// Names the interface of each connection when it is announced.
     ifaces: IfaceNames,
     /// The interface of the segment being taken.
-    ifindex: u32,
+    iface: IfaceId,
 }
 
 impl ConnectionTable {
@@ -379,7 +379,7 @@ impl ConnectionTable {
             scratch: Vec::new(),
             peer_scratch: Vec::new(),
             ifaces: IfaceNames::default(),
-            ifindex: 0,
+            iface: IfaceId::default(),
         }
     }
 
@@ -427,10 +427,10 @@ impl ConnectionTable {
             flags,
             payload,
             truncated,
-            ifindex,
+            iface,
         } = segment;
         let ack = flags.contains(TcpFlags::ACK).then_some(ack);
-        self.ifindex = ifindex;
+        self.iface = iface;
         if flags.contains(TcpFlags::RST) {
             self.rst(&flow, dir, seq, now_ns, sink);
             return;
@@ -468,7 +468,7 @@ impl ConnectionTable {
                         acks: [None, None],
                     },
                     last_seen_ns: now_ns,
-                    ifindex: self.ifindex,
+                    iface: self.iface,
                     held: 0,
                 },
             );
@@ -864,7 +864,7 @@ impl ConnectionTable {
                     pending_rst: None,
                 },
                 last_seen_ns: now_ns,
-                ifindex: self.ifindex,
+                iface: self.iface,
                 held: 0,
             },
         );
@@ -883,7 +883,7 @@ impl ConnectionTable {
         }
         let new = self.ids.next();
         *id = Some(new);
-        let iface = self.ifaces.name(conn.ifindex);
+        let iface = self.ifaces.name(conn.iface);
         self.stats.opened += 1;
         if *midstream {
             self.stats.opened_midstream += 1;
@@ -1238,7 +1238,7 @@ mod tests {
             flags,
             payload: Bytes::copy_from_slice(payload),
             truncated: false,
-            ifindex: 0,
+            iface: IfaceId::default(),
         }
     }
 
@@ -1298,8 +1298,10 @@ mod tests {
     #[test]
     fn connections_name_their_interface() {
         let names = IfaceNames::default();
-        names.insert(2, "pod1:eth0");
-        names.insert(3, "pod2:eth0");
+        // One index in two namespaces, as pods' eth0 often are.
+        let pod = |netns| IfaceId { netns, index: 2 };
+        names.insert(pod(11), "pod1:eth0");
+        names.insert(pod(12), "pod2:eth0");
         let mut table = ConnectionTable::new(LIMITS, ConnIds::default()).with_iface_names(names);
         let mut opened = Vec::new();
         let mut sink = |_, event| {
@@ -1307,9 +1309,9 @@ mod tests {
                 opened.push((src.port(), iface.to_string()));
             }
         };
-        for (port, ifindex) in [(1000, 2), (1001, 3), (1002, 9)] {
+        for (port, iface) in [(1000, pod(11)), (1001, pod(12)), (1002, IfaceId::index(9))] {
             let f = flow(port);
-            let on = |segment: Segment| Segment { ifindex, ..segment };
+            let on = |segment: Segment| Segment { iface, ..segment };
             table.segment(on(seg(f, 99, SYN, b"")), 0, &mut sink);
             table.segment(on(seg(f, 100, ACK, b"x")), 1, &mut sink);
         }
@@ -1912,7 +1914,7 @@ mod tests {
             flags: ACK,
             payload,
             truncated: false,
-            ifindex: 0,
+            iface: IfaceId::default(),
         };
         // Waiting for a SYN.
         table.segment(held(pool_buffer.slice(..5)), 0, &mut log);

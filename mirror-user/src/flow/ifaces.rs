@@ -1,5 +1,7 @@
-//! Which interface a record came through: the kernel names it by index,
-//! consumers by name (`eth0`, or `NETNS:eth0` for another namespace).
+//! Which interface a record came through: the kernel names it by index
+//! (and, when the mirror watches several namespaces, by the namespace's
+//! cookie), consumers by name (`eth0`, or `NETNS:eth0` for another
+//! namespace).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -7,34 +9,47 @@ use parking_lot::RwLock;
 
 use crate::flow::model::Iface;
 
-/// The watched interfaces by index, filled as they are attached and
-/// emptied as they go. Read once per new connection (not per packet), and
-/// written only when an interface is attached or detached, so the lock is
-/// never contended on the data path.
-///
-/// The mirror refuses to watch two interfaces with one index at once (see
-/// `pipeline::setup`): a record carries the index only.
+/// An interface as records name it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct IfaceId {
+    /// The cookie of its network namespace, or 0 when records do not carry
+    /// it (one namespace watched, where indexes are unique).
+    pub netns: u64,
+    pub index: u32,
+}
+
+impl IfaceId {
+    /// An interface of the only namespace watched.
+    pub const fn index(index: u32) -> Self {
+        Self { netns: 0, index }
+    }
+}
+
+/// The watched interfaces, filled as they are attached and emptied as they
+/// go. Read once per new connection (not per packet), and written only
+/// when an interface is attached or detached, so the lock is never
+/// contended on the data path.
 #[derive(Debug, Clone, Default)]
-pub struct IfaceNames(Arc<RwLock<HashMap<u32, Iface>>>);
+pub struct IfaceNames(Arc<RwLock<HashMap<IfaceId, Iface>>>);
 
 impl IfaceNames {
-    pub fn insert(&self, ifindex: u32, name: &str) {
-        self.0.write().insert(ifindex, Iface::from(name));
+    pub fn insert(&self, id: IfaceId, name: &str) {
+        self.0.write().insert(id, Iface::from(name));
     }
 
-    pub fn remove(&self, ifindex: u32) {
-        self.0.write().remove(&ifindex);
+    pub fn remove(&self, id: IfaceId) {
+        self.0.write().remove(&id);
     }
 
-    /// The interface `ifindex` names; empty for one the mirror does not
-    /// watch (any more).
-    pub fn name(&self, ifindex: u32) -> Iface {
-        self.0.read().get(&ifindex).cloned().unwrap_or_default()
+    /// The interface `id` names; empty for one the mirror does not watch
+    /// (any more).
+    pub fn name(&self, id: IfaceId) -> Iface {
+        self.0.read().get(&id).cloned().unwrap_or_default()
     }
 
-    /// The one who has `ifindex`, if the mirror watches it.
-    pub fn get(&self, ifindex: u32) -> Option<Iface> {
-        self.0.read().get(&ifindex).cloned()
+    /// The one who has `id`, if the mirror watches it.
+    pub fn get(&self, id: IfaceId) -> Option<Iface> {
+        self.0.read().get(&id).cloned()
     }
 }
 
@@ -45,11 +60,22 @@ mod tests {
     #[test]
     fn names_follow_attach_and_detach() {
         let names = IfaceNames::default();
-        names.insert(2, "pod1:eth0");
+        names.insert(IfaceId::index(2), "pod1:eth0");
         let shared = names.clone();
-        assert_eq!(&*shared.name(2), "pod1:eth0");
-        assert_eq!(&*shared.name(3), "");
-        names.remove(2);
-        assert_eq!(shared.get(2), None);
+        assert_eq!(&*shared.name(IfaceId::index(2)), "pod1:eth0");
+        assert_eq!(&*shared.name(IfaceId::index(3)), "");
+        names.remove(IfaceId::index(2));
+        assert_eq!(shared.get(IfaceId::index(2)), None);
+    }
+
+    #[test]
+    fn one_index_in_two_namespaces_names_two_interfaces() {
+        let names = IfaceNames::default();
+        let pod = |netns| IfaceId { netns, index: 2 };
+        names.insert(pod(0x1001), "pod1:eth0");
+        names.insert(pod(0x1002), "pod2:eth0");
+        assert_eq!(&*names.name(pod(0x1001)), "pod1:eth0");
+        assert_eq!(&*names.name(pod(0x1002)), "pod2:eth0");
+        assert_eq!(&*names.name(IfaceId::index(2)), "");
     }
 }

@@ -5,7 +5,10 @@ use bytes::{Bytes, BytesMut};
 
 use crate::{
     arena::{Arena, CHUNK},
-    flow::model::{Direction, FlowKey},
+    flow::{
+        ifaces::IfaceId,
+        model::{Direction, FlowKey},
+    },
 };
 
 /// One mirrored TCP segment.
@@ -24,8 +27,8 @@ pub struct Segment {
     /// The record was cut at the snap length: `payload` lacks bytes the
     /// connection carried.
     pub truncated: bool,
-    /// The interface it came through (in its namespace).
-    pub ifindex: u32,
+    /// The interface it came through.
+    pub iface: IfaceId,
 }
 
 bitflags::bitflags! {

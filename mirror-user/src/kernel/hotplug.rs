@@ -9,6 +9,12 @@
 //! mirror has given up: the privileged helper, which already outlives the
 //! drop, does it (see `privileged_helper`). An interface that goes takes
 //! its TCX links with it; the helper only closes their descriptors.
+//!
+//! When notifications are lost (ENOBUFS: the socket's buffer overflowed
+//! while interfaces came and went in bulk), the same socket asks the
+//! kernel for the namespace's whole list of links and reconciles with it:
+//! a netlink socket answers for the namespace it was made in, and asking
+//! needs no privilege either.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,7 +22,10 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_MULTIPART, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{LinkAttribute, LinkMessage},
@@ -25,8 +34,11 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use tokio::sync::watch;
 
 use crate::{
-    flow::ifaces::IfaceNames, kernel::drain::register_readable, kernel::privileged_helper::Helper,
-    telemetry::counters, text::printable,
+    flow::ifaces::{IfaceId, IfaceNames},
+    kernel::drain::register_readable,
+    kernel::privileged_helper::Helper,
+    telemetry::counters,
+    text::printable,
 };
 
 /// RTMGRP_LINK: link notifications.
@@ -41,6 +53,8 @@ counters! {
         detached,
         /// Interfaces that appeared but could not be attached.
         failed,
+        /// Times notifications were lost and the interfaces listed again.
+        relisted,
     }
 }
 
@@ -69,11 +83,26 @@ pub struct Hotplug {
     pub counters: Arc<InterfaceCounters>,
 }
 
-/// A link appeared (or changed) or went.
+/// A link appeared (or changed) or went; or a part of a listing.
 #[derive(Debug, PartialEq, Eq)]
 enum Change {
-    New { ifindex: u32, name: String },
-    Gone { ifindex: u32 },
+    New {
+        ifindex: u32,
+        name: String,
+    },
+    Gone {
+        ifindex: u32,
+    },
+    /// A link of the listing asked for with sequence number `seq`.
+    Listed {
+        seq: u32,
+        ifindex: u32,
+        name: String,
+    },
+    /// The end of that listing.
+    ListEnd {
+        seq: u32,
+    },
 }
 
 /// The link changes in one datagram of notifications.
@@ -84,21 +113,28 @@ fn changes(mut datagram: &[u8]) -> Vec<Change> {
         let Some(message) = datagram.get(..len) else {
             break;
         };
-        if let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(message)
-            && let NetlinkPayload::InnerMessage(inner) = message.payload
-        {
-            match inner {
-                RouteNetlinkMessage::NewLink(link) => {
+        if let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
+            // Notifications have sequence number 0; a listing's parts carry
+            // the number of its request.
+            let seq = message.header.sequence_number;
+            let listed = seq != 0 && message.header.flags & NLM_F_MULTIPART != 0;
+            match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
                     if let Some(name) = link_name(&link) {
-                        out.push(Change::New {
-                            ifindex: link.header.index,
-                            name,
+                        let ifindex = link.header.index;
+                        out.push(if listed {
+                            Change::Listed { seq, ifindex, name }
+                        } else {
+                            Change::New { ifindex, name }
                         });
                     }
                 }
-                RouteNetlinkMessage::DelLink(link) => out.push(Change::Gone {
-                    ifindex: link.header.index,
-                }),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                    out.push(Change::Gone {
+                        ifindex: link.header.index,
+                    });
+                }
+                NetlinkPayload::Done(_) if seq != 0 => out.push(Change::ListEnd { seq }),
                 _ => {}
             }
         }
@@ -109,6 +145,51 @@ fn changes(mut datagram: &[u8]) -> Vec<Change> {
         }
     }
     out
+}
+
+/// The request for every link of the socket's namespace.
+fn list_request(seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let mut message = NetlinkMessage::new(
+        header,
+        RouteNetlinkMessage::GetLink(LinkMessage::default()).into(),
+    );
+    message.finalize();
+    let mut bytes = vec![0; message.buffer_len()];
+    message.serialize(&mut bytes);
+    bytes
+}
+
+/// What a complete listing means against what is followed: links that
+/// are there (new ones get attached), and watched ones that are not (they
+/// went). Links that went while the listing was made are left out: their
+/// notification came.
+fn reconcile(
+    watched: &HashMap<u32, String>,
+    listed: HashMap<u32, String>,
+    gone_meanwhile: &HashSet<u32>,
+) -> Vec<Change> {
+    let mut gone: Vec<u32> = watched
+        .keys()
+        .filter(|ifindex| !listed.contains_key(ifindex))
+        .copied()
+        .collect();
+    gone.sort_unstable();
+    let mut present: Vec<(u32, String)> = listed
+        .into_iter()
+        .filter(|(ifindex, _)| !gone_meanwhile.contains(ifindex))
+        .collect();
+    present.sort_unstable();
+    gone.into_iter()
+        .map(|ifindex| Change::Gone { ifindex })
+        .chain(
+            present
+                .into_iter()
+                .map(|(ifindex, name)| Change::New { ifindex, name }),
+        )
+        .collect()
 }
 
 fn link_name(link: &LinkMessage) -> Option<String> {
@@ -138,6 +219,8 @@ impl Hotplug {
             helper,
             counters,
             failed: HashSet::new(),
+            listing: None,
+            last_seq: 0,
         };
         let socket = match register_readable(watch.0) {
             Ok(socket) => socket,
@@ -170,11 +253,24 @@ impl Hotplug {
                 Ok(Ok((len, sender))) if sender.port_number() == 0 => len,
                 Ok(Ok(_)) => continue,
                 Ok(Err(error)) if error.raw_os_error() == Some(libc::ENOBUFS) => {
-                    // Not reconciled yet: interfaces added or removed in
-                    // the lost notifications stay as they were.
-                    tracing::warn!(
-                        "missed interface notifications (ENOBUFS): interfaces that came or went meanwhile are not followed; restart the mirror to watch them"
-                    );
+                    following.counters.relisted.fetch_add(1, Ordering::Relaxed);
+                    following.last_seq = following.last_seq.wrapping_add(1).max(1);
+                    let seq = following.last_seq;
+                    match socket.get_ref().send(&list_request(seq), 0) {
+                        Ok(_) => {
+                            tracing::info!(
+                                "missed interface notifications (ENOBUFS): listing the interfaces again"
+                            );
+                            following.listing = Some(Listing {
+                                seq,
+                                links: HashMap::new(),
+                                gone: HashSet::new(),
+                            });
+                        }
+                        Err(error) => tracing::warn!(
+                            "missed interface notifications (ENOBUFS) and cannot list the interfaces again ({error}): interfaces that came or went meanwhile are not followed; restart the mirror to watch them"
+                        ),
+                    }
                     continue;
                 }
                 Ok(Err(error)) => {
@@ -200,6 +296,17 @@ struct Following {
     /// Interfaces that could not be attached: not tried again until they
     /// go (every change of theirs is a notification).
     failed: HashSet<u32>,
+    /// The listing asked for after lost notifications, while it comes.
+    listing: Option<Listing>,
+    last_seq: u32,
+}
+
+/// A listing of every link, as it comes.
+struct Listing {
+    seq: u32,
+    links: HashMap<u32, String>,
+    /// Links whose removal was heard while the listing came.
+    gone: HashSet<u32>,
 }
 
 impl Following {
@@ -214,49 +321,74 @@ impl Following {
 
     async fn apply(&mut self, change: Change) {
         match change {
-            Change::New { ifindex, name } => {
-                if name == "lo"
-                    || self.watched.contains_key(&ifindex)
-                    || self.failed.contains(&ifindex)
-                {
-                    return;
-                }
-                let label = self.label(&name);
-                let helper = Arc::clone(&self.helper);
-                let attached =
-                    tokio::task::spawn_blocking(move || helper.attach_interface(ifindex)).await;
-                match attached {
-                    Ok(Ok(())) => {
-                        tracing::info!("{} appeared: attached", printable(&label));
-                        self.names.insert(ifindex, &label);
-                        self.watched.insert(ifindex, name);
-                        self.counters.attached.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Err(error)) => {
-                        tracing::warn!(
-                            "{} appeared but cannot be attached: {error}",
-                            printable(&label)
-                        );
-                        self.failed.insert(ifindex);
-                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(error) => tracing::warn!("{}: {error}", printable(&label)),
+            Change::Listed { seq, ifindex, name } => {
+                if let Some(listing) = self.listing.as_mut().filter(|l| l.seq == seq) {
+                    listing.links.insert(ifindex, name);
                 }
             }
-            Change::Gone { ifindex } => {
-                self.failed.remove(&ifindex);
-                let Some(name) = self.watched.remove(&ifindex) else {
+            Change::ListEnd { seq } => {
+                let Some(listing) = self.listing.take_if(|l| l.seq == seq) else {
                     return;
                 };
-                tracing::info!("{} went away", printable(&self.label(&name)));
-                self.names.remove(ifindex);
-                self.counters.detached.fetch_add(1, Ordering::Relaxed);
-                let helper = Arc::clone(&self.helper);
-                // Not one the helper attached (one of the start): nothing
-                // to let go of there, which it answers with OK too.
-                let _ = tokio::task::spawn_blocking(move || helper.forget_interface(ifindex)).await;
+                // A link that is gone is not failed any more either.
+                self.failed
+                    .retain(|ifindex| listing.links.contains_key(ifindex));
+                for change in reconcile(&self.watched, listing.links, &listing.gone) {
+                    match change {
+                        Change::New { ifindex, name } => self.appeared(ifindex, name).await,
+                        Change::Gone { ifindex } => self.went(ifindex).await,
+                        Change::Listed { .. } | Change::ListEnd { .. } => {}
+                    }
+                }
+            }
+            Change::New { ifindex, name } => self.appeared(ifindex, name).await,
+            Change::Gone { ifindex } => {
+                if let Some(listing) = &mut self.listing {
+                    listing.gone.insert(ifindex);
+                }
+                self.went(ifindex).await;
             }
         }
+    }
+
+    async fn appeared(&mut self, ifindex: u32, name: String) {
+        if name == "lo" || self.watched.contains_key(&ifindex) || self.failed.contains(&ifindex) {
+            return;
+        }
+        let label = self.label(&name);
+        let helper = Arc::clone(&self.helper);
+        let attached = tokio::task::spawn_blocking(move || helper.attach_interface(ifindex)).await;
+        match attached {
+            Ok(Ok(())) => {
+                tracing::info!("{} appeared: attached", printable(&label));
+                self.names.insert(IfaceId::index(ifindex), &label);
+                self.watched.insert(ifindex, name);
+                self.counters.attached.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(
+                    "{} appeared but cannot be attached: {error}",
+                    printable(&label)
+                );
+                self.failed.insert(ifindex);
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => tracing::warn!("{}: {error}", printable(&label)),
+        }
+    }
+
+    async fn went(&mut self, ifindex: u32) {
+        self.failed.remove(&ifindex);
+        let Some(name) = self.watched.remove(&ifindex) else {
+            return;
+        };
+        tracing::info!("{} went away", printable(&self.label(&name)));
+        self.names.remove(IfaceId::index(ifindex));
+        self.counters.detached.fetch_add(1, Ordering::Relaxed);
+        let helper = Arc::clone(&self.helper);
+        // Not one the helper attached (one of the start): nothing to let
+        // go of there, which it answers with OK too.
+        let _ = tokio::task::spawn_blocking(move || helper.forget_interface(ifindex)).await;
     }
 }
 
@@ -296,5 +428,79 @@ mod tests {
         // Garbage ends the datagram, it does not loop or panic.
         assert!(changes(&[0xff; 7]).is_empty());
         assert!(changes(&[0; 64]).is_empty());
+    }
+
+    #[test]
+    fn a_listing_is_told_from_notifications() {
+        let mut listed = LinkMessage::default();
+        listed.header.index = 3;
+        listed.attributes.push(LinkAttribute::IfName("eth0".into()));
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = 9;
+        header.flags = NLM_F_MULTIPART;
+        let mut part = NetlinkMessage::new(header, RouteNetlinkMessage::NewLink(listed).into());
+        part.finalize();
+        let mut done = NetlinkMessage::<RouteNetlinkMessage>::new(
+            header,
+            NetlinkPayload::Done(Default::default()),
+        );
+        done.finalize();
+        let mut datagram = vec![0; part.buffer_len()];
+        part.serialize(&mut datagram);
+        let mut end = vec![0; done.buffer_len()];
+        done.serialize(&mut end);
+        datagram.extend(end);
+        assert_eq!(
+            changes(&datagram),
+            [
+                Change::Listed {
+                    seq: 9,
+                    ifindex: 3,
+                    name: "eth0".into()
+                },
+                Change::ListEnd { seq: 9 }
+            ]
+        );
+        // The request is one well-formed dump request.
+        let request = list_request(9);
+        let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&request).unwrap();
+        assert_eq!(message.header.sequence_number, 9);
+        assert_eq!(message.header.flags, NLM_F_REQUEST | NLM_F_DUMP);
+        assert!(matches!(
+            message.payload,
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(_))
+        ));
+    }
+
+    #[test]
+    fn a_listing_attaches_what_came_and_lets_go_of_what_went() {
+        let watched: HashMap<u32, String> = [(2, "eth0".to_owned()), (5, "eth1".to_owned())].into();
+        let listed: HashMap<u32, String> = [
+            (1, "lo".to_owned()),
+            (2, "eth0".to_owned()),
+            (7, "eth2".to_owned()),
+            (8, "eth3".to_owned()),
+        ]
+        .into();
+        // eth3's removal was heard while the listing came.
+        let gone_meanwhile: HashSet<u32> = [8].into();
+        assert_eq!(
+            reconcile(&watched, listed, &gone_meanwhile),
+            [
+                Change::Gone { ifindex: 5 },
+                Change::New {
+                    ifindex: 1,
+                    name: "lo".into()
+                },
+                Change::New {
+                    ifindex: 2,
+                    name: "eth0".into()
+                },
+                Change::New {
+                    ifindex: 7,
+                    name: "eth2".into()
+                },
+            ]
+        );
     }
 }

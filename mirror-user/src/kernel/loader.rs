@@ -13,9 +13,10 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use mirror_common::{
-    GLOBAL_SAMPLE_PERCENT, GLOBAL_SAMPLE_SEED, GLOBAL_SNAPLEN, GLOBAL_WAKEUP_BYTES, LostFlow,
-    MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS, MAP_RINGS, MAX_CPUS, PROG_TC, PROG_TC_EGRESS,
-    PROG_XDP,
+    GLOBAL_NETNS_DEV_NET, GLOBAL_NETNS_NET_COOKIE, GLOBAL_NETNS_RXQ_DEV, GLOBAL_NETNS_SKB_DEV,
+    GLOBAL_NETNS_XDP_RXQ, GLOBAL_SAMPLE_PERCENT, GLOBAL_SAMPLE_SEED, GLOBAL_SNAPLEN,
+    GLOBAL_WAKEUP_BYTES, LostFlow, MAP_COUNTERS, MAP_LOST_FLOWS, MAP_PORTS, MAP_RINGS, MAX_CPUS,
+    PROG_TC, PROG_TC_EGRESS, PROG_XDP,
 };
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use crate::{
     flow::model::FlowKey,
     kernel::{
+        btf::NetnsPath,
         counters::{KernelCounters, KernelSnapshot},
         ring_fill::{RingFill, RingFills},
     },
@@ -47,6 +49,10 @@ pub struct LoadOptions {
     pub kernel_log_level: u8,
     /// Whole connections mirrored, in percent (1..=100; 100: all).
     pub sample: Sample,
+    /// Where the programs find each packet's network namespace cookie,
+    /// when the mirror watches several namespaces (records carry 0
+    /// otherwise).
+    pub netns_path: Option<NetnsPath>,
 }
 
 /// Which connections the kernel mirrors: those whose 4-tuple hashes into
@@ -179,6 +185,14 @@ impl Mirror {
             aya::util::online_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;
         // The ring array is indexed by CPU id, so it spans the highest id.
         let ring_slots = cpus.iter().max().map_or(1, |max| max + 1).min(MAX_CPUS);
+        // All 0: the programs do not look.
+        let netns = options.netns_path.unwrap_or(NetnsPath {
+            skb_dev: 0,
+            xdp_rxq: 0,
+            rxq_dev: 0,
+            dev_net: 0,
+            net_cookie: 0,
+        });
 
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_SNAPLEN, &options.snaplen, true)
@@ -190,6 +204,11 @@ impl Mirror {
                 true,
             )
             .override_global(GLOBAL_SAMPLE_SEED, &options.sample.seed, true)
+            .override_global(GLOBAL_NETNS_SKB_DEV, &netns.skb_dev, true)
+            .override_global(GLOBAL_NETNS_XDP_RXQ, &netns.xdp_rxq, true)
+            .override_global(GLOBAL_NETNS_RXQ_DEV, &netns.rxq_dev, true)
+            .override_global(GLOBAL_NETNS_DEV_NET, &netns.dev_net, true)
+            .override_global(GLOBAL_NETNS_NET_COOKIE, &netns.net_cookie, true)
             .map_max_entries(MAP_RINGS, ring_slots)
             .load(EBPF_OBJECT)
             .map_err(classify_ebpf_error)?;

@@ -1,6 +1,7 @@
 //! Everything that touches BPF or the kernel's privileges.
 
 pub mod attach;
+pub mod btf;
 pub mod clock;
 pub mod counters;
 pub mod drain;

@@ -64,6 +64,12 @@ pub enum NetnsError {
         "the network namespace {label} has no interface but lo: name one with --iface, or wait until the pod has its network"
     )]
     NoInterfaces { label: String },
+    #[error("cannot read the cookie of the network namespace {label}: {source}")]
+    Cookie {
+        label: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A network namespace, held open (so that it stays the same namespace for
@@ -219,6 +225,16 @@ impl Netns {
         })
     }
 
+    /// The namespace's cookie, as the programs write it into records:
+    /// `SO_NETNS_COOKIE` of a socket made in it.
+    pub fn cookie(&self) -> Result<u64, NetnsError> {
+        self.run(socket_netns_cookie)?
+            .map_err(|source| NetnsError::Cookie {
+                label: self.to_string(),
+                source,
+            })
+    }
+
     /// The interfaces of this namespace that the mirror watches when none
     /// is named: all but loopback, by name, sorted.
     pub fn interfaces(&self) -> Result<Vec<String>, NetnsError> {
@@ -362,6 +378,35 @@ impl fmt::Display for IfaceArg {
             None => f.write_str(&self.iface),
         }
     }
+}
+
+/// The cookie of the calling thread's network namespace.
+fn socket_netns_cookie() -> io::Result<u64> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    use std::os::fd::AsRawFd as _;
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the socket is open, and `cookie` has room for the `len`
+    // bytes the kernel writes.
+    let done = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if done != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, TcpHeaderSlice};
 use mirror_common::{RECORD_HEADER_LEN, RecordHeader, record_flags};
 
 use crate::flow::{
+    ifaces::IfaceId,
     model::{Direction, FlowKey},
     segment::{PayloadPool, Segment, TcpFlags},
 };
@@ -105,7 +106,10 @@ impl<'a> Record<'a> {
             flags: tcp.flags,
             payload: pool.copy(tcp.payload),
             truncated,
-            ifindex: self.header.ifindex,
+            iface: IfaceId {
+                netns: self.header.netns_cookie,
+                index: self.header.ifindex,
+            },
         })
     }
 }
@@ -224,6 +228,7 @@ mod tests {
             flags,
             l3_offset: l3,
             l4_offset: l4,
+            netns_cookie: 0,
         }
     }
 

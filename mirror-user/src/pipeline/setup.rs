@@ -18,9 +18,10 @@ use aya::maps::MapError;
 
 use crate::{
     files::{OutputDir, OutputDirError},
-    flow::ifaces::IfaceNames,
+    flow::ifaces::{IfaceId, IfaceNames},
     kernel::{
         attach::{self, AttachError, AttachMode, Attachment, Directions},
+        btf::NetnsPath,
         hotplug::LinkWatch,
         loader::{LoadError, LoadOptions, Mirror},
         netns::{IfaceArg, Netns, NetnsError, ProcessExit},
@@ -117,12 +118,13 @@ pub enum SetupError {
     #[error("--iface {iface} is given twice: give each interface once")]
     Twice { iface: String },
     #[error(
-        "{first} and {second} both have interface index {ifindex} in their namespaces, and the mirror cannot tell their packets apart yet: watch them with two mirrors"
+        "{first} and {second} both have interface index {ifindex} in their namespaces, and the mirror cannot tell their packets apart on this kernel ({why}): watch them with two mirrors"
     )]
     SameIndex {
         first: String,
         second: String,
         ifindex: u32,
+        why: String,
     },
     #[error(
         "{iface} is in another network namespace, where the mirror attaches through TCX links only (Linux 6.6 or newer, without --tc-netlink), or XDP"
@@ -138,10 +140,13 @@ struct Target {
     /// How the output names it: `IF`, or `NETNS:IF`.
     label: String,
     ifindex: u32,
+    /// The namespace's cookie when records carry it (see
+    /// [`netns_cookies`]), else 0.
+    netns_cookie: u64,
 }
 
 /// The interfaces `config` names, each looked up in its namespace; refuses
-/// one given twice, and two that share an index (see [`IfaceNames`]).
+/// one given twice.
 fn targets(config: &SetupConfig, default: &Arc<Netns>) -> Result<Vec<Target>, SetupError> {
     let wanted: Vec<(Arc<Netns>, String)> = if config.ifaces.is_empty() {
         default
@@ -175,16 +180,11 @@ fn targets(config: &SetupConfig, default: &Arc<Netns>) -> Result<Vec<Target>, Se
     for (netns, iface) in wanted {
         let ifindex = netns.run(|| attach::interface_index(&iface))??;
         let label = netns.iface_label(&iface);
-        if let Some(known) = targets.iter().find(|known| known.ifindex == ifindex) {
-            return Err(if *known.netns == *netns {
-                SetupError::Twice { iface: label }
-            } else {
-                SetupError::SameIndex {
-                    first: known.label.clone(),
-                    second: label,
-                    ifindex,
-                }
-            });
+        if targets
+            .iter()
+            .any(|known| known.ifindex == ifindex && *known.netns == *netns)
+        {
+            return Err(SetupError::Twice { iface: label });
         }
         let tc = matches!(attach::resolve(config.attach), AttachMode::Tc);
         if !netns.is_own() && tc && !attach::uses_tcx(config.tc_netlink) {
@@ -197,9 +197,53 @@ fn targets(config: &SetupConfig, default: &Arc<Netns>) -> Result<Vec<Target>, Se
             iface,
             label,
             ifindex,
+            netns_cookie: 0,
         });
     }
     Ok(targets)
+}
+
+/// Two targets in different namespaces with one index (a pod's `eth0`
+/// often has the same as another pod's): the programs then write the
+/// namespace's cookie into each record, found along the offsets the
+/// kernel's BTF gives, and each target learns its namespace's cookie.
+/// Only then: following the pointers costs 60 to 100 ns per mirrored
+/// packet (`cargo xtask bench --scenario kernel`), and distinct indexes
+/// name the interfaces alone. Without BTF (or `SO_NETNS_COOKIE`, Linux
+/// 5.14) such targets are refused.
+fn netns_cookies(targets: &mut [Target]) -> Result<Option<NetnsPath>, SetupError> {
+    let clash = targets.iter().enumerate().find_map(|(i, target)| {
+        targets[..i]
+            .iter()
+            .find(|known| known.ifindex == target.ifindex)
+            .map(|known| (known, target))
+    });
+    let Some((first, second)) = clash else {
+        return Ok(None);
+    };
+    let found = NetnsPath::of_running_kernel()
+        .map_err(|error| error.to_string())
+        .and_then(|path| {
+            let cookies = targets
+                .iter()
+                .map(|target| target.netns.cookie().map_err(|error| error.to_string()))
+                .collect::<Result<Vec<u64>, String>>()?;
+            Ok((path, cookies))
+        });
+    match found {
+        Ok((path, cookies)) => {
+            for (target, cookie) in targets.iter_mut().zip(cookies) {
+                target.netns_cookie = cookie;
+            }
+            Ok(Some(path))
+        }
+        Err(why) => Err(SetupError::SameIndex {
+            first: first.label.clone(),
+            second: second.label.clone(),
+            ifindex: second.ifindex,
+            why,
+        }),
+    }
 }
 
 /// Attaches to every target, in order; on an error detaches those attached
@@ -219,6 +263,7 @@ fn attach_all(
                 watched.push(Watched {
                     label: target.label,
                     attachment,
+                    netns_cookie: target.netns_cookie,
                 });
                 continue;
             }
@@ -261,6 +306,8 @@ fn hotplug_programs(
 pub struct Watched {
     pub label: String,
     pub attachment: Attachment,
+    /// What records from it carry as `netns_cookie`.
+    pub netns_cookie: u64,
 }
 
 /// What the privileged start leaves for the rest of the run: the kernel
@@ -331,14 +378,18 @@ impl Setup {
                 "interfaces that appear in {default} later are not watched: hot-plug attaches at TC only (--attach tc or auto)"
             );
         }
-        let targets = targets(&config, &default)?;
+        let mut targets = targets(&config, &default)?;
+        let load = LoadOptions {
+            netns_path: netns_cookies(&mut targets)?,
+            ..config.load
+        };
         let iface = targets
             .iter()
             .map(|target| target.label.as_str())
             .collect::<Vec<_>>()
             .join(", ");
 
-        let mut mirror = Mirror::load(&config.load)?;
+        let mut mirror = Mirror::load(&load)?;
 
         // Files before sockets before the kernel: a bad path fails before
         // anything is attached.
@@ -442,7 +493,13 @@ impl Setup {
         tracing::debug!("running as {} from now on", identity.name);
         let ifaces = IfaceNames::default();
         for watched in &watched {
-            ifaces.insert(watched.attachment.ifindex, &watched.label);
+            ifaces.insert(
+                IfaceId {
+                    netns: watched.netns_cookie,
+                    index: watched.attachment.ifindex,
+                },
+                &watched.label,
+            );
         }
         Ok(Self {
             iface,

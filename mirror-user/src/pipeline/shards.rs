@@ -419,7 +419,7 @@ mod tests {
     use super::*;
     use crate::{
         fanout::hub::HubConfig,
-        flow::{model::StreamEvent, segment::TcpFlags},
+        flow::{ifaces::IfaceId, model::StreamEvent, segment::TcpFlags},
     };
 
     #[test]
@@ -457,7 +457,7 @@ mod tests {
                 flags: TcpFlags::ACK,
                 payload,
                 truncated: false,
-                ifindex: 0,
+                iface: IfaceId::default(),
             };
             let batch = vec![segment; SEGMENTS_PER_BATCH];
             let per_batch = batch_bytes(&batch);
@@ -514,7 +514,7 @@ mod tests {
             flags,
             payload: Bytes::from_static(payload),
             truncated: false,
-            ifindex: 0,
+            iface: IfaceId::default(),
         };
         let mut used = HashSet::new();
         for n in 1..=12u16 {

@@ -184,6 +184,7 @@ fn record(router: &mut SegmentRouter, frame: &[u8]) {
         flags: 0,
         l3_offset: 14,
         l4_offset: 34,
+        netns_cookie: 0,
     };
     router.record(&Record {
         header,

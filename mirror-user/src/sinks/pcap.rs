@@ -811,6 +811,7 @@ mod tests {
                 flags,
                 l3_offset: 14,
                 l4_offset: 34,
+                netns_cookie: 0,
             },
             frame,
         )

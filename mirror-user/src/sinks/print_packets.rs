@@ -10,7 +10,10 @@ use mirror_common::record_flags;
 use serde::Serialize;
 
 use crate::{
-    flow::{ifaces::IfaceNames, model::Iface},
+    flow::{
+        ifaces::{IfaceId, IfaceNames},
+        model::Iface,
+    },
     kernel::clock::WallClock,
     kernel::drain::RecordSink,
     kernel::record::{Record, TcpPacket},
@@ -34,7 +37,7 @@ pub struct PacketPrinter {
     /// With several interfaces: each record's, by index.
     names: Option<IfaceNames>,
     /// The last index looked up, and its name.
-    last: (u32, Iface),
+    last: (IfaceId, Iface),
 }
 
 impl PacketPrinter {
@@ -44,7 +47,7 @@ impl PacketPrinter {
             clock,
             buffer: Vec::with_capacity(64 * 1024),
             names: None,
-            last: (0, Iface::from(iface)),
+            last: (IfaceId::default(), Iface::from(iface)),
         }
     }
 
@@ -56,11 +59,11 @@ impl PacketPrinter {
         self
     }
 
-    fn iface_of(&mut self, ifindex: u32) -> Iface {
+    fn iface_of(&mut self, id: IfaceId) -> Iface {
         if let Some(names) = &self.names
-            && (self.last.0 != ifindex || self.last.1.is_empty())
+            && (self.last.0 != id || self.last.1.is_empty())
         {
-            self.last = (ifindex, names.name(ifindex));
+            self.last = (id, names.name(id));
         }
         Iface::clone(&self.last.1)
     }
@@ -117,7 +120,10 @@ impl RecordSink for PacketPrinter {
             }
         };
         let ts_ns = self.clock.unix_ns(record.header.ts_ns);
-        let iface = self.iface_of(record.header.ifindex);
+        let iface = self.iface_of(IfaceId {
+            netns: record.header.netns_cookie,
+            index: record.header.ifindex,
+        });
         match self.format {
             PacketFormat::Json => {
                 let line = PacketLine::new(&iface, ts_ns, record, &tcp);
@@ -188,21 +194,22 @@ mod tests {
     use super::*;
 
     /// With several interfaces, each packet's comes from the names table,
-    /// by its record's index.
+    /// by its record's namespace and index.
     #[test]
-    fn packets_name_their_interface_by_index() {
+    fn packets_name_their_interface_by_namespace_and_index() {
         let names = IfaceNames::default();
-        names.insert(2, "pod1:eth0");
-        names.insert(3, "pod2:eth0");
+        let pod = |netns| IfaceId { netns, index: 2 };
+        names.insert(pod(11), "pod1:eth0");
+        names.insert(pod(12), "pod2:eth0");
         let mut printer =
             PacketPrinter::new(PacketFormat::Text, "pod1:eth0, pod2:eth0", WallClock::new())
                 .naming(names);
-        assert_eq!(&*printer.iface_of(3), "pod2:eth0");
-        assert_eq!(&*printer.iface_of(2), "pod1:eth0");
-        assert_eq!(&*printer.iface_of(2), "pod1:eth0");
-        assert_eq!(&*printer.iface_of(9), "");
+        assert_eq!(&*printer.iface_of(pod(12)), "pod2:eth0");
+        assert_eq!(&*printer.iface_of(pod(11)), "pod1:eth0");
+        assert_eq!(&*printer.iface_of(pod(11)), "pod1:eth0");
+        assert_eq!(&*printer.iface_of(IfaceId::index(9)), "");
         let mut single = PacketPrinter::new(PacketFormat::Text, "lo", WallClock::new());
-        assert_eq!(&*single.iface_of(1), "lo");
+        assert_eq!(&*single.iface_of(IfaceId::index(1)), "lo");
     }
 
     #[test]
@@ -224,6 +231,7 @@ mod tests {
                 flags: 0,
                 l3_offset: 14,
                 l4_offset: 34,
+                netns_cookie: 0,
             },
             packet: &frame,
         };
