@@ -93,6 +93,8 @@ async fn pipeline(records: &[Vec<u8>], url: Option<&str>, server: u32) -> Sample
     ));
     let (_, mut subscription) = hub.subscribe(&[PORT], "bench");
     let stats = Arc::new(NatsCounters::default());
+    // Never signalled: the bench waits for every acknowledgement.
+    let (_running, closing) = tokio::sync::watch::channel(false);
     let task = match url {
         Some(url) => tokio::spawn(publish_events(
             subscription,
@@ -108,6 +110,7 @@ async fn pipeline(records: &[Vec<u8>], url: Option<&str>, server: u32) -> Sample
             },
             None,
             Arc::clone(&stats),
+            closing,
         )),
         None => {
             let stats = Arc::clone(&stats);

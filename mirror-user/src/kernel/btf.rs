@@ -70,17 +70,21 @@ const MAGIC: u16 = 0xeb9f;
 
 // Kinds (include/uapi/linux/btf.h).
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
+const KIND_FWD: u32 = 7;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
+const KIND_FLOAT: u32 = 16;
 const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
@@ -134,7 +138,13 @@ impl Btf {
         if u16_at(0)? != MAGIC {
             return Err(BtfError::Malformed("bad magic (or another byte order)"));
         }
+        if data.get(2) != Some(&1) {
+            return Err(BtfError::Malformed("not version 1"));
+        }
         let hdr_len = u32_at(4)? as usize;
+        if hdr_len < 24 {
+            return Err(BtfError::Malformed("header too short"));
+        }
         let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
         let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
         let range = |off: usize, len: usize| {
@@ -191,13 +201,17 @@ impl Btf {
                         KIND_ARRAY => 12,
                         KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
                         KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
-                        // PTR, FWD, FUNC, FLOAT: nothing follows.
-                        _ => 0,
+                        KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => 0,
+                        // Its size is unknown, so is where the next type starts.
+                        _ => return Err(BtfError::Malformed("a type of unknown kind")),
                     };
                     Type::Other
                 }
             };
             types.push(ty);
+        }
+        if at != table.len() {
+            return Err(BtfError::Malformed("the last type is cut"));
         }
         let mut btf = Self {
             types,
@@ -239,15 +253,17 @@ impl Btf {
 
     /// Byte offset of `name` in the composite `id`, looking into anonymous
     /// members (`union { struct net_device *dev; ... }` in `sk_buff`);
-    /// the member's type id with it.
-    fn find(&self, id: u32, name: &str, depth: usize) -> Option<(u32, u32)> {
+    /// the member's type id with it. `budget` bounds the members looked
+    /// at, whatever the nesting (a malformed table may loop).
+    fn find(&self, id: u32, name: &str, depth: usize, budget: &mut usize) -> Option<(u32, u32)> {
         if depth > 8 {
             return None;
         }
         for member in self.composite(id)? {
+            *budget = budget.checked_sub(1)?;
             if member.name == 0 {
-                if let Some((offset, ty)) = self.find(member.ty, name, depth + 1) {
-                    return Some((member.bit_offset / 8 + offset, ty));
+                if let Some((offset, ty)) = self.find(member.ty, name, depth + 1, budget) {
+                    return Some(((member.bit_offset / 8).checked_add(offset)?, ty));
                 }
             } else if self.string(member.name) == name {
                 return Some((member.bit_offset / 8, member.ty));
@@ -263,9 +279,10 @@ impl Btf {
         let mut total = 0;
         for member in path {
             let (offset, ty) = self
-                .find(id, member, 0)
+                .find(id, member, 0, &mut 100_000)
                 .ok_or(BtfError::NoMember { parent, member })?;
-            total += offset;
+            total = u32::checked_add(total, offset)
+                .ok_or(BtfError::Malformed("an offset beyond 4 GiB"))?;
             id = ty;
         }
         Ok(total)
@@ -347,6 +364,42 @@ mod tests {
         let mut swapped = blob.clone();
         swapped.swap(0, 1);
         assert!(Btf::parse(&swapped).is_err());
+        let mut version = blob.clone();
+        version[2] = 2;
+        assert!(Btf::parse(&version).is_err());
+        // The first type (int) made of an unknown kind: its size is unknown.
+        let mut unknown = blob.clone();
+        let info = 24 + 4;
+        unknown[info..info + 4].copy_from_slice(&(31u32 << 24).to_ne_bytes());
+        assert!(matches!(
+            Btf::parse(&unknown),
+            Err(BtfError::Malformed("a type of unknown kind"))
+        ));
+    }
+
+    /// An anonymous member that is its own struct: the search ends.
+    #[test]
+    fn a_struct_that_contains_itself_ends_the_search() {
+        let strings = b"\0looped\0".to_vec();
+        let mut types = Vec::new();
+        // 1: struct looped { <anonymous: struct looped> x 2 }
+        for w in [1u32, (KIND_STRUCT << 24) | 2, 8, 0, 1, 0, 0, 1, 0] {
+            types.extend_from_slice(&w.to_ne_bytes());
+        }
+        let mut blob = Vec::new();
+        for w in [u32::from(MAGIC) | (1 << 16), 24, 0, types.len() as u32] {
+            blob.extend_from_slice(&w.to_ne_bytes());
+        }
+        for w in [types.len() as u32, strings.len() as u32] {
+            blob.extend_from_slice(&w.to_ne_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(&strings);
+        let btf = Btf::parse(&blob).unwrap();
+        assert!(matches!(
+            btf.member_offset("looped", &["nope"]),
+            Err(BtfError::NoMember { .. })
+        ));
     }
 
     #[test]

@@ -11,10 +11,12 @@
 //! its TCX links with it; the helper only closes their descriptors.
 //!
 //! When notifications are lost (ENOBUFS: the socket's buffer overflowed
-//! while interfaces came and went in bulk), the same socket asks the
-//! kernel for the namespace's whole list of links and reconciles with it:
-//! a netlink socket answers for the namespace it was made in, and asking
-//! needs no privilege either.
+//! while interfaces came and went in bulk), what is queued is read and
+//! dropped (which ends the overflow), and a second socket, also opened in
+//! the namespace at start, asks the kernel for the namespace's whole list
+//! of links; the mirror reconciles with it. A netlink socket answers for
+//! the namespace it was made in, and asking needs no privilege. The list
+//! comes on its own socket so that it never fills the notifications'.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -23,11 +25,11 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_MULTIPART, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
     NetlinkPayload,
 };
 use netlink_packet_route::{
-    RouteNetlinkMessage,
+    AddressFamily, RouteNetlinkMessage,
     link::{LinkAttribute, LinkMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -58,16 +60,45 @@ counters! {
     }
 }
 
-/// The link notifications of the calling thread's namespace.
-pub struct LinkWatch(Socket);
+/// The link notifications of the calling thread's namespace, and a socket
+/// to list its links with.
+pub struct LinkWatch {
+    notifications: Socket,
+    lister: Socket,
+}
+
+/// How long one read of a listing may wait before it is given up.
+const LIST_TIMEOUT: libc::timeval = libc::timeval {
+    tv_sec: 2,
+    tv_usec: 0,
+};
 
 impl LinkWatch {
     /// Call in the watched namespace ([`crate::kernel::netns::Netns::run`]).
     pub fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind(&SocketAddr::new(0, LINK_GROUP))?;
-        socket.set_non_blocking(true)?;
-        Ok(Self(socket))
+        let mut notifications = Socket::new(NETLINK_ROUTE)?;
+        notifications.bind(&SocketAddr::new(0, LINK_GROUP))?;
+        notifications.set_non_blocking(true)?;
+        let mut lister = Socket::new(NETLINK_ROUTE)?;
+        lister.bind_auto()?;
+        let timeout = LIST_TIMEOUT;
+        // SAFETY: setsockopt on an open socket with a timeval of its size.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&lister),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            notifications,
+            lister,
+        })
     }
 }
 
@@ -83,26 +114,11 @@ pub struct Hotplug {
     pub counters: Arc<InterfaceCounters>,
 }
 
-/// A link appeared (or changed) or went; or a part of a listing.
+/// A link appeared (or changed) or went.
 #[derive(Debug, PartialEq, Eq)]
 enum Change {
-    New {
-        ifindex: u32,
-        name: String,
-    },
-    Gone {
-        ifindex: u32,
-    },
-    /// A link of the listing asked for with sequence number `seq`.
-    Listed {
-        seq: u32,
-        ifindex: u32,
-        name: String,
-    },
-    /// The end of that listing.
-    ListEnd {
-        seq: u32,
-    },
+    New { ifindex: u32, name: String },
+    Gone { ifindex: u32 },
 }
 
 /// The link changes in one datagram of notifications.
@@ -114,27 +130,26 @@ fn changes(mut datagram: &[u8]) -> Vec<Change> {
             break;
         };
         if let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
-            // Notifications have sequence number 0; a listing's parts carry
-            // the number of its request.
-            let seq = message.header.sequence_number;
-            let listed = seq != 0 && message.header.flags & NLM_F_MULTIPART != 0;
             match message.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                // A bridge's notices of its ports (AF_BRIDGE) say nothing of
+                // the link itself coming or going.
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))
+                    if link.header.interface_family == AddressFamily::Unspec =>
+                {
                     if let Some(name) = link_name(&link) {
-                        let ifindex = link.header.index;
-                        out.push(if listed {
-                            Change::Listed { seq, ifindex, name }
-                        } else {
-                            Change::New { ifindex, name }
+                        out.push(Change::New {
+                            ifindex: link.header.index,
+                            name,
                         });
                     }
                 }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link))
+                    if link.header.interface_family == AddressFamily::Unspec =>
+                {
                     out.push(Change::Gone {
                         ifindex: link.header.index,
                     });
                 }
-                NetlinkPayload::Done(_) if seq != 0 => out.push(Change::ListEnd { seq }),
                 _ => {}
             }
         }
@@ -162,25 +177,87 @@ fn list_request(seq: u32) -> Vec<u8> {
     bytes
 }
 
-/// What a complete listing means against what is followed: links that
-/// are there (new ones get attached), and watched ones that are not (they
-/// went). Links that went while the listing was made are left out: their
-/// notification came.
-fn reconcile(
-    watched: &HashMap<u32, String>,
-    listed: HashMap<u32, String>,
-    gone_meanwhile: &HashSet<u32>,
-) -> Vec<Change> {
+/// A listing of every link of the namespace.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Listing {
+    links: HashMap<u32, String>,
+    /// A link's message could not be read: which watched links went cannot
+    /// be told.
+    partial: bool,
+}
+
+/// Asks for every link on `lister` and reads the answer (blocking, each
+/// read at most [`LIST_TIMEOUT`]); `seq` tells this answer from a late one.
+fn list_links(lister: &Socket, seq: u32) -> Result<Listing, String> {
+    lister
+        .send(&list_request(seq), 0)
+        .map_err(|error| error.to_string())?;
+    let mut listing = Listing::default();
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        let len = lister
+            .recv(&mut buffer.as_mut_slice(), 0)
+            .map_err(|error| error.to_string())?;
+        if listing_part(&buffer[..len], seq, &mut listing)? {
+            return Ok(listing);
+        }
+    }
+}
+
+/// Adds the links of one datagram of a listing to `listing`; true at its
+/// end. A listing the kernel ended in error, or interrupted (links changed
+/// while it was made), is an error: it may lack links.
+fn listing_part(mut datagram: &[u8], seq: u32, listing: &mut Listing) -> Result<bool, String> {
+    while let Ok(buffer) = NetlinkBuffer::new_checked(datagram) {
+        let len = buffer.length() as usize;
+        let Some(message) = datagram.get(..len) else {
+            break;
+        };
+        if buffer.sequence_number() == seq {
+            if buffer.flags() & NLM_F_DUMP_INTR != 0 {
+                return Err("the links changed while they were listed".to_owned());
+            }
+            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message)
+                .map(|message| message.payload)
+            {
+                Ok(NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))) => {
+                    match link_name(&link) {
+                        Some(name) => {
+                            listing.links.insert(link.header.index, name);
+                        }
+                        None => listing.partial = true,
+                    }
+                }
+                Ok(NetlinkPayload::Done(done)) if done.code == 0 => return Ok(true),
+                Ok(NetlinkPayload::Done(done)) => {
+                    return Err(format!("the listing ended with error {}", done.code));
+                }
+                Ok(NetlinkPayload::Error(error)) => {
+                    return Err(format!("the listing failed: {error}"));
+                }
+                Ok(_) => {}
+                Err(_) => listing.partial = true,
+            }
+        }
+        datagram = datagram.get(len.next_multiple_of(4)..).unwrap_or_default();
+        if len == 0 {
+            break;
+        }
+    }
+    Ok(false)
+}
+
+/// What a listing means against what is followed: links that are there
+/// (new ones get attached), and watched ones that are not (they went),
+/// unless the listing is partial.
+fn reconcile(watched: &HashMap<u32, String>, listing: Listing) -> Vec<Change> {
     let mut gone: Vec<u32> = watched
         .keys()
-        .filter(|ifindex| !listed.contains_key(ifindex))
+        .filter(|ifindex| !listing.partial && !listing.links.contains_key(ifindex))
         .copied()
         .collect();
     gone.sort_unstable();
-    let mut present: Vec<(u32, String)> = listed
-        .into_iter()
-        .filter(|(ifindex, _)| !gone_meanwhile.contains(ifindex))
-        .collect();
+    let mut present: Vec<(u32, String)> = listing.links.into_iter().collect();
     present.sort_unstable();
     gone.into_iter()
         .map(|ifindex| Change::Gone { ifindex })
@@ -219,10 +296,10 @@ impl Hotplug {
             helper,
             counters,
             failed: HashSet::new(),
-            listing: None,
             last_seq: 0,
         };
-        let socket = match register_readable(watch.0) {
+        let lister = Arc::new(watch.lister);
+        let socket = match register_readable(watch.notifications) {
             Ok(socket) => socket,
             Err(error) => {
                 tracing::warn!("interfaces added later will not be watched: {error}");
@@ -253,24 +330,8 @@ impl Hotplug {
                 Ok(Ok((len, sender))) if sender.port_number() == 0 => len,
                 Ok(Ok(_)) => continue,
                 Ok(Err(error)) if error.raw_os_error() == Some(libc::ENOBUFS) => {
-                    following.counters.relisted.fetch_add(1, Ordering::Relaxed);
-                    following.last_seq = following.last_seq.wrapping_add(1).max(1);
-                    let seq = following.last_seq;
-                    match socket.get_ref().send(&list_request(seq), 0) {
-                        Ok(_) => {
-                            tracing::info!(
-                                "missed interface notifications (ENOBUFS): listing the interfaces again"
-                            );
-                            following.listing = Some(Listing {
-                                seq,
-                                links: HashMap::new(),
-                                gone: HashSet::new(),
-                            });
-                        }
-                        Err(error) => tracing::warn!(
-                            "missed interface notifications (ENOBUFS) and cannot list the interfaces again ({error}): interfaces that came or went meanwhile are not followed; restart the mirror to watch them"
-                        ),
-                    }
+                    drop(guard);
+                    following.catch_up(&socket, &lister).await;
                     continue;
                 }
                 Ok(Err(error)) => {
@@ -296,18 +357,14 @@ struct Following {
     /// Interfaces that could not be attached: not tried again until they
     /// go (every change of theirs is a notification).
     failed: HashSet<u32>,
-    /// The listing asked for after lost notifications, while it comes.
-    listing: Option<Listing>,
+    /// The sequence number of the last listing asked for.
     last_seq: u32,
 }
 
-/// A listing of every link, as it comes.
-struct Listing {
-    seq: u32,
-    links: HashMap<u32, String>,
-    /// Links whose removal was heard while the listing came.
-    gone: HashSet<u32>,
-}
+/// Listings tried before giving up when links keep changing meanwhile.
+const LIST_ATTEMPTS: usize = 3;
+/// Queued notifications read and dropped after an overflow, at most.
+const DRAIN_AT_MOST: usize = 1 << 16;
 
 impl Following {
     /// `NETNS:IF`, or `IF` when the namespace is the mirror's own.
@@ -321,33 +378,59 @@ impl Following {
 
     async fn apply(&mut self, change: Change) {
         match change {
-            Change::Listed { seq, ifindex, name } => {
-                if let Some(listing) = self.listing.as_mut().filter(|l| l.seq == seq) {
-                    listing.links.insert(ifindex, name);
-                }
-            }
-            Change::ListEnd { seq } => {
-                let Some(listing) = self.listing.take_if(|l| l.seq == seq) else {
-                    return;
-                };
-                // A link that is gone is not failed any more either.
-                self.failed
-                    .retain(|ifindex| listing.links.contains_key(ifindex));
-                for change in reconcile(&self.watched, listing.links, &listing.gone) {
-                    match change {
-                        Change::New { ifindex, name } => self.appeared(ifindex, name).await,
-                        Change::Gone { ifindex } => self.went(ifindex).await,
-                        Change::Listed { .. } | Change::ListEnd { .. } => {}
-                    }
-                }
-            }
             Change::New { ifindex, name } => self.appeared(ifindex, name).await,
-            Change::Gone { ifindex } => {
-                if let Some(listing) = &mut self.listing {
-                    listing.gone.insert(ifindex);
-                }
-                self.went(ifindex).await;
+            Change::Gone { ifindex } => self.went(ifindex).await,
+        }
+    }
+
+    /// After lost notifications: drops what is queued (older than the
+    /// listing; reading it ends the overflow), lists the links and follows
+    /// what the listing says. Notifications that come meanwhile are read
+    /// afterwards; applying one the listing already covered is harmless.
+    async fn catch_up(&mut self, socket: &tokio::io::unix::AsyncFd<Socket>, lister: &Arc<Socket>) {
+        self.counters.relisted.fetch_add(1, Ordering::Relaxed);
+        let mut scratch = vec![0u8; 64 << 10];
+        for _ in 0..DRAIN_AT_MOST {
+            let mut slice = scratch.as_mut_slice();
+            match socket.get_ref().recv_from(&mut slice, 0) {
+                Ok(_) => {}
+                // Another overflow while draining: keep reading.
+                Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => {}
+                // WouldBlock: nothing queued any more.
+                Err(_) => break,
             }
+        }
+        let mut outcome = Err(String::new());
+        for _ in 0..LIST_ATTEMPTS {
+            self.last_seq = self.last_seq.wrapping_add(1).max(1);
+            let (lister, seq) = (Arc::clone(lister), self.last_seq);
+            outcome = tokio::task::spawn_blocking(move || list_links(&lister, seq))
+                .await
+                .unwrap_or_else(|error| Err(error.to_string()));
+            if outcome.is_ok() {
+                break;
+            }
+        }
+        let listing = match outcome {
+            Ok(listing) => listing,
+            Err(error) => {
+                tracing::warn!(
+                    "missed interface notifications (ENOBUFS) and cannot list the interfaces again ({error}): interfaces that came or went meanwhile are not followed; restart the mirror to watch them"
+                );
+                return;
+            }
+        };
+        tracing::info!(
+            "missed interface notifications (ENOBUFS): listed {} interfaces again",
+            listing.links.len()
+        );
+        if !listing.partial {
+            // A link that is gone is not failed any more either.
+            self.failed
+                .retain(|ifindex| listing.links.contains_key(ifindex));
+        }
+        for change in reconcile(&self.watched, listing) {
+            self.apply(change).await;
         }
     }
 
@@ -394,7 +477,7 @@ impl Following {
 
 #[cfg(test)]
 mod tests {
-    use netlink_packet_core::NetlinkHeader;
+    use netlink_packet_core::{NLM_F_MULTIPART, NetlinkHeader};
 
     use super::*;
 
@@ -430,37 +513,60 @@ mod tests {
         assert!(changes(&[0; 64]).is_empty());
     }
 
-    #[test]
-    fn a_listing_is_told_from_notifications() {
-        let mut listed = LinkMessage::default();
-        listed.header.index = 3;
-        listed.attributes.push(LinkAttribute::IfName("eth0".into()));
+    fn message(seq: u32, flags: u16, payload: NetlinkPayload<RouteNetlinkMessage>) -> Vec<u8> {
         let mut header = NetlinkHeader::default();
-        header.sequence_number = 9;
-        header.flags = NLM_F_MULTIPART;
-        let mut part = NetlinkMessage::new(header, RouteNetlinkMessage::NewLink(listed).into());
-        part.finalize();
-        let mut done = NetlinkMessage::<RouteNetlinkMessage>::new(
-            header,
-            NetlinkPayload::Done(Default::default()),
-        );
-        done.finalize();
-        let mut datagram = vec![0; part.buffer_len()];
-        part.serialize(&mut datagram);
-        let mut end = vec![0; done.buffer_len()];
-        done.serialize(&mut end);
-        datagram.extend(end);
+        header.sequence_number = seq;
+        header.flags = flags;
+        let mut message = NetlinkMessage::new(header, payload);
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        bytes
+    }
+
+    fn link(index: u32, name: &str, family: AddressFamily) -> LinkMessage {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.header.interface_family = family;
+        link.attributes.push(LinkAttribute::IfName(name.into()));
+        link
+    }
+
+    fn new_link(seq: u32, flags: u16, index: u32, name: &str) -> Vec<u8> {
+        message(
+            seq,
+            flags,
+            RouteNetlinkMessage::NewLink(link(index, name, AddressFamily::Unspec)).into(),
+        )
+    }
+
+    fn done(seq: u32, code: i32) -> Vec<u8> {
+        let mut done = netlink_packet_core::DoneMessage::default();
+        done.code = code;
+        message(seq, NLM_F_MULTIPART, NetlinkPayload::Done(done))
+    }
+
+    #[test]
+    fn a_listing_is_read_to_its_end_and_only_its_own() {
+        let mut listing = Listing::default();
+        let mut first = new_link(9, NLM_F_MULTIPART, 3, "eth0");
+        // A late part of an earlier listing.
+        first.extend(new_link(8, NLM_F_MULTIPART, 4, "stale"));
+        assert_eq!(listing_part(&first, 9, &mut listing), Ok(false));
+        let mut last = new_link(9, NLM_F_MULTIPART, 5, "eth1");
+        last.extend(done(9, 0));
+        assert_eq!(listing_part(&last, 9, &mut listing), Ok(true));
         assert_eq!(
-            changes(&datagram),
-            [
-                Change::Listed {
-                    seq: 9,
-                    ifindex: 3,
-                    name: "eth0".into()
-                },
-                Change::ListEnd { seq: 9 }
-            ]
+            listing,
+            Listing {
+                links: [(3, "eth0".to_owned()), (5, "eth1".to_owned())].into(),
+                partial: false
+            }
         );
+        // Ended in error, or interrupted: not a listing to follow.
+        assert!(listing_part(&done(9, -16), 9, &mut Listing::default()).is_err());
+        let interrupted = new_link(9, NLM_F_MULTIPART | NLM_F_DUMP_INTR, 3, "eth0");
+        assert!(listing_part(&interrupted, 9, &mut Listing::default()).is_err());
         // The request is one well-formed dump request.
         let request = list_request(9);
         let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&request).unwrap();
@@ -473,19 +579,29 @@ mod tests {
     }
 
     #[test]
+    fn a_bridge_port_notice_is_not_a_link_coming_or_going() {
+        let port = message(
+            0,
+            0,
+            RouteNetlinkMessage::DelLink(link(7, "eth1", AddressFamily::Bridge)).into(),
+        );
+        assert!(changes(&port).is_empty());
+    }
+
+    #[test]
     fn a_listing_attaches_what_came_and_lets_go_of_what_went() {
         let watched: HashMap<u32, String> = [(2, "eth0".to_owned()), (5, "eth1".to_owned())].into();
-        let listed: HashMap<u32, String> = [
-            (1, "lo".to_owned()),
-            (2, "eth0".to_owned()),
-            (7, "eth2".to_owned()),
-            (8, "eth3".to_owned()),
-        ]
-        .into();
-        // eth3's removal was heard while the listing came.
-        let gone_meanwhile: HashSet<u32> = [8].into();
+        let listing = Listing {
+            links: [
+                (1, "lo".to_owned()),
+                (2, "eth0".to_owned()),
+                (7, "eth2".to_owned()),
+            ]
+            .into(),
+            partial: false,
+        };
         assert_eq!(
-            reconcile(&watched, listed, &gone_meanwhile),
+            reconcile(&watched, listing),
             [
                 Change::Gone { ifindex: 5 },
                 Change::New {
@@ -501,6 +617,18 @@ mod tests {
                     name: "eth2".into()
                 },
             ]
+        );
+        // A partial listing lets nothing go.
+        let partial = Listing {
+            links: [(7, "eth2".to_owned())].into(),
+            partial: true,
+        };
+        assert_eq!(
+            reconcile(&watched, partial),
+            [Change::New {
+                ifindex: 7,
+                name: "eth2".into()
+            }]
         );
     }
 }

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use async_nats::{
     HeaderMap, Subject,
@@ -158,6 +158,7 @@ struct InFlight {
 type Ack = BoxFuture<'static, (u64, u32, Result<(), String>)>;
 
 struct Publisher {
+    client: async_nats::Client,
     js: jetstream::Context,
     config: NatsConfig,
     run: String,
@@ -180,6 +181,7 @@ pub async fn publish_events(
     config: NatsConfig,
     creds: Option<String>,
     stats: Arc<NatsCounters>,
+    mut closing: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut subscription = subscription;
     let reconnected = Arc::new(Notify::new());
@@ -191,14 +193,21 @@ pub async fn publish_events(
     )
     .await
     .map_err(io::Error::other)?;
+    // Without backpressure a publish beyond the in-flight limit fails (and
+    // is retried) instead of waiting for a permit that only this loop's
+    // acknowledgements give back. The limit leaves room for a window of
+    // stale outcomes after each of a few reconnects within ACK_TIMEOUT.
     let js = jetstream::ContextBuilder::new()
         .timeout(ACK_TIMEOUT)
-        .max_ack_inflight(WINDOW * 2)
-        .build(client);
+        .ack_timeout(ACK_TIMEOUT)
+        .max_ack_inflight(WINDOW * 4)
+        .backpressure_on_inflight(false)
+        .build(client.clone());
     // The stream is made in the background: publishing does not wait for
     // NATS (a missing stream fails publishes, which are retried).
     let ensure = tokio::spawn(ensure_stream(js.clone(), config.clone()));
     let mut publisher = Publisher {
+        client,
         js,
         config,
         run: run_id()?,
@@ -212,8 +221,12 @@ pub async fn publish_events(
     };
     let mut retry_tick = tokio::time::interval(RETRY_PAUSE);
     retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set once the mirror stops: a full window then gets FLUSH_FOR to make
+    // room before the rest is left unread (NATS may be away for good).
+    let mut give_up_at: Option<tokio::time::Instant> = None;
     loop {
         let room = publisher.in_flight.len() < WINDOW && publisher.window_bytes < WINDOW_BYTES;
+        let deadline = give_up_at.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             biased;
             Some((key, attempt, result)) = publisher.pending.next(), if !publisher.pending.is_empty() => {
@@ -222,6 +235,15 @@ pub async fn publish_events(
             () = reconnected.notified() => publisher.resend_in_flight().await,
             _ = retry_tick.tick(), if !publisher.retry.is_empty() => {
                 publisher.send_retries().await;
+            }
+            changed = closing.changed(), if give_up_at.is_none() => {
+                if changed.is_err() || *closing.borrow() {
+                    give_up_at = Some(tokio::time::Instant::now() + FLUSH_FOR);
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if give_up_at.is_some() && !room => {
+                tracing::warn!("NATS: the mirror stops while NATS takes nothing; the last events are not published");
+                break;
             }
             event = subscription.next(), if room => match event {
                 Some(event) => publisher.event(event).await,
@@ -423,11 +445,29 @@ impl Publisher {
         self.pending.push(ack);
     }
 
-    /// Sends the failed messages again.
+    /// Sends the failed messages again, while the client is connected
+    /// (the reconnect sends everything anyway; while it is away, publishes
+    /// would only pile up in the client's queue). Those failing for
+    /// [`RETRY_FOR`] are given up, connected or not.
     async fn send_retries(&mut self) {
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
         for key in std::mem::take(&mut self.retry) {
-            self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            self.send(key).await;
+            let Some(entry) = self.in_flight.get(&key) else {
+                continue;
+            };
+            if entry.message.first_sent.elapsed() >= RETRY_FOR {
+                let message = self
+                    .in_flight
+                    .remove(&key)
+                    .expect("looked up above")
+                    .message;
+                self.give_up(message, "not acknowledged in time").await;
+            } else if connected {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                self.send(key).await;
+            } else {
+                self.retry.push_back(key);
+            }
         }
     }
 
@@ -489,6 +529,7 @@ impl Publisher {
         if let Err(error) = &result
             && self.in_flight[&key].message.first_sent.elapsed() < RETRY_FOR
         {
+            // Waits for the next tick (also when it expires meanwhile).
             let entry = self.in_flight.get_mut(&key).expect("looked up above");
             entry.queued = true;
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -517,6 +558,12 @@ impl Publisher {
             Err(error) => error,
         };
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.give_up(message, &error).await;
+    }
+
+    /// `message` never made it: it leaves the window, and its connection
+    /// ends at its place.
+    async fn give_up(&mut self, message: Message, error: &str) {
         self.leave_window(&message);
         if message.closes {
             tracing::warn!(

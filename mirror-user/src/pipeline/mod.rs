@@ -199,6 +199,9 @@ impl Pipeline {
             forwards.push((*target, stats));
         }
         drop(compare);
+        // Sent once the shards are done and the hub closed: the server, and
+        // a NATS publisher whose window NATS does not empty, stop then.
+        let (server_stop_tx, server_stop_rx) = watch::channel(false);
         let nats_stats = config.nats.clone().map(|nats| {
             let (feed, subscription) = hub.subscribe(&ports, "nats");
             control.follow_own_ports(feed);
@@ -208,6 +211,7 @@ impl Pipeline {
                 nats,
                 nats_creds,
                 Arc::clone(&stats),
+                server_stop_rx.clone(),
             ));
             stats
         });
@@ -225,7 +229,6 @@ impl Pipeline {
             });
 
         let (control_tx, control_rx) = mpsc::channel(64);
-        let (server_stop_tx, server_stop_rx) = watch::channel(false);
         let server_stop_rx_metrics = server_stop_rx.clone();
         let server_stats = Arc::new(ServerCounters::default());
         let server_task = tokio::spawn(listener::serve(

@@ -221,8 +221,8 @@ fn netns_cookies(targets: &mut [Target]) -> Result<Option<NetnsPath>, SetupError
     let Some((first, second)) = clash else {
         return Ok(None);
     };
-    let found = NetnsPath::of_running_kernel()
-        .map_err(|error| error.to_string())
+    let found = kernel_memory_readable()
+        .and_then(|()| NetnsPath::of_running_kernel().map_err(|error| error.to_string()))
         .and_then(|path| {
             let cookies = targets
                 .iter()
@@ -243,6 +243,20 @@ fn netns_cookies(targets: &mut [Target]) -> Result<Option<NetnsPath>, SetupError
             ifindex: second.ifindex,
             why,
         }),
+    }
+}
+
+/// Whether BPF programs may read kernel memory (`bpf_probe_read_kernel`):
+/// not under lockdown's confidentiality mode, where loading them would
+/// fail with a verifier message instead of the sentence above.
+fn kernel_memory_readable() -> Result<(), String> {
+    match std::fs::read_to_string("/sys/kernel/security/lockdown") {
+        Ok(modes) if modes.contains("[confidentiality]") => Err(
+            "kernel lockdown (confidentiality) forbids BPF programs to read kernel memory"
+                .to_owned(),
+        ),
+        // Without the file there is no lockdown.
+        _ => Ok(()),
     }
 }
 
