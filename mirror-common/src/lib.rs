@@ -270,10 +270,14 @@ pub enum Counter {
     CopyFailed = 8,
     /// TCP to a mirrored port, of a connection outside the `--sample`.
     NotSampled = 9,
+    /// Mirrored while records carry the namespace cookie, but the
+    /// interface's namespace could not be read: its record carries 0 (a
+    /// bug if not 0).
+    NetnsUnknown = 10,
 }
 
 /// Number of entries of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 11;
 
 impl Counter {
     /// All counters in index order.
@@ -288,6 +292,7 @@ impl Counter {
         Self::Truncated,
         Self::CopyFailed,
         Self::NotSampled,
+        Self::NetnsUnknown,
     ];
 
     /// Stable snake_case name used in user-facing output.
@@ -303,6 +308,7 @@ impl Counter {
             Self::Truncated => "truncated",
             Self::CopyFailed => "copy_failed",
             Self::NotSampled => "not_sampled",
+            Self::NetnsUnknown => "netns_unknown",
         }
     }
 }

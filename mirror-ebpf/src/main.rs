@@ -222,7 +222,7 @@ fn mirror<P: Packet + EbpfContext, const EGRESS: bool>(pkt: &P) -> Result<bool, 
 }
 
 /// The cookie of the network namespace `pkt`'s interface is in, or 0 when
-/// the loader did not ask for it (or a read failed).
+/// the loader did not ask for it (or a read failed: counted).
 #[inline(always)]
 fn netns_cookie<P: Packet>(pkt: &P) -> u64 {
     // SAFETY: plain reads of globals the loader may have rewritten.
@@ -235,10 +235,17 @@ fn netns_cookie<P: Packet>(pkt: &P) -> u64 {
     if cookie == 0 {
         return 0;
     }
-    let Some(net_ns) = pkt.device().and_then(|dev| packet::read_address(dev + net)) else {
-        return 0;
-    };
-    packet::read_address(net_ns + cookie).map_or(0, |cookie| cookie as u64)
+    let found = pkt
+        .device()
+        .and_then(|dev| packet::read_address(dev + net))
+        .and_then(|net_ns| packet::read_address(net_ns + cookie));
+    match found {
+        Some(cookie) => cookie as u64,
+        None => {
+            count(Counter::NetnsUnknown);
+            0
+        }
+    }
 }
 
 /// Notes the flow of a packet the ring could not take, so that its stream

@@ -381,6 +381,8 @@ fn interfaces_that_share_an_index_are_told_apart(attach: &str, n: u8) {
     assert_eq!(connection(&output, 41006), (a.clone(), 16), "{output}");
     assert_eq!(connection(&output, 41007), (b, 17), "{output}");
     assert_eq!(connection(&output, 41008), (a, 15), "{output}");
+    assert_eq!(output.kernel("netns_unknown"), 0, "{output}");
+    assert!(output.kernel("mirrored") > 0, "{output}");
 }
 
 root_tests! {

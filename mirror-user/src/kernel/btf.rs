@@ -327,15 +327,24 @@ mod tests {
         // 6: struct outer { int a @0; <union> @64 bits; inner_t in @128 bits }
         push(&[name("outer"), info(KIND_STRUCT, 3), 32]);
         push(&[name("a"), 1, 0, 0, 4, 64, name("in"), 5, 128]);
+        blob(&types, &strings)
+    }
+
+    /// A version 1 BTF blob: the 24-byte header, `types`, `strings`.
+    fn blob(types: &[u8], strings: &[u8]) -> Vec<u8> {
         let mut blob = Vec::new();
-        for w in [u32::from(MAGIC) | (1 << 16), 24, 0, types.len() as u32] {
+        for w in [
+            u32::from(MAGIC) | (1 << 16),
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             blob.extend_from_slice(&w.to_ne_bytes());
         }
-        for w in [types.len() as u32, strings.len() as u32] {
-            blob.extend_from_slice(&w.to_ne_bytes());
-        }
-        blob.extend_from_slice(&types);
-        blob.extend_from_slice(&strings);
+        blob.extend_from_slice(types);
+        blob.extend_from_slice(strings);
         blob
     }
 
@@ -386,16 +395,7 @@ mod tests {
         for w in [1u32, (KIND_STRUCT << 24) | 2, 8, 0, 1, 0, 0, 1, 0] {
             types.extend_from_slice(&w.to_ne_bytes());
         }
-        let mut blob = Vec::new();
-        for w in [u32::from(MAGIC) | (1 << 16), 24, 0, types.len() as u32] {
-            blob.extend_from_slice(&w.to_ne_bytes());
-        }
-        for w in [types.len() as u32, strings.len() as u32] {
-            blob.extend_from_slice(&w.to_ne_bytes());
-        }
-        blob.extend_from_slice(&types);
-        blob.extend_from_slice(&strings);
-        let btf = Btf::parse(&blob).unwrap();
+        let btf = Btf::parse(&blob(&types, &strings)).unwrap();
         assert!(matches!(
             btf.member_offset("looped", &["nope"]),
             Err(BtfError::NoMember { .. })

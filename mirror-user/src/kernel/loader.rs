@@ -50,8 +50,8 @@ pub struct LoadOptions {
     /// Whole connections mirrored, in percent (1..=100; 100: all).
     pub sample: Sample,
     /// Where the programs find each packet's network namespace cookie,
-    /// when the mirror watches several namespaces (records carry 0
-    /// otherwise).
+    /// when watched interfaces of different namespaces share an index
+    /// (records carry 0 otherwise).
     pub netns_path: Option<NetnsPath>,
 }
 
