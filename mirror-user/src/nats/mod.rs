@@ -277,10 +277,9 @@ pub async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
-        // Room for the publisher's window twice: what it publishes while
-        // the server is away (it sends no retries then), and all of it again
-        // at the reconnect; so that a publish does not wait on the client's
-        // queue (2048 by default). The window's bytes bound what it holds.
+        // Room for the publisher's window twice (all of it is sent again at
+        // a reconnect), above the 2048 of the default; the window's bytes
+        // bound what the queue holds.
         .client_capacity(2 * publish::WINDOW + 64)
         .event_callback(move |event| {
             let connected = connected.clone();

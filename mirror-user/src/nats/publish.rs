@@ -143,6 +143,11 @@ struct Conn {
     seq: u64,
     /// Given up: a `lagged` close was published, the rest is skipped.
     lost: bool,
+    /// Its messages in the window: it is forgotten only once they are
+    /// out, so that a message given up after the close still finds it.
+    in_flight: usize,
+    /// Its close was published.
+    closed: bool,
 }
 
 /// A message in the window, and which of its publishes counts: the
@@ -158,7 +163,6 @@ struct InFlight {
 type Ack = BoxFuture<'static, (u64, u32, Result<(), String>)>;
 
 struct Publisher {
-    client: async_nats::Client,
     js: jetstream::Context,
     config: NatsConfig,
     run: String,
@@ -193,21 +197,20 @@ pub async fn publish_events(
     )
     .await
     .map_err(io::Error::other)?;
-    // Without backpressure a publish beyond the in-flight limit fails (and
-    // is retried) instead of waiting for a permit that only this loop's
-    // acknowledgements give back. The limit leaves room for a window of
-    // stale outcomes after each of a few reconnects within ACK_TIMEOUT.
+    // A publish waits for an in-flight permit, which only this loop's
+    // acknowledgements give back: the limit leaves room for the window and
+    // the stale outcomes of three reconnects within ACK_TIMEOUT. (Failing
+    // at the limit instead, measured: a storm of immediate failures and
+    // resends that kept a recovering cluster from taking anything.)
     let js = jetstream::ContextBuilder::new()
         .timeout(ACK_TIMEOUT)
         .ack_timeout(ACK_TIMEOUT)
         .max_ack_inflight(WINDOW * 4)
-        .backpressure_on_inflight(false)
-        .build(client.clone());
+        .build(client);
     // The stream is made in the background: publishing does not wait for
     // NATS (a missing stream fails publishes, which are retried).
     let ensure = tokio::spawn(ensure_stream(js.clone(), config.clone()));
     let mut publisher = Publisher {
-        client,
         js,
         config,
         run: run_id()?,
@@ -334,6 +337,8 @@ impl Publisher {
                             .into(),
                         seq: 0,
                         lost: false,
+                        in_flight: 0,
+                        closed: false,
                     },
                 );
                 self.publish(*conn, kind::OPENED, &[], event).await;
@@ -378,7 +383,12 @@ impl Publisher {
                     self.publish(conn, kind::CLOSED, &reason_header, event)
                         .await;
                 }
-                self.conns.remove(&conn);
+                if let Some(state) = self.conns.get_mut(&conn) {
+                    state.closed = true;
+                    if state.in_flight == 0 {
+                        self.conns.remove(&conn);
+                    }
+                }
             }
         }
     }
@@ -445,29 +455,11 @@ impl Publisher {
         self.pending.push(ack);
     }
 
-    /// Sends the failed messages again, while the client is connected
-    /// (the reconnect sends everything anyway; while it is away, publishes
-    /// would only pile up in the client's queue). Those failing for
-    /// [`RETRY_FOR`] are given up, connected or not.
+    /// Sends the failed messages again.
     async fn send_retries(&mut self) {
-        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
         for key in std::mem::take(&mut self.retry) {
-            let Some(entry) = self.in_flight.get(&key) else {
-                continue;
-            };
-            if entry.message.first_sent.elapsed() >= RETRY_FOR {
-                let message = self
-                    .in_flight
-                    .remove(&key)
-                    .expect("looked up above")
-                    .message;
-                self.give_up(message, "not acknowledged in time").await;
-            } else if connected {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                self.send(key).await;
-            } else {
-                self.retry.push_back(key);
-            }
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            self.send(key).await;
         }
     }
 
@@ -496,6 +488,9 @@ impl Publisher {
     async fn enter_window(&mut self, message: Message) {
         let key = self.next_key;
         self.next_key += 1;
+        if let Some(state) = self.conns.get_mut(&message.conn) {
+            state.in_flight += 1;
+        }
         self.window_bytes += message.body.len();
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -513,6 +508,12 @@ impl Publisher {
     }
 
     fn leave_window(&mut self, message: &Message) {
+        if let Some(state) = self.conns.get_mut(&message.conn) {
+            state.in_flight -= 1;
+            if state.closed && state.in_flight == 0 {
+                self.conns.remove(&message.conn);
+            }
+        }
         self.window_bytes -= message.body.len();
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.stats
@@ -564,7 +565,20 @@ impl Publisher {
     /// `message` never made it: it leaves the window, and its connection
     /// ends at its place.
     async fn give_up(&mut self, message: Message, error: &str) {
+        // Once per connection: later messages of one given up only leave
+        // the window.
+        let first = match self.conns.get_mut(&message.conn) {
+            Some(state) if state.lost => false,
+            Some(state) => {
+                state.lost = true;
+                true
+            }
+            None => true,
+        };
         self.leave_window(&message);
+        if !first {
+            return;
+        }
         if message.closes {
             tracing::warn!(
                 conn = message.conn,
@@ -602,9 +616,6 @@ impl Publisher {
             reason: CloseReason::Lagged,
         })
         .encode(&mut body);
-        if let Some(state) = self.conns.get_mut(&message.conn) {
-            state.lost = true;
-        }
         let close = Message {
             headers,
             body: body.freeze(),
